@@ -1,0 +1,158 @@
+use serde::Serialize;
+use std::fmt;
+
+/// The table of every error a client can see: one stable code each, with its HTTP status.
+///
+/// Codes are part of the API contract: clients match on them, so they never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not valid JSON, or a field has the wrong type.
+    InvalidJson,
+    /// The body is larger than the gateway accepts.
+    BodyTooLarge,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
+    /// The prompt is empty or only whitespace.
+    InvalidPrompt,
+    /// The prompt or negative prompt is longer than the limit.
+    PromptTooLong,
+    /// Width or height is malformed, not a multiple of 8, or out of range.
+    InvalidSize,
+    /// Steps out of range.
+    InvalidSteps,
+    /// Number of images out of range.
+    InvalidN,
+    /// Guidance scale out of range or not a finite number.
+    InvalidGuidanceScale,
+    /// Seed out of range.
+    InvalidSeed,
+    /// The model is not served by this deployment.
+    UnknownModel,
+    /// The scheduler (sampler) is not known.
+    UnknownScheduler,
+    /// `response_format` is neither `b64_json` nor `url`.
+    InvalidResponseFormat,
+    /// The `Idempotency-Key` header is empty, too long or not printable ASCII.
+    InvalidIdempotencyKey,
+    /// No `Authorization: Bearer` header.
+    MissingApiKey,
+    /// The key is unknown or revoked.
+    InvalidApiKey,
+    /// The key lacks the scope this route needs.
+    InsufficientScope,
+    /// No such job (or it belongs to another key).
+    JobNotFound,
+    /// No such image on the job.
+    ImageNotFound,
+    /// The route does not exist.
+    NotFound,
+    /// The same `Idempotency-Key` was used with a different request.
+    IdempotencyConflict,
+    /// The job is not finished, so it has no images yet.
+    JobNotFinished,
+    /// The job failed, was cancelled or was dead-lettered.
+    JobFailed,
+    /// Too many requests; see `Retry-After`.
+    RateLimited,
+    /// The queue refuses new work for now; see `Retry-After`.
+    QueueFull,
+    /// A synchronous request waited longer than the gateway allows.
+    Timeout,
+    /// Something failed inside Sparkle; the message says what, without secrets.
+    Internal,
+    /// A dependency (database, store) is not reachable.
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::InvalidPrompt => "invalid_prompt",
+            ErrorCode::PromptTooLong => "prompt_too_long",
+            ErrorCode::InvalidSize => "invalid_size",
+            ErrorCode::InvalidSteps => "invalid_steps",
+            ErrorCode::InvalidN => "invalid_n",
+            ErrorCode::InvalidGuidanceScale => "invalid_guidance_scale",
+            ErrorCode::InvalidSeed => "invalid_seed",
+            ErrorCode::UnknownModel => "unknown_model",
+            ErrorCode::UnknownScheduler => "unknown_scheduler",
+            ErrorCode::InvalidResponseFormat => "invalid_response_format",
+            ErrorCode::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ErrorCode::MissingApiKey => "missing_api_key",
+            ErrorCode::InvalidApiKey => "invalid_api_key",
+            ErrorCode::InsufficientScope => "insufficient_scope",
+            ErrorCode::JobNotFound => "job_not_found",
+            ErrorCode::ImageNotFound => "image_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
+            ErrorCode::JobNotFinished => "job_not_finished",
+            ErrorCode::JobFailed => "job_failed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status this code is answered with.
+    pub fn http_status(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            InvalidJson | InvalidPrompt | PromptTooLong | InvalidSize | InvalidSteps | InvalidN
+            | InvalidGuidanceScale | InvalidSeed | UnknownModel | UnknownScheduler
+            | InvalidResponseFormat | InvalidIdempotencyKey => 400,
+            MissingApiKey | InvalidApiKey => 401,
+            InsufficientScope => 403,
+            JobNotFound | ImageNotFound | NotFound => 404,
+            IdempotencyConflict | JobNotFinished => 409,
+            BodyTooLarge => 413,
+            UnsupportedMediaType => 415,
+            RateLimited => 429,
+            JobFailed | Internal => 500,
+            QueueFull | Unavailable => 503,
+            Timeout => 504,
+        }
+    }
+
+    /// The OpenAI error `type` this code belongs to.
+    pub fn kind(self) -> &'static str {
+        match self.http_status() {
+            401 | 403 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A client error: the code, the field it concerns (if any) and a message that names the
+/// field, the limit and the value given.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    pub code: ErrorCode,
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn new(code: ErrorCode, param: Option<&'static str>, message: impl Into<String>) -> Self {
+        RequestError {
+            code,
+            param,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Sparkle's domain types, shared by every other crate and free of I/O.
+//!
+//! A request arrives as an [`ImageRequest`] (whatever a client sent, every field optional
+//! but the prompt). [`ImageRequest::validate`] turns it into a [`ValidImageRequest`] against
+//! the [`Limits`] and the [`Catalog`] of models the workers serve; only valid requests cross
+//! into the queue. Every error a client can see has one stable machine-readable code in the
+//! [`ErrorCode`] table, with its HTTP status, so the gateway maps errors in exactly one place.
+
+mod error;
+mod job;
+mod request;
+mod scheduler;
+
+pub use error::{ErrorCode, RequestError};
+pub use job::{JobId, JobStatus, Progress};
+pub use request::{Catalog, ImageRequest, Limits, ModelEntry, ValidImageRequest};
+pub use scheduler::Scheduler;

@@ -1,0 +1,327 @@
+//! The contract of [`JobQueue`], as checks every backend must pass.
+//!
+//! A backend's test calls [`run`] with a function that opens a fresh, empty queue driven by
+//! the given [`ManualClock`]; each check gets its own queue, and a failure names the check.
+
+use crate::{CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, QueueError};
+use sparkle_core::{JobStatus, Progress, Scheduler, ValidImageRequest};
+use std::future::Future;
+use std::time::Duration;
+
+const T0: i64 = 1_700_000_000_000;
+const VIS: Duration = Duration::from_millis(1000);
+
+/// A small valid job in `group` (also its owner).
+pub fn new_job(group: &str, prompt: &str) -> NewJob {
+    NewJob {
+        owner: group.to_string(),
+        group: group.to_string(),
+        dedup_key: None,
+        request: ValidImageRequest {
+            prompt: prompt.to_string(),
+            negative_prompt: String::new(),
+            model: "tiny".into(),
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance_scale: 7.5,
+            seed: 1,
+            scheduler: Scheduler::Euler,
+            n: 1,
+        },
+        max_attempts: 3,
+    }
+}
+
+type Check<Q> = fn(Q, ManualClock) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        fn all<Q: JobQueue>() -> Vec<(&'static str, Check<Q>)> {
+            vec![$((stringify!($name), |q, c| Box::pin($name(q, c)))),*]
+        }
+    };
+}
+
+checks!(
+    enqueue_commits_a_queued_job,
+    dedup_key_returns_the_same_job,
+    fifo_within_a_group,
+    fair_across_groups,
+    lease_expires_exactly_at_its_boundary,
+    heartbeat_extends_the_lease_and_records_progress,
+    expired_leases_are_dead_lettered_after_max_attempts,
+    failures_retry_then_dead_letter_or_fail_for_good,
+    cancel_a_queued_job,
+    cancel_a_running_job,
+    a_stale_lease_cannot_complete,
+    release_returns_the_job_without_spending_an_attempt,
+    batch_lease_takes_only_compatible_jobs,
+    stats_and_positions_describe_the_backlog,
+);
+
+/// Runs every check, each against a fresh queue from `open`.
+pub async fn run<Q, F, Fut>(open: F)
+where
+    Q: JobQueue,
+    F: Fn(ManualClock) -> Fut,
+    Fut: Future<Output = Q>,
+{
+    for (name, check) in all::<Q>() {
+        let clock = ManualClock::new(T0);
+        let queue = open(clock.clone()).await;
+        let outcome = tokio::spawn(check(queue, clock)).await;
+        if let Err(e) = outcome {
+            panic!("conformance check `{name}` failed: {e}");
+        }
+    }
+}
+
+async fn lease_one<Q: JobQueue>(q: &Q, worker: &str) -> Option<crate::Lease> {
+    let mut leases = q.lease(worker, 1, VIS).await.expect("lease");
+    assert!(leases.len() <= 1);
+    leases.pop()
+}
+
+async fn status<Q: JobQueue>(q: &Q, id: sparkle_core::JobId) -> JobStatus {
+    q.get(id).await.expect("get").expect("job exists").status
+}
+
+async fn enqueue_commits_a_queued_job<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let e = q.enqueue(new_job("alice", "a corgi")).await.expect("enqueue");
+    assert!(e.created);
+    let job = q.get(e.job.id).await.expect("get").expect("exists");
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.created_at_ms, T0);
+    assert_eq!(job.request.prompt, "a corgi");
+    assert!(q.get(sparkle_core::JobId::random()).await.expect("get").is_none());
+}
+
+async fn dedup_key_returns_the_same_job<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let keyed = |prompt: &str, owner: &str| NewJob {
+        dedup_key: Some("key-1".into()),
+        ..new_job(owner, prompt)
+    };
+    let first = q.enqueue(keyed("a corgi", "alice")).await.expect("first");
+    let again = q.enqueue(keyed("a corgi", "alice")).await.expect("again");
+    assert!(first.created && !again.created);
+    assert_eq!(first.job.id, again.job.id);
+    match q.enqueue(keyed("a cat", "alice")).await {
+        Err(QueueError::IdempotencyConflict) => {}
+        other => panic!("reused key with another request must conflict, got {other:?}"),
+    }
+    let other_owner = q.enqueue(keyed("a corgi", "bob")).await.expect("bob");
+    assert!(other_owner.created);
+    assert_ne!(other_owner.job.id, first.job.id);
+    assert_eq!(q.stats().await.expect("stats").queued, 2);
+}
+
+async fn fifo_within_a_group<Q: JobQueue>(q: Q, c: ManualClock) {
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(q.enqueue(new_job("alice", &format!("p{i}"))).await.expect("enqueue").job.id);
+        c.advance_ms(1);
+    }
+    for want in ids {
+        let lease = lease_one(&q, "w").await.expect("a job");
+        assert_eq!(lease.job.id, want);
+        assert_eq!(lease.job.status, JobStatus::Running);
+        assert_eq!(lease.job.attempts, 1);
+    }
+    assert!(lease_one(&q, "w").await.is_none());
+}
+
+async fn fair_across_groups<Q: JobQueue>(q: Q, _c: ManualClock) {
+    for i in 0..5 {
+        q.enqueue(new_job("alice", &format!("a{i}"))).await.expect("enqueue");
+    }
+    q.enqueue(new_job("bob", "b0")).await.expect("enqueue");
+    q.enqueue(new_job("carol", "c0")).await.expect("enqueue");
+    let mut order = Vec::new();
+    while let Some(lease) = lease_one(&q, "w").await {
+        order.push(lease.job.request.prompt);
+    }
+    assert_eq!(order, ["a0", "b0", "c0", "a1", "a2", "a3", "a4"]);
+}
+
+async fn lease_expires_exactly_at_its_boundary<Q: JobQueue>(q: Q, c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let first = lease_one(&q, "w1").await.expect("leased");
+    c.set_ms(T0 + 999);
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
+    assert!(lease_one(&q, "w2").await.is_none(), "held one millisecond before the end");
+    c.set_ms(T0 + 1000);
+    match q.complete(&first.token, 1).await {
+        Err(QueueError::LeaseLost(lost)) => assert_eq!(lost, id),
+        other => panic!("completing at the boundary must fail, got {other:?}"),
+    }
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 1);
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.error.as_ref().map(|e| e.code.as_str()), Some("lease_expired"));
+    let second = lease_one(&q, "w2").await.expect("leased again");
+    assert_eq!(second.job.id, id);
+    assert_eq!(second.job.attempts, 2);
+}
+
+async fn heartbeat_extends_the_lease_and_records_progress<Q: JobQueue>(q: Q, c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    c.set_ms(T0 + 800);
+    let p = Progress { step: 3, total: 10 };
+    assert_eq!(
+        q.heartbeat(&lease.token, Some(p), VIS).await.expect("heartbeat"),
+        HeartbeatOutcome::Continue
+    );
+    c.set_ms(T0 + 1500);
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!((job.status, job.progress), (JobStatus::Running, Some(p)));
+    q.heartbeat(&lease.token, None, VIS).await.expect("heartbeat without progress");
+    assert_eq!(q.get(id).await.expect("get").expect("exists").progress, Some(p));
+    c.set_ms(T0 + 2499);
+    q.complete(&lease.token, 2).await.expect("complete within the extended lease");
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!((job.status, job.images), (JobStatus::Succeeded, 2));
+    assert_eq!(job.finished_at_ms, Some(T0 + 2499));
+}
+
+async fn expired_leases_are_dead_lettered_after_max_attempts<Q: JobQueue>(q: Q, c: ManualClock) {
+    let id = q
+        .enqueue(NewJob { max_attempts: 2, ..new_job("alice", "poison") })
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    q.enqueue(new_job("alice", "next")).await.expect("enqueue");
+    for attempt in 1..=2 {
+        let lease = lease_one(&q, "w").await.expect("leased");
+        assert_eq!((lease.job.id, lease.job.attempts), (id, attempt));
+        c.advance_ms(1000);
+        q.reclaim_expired().await.expect("reclaim");
+    }
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!(job.status, JobStatus::DeadLettered);
+    let error = job.error.expect("reason kept");
+    assert_eq!(error.code, "lease_expired");
+    assert!(error.message.contains("2 of 2"), "{}", error.message);
+    let lease = lease_one(&q, "w").await.expect("the next job is not blocked");
+    assert_eq!(lease.job.request.prompt, "next");
+}
+
+async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let flaky = Failure { code: "device_lost".into(), message: "GPU fell off".into(), retryable: true };
+    let id = q
+        .enqueue(NewJob { max_attempts: 2, ..new_job("alice", "p") })
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    assert_eq!(q.fail(&lease.token, flaky.clone()).await.expect("fail"), JobStatus::Queued);
+    let lease = lease_one(&q, "w").await.expect("leased again");
+    assert_eq!(q.fail(&lease.token, flaky).await.expect("fail"), JobStatus::DeadLettered);
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!(job.error.map(|e| e.message), Some("GPU fell off".to_string()));
+
+    let id = q.enqueue(new_job("bob", "q")).await.expect("enqueue").job.id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    let bad = Failure { code: "invalid_model".into(), message: "broken".into(), retryable: false };
+    assert_eq!(q.fail(&lease.token, bad).await.expect("fail"), JobStatus::Failed);
+    assert_eq!(status(&q, id).await, JobStatus::Failed);
+    assert!(q.fail(&lease.token, Failure { code: "x".into(), message: "y".into(), retryable: true }).await.is_err());
+}
+
+async fn cancel_a_queued_job<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    assert_eq!(q.cancel(id).await.expect("cancel"), CancelOutcome::Cancelled);
+    assert_eq!(status(&q, id).await, JobStatus::Cancelled);
+    assert!(lease_one(&q, "w").await.is_none(), "a cancelled job is never leased");
+    assert_eq!(
+        q.cancel(id).await.expect("cancel"),
+        CancelOutcome::AlreadyFinal(JobStatus::Cancelled)
+    );
+    assert_eq!(
+        q.cancel(sparkle_core::JobId::random()).await.expect("cancel"),
+        CancelOutcome::NotFound
+    );
+}
+
+async fn cancel_a_running_job<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    assert_eq!(q.cancel(id).await.expect("cancel"), CancelOutcome::Cancelled);
+    assert_eq!(
+        q.heartbeat(&lease.token, None, VIS).await.expect("heartbeat"),
+        HeartbeatOutcome::Cancelled
+    );
+    assert!(matches!(q.complete(&lease.token, 1).await, Err(QueueError::LeaseLost(_))));
+    assert_eq!(status(&q, id).await, JobStatus::Cancelled);
+}
+
+async fn a_stale_lease_cannot_complete<Q: JobQueue>(q: Q, c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let stale = lease_one(&q, "w1").await.expect("leased");
+    c.advance_ms(1000);
+    let fresh = lease_one(&q, "w2").await.expect("reclaimed and leased");
+    assert!(matches!(q.complete(&stale.token, 1).await, Err(QueueError::LeaseLost(_))));
+    assert!(matches!(q.heartbeat(&stale.token, None, VIS).await, Err(QueueError::LeaseLost(_))));
+    q.complete(&fresh.token, 1).await.expect("the holder completes");
+    assert!(matches!(q.complete(&fresh.token, 1).await, Err(QueueError::LeaseLost(_))), "only once");
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!((job.status, job.attempts, job.images), (JobStatus::Succeeded, 2, 1));
+    assert!(job.error.is_none());
+}
+
+async fn release_returns_the_job_without_spending_an_attempt<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let lease = lease_one(&q, "w1").await.expect("leased");
+    q.release(&lease.token).await.expect("release");
+    let job = q.get(id).await.expect("get").expect("exists");
+    assert_eq!((job.status, job.attempts), (JobStatus::Queued, 0));
+    let again = lease_one(&q, "w2").await.expect("leased again");
+    assert_eq!((again.job.id, again.job.attempts), (id, 1));
+}
+
+async fn batch_lease_takes_only_compatible_jobs<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let mut big = new_job("bob", "big");
+    big.request.width = 128;
+    q.enqueue(new_job("alice", "a0")).await.expect("enqueue");
+    q.enqueue(big).await.expect("enqueue");
+    q.enqueue(new_job("carol", "c0")).await.expect("enqueue");
+    q.enqueue(new_job("alice", "a1")).await.expect("enqueue");
+    let batch = q.lease("w", 8, VIS).await.expect("lease");
+    let prompts: Vec<_> = batch.iter().map(|l| l.job.request.prompt.as_str()).collect();
+    assert_eq!(prompts, ["a0", "c0", "a1"]);
+    let rest = q.lease("w", 8, VIS).await.expect("lease");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].job.request.prompt, "big");
+}
+
+async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualClock) {
+    let a: Vec<_> = enqueue_many(&q, "alice", 3).await;
+    c.advance_ms(500);
+    let b = q.enqueue(new_job("bob", "b0")).await.expect("enqueue").job.id;
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.queued, stats.running), (4, 0));
+    assert_eq!(stats.oldest_queued_age_ms, Some(500));
+    assert_eq!(q.position(a[0]).await.expect("position"), Some(0));
+    assert_eq!(q.position(b).await.expect("position"), Some(1));
+    assert_eq!(q.position(a[2]).await.expect("position"), Some(3));
+    let lease = lease_one(&q, "w").await.expect("leased");
+    assert_eq!(q.position(lease.job.id).await.expect("position"), None);
+    c.advance_ms(250);
+    q.complete(&lease.token, 1).await.expect("complete");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.queued, stats.running), (3, 0));
+    assert_eq!(stats.recent_run_ms, Some(250.0));
+}
+
+async fn enqueue_many<Q: JobQueue>(q: &Q, group: &str, n: usize) -> Vec<sparkle_core::JobId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(q.enqueue(new_job(group, &format!("{group}{i}"))).await.expect("enqueue").job.id);
+    }
+    ids
+}

@@ -1,0 +1,184 @@
+//! API keys: 256-bit random secrets, shown once, stored only as their SHA-256 hash.
+//!
+//! A key's secret has 256 bits of entropy, so a single fast hash is enough to make the
+//! stored value useless to a thief, and looking the hash up by index reveals nothing about
+//! how close a guess was.
+
+use crate::{QueueError, SqliteQueue};
+use async_trait::async_trait;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use std::fmt;
+use zeroize::Zeroizing;
+
+const SECRET_PREFIX: &str = "spk_";
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Submit generation requests.
+    Generate,
+    /// Read jobs and images.
+    Read,
+    /// Everything, including administration.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Generate => "generate",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s.trim() {
+            "generate" => Some(Scope::Generate),
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A key as stored: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    pub created_at_ms: i64,
+    pub revoked: bool,
+}
+
+impl ApiKey {
+    pub fn allows(&self, scope: Scope) -> bool {
+        !self.revoked && (self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin))
+    }
+}
+
+/// A key's secret, zeroed on drop and never printed by `Debug`.
+pub struct KeySecret(Zeroizing<String>);
+
+impl KeySecret {
+    /// The secret itself, to show the user exactly once.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeySecret(<redacted>)")
+    }
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+#[async_trait]
+pub trait ApiKeys: Send + Sync + 'static {
+    /// Creates a key; the secret is returned here and never again.
+    async fn create_key(&self, name: &str, scopes: &[Scope]) -> Result<(ApiKey, KeySecret), QueueError>;
+    /// The live key this secret belongs to, if any.
+    async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, QueueError>;
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError>;
+    /// Revokes a key by id; false if there is no such key.
+    async fn revoke_key(&self, id: &str) -> Result<bool, QueueError>;
+}
+
+fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, QueueError> {
+    let scopes: String = row.try_get("scopes")?;
+    let revoked_at: Option<i64> = row.try_get("revoked_at")?;
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        scopes: scopes.split(',').filter_map(Scope::parse).collect(),
+        created_at_ms: row.try_get("created_at")?,
+        revoked: revoked_at.is_some(),
+    })
+}
+
+#[async_trait]
+impl ApiKeys for SqliteQueue {
+    async fn create_key(&self, name: &str, scopes: &[Scope]) -> Result<(ApiKey, KeySecret), QueueError> {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        let secret = KeySecret(Zeroizing::new(format!("{SECRET_PREFIX}{}", hex::encode(bytes.as_ref()))));
+        let key = ApiKey {
+            id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+            name: name.to_string(),
+            scopes: scopes.to_vec(),
+            created_at_ms: self.clock.now_ms(),
+            revoked: false,
+        };
+        let scope_list: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
+        sqlx::query("INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(hash_secret(secret.expose()))
+            .bind(scope_list.join(","))
+            .bind(key.created_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok((key, secret))
+    }
+
+    async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, QueueError> {
+        if !secret.starts_with(SECRET_PREFIX) {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE hash = ?1")
+            .bind(hash_secret(secret))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from_row).transpose()?.filter(|k| !k.revoked))
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError> {
+        let rows = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool, QueueError> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+            .bind(id)
+            .bind(self.clock.now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SqliteOptions;
+
+    #[tokio::test]
+    async fn keys_are_stored_hashed_scoped_and_revocable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.db");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default()).await.expect("open");
+        let (key, secret) = q.create_key("ci", &[Scope::Generate]).await.expect("create");
+        assert!(secret.expose().starts_with("spk_") && secret.expose().len() == 4 + 64);
+        assert_eq!(format!("{secret:?}"), "KeySecret(<redacted>)");
+        let found = q.authenticate(secret.expose()).await.expect("auth").expect("known");
+        assert_eq!(found.id, key.id);
+        assert!(found.allows(Scope::Generate) && !found.allows(Scope::Read));
+        assert!(q.authenticate("spk_0000").await.expect("auth").is_none());
+        assert!(q.authenticate("").await.expect("auth").is_none());
+        let stored: String = sqlx::query_scalar("SELECT hash FROM api_keys").fetch_one(&q.pool).await.expect("row");
+        assert!(!stored.contains(&secret.expose()[4..]));
+        assert!(q.revoke_key(&key.id).await.expect("revoke"));
+        assert!(!q.revoke_key(&key.id).await.expect("revoke twice"));
+        assert!(q.authenticate(secret.expose()).await.expect("auth").is_none());
+        assert!(q.list_keys().await.expect("list")[0].revoked);
+    }
+}

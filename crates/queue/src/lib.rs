@@ -1,0 +1,90 @@
+//! The durable job queue and the metadata it needs: jobs and API keys.
+//!
+//! [`JobQueue`] is the boundary the gateway, the worker and the scaler program against; the
+//! SQLite backend ([`SqliteQueue`]) is the embedded default and PostgreSQL comes behind the
+//! same trait. The [`conformance`] suite states the contract and runs against every backend.
+//!
+//! The life of a job: `enqueue` commits it (durable before the caller acknowledges anything),
+//! deduplicated by `(owner, dedup_key)`. `lease` hands the head of the least recently served
+//! group to a worker — FIFO within a group, round-robin across groups — for a visibility
+//! timeout. `heartbeat` extends the lease and records progress; it also tells the worker when
+//! the job was cancelled. `complete` and `fail` end a lease; a lease that expires is reclaimed
+//! and the job queued again, until `max_attempts` leases have been spent, when the job is
+//! dead-lettered with the reason kept. Every operation that ends a lease checks the lease id,
+//! so a worker that lost its lease can never complete a job someone else now holds.
+//!
+//! This crate knows nothing of HTTP, Discord or GPUs.
+
+mod clock;
+pub mod conformance;
+mod keys;
+mod sqlite;
+mod types;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
+pub use sqlite::{SqliteOptions, SqliteQueue};
+pub use types::*;
+
+use async_trait::async_trait;
+use sparkle_core::JobId;
+use std::time::Duration;
+
+/// The durable queue of image jobs. See the crate documentation for the life of a job.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Commits a new job, or returns the existing one with the same `(owner, dedup_key)`.
+    /// A dedup key reused with a different request is [`QueueError::IdempotencyConflict`].
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;
+
+    /// The job with this id, in any state.
+    async fn get(&self, id: JobId) -> Result<Option<Job>, QueueError>;
+
+    /// An estimate of how many queued jobs will be leased before this one, under the
+    /// round-robin across groups. `None` when the job is not queued.
+    async fn position(&self, id: JobId) -> Result<Option<u64>, QueueError>;
+
+    /// Leases up to `max` queued jobs for `visibility`: the head of the least recently
+    /// served group first, then more jobs with the same batch key (compatible for one batch).
+    /// Reclaims expired leases first.
+    async fn lease(
+        &self,
+        worker: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError>;
+
+    /// Extends a held lease by `visibility` from now and records progress.
+    async fn heartbeat(
+        &self,
+        lease: &LeaseToken,
+        progress: Option<sparkle_core::Progress>,
+        visibility: Duration,
+    ) -> Result<HeartbeatOutcome, QueueError>;
+
+    /// Marks a leased job succeeded with `images` stored images.
+    async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError>;
+
+    /// Ends a lease with a failure: queued again if retryable and attempts remain,
+    /// dead-lettered if retryable and none remain, failed otherwise. Returns the new status.
+    async fn fail(
+        &self,
+        lease: &LeaseToken,
+        failure: Failure,
+    ) -> Result<sparkle_core::JobStatus, QueueError>;
+
+    /// Gives a lease back without spending an attempt (a worker told to stop).
+    async fn release(&self, lease: &LeaseToken) -> Result<(), QueueError>;
+
+    /// Cancels a queued or running job. A running job's worker learns it at its next heartbeat.
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, QueueError>;
+
+    /// Queues again (or dead-letters) every job whose lease has expired; returns how many.
+    async fn reclaim_expired(&self) -> Result<u64, QueueError>;
+
+    /// Backlog figures for the scaler and for estimates.
+    async fn stats(&self) -> Result<QueueStats, QueueError>;
+
+    /// Waits until new work may be available, or `timeout` passes.
+    async fn wait_for_work(&self, timeout: Duration);
+}

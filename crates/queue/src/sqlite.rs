@@ -1,0 +1,577 @@
+//! The embedded backend: one SQLite file in WAL mode with `synchronous = FULL`, so a
+//! committed job survives a power cut before anyone is told it was accepted. Several
+//! processes (the gateway and local workers) share the file; writes take the lock up front
+//! (`BEGIN IMMEDIATE`) and wait for it with a busy timeout rather than failing.
+
+use crate::{
+    CancelOutcome, Clock, Enqueued, Failure, HeartbeatOutcome, Job, JobError, JobQueue, Lease,
+    LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
+};
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use sparkle_core::{JobId, JobStatus, Progress};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How a worker without in-process wake-ups polls for work.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Apply pending migrations when opening (the gateway does; workers open a migrated file).
+    pub migrate: bool,
+    pub max_connections: u32,
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            migrate: true,
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SqliteQueue {
+    pub(crate) pool: SqlitePool,
+    pub(crate) clock: Arc<dyn Clock>,
+    work: Arc<Notify>,
+}
+
+impl std::fmt::Debug for SqliteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteQueue").finish_non_exhaustive()
+    }
+}
+
+impl SqliteQueue {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path, options: &SqliteOptions) -> Result<Self, QueueError> {
+        Self::open_with_clock(path, options, Arc::new(SystemClock)).await
+    }
+
+    pub async fn open_with_clock(
+        path: &Path,
+        options: &SqliteOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(options.migrate)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections)
+            .connect_with(connect)
+            .await?;
+        if options.migrate {
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        }
+        Ok(SqliteQueue {
+            pool,
+            clock,
+            work: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Checks the database answers (for readiness probes).
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+const JOB_COLUMNS: &str = "id, owner, group_key, status, request, attempts, max_attempts, \
+    progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
+    finished_at";
+
+fn job_from_row(row: &SqliteRow) -> Result<Job, QueueError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |reason: String| QueueError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let status: String = row.try_get("status")?;
+    let request: String = row.try_get("request")?;
+    let step: Option<i64> = row.try_get("progress_step")?;
+    let total: Option<i64> = row.try_get("progress_total")?;
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
+    Ok(Job {
+        id: id.parse().map_err(|e| corrupt(format!("id: {e}")))?,
+        owner: row.try_get("owner")?,
+        group: row.try_get("group_key")?,
+        status: status.parse().map_err(corrupt)?,
+        request: serde_json::from_str(&request).map_err(|e| corrupt(format!("request: {e}")))?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        progress: match (step, total) {
+            (Some(step), Some(total)) => Some(Progress {
+                step: step as u32,
+                total: total as u32,
+            }),
+            _ => None,
+        },
+        images: row.try_get::<i64, _>("images")? as u32,
+        error: code.map(|code| JobError {
+            code,
+            message: message.unwrap_or_default(),
+        }),
+        created_at_ms: row.try_get("created_at")?,
+        started_at_ms: row.try_get("started_at")?,
+        finished_at_ms: row.try_get("finished_at")?,
+    })
+}
+
+fn request_hash(job: &NewJob) -> Result<String, QueueError> {
+    let body = serde_json::to_vec(&job.request).map_err(|e| QueueError::Corrupt {
+        id: "new job".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(hex::encode(Sha256::digest(&body)))
+}
+
+fn random_lease_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// SQL that queues again or dead-letters every running job whose lease ended at or before `?1`.
+const RECLAIM_SQL: &str = "UPDATE jobs SET
+        status = CASE WHEN attempts >= max_attempts THEN 'dead_lettered' ELSE 'queued' END,
+        error_code = 'lease_expired',
+        error_message = 'the worker stopped heartbeating (attempt ' || attempts || ' of ' || max_attempts || ')',
+        finished_at = CASE WHEN attempts >= max_attempts THEN ?1 ELSE NULL END,
+        lease_id = NULL, lease_owner = NULL, lease_until = NULL,
+        progress_step = NULL, progress_total = NULL, updated_at = ?1
+    WHERE status = 'running' AND lease_until <= ?1";
+
+#[async_trait]
+impl JobQueue for SqliteQueue {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+        let hash = request_hash(&job)?;
+        let request = serde_json::to_string(&job.request).map_err(|e| QueueError::Corrupt {
+            id: "new job".into(),
+            reason: e.to_string(),
+        })?;
+        let now = self.now();
+        let id = JobId::random();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(key) = &job.dedup_key {
+            let existing = sqlx::query(&format!(
+                "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE owner = ?1 AND dedup_key = ?2"
+            ))
+            .bind(&job.owner)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                let stored_hash: String = row.try_get("request_hash")?;
+                if stored_hash != hash {
+                    return Err(QueueError::IdempotencyConflict);
+                }
+                return Ok(Enqueued {
+                    job: job_from_row(&row)?,
+                    created: false,
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
+                status, max_attempts, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9)",
+        )
+        .bind(id.to_string())
+        .bind(&job.owner)
+        .bind(&job.group)
+        .bind(&job.dedup_key)
+        .bind(&hash)
+        .bind(&request)
+        .bind(job.request.batch_key())
+        .bind(job.max_attempts.max(1) as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO groups (name, last_served) VALUES (?1, 0) ON CONFLICT DO NOTHING")
+            .bind(&job.group)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        // Wake local waiters only after the commit: what they lease must be there.
+        self.work.notify_waiters();
+        let job = self
+            .get(id)
+            .await?
+            .ok_or_else(|| QueueError::Corrupt {
+                id: id.to_string(),
+                reason: "vanished after commit".into(),
+            })?;
+        Ok(Enqueued { job, created: true })
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, QueueError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn position(&self, id: JobId) -> Result<Option<u64>, QueueError> {
+        // A job with k queued jobs ahead in its own group is leased after those k, and after
+        // up to k jobs of every other group (k + 1 for groups whose turn comes before its own
+        // group's in the current round), which take their turns in between.
+        let row = sqlx::query(
+            "WITH me AS (SELECT group_key, seq FROM jobs WHERE id = ?1 AND status = 'queued'),
+                  k AS (SELECT COUNT(*) AS c FROM jobs, me
+                        WHERE jobs.status = 'queued' AND jobs.group_key = me.group_key
+                          AND jobs.seq < me.seq),
+                  turn AS (SELECT COALESCE(g.last_served, 0) AS served,
+                                  (SELECT MIN(j.seq) FROM jobs j
+                                   WHERE j.status = 'queued' AND j.group_key = me.group_key) AS head
+                           FROM me LEFT JOIN groups g ON g.name = me.group_key),
+                  others AS (SELECT COUNT(*) AS n, MIN(jobs.seq) AS head,
+                                    COALESCE(MAX(g.last_served), 0) AS served
+                        FROM jobs CROSS JOIN me LEFT JOIN groups g ON g.name = jobs.group_key
+                        WHERE jobs.status = 'queued' AND jobs.group_key <> me.group_key
+                        GROUP BY jobs.group_key)
+             SELECT (SELECT COUNT(*) FROM me) AS found,
+                    (SELECT c FROM k) AS ahead_in_group,
+                    (SELECT COALESCE(SUM(MIN(o.n, (SELECT c FROM k) +
+                        CASE WHEN o.served < t.served OR (o.served = t.served AND o.head < t.head)
+                             THEN 1 ELSE 0 END)), 0)
+                     FROM others o, turn t) AS ahead_elsewhere",
+        )
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        let found: i64 = row.try_get("found")?;
+        if found == 0 {
+            return Ok(None);
+        }
+        let own: i64 = row.try_get("ahead_in_group")?;
+        let others: i64 = row.try_get("ahead_elsewhere")?;
+        Ok(Some((own + others) as u64))
+    }
+
+    async fn lease(
+        &self,
+        worker: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let now = self.now();
+        let until = now + visibility.as_millis() as i64;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(RECLAIM_SQL).bind(now).execute(&mut *tx).await?;
+        let mut tokens = Vec::new();
+        let mut batch_key: Option<String> = None;
+        while tokens.len() < max {
+            let next = sqlx::query(
+                "SELECT j.id, j.group_key, j.batch_key FROM jobs j
+                 LEFT JOIN groups g ON g.name = j.group_key
+                 WHERE j.status = 'queued' AND (?1 IS NULL OR j.batch_key = ?1)
+                 ORDER BY COALESCE(g.last_served, 0), j.seq
+                 LIMIT 1",
+            )
+            .bind(&batch_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(next) = next else { break };
+            let id: String = next.try_get("id")?;
+            let group: String = next.try_get("group_key")?;
+            let lease_id = random_lease_id();
+            sqlx::query(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
+                    lease_owner = ?3, lease_until = ?4, started_at = ?5, updated_at = ?5,
+                    progress_step = NULL, progress_total = NULL
+                 WHERE id = ?1",
+            )
+            .bind(&id)
+            .bind(&lease_id)
+            .bind(worker)
+            .bind(until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO groups (name, last_served) VALUES (?1, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM groups))
+                 ON CONFLICT (name) DO UPDATE SET last_served = excluded.last_served",
+            )
+            .bind(&group)
+            .execute(&mut *tx)
+            .await?;
+            if batch_key.is_none() {
+                batch_key = Some(next.try_get("batch_key")?);
+            }
+            tokens.push(LeaseToken {
+                job_id: id.parse().map_err(|e| QueueError::Corrupt {
+                    id: id.clone(),
+                    reason: format!("id: {e}"),
+                })?,
+                lease_id,
+            });
+        }
+        tx.commit().await?;
+        let mut leases = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            if let Some(job) = self.get(token.job_id).await? {
+                leases.push(Lease { job, token });
+            }
+        }
+        Ok(leases)
+    }
+
+    async fn heartbeat(
+        &self,
+        lease: &LeaseToken,
+        progress: Option<Progress>,
+        visibility: Duration,
+    ) -> Result<HeartbeatOutcome, QueueError> {
+        let now = self.now();
+        let until = now + visibility.as_millis() as i64;
+        let updated = sqlx::query(
+            "UPDATE jobs SET lease_until = ?3, updated_at = ?4,
+                progress_step = COALESCE(?5, progress_step),
+                progress_total = COALESCE(?6, progress_total)
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?4",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .bind(until)
+        .bind(now)
+        .bind(progress.map(|p| p.step as i64))
+        .bind(progress.map(|p| p.total as i64))
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(HeartbeatOutcome::Continue);
+        }
+        let cancelled = sqlx::query(
+            "SELECT 1 FROM jobs WHERE id = ?1 AND lease_id = ?2 AND status = 'cancelled'",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match cancelled {
+            Some(_) => Ok(HeartbeatOutcome::Cancelled),
+            None => Err(QueueError::LeaseLost(lease.job_id)),
+        }
+    }
+
+    async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError> {
+        let now = self.now();
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', images = ?3, finished_at = ?4, updated_at = ?4,
+                error_code = NULL, error_message = NULL, lease_until = NULL,
+                progress_step = progress_total
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?4",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .bind(images as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost(lease.job_id))
+        }
+    }
+
+    async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, QueueError> {
+        let now = self.now();
+        let row = sqlx::query(
+            "UPDATE jobs SET
+                status = CASE WHEN ?3 = 0 THEN 'failed'
+                              WHEN attempts >= max_attempts THEN 'dead_lettered'
+                              ELSE 'queued' END,
+                finished_at = CASE WHEN ?3 = 0 OR attempts >= max_attempts THEN ?6 ELSE NULL END,
+                error_code = ?4, error_message = ?5,
+                lease_id = NULL, lease_owner = NULL, lease_until = NULL,
+                progress_step = NULL, progress_total = NULL, updated_at = ?6
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?6
+             RETURNING status",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .bind(failure.retryable as i64)
+        .bind(&failure.code)
+        .bind(&failure.message)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Err(QueueError::LeaseLost(lease.job_id));
+        };
+        let status: String = row.try_get("status")?;
+        if status == "queued" {
+            self.work.notify_waiters();
+        }
+        status.parse().map_err(|reason| QueueError::Corrupt {
+            id: lease.job_id.to_string(),
+            reason,
+        })
+    }
+
+    async fn release(&self, lease: &LeaseToken) -> Result<(), QueueError> {
+        let now = self.now();
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0),
+                lease_id = NULL, lease_owner = NULL, lease_until = NULL,
+                progress_step = NULL, progress_total = NULL, started_at = NULL, updated_at = ?3
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?3",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 1 {
+            self.work.notify_waiters();
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost(lease.job_id))
+        }
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, QueueError> {
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(status) = status else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let status: JobStatus = status.parse().map_err(|reason| QueueError::Corrupt {
+            id: id.to_string(),
+            reason,
+        })?;
+        if status.is_final() {
+            return Ok(CancelOutcome::AlreadyFinal(status));
+        }
+        // A running job keeps its lease id so its worker's next heartbeat hears of the cancel.
+        sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?2, updated_at = ?2,
+                error_code = 'cancelled', error_message = 'cancelled by the client'
+             WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled)
+    }
+
+    async fn reclaim_expired(&self) -> Result<u64, QueueError> {
+        let done = sqlx::query(RECLAIM_SQL)
+            .bind(self.now())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() > 0 {
+            self.work.notify_waiters();
+        }
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let now = self.now();
+        let row = sqlx::query(
+            "SELECT
+                (SELECT COUNT(*) FROM jobs WHERE status = 'queued') AS queued,
+                (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
+                (SELECT MIN(created_at) FROM jobs WHERE status = 'queued') AS oldest,
+                (SELECT AVG(finished_at - started_at) FROM
+                    (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
+                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(QueueStats {
+            queued: row.try_get::<i64, _>("queued")? as u64,
+            running: row.try_get::<i64, _>("running")? as u64,
+            oldest_queued_age_ms: oldest.map(|t| (now - t).max(0)),
+            recent_run_ms: row.try_get("recent_run")?,
+        })
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout.min(POLL_INTERVAL), self.work.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+
+    #[tokio::test]
+    async fn sqlite_backend_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir_path = dir.path().to_path_buf();
+        let counter = std::sync::atomic::AtomicU32::new(0);
+        crate::conformance::run(|clock: ManualClock| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = dir_path.join(format!("queue-{n}.db"));
+            async move {
+                SqliteQueue::open_with_clock(&path, &SqliteOptions::default(), Arc::new(clock))
+                    .await
+                    .expect("open sqlite queue")
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_committed_job_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default()).await.expect("open");
+        let job = q
+            .enqueue(crate::conformance::new_job("alice", "durable"))
+            .await
+            .expect("enqueue")
+            .job;
+        drop(q);
+        let q = SqliteQueue::open(&path, &SqliteOptions { migrate: false, ..Default::default() })
+            .await
+            .expect("reopen");
+        let again = q.get(job.id).await.expect("get").expect("still there");
+        assert_eq!(again.request.prompt, "durable");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&q.pool)
+            .await
+            .expect("pragma");
+        assert_eq!(mode, "wal");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&q.pool)
+            .await
+            .expect("pragma");
+        assert_eq!(sync, 2, "synchronous must be FULL");
+    }
+}

@@ -1,0 +1,112 @@
+use sparkle_core::{JobId, JobStatus, Progress, ValidImageRequest};
+
+/// A job to commit.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Who may see and cancel it (an API key id).
+    pub owner: String,
+    /// Its fairness group: FIFO inside, round-robin across (the requesting user or key).
+    pub group: String,
+    /// The client's `Idempotency-Key`, unique per owner.
+    pub dedup_key: Option<String>,
+    pub request: ValidImageRequest,
+    pub max_attempts: u32,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub owner: String,
+    pub group: String,
+    pub status: JobStatus,
+    pub request: ValidImageRequest,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub progress: Option<Progress>,
+    /// Number of images stored for the job (set when it succeeds).
+    pub images: u32,
+    /// Why the job failed or was dead-lettered, or why its last attempt failed.
+    pub error: Option<JobError>,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// The answer to an enqueue: the job, and whether this call created it.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    pub created: bool,
+}
+
+/// Proof of holding a job: without the current lease id nothing can end the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub job_id: JobId,
+    pub lease_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub job: Job,
+    pub token: LeaseToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// The lease is extended; carry on.
+    Continue,
+    /// The job was cancelled; stop and drop it.
+    Cancelled,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+    /// A fault another attempt may not meet (out of memory, a lost device), as opposed to a
+    /// request that can never be generated.
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was queued or running and is now cancelled.
+    Cancelled,
+    /// It had already reached this final status; nothing changed.
+    AlreadyFinal(JobStatus),
+    NotFound,
+}
+
+/// Backlog figures.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct QueueStats {
+    pub queued: u64,
+    pub running: u64,
+    /// Age of the oldest queued job, in milliseconds.
+    pub oldest_queued_age_ms: Option<i64>,
+    /// Mean run time of recently succeeded jobs, in milliseconds.
+    pub recent_run_ms: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("idempotency key reused with a different request")]
+    IdempotencyConflict,
+    #[error("the lease on job {0} is no longer held")]
+    LeaseLost(JobId),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored job {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+}
