@@ -51,6 +51,8 @@ pub enum ErrorCode {
     IdempotencyConflict,
     /// The job is not finished, so it has no images yet.
     JobNotFinished,
+    /// The job already reached a final status, so it cannot be cancelled.
+    JobAlreadyFinished,
     /// The job failed, was cancelled or was dead-lettered.
     JobFailed,
     /// Too many requests; see `Retry-After`.
@@ -90,6 +92,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::JobNotFinished => "job_not_finished",
+            ErrorCode::JobAlreadyFinished => "job_already_finished",
             ErrorCode::JobFailed => "job_failed",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QueueFull => "queue_full",
@@ -109,7 +112,7 @@ impl ErrorCode {
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope => 403,
             JobNotFound | ImageNotFound | NotFound => 404,
-            IdempotencyConflict | JobNotFinished => 409,
+            IdempotencyConflict | JobNotFinished | JobAlreadyFinished => 409,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
             RateLimited => 429,

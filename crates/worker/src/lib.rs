@@ -1,1 +1,28 @@
+//! The worker: lease a batch of compatible jobs, generate on the engine thread, store the
+//! images, complete the jobs.
+//!
+//! The engine is synchronous and runs on its own named OS thread ([`EngineThread`]); the
+//! async side never blocks on it. While a batch runs, progress flows from the engine's step
+//! callback through a `watch` channel into heartbeats, which also extend the leases; a
+//! heartbeat that reports a cancelled (or lost) job drops it from the batch, and when every
+//! job of the batch is gone the engine is told to stop at its next step.
+//!
+//! The worker opens no listening socket and holds no Discord or API credentials: it talks
+//! only to the queue and the image store. On shutdown it finishes the batch in hand within
+//! the drain deadline, or gives the leases back; it never drops a lease silently.
 
+mod engine_thread;
+mod run;
+
+pub use engine_thread::{EngineThread, GenerateOutcome};
+pub use run::{run, WorkerOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the engine could not start: {0}")]
+    EngineStart(#[from] sparkle_engine::EngineError),
+    #[error("the engine thread stopped unexpectedly")]
+    EngineGone,
+    #[error("queue: {0}")]
+    Queue(#[from] sparkle_queue::QueueError),
+}

@@ -1,0 +1,101 @@
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sparkle_core::{ErrorCode, RequestError};
+use sparkle_queue::QueueError;
+use sparkle_store::StoreError;
+
+/// Every error the gateway answers with. Rendered in OpenAI's error shape:
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub param: Option<&'static str>,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            param: None,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn job_not_found() -> Self {
+        ApiError::new(ErrorCode::JobNotFound, "no such job")
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError {
+            code: e.code,
+            param: e.param,
+            message: e.message,
+            retry_after_secs: None,
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::IdempotencyConflict => ApiError {
+                param: Some("Idempotency-Key"),
+                ..ApiError::new(
+                    ErrorCode::IdempotencyConflict,
+                    "this Idempotency-Key was already used with a different request",
+                )
+            },
+            other => {
+                tracing::error!(error = %other, "queue error");
+                ApiError::new(ErrorCode::Unavailable, "the job queue is unavailable; retry shortly")
+                    .retry_after(1)
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "image store error");
+        ApiError::new(ErrorCode::Unavailable, "the image store is unavailable; retry shortly")
+            .retry_after(1)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.code.kind(),
+                "param": self.param,
+                "code": self.code.as_str(),
+            }
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

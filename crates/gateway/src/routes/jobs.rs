@@ -1,0 +1,193 @@
+//! The asynchronous jobs API: submit, look, follow, cancel, fetch images.
+
+use super::submit::{idempotency_key, submit};
+use crate::auth::Caller;
+use crate::json::Json;
+use crate::{ApiError, GatewayState};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sparkle_core::{ErrorCode, ImageRequest, JobId, JobStatus};
+use sparkle_queue::{CancelOutcome, Job, Scope};
+use sparkle_store::ImageKey;
+use std::convert::Infallible;
+
+/// The body of `POST /v1/jobs`. Unknown fields are refused, so a typo is an error rather
+/// than a silently ignored setting.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobBody {
+    prompt: String,
+    negative_prompt: Option<String>,
+    model: Option<String>,
+    size: Option<String>,
+    steps: Option<u32>,
+    guidance_scale: Option<f32>,
+    seed: Option<u64>,
+    scheduler: Option<String>,
+    n: Option<u32>,
+    /// An end user of the calling application, for fairness between its users.
+    user: Option<String>,
+}
+
+pub async fn create(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<JobBody>,
+) -> Result<Response, ApiError> {
+    let dedup = idempotency_key(&headers)?;
+    let request = ImageRequest {
+        prompt: body.prompt,
+        negative_prompt: body.negative_prompt,
+        model: body.model,
+        size: body.size,
+        steps: body.steps,
+        guidance_scale: body.guidance_scale,
+        seed: body.seed,
+        scheduler: body.scheduler,
+        n: body.n,
+    };
+    let enqueued = submit(&state, &caller, request, body.user.as_deref(), dedup).await?;
+    let view = job_view(&state, &enqueued.job).await?;
+    let status = if enqueued.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let location = format!("/v1/jobs/{}", enqueued.job.id);
+    Ok((status, [(header::LOCATION, location)], axum::Json(view)).into_response())
+}
+
+pub async fn show(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let job = owned_job(&state, &caller, &id).await?;
+    Ok(axum::Json(job_view(&state, &job).await?))
+}
+
+pub async fn cancel(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    caller.require(Scope::Generate)?;
+    let job = owned_job(&state, &caller, &id).await?;
+    match state.queue.cancel(job.id).await? {
+        CancelOutcome::Cancelled => {
+            tracing::info!(job = %job.id, "job cancelled");
+            let job = state.queue.get(job.id).await?.ok_or_else(ApiError::job_not_found)?;
+            Ok(axum::Json(job_view(&state, &job).await?))
+        }
+        CancelOutcome::AlreadyFinal(status) => Err(ApiError::new(
+            ErrorCode::JobAlreadyFinished,
+            format!("the job already finished with status {status}"),
+        )),
+        CancelOutcome::NotFound => Err(ApiError::job_not_found()),
+    }
+}
+
+/// Server-sent events: `progress` whenever the job's state changes, then one `done` with
+/// the final state, after which the stream ends.
+pub async fn events(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let job = owned_job(&state, &caller, &id).await?;
+    let stream = futures::stream::unfold(Some((state, job.id, String::new())), |cursor| async move {
+        let (state, id, last) = cursor?;
+        loop {
+            let job = state.queue.get(id).await.ok().flatten()?;
+            let view = job_view(&state, &job).await.ok()?;
+            let text = view.to_string();
+            if text != last {
+                let done = job.status.is_final();
+                let event = Event::default().event(if done { "done" } else { "progress" }).data(&text);
+                return Some((Ok(event), (!done).then_some((state, id, text))));
+            }
+            tokio::time::sleep(state.options.poll_interval).await;
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+pub async fn image(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    Path((id, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let job = owned_job(&state, &caller, &id).await?;
+    let png = image_bytes(&state, &job, &n).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
+}
+
+/// Image `n` of a finished job, as PNG bytes.
+pub async fn image_bytes(state: &GatewayState, job: &Job, n: &str) -> Result<bytes::Bytes, ApiError> {
+    let not_found = || ApiError::new(ErrorCode::ImageNotFound, format!("the job has no image {n:?}"));
+    let index: u32 = n.trim_end_matches(".png").parse().map_err(|_| not_found())?;
+    if job.status != JobStatus::Succeeded {
+        return Err(ApiError::new(
+            ErrorCode::JobNotFinished,
+            format!("the job is {}; images are ready once it succeeds", job.status),
+        ));
+    }
+    if index >= job.images {
+        return Err(not_found());
+    }
+    state.store.get(ImageKey { job: job.id, index }).await?.ok_or_else(not_found)
+}
+
+/// The job, if it exists and the caller may see it (others' jobs are "not found").
+pub async fn owned_job(state: &GatewayState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    if !(caller.0.allows(Scope::Read) || caller.0.allows(Scope::Generate)) {
+        return Err(ApiError::new(ErrorCode::InsufficientScope, "this key lacks the `read` scope"));
+    }
+    let id: JobId = id.parse().map_err(|_| ApiError::job_not_found())?;
+    match state.queue.get(id).await? {
+        Some(job) if caller.owns(&job.owner) => Ok(job),
+        _ => Err(ApiError::job_not_found()),
+    }
+}
+
+/// The JSON shape of a job, shared by every route that shows one.
+pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError> {
+    let r = &job.request;
+    let mut view = json!({
+        "id": job.id.to_string(),
+        "object": "job",
+        "status": job.status,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "created_at": job.created_at_ms / 1000,
+        "started_at": job.started_at_ms.map(|t| t / 1000),
+        "finished_at": job.finished_at_ms.map(|t| t / 1000),
+        "request": {
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "model": r.model,
+            "size": format!("{}x{}", r.width, r.height),
+            "steps": r.steps,
+            "guidance_scale": r.guidance_scale,
+            "seed": r.seed,
+            "scheduler": r.scheduler,
+            "n": r.n,
+        },
+        "progress": job.progress,
+        "images": (0..job.images).map(|i| format!("/v1/jobs/{}/images/{i}", job.id)).collect::<Vec<_>>(),
+        "error": job.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
+    });
+    if job.status == JobStatus::Queued {
+        if let Some(ahead) = state.queue.position(job.id).await? {
+            let stats = state.queue.stats().await?;
+            view["queue_position"] = json!(ahead);
+            if let Some(run_ms) = stats.recent_run_ms {
+                let workers = stats.running.max(1) as f64;
+                view["eta_seconds"] = json!(((ahead as f64 + 1.0) * run_ms / workers / 1000.0).ceil());
+            }
+        }
+    }
+    Ok(view)
+}

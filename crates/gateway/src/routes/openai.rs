@@ -1,0 +1,110 @@
+//! `POST /v1/images/generations`, as OpenAI's images API: the official clients work
+//! unchanged. It is synchronous — the answer carries the images — but the job behind it
+//! is as durable as any other: a client that disconnects can still find it by its
+//! `Idempotency-Key`.
+
+use super::jobs::image_bytes;
+use super::submit::{idempotency_key, submit};
+use crate::auth::Caller;
+use crate::json::Json;
+use crate::{ApiError, GatewayState};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sparkle_core::{ErrorCode, ImageRequest, JobStatus};
+use tokio::time::Instant;
+
+/// OpenAI's fields plus Sparkle's extensions. Fields OpenAI defines for its own models
+/// (`quality`, `style`, …) are accepted and ignored, so existing clients keep working.
+#[derive(Debug, Deserialize)]
+pub struct GenerationBody {
+    prompt: String,
+    model: Option<String>,
+    n: Option<u32>,
+    size: Option<String>,
+    response_format: Option<String>,
+    user: Option<String>,
+    negative_prompt: Option<String>,
+    steps: Option<u32>,
+    guidance_scale: Option<f32>,
+    seed: Option<u64>,
+    scheduler: Option<String>,
+}
+
+pub async fn generate(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<GenerationBody>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let as_url = match body.response_format.as_deref() {
+        None | Some("b64_json") => false,
+        Some("url") => true,
+        Some(other) => {
+            return Err(ApiError {
+                param: Some("response_format"),
+                ..ApiError::new(
+                    ErrorCode::InvalidResponseFormat,
+                    format!("response_format must be b64_json or url; got {other:?}"),
+                )
+            })
+        }
+    };
+    let dedup = idempotency_key(&headers)?;
+    let request = ImageRequest {
+        prompt: body.prompt,
+        negative_prompt: body.negative_prompt,
+        model: body.model,
+        size: body.size,
+        steps: body.steps,
+        guidance_scale: body.guidance_scale,
+        seed: body.seed,
+        scheduler: body.scheduler,
+        n: body.n,
+    };
+    let enqueued = submit(&state, &caller, request, body.user.as_deref(), dedup).await?;
+    let id = enqueued.job.id;
+    let deadline = Instant::now() + state.options.sync_timeout;
+    let job = loop {
+        let job = state.queue.get(id).await?.ok_or_else(ApiError::job_not_found)?;
+        if job.status.is_final() {
+            break job;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!("job {id} is still {}; follow it at /v1/jobs/{id}", job.status),
+            ));
+        }
+        tokio::time::sleep(state.options.poll_interval).await;
+    };
+    if job.status != JobStatus::Succeeded {
+        let reason = job.error.as_ref().map(|e| e.message.as_str()).unwrap_or("no reason recorded");
+        return Err(ApiError::new(ErrorCode::JobFailed, format!("job {id} {}: {reason}", job.status)));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let mut data = Vec::new();
+    for i in 0..job.images {
+        let seed = job.request.seed_of(i);
+        if as_url {
+            data.push(json!({ "url": format!("https://{host}/v1/jobs/{id}/images/{i}"), "seed": seed }));
+        } else {
+            let png = image_bytes(&state, &job, &i.to_string()).await?;
+            data.push(json!({
+                "b64_json": base64::engine::general_purpose::STANDARD.encode(&png),
+                "revised_prompt": job.request.prompt,
+                "seed": seed,
+            }));
+        }
+    }
+    Ok(axum::Json(json!({
+        "created": job.finished_at_ms.unwrap_or(job.created_at_ms) / 1000,
+        "data": data,
+        "id": id.to_string(),
+    })))
+}

@@ -1,0 +1,43 @@
+use sparkle_core::{Catalog, Limits};
+use sparkle_queue::{ApiKeys, JobQueue};
+use sparkle_store::ImageStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Gateway settings (a part of the service configuration).
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most queued jobs before new work is refused with 503 and `Retry-After`.
+    pub max_queued_jobs: u64,
+    /// Attempts a job gets before it is dead-lettered.
+    pub max_attempts: u32,
+    /// How long the synchronous OpenAI route waits for its images.
+    pub sync_timeout: Duration,
+    /// How often job state is re-read for events and synchronous waits.
+    pub poll_interval: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            max_body_bytes: 64 * 1024,
+            max_queued_jobs: 10_000,
+            max_attempts: 3,
+            sync_timeout: Duration::from_secs(600),
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct GatewayState {
+    pub queue: Arc<dyn JobQueue>,
+    pub keys: Arc<dyn ApiKeys>,
+    pub store: Arc<dyn ImageStore>,
+    pub catalog: Arc<Catalog>,
+    pub limits: Arc<Limits>,
+    pub options: Arc<GatewayOptions>,
+}

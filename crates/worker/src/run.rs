@@ -1,0 +1,252 @@
+use crate::{EngineThread, WorkerError};
+use bytes::Bytes;
+use sparkle_core::Progress;
+use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage};
+use sparkle_queue::{Failure, HeartbeatOutcome, JobQueue, Lease, QueueError};
+use sparkle_store::{ImageKey, ImageStore};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Names this worker in leases (host and process id make a good one).
+    pub worker_id: String,
+    /// How long a lease lasts without a heartbeat (the visibility timeout).
+    pub lease_timeout: Duration,
+    /// How often a running batch heartbeats when no progress is reported.
+    pub heartbeat_interval: Duration,
+    /// Most jobs leased as one batch.
+    pub max_batch: usize,
+    /// How long a stopping worker may spend finishing the batch in hand.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            worker_id: format!("worker-{}", std::process::id()),
+            lease_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(5),
+            max_batch: 1,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Progress is written to the queue at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Leases and runs batches until `shutdown` fires, then drains.
+pub async fn run(
+    queue: Arc<dyn JobQueue>,
+    store: Arc<dyn ImageStore>,
+    engine: EngineThread,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    tracing::info!(worker = %options.worker_id, model = %engine.info().name, "worker ready");
+    while !shutdown.is_cancelled() {
+        let leases = match queue
+            .lease(&options.worker_id, options.max_batch.max(1), options.lease_timeout)
+            .await
+        {
+            Ok(leases) => leases,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if leases.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = queue.wait_for_work(Duration::from_secs(1)) => continue,
+            }
+        }
+        run_batch(&*queue, &*store, &engine, leases, &options, &shutdown).await?;
+    }
+    tracing::info!(worker = %options.worker_id, "worker stopped");
+    Ok(())
+}
+
+fn batch_of(leases: &[Lease]) -> Batch {
+    let first = &leases[0].job.request;
+    Batch {
+        width: first.width,
+        height: first.height,
+        steps: first.steps,
+        guidance_scale: first.guidance_scale,
+        scheduler: first.scheduler,
+        items: leases
+            .iter()
+            .flat_map(|lease| {
+                let r = &lease.job.request;
+                (0..r.n).map(move |i| BatchItem {
+                    prompt: r.prompt.clone(),
+                    negative_prompt: r.negative_prompt.clone(),
+                    seed: r.seed_of(i) as u64,
+                })
+            })
+            .collect(),
+    }
+}
+
+async fn run_batch(
+    queue: &dyn JobQueue,
+    store: &dyn ImageStore,
+    engine: &EngineThread,
+    leases: Vec<Lease>,
+    options: &WorkerOptions,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let ids: Vec<_> = leases.iter().map(|l| l.job.id.to_string()).collect();
+    tracing::info!(jobs = ?ids, "batch leased");
+    let mut live = vec![true; leases.len()];
+    let mut running = engine.submit(batch_of(&leases)).await?;
+    let mut ticker = tokio::time::interval(options.heartbeat_interval);
+    ticker.tick().await;
+    let mut progress_open = true;
+    let mut last_beat = Instant::now();
+    let mut drain_until: Option<Instant> = None;
+
+    let result = loop {
+        let beat_now = tokio::select! {
+            result = &mut running.result => break result,
+            _ = ticker.tick() => true,
+            changed = running.progress.changed(), if progress_open => {
+                progress_open = changed.is_ok();
+                last_beat.elapsed() >= PROGRESS_EVERY
+            }
+            _ = shutdown.cancelled(), if drain_until.is_none() => {
+                tracing::info!("stopping: finishing the batch in hand");
+                drain_until = Some(Instant::now() + options.drain_timeout);
+                false
+            }
+            _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
+                tracing::warn!("drain deadline passed: giving the leases back");
+                for (lease, live) in leases.iter().zip(live.iter_mut()) {
+                    if std::mem::replace(live, false) {
+                        if let Err(e) = queue.release(&lease.token).await {
+                            tracing::warn!(job = %lease.job.id, error = %e, "release failed");
+                        }
+                    }
+                }
+                drain_until = None;
+                false
+            }
+        };
+        if beat_now {
+            let progress: Option<Progress> = *running.progress.borrow();
+            heartbeat_all(queue, &leases, &mut live, progress, options.lease_timeout).await;
+            last_beat = Instant::now();
+        }
+        if !live.iter().any(|l| *l) {
+            running.stop.store(true, Ordering::Relaxed);
+        }
+    };
+
+    match result {
+        Err(_) => Err(WorkerError::EngineGone),
+        Ok(Err(EngineError::Cancelled)) => Ok(()),
+        Ok(Err(e)) => {
+            let failure = failure_of(&e);
+            tracing::warn!(error = %e, retryable = failure.retryable, "batch failed");
+            for (lease, _) in leases.iter().zip(&live).filter(|(_, live)| **live) {
+                match queue.fail(&lease.token, failure.clone()).await {
+                    Ok(status) => tracing::info!(job = %lease.job.id, %status, "job failed"),
+                    Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not record failure"),
+                }
+            }
+            Ok(())
+        }
+        Ok(Ok(images)) => {
+            let mut images = images.into_iter();
+            for (lease, live) in leases.iter().zip(&live) {
+                let mine: Vec<_> = images.by_ref().take(lease.job.request.n as usize).collect();
+                if *live {
+                    finish(queue, store, lease, mine).await;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn heartbeat_all(
+    queue: &dyn JobQueue,
+    leases: &[Lease],
+    live: &mut [bool],
+    progress: Option<Progress>,
+    lease_timeout: Duration,
+) {
+    for (lease, live) in leases.iter().zip(live.iter_mut()).filter(|(_, l)| **l) {
+        match queue.heartbeat(&lease.token, progress, lease_timeout).await {
+            Ok(HeartbeatOutcome::Continue) => {}
+            Ok(HeartbeatOutcome::Cancelled) => {
+                tracing::info!(job = %lease.job.id, "job cancelled while running");
+                *live = false;
+            }
+            Err(QueueError::LeaseLost(_)) => {
+                tracing::warn!(job = %lease.job.id, "lease lost; dropping the job");
+                *live = false;
+            }
+            // A database hiccup: keep going; the next heartbeat may get through in time.
+            Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Stores a job's images and completes it. Images go to the store before the job is
+/// marked succeeded, so a succeeded job always has its images.
+async fn finish(queue: &dyn JobQueue, store: &dyn ImageStore, lease: &Lease, images: Vec<GeneratedImage>) {
+    let request = lease.job.request.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| sparkle_engine::encode_png(image, &request.parameters_text(i as u32)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    let pngs = match encoded {
+        Ok(Ok(pngs)) => pngs,
+        Ok(Err(e)) => return record_failure(queue, lease, failure_of(&e)).await,
+        Err(e) => {
+            let failure = Failure { code: "internal".into(), message: format!("encoding task: {e}"), retryable: true };
+            return record_failure(queue, lease, failure).await;
+        }
+    };
+    let count = pngs.len() as u32;
+    for (index, png) in pngs.into_iter().enumerate() {
+        let key = ImageKey { job: lease.job.id, index: index as u32 };
+        if let Err(e) = store.put(key, Bytes::from(png)).await {
+            let failure = Failure { code: "store_unavailable".into(), message: e.to_string(), retryable: true };
+            return record_failure(queue, lease, failure).await;
+        }
+    }
+    match queue.complete(&lease.token, count).await {
+        Ok(()) => tracing::info!(job = %lease.job.id, images = count, "job succeeded"),
+        Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not complete"),
+    }
+}
+
+async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
+    if let Err(e) = queue.fail(&lease.token, failure).await {
+        tracing::warn!(job = %lease.job.id, error = %e, "could not record failure");
+    }
+}
+
+/// A request the engine refuses will be refused again; anything else may pass next time.
+fn failure_of(e: &EngineError) -> Failure {
+    let retryable = !matches!(e, EngineError::InvalidRequest(_));
+    Failure {
+        code: if retryable { "engine_error" } else { "invalid_request" }.into(),
+        message: e.to_string(),
+        retryable,
+    }
+}
