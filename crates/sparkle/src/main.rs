@@ -1,1 +1,109 @@
-fn main() {}
+//! `sparkle`: one binary for every role. This crate parses the command line and the
+//! configuration and wires the library crates together; the behaviour lives in them.
+
+mod cmd;
+mod config;
+mod runtime;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "sparkle", version, about = "Self-hostable, elastic, hardened text-to-image service.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by every command that touches the configuration or the data.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Configuration file (sparkle.toml). Environment variables SPARKLE_* override it,
+    /// flags override both.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory: database, images, generated certificates.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Flags of the server roles.
+#[derive(Debug, Clone, Args)]
+pub struct Serve {
+    /// Public HTTPS listener, e.g. 0.0.0.0:8443 (port 0 picks a free port and prints it).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Admin listener (metrics), loopback by default.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Model directory in the diffusers layout.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything on one machine: gateway, SQLite queue, local image store, and a scaler
+    /// that starts local worker processes. Prints the URL, and the admin API key on first start.
+    Up {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        serve: Serve,
+    },
+    /// The gateway alone (HTTPS API), for a multi-machine deployment.
+    Gateway {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        serve: Serve,
+    },
+    /// One worker: leases jobs, generates, stores images. Opens no listening socket.
+    Worker {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        serve: Serve,
+        /// Drain and exit when standard input closes (set by the scaler for its children).
+        #[arg(long, hide = true)]
+        stop_on_stdin_eof: bool,
+    },
+    /// The scaler alone: watches the backlog and runs local worker processes.
+    Scaler {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        serve: Serve,
+    },
+    /// Generate one image without any server.
+    Generate(cmd::generate::GenerateArgs),
+    /// Models: make a tiny test model, list installed models.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// API keys: create, list, revoke.
+    #[command(subcommand)]
+    Key(cmd::key::KeyCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    runtime::init_logging();
+    let result = match cli.command {
+        Command::Up { common, serve } => runtime::block_on(cmd::serve::up(common, serve)),
+        Command::Gateway { common, serve } => runtime::block_on(cmd::serve::gateway(common, serve)),
+        Command::Worker { common, serve, stop_on_stdin_eof } => {
+            runtime::block_on(cmd::serve::worker(common, serve, stop_on_stdin_eof))
+        }
+        Command::Scaler { common, serve } => runtime::block_on(cmd::serve::scaler(common, serve)),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Model(command) => cmd::model::run(command),
+        Command::Key(command) => runtime::block_on(cmd::key::run(command)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+use super::{load_config, open_queue};
+use crate::Common;
+use anyhow::bail;
+use clap::Subcommand;
+use sparkle_queue::{ApiKeys, Scope};
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key. The key is printed once; only its hash is stored.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: generate, read, admin.
+        #[arg(long, default_value = "generate,read", value_delimiter = ',')]
+        scope: Vec<String>,
+    },
+    /// List API keys (never their secrets).
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke an API key by id.
+    Revoke {
+        #[command(flatten)]
+        common: Common,
+        id: String,
+    },
+}
+
+pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create { common, name, scope } => {
+            let name = name.trim();
+            if name.is_empty() || name.len() > 100 {
+                bail!("--name must be 1 to 100 characters");
+            }
+            let scopes = scope
+                .iter()
+                .map(|s| Scope::parse(s).ok_or_else(|| anyhow::anyhow!("unknown scope {s:?}; expected generate, read or admin")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let queue = open_queue(&load_config(&common, None)?).await?;
+            let (key, secret) = queue.create_key(name, &scopes).await?;
+            eprintln!("Created key {} ({}); it is shown once and only its hash is stored:", key.id, key.name);
+            println!("{}", secret.expose());
+        }
+        KeyCommand::List { common } => {
+            let queue = open_queue(&load_config(&common, None)?).await?;
+            for key in queue.list_keys().await? {
+                let scopes: Vec<_> = key.scopes.iter().map(|s| s.as_str()).collect();
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    key.id,
+                    key.name,
+                    scopes.join(","),
+                    if key.revoked { "revoked" } else { "active" }
+                );
+            }
+        }
+        KeyCommand::Revoke { common, id } => {
+            let queue = open_queue(&load_config(&common, None)?).await?;
+            if !queue.revoke_key(&id).await? {
+                bail!("no active key with id {id}");
+            }
+            eprintln!("Revoked {id}");
+        }
+    }
+    Ok(())
+}

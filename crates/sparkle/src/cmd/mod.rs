@@ -1,0 +1,41 @@
+pub mod generate;
+pub mod key;
+pub mod model;
+pub mod serve;
+
+use crate::config::{Config, Overrides};
+use crate::{Common, Serve};
+use anyhow::Context;
+use sparkle_core::{Catalog, ModelEntry};
+use sparkle_queue::{SqliteOptions, SqliteQueue};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The configuration for a command, with its flags applied.
+pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Config> {
+    let flags = Overrides {
+        data_dir: common.data_dir.clone(),
+        listen: serve.and_then(|s| s.listen),
+        admin_listen: serve.and_then(|s| s.admin_listen),
+        model: serve.and_then(|s| s.model.clone()),
+        profile: None,
+    };
+    Config::load(common.config.as_deref(), &flags)
+}
+
+/// Opens the queue and metadata database in the data directory.
+pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<SqliteQueue>> {
+    config.prepare_data_dir()?;
+    let path = config.database_path();
+    let queue = SqliteQueue::open(&path, &SqliteOptions::default())
+        .await
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+    Ok(Arc::new(queue))
+}
+
+/// The catalog of models served: the configured model, named after its directory.
+pub fn catalog(model_dir: &Path) -> anyhow::Result<Catalog> {
+    let description = sparkle_engine::describe(model_dir)
+        .with_context(|| format!("cannot read the model at {}", model_dir.display()))?;
+    Ok(Catalog { models: vec![ModelEntry::new(description.name, description.native_size)] })
+}

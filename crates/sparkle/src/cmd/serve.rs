@@ -1,0 +1,186 @@
+//! The server roles: `up` (everything), `gateway`, `worker`, `scaler`.
+
+use super::{catalog, load_config, open_queue};
+use crate::config::Config;
+use crate::{runtime, Common, Serve};
+use anyhow::Context;
+use sparkle_gateway::{GatewayOptions, GatewayState};
+use sparkle_queue::{ApiKeys, JobQueue, Scope, SqliteQueue};
+use sparkle_scaler::{LocalProcesses, Policy};
+use sparkle_store::{ImageStore, ObjectImageStore};
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const DRAIN: Duration = Duration::from_secs(30);
+
+pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
+    let config = load_config(&common, Some(&serve))?;
+    config.model_dir()?;
+    let queue = open_queue(&config).await?;
+    ensure_admin_key(&queue).await?;
+    let shutdown = runtime::shutdown_on_signals();
+    let gateway = start_gateway(&config, queue.clone(), shutdown.clone()).await?;
+    let scaler = start_scaler(&config, &common, queue, shutdown.clone())?;
+    let served = gateway.await.context("gateway task")?;
+    shutdown.cancel();
+    scaler.await.context("scaler task")?;
+    served
+}
+
+pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
+    let config = load_config(&common, Some(&serve))?;
+    let queue = open_queue(&config).await?;
+    ensure_admin_key(&queue).await?;
+    let shutdown = runtime::shutdown_on_signals();
+    start_gateway(&config, queue, shutdown).await?.await.context("gateway task")?
+}
+
+pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
+    let config = load_config(&common, Some(&serve))?;
+    config.model_dir()?;
+    let queue = open_queue(&config).await?;
+    let shutdown = runtime::shutdown_on_signals();
+    start_scaler(&config, &common, queue, shutdown)?.await.context("scaler task")
+}
+
+pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> anyhow::Result<()> {
+    let config = load_config(&common, Some(&serve))?;
+    let model = config.model_dir()?.to_path_buf();
+    let queue = open_queue(&config).await?;
+    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
+    let shutdown = runtime::shutdown_on_signals();
+    if stop_on_stdin_eof {
+        stop_when_stdin_closes(shutdown.clone());
+    }
+    let options = sparkle_engine::EngineOptions {
+        device: parse_device(&config.worker.device)?,
+        ..Default::default()
+    };
+    let engine = sparkle_worker::EngineThread::start(model, options)
+        .await
+        .context("cannot load the model")?;
+    let worker_options = sparkle_worker::WorkerOptions {
+        worker_id: format!("{}:{}", hostname(), std::process::id()),
+        lease_timeout: config.lease_timeout(),
+        heartbeat_interval: Duration::from_secs(config.worker.heartbeat_secs),
+        max_batch: config.worker.max_batch,
+        drain_timeout: Duration::from_secs(config.worker.drain_timeout_secs),
+    };
+    sparkle_worker::run(queue, store, engine, worker_options, shutdown).await?;
+    Ok(())
+}
+
+pub fn parse_device(text: &str) -> anyhow::Result<sparkle_engine::DeviceChoice> {
+    use sparkle_engine::DeviceChoice;
+    Ok(match text.trim() {
+        "auto" => DeviceChoice::Auto,
+        "cpu" => DeviceChoice::Cpu,
+        "cuda" => DeviceChoice::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => DeviceChoice::Cuda(n),
+            None => anyhow::bail!("worker.device must be auto, cpu, cuda or cuda:N; got {other:?}"),
+        },
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The parent holds our standard input open; end-of-file means it wants us gone (or died).
+fn stop_when_stdin_closes(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        tracing::info!("parent closed our input: draining");
+        shutdown.cancel();
+    });
+}
+
+/// On a database without keys, creates an admin key and prints it, once.
+async fn ensure_admin_key(queue: &SqliteQueue) -> anyhow::Result<()> {
+    if !queue.list_keys().await?.is_empty() {
+        return Ok(());
+    }
+    let (key, secret) = queue.create_key("admin", &[Scope::Admin]).await?;
+    println!("Admin API key (shown once; only its hash is stored): {}", secret.expose());
+    tracing::info!(key = %key.id, "created the first admin key");
+    Ok(())
+}
+
+async fn start_gateway(
+    config: &Config,
+    queue: Arc<SqliteQueue>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let catalog = catalog(config.model_dir()?)?;
+    let (cert, key) = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &[hostname()])
+            .context("cannot make a self-signed certificate")?,
+    };
+    let tls = sparkle_gateway::tls::load(&cert, &key)
+        .await
+        .with_context(|| format!("cannot load the certificate {} and key {}", cert.display(), key.display()))?;
+    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
+    let state = GatewayState {
+        queue: queue.clone() as Arc<dyn JobQueue>,
+        keys: queue,
+        store,
+        catalog: Arc::new(catalog),
+        limits: Arc::new(config.limits.clone()),
+        options: Arc::new(GatewayOptions {
+            max_attempts: config.queue.max_attempts,
+            max_queued_jobs: config.queue.max_queued_jobs,
+            sync_timeout: Duration::from_secs(config.queue.sync_timeout_secs),
+            ..GatewayOptions::default()
+        }),
+    };
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("Sparkle is up at https://{addr}");
+    tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
+    let router = sparkle_gateway::router(state);
+    Ok(tokio::spawn(async move {
+        sparkle_gateway::serve_tls(listener, tls, router, shutdown, DRAIN)
+            .await
+            .context("gateway")
+    }))
+}
+
+fn start_scaler(
+    config: &Config,
+    common: &Common,
+    queue: Arc<SqliteQueue>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let program = std::env::current_exe().context("cannot find the sparkle executable")?;
+    let mut args: Vec<OsString> = vec!["worker".into(), "--stop-on-stdin-eof".into()];
+    if let Some(file) = &common.config {
+        args.extend(["--config".into(), file.clone().into_os_string()]);
+    }
+    args.extend(["--data-dir".into(), config.data_dir.clone().into_os_string()]);
+    args.extend(["--model".into(), config.model_dir()?.to_path_buf().into_os_string()]);
+    let policy = Policy {
+        min_workers: config.scaler.min_workers,
+        max_workers: config.scaler.max_workers,
+        jobs_per_worker: config.scaler.jobs_per_worker,
+        idle_grace: Duration::from_secs(config.scaler.idle_grace_secs),
+    };
+    let actuator = LocalProcesses::new(program, args);
+    let tick = Duration::from_millis(config.scaler.tick_ms.max(100));
+    let drain = Duration::from_secs(config.worker.drain_timeout_secs) + Duration::from_secs(5);
+    Ok(tokio::spawn(sparkle_scaler::run(queue, policy, actuator, tick, drain, shutdown)))
+}

@@ -1,0 +1,261 @@
+//! The service configuration: one struct, documented field by field, read from
+//! `sparkle.toml` < environment (`SPARKLE_*`, nested with `__`, e.g.
+//! `SPARKLE_SCALER__MAX_WORKERS=2`) < command-line flags. Unknown fields are refused.
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use sparkle_core::Limits;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// Self-signed TLS, loopback binds: for one machine and for development.
+    Dev,
+    /// Refuses to start with an insecure setting.
+    Production,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `dev` or `production`.
+    pub profile: Profile,
+    /// Where the database, images and generated certificates live.
+    pub data_dir: PathBuf,
+    /// The public HTTPS listener. Port 0 picks a free port (the chosen address is printed).
+    pub listen: SocketAddr,
+    /// The admin listener (metrics); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// The model directory (diffusers layout) the workers serve.
+    pub model: Option<PathBuf>,
+    pub tls: TlsConfig,
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+    pub scaler: ScalerConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. In the dev profile a self-signed one is made when unset.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Seconds a lease lasts without a heartbeat before the job is handed to another worker.
+    pub lease_timeout_secs: u64,
+    /// Leases a job gets before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Queued jobs beyond which new requests get 503 with `Retry-After`.
+    pub max_queued_jobs: u64,
+    /// Seconds the synchronous OpenAI route waits for its images.
+    pub sync_timeout_secs: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { lease_timeout_secs: 60, max_attempts: 3, max_queued_jobs: 10_000, sync_timeout_secs: 600 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Seconds between heartbeats while a job runs (progress is also sent as it happens).
+    pub heartbeat_secs: u64,
+    /// Most compatible jobs run as one batch.
+    pub max_batch: usize,
+    /// Seconds a stopping worker may spend finishing its batch before giving it back.
+    pub drain_timeout_secs: u64,
+    /// `auto` (CUDA when built with it and present), `cpu`, or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { heartbeat_secs: 5, max_batch: 1, drain_timeout_secs: 30, device: "auto".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalerConfig {
+    /// Workers kept running when idle; 0 scales to zero.
+    pub min_workers: u32,
+    /// Most local workers (one per GPU).
+    pub max_workers: u32,
+    /// Queued plus running jobs one worker should absorb before another starts.
+    pub jobs_per_worker: u32,
+    /// Seconds the queue must stay empty before idle workers stop.
+    pub idle_grace_secs: u64,
+    /// Milliseconds between scaling decisions.
+    pub tick_ms: u64,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        ScalerConfig { min_workers: 0, max_workers: 1, jobs_per_worker: 4, idle_grace_secs: 300, tick_ms: 1000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            profile: Profile::Dev,
+            data_dir: default_data_dir(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            model: None,
+            tls: TlsConfig::default(),
+            queue: QueueConfig::default(),
+            worker: WorkerConfig::default(),
+            scaler: ScalerConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("sparkle");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/sparkle"),
+        None => PathBuf::from("sparkle-data"),
+    }
+}
+
+/// Flags that override the file and the environment; `None` leaves a value alone.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+}
+
+impl Config {
+    /// Reads the configuration: defaults < `file` < `SPARKLE_*` environment < `flags`.
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("SPARKLE_").split("__"))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .context("invalid configuration")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.queue.lease_timeout_secs == 0 {
+            bail!("queue.lease_timeout_secs must be at least 1");
+        }
+        if self.worker.heartbeat_secs == 0 || self.worker.heartbeat_secs >= self.queue.lease_timeout_secs {
+            bail!(
+                "worker.heartbeat_secs ({}) must be at least 1 and shorter than queue.lease_timeout_secs ({})",
+                self.worker.heartbeat_secs,
+                self.queue.lease_timeout_secs
+            );
+        }
+        if self.worker.max_batch == 0 {
+            bail!("worker.max_batch must be at least 1");
+        }
+        if self.profile == Profile::Production && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+            bail!("the production profile needs tls.cert_file and tls.key_file; self-signed certificates are for the dev profile");
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            bail!("tls.cert_file and tls.key_file must be set together");
+        }
+        Ok(())
+    }
+
+    pub fn lease_timeout(&self) -> Duration {
+        Duration::from_secs(self.queue.lease_timeout_secs)
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("sparkle.db")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
+    /// Creates the data directory, owner-only.
+    pub fn prepare_data_dir(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create the data directory {}", self.data_dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot restrict {}", self.data_dir.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn model_dir(&self) -> anyhow::Result<&Path> {
+        self.model.as_deref().context(
+            "no model configured: pass --model DIR (a diffusers-layout checkpoint; `sparkle model tiny DIR` makes a small test model)",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1000\"\n[scaler]\nmax_workers = 3\n").expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SPARKLE_SCALER__MAX_WORKERS", "5");
+            let c = Config::load(Some(&file), &Overrides::default()).expect("load");
+            assert_eq!((c.listen.port(), c.scaler.max_workers), (1000, 5));
+            let flags = Overrides { listen: Some("127.0.0.1:2000".parse().expect("addr")), ..Default::default() };
+            let c = Config::load(Some(&file), &flags).expect("load");
+            assert_eq!(c.listen.port(), 2000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        std::fs::write(&file, "[scaler]\nmax_wrokers = 3\n").expect("write");
+        let err = Config::load(Some(&file), &Overrides::default()).expect_err("typo");
+        assert!(format!("{err:#}").contains("max_wrokers"), "{err:#}");
+        std::fs::write(&file, "[worker]\nheartbeat_secs = 90\n").expect("write");
+        let err = Config::load(Some(&file), &Overrides::default()).expect_err("heartbeat too slow");
+        assert!(format!("{err:#}").contains("heartbeat_secs"), "{err:#}");
+        std::fs::write(&file, "profile = \"production\"\n").expect("write");
+        let err = Config::load(Some(&file), &Overrides::default()).expect_err("production without certs");
+        assert!(format!("{err:#}").contains("tls.cert_file"), "{err:#}");
+    }
+}

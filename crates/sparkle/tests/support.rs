@@ -1,0 +1,294 @@
+//! A running `sparkle up` for tests: its own data directory, loopback port, tiny model and
+//! an HTTPS client that trusts exactly its self-signed certificate.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sparkle");
+
+/// The tiny model, written once per test run.
+pub fn tiny_model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sparkle-tiny-{}", std::process::id()));
+        let status = Command::new(BIN).args(["model", "tiny"]).arg(&dir).status().expect("run sparkle model tiny");
+        assert!(status.success(), "sparkle model tiny failed");
+        dir
+    })
+}
+
+pub struct Service {
+    child: Child,
+    data: tempfile::TempDir,
+    pub url: String,
+    pub admin_key: String,
+    client: reqwest::Client,
+}
+
+impl Service {
+    pub async fn start(env: &[(&str, &str)]) -> Service {
+        let data = tempfile::tempdir().expect("tempdir");
+        let (child, url, key) = spawn_up(data.path(), env);
+        let client = client_for(data.path());
+        let mut svc = Service { child, data, url, admin_key: key.expect("the first start prints an admin key"), client };
+        svc.wait_ready().await;
+        svc
+    }
+
+    /// Starts `sparkle up` again on the same data directory.
+    pub async fn restart(&mut self, env: &[(&str, &str)]) {
+        let (child, url, key) = spawn_up(self.data.path(), env);
+        assert!(key.is_none(), "the admin key is printed on the first start only");
+        self.child = child;
+        self.url = url;
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sparkle up never became ready; log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_exit(&mut self) {
+        let _ = self.child.wait();
+    }
+
+    /// Worker processes started by this service's scaler.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let parent = self.pid().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // pid (comm) state ppid …; comm may contain spaces, so split after the last ')'.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let fields: Vec<_> = rest.split_whitespace().collect();
+            if fields.get(1) == Some(&parent.as_str()) && fields.first() != Some(&"Z") {
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse() {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("test.log")).unwrap_or_default()
+    }
+
+    /// Rows in the jobs table, read straight from the database file.
+    pub fn job_count(&self) -> i64 {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg("import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from jobs').fetchone()[0])")
+            .arg(self.data.path().join("sparkle.db"))
+            .output()
+            .expect("python3 reads the database");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a count")
+    }
+
+    pub async fn create_key(&self, name: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["key", "create", "--name", name, "--data-dir"])
+            .arg(self.data.path())
+            .output()
+            .expect("sparkle key create");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub async fn post_json(&self, route: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
+        self.post_json_with(route, body, key.unwrap_or(""), &[]).await
+    }
+
+    pub async fn post_json_with(&self, route: &str, body: &Value, key: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = self.client.post(format!("{}{route}", self.url)).json(body);
+        if !key.is_empty() {
+            req = req.bearer_auth(key);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, route: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{route}", self.url))
+            .bearer_auth(key.unwrap_or_default())
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, route: &str, key: &str) -> (u16, Vec<u8>) {
+        let r = self.client.get(format!("{}{route}", self.url)).bearer_auth(key).send().await.expect("request");
+        (r.status().as_u16(), r.bytes().await.expect("body").to_vec())
+    }
+
+    pub async fn get_json(&self, route: &str, key: &str) -> Value {
+        let (status, body) = self.get(route, key).await;
+        assert_eq!(status, 200, "{route}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("json")
+    }
+
+    pub async fn delete(&self, route: &str, key: &str) -> (u16, Value) {
+        let r = self.client.delete(format!("{}{route}", self.url)).bearer_auth(key).send().await.expect("request");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the job until `done` holds (two minutes at most).
+    pub async fn wait_for(&self, id: &str, key: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let job = self.get_json(&format!("/v1/jobs/{id}"), key).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job never got there: {job}\nlog:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads the job's server-sent events until the stream ends.
+    pub async fn events(&self, id: &str, key: &str) -> Vec<(String, Value)> {
+        let mut r = self
+            .client
+            .get(format!("{}/v1/jobs/{id}/events", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let mut text = String::new();
+        let stream = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(chunk) = r.chunk().await.expect("chunk") {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        });
+        stream.await.expect("the event stream ends after the final event");
+        text.split("\n\n")
+            .filter_map(|block| {
+                let mut name = String::from("message");
+                let mut data = None;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = serde_json::from_str(v.trim()).ok();
+                    }
+                }
+                data.map(|d| (name, d))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- sparkle log ----\n{}", self.log());
+        }
+    }
+}
+
+pub fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args(["-s", signal, &pid.to_string()]).status();
+}
+
+fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>) {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("test.log")).expect("log file");
+    let mut child = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--model")
+        .arg(tiny_model())
+        .env("SPARKLE_QUEUE__LEASE_TIMEOUT_SECS", "10")
+        .env("SPARKLE_WORKER__HEARTBEAT_SECS", "1")
+        .env("SPARKLE_SCALER__TICK_MS", "200")
+        .env("SPARKLE_WORKER__DEVICE", "cpu")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sparkle up");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut key = None;
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("sparkle up prints its URL");
+        if let Some(k) = line.strip_prefix("Admin API key (shown once; only its hash is stored): ") {
+            key = Some(k.trim().to_string());
+        }
+        if let Some(url) = line.strip_prefix("Sparkle is up at ") {
+            return (child, url.trim().to_string(), key);
+        }
+    }
+}
+
+fn client_for(data: &Path) -> reqwest::Client {
+    let pem = std::fs::read(data.join("tls/cert.pem")).expect("the self-signed certificate");
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .timeout(Duration::from_secs(180))
+        .build()
+        .expect("client")
+}
+
+/// Width, height and the `parameters` text chunk of a PNG.
+pub fn png_info(bytes: &[u8]) -> (u32, u32, String) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().expect("a PNG");
+    let info = reader.info();
+    let text = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .or_else(|| {
+            info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok())
+        })
+        .unwrap_or_default();
+    (info.width, info.height, text)
+}
