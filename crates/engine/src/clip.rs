@@ -1,0 +1,120 @@
+//! CLIP's text encoder (transformers' `CLIPTextModel`), batched properly: the causal mask
+//! is shaped `[1, 1, seq, seq]` so it broadcasts over batch and heads alike.
+
+use crate::config::ClipConfig;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Attention {
+            q: linear(h, h, vb.pp("q_proj"))?,
+            k: linear(h, h, vb.pp("k_proj"))?,
+            v: linear(h, h, vb.pp("v_proj"))?,
+            out: linear(h, h, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = xs.dims3()?;
+        let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = split((self.q.forward(xs)? * scale)?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        self.out.forward(&out)
+    }
+}
+
+struct Layer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    quick_gelu: bool,
+}
+
+impl Layer {
+    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Layer {
+            norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(vb.pp("self_attn"), c)?,
+            norm2: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            quick_gelu: c.quick_gelu,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
+        let hidden = self.fc1.forward(&self.norm2.forward(&xs)?)?;
+        let hidden = if self.quick_gelu {
+            (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?
+        } else {
+            hidden.gelu_erf()?
+        };
+        xs + self.fc2.forward(&hidden)?
+    }
+}
+
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    pub fn new(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Layer::new(vb.pp(format!("encoder.layers.{i}")), c))
+            .collect::<Result<_>>()?;
+        Ok(ClipTextModel {
+            token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(c.max_position_embeddings, c.hidden_size, emb.pp("position_embedding"))?,
+            layers,
+            final_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+        })
+    }
+
+    /// `[batch, seq]` token ids → `[batch, seq, hidden]` last hidden state.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, xs.dtype(), ids.device())?;
+        let mut xs = xs;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_norm.forward(&xs)
+    }
+}
+
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (1, 1, seq, seq), device)?.to_dtype(dtype)
+}
+

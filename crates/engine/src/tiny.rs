@@ -1,0 +1,212 @@
+//! A tiny model with the real Stable Diffusion 1.5 architecture — CLIP text encoder, UNet
+//! with cross-attention, a VAE that scales by 8 — and deterministic random weights, in the
+//! diffusers layout. It exercises every code path of the pipeline in well under a second a
+//! step on a CPU; its images are noise-like, as random weights make them.
+
+use crate::clip::ClipTextModel;
+use crate::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::EngineError;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::{json, Value};
+use std::path::Path;
+
+const DIFFUSERS_VERSION: &str = "0.30.0";
+
+fn text_encoder_config() -> Value {
+    json!({
+        "_name_or_path": "sparkle-tiny",
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "projection_dim": 32,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "torch_dtype": "float32",
+    })
+}
+
+fn unet_config() -> Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": false,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "only_cross_attention": false,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 2,
+        "use_linear_projection": false,
+    })
+}
+
+fn vae_config() -> Value {
+    json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [32, 32, 32, 32],
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    })
+}
+
+fn scheduler_config() -> Value {
+    json!({
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "clip_sample": false,
+    })
+}
+
+fn model_index() -> Value {
+    json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [null, null],
+        "safety_checker": [null, null],
+        "requires_safety_checker": false,
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}
+
+fn write(path: &Path, contents: &[u8]) -> Result<(), EngineError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    }
+    std::fs::write(path, contents).map_err(|e| EngineError::io(path, e))
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), EngineError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+    write(path, text.as_bytes())
+}
+
+/// A stable 64-bit hash (FNV-1a), so a tensor's values depend only on the seed and its name.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Gives every variable deterministic values and saves them.
+fn fill_and_save(varmap: &VarMap, seed: u64, path: &Path) -> Result<(), EngineError> {
+    {
+        let vars = varmap.data().lock().map_err(|_| EngineError::InvalidModel("weights lock poisoned".into()))?;
+        for (name, var) in vars.iter() {
+            let dims = var.dims().to_vec();
+            let count: usize = dims.iter().product();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(name));
+            let mut normal = || -> f32 { StandardNormal.sample(&mut rng) };
+            let values: Vec<f32> = if dims.len() == 1 && name.ends_with("weight") {
+                (0..count).map(|_| 1.0 + 0.1 * normal()).collect()
+            } else if name.ends_with("bias") {
+                (0..count).map(|_| 0.02 * normal()).collect()
+            } else {
+                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+                let scale = 1.0 / (fan_in as f32).sqrt();
+                (0..count).map(|_| scale * normal()).collect()
+            };
+            var.set(&Tensor::from_vec(values, dims, &Device::Cpu)?)?;
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    }
+    varmap.save(path)?;
+    Ok(())
+}
+
+/// Writes the tiny model into `dir` (created if needed).
+pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
+    let cpu = Device::Cpu;
+    write_json(&dir.join("model_index.json"), &model_index())?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler_config())?;
+    write_json(&dir.join("text_encoder/config.json"), &text_encoder_config())?;
+    write_json(&dir.join("unet/config.json"), &unet_config())?;
+    write_json(&dir.join("vae/config.json"), &vae_config())?;
+
+    let (vocab, merges) = crate::vocab::diffusers_files()?;
+    write(&dir.join("tokenizer/vocab.json"), vocab.as_bytes())?;
+    write(&dir.join("tokenizer/merges.txt"), merges.as_bytes())?;
+    let special = json!({
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    });
+    write_json(&dir.join("tokenizer/special_tokens_map.json"), &special)?;
+    let mut tokenizer_config = special.clone();
+    tokenizer_config["model_max_length"] = json!(77);
+    tokenizer_config["tokenizer_class"] = json!("CLIPTokenizer");
+    tokenizer_config["do_lower_case"] = json!(true);
+    write_json(&dir.join("tokenizer/tokenizer_config.json"), &tokenizer_config)?;
+
+    let clip = ClipConfig::read(&dir.join("text_encoder"))?;
+    let varmap = VarMap::new();
+    ClipTextModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), &clip)?;
+    fill_and_save(&varmap, seed, &dir.join("text_encoder/model.safetensors"))?;
+
+    let unet = UNetConfig::read(&dir.join("unet"))?;
+    let varmap = VarMap::new();
+    UNet2DConditionModel::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &cpu),
+        unet.in_channels,
+        unet.out_channels,
+        false,
+        unet.candle,
+    )?;
+    fill_and_save(&varmap, seed, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+
+    let vae = VaeConfig::read(&dir.join("vae"))?;
+    let varmap = VarMap::new();
+    AutoEncoderKL::new(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), vae.in_channels, vae.out_channels, vae.candle)?;
+    fill_and_save(&varmap, seed, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! CLIP's byte-pair vocabulary. It ships (MIT, see `assets/LICENSE-open-clip.txt`) as the
+//! merge list `bpe_simple_vocab_16e6.txt.gz`; the token table follows from it the way CLIP
+//! builds it: the 256 byte symbols, the same with the end-of-word mark, one token per
+//! merge, then the start and end tokens.
+
+use crate::EngineError;
+use std::io::Read;
+
+const MERGES_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
+/// CLIP uses the first 49152 - 256 - 2 merges.
+const MERGE_COUNT: usize = 49152 - 256 - 2;
+
+/// The 256 printable characters that stand for the bytes 0..=255 in BPE symbols.
+pub fn byte_symbols() -> Vec<char> {
+    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut symbols = vec!['\0'; 256];
+    for &b in &printable {
+        symbols[b as usize] = char::from_u32(b).unwrap_or('?');
+    }
+    let mut extra = 0u32;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            symbols[b as usize] = char::from_u32(256 + extra).unwrap_or('?');
+            extra += 1;
+        }
+    }
+    printable.clear();
+    symbols
+}
+
+/// The merges, in rank order, as pairs of symbols.
+pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(MERGES_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| EngineError::InvalidModel(format!("bundled CLIP vocabulary: {e}")))?;
+    text.lines()
+        .skip(1)
+        .take(MERGE_COUNT)
+        .map(|line| {
+            line.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| EngineError::InvalidModel(format!("bundled CLIP vocabulary: bad merge line {line:?}")))
+        })
+        .collect()
+}
+
+/// The token table (index = token id), 49408 entries.
+pub fn tokens(merges: &[(String, String)]) -> Vec<String> {
+    let bytes = byte_symbols();
+    let mut tokens: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
+    tokens.extend(bytes.iter().map(|c| format!("{c}</w>")));
+    tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    tokens
+}
+
+/// diffusers' `tokenizer/vocab.json` and `tokenizer/merges.txt` contents.
+pub fn diffusers_files() -> Result<(String, String), EngineError> {
+    let merges = merges()?;
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens(&merges)
+        .into_iter()
+        .enumerate()
+        .map(|(id, token)| (token, serde_json::Value::from(id)))
+        .collect();
+    let vocab = serde_json::to_string(&vocab).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+    let mut merges_txt = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        merges_txt.push_str(a);
+        merges_txt.push(' ');
+        merges_txt.push_str(b);
+        merges_txt.push('\n');
+    }
+    Ok((vocab, merges_txt))
+}
