@@ -10,24 +10,30 @@ const MERGES_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz"
 /// CLIP uses the first 49152 - 256 - 2 merges.
 const MERGE_COUNT: usize = 49152 - 256 - 2;
 
-/// The 256 printable characters that stand for the bytes 0..=255 in BPE symbols.
+/// The 256 bytes in CLIP's order: the printable ones first, then the rest.
+fn byte_order() -> Vec<u8> {
+    let mut order: Vec<u8> = (0..=255u8).filter(|&b| printable(b)).collect();
+    order.extend((0..=255u8).filter(|&b| !printable(b)));
+    order
+}
+
+fn printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The printable character that stands for each byte (indexed by byte) in BPE symbols:
+/// printable bytes stand for themselves, the others for 256, 257, … in byte order.
 pub fn byte_symbols() -> Vec<char> {
-    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~'))
-        .chain(u32::from('¡')..=u32::from('¬'))
-        .chain(u32::from('®')..=u32::from('ÿ'))
-        .collect();
     let mut symbols = vec!['\0'; 256];
-    for &b in &printable {
-        symbols[b as usize] = char::from_u32(b).unwrap_or('?');
-    }
     let mut extra = 0u32;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            symbols[b as usize] = char::from_u32(256 + extra).unwrap_or('?');
+    for b in byte_order() {
+        symbols[b as usize] = if printable(b) {
+            char::from(b)
+        } else {
             extra += 1;
-        }
+            char::from_u32(255 + extra).unwrap_or('?')
+        };
     }
-    printable.clear();
     symbols
 }
 
@@ -50,9 +56,10 @@ pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
 
 /// The token table (index = token id), 49408 entries.
 pub fn tokens(merges: &[(String, String)]) -> Vec<String> {
-    let bytes = byte_symbols();
-    let mut tokens: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
-    tokens.extend(bytes.iter().map(|c| format!("{c}</w>")));
+    let symbols = byte_symbols();
+    let ordered: Vec<char> = byte_order().into_iter().map(|b| symbols[b as usize]).collect();
+    let mut tokens: Vec<String> = ordered.iter().map(|c| c.to_string()).collect();
+    tokens.extend(ordered.iter().map(|c| format!("{c}</w>")));
     tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
     tokens.push("<|startoftext|>".into());
     tokens.push("<|endoftext|>".into());
