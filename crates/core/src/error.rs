@@ -106,9 +106,18 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         use ErrorCode::*;
         match self {
-            InvalidJson | InvalidPrompt | PromptTooLong | InvalidSize | InvalidSteps | InvalidN
-            | InvalidGuidanceScale | InvalidSeed | UnknownModel | UnknownScheduler
-            | InvalidResponseFormat | InvalidIdempotencyKey => 400,
+            InvalidJson
+            | InvalidPrompt
+            | PromptTooLong
+            | InvalidSize
+            | InvalidSteps
+            | InvalidN
+            | InvalidGuidanceScale
+            | InvalidSeed
+            | UnknownModel
+            | UnknownScheduler
+            | InvalidResponseFormat
+            | InvalidIdempotencyKey => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope => 403,
             JobNotFound | ImageNotFound | NotFound => 404,

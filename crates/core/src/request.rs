@@ -107,6 +107,14 @@ pub struct ValidImageRequest {
 }
 
 impl ImageRequest {
+    /// A digest of exactly what the client asked for, before defaults and random seeds are
+    /// filled in: two submissions under one idempotency key must have the same fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(&canonical))
+    }
+
     /// Checks every field against `limits` and `catalog`. A missing seed is drawn from
     /// `random_seed`, so this function stays free of randomness and easy to test.
     pub fn validate(
@@ -123,8 +131,11 @@ impl ImageRequest {
                 "prompt must not be empty",
             ));
         }
-        let negative_prompt =
-            check_prompt("negative_prompt", self.negative_prompt.as_deref().unwrap_or(""), limits)?;
+        let negative_prompt = check_prompt(
+            "negative_prompt",
+            self.negative_prompt.as_deref().unwrap_or(""),
+            limits,
+        )?;
 
         let model = catalog.find(self.model.as_deref()).ok_or_else(|| {
             let known: Vec<_> = catalog.models.iter().map(|m| m.name.as_str()).collect();
@@ -134,7 +145,11 @@ impl ImageRequest {
                 format!(
                     "model {:?} is not served here; available: {}",
                     self.model.as_deref().unwrap_or(""),
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             )
         })?;
@@ -157,7 +172,9 @@ impl ImageRequest {
         }
 
         let guidance_scale = self.guidance_scale.unwrap_or(model.default_guidance_scale);
-        if !guidance_scale.is_finite() || !(0.0..=limits.max_guidance_scale).contains(&guidance_scale) {
+        if !guidance_scale.is_finite()
+            || !(0.0..=limits.max_guidance_scale).contains(&guidance_scale)
+        {
             return Err(RequestError::new(
                 ErrorCode::InvalidGuidanceScale,
                 Some("guidance_scale"),
@@ -231,7 +248,10 @@ fn check_prompt(field: &'static str, text: &str, limits: &Limits) -> Result<Stri
             ),
         ));
     }
-    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(RequestError::new(
             ErrorCode::InvalidPrompt,
             Some(field),
@@ -331,7 +351,10 @@ mod tests {
     fn defaults_come_from_the_model() {
         let v = check(req("  a corgi  ")).expect("valid");
         assert_eq!(v.prompt, "a corgi");
-        assert_eq!((v.width, v.height, v.steps, v.seed, v.n), (512, 512, 20, 42, 1));
+        assert_eq!(
+            (v.width, v.height, v.steps, v.seed, v.n),
+            (512, 512, 20, 42, 1)
+        );
         assert_eq!(v.model, "tiny");
         assert_eq!(v.scheduler, Scheduler::Euler);
     }
@@ -340,38 +363,146 @@ mod tests {
     fn each_bad_field_names_itself_the_limit_and_the_value() {
         let cases: Vec<(ImageRequest, ErrorCode, &str, &str)> = vec![
             (req("   "), ErrorCode::InvalidPrompt, "prompt", "empty"),
-            (req(&"x".repeat(2001)), ErrorCode::PromptTooLong, "prompt", "2001"),
-            (ImageRequest { negative_prompt: Some("y".repeat(3000)), ..req("a") }, ErrorCode::PromptTooLong, "negative_prompt", "2000"),
-            (ImageRequest { size: Some("500x512".into()), ..req("a") }, ErrorCode::InvalidSize, "size", "500x512"),
-            (ImageRequest { size: Some("4096x512".into()), ..req("a") }, ErrorCode::InvalidSize, "size", "2048"),
-            (ImageRequest { size: Some("big".into()), ..req("a") }, ErrorCode::InvalidSize, "size", "big"),
-            (ImageRequest { steps: Some(0), ..req("a") }, ErrorCode::InvalidSteps, "steps", "got 0"),
-            (ImageRequest { steps: Some(151), ..req("a") }, ErrorCode::InvalidSteps, "steps", "150"),
-            (ImageRequest { n: Some(9), ..req("a") }, ErrorCode::InvalidN, "n", "got 9"),
-            (ImageRequest { guidance_scale: Some(f32::NAN), ..req("a") }, ErrorCode::InvalidGuidanceScale, "guidance_scale", "NaN"),
-            (ImageRequest { seed: Some(1 << 40), ..req("a") }, ErrorCode::InvalidSeed, "seed", "1099511627776"),
-            (ImageRequest { model: Some("sdxl".into()), ..req("a") }, ErrorCode::UnknownModel, "model", "tiny"),
-            (ImageRequest { scheduler: Some("plms".into()), ..req("a") }, ErrorCode::UnknownScheduler, "scheduler", "plms"),
+            (
+                req(&"x".repeat(2001)),
+                ErrorCode::PromptTooLong,
+                "prompt",
+                "2001",
+            ),
+            (
+                ImageRequest {
+                    negative_prompt: Some("y".repeat(3000)),
+                    ..req("a")
+                },
+                ErrorCode::PromptTooLong,
+                "negative_prompt",
+                "2000",
+            ),
+            (
+                ImageRequest {
+                    size: Some("500x512".into()),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSize,
+                "size",
+                "500x512",
+            ),
+            (
+                ImageRequest {
+                    size: Some("4096x512".into()),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSize,
+                "size",
+                "2048",
+            ),
+            (
+                ImageRequest {
+                    size: Some("big".into()),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSize,
+                "size",
+                "big",
+            ),
+            (
+                ImageRequest {
+                    steps: Some(0),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSteps,
+                "steps",
+                "got 0",
+            ),
+            (
+                ImageRequest {
+                    steps: Some(151),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSteps,
+                "steps",
+                "150",
+            ),
+            (
+                ImageRequest {
+                    n: Some(9),
+                    ..req("a")
+                },
+                ErrorCode::InvalidN,
+                "n",
+                "got 9",
+            ),
+            (
+                ImageRequest {
+                    guidance_scale: Some(f32::NAN),
+                    ..req("a")
+                },
+                ErrorCode::InvalidGuidanceScale,
+                "guidance_scale",
+                "NaN",
+            ),
+            (
+                ImageRequest {
+                    seed: Some(1 << 40),
+                    ..req("a")
+                },
+                ErrorCode::InvalidSeed,
+                "seed",
+                "1099511627776",
+            ),
+            (
+                ImageRequest {
+                    model: Some("sdxl".into()),
+                    ..req("a")
+                },
+                ErrorCode::UnknownModel,
+                "model",
+                "tiny",
+            ),
+            (
+                ImageRequest {
+                    scheduler: Some("plms".into()),
+                    ..req("a")
+                },
+                ErrorCode::UnknownScheduler,
+                "scheduler",
+                "plms",
+            ),
         ];
         for (r, code, field, mention) in cases {
             let err = check(r).expect_err("must be refused");
             assert_eq!(err.code, code, "{err}");
             assert_eq!(err.param, Some(field), "{err}");
             assert!(err.message.contains(field) || field == "prompt", "{err}");
-            assert!(err.message.contains(mention), "{err} should mention {mention}");
+            assert!(
+                err.message.contains(mention),
+                "{err} should mention {mention}"
+            );
         }
     }
 
     #[test]
     fn seeds_leave_room_for_every_image() {
-        let v = check(ImageRequest { n: Some(4), seed: Some(7), ..req("a") }).expect("valid");
+        let v = check(ImageRequest {
+            n: Some(4),
+            seed: Some(7),
+            ..req("a")
+        })
+        .expect("valid");
         assert_eq!((v.seed_of(0), v.seed_of(3)), (7, 10));
-        let err = check(ImageRequest { n: Some(2), seed: Some(u32::MAX as u64), ..req("a") })
-            .expect_err("no room");
+        let err = check(ImageRequest {
+            n: Some(2),
+            seed: Some(u32::MAX as u64),
+            ..req("a")
+        })
+        .expect_err("no room");
         assert_eq!(err.code, ErrorCode::InvalidSeed);
-        let v = ImageRequest { n: Some(3), ..req("a") }
-            .validate(&Limits::default(), &catalog(), || u32::MAX)
-            .expect("drawn seed is clamped");
+        let v = ImageRequest {
+            n: Some(3),
+            ..req("a")
+        }
+        .validate(&Limits::default(), &catalog(), || u32::MAX)
+        .expect("drawn seed is clamped");
         assert_eq!(v.seed_of(2), u32::MAX);
     }
 

@@ -58,7 +58,10 @@ impl FromStr for Scheduler {
             .find(|k| k.as_str() == wanted || k.display_name().to_ascii_lowercase() == wanted)
             .ok_or_else(|| {
                 let names: Vec<_> = Scheduler::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown scheduler {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown scheduler {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }

@@ -29,7 +29,11 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
-        let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let split = |t: Tensor| {
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = split((self.q.forward(xs)? * scale)?)?;
         let k = split(self.k.forward(xs)?)?;
@@ -91,7 +95,11 @@ impl ClipTextModel {
             .collect::<Result<_>>()?;
         Ok(ClipTextModel {
             token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
-            position_embedding: embedding(c.max_position_embeddings, c.hidden_size, emb.pp("position_embedding"))?,
+            position_embedding: embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
             layers,
             final_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
         })
@@ -101,7 +109,10 @@ impl ClipTextModel {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), ids.device())?;
         let mut xs = xs;
         for layer in &self.layers {
@@ -117,4 +128,3 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(values, (1, 1, seq, seq), device)?.to_dtype(dtype)
 }
-

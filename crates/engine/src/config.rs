@@ -3,7 +3,9 @@
 //! an error that names the file and the field.
 
 use crate::EngineError;
-use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModelConfig,
+};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -37,46 +39,70 @@ impl JsonFile {
     }
 
     pub fn usize_or(&self, field: &str, default: usize) -> Result<usize, EngineError> {
-        if self.get(field).is_none() { Ok(default) } else { self.usize(field) }
+        if self.get(field).is_none() {
+            Ok(default)
+        } else {
+            self.usize(field)
+        }
     }
 
     pub fn f64_or(&self, field: &str, default: f64) -> Result<f64, EngineError> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.missing(field, "is not a number")),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.missing(field, "is not a number")),
         }
     }
 
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool, EngineError> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.missing(field, "is not true or false")),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.missing(field, "is not true or false")),
         }
     }
 
     pub fn str_or<'a>(&'a self, field: &str, default: &'a str) -> Result<&'a str, EngineError> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| self.missing(field, "is not a string")),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.missing(field, "is not a string")),
         }
     }
 
     pub fn usize_list(&self, field: &str) -> Result<Vec<usize>, EngineError> {
         self.get(field)
             .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(|v| v.as_u64().map(|v| v as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_u64().map(|v| v as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| self.missing(field, "is missing or not a list of whole numbers"))
     }
 
     /// A field that is either one number for every block or one per block.
-    fn per_block(&self, field: &str, blocks: usize, default: usize) -> Result<Vec<usize>, EngineError> {
+    fn per_block(
+        &self,
+        field: &str,
+        blocks: usize,
+        default: usize,
+    ) -> Result<Vec<usize>, EngineError> {
         match self.get(field) {
             None => Ok(vec![default; blocks]),
-            Some(Value::Number(n)) => Ok(vec![n.as_u64().unwrap_or(default as u64) as usize; blocks]),
+            Some(Value::Number(n)) => {
+                Ok(vec![n.as_u64().unwrap_or(default as u64) as usize; blocks])
+            }
             Some(_) => {
                 let list = self.usize_list(field)?;
                 if list.len() != blocks {
-                    return Err(self.missing(field, &format!("has {} entries for {blocks} blocks", list.len())));
+                    return Err(self.missing(
+                        field,
+                        &format!("has {} entries for {blocks} blocks", list.len()),
+                    ));
                 }
                 Ok(list)
             }
@@ -111,7 +137,12 @@ impl ClipConfig {
             quick_gelu: match act {
                 "quick_gelu" => true,
                 "gelu" => false,
-                other => return Err(f.missing("hidden_act", &format!("is {other:?}, not quick_gelu or gelu"))),
+                other => {
+                    return Err(f.missing(
+                        "hidden_act",
+                        &format!("is {other:?}, not quick_gelu or gelu"),
+                    ))
+                }
             },
             layer_norm_eps: f.f64_or("layer_norm_eps", 1e-5)?,
         })
@@ -132,11 +163,17 @@ impl UNetConfig {
         let channels = f.usize_list("block_out_channels")?;
         let n = channels.len();
         let down: Vec<String> = match f.get("down_block_types").and_then(Value::as_array) {
-            Some(list) => list.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect(),
+            Some(list) => list
+                .iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect(),
             None => return Err(f.missing("down_block_types", "is missing")),
         };
         if down.len() != n {
-            return Err(f.missing("down_block_types", &format!("has {} entries for {n} blocks", down.len())));
+            return Err(f.missing(
+                "down_block_types",
+                &format!("has {} entries for {n} blocks", down.len()),
+            ));
         }
         if f.get("addition_embed_type").is_some() {
             return Err(EngineError::InvalidModel(format!(
@@ -236,12 +273,22 @@ impl ScheduleConfig {
             scaled_linear: match f.str_or("beta_schedule", "scaled_linear")? {
                 "scaled_linear" => true,
                 "linear" => false,
-                other => return Err(f.missing("beta_schedule", &format!("is {other:?}, not linear or scaled_linear"))),
+                other => {
+                    return Err(f.missing(
+                        "beta_schedule",
+                        &format!("is {other:?}, not linear or scaled_linear"),
+                    ))
+                }
             },
             prediction: match f.str_or("prediction_type", "epsilon")? {
                 "epsilon" => Prediction::Epsilon,
                 "v_prediction" => Prediction::VPrediction,
-                other => return Err(f.missing("prediction_type", &format!("is {other:?}, not epsilon or v_prediction"))),
+                other => {
+                    return Err(f.missing(
+                        "prediction_type",
+                        &format!("is {other:?}, not epsilon or v_prediction"),
+                    ))
+                }
             },
             steps_offset: f.usize_or("steps_offset", 1)?,
             set_alpha_to_one: f.bool_or("set_alpha_to_one", false)?,

@@ -76,7 +76,9 @@ pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
     let mut bytes = 0;
     for part in ["text_encoder", "unet", "vae"] {
         let file = weights::weight_file(&dir.join(part))?;
-        bytes += std::fs::metadata(&file).map_err(|e| EngineError::io(&file, e))?.len();
+        bytes += std::fs::metadata(&file)
+            .map_err(|e| EngineError::io(&file, e))?
+            .len();
     }
     Ok(ModelDescription {
         name: pipeline::model_name(dir),

@@ -86,7 +86,11 @@ fn pick_device(choice: DeviceChoice) -> Result<Device, EngineError> {
 impl Engine {
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
         let device = pick_device(options.device)?;
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::F16
+        };
         let tokenizer = Tokenizer::load(&dir.join("tokenizer"))?;
 
         let clip_config = ClipConfig::read(&dir.join("text_encoder"))?;
@@ -111,7 +115,12 @@ impl Engine {
         let file = weight_file(&dir.join("vae"))?;
         let vb = mmap(&file, dtype, &device)?;
         let vae = build(&file, || {
-            AutoEncoderKL::new(vb, vae_config.in_channels, vae_config.out_channels, vae_config.candle.clone())
+            AutoEncoderKL::new(
+                vb,
+                vae_config.in_channels,
+                vae_config.out_channels,
+                vae_config.candle.clone(),
+            )
         })?;
 
         if clip_config.hidden_size != unet_config.candle.cross_attention_dim {
@@ -159,39 +168,60 @@ impl Engine {
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         let scale = self.vae_scale as u32;
         if batch.items.is_empty() {
-            return Err(EngineError::InvalidRequest("a batch needs at least one image".into()));
+            return Err(EngineError::InvalidRequest(
+                "a batch needs at least one image".into(),
+            ));
         }
-        if batch.width % scale != 0 || batch.height % scale != 0 || batch.width == 0 || batch.height == 0 {
+        if batch.width % scale != 0
+            || batch.height % scale != 0
+            || batch.width == 0
+            || batch.height == 0
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "size {}x{} must be a non-zero multiple of {scale}",
                 batch.width, batch.height
             )));
         }
         if batch.steps == 0 {
-            return Err(EngineError::InvalidRequest("steps must be at least 1".into()));
+            return Err(EngineError::InvalidRequest(
+                "steps must be at least 1".into(),
+            ));
         }
         let n = batch.items.len();
         let guided = batch.guidance_scale > 1.0;
         let embeddings = self.encode_prompts(batch, guided)?;
-        let (lh, lw) = ((batch.height / scale) as usize, (batch.width / scale) as usize);
+        let (lh, lw) = (
+            (batch.height / scale) as usize,
+            (batch.width / scale) as usize,
+        );
         let shape = (self.latent_channels, lh, lw);
 
         let mut sampler = sampler(batch.scheduler, &self.schedule, batch.steps as usize);
         let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = batch
             .items
             .iter()
-            .map(|item| (ChaCha8Rng::seed_from_u64(item.seed), ChaCha8Rng::seed_from_u64(item.seed ^ 0x5eed_a5ce_0000_0001)))
+            .map(|item| {
+                (
+                    ChaCha8Rng::seed_from_u64(item.seed),
+                    ChaCha8Rng::seed_from_u64(item.seed ^ 0x5eed_a5ce_0000_0001),
+                )
+            })
             .collect();
         let initial: Vec<Tensor> = rngs
             .iter_mut()
             .map(|(rng, _)| normal(rng, shape, &self.device))
             .collect::<Result<_, _>>()?;
-        let mut latents = (Tensor::stack(&initial, 0)? * sampler.init_noise_sigma())?.to_dtype(self.dtype)?;
+        let mut latents =
+            (Tensor::stack(&initial, 0)? * sampler.init_noise_sigma())?.to_dtype(self.dtype)?;
 
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len() as u32;
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = sampler.scale_model_input(input, i)?;
             let output = self.unet.forward(&input, t, &embeddings)?;
             let output = if guided {
@@ -210,7 +240,12 @@ impl Engine {
                 Tensor::stack(&fresh, 0)?.to_dtype(self.dtype)
             };
             latents = sampler.step(&output, i, &latents, &mut noise)?;
-            if on_step(StepProgress { step: i as u32 + 1, total }).is_break() {
+            if on_step(StepProgress {
+                step: i as u32 + 1,
+                total,
+            })
+            .is_break()
+            {
                 return Err(EngineError::Cancelled);
             }
         }
@@ -224,19 +259,39 @@ impl Engine {
             texts.extend(batch.items.iter().map(|i| i.negative_prompt.as_str()));
         }
         texts.extend(batch.items.iter().map(|i| i.prompt.as_str()));
-        let ids: Vec<u32> = texts.iter().flat_map(|t| self.tokenizer.encode_padded(t)).collect();
-        let ids = Tensor::from_vec(ids, (texts.len(), crate::tokenizer::MAX_TOKENS), &self.device)?;
+        let ids: Vec<u32> = texts
+            .iter()
+            .flat_map(|t| self.tokenizer.encode_padded(t))
+            .collect();
+        let ids = Tensor::from_vec(
+            ids,
+            (texts.len(), crate::tokenizer::MAX_TOKENS),
+            &self.device,
+        )?;
         Ok(self.text_encoder.forward(&ids)?)
     }
 
-    fn decode(&self, latents: &Tensor, width: u32, height: u32) -> Result<Vec<GeneratedImage>, EngineError> {
+    fn decode(
+        &self,
+        latents: &Tensor,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
         let images = self.vae.decode(&(latents / self.scaling_factor)?)?;
         let images = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        let images = (images * 255.0)?.round()?.to_dtype(DType::U8)?.permute((0, 2, 3, 1))?.to_device(&Device::Cpu)?;
+        let images = (images * 255.0)?
+            .round()?
+            .to_dtype(DType::U8)?
+            .permute((0, 2, 3, 1))?
+            .to_device(&Device::Cpu)?;
         let n = images.dim(0)?;
         (0..n)
             .map(|i| {
-                Ok(GeneratedImage { width, height, rgb: images.i(i)?.flatten_all()?.to_vec1::<u8>()? })
+                Ok(GeneratedImage {
+                    width,
+                    height,
+                    rgb: images.i(i)?.flatten_all()?.to_vec1::<u8>()?,
+                })
             })
             .collect()
     }
@@ -244,14 +299,20 @@ impl Engine {
 
 /// Standard normal noise from a seeded stream, made on the CPU so that an image depends
 /// only on its seed, not on the device or the rest of the batch.
-fn normal(rng: &mut ChaCha8Rng, shape: (usize, usize, usize), device: &Device) -> Result<Tensor, EngineError> {
+fn normal(
+    rng: &mut ChaCha8Rng,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor, EngineError> {
     let count = shape.0 * shape.1 * shape.2;
     let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
 }
 
 pub(crate) fn model_name(dir: &Path) -> String {
-    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 pub(crate) fn architecture(schedule: &ScheduleConfig, cross_attention_dim: usize) -> Architecture {

@@ -34,7 +34,9 @@ mod tests {
     use super::*;
 
     fn text_of(bytes: &[u8]) -> String {
-        let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("png");
+        let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .expect("png");
         let info = reader.info();
         info.uncompressed_latin1_text
             .iter()
@@ -46,12 +48,20 @@ mod tests {
 
     #[test]
     fn parameters_survive_in_latin1_and_unicode() {
-        let image = GeneratedImage { width: 2, height: 1, rgb: vec![0, 10, 20, 30, 40, 50] };
+        let image = GeneratedImage {
+            width: 2,
+            height: 1,
+            rgb: vec![0, 10, 20, 30, 40, 50],
+        };
         let latin = encode_png(&image, "a café\nSteps: 1").expect("encode");
         assert_eq!(text_of(&latin), "a café\nSteps: 1");
         let wide = encode_png(&image, "柴犬, style of monet").expect("encode");
         assert_eq!(text_of(&wide), "柴犬, style of monet");
-        let bad = GeneratedImage { width: 3, height: 3, rgb: vec![0; 4] };
+        let bad = GeneratedImage {
+            width: 3,
+            height: 3,
+            rgb: vec![0; 4],
+        };
         assert!(encode_png(&bad, "x").is_err());
     }
 }

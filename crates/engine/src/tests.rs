@@ -1,6 +1,8 @@
 //! End-to-end engine tests on the tiny model.
 
-use crate::{write_tiny_model, Batch, BatchItem, Engine, EngineError, EngineOptions, GeneratedImage};
+use crate::{
+    write_tiny_model, Batch, BatchItem, Engine, EngineError, EngineOptions, GeneratedImage,
+};
 use sparkle_core::Scheduler;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -17,7 +19,16 @@ fn tiny_dir() -> &'static PathBuf {
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| Engine::load(tiny_dir(), &EngineOptions { device: crate::DeviceChoice::Cpu, ..Default::default() }).expect("load"))
+    ENGINE.get_or_init(|| {
+        Engine::load(
+            tiny_dir(),
+            &EngineOptions {
+                device: crate::DeviceChoice::Cpu,
+                ..Default::default()
+            },
+        )
+        .expect("load")
+    })
 }
 
 fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
@@ -29,17 +40,28 @@ fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
         scheduler,
         items: items
             .iter()
-            .map(|(p, s)| BatchItem { prompt: p.to_string(), negative_prompt: "blurry".into(), seed: *s })
+            .map(|(p, s)| BatchItem {
+                prompt: p.to_string(),
+                negative_prompt: "blurry".into(),
+                seed: *s,
+            })
             .collect(),
     }
 }
 
 fn run(b: &Batch) -> Vec<GeneratedImage> {
-    engine().generate(b, &mut |_| ControlFlow::Continue(())).expect("generate")
+    engine()
+        .generate(b, &mut |_| ControlFlow::Continue(()))
+        .expect("generate")
 }
 
 fn diff(a: &GeneratedImage, b: &GeneratedImage) -> (u8, f64) {
-    let d: Vec<u8> = a.rgb.iter().zip(&b.rgb).map(|(x, y)| x.abs_diff(*y)).collect();
+    let d: Vec<u8> = a
+        .rgb
+        .iter()
+        .zip(&b.rgb)
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
     let mean = d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len().max(1) as f64;
     (d.iter().copied().max().unwrap_or(0), mean)
 }
@@ -51,8 +73,15 @@ fn every_scheduler_makes_a_deterministic_non_constant_image() {
         let first = run(&b);
         assert_eq!(first.len(), 1);
         let img = &first[0];
-        assert_eq!((img.width, img.height, img.rgb.len()), (64, 48, 64 * 48 * 3), "{scheduler}");
-        let (lo, hi) = img.rgb.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        assert_eq!(
+            (img.width, img.height, img.rgb.len()),
+            (64, 48, 64 * 48 * 3),
+            "{scheduler}"
+        );
+        let (lo, hi) = img
+            .rgb
+            .iter()
+            .fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         assert!(hi > lo + 10, "{scheduler}: the image is flat ({lo}..{hi})");
         assert_eq!(run(&b)[0], *img, "{scheduler}: same seed, same image");
         let other = run(&batch(scheduler, &[("a corgi, style of monet", 8)]));
@@ -62,7 +91,11 @@ fn every_scheduler_makes_a_deterministic_non_constant_image() {
 
 #[test]
 fn each_image_of_a_batch_equals_its_solo_run() {
-    let items = [("a red fox", 1), ("a lighthouse at night", 2), ("a red fox", 3)];
+    let items = [
+        ("a red fox", 1),
+        ("a lighthouse at night", 2),
+        ("a red fox", 3),
+    ];
     for scheduler in [Scheduler::Euler, Scheduler::EulerA] {
         let together = run(&batch(scheduler, &items));
         assert_eq!(together.len(), 3);
@@ -71,7 +104,10 @@ fn each_image_of_a_batch_equals_its_solo_run() {
             // Batched matrix products sum in another order: a few float ulps, which can move
             // a pixel by a level or two after 8-bit rounding; a mixed-up item would move it by tens.
             let (max, mean) = diff(&together[i], &solo[0]);
-            assert!(max <= 4 && mean < 1.0, "{scheduler} item {i}: max {max}, mean {mean}");
+            assert!(
+                max <= 4 && mean < 1.0,
+                "{scheduler} item {i}: max {max}, mean {mean}"
+            );
         }
     }
 }
@@ -100,20 +136,33 @@ fn progress_is_reported_and_break_cancels() {
 fn sizes_the_vae_cannot_decode_are_refused() {
     let mut b = batch(Scheduler::Euler, &[("x", 1)]);
     b.width = 60;
-    assert!(matches!(engine().generate(&b, &mut |_| ControlFlow::Continue(())), Err(EngineError::InvalidRequest(_))));
+    assert!(matches!(
+        engine().generate(&b, &mut |_| ControlFlow::Continue(())),
+        Err(EngineError::InvalidRequest(_))
+    ));
 }
 
 #[test]
 fn tiny_models_are_byte_identical_for_a_seed() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_tiny_model(dir.path(), 0).expect("write");
-    for file in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.json"] {
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+    ] {
         let a = std::fs::read(dir.path().join(file)).expect("read");
         let b = std::fs::read(tiny_dir().join(file)).expect("read");
-        assert!(a == b, "{file} differs between two writes with the same seed");
+        assert!(
+            a == b,
+            "{file} differs between two writes with the same seed"
+        );
     }
     let described = crate::describe(dir.path()).expect("describe");
-    assert_eq!((described.native_size, described.architecture), (512, crate::Architecture::Sd15));
+    assert_eq!(
+        (described.native_size, described.architecture),
+        (512, crate::Architecture::Sd15)
+    );
 }
 
 #[test]
@@ -126,18 +175,30 @@ fn a_missing_or_misshapen_tensor_is_named() {
     let victim = "conv_in.weight";
     let original = tensors.remove(victim).expect("present");
     save(&tensors, &file).expect("save");
-    let cpu = EngineOptions { device: crate::DeviceChoice::Cpu, ..Default::default() };
-    let err = Engine::load(dir.path(), &cpu).err().expect("missing tensor refused").to_string();
+    let cpu = EngineOptions {
+        device: crate::DeviceChoice::Cpu,
+        ..Default::default()
+    };
+    let err = Engine::load(dir.path(), &cpu)
+        .err()
+        .expect("missing tensor refused")
+        .to_string();
     assert!(err.contains(victim) && err.contains("unet"), "{err}");
 
     let wrong = original.narrow(0, 0, 3).expect("narrow");
     tensors.insert(victim.to_string(), wrong);
     save(&tensors, &file).expect("save");
-    let err = Engine::load(dir.path(), &cpu).err().expect("misshapen tensor refused").to_string();
+    let err = Engine::load(dir.path(), &cpu)
+        .err()
+        .expect("misshapen tensor refused")
+        .to_string();
     assert!(err.contains("unet") && err.contains("shape"), "{err}");
 
     std::fs::remove_file(dir.path().join("vae/config.json")).expect("remove");
-    let err = crate::describe(dir.path()).err().expect("no config").to_string();
+    let err = crate::describe(dir.path())
+        .err()
+        .expect("no config")
+        .to_string();
     assert!(err.contains("vae/config.json"), "{err}");
 }
 
@@ -148,5 +209,12 @@ fn time_one_512_image() {
     (b.width, b.height, b.steps) = (512, 512, 20);
     let started = std::time::Instant::now();
     run(&b);
-    eprintln!("512x512, 20 Euler steps, tiny model, CPU: {:.2?}", started.elapsed());
+    let twenty = started.elapsed();
+    b.steps = 1;
+    let started = std::time::Instant::now();
+    run(&b);
+    eprintln!(
+        "512x512, tiny model, CPU: 20 Euler steps {twenty:.2?}; 1 step {:.2?}",
+        started.elapsed()
+    );
 }

@@ -52,9 +52,9 @@ fn unet_config() -> Value {
         "center_input_sample": false,
         "flip_sin_to_cos": true,
         "freq_shift": 0,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
         "only_cross_attention": false,
         "block_out_channels": [32, 64],
         "layers_per_block": 2,
@@ -126,19 +126,25 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), EngineError> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), EngineError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| EngineError::InvalidModel(e.to_string()))?;
     write(path, text.as_bytes())
 }
 
 /// A stable 64-bit hash (FNV-1a), so a tensor's values depend only on the seed and its name.
 fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Gives every variable deterministic values and saves them.
 fn fill_and_save(varmap: &VarMap, seed: u64, path: &Path) -> Result<(), EngineError> {
     {
-        let vars = varmap.data().lock().map_err(|_| EngineError::InvalidModel("weights lock poisoned".into()))?;
+        let vars = varmap
+            .data()
+            .lock()
+            .map_err(|_| EngineError::InvalidModel("weights lock poisoned".into()))?;
         for (name, var) in vars.iter() {
             let dims = var.dims().to_vec();
             let count: usize = dims.iter().product();
@@ -167,8 +173,14 @@ fn fill_and_save(varmap: &VarMap, seed: u64, path: &Path) -> Result<(), EngineEr
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
     let cpu = Device::Cpu;
     write_json(&dir.join("model_index.json"), &model_index())?;
-    write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler_config())?;
-    write_json(&dir.join("text_encoder/config.json"), &text_encoder_config())?;
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &scheduler_config(),
+    )?;
+    write_json(
+        &dir.join("text_encoder/config.json"),
+        &text_encoder_config(),
+    )?;
     write_json(&dir.join("unet/config.json"), &unet_config())?;
     write_json(&dir.join("vae/config.json"), &vae_config())?;
 
@@ -186,7 +198,10 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
     tokenizer_config["model_max_length"] = json!(77);
     tokenizer_config["tokenizer_class"] = json!("CLIPTokenizer");
     tokenizer_config["do_lower_case"] = json!(true);
-    write_json(&dir.join("tokenizer/tokenizer_config.json"), &tokenizer_config)?;
+    write_json(
+        &dir.join("tokenizer/tokenizer_config.json"),
+        &tokenizer_config,
+    )?;
 
     let clip = ClipConfig::read(&dir.join("text_encoder"))?;
     let varmap = VarMap::new();
@@ -202,11 +217,24 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
         false,
         unet.candle,
     )?;
-    fill_and_save(&varmap, seed, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+    fill_and_save(
+        &varmap,
+        seed,
+        &dir.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
 
     let vae = VaeConfig::read(&dir.join("vae"))?;
     let varmap = VarMap::new();
-    AutoEncoderKL::new(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), vae.in_channels, vae.out_channels, vae.candle)?;
-    fill_and_save(&varmap, seed, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
+    AutoEncoderKL::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &cpu),
+        vae.in_channels,
+        vae.out_channels,
+        vae.candle,
+    )?;
+    fill_and_save(
+        &varmap,
+        seed,
+        &dir.join("vae/diffusion_pytorch_model.safetensors"),
+    )?;
     Ok(())
 }

@@ -35,13 +35,20 @@ impl Tokenizer {
         let merges: Vec<(String, String)> = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let pad = pad_token(dir)?;
         Self::new(vocab, merges, pad.as_deref())
     }
 
-    pub fn new(vocab: HashMap<String, u32>, merges: Vec<(String, String)>, pad: Option<&str>) -> Result<Self, EngineError> {
+    pub fn new(
+        vocab: HashMap<String, u32>,
+        merges: Vec<(String, String)>,
+        pad: Option<&str>,
+    ) -> Result<Self, EngineError> {
         let special = |name: &str| {
             vocab.get(name).copied().ok_or_else(|| {
                 EngineError::InvalidModel(format!("tokenizer/vocab.json has no {name} token"))
@@ -57,16 +64,36 @@ impl Tokenizer {
             r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
         .map_err(|e| EngineError::InvalidModel(format!("tokenizer pattern: {e}")))?;
-        let ranks = merges.into_iter().enumerate().map(|(rank, pair)| (pair, rank)).collect();
-        Ok(Tokenizer { vocab, ranks, pattern, bytes: byte_symbols(), bos, eos, pad })
+        let ranks = merges
+            .into_iter()
+            .enumerate()
+            .map(|(rank, pair)| (pair, rank))
+            .collect();
+        Ok(Tokenizer {
+            vocab,
+            ranks,
+            pattern,
+            bytes: byte_symbols(),
+            bos,
+            eos,
+            pad,
+        })
     }
 
     /// Token ids of `text`, without start/end tokens, untruncated.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        let cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        let cleaned = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
         let mut ids = Vec::new();
         for word in self.pattern.find_iter(&cleaned) {
-            let symbols: String = word.as_str().bytes().map(|b| self.bytes[b as usize]).collect();
+            let symbols: String = word
+                .as_str()
+                .bytes()
+                .map(|b| self.bytes[b as usize])
+                .collect();
             for piece in self.bpe(&symbols) {
                 if let Some(&id) = self.vocab.get(&piece) {
                     ids.push(id);
@@ -88,21 +115,29 @@ impl Tokenizer {
 
     fn bpe(&self, word: &str) -> Vec<String> {
         let chars: Vec<char> = word.chars().collect();
-        let Some((last, rest)) = chars.split_last() else { return Vec::new() };
+        let Some((last, rest)) = chars.split_last() else {
+            return Vec::new();
+        };
         let mut parts: Vec<String> = rest.iter().map(|c| c.to_string()).collect();
         parts.push(format!("{last}</w>"));
         while parts.len() > 1 {
             let best = parts
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|r| (*r, i)))
+                .filter_map(|(i, w)| {
+                    self.ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|r| (*r, i))
+                })
                 .min();
             let Some((rank, _)) = best else { break };
             // Merge every occurrence of the best pair, left to right.
             let mut merged = Vec::with_capacity(parts.len());
             let mut i = 0;
             while i < parts.len() {
-                if i + 1 < parts.len() && self.ranks.get(&(parts[i].clone(), parts[i + 1].clone())) == Some(&rank) {
+                if i + 1 < parts.len()
+                    && self.ranks.get(&(parts[i].clone(), parts[i + 1].clone())) == Some(&rank)
+                {
                     merged.push(format!("{}{}", parts[i], parts[i + 1]));
                     i += 2;
                 } else {
@@ -140,7 +175,11 @@ fn pad_token(dir: &Path) -> Result<Option<String>, EngineError> {
 #[cfg(test)]
 pub(crate) fn bundled() -> Tokenizer {
     let merges = crate::vocab::merges().expect("bundled merges");
-    let vocab = crate::vocab::tokens(&merges).into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+    let vocab = crate::vocab::tokens(&merges)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
     Tokenizer::new(vocab, merges, None).expect("tokenizer")
 }
 
@@ -151,8 +190,14 @@ mod tests {
     #[test]
     fn encodes_like_clip() {
         let t = bundled();
-        assert_eq!(t.encode("a photo of a cat"), vec![320, 1125, 539, 320, 2368]);
-        assert_eq!(t.encode("  A   Photo of a CAT "), vec![320, 1125, 539, 320, 2368]);
+        assert_eq!(
+            t.encode("a photo of a cat"),
+            vec![320, 1125, 539, 320, 2368]
+        );
+        assert_eq!(
+            t.encode("  A   Photo of a CAT "),
+            vec![320, 1125, 539, 320, 2368]
+        );
         let corgi = t.encode("a corgi, style of monet");
         assert!(corgi.len() >= 6, "{corgi:?}");
         assert!(corgi.iter().all(|&id| id < 49406));

@@ -49,7 +49,11 @@ pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
         .map(|line| {
             line.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| EngineError::InvalidModel(format!("bundled CLIP vocabulary: bad merge line {line:?}")))
+                .ok_or_else(|| {
+                    EngineError::InvalidModel(format!(
+                        "bundled CLIP vocabulary: bad merge line {line:?}"
+                    ))
+                })
         })
         .collect()
 }
@@ -57,7 +61,10 @@ pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
 /// The token table (index = token id), 49408 entries.
 pub fn tokens(merges: &[(String, String)]) -> Vec<String> {
     let symbols = byte_symbols();
-    let ordered: Vec<char> = byte_order().into_iter().map(|b| symbols[b as usize]).collect();
+    let ordered: Vec<char> = byte_order()
+        .into_iter()
+        .map(|b| symbols[b as usize])
+        .collect();
     let mut tokens: Vec<String> = ordered.iter().map(|c| c.to_string()).collect();
     tokens.extend(ordered.iter().map(|c| format!("{c}</w>")));
     tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
@@ -74,7 +81,8 @@ pub fn diffusers_files() -> Result<(String, String), EngineError> {
         .enumerate()
         .map(|(id, token)| (token, serde_json::Value::from(id)))
         .collect();
-    let vocab = serde_json::to_string(&vocab).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+    let vocab =
+        serde_json::to_string(&vocab).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
     let mut merges_txt = String::from("#version: 0.2\n");
     for (a, b) in &merges {
         merges_txt.push_str(a);

@@ -29,7 +29,11 @@ pub fn weight_file(part_dir: &Path) -> Result<PathBuf, EngineError> {
 
 /// Memory-maps a safetensors file as a `VarBuilder`.
 #[allow(unsafe_code)]
-pub fn mmap(file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, EngineError> {
+pub fn mmap(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, EngineError> {
     // SAFETY: the mapping is only sound while the file is not modified. Model files are
     // written once and only read afterwards (a model is replaced by a new directory, never
     // rewritten in place), which is the contract of the model directory.
@@ -39,7 +43,10 @@ pub fn mmap(file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'st
 
 /// Builds a network, turning candle's "cannot find tensor" and shape errors into errors
 /// that name the file.
-pub fn build<T>(file: &Path, make: impl FnOnce() -> candle_core::Result<T>) -> Result<T, EngineError> {
+pub fn build<T>(
+    file: &Path,
+    make: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T, EngineError> {
     make().map_err(|e| EngineError::InvalidModel(format!("{}: {}", file.display(), flatten(&e))))
 }
 

@@ -28,9 +28,15 @@ impl Caller {
 impl FromRequestParts<GatewayState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &GatewayState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &GatewayState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::new(ErrorCode::MissingApiKey, "send your API key as `Authorization: Bearer <key>`")
+            ApiError::new(
+                ErrorCode::MissingApiKey,
+                "send your API key as `Authorization: Bearer <key>`",
+            )
         })?;
         let secret = header
             .to_str()
@@ -39,11 +45,17 @@ impl FromRequestParts<GatewayState> for Caller {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| {
-                ApiError::new(ErrorCode::MissingApiKey, "the Authorization header must be `Bearer <key>`")
+                ApiError::new(
+                    ErrorCode::MissingApiKey,
+                    "the Authorization header must be `Bearer <key>`",
+                )
             })?;
         match state.keys.authenticate(secret).await? {
             Some(key) => Ok(Caller(key)),
-            None => Err(ApiError::new(ErrorCode::InvalidApiKey, "the API key is not valid")),
+            None => Err(ApiError::new(
+                ErrorCode::InvalidApiKey,
+                "the API key is not valid",
+            )),
         }
     }
 }

@@ -58,8 +58,11 @@ impl From<QueueError> for ApiError {
             },
             other => {
                 tracing::error!(error = %other, "queue error");
-                ApiError::new(ErrorCode::Unavailable, "the job queue is unavailable; retry shortly")
-                    .retry_after(1)
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the job queue is unavailable; retry shortly",
+                )
+                .retry_after(1)
             }
         }
     }
@@ -68,15 +71,18 @@ impl From<QueueError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "image store error");
-        ApiError::new(ErrorCode::Unavailable, "the image store is unavailable; retry shortly")
-            .retry_after(1)
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the image store is unavailable; retry shortly",
+        )
+        .retry_after(1)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({
             "error": {
                 "message": self.message,

@@ -22,9 +22,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 
 fn rejection_to_error(rejection: JsonRejection) -> ApiError {
     match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(ErrorCode::BodyTooLarge, "the request body is larger than the limit")
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            ErrorCode::BodyTooLarge,
+            "the request body is larger than the limit",
+        ),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
             ErrorCode::UnsupportedMediaType,
             "the request body must be JSON with Content-Type: application/json",

@@ -12,12 +12,19 @@ pub fn self_signed_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Makes (once) a self-signed certificate for `localhost`, `127.0.0.1`, `::1` and the
 /// extra names given; returns the certificate and key paths. The key file is owner-only.
-pub fn ensure_self_signed(data_dir: &Path, extra_names: &[String]) -> io::Result<(PathBuf, PathBuf)> {
+pub fn ensure_self_signed(
+    data_dir: &Path,
+    extra_names: &[String],
+) -> io::Result<(PathBuf, PathBuf)> {
     let (cert_path, key_path) = self_signed_paths(data_dir);
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     names.extend(extra_names.iter().cloned());
     let certified = rcgen::generate_simple_self_signed(names).map_err(io::Error::other)?;
     if let Some(dir) = cert_path.parent() {

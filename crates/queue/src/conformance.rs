@@ -17,6 +17,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
         owner: group.to_string(),
         group: group.to_string(),
         dedup_key: None,
+        fingerprint: format!("{group}/{prompt}"),
         request: ValidImageRequest {
             prompt: prompt.to_string(),
             negative_prompt: String::new(),
@@ -88,14 +89,21 @@ async fn status<Q: JobQueue>(q: &Q, id: sparkle_core::JobId) -> JobStatus {
 }
 
 async fn enqueue_commits_a_queued_job<Q: JobQueue>(q: Q, _c: ManualClock) {
-    let e = q.enqueue(new_job("alice", "a corgi")).await.expect("enqueue");
+    let e = q
+        .enqueue(new_job("alice", "a corgi"))
+        .await
+        .expect("enqueue");
     assert!(e.created);
     let job = q.get(e.job.id).await.expect("get").expect("exists");
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.attempts, 0);
     assert_eq!(job.created_at_ms, T0);
     assert_eq!(job.request.prompt, "a corgi");
-    assert!(q.get(sparkle_core::JobId::random()).await.expect("get").is_none());
+    assert!(q
+        .get(sparkle_core::JobId::random())
+        .await
+        .expect("get")
+        .is_none());
 }
 
 async fn dedup_key_returns_the_same_job<Q: JobQueue>(q: Q, _c: ManualClock) {
@@ -120,7 +128,13 @@ async fn dedup_key_returns_the_same_job<Q: JobQueue>(q: Q, _c: ManualClock) {
 async fn fifo_within_a_group<Q: JobQueue>(q: Q, c: ManualClock) {
     let mut ids = Vec::new();
     for i in 0..4 {
-        ids.push(q.enqueue(new_job("alice", &format!("p{i}"))).await.expect("enqueue").job.id);
+        ids.push(
+            q.enqueue(new_job("alice", &format!("p{i}")))
+                .await
+                .expect("enqueue")
+                .job
+                .id,
+        );
         c.advance_ms(1);
     }
     for want in ids {
@@ -134,7 +148,9 @@ async fn fifo_within_a_group<Q: JobQueue>(q: Q, c: ManualClock) {
 
 async fn fair_across_groups<Q: JobQueue>(q: Q, _c: ManualClock) {
     for i in 0..5 {
-        q.enqueue(new_job("alice", &format!("a{i}"))).await.expect("enqueue");
+        q.enqueue(new_job("alice", &format!("a{i}")))
+            .await
+            .expect("enqueue");
     }
     q.enqueue(new_job("bob", "b0")).await.expect("enqueue");
     q.enqueue(new_job("carol", "c0")).await.expect("enqueue");
@@ -146,11 +162,19 @@ async fn fair_across_groups<Q: JobQueue>(q: Q, _c: ManualClock) {
 }
 
 async fn lease_expires_exactly_at_its_boundary<Q: JobQueue>(q: Q, c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let first = lease_one(&q, "w1").await.expect("leased");
     c.set_ms(T0 + 999);
     assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
-    assert!(lease_one(&q, "w2").await.is_none(), "held one millisecond before the end");
+    assert!(
+        lease_one(&q, "w2").await.is_none(),
+        "held one millisecond before the end"
+    );
     c.set_ms(T0 + 1000);
     match q.complete(&first.token, 1).await {
         Err(QueueError::LeaseLost(lost)) => assert_eq!(lost, id),
@@ -159,29 +183,46 @@ async fn lease_expires_exactly_at_its_boundary<Q: JobQueue>(q: Q, c: ManualClock
     assert_eq!(q.reclaim_expired().await.expect("reclaim"), 1);
     let job = q.get(id).await.expect("get").expect("exists");
     assert_eq!(job.status, JobStatus::Queued);
-    assert_eq!(job.error.as_ref().map(|e| e.code.as_str()), Some("lease_expired"));
+    assert_eq!(
+        job.error.as_ref().map(|e| e.code.as_str()),
+        Some("lease_expired")
+    );
     let second = lease_one(&q, "w2").await.expect("leased again");
     assert_eq!(second.job.id, id);
     assert_eq!(second.job.attempts, 2);
 }
 
 async fn heartbeat_extends_the_lease_and_records_progress<Q: JobQueue>(q: Q, c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let lease = lease_one(&q, "w").await.expect("leased");
     c.set_ms(T0 + 800);
     let p = Progress { step: 3, total: 10 };
     assert_eq!(
-        q.heartbeat(&lease.token, Some(p), VIS).await.expect("heartbeat"),
+        q.heartbeat(&lease.token, Some(p), VIS)
+            .await
+            .expect("heartbeat"),
         HeartbeatOutcome::Continue
     );
     c.set_ms(T0 + 1500);
     assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
     let job = q.get(id).await.expect("get").expect("exists");
     assert_eq!((job.status, job.progress), (JobStatus::Running, Some(p)));
-    q.heartbeat(&lease.token, None, VIS).await.expect("heartbeat without progress");
-    assert_eq!(q.get(id).await.expect("get").expect("exists").progress, Some(p));
+    q.heartbeat(&lease.token, None, VIS)
+        .await
+        .expect("heartbeat without progress");
+    assert_eq!(
+        q.get(id).await.expect("get").expect("exists").progress,
+        Some(p)
+    );
     c.set_ms(T0 + 2499);
-    q.complete(&lease.token, 2).await.expect("complete within the extended lease");
+    q.complete(&lease.token, 2)
+        .await
+        .expect("complete within the extended lease");
     let job = q.get(id).await.expect("get").expect("exists");
     assert_eq!((job.status, job.images), (JobStatus::Succeeded, 2));
     assert_eq!(job.finished_at_ms, Some(T0 + 2499));
@@ -189,7 +230,10 @@ async fn heartbeat_extends_the_lease_and_records_progress<Q: JobQueue>(q: Q, c: 
 
 async fn expired_leases_are_dead_lettered_after_max_attempts<Q: JobQueue>(q: Q, c: ManualClock) {
     let id = q
-        .enqueue(NewJob { max_attempts: 2, ..new_job("alice", "poison") })
+        .enqueue(NewJob {
+            max_attempts: 2,
+            ..new_job("alice", "poison")
+        })
         .await
         .expect("enqueue")
         .job
@@ -206,76 +250,169 @@ async fn expired_leases_are_dead_lettered_after_max_attempts<Q: JobQueue>(q: Q, 
     let error = job.error.expect("reason kept");
     assert_eq!(error.code, "lease_expired");
     assert!(error.message.contains("2 of 2"), "{}", error.message);
-    let lease = lease_one(&q, "w").await.expect("the next job is not blocked");
+    let lease = lease_one(&q, "w")
+        .await
+        .expect("the next job is not blocked");
     assert_eq!(lease.job.request.prompt, "next");
 }
 
 async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c: ManualClock) {
-    let flaky = Failure { code: "device_lost".into(), message: "GPU fell off".into(), retryable: true };
+    let flaky = Failure {
+        code: "device_lost".into(),
+        message: "GPU fell off".into(),
+        retryable: true,
+    };
     let id = q
-        .enqueue(NewJob { max_attempts: 2, ..new_job("alice", "p") })
+        .enqueue(NewJob {
+            max_attempts: 2,
+            ..new_job("alice", "p")
+        })
         .await
         .expect("enqueue")
         .job
         .id;
     let lease = lease_one(&q, "w").await.expect("leased");
-    assert_eq!(q.fail(&lease.token, flaky.clone()).await.expect("fail"), JobStatus::Queued);
+    assert_eq!(
+        q.fail(&lease.token, flaky.clone()).await.expect("fail"),
+        JobStatus::Queued
+    );
     let lease = lease_one(&q, "w").await.expect("leased again");
-    assert_eq!(q.fail(&lease.token, flaky).await.expect("fail"), JobStatus::DeadLettered);
+    assert_eq!(
+        q.fail(&lease.token, flaky).await.expect("fail"),
+        JobStatus::DeadLettered
+    );
     let job = q.get(id).await.expect("get").expect("exists");
-    assert_eq!(job.error.map(|e| e.message), Some("GPU fell off".to_string()));
+    assert_eq!(
+        job.error.map(|e| e.message),
+        Some("GPU fell off".to_string())
+    );
 
-    let id = q.enqueue(new_job("bob", "q")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("bob", "q"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let lease = lease_one(&q, "w").await.expect("leased");
-    let bad = Failure { code: "invalid_model".into(), message: "broken".into(), retryable: false };
-    assert_eq!(q.fail(&lease.token, bad).await.expect("fail"), JobStatus::Failed);
+    let bad = Failure {
+        code: "invalid_model".into(),
+        message: "broken".into(),
+        retryable: false,
+    };
+    assert_eq!(
+        q.fail(&lease.token, bad).await.expect("fail"),
+        JobStatus::Failed
+    );
     assert_eq!(status(&q, id).await, JobStatus::Failed);
-    assert!(q.fail(&lease.token, Failure { code: "x".into(), message: "y".into(), retryable: true }).await.is_err());
+    assert!(q
+        .fail(
+            &lease.token,
+            Failure {
+                code: "x".into(),
+                message: "y".into(),
+                retryable: true
+            }
+        )
+        .await
+        .is_err());
 }
 
 async fn cancel_a_queued_job<Q: JobQueue>(q: Q, _c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
-    assert_eq!(q.cancel(id).await.expect("cancel"), CancelOutcome::Cancelled);
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    assert_eq!(
+        q.cancel(id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
     assert_eq!(status(&q, id).await, JobStatus::Cancelled);
-    assert!(lease_one(&q, "w").await.is_none(), "a cancelled job is never leased");
+    assert!(
+        lease_one(&q, "w").await.is_none(),
+        "a cancelled job is never leased"
+    );
     assert_eq!(
         q.cancel(id).await.expect("cancel"),
         CancelOutcome::AlreadyFinal(JobStatus::Cancelled)
     );
     assert_eq!(
-        q.cancel(sparkle_core::JobId::random()).await.expect("cancel"),
+        q.cancel(sparkle_core::JobId::random())
+            .await
+            .expect("cancel"),
         CancelOutcome::NotFound
     );
 }
 
 async fn cancel_a_running_job<Q: JobQueue>(q: Q, _c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let lease = lease_one(&q, "w").await.expect("leased");
-    assert_eq!(q.cancel(id).await.expect("cancel"), CancelOutcome::Cancelled);
     assert_eq!(
-        q.heartbeat(&lease.token, None, VIS).await.expect("heartbeat"),
+        q.cancel(id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        q.heartbeat(&lease.token, None, VIS)
+            .await
+            .expect("heartbeat"),
         HeartbeatOutcome::Cancelled
     );
-    assert!(matches!(q.complete(&lease.token, 1).await, Err(QueueError::LeaseLost(_))));
+    assert!(matches!(
+        q.complete(&lease.token, 1).await,
+        Err(QueueError::LeaseLost(_))
+    ));
     assert_eq!(status(&q, id).await, JobStatus::Cancelled);
 }
 
 async fn a_stale_lease_cannot_complete<Q: JobQueue>(q: Q, c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let stale = lease_one(&q, "w1").await.expect("leased");
     c.advance_ms(1000);
     let fresh = lease_one(&q, "w2").await.expect("reclaimed and leased");
-    assert!(matches!(q.complete(&stale.token, 1).await, Err(QueueError::LeaseLost(_))));
-    assert!(matches!(q.heartbeat(&stale.token, None, VIS).await, Err(QueueError::LeaseLost(_))));
-    q.complete(&fresh.token, 1).await.expect("the holder completes");
-    assert!(matches!(q.complete(&fresh.token, 1).await, Err(QueueError::LeaseLost(_))), "only once");
+    assert!(matches!(
+        q.complete(&stale.token, 1).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        q.heartbeat(&stale.token, None, VIS).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    q.complete(&fresh.token, 1)
+        .await
+        .expect("the holder completes");
+    assert!(
+        matches!(
+            q.complete(&fresh.token, 1).await,
+            Err(QueueError::LeaseLost(_))
+        ),
+        "only once"
+    );
     let job = q.get(id).await.expect("get").expect("exists");
-    assert_eq!((job.status, job.attempts, job.images), (JobStatus::Succeeded, 2, 1));
+    assert_eq!(
+        (job.status, job.attempts, job.images),
+        (JobStatus::Succeeded, 2, 1)
+    );
     assert!(job.error.is_none());
 }
 
 async fn release_returns_the_job_without_spending_an_attempt<Q: JobQueue>(q: Q, _c: ManualClock) {
-    let id = q.enqueue(new_job("alice", "p")).await.expect("enqueue").job.id;
+    let id = q
+        .enqueue(new_job("alice", "p"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let lease = lease_one(&q, "w1").await.expect("leased");
     q.release(&lease.token).await.expect("release");
     let job = q.get(id).await.expect("get").expect("exists");
@@ -292,7 +429,10 @@ async fn batch_lease_takes_only_compatible_jobs<Q: JobQueue>(q: Q, _c: ManualClo
     q.enqueue(new_job("carol", "c0")).await.expect("enqueue");
     q.enqueue(new_job("alice", "a1")).await.expect("enqueue");
     let batch = q.lease("w", 8, VIS).await.expect("lease");
-    let prompts: Vec<_> = batch.iter().map(|l| l.job.request.prompt.as_str()).collect();
+    let prompts: Vec<_> = batch
+        .iter()
+        .map(|l| l.job.request.prompt.as_str())
+        .collect();
     assert_eq!(prompts, ["a0", "c0", "a1"]);
     let rest = q.lease("w", 8, VIS).await.expect("lease");
     assert_eq!(rest.len(), 1);
@@ -302,7 +442,12 @@ async fn batch_lease_takes_only_compatible_jobs<Q: JobQueue>(q: Q, _c: ManualClo
 async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualClock) {
     let a: Vec<_> = enqueue_many(&q, "alice", 3).await;
     c.advance_ms(500);
-    let b = q.enqueue(new_job("bob", "b0")).await.expect("enqueue").job.id;
+    let b = q
+        .enqueue(new_job("bob", "b0"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.running), (4, 0));
     assert_eq!(stats.oldest_queued_age_ms, Some(500));
@@ -321,7 +466,13 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
 async fn enqueue_many<Q: JobQueue>(q: &Q, group: &str, n: usize) -> Vec<sparkle_core::JobId> {
     let mut ids = Vec::new();
     for i in 0..n {
-        ids.push(q.enqueue(new_job(group, &format!("{group}{i}"))).await.expect("enqueue").job.id);
+        ids.push(
+            q.enqueue(new_job(group, &format!("{group}{i}")))
+                .await
+                .expect("enqueue")
+                .job
+                .id,
+        );
     }
     ids
 }

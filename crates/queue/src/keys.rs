@@ -83,7 +83,11 @@ fn hash_secret(secret: &str) -> String {
 #[async_trait]
 pub trait ApiKeys: Send + Sync + 'static {
     /// Creates a key; the secret is returned here and never again.
-    async fn create_key(&self, name: &str, scopes: &[Scope]) -> Result<(ApiKey, KeySecret), QueueError>;
+    async fn create_key(
+        &self,
+        name: &str,
+        scopes: &[Scope],
+    ) -> Result<(ApiKey, KeySecret), QueueError>;
     /// The live key this secret belongs to, if any.
     async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, QueueError>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError>;
@@ -105,10 +109,17 @@ fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, QueueError> {
 
 #[async_trait]
 impl ApiKeys for SqliteQueue {
-    async fn create_key(&self, name: &str, scopes: &[Scope]) -> Result<(ApiKey, KeySecret), QueueError> {
+    async fn create_key(
+        &self,
+        name: &str,
+        scopes: &[Scope],
+    ) -> Result<(ApiKey, KeySecret), QueueError> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(bytes.as_mut());
-        let secret = KeySecret(Zeroizing::new(format!("{SECRET_PREFIX}{}", hex::encode(bytes.as_ref()))));
+        let secret = KeySecret(Zeroizing::new(format!(
+            "{SECRET_PREFIX}{}",
+            hex::encode(bytes.as_ref())
+        )));
         let key = ApiKey {
             id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
             name: name.to_string(),
@@ -117,14 +128,16 @@ impl ApiKeys for SqliteQueue {
             revoked: false,
         };
         let scope_list: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
-        sqlx::query("INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
-            .bind(&key.id)
-            .bind(&key.name)
-            .bind(hash_secret(secret.expose()))
-            .bind(scope_list.join(","))
-            .bind(key.created_at_ms)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(hash_secret(secret.expose()))
+        .bind(scope_list.join(","))
+        .bind(key.created_at_ms)
+        .execute(&self.pool)
+        .await?;
         Ok((key, secret))
     }
 
@@ -132,26 +145,35 @@ impl ApiKeys for SqliteQueue {
         if !secret.starts_with(SECRET_PREFIX) {
             return Ok(None);
         }
-        let row = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE hash = ?1")
-            .bind(hash_secret(secret))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(key_from_row).transpose()?.filter(|k| !k.revoked))
+        let row = sqlx::query(
+            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE hash = ?1",
+        )
+        .bind(hash_secret(secret))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(key_from_row)
+            .transpose()?
+            .filter(|k| !k.revoked))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError> {
-        let rows = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
     async fn revoke_key(&self, id: &str) -> Result<bool, QueueError> {
-        let done = sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
-            .bind(id)
-            .bind(self.clock.now_ms())
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(self.clock.now_ms())
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -165,20 +187,36 @@ mod tests {
     async fn keys_are_stored_hashed_scoped_and_revocable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.db");
-        let q = SqliteQueue::open(&path, &SqliteOptions::default()).await.expect("open");
-        let (key, secret) = q.create_key("ci", &[Scope::Generate]).await.expect("create");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+            .await
+            .expect("open");
+        let (key, secret) = q
+            .create_key("ci", &[Scope::Generate])
+            .await
+            .expect("create");
         assert!(secret.expose().starts_with("spk_") && secret.expose().len() == 4 + 64);
         assert_eq!(format!("{secret:?}"), "KeySecret(<redacted>)");
-        let found = q.authenticate(secret.expose()).await.expect("auth").expect("known");
+        let found = q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .expect("known");
         assert_eq!(found.id, key.id);
         assert!(found.allows(Scope::Generate) && !found.allows(Scope::Read));
         assert!(q.authenticate("spk_0000").await.expect("auth").is_none());
         assert!(q.authenticate("").await.expect("auth").is_none());
-        let stored: String = sqlx::query_scalar("SELECT hash FROM api_keys").fetch_one(&q.pool).await.expect("row");
+        let stored: String = sqlx::query_scalar("SELECT hash FROM api_keys")
+            .fetch_one(&q.pool)
+            .await
+            .expect("row");
         assert!(!stored.contains(&secret.expose()[4..]));
         assert!(q.revoke_key(&key.id).await.expect("revoke"));
         assert!(!q.revoke_key(&key.id).await.expect("revoke twice"));
-        assert!(q.authenticate(secret.expose()).await.expect("auth").is_none());
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_none());
         assert!(q.list_keys().await.expect("list")[0].revoked);
     }
 }

@@ -8,7 +8,6 @@ use crate::{
     LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
 };
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use sparkle_core::{JobId, JobStatus, Progress};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -143,14 +142,6 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, QueueError> {
     })
 }
 
-fn request_hash(job: &NewJob) -> Result<String, QueueError> {
-    let body = serde_json::to_vec(&job.request).map_err(|e| QueueError::Corrupt {
-        id: "new job".into(),
-        reason: e.to_string(),
-    })?;
-    Ok(hex::encode(Sha256::digest(&body)))
-}
-
 fn random_lease_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -168,7 +159,7 @@ const RECLAIM_SQL: &str = "UPDATE jobs SET
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
-        let hash = request_hash(&job)?;
+        let hash = &job.fingerprint;
         let request = serde_json::to_string(&job.request).map_err(|e| QueueError::Corrupt {
             id: "new job".into(),
             reason: e.to_string(),
@@ -186,7 +177,7 @@ impl JobQueue for SqliteQueue {
             .await?;
             if let Some(row) = existing {
                 let stored_hash: String = row.try_get("request_hash")?;
-                if stored_hash != hash {
+                if &stored_hash != hash {
                     return Err(QueueError::IdempotencyConflict);
                 }
                 return Ok(Enqueued {
@@ -204,7 +195,7 @@ impl JobQueue for SqliteQueue {
         .bind(&job.owner)
         .bind(&job.group)
         .bind(&job.dedup_key)
-        .bind(&hash)
+        .bind(hash)
         .bind(&request)
         .bind(job.request.batch_key())
         .bind(job.max_attempts.max(1) as i64)
@@ -218,13 +209,10 @@ impl JobQueue for SqliteQueue {
         tx.commit().await?;
         // Wake local waiters only after the commit: what they lease must be there.
         self.work.notify_waiters();
-        let job = self
-            .get(id)
-            .await?
-            .ok_or_else(|| QueueError::Corrupt {
-                id: id.to_string(),
-                reason: "vanished after commit".into(),
-            })?;
+        let job = self.get(id).await?.ok_or_else(|| QueueError::Corrupt {
+            id: id.to_string(),
+            reason: "vanished after commit".into(),
+        })?;
         Ok(Enqueued { job, created: true })
     }
 
@@ -551,16 +539,24 @@ mod tests {
     async fn a_committed_job_survives_reopening_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("q.db");
-        let q = SqliteQueue::open(&path, &SqliteOptions::default()).await.expect("open");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+            .await
+            .expect("open");
         let job = q
             .enqueue(crate::conformance::new_job("alice", "durable"))
             .await
             .expect("enqueue")
             .job;
         drop(q);
-        let q = SqliteQueue::open(&path, &SqliteOptions { migrate: false, ..Default::default() })
-            .await
-            .expect("reopen");
+        let q = SqliteQueue::open(
+            &path,
+            &SqliteOptions {
+                migrate: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("reopen");
         let again = q.get(job.id).await.expect("get").expect("still there");
         assert_eq!(again.request.prompt, "durable");
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")

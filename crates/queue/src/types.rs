@@ -9,6 +9,9 @@ pub struct NewJob {
     pub group: String,
     /// The client's `Idempotency-Key`, unique per owner.
     pub dedup_key: Option<String>,
+    /// Digest of the request as the client sent it; a dedup key reused with another
+    /// fingerprint is a conflict.
+    pub fingerprint: String,
     pub request: ValidImageRequest,
     pub max_attempts: u32,
 }

@@ -68,7 +68,13 @@ pub async fn run(
         let current = actuator.current().await;
         let desired = policy.desired_workers(&stats, current, last_busy.elapsed());
         if desired != current {
-            tracing::info!(current, desired, queued = stats.queued, running = stats.running, "scaling");
+            tracing::info!(
+                current,
+                desired,
+                queued = stats.queued,
+                running = stats.running,
+                "scaling"
+            );
             if let Err(e) = actuator.scale_to(desired).await {
                 tracing::error!(error = %e, "scaling failed");
             }

@@ -19,7 +19,12 @@ pub struct LocalProcesses {
 
 impl LocalProcesses {
     pub fn new(program: impl Into<OsString>, args: Vec<OsString>) -> Self {
-        LocalProcesses { program: program.into(), args, children: Vec::new(), stopping: Vec::new() }
+        LocalProcesses {
+            program: program.into(),
+            args,
+            children: Vec::new(),
+            stopping: Vec::new(),
+        }
     }
 
     /// Process ids of the running workers.
@@ -36,7 +41,8 @@ impl LocalProcesses {
             Ok(None) => true,
             Err(_) => false,
         });
-        self.stopping.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        self.stopping
+            .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
     }
 }
 
@@ -60,7 +66,9 @@ impl Actuator for LocalProcesses {
             self.children.push(child);
         }
         while (self.children.len() as u32) > desired {
-            let Some(mut child) = self.children.pop() else { break };
+            let Some(mut child) = self.children.pop() else {
+                break;
+            };
             tracing::info!(pid = ?child.id(), "stopping worker");
             drop(child.stdin.take());
             self.stopping.push(child);
@@ -69,7 +77,11 @@ impl Actuator for LocalProcesses {
     }
 
     async fn stop_all(&mut self, drain: Duration) {
-        let mut all: Vec<Child> = self.children.drain(..).chain(self.stopping.drain(..)).collect();
+        let mut all: Vec<Child> = self
+            .children
+            .drain(..)
+            .chain(self.stopping.drain(..))
+            .collect();
         for child in &mut all {
             drop(child.stdin.take());
         }

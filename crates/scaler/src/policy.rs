@@ -41,7 +41,9 @@ impl Policy {
         } else {
             let per = u64::from(self.jobs_per_worker.max(1));
             // Never stop a worker that may be running a job.
-            let needed = demand.div_ceil(per).max(stats.running.min(u64::from(current)));
+            let needed = demand
+                .div_ceil(per)
+                .max(stats.running.min(u64::from(current)));
             u32::try_from(needed).unwrap_or(u32::MAX).max(1)
         };
         wanted.clamp(self.min_workers, max)
@@ -53,20 +55,51 @@ mod tests {
     use super::*;
 
     fn stats(queued: u64, running: u64) -> QueueStats {
-        QueueStats { queued, running, ..Default::default() }
+        QueueStats {
+            queued,
+            running,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn backlog_becomes_workers_within_bounds() {
-        let p = Policy { min_workers: 0, max_workers: 4, jobs_per_worker: 2, idle_grace: Duration::from_secs(60) };
+        let p = Policy {
+            min_workers: 0,
+            max_workers: 4,
+            jobs_per_worker: 2,
+            idle_grace: Duration::from_secs(60),
+        };
         let busy = Duration::ZERO;
-        assert_eq!(p.desired_workers(&stats(1, 0), 0, busy), 1, "scale from zero");
+        assert_eq!(
+            p.desired_workers(&stats(1, 0), 0, busy),
+            1,
+            "scale from zero"
+        );
         assert_eq!(p.desired_workers(&stats(5, 0), 1, busy), 3);
         assert_eq!(p.desired_workers(&stats(100, 0), 1, busy), 4, "capped");
-        assert_eq!(p.desired_workers(&stats(0, 3), 3, busy), 3, "busy workers are kept");
-        assert_eq!(p.desired_workers(&stats(0, 0), 2, Duration::from_secs(59)), 2, "grace");
-        assert_eq!(p.desired_workers(&stats(0, 0), 2, Duration::from_secs(60)), 0, "scale to zero");
-        let floor = Policy { min_workers: 1, ..p };
-        assert_eq!(floor.desired_workers(&stats(0, 0), 0, Duration::from_secs(600)), 1);
+        assert_eq!(
+            p.desired_workers(&stats(0, 3), 3, busy),
+            3,
+            "busy workers are kept"
+        );
+        assert_eq!(
+            p.desired_workers(&stats(0, 0), 2, Duration::from_secs(59)),
+            2,
+            "grace"
+        );
+        assert_eq!(
+            p.desired_workers(&stats(0, 0), 2, Duration::from_secs(60)),
+            0,
+            "scale to zero"
+        );
+        let floor = Policy {
+            min_workers: 1,
+            ..p
+        };
+        assert_eq!(
+            floor.desired_workers(&stats(0, 0), 0, Duration::from_secs(600)),
+            1
+        );
     }
 }

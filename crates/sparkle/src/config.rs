@@ -64,7 +64,12 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { lease_timeout_secs: 60, max_attempts: 3, max_queued_jobs: 10_000, sync_timeout_secs: 600 }
+        QueueConfig {
+            lease_timeout_secs: 60,
+            max_attempts: 3,
+            max_queued_jobs: 10_000,
+            sync_timeout_secs: 600,
+        }
     }
 }
 
@@ -83,7 +88,12 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { heartbeat_secs: 5, max_batch: 1, drain_timeout_secs: 30, device: "auto".into() }
+        WorkerConfig {
+            heartbeat_secs: 5,
+            max_batch: 1,
+            drain_timeout_secs: 30,
+            device: "auto".into(),
+        }
     }
 }
 
@@ -104,7 +114,13 @@ pub struct ScalerConfig {
 
 impl Default for ScalerConfig {
     fn default() -> Self {
-        ScalerConfig { min_workers: 0, max_workers: 1, jobs_per_worker: 4, idle_grace_secs: 300, tick_ms: 1000 }
+        ScalerConfig {
+            min_workers: 0,
+            max_workers: 1,
+            jobs_per_worker: 4,
+            idle_grace_secs: 300,
+            tick_ms: 1000,
+        }
     }
 }
 
@@ -173,7 +189,9 @@ impl Config {
         if self.queue.lease_timeout_secs == 0 {
             bail!("queue.lease_timeout_secs must be at least 1");
         }
-        if self.worker.heartbeat_secs == 0 || self.worker.heartbeat_secs >= self.queue.lease_timeout_secs {
+        if self.worker.heartbeat_secs == 0
+            || self.worker.heartbeat_secs >= self.queue.lease_timeout_secs
+        {
             bail!(
                 "worker.heartbeat_secs ({}) must be at least 1 and shorter than queue.lease_timeout_secs ({})",
                 self.worker.heartbeat_secs,
@@ -183,7 +201,9 @@ impl Config {
         if self.worker.max_batch == 0 {
             bail!("worker.max_batch must be at least 1");
         }
-        if self.profile == Profile::Production && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+        if self.profile == Profile::Production
+            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
+        {
             bail!("the production profile needs tls.cert_file and tls.key_file; self-signed certificates are for the dev profile");
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
@@ -206,8 +226,12 @@ impl Config {
 
     /// Creates the data directory, owner-only.
     pub fn prepare_data_dir(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.data_dir)
-            .with_context(|| format!("cannot create the data directory {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                self.data_dir.display()
+            )
+        })?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -232,12 +256,19 @@ mod tests {
     fn file_then_environment_then_flags() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:1000\"\n[scaler]\nmax_workers = 3\n").expect("write");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\n[scaler]\nmax_workers = 3\n",
+        )
+        .expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("SPARKLE_SCALER__MAX_WORKERS", "5");
             let c = Config::load(Some(&file), &Overrides::default()).expect("load");
             assert_eq!((c.listen.port(), c.scaler.max_workers), (1000, 5));
-            let flags = Overrides { listen: Some("127.0.0.1:2000".parse().expect("addr")), ..Default::default() };
+            let flags = Overrides {
+                listen: Some("127.0.0.1:2000".parse().expect("addr")),
+                ..Default::default()
+            };
             let c = Config::load(Some(&file), &flags).expect("load");
             assert_eq!(c.listen.port(), 2000);
             Ok(())
@@ -255,7 +286,8 @@ mod tests {
         let err = Config::load(Some(&file), &Overrides::default()).expect_err("heartbeat too slow");
         assert!(format!("{err:#}").contains("heartbeat_secs"), "{err:#}");
         std::fs::write(&file, "profile = \"production\"\n").expect("write");
-        let err = Config::load(Some(&file), &Overrides::default()).expect_err("production without certs");
+        let err =
+            Config::load(Some(&file), &Overrides::default()).expect_err("production without certs");
         assert!(format!("{err:#}").contains("tls.cert_file"), "{err:#}");
     }
 }

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "sparkle", version, about = "Self-hostable, elastic, hardened text-to-image service.")]
+#[command(
+    name = "sparkle",
+    version,
+    about = "Self-hostable, elastic, hardened text-to-image service."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,9 +95,11 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Up { common, serve } => runtime::block_on(cmd::serve::up(common, serve)),
         Command::Gateway { common, serve } => runtime::block_on(cmd::serve::gateway(common, serve)),
-        Command::Worker { common, serve, stop_on_stdin_eof } => {
-            runtime::block_on(cmd::serve::worker(common, serve, stop_on_stdin_eof))
-        }
+        Command::Worker {
+            common,
+            serve,
+            stop_on_stdin_eof,
+        } => runtime::block_on(cmd::serve::worker(common, serve, stop_on_stdin_eof)),
         Command::Scaler { common, serve } => runtime::block_on(cmd::serve::scaler(common, serve)),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Model(command) => cmd::model::run(command),

@@ -4,23 +4,63 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{png_info, Service};
 use std::time::Duration;
+use support::{png_info, Service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_documented_codes_and_enqueue_nothing() {
     let svc = Service::start(&[]).await;
     let cases: Vec<(Value, u16, &str, &str)> = vec![
         (json!({"prompt": ""}), 400, "invalid_prompt", "prompt"),
-        (json!({"prompt": "x".repeat(2001)}), 400, "prompt_too_long", "prompt"),
-        (json!({"prompt": "a", "size": "500x512"}), 400, "invalid_size", "size"),
-        (json!({"prompt": "a", "size": "4096x4096"}), 400, "invalid_size", "size"),
-        (json!({"prompt": "a", "steps": 0}), 400, "invalid_steps", "steps"),
-        (json!({"prompt": "a", "steps": 1000}), 400, "invalid_steps", "steps"),
+        (
+            json!({"prompt": "x".repeat(2001)}),
+            400,
+            "prompt_too_long",
+            "prompt",
+        ),
+        (
+            json!({"prompt": "a", "size": "500x512"}),
+            400,
+            "invalid_size",
+            "size",
+        ),
+        (
+            json!({"prompt": "a", "size": "4096x4096"}),
+            400,
+            "invalid_size",
+            "size",
+        ),
+        (
+            json!({"prompt": "a", "steps": 0}),
+            400,
+            "invalid_steps",
+            "steps",
+        ),
+        (
+            json!({"prompt": "a", "steps": 1000}),
+            400,
+            "invalid_steps",
+            "steps",
+        ),
         (json!({"prompt": "a", "n": 50}), 400, "invalid_n", "n"),
-        (json!({"prompt": "a", "model": "nope"}), 400, "unknown_model", "model"),
-        (json!({"prompt": "a", "scheduler": "plms"}), 400, "unknown_scheduler", "scheduler"),
-        (json!({"prompt": "a", "guidance_scale": 99}), 400, "invalid_guidance_scale", "guidance_scale"),
+        (
+            json!({"prompt": "a", "model": "nope"}),
+            400,
+            "unknown_model",
+            "model",
+        ),
+        (
+            json!({"prompt": "a", "scheduler": "plms"}),
+            400,
+            "unknown_scheduler",
+            "scheduler",
+        ),
+        (
+            json!({"prompt": "a", "guidance_scale": 99}),
+            400,
+            "invalid_guidance_scale",
+            "guidance_scale",
+        ),
     ];
     for route in ["/v1/jobs", "/v1/images/generations"] {
         for (body, status, code, param) in &cases {
@@ -29,27 +69,76 @@ async fn bad_requests_get_documented_codes_and_enqueue_nothing() {
             assert_eq!(err["error"]["code"], *code, "{route} {body}: {err}");
             assert_eq!(err["error"]["param"], *param, "{route}: {err}");
             let message = err["error"]["message"].as_str().unwrap_or_default();
-            assert!(message.contains(param), "message must name the field: {message}");
+            assert!(
+                message.contains(param),
+                "message must name the field: {message}"
+            );
         }
     }
-    let (status, err) = svc.post_json("/v1/jobs", &json!({"prompt": "a", "stpes": 3}), Some(&svc.admin_key)).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_json")), "{err}");
-    let (status, err) = svc.post_raw("/v1/jobs", "{not json", Some(&svc.admin_key)).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_json")), "{err}");
+    let (status, err) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a", "stpes": 3}),
+            Some(&svc.admin_key),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{err}"
+    );
+    let (status, err) = svc
+        .post_raw("/v1/jobs", "{not json", Some(&svc.admin_key))
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{err}"
+    );
     let huge = json!({"prompt": "y".repeat(100_000)});
     let (status, err) = svc.post_json("/v1/jobs", &huge, Some(&svc.admin_key)).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (413, Some("body_too_large")), "{err}");
-    let (status, err) = svc.post_json("/v1/jobs", &json!({"prompt": "a"}), None).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (401, Some("missing_api_key")), "{err}");
-    let (status, err) = svc.post_json("/v1/jobs", &json!({"prompt": "a"}), Some("spk_wrong")).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{err}");
-    let (status, err) = svc.post_json("/v1/images/generations", &json!({"prompt": "a", "response_format": "gif"}), Some(&svc.admin_key)).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_response_format")), "{err}");
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{err}"
+    );
+    let (status, err) = svc
+        .post_json("/v1/jobs", &json!({"prompt": "a"}), None)
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("missing_api_key")),
+        "{err}"
+    );
+    let (status, err) = svc
+        .post_json("/v1/jobs", &json!({"prompt": "a"}), Some("spk_wrong"))
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{err}"
+    );
+    let (status, err) = svc
+        .post_json(
+            "/v1/images/generations",
+            &json!({"prompt": "a", "response_format": "gif"}),
+            Some(&svc.admin_key),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_response_format")),
+        "{err}"
+    );
     let (status, _) = svc.get("/v1/jobs/not-a-job", &svc.admin_key).await;
     assert_eq!(status, 404);
 
     let ready = svc.get_json("/readyz", &svc.admin_key).await;
-    assert_eq!((ready["queued"].as_u64(), ready["running"].as_u64()), (Some(0), Some(0)), "nothing enqueued: {ready}");
+    assert_eq!(
+        (ready["queued"].as_u64(), ready["running"].as_u64()),
+        (Some(0), Some(0)),
+        "nothing enqueued: {ready}"
+    );
     assert_eq!(svc.job_count(), 0, "no job row was written");
 }
 
@@ -66,7 +155,8 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
         .await;
     assert_eq!(status, 200, "{body}");
     let b64 = body["data"][0]["b64_json"].as_str().expect("b64_json");
-    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).expect("base64");
+    let png =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).expect("base64");
     let (w, h, params) = png_info(&png);
     assert_eq!((w, h), (64, 64));
     assert!(params.starts_with("a corgi, style of monet\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: "), "{params}");
@@ -76,14 +166,26 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
         .post_json("/v1/jobs", &json!({"prompt": "a lighthouse", "size": "96x64", "steps": 12, "seed": 3, "scheduler": "ddim"}), Some(&key))
         .await;
     assert_eq!(status, 202, "{job}");
-    assert!(job["queue_position"].is_u64() || job["status"] != "queued", "{job}");
+    assert!(
+        job["queue_position"].is_u64() || job["status"] != "queued",
+        "{job}"
+    );
     let id = job["id"].as_str().expect("id").to_string();
 
     let events = svc.events(&id, &key).await;
-    let progress: Vec<_> = events.iter().filter(|(name, _)| name == "progress").collect();
-    let steps: Vec<u64> = progress.iter().filter_map(|(_, v)| v["progress"]["step"].as_u64()).collect();
+    let progress: Vec<_> = events
+        .iter()
+        .filter(|(name, _)| name == "progress")
+        .collect();
+    let steps: Vec<u64> = progress
+        .iter()
+        .filter_map(|(_, v)| v["progress"]["step"].as_u64())
+        .collect();
     assert!(!steps.is_empty(), "progress events carry steps: {events:?}");
-    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "steps only go forward: {steps:?}");
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "steps only go forward: {steps:?}"
+    );
     let (last_name, last) = events.last().expect("a final event");
     assert_eq!(last_name, "done");
     assert_eq!(last["status"], "succeeded", "{last}");
@@ -93,25 +195,43 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
     assert_eq!(status, 200);
     let (w, h, params) = png_info(&png);
     assert_eq!((w, h), (96, 64));
-    assert!(params.contains("Steps: 12, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 96x64"), "{params}");
+    assert!(
+        params.contains("Steps: 12, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 96x64"),
+        "{params}"
+    );
     let (status, _) = svc.get(&format!("/v1/jobs/{id}/images/1"), &key).await;
     assert_eq!(status, 404);
 
     // Another key cannot see the job; the admin can.
     let other = svc.create_key("other").await;
     assert_eq!(svc.get(&format!("/v1/jobs/{id}"), &other).await.0, 404);
-    assert_eq!(svc.get(&format!("/v1/jobs/{id}"), &svc.admin_key).await.0, 200);
+    assert_eq!(
+        svc.get(&format!("/v1/jobs/{id}"), &svc.admin_key).await.0,
+        200
+    );
 
     // Idempotency: the same key and body give the same job; another body conflicts.
     let body = json!({"prompt": "once", "size": "64x64", "steps": 1});
-    let (s1, j1) = svc.post_json_with("/v1/jobs", &body, &key, &[("Idempotency-Key", "abc-1")]).await;
-    let (s2, j2) = svc.post_json_with("/v1/jobs", &body, &key, &[("Idempotency-Key", "abc-1")]).await;
+    let (s1, j1) = svc
+        .post_json_with("/v1/jobs", &body, &key, &[("Idempotency-Key", "abc-1")])
+        .await;
+    let (s2, j2) = svc
+        .post_json_with("/v1/jobs", &body, &key, &[("Idempotency-Key", "abc-1")])
+        .await;
     assert_eq!((s1, s2), (202, 200));
     assert_eq!(j1["id"], j2["id"]);
     let (s3, j3) = svc
-        .post_json_with("/v1/jobs", &json!({"prompt": "twice", "size": "64x64"}), &key, &[("Idempotency-Key", "abc-1")])
+        .post_json_with(
+            "/v1/jobs",
+            &json!({"prompt": "twice", "size": "64x64"}),
+            &key,
+            &[("Idempotency-Key", "abc-1")],
+        )
         .await;
-    assert_eq!((s3, j3["error"]["code"].as_str()), (409, Some("idempotency_conflict")));
+    assert_eq!(
+        (s3, j3["error"]["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,25 +240,56 @@ async fn cancel_queued_and_running_jobs() {
     let key = &svc.admin_key;
     let long = json!({"prompt": "slow", "size": "128x128", "steps": 150});
     let (_, running) = svc.post_json("/v1/jobs", &long, Some(key)).await;
-    let (_, queued) = svc.post_json("/v1/jobs", &json!({"prompt": "next", "size": "64x64", "steps": 2}), Some(key)).await;
+    let (_, queued) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "next", "size": "64x64", "steps": 2}),
+            Some(key),
+        )
+        .await;
     let running = running["id"].as_str().expect("id").to_string();
     let queued = queued["id"].as_str().expect("id").to_string();
 
-    svc.wait_for(&running, key, |j| j["progress"]["step"].as_u64().unwrap_or(0) >= 1).await;
+    svc.wait_for(&running, key, |j| {
+        j["progress"]["step"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
     let (status, cancelled) = svc.delete(&format!("/v1/jobs/{queued}"), key).await;
-    assert_eq!((status, cancelled["status"].as_str()), (200, Some("cancelled")), "{cancelled}");
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled")),
+        "{cancelled}"
+    );
     let (status, cancelled) = svc.delete(&format!("/v1/jobs/{running}"), key).await;
-    assert_eq!((status, cancelled["status"].as_str()), (200, Some("cancelled")), "{cancelled}");
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled")),
+        "{cancelled}"
+    );
     let (status, again) = svc.delete(&format!("/v1/jobs/{running}"), key).await;
-    assert_eq!((status, again["error"]["code"].as_str()), (409, Some("job_already_finished")));
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (409, Some("job_already_finished"))
+    );
 
     // The worker drops the cancelled job and is free for the next one.
-    let (_, after) = svc.post_json("/v1/jobs", &json!({"prompt": "after", "size": "64x64", "steps": 2}), Some(key)).await;
+    let (_, after) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "after", "size": "64x64", "steps": 2}),
+            Some(key),
+        )
+        .await;
     let after = after["id"].as_str().expect("id").to_string();
-    let done = svc.wait_for(&after, key, |j| j["status"] == "succeeded").await;
+    let done = svc
+        .wait_for(&after, key, |j| j["status"] == "succeeded")
+        .await;
     assert_eq!(done["attempts"], 1);
     let job = svc.get_json(&format!("/v1/jobs/{running}"), key).await;
-    assert_eq!(job["status"], "cancelled", "a cancelled job stays cancelled: {job}");
+    assert_eq!(
+        job["status"], "cancelled",
+        "a cancelled job stays cancelled: {job}"
+    );
     assert_eq!(job["images"].as_array().map(Vec::len), Some(0));
 }
 
@@ -146,16 +297,32 @@ async fn cancel_queued_and_running_jobs() {
 async fn a_worker_killed_mid_job_loses_nothing_and_the_job_completes_once() {
     let svc = Service::start(&[("SPARKLE_QUEUE__LEASE_TIMEOUT_SECS", "3")]).await;
     let key = &svc.admin_key;
-    let (_, job) = svc.post_json("/v1/jobs", &json!({"prompt": "survivor", "size": "128x128", "steps": 60, "seed": 11}), Some(key)).await;
+    let (_, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "survivor", "size": "128x128", "steps": 60, "seed": 11}),
+            Some(key),
+        )
+        .await;
     let id = job["id"].as_str().expect("id").to_string();
-    svc.wait_for(&id, key, |j| j["progress"]["step"].as_u64().unwrap_or(0) >= 1).await;
+    svc.wait_for(&id, key, |j| {
+        j["progress"]["step"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
     let workers = svc.worker_pids();
     assert_eq!(workers.len(), 1, "one local worker: {workers:?}");
     support::kill(workers[0], "KILL");
 
-    let done = svc.wait_for(&id, key, |j| j["status"] != "running" && j["status"] != "queued").await;
+    let done = svc
+        .wait_for(&id, key, |j| {
+            j["status"] != "running" && j["status"] != "queued"
+        })
+        .await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["attempts"], 2, "leased again after the lease expired: {done}");
+    assert_eq!(
+        done["attempts"], 2,
+        "leased again after the lease expired: {done}"
+    );
     assert_eq!(done["images"].as_array().map(Vec::len), Some(1));
     let (status, png) = svc.get(&format!("/v1/jobs/{id}/images/0"), key).await;
     assert_eq!(status, 200);
@@ -168,14 +335,22 @@ async fn a_gateway_killed_after_acknowledging_loses_nothing() {
     // No workers at first, so the job is only in the queue when the gateway dies.
     let mut svc = Service::start(&[("SPARKLE_SCALER__MAX_WORKERS", "0")]).await;
     let key = svc.admin_key.clone();
-    let (status, job) = svc.post_json("/v1/jobs", &json!({"prompt": "durable", "size": "64x64", "steps": 2}), Some(&key)).await;
+    let (status, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "durable", "size": "64x64", "steps": 2}),
+            Some(&key),
+        )
+        .await;
     assert_eq!(status, 202);
     let id = job["id"].as_str().expect("id").to_string();
     support::kill(svc.pid(), "KILL");
     svc.wait_exit();
 
     svc.restart(&[]).await;
-    let done = svc.wait_for(&id, &key, |j| j["status"] == "succeeded").await;
+    let done = svc
+        .wait_for(&id, &key, |j| j["status"] == "succeeded")
+        .await;
     assert_eq!(done["request"]["prompt"], "durable");
     assert_eq!(done["attempts"], 1);
     let (status, _) = svc.get(&format!("/v1/jobs/{id}/images/0"), &key).await;

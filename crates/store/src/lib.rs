@@ -97,11 +97,27 @@ mod tests {
     async fn images_round_trip_and_missing_ones_are_none() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ObjectImageStore::local(&dir.path().join("images")).expect("store");
-        let key = ImageKey { job: JobId::random(), index: 0 };
+        let key = ImageKey {
+            job: JobId::random(),
+            index: 0,
+        };
         assert!(store.get(key).await.expect("get").is_none());
-        store.put(key, Bytes::from_static(b"png bytes")).await.expect("put");
-        store.put(key, Bytes::from_static(b"png again")).await.expect("overwrite");
-        assert_eq!(store.get(key).await.expect("get").as_deref(), Some(&b"png again"[..]));
-        assert!(store.get(ImageKey { index: 1, ..key }).await.expect("get").is_none());
+        store
+            .put(key, Bytes::from_static(b"png bytes"))
+            .await
+            .expect("put");
+        store
+            .put(key, Bytes::from_static(b"png again"))
+            .await
+            .expect("overwrite");
+        assert_eq!(
+            store.get(key).await.expect("get").as_deref(),
+            Some(&b"png again"[..])
+        );
+        assert!(store
+            .get(ImageKey { index: 1, ..key })
+            .await
+            .expect("get")
+            .is_none());
     }
 }

@@ -48,9 +48,17 @@ impl EngineThread {
                     return;
                 }
                 while let Some(request) = inbox.blocking_recv() {
-                    let Request { batch, progress, stop, reply } = request;
+                    let Request {
+                        batch,
+                        progress,
+                        stop,
+                        reply,
+                    } = request;
                     let mut on_step = |p: sparkle_engine::StepProgress| {
-                        let _ = progress.send(Some(Progress { step: p.step, total: p.total }));
+                        let _ = progress.send(Some(Progress {
+                            step: p.step,
+                            total: p.total,
+                        }));
                         if stop.load(Ordering::Relaxed) {
                             ControlFlow::Break(())
                         } else {

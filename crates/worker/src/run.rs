@@ -50,7 +50,11 @@ pub async fn run(
     tracing::info!(worker = %options.worker_id, model = %engine.info().name, "worker ready");
     while !shutdown.is_cancelled() {
         let leases = match queue
-            .lease(&options.worker_id, options.max_batch.max(1), options.lease_timeout)
+            .lease(
+                &options.worker_id,
+                options.max_batch.max(1),
+                options.lease_timeout,
+            )
             .await
         {
             Ok(leases) => leases,
@@ -159,7 +163,9 @@ async fn run_batch(
             for (lease, _) in leases.iter().zip(&live).filter(|(_, live)| **live) {
                 match queue.fail(&lease.token, failure.clone()).await {
                     Ok(status) => tracing::info!(job = %lease.job.id, %status, "job failed"),
-                    Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not record failure"),
+                    Err(e) => {
+                        tracing::warn!(job = %lease.job.id, error = %e, "could not record failure")
+                    }
                 }
             }
             Ok(())
@@ -203,7 +209,12 @@ async fn heartbeat_all(
 
 /// Stores a job's images and completes it. Images go to the store before the job is
 /// marked succeeded, so a succeeded job always has its images.
-async fn finish(queue: &dyn JobQueue, store: &dyn ImageStore, lease: &Lease, images: Vec<GeneratedImage>) {
+async fn finish(
+    queue: &dyn JobQueue,
+    store: &dyn ImageStore,
+    lease: &Lease,
+    images: Vec<GeneratedImage>,
+) {
     let request = lease.job.request.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         images
@@ -217,15 +228,26 @@ async fn finish(queue: &dyn JobQueue, store: &dyn ImageStore, lease: &Lease, ima
         Ok(Ok(pngs)) => pngs,
         Ok(Err(e)) => return record_failure(queue, lease, failure_of(&e)).await,
         Err(e) => {
-            let failure = Failure { code: "internal".into(), message: format!("encoding task: {e}"), retryable: true };
+            let failure = Failure {
+                code: "internal".into(),
+                message: format!("encoding task: {e}"),
+                retryable: true,
+            };
             return record_failure(queue, lease, failure).await;
         }
     };
     let count = pngs.len() as u32;
     for (index, png) in pngs.into_iter().enumerate() {
-        let key = ImageKey { job: lease.job.id, index: index as u32 };
+        let key = ImageKey {
+            job: lease.job.id,
+            index: index as u32,
+        };
         if let Err(e) = store.put(key, Bytes::from(png)).await {
-            let failure = Failure { code: "store_unavailable".into(), message: e.to_string(), retryable: true };
+            let failure = Failure {
+                code: "store_unavailable".into(),
+                message: e.to_string(),
+                retryable: true,
+            };
             return record_failure(queue, lease, failure).await;
         }
     }
@@ -245,7 +267,12 @@ async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
 fn failure_of(e: &EngineError) -> Failure {
     let retryable = !matches!(e, EngineError::InvalidRequest(_));
     Failure {
-        code: if retryable { "engine_error" } else { "invalid_request" }.into(),
+        code: if retryable {
+            "engine_error"
+        } else {
+            "invalid_request"
+        }
+        .into(),
         message: e.to_string(),
         retryable,
     }

@@ -19,7 +19,11 @@ impl Ddim {
             .rev()
             .map(|i| ((i * ratio + schedule.steps_offset).min(train - 1)) as f64)
             .collect();
-        Ddim { schedule, timesteps, ratio }
+        Ddim {
+            schedule,
+            timesteps,
+            ratio,
+        }
     }
 }
 
@@ -36,7 +40,13 @@ impl Sampler for Ddim {
         Ok(sample)
     }
 
-    fn step(&mut self, output: &Tensor, i: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Result<Tensor>) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let t = self.timesteps[i] as usize;
         let acp = &self.schedule.alphas_cumprod;
         let alpha = acp[t];

@@ -27,7 +27,12 @@ impl DpmPp2m {
             .collect();
         let timesteps = sigmas.iter().map(|&s| schedule.timestep_of(s)).collect();
         sigmas.push(0.0);
-        DpmPp2m { schedule, timesteps, sigmas, previous: None }
+        DpmPp2m {
+            schedule,
+            timesteps,
+            sigmas,
+            previous: None,
+        }
     }
 
     /// (alpha_t, sigma_t, lambda_t) in variance-preserving terms for a Karras sigma.
@@ -51,7 +56,13 @@ impl Sampler for DpmPp2m {
         Ok(sample)
     }
 
-    fn step(&mut self, output: &Tensor, i: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Result<Tensor>) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
         let (alpha_s, sigma_s, lambda_s) = Self::vp(sigma);
         // The sample lives in variance-preserving space; the denoiser works in sigma space.

@@ -15,7 +15,11 @@ impl Euler {
         let timesteps = linspace_timesteps(&schedule, steps);
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule.sigma_at(t)).collect();
         sigmas.push(0.0);
-        Euler { schedule, timesteps, sigmas }
+        Euler {
+            schedule,
+            timesteps,
+            sigmas,
+        }
     }
 }
 
@@ -33,7 +37,13 @@ impl Sampler for Euler {
         sample / (sigma * sigma + 1.0).sqrt()
     }
 
-    fn step(&mut self, output: &Tensor, i: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Result<Tensor>) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
         let denoised = self.schedule.denoised_ve(output, sample, sigma)?;
         let derivative = ((sample - denoised)? / sigma)?;

@@ -15,7 +15,11 @@ impl EulerAncestral {
         let timesteps = linspace_timesteps(&schedule, steps);
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule.sigma_at(t)).collect();
         sigmas.push(0.0);
-        EulerAncestral { schedule, timesteps, sigmas }
+        EulerAncestral {
+            schedule,
+            timesteps,
+            sigmas,
+        }
     }
 }
 
@@ -33,10 +37,18 @@ impl Sampler for EulerAncestral {
         sample / (sigma * sigma + 1.0).sqrt()
     }
 
-    fn step(&mut self, output: &Tensor, i: usize, sample: &Tensor, noise: &mut dyn FnMut() -> Result<Tensor>) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
         let denoised = self.schedule.denoised_ve(output, sample, sigma)?;
-        let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).max(0.0).sqrt();
+        let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma))
+            .max(0.0)
+            .sqrt();
         let down = (next * next - up * up).max(0.0).sqrt();
         let derivative = ((sample - denoised)? / sigma)?;
         let moved = (sample + (derivative * (down - sigma))?)?;

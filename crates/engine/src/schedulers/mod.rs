@@ -52,7 +52,10 @@ impl Schedule {
     pub fn new(c: &ScheduleConfig) -> Self {
         let n = c.num_train_timesteps.max(2);
         let betas: Vec<f64> = if c.scaled_linear {
-            linspace(c.beta_start.sqrt(), c.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
+            linspace(c.beta_start.sqrt(), c.beta_end.sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
         } else {
             linspace(c.beta_start, c.beta_end, n)
         };
@@ -64,7 +67,12 @@ impl Schedule {
                 product
             })
             .collect();
-        Schedule { alphas_cumprod, prediction: c.prediction, steps_offset: c.steps_offset, set_alpha_to_one: c.set_alpha_to_one }
+        Schedule {
+            alphas_cumprod,
+            prediction: c.prediction,
+            steps_offset: c.steps_offset,
+            set_alpha_to_one: c.set_alpha_to_one,
+        }
     }
 
     pub fn train_steps(&self) -> usize {
@@ -73,7 +81,10 @@ impl Schedule {
 
     /// Karras' sigma per training timestep: sqrt((1 - ᾱ) / ᾱ).
     pub fn train_sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+        self.alphas_cumprod
+            .iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
 
     /// The sigma at a fractional timestep, by linear interpolation (as diffusers does).
@@ -112,7 +123,9 @@ pub(crate) fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![start];
     }
-    (0..n).map(|i| start + (end - start) * i as f64 / (n - 1) as f64).collect()
+    (0..n)
+        .map(|i| start + (end - start) * i as f64 / (n - 1) as f64)
+        .collect()
 }
 
 /// `values` sampled at fractional index `x`.
@@ -156,7 +169,10 @@ mod tests {
                 let t = s.timesteps();
                 assert_eq!(t.len(), steps, "{kind}");
                 assert!(t.windows(2).all(|w| w[0] > w[1]), "{kind}: {t:?}");
-                assert!(t.iter().all(|&x| (0.0..1000.0).contains(&x)), "{kind}: {t:?}");
+                assert!(
+                    t.iter().all(|&x| (0.0..1000.0).contains(&x)),
+                    "{kind}: {t:?}"
+                );
             }
         }
     }
@@ -176,7 +192,8 @@ mod tests {
                 (&x0 + (&eps * schedule.sigma_at(t0)).expect("mul")).expect("add")
             } else {
                 let a = schedule.alphas_cumprod[t0.round() as usize];
-                ((&x0 * a.sqrt()).expect("mul") + (&eps * (1.0 - a).sqrt()).expect("mul")).expect("add")
+                ((&x0 * a.sqrt()).expect("mul") + (&eps * (1.0 - a).sqrt()).expect("mul"))
+                    .expect("add")
             };
             for i in 0..s.timesteps().len() {
                 let mut no_noise = || Tensor::zeros(4, candle_core::DType::F32, &device);
@@ -184,11 +201,17 @@ mod tests {
             }
             let expected = if kind == Scheduler::Ddim {
                 let a = schedule.alphas_cumprod[0];
-                ((&x0 * a.sqrt()).expect("mul") + (&eps * (1.0 - a).sqrt()).expect("mul")).expect("add")
+                ((&x0 * a.sqrt()).expect("mul") + (&eps * (1.0 - a).sqrt()).expect("mul"))
+                    .expect("add")
             } else {
                 x0.clone()
             };
-            let diff: Vec<f32> = (&x - &expected).expect("sub").abs().expect("abs").to_vec1().expect("vec");
+            let diff: Vec<f32> = (&x - &expected)
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .to_vec1()
+                .expect("vec");
             assert!(diff.iter().all(|d| *d < 1e-3), "{kind}: {diff:?}");
         }
     }

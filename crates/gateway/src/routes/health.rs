@@ -11,5 +11,7 @@ pub async fn healthz() -> Json<Value> {
 /// The process can serve: its database answers.
 pub async fn readyz(State(state): State<GatewayState>) -> Result<Json<Value>, ApiError> {
     let stats = state.queue.stats().await?;
-    Ok(Json(json!({ "status": "ready", "queued": stats.queued, "running": stats.running })))
+    Ok(Json(
+        json!({ "status": "ready", "queued": stats.queued, "running": stats.running }),
+    ))
 }

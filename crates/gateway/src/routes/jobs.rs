@@ -54,7 +54,11 @@ pub async fn create(
     };
     let enqueued = submit(&state, &caller, request, body.user.as_deref(), dedup).await?;
     let view = job_view(&state, &enqueued.job).await?;
-    let status = if enqueued.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if enqueued.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     let location = format!("/v1/jobs/{}", enqueued.job.id);
     Ok((status, [(header::LOCATION, location)], axum::Json(view)).into_response())
 }
@@ -78,7 +82,11 @@ pub async fn cancel(
     match state.queue.cancel(job.id).await? {
         CancelOutcome::Cancelled => {
             tracing::info!(job = %job.id, "job cancelled");
-            let job = state.queue.get(job.id).await?.ok_or_else(ApiError::job_not_found)?;
+            let job = state
+                .queue
+                .get(job.id)
+                .await?
+                .ok_or_else(ApiError::job_not_found)?;
             Ok(axum::Json(job_view(&state, &job).await?))
         }
         CancelOutcome::AlreadyFinal(status) => Err(ApiError::new(
@@ -97,20 +105,23 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
-    let stream = futures::stream::unfold(Some((state, job.id, String::new())), |cursor| async move {
-        let (state, id, last) = cursor?;
-        loop {
-            let job = state.queue.get(id).await.ok().flatten()?;
-            let view = job_view(&state, &job).await.ok()?;
-            let text = view.to_string();
-            if text != last {
-                let done = job.status.is_final();
-                let event = Event::default().event(if done { "done" } else { "progress" }).data(&text);
-                return Some((Ok(event), (!done).then_some((state, id, text))));
+    let stream =
+        futures::stream::unfold(Some((state, job.id, String::new())), |cursor| async move {
+            let (state, id, last) = cursor?;
+            loop {
+                let job = state.queue.get(id).await.ok().flatten()?;
+                let view = job_view(&state, &job).await.ok()?;
+                let text = view.to_string();
+                if text != last {
+                    let done = job.status.is_final();
+                    let event = Event::default()
+                        .event(if done { "done" } else { "progress" })
+                        .data(&text);
+                    return Some((Ok(event), (!done).then_some((state, id, text))));
+                }
+                tokio::time::sleep(state.options.poll_interval).await;
             }
-            tokio::time::sleep(state.options.poll_interval).await;
-        }
-    });
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -121,29 +132,58 @@ pub async fn image(
 ) -> Result<Response, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
     let png = image_bytes(&state, &job, &n).await?;
-    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (header::CACHE_CONTROL, "private, max-age=3600"),
+        ],
+        png,
+    )
+        .into_response())
 }
 
 /// Image `n` of a finished job, as PNG bytes.
-pub async fn image_bytes(state: &GatewayState, job: &Job, n: &str) -> Result<bytes::Bytes, ApiError> {
-    let not_found = || ApiError::new(ErrorCode::ImageNotFound, format!("the job has no image {n:?}"));
-    let index: u32 = n.trim_end_matches(".png").parse().map_err(|_| not_found())?;
+pub async fn image_bytes(
+    state: &GatewayState,
+    job: &Job,
+    n: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::ImageNotFound,
+            format!("the job has no image {n:?}"),
+        )
+    };
+    let index: u32 = n
+        .trim_end_matches(".png")
+        .parse()
+        .map_err(|_| not_found())?;
     if job.status != JobStatus::Succeeded {
         return Err(ApiError::new(
             ErrorCode::JobNotFinished,
-            format!("the job is {}; images are ready once it succeeds", job.status),
+            format!(
+                "the job is {}; images are ready once it succeeds",
+                job.status
+            ),
         ));
     }
     if index >= job.images {
         return Err(not_found());
     }
-    state.store.get(ImageKey { job: job.id, index }).await?.ok_or_else(not_found)
+    state
+        .store
+        .get(ImageKey { job: job.id, index })
+        .await?
+        .ok_or_else(not_found)
 }
 
 /// The job, if it exists and the caller may see it (others' jobs are "not found").
 pub async fn owned_job(state: &GatewayState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
     if !(caller.0.allows(Scope::Read) || caller.0.allows(Scope::Generate)) {
-        return Err(ApiError::new(ErrorCode::InsufficientScope, "this key lacks the `read` scope"));
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            "this key lacks the `read` scope",
+        ));
     }
     let id: JobId = id.parse().map_err(|_| ApiError::job_not_found())?;
     match state.queue.get(id).await? {
@@ -185,7 +225,8 @@ pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError
             view["queue_position"] = json!(ahead);
             if let Some(run_ms) = stats.recent_run_ms {
                 let workers = stats.running.max(1) as f64;
-                view["eta_seconds"] = json!(((ahead as f64 + 1.0) * run_ms / workers / 1000.0).ceil());
+                view["eta_seconds"] =
+                    json!(((ahead as f64 + 1.0) * run_ms / workers / 1000.0).ceil());
             }
         }
     }

@@ -68,21 +68,35 @@ pub async fn generate(
     let id = enqueued.job.id;
     let deadline = Instant::now() + state.options.sync_timeout;
     let job = loop {
-        let job = state.queue.get(id).await?.ok_or_else(ApiError::job_not_found)?;
+        let job = state
+            .queue
+            .get(id)
+            .await?
+            .ok_or_else(ApiError::job_not_found)?;
         if job.status.is_final() {
             break job;
         }
         if Instant::now() >= deadline {
             return Err(ApiError::new(
                 ErrorCode::Timeout,
-                format!("job {id} is still {}; follow it at /v1/jobs/{id}", job.status),
+                format!(
+                    "job {id} is still {}; follow it at /v1/jobs/{id}",
+                    job.status
+                ),
             ));
         }
         tokio::time::sleep(state.options.poll_interval).await;
     };
     if job.status != JobStatus::Succeeded {
-        let reason = job.error.as_ref().map(|e| e.message.as_str()).unwrap_or("no reason recorded");
-        return Err(ApiError::new(ErrorCode::JobFailed, format!("job {id} {}: {reason}", job.status)));
+        let reason = job
+            .error
+            .as_ref()
+            .map(|e| e.message.as_str())
+            .unwrap_or("no reason recorded");
+        return Err(ApiError::new(
+            ErrorCode::JobFailed,
+            format!("job {id} {}: {reason}", job.status),
+        ));
     }
     let host = headers
         .get(header::HOST)
@@ -92,7 +106,9 @@ pub async fn generate(
     for i in 0..job.images {
         let seed = job.request.seed_of(i);
         if as_url {
-            data.push(json!({ "url": format!("https://{host}/v1/jobs/{id}/images/{i}"), "seed": seed }));
+            data.push(
+                json!({ "url": format!("https://{host}/v1/jobs/{id}/images/{i}"), "seed": seed }),
+            );
         } else {
             let png = image_bytes(&state, &job, &i.to_string()).await?;
             data.push(json!({

@@ -17,11 +17,16 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
         param: Some("Idempotency-Key"),
         ..ApiError::new(
             ErrorCode::InvalidIdempotencyKey,
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ),
         )
     };
     let key = value.to_str().map_err(|_| invalid())?.trim();
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || !key.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+    {
         return Err(invalid());
     }
     Ok(Some(key.to_string()))
@@ -36,14 +41,21 @@ pub async fn submit(
     dedup_key: Option<String>,
 ) -> Result<Enqueued, ApiError> {
     caller.require(Scope::Generate)?;
+    let fingerprint = request.fingerprint();
     let valid = request.validate(&state.limits, &state.catalog, rand::random::<u32>)?;
     let stats = state.queue.stats().await?;
     if stats.queued >= state.options.max_queued_jobs {
-        return Err(ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30));
+        return Err(
+            ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30),
+        );
     }
     // Fairness is per key, and per end user within a key when the client names one.
     let group = match end_user.map(str::trim).filter(|u| !u.is_empty()) {
-        Some(user) => format!("{}:{}", caller.0.id, user.chars().take(64).collect::<String>()),
+        Some(user) => format!(
+            "{}:{}",
+            caller.0.id,
+            user.chars().take(64).collect::<String>()
+        ),
         None => caller.0.id.clone(),
     };
     let enqueued = state
@@ -52,6 +64,7 @@ pub async fn submit(
             owner: caller.0.id.clone(),
             group,
             dedup_key,
+            fingerprint,
             request: valid,
             max_attempts: state.options.max_attempts,
         })

@@ -88,7 +88,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .context("the engine returned no image")?;
     eprintln!();
     let png = sparkle_engine::encode_png(&image, &request.parameters_text(0))?;
-    std::fs::write(&args.output, png).with_context(|| format!("cannot write {}", args.output.display()))?;
+    std::fs::write(&args.output, png)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     eprintln!(
         "wrote {} ({}x{}, seed {}) — model loaded in {:.2?}, generated in {:.2?}",
         args.output.display(),

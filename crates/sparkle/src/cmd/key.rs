@@ -32,18 +32,29 @@ pub enum KeyCommand {
 
 pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
     match command {
-        KeyCommand::Create { common, name, scope } => {
+        KeyCommand::Create {
+            common,
+            name,
+            scope,
+        } => {
             let name = name.trim();
             if name.is_empty() || name.len() > 100 {
                 bail!("--name must be 1 to 100 characters");
             }
             let scopes = scope
                 .iter()
-                .map(|s| Scope::parse(s).ok_or_else(|| anyhow::anyhow!("unknown scope {s:?}; expected generate, read or admin")))
+                .map(|s| {
+                    Scope::parse(s).ok_or_else(|| {
+                        anyhow::anyhow!("unknown scope {s:?}; expected generate, read or admin")
+                    })
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let queue = open_queue(&load_config(&common, None)?).await?;
             let (key, secret) = queue.create_key(name, &scopes).await?;
-            eprintln!("Created key {} ({}); it is shown once and only its hash is stored:", key.id, key.name);
+            eprintln!(
+                "Created key {} ({}); it is shown once and only its hash is stored:",
+                key.id, key.name
+            );
             println!("{}", secret.expose());
         }
         KeyCommand::List { common } => {

@@ -32,12 +32,19 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             eprintln!("wrote a tiny model to {}", dir.display());
         }
         ModelCommand::List { dir } => {
-            let entries = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            let entries = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
             let mut rows = Vec::new();
             for entry in entries.flatten() {
                 let path = entry.path();
                 if let Ok(d) = sparkle_engine::describe(&path) {
-                    rows.push(format!("{}\t{}\t{}px\t{:.1} MB", d.name, d.architecture, d.native_size, d.bytes as f64 / 1e6));
+                    rows.push(format!(
+                        "{}\t{}\t{}px\t{:.1} MB",
+                        d.name,
+                        d.architecture,
+                        d.native_size,
+                        d.bytes as f64 / 1e6
+                    ));
                 }
             }
             rows.sort();

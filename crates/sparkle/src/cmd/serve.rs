@@ -35,7 +35,10 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let queue = open_queue(&config).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
-    start_gateway(&config, queue, shutdown).await?.await.context("gateway task")?
+    start_gateway(&config, queue, shutdown)
+        .await?
+        .await
+        .context("gateway task")?
 }
 
 pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
@@ -43,7 +46,9 @@ pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
     config.model_dir()?;
     let queue = open_queue(&config).await?;
     let shutdown = runtime::shutdown_on_signals();
-    start_scaler(&config, &common, queue, shutdown)?.await.context("scaler task")
+    start_scaler(&config, &common, queue, shutdown)?
+        .await
+        .context("scaler task")
 }
 
 pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> anyhow::Result<()> {
@@ -114,7 +119,10 @@ async fn ensure_admin_key(queue: &SqliteQueue) -> anyhow::Result<()> {
         return Ok(());
     }
     let (key, secret) = queue.create_key("admin", &[Scope::Admin]).await?;
-    println!("Admin API key (shown once; only its hash is stored): {}", secret.expose());
+    println!(
+        "Admin API key (shown once; only its hash is stored): {}",
+        secret.expose()
+    );
     tracing::info!(key = %key.id, "created the first admin key");
     Ok(())
 }
@@ -132,7 +140,13 @@ async fn start_gateway(
     };
     let tls = sparkle_gateway::tls::load(&cert, &key)
         .await
-        .with_context(|| format!("cannot load the certificate {} and key {}", cert.display(), key.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot load the certificate {} and key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
     let state = GatewayState {
         queue: queue.clone() as Arc<dyn JobQueue>,
@@ -171,8 +185,14 @@ fn start_scaler(
     if let Some(file) = &common.config {
         args.extend(["--config".into(), file.clone().into_os_string()]);
     }
-    args.extend(["--data-dir".into(), config.data_dir.clone().into_os_string()]);
-    args.extend(["--model".into(), config.model_dir()?.to_path_buf().into_os_string()]);
+    args.extend([
+        "--data-dir".into(),
+        config.data_dir.clone().into_os_string(),
+    ]);
+    args.extend([
+        "--model".into(),
+        config.model_dir()?.to_path_buf().into_os_string(),
+    ]);
     let policy = Policy {
         min_workers: config.scaler.min_workers,
         max_workers: config.scaler.max_workers,
@@ -182,5 +202,7 @@ fn start_scaler(
     let actuator = LocalProcesses::new(program, args);
     let tick = Duration::from_millis(config.scaler.tick_ms.max(100));
     let drain = Duration::from_secs(config.worker.drain_timeout_secs) + Duration::from_secs(5);
-    Ok(tokio::spawn(sparkle_scaler::run(queue, policy, actuator, tick, drain, shutdown)))
+    Ok(tokio::spawn(sparkle_scaler::run(
+        queue, policy, actuator, tick, drain, shutdown,
+    )))
 }

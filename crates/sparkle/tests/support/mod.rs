@@ -15,8 +15,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_sparkle");
 pub fn tiny_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sparkle-tiny-{}", std::process::id()));
-        let status = Command::new(BIN).args(["model", "tiny"]).arg(&dir).status().expect("run sparkle model tiny");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-model");
+        let _ = std::fs::remove_dir_all(&dir);
+        let status = Command::new(BIN)
+            .args(["model", "tiny"])
+            .arg(&dir)
+            .status()
+            .expect("run sparkle model tiny");
         assert!(status.success(), "sparkle model tiny failed");
         dir
     })
@@ -35,7 +40,13 @@ impl Service {
         let data = tempfile::tempdir().expect("tempdir");
         let (child, url, key) = spawn_up(data.path(), env);
         let client = client_for(data.path());
-        let mut svc = Service { child, data, url, admin_key: key.expect("the first start prints an admin key"), client };
+        let mut svc = Service {
+            child,
+            data,
+            url,
+            admin_key: key.expect("the first start prints an admin key"),
+            client,
+        };
         svc.wait_ready().await;
         svc
     }
@@ -43,7 +54,10 @@ impl Service {
     /// Starts `sparkle up` again on the same data directory.
     pub async fn restart(&mut self, env: &[(&str, &str)]) {
         let (child, url, key) = spawn_up(self.data.path(), env);
-        assert!(key.is_none(), "the admin key is printed on the first start only");
+        assert!(
+            key.is_none(),
+            "the admin key is printed on the first start only"
+        );
         self.child = child;
         self.url = url;
         self.wait_ready().await;
@@ -75,9 +89,13 @@ impl Service {
         let parent = self.pid().to_string();
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
             // pid (comm) state ppid …; comm may contain spaces, so split after the last ')'.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
             let fields: Vec<_> = rest.split_whitespace().collect();
             if fields.get(1) == Some(&parent.as_str()) && fields.first() != Some(&"Z") {
                 if let Ok(pid) = entry.file_name().to_string_lossy().parse() {
@@ -100,7 +118,10 @@ impl Service {
             .arg(self.data.path().join("sparkle.db"))
             .output()
             .expect("python3 reads the database");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a count")
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a count")
     }
 
     pub async fn create_key(&self, name: &str) -> String {
@@ -109,15 +130,26 @@ impl Service {
             .arg(self.data.path())
             .output()
             .expect("sparkle key create");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     pub async fn post_json(&self, route: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
-        self.post_json_with(route, body, key.unwrap_or(""), &[]).await
+        self.post_json_with(route, body, key.unwrap_or(""), &[])
+            .await
     }
 
-    pub async fn post_json_with(&self, route: &str, body: &Value, key: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    pub async fn post_json_with(
+        &self,
+        route: &str,
+        body: &Value,
+        key: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut req = self.client.post(format!("{}{route}", self.url)).json(body);
         if !key.is_empty() {
             req = req.bearer_auth(key);
@@ -144,7 +176,13 @@ impl Service {
     }
 
     pub async fn get(&self, route: &str, key: &str) -> (u16, Vec<u8>) {
-        let r = self.client.get(format!("{}{route}", self.url)).bearer_auth(key).send().await.expect("request");
+        let r = self
+            .client
+            .get(format!("{}{route}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request");
         (r.status().as_u16(), r.bytes().await.expect("body").to_vec())
     }
 
@@ -155,7 +193,13 @@ impl Service {
     }
 
     pub async fn delete(&self, route: &str, key: &str) -> (u16, Value) {
-        let r = self.client.delete(format!("{}{route}", self.url)).bearer_auth(key).send().await.expect("request");
+        let r = self
+            .client
+            .delete(format!("{}{route}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request");
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
@@ -167,7 +211,11 @@ impl Service {
             if done(&job) {
                 return job;
             }
-            assert!(Instant::now() < deadline, "job never got there: {job}\nlog:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "job never got there: {job}\nlog:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -189,7 +237,9 @@ impl Service {
                 text.push_str(&String::from_utf8_lossy(&chunk));
             }
         });
-        stream.await.expect("the event stream ends after the final event");
+        stream
+            .await
+            .expect("the event stream ends after the final event");
         text.split("\n\n")
             .filter_map(|block| {
                 let mut name = String::from("message");
@@ -226,11 +276,17 @@ impl Drop for Service {
 }
 
 pub fn kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").args(["-s", signal, &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status();
 }
 
 fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>) {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("test.log")).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("test.log"))
+        .expect("log file");
     let mut child = Command::new(BIN)
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -255,8 +311,11 @@ fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>
     });
     let mut key = None;
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("sparkle up prints its URL");
-        if let Some(k) = line.strip_prefix("Admin API key (shown once; only its hash is stored): ") {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("sparkle up prints its URL");
+        if let Some(k) = line.strip_prefix("Admin API key (shown once; only its hash is stored): ")
+        {
             key = Some(k.trim().to_string());
         }
         if let Some(url) = line.strip_prefix("Sparkle is up at ") {
@@ -287,7 +346,10 @@ pub fn png_info(bytes: &[u8]) -> (u32, u32, String) {
         .find(|t| t.keyword == "parameters")
         .map(|t| t.text.clone())
         .or_else(|| {
-            info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok())
+            info.utf8_text
+                .iter()
+                .find(|t| t.keyword == "parameters")
+                .and_then(|t| t.get_text().ok())
         })
         .unwrap_or_default();
     (info.width, info.height, text)
