@@ -172,8 +172,8 @@ impl Engine {
                 "a batch needs at least one image".into(),
             ));
         }
-        if batch.width % scale != 0
-            || batch.height % scale != 0
+        if !batch.width.is_multiple_of(scale)
+            || !batch.height.is_multiple_of(scale)
             || batch.width == 0
             || batch.height == 0
         {

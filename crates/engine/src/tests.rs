@@ -196,8 +196,7 @@ fn a_missing_or_misshapen_tensor_is_named() {
 
     std::fs::remove_file(dir.path().join("vae/config.json")).expect("remove");
     let err = crate::describe(dir.path())
-        .err()
-        .expect("no config")
+        .expect_err("no config")
         .to_string();
     assert!(err.contains("vae/config.json"), "{err}");
 }

@@ -253,6 +253,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
     fn file_then_environment_then_flags() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");

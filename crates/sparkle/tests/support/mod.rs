@@ -281,6 +281,7 @@ pub fn kill(pid: u32, signal: &str) {
         .status();
 }
 
+#[allow(clippy::zombie_processes)] // the Service that owns the child waits for it on drop
 fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
