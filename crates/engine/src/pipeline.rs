@@ -31,7 +31,6 @@ pub enum DeviceChoice {
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub device: DeviceChoice,
-    pub use_flash_attn: bool,
 }
 
 /// Every image of a batch shares these settings; each item has its own prompt and seed.
@@ -106,7 +105,7 @@ impl Engine {
                 vb,
                 unet_config.in_channels,
                 unet_config.out_channels,
-                options.use_flash_attn,
+                false,
                 unet_config.candle.clone(),
             )
         })?;

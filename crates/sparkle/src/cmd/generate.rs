@@ -60,7 +60,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let options = sparkle_engine::EngineOptions {
         device: super::serve::parse_device(&args.device)?,
-        ..Default::default()
     };
     let engine = sparkle_engine::Engine::load(&args.model, &options)
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;

@@ -62,7 +62,6 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
     }
     let options = sparkle_engine::EngineOptions {
         device: parse_device(&config.worker.device)?,
-        ..Default::default()
     };
     let engine = sparkle_worker::EngineThread::start(model, options)
         .await
