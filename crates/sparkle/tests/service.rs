@@ -357,3 +357,39 @@ async fn a_gateway_killed_after_acknowledging_loses_nothing() {
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// The official `openai` Python client, unchanged. `scripts/test.sh` installs it and sets
+/// OPENAI_CLIENT_PYTHON to the interpreter that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_unchanged() {
+    let Some(python) = std::env::var_os("OPENAI_CLIENT_PYTHON") else {
+        eprintln!("skipped: OPENAI_CLIENT_PYTHON is not set (./scripts/test.sh sets it up)");
+        return;
+    };
+    let svc = Service::start(&[]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(&svc.url)
+        .arg(&svc.admin_key)
+        .env("SSL_CERT_FILE", svc.certificate())
+        .output()
+        .await
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    assert_eq!(seen["images"], 2);
+    assert_eq!(
+        seen["bad_request"],
+        json!({"status": 400, "code": "invalid_size", "param": "size"})
+    );
+    assert_eq!(
+        seen["auth"],
+        json!({"status": 401, "code": "invalid_api_key"})
+    );
+}

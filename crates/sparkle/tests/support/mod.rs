@@ -76,6 +76,11 @@ impl Service {
         panic!("sparkle up never became ready; log:\n{}", self.log());
     }
 
+    /// The service's self-signed certificate, for clients that take a CA file.
+    pub fn certificate(&self) -> PathBuf {
+        self.data.path().join("tls/cert.pem")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
