@@ -32,14 +32,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         output: &Tensor,

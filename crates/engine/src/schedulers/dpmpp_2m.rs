@@ -48,14 +48,6 @@ impl Sampler for DpmPp2m {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         output: &Tensor,

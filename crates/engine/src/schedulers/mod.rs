@@ -16,9 +16,13 @@ pub trait Sampler {
     /// The timesteps the UNet sees, in order.
     fn timesteps(&self) -> &[f64];
     /// The scale of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// Scales the latents before they enter the UNet at step `i`.
-    fn scale_model_input(&self, sample: Tensor, i: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: Tensor, _i: usize) -> Result<Tensor> {
+        Ok(sample)
+    }
     /// One update from step `i` to `i + 1`. `noise` gives fresh standard normal noise shaped
     /// like the sample, for ancestral samplers.
     fn step(
@@ -137,11 +141,31 @@ fn interpolate(values: &[f64], x: f64) -> f64 {
     values[lo] + (values[hi] - values[lo]) * (x - lo as f64)
 }
 
-/// diffusers' "linspace" spacing: `steps` timesteps from the last training step to 0.
-pub(crate) fn linspace_timesteps(schedule: &Schedule, steps: usize) -> Vec<f64> {
-    let mut t = linspace(0.0, (schedule.train_steps() - 1) as f64, steps.max(1));
-    t.reverse();
-    t
+/// The timesteps and sigmas of the Euler samplers: diffusers' "linspace" spacing, `steps`
+/// timesteps from the last training step to 0, each with its sigma, then a final sigma of 0.
+/// The sample lives in sigma (variance-exploding) space, scaled down before the UNet.
+pub(crate) struct LinspaceSigmas {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f64>,
+}
+
+impl LinspaceSigmas {
+    pub fn new(schedule: &Schedule, steps: usize) -> Self {
+        let mut timesteps = linspace(0.0, (schedule.train_steps() - 1) as f64, steps.max(1));
+        timesteps.reverse();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule.sigma_at(t)).collect();
+        sigmas.push(0.0);
+        LinspaceSigmas { timesteps, sigmas }
+    }
+
+    pub fn init_noise_sigma(&self) -> f64 {
+        (self.sigmas[0] * self.sigmas[0] + 1.0).sqrt()
+    }
+
+    pub fn scale_model_input(&self, sample: Tensor, i: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[i];
+        sample / (sigma * sigma + 1.0).sqrt()
+    }
 }
 
 #[cfg(test)]

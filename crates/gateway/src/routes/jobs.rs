@@ -1,6 +1,6 @@
 //! The asynchronous jobs API: submit, look, follow, cancel, fetch images.
 
-use super::submit::{idempotency_key, submit};
+use super::submit::{idempotency_key, submit, GenerationBody};
 use crate::auth::Caller;
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
@@ -9,50 +9,28 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde::Deserialize;
 use serde_json::{json, Value};
-use sparkle_core::{ErrorCode, ImageRequest, JobId, JobStatus};
+use sparkle_core::{ErrorCode, JobId, JobStatus};
 use sparkle_queue::{CancelOutcome, Job, Scope};
 use sparkle_store::ImageKey;
 use std::convert::Infallible;
-
-/// The body of `POST /v1/jobs`. Unknown fields are refused, so a typo is an error rather
-/// than a silently ignored setting.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobBody {
-    prompt: String,
-    negative_prompt: Option<String>,
-    model: Option<String>,
-    size: Option<String>,
-    steps: Option<u32>,
-    guidance_scale: Option<f32>,
-    seed: Option<u64>,
-    scheduler: Option<String>,
-    n: Option<u32>,
-    /// An end user of the calling application, for fairness between its users.
-    user: Option<String>,
-}
 
 pub async fn create(
     State(state): State<GatewayState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<JobBody>,
+    Json(body): Json<GenerationBody>,
 ) -> Result<Response, ApiError> {
     let dedup = idempotency_key(&headers)?;
-    let request = ImageRequest {
-        prompt: body.prompt,
-        negative_prompt: body.negative_prompt,
-        model: body.model,
-        size: body.size,
-        steps: body.steps,
-        guidance_scale: body.guidance_scale,
-        seed: body.seed,
-        scheduler: body.scheduler,
-        n: body.n,
-    };
-    let enqueued = submit(&state, &caller, request, body.user.as_deref(), dedup).await?;
+    if body.response_format.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "response_format belongs to /v1/images/generations; jobs deliver images at /v1/jobs/{id}/images/{n}",
+        ));
+    }
+    let user = body.user.clone();
+    let request = body.into_request(&[])?;
+    let enqueued = submit(&state, &caller, request, user.as_deref(), dedup).await?;
     let view = job_view(&state, &enqueued.job).await?;
     let status = if enqueued.created {
         StatusCode::ACCEPTED

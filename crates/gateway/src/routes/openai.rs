@@ -4,34 +4,29 @@
 //! `Idempotency-Key`.
 
 use super::jobs::image_bytes;
-use super::submit::{idempotency_key, submit};
+use super::submit::{idempotency_key, submit, GenerationBody};
 use crate::auth::Caller;
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::{json, Value};
-use sparkle_core::{ErrorCode, ImageRequest, JobStatus};
+use sparkle_core::{ErrorCode, JobStatus};
 use tokio::time::Instant;
 
-/// OpenAI's fields plus Sparkle's extensions. Fields OpenAI defines for its own models
-/// (`quality`, `style`, …) are accepted and ignored, so existing clients keep working.
-#[derive(Debug, Deserialize)]
-pub struct GenerationBody {
-    prompt: String,
-    model: Option<String>,
-    n: Option<u32>,
-    size: Option<String>,
-    response_format: Option<String>,
-    user: Option<String>,
-    negative_prompt: Option<String>,
-    steps: Option<u32>,
-    guidance_scale: Option<f32>,
-    seed: Option<u64>,
-    scheduler: Option<String>,
-}
+/// Fields OpenAI defines for its own models; accepted and ignored so that existing clients
+/// keep working.
+const OPENAI_ONLY: &[&str] = &[
+    "quality",
+    "style",
+    "background",
+    "moderation",
+    "output_compression",
+    "output_format",
+    "partial_images",
+    "stream",
+];
 
 pub async fn generate(
     State(state): State<GatewayState>,
@@ -53,18 +48,9 @@ pub async fn generate(
         }
     };
     let dedup = idempotency_key(&headers)?;
-    let request = ImageRequest {
-        prompt: body.prompt,
-        negative_prompt: body.negative_prompt,
-        model: body.model,
-        size: body.size,
-        steps: body.steps,
-        guidance_scale: body.guidance_scale,
-        seed: body.seed,
-        scheduler: body.scheduler,
-        n: body.n,
-    };
-    let enqueued = submit(&state, &caller, request, body.user.as_deref(), dedup).await?;
+    let user = body.user.clone();
+    let request = body.into_request(OPENAI_ONLY)?;
+    let enqueued = submit(&state, &caller, request, user.as_deref(), dedup).await?;
     let id = enqueued.job.id;
     let deadline = Instant::now() + state.options.sync_timeout;
     let job = loop {

@@ -3,8 +3,59 @@
 use crate::auth::Caller;
 use crate::{ApiError, GatewayState};
 use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 use sparkle_core::{ErrorCode, ImageRequest};
 use sparkle_queue::{Enqueued, NewJob, Scope};
+
+/// The body of both generation routes: OpenAI's fields plus Sparkle's extensions. Fields
+/// nobody defines are refused, so a typo (`"stpes"`) is an error, not a silently ignored
+/// setting; `allowed_extra` names fields a route accepts and ignores.
+#[derive(Debug, Deserialize)]
+pub struct GenerationBody {
+    prompt: String,
+    negative_prompt: Option<String>,
+    model: Option<String>,
+    size: Option<String>,
+    steps: Option<u32>,
+    guidance_scale: Option<f32>,
+    seed: Option<u64>,
+    scheduler: Option<String>,
+    n: Option<u32>,
+    /// An end user of the calling application, for fairness between its users.
+    pub user: Option<String>,
+    /// OpenAI's `b64_json` or `url` (the synchronous route only).
+    pub response_format: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+impl GenerationBody {
+    /// The request, once every field is known to this route.
+    pub fn into_request(self, allowed_extra: &[&str]) -> Result<ImageRequest, ApiError> {
+        if let Some(field) = self
+            .other
+            .keys()
+            .find(|k| !allowed_extra.contains(&k.as_str()))
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("unknown field `{field}`"),
+            ));
+        }
+        Ok(ImageRequest {
+            prompt: self.prompt,
+            negative_prompt: self.negative_prompt,
+            model: self.model,
+            size: self.size,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            seed: self.seed,
+            scheduler: self.scheduler,
+            n: self.n,
+        })
+    }
+}
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
