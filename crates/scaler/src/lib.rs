@@ -67,6 +67,12 @@ pub async fn run(
         }
         let current = actuator.current().await;
         let desired = policy.desired_workers(&stats, current, last_busy.elapsed());
+        metrics::gauge!("sparkle_queue_depth").set(stats.queued as f64);
+        metrics::gauge!("sparkle_queue_running").set(stats.running as f64);
+        metrics::gauge!("sparkle_queue_oldest_age_seconds")
+            .set(stats.oldest_queued_age_ms.unwrap_or(0) as f64 / 1000.0);
+        metrics::gauge!("sparkle_workers").set(f64::from(current));
+        metrics::gauge!("sparkle_workers_desired").set(f64::from(desired));
         if desired != current {
             tracing::info!(
                 current,

@@ -1,6 +1,7 @@
 //! `sparkle`: one binary for every role. This crate parses the command line and the
 //! configuration and wires the library crates together; the behaviour lives in them.
 
+mod admin;
 mod cmd;
 mod config;
 mod runtime;

@@ -220,6 +220,17 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
         .await;
     assert_eq!((s1, s2), (202, 200));
     assert_eq!(j1["id"], j2["id"]);
+    let metrics = svc.metrics().await;
+    assert!(
+        metrics.contains("sparkle_jobs_submitted_total 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sparkle_queue_depth"), "{metrics}");
+    assert!(
+        svc.metrics_url.starts_with("http://127.0.0.1:"),
+        "admin listens on loopback"
+    );
+
     let (s3, j3) = svc
         .post_json_with(
             "/v1/jobs",

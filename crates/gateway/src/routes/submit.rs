@@ -121,6 +121,7 @@ pub async fn submit(
         })
         .await?;
     if enqueued.created {
+        metrics::counter!("sparkle_jobs_submitted_total").increment(1);
         tracing::info!(job = %enqueued.job.id, key = %caller.0.id, "job enqueued");
     }
     Ok(enqueued)

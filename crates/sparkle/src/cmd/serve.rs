@@ -22,11 +22,13 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let queue = open_queue(&config).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
+    let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     let gateway = start_gateway(&config, queue.clone(), shutdown.clone()).await?;
     let scaler = start_scaler(&config, &common, queue, shutdown.clone())?;
     let served = gateway.await.context("gateway task")?;
     shutdown.cancel();
     scaler.await.context("scaler task")?;
+    admin.await.context("admin task")?;
     served
 }
 
@@ -35,6 +37,7 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let queue = open_queue(&config).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
+    let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     start_gateway(&config, queue, shutdown)
         .await?
         .await
@@ -46,6 +49,7 @@ pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
     config.model_dir()?;
     let queue = open_queue(&config).await?;
     let shutdown = runtime::shutdown_on_signals();
+    let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     start_scaler(&config, &common, queue, shutdown)?
         .await
         .context("scaler task")

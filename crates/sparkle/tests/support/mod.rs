@@ -31,6 +31,7 @@ pub struct Service {
     child: Child,
     data: tempfile::TempDir,
     pub url: String,
+    pub metrics_url: String,
     pub admin_key: String,
     client: reqwest::Client,
 }
@@ -38,12 +39,13 @@ pub struct Service {
 impl Service {
     pub async fn start(env: &[(&str, &str)]) -> Service {
         let data = tempfile::tempdir().expect("tempdir");
-        let (child, url, key) = spawn_up(data.path(), env);
+        let (child, (url, metrics_url), key) = spawn_up(data.path(), env);
         let client = client_for(data.path());
         let mut svc = Service {
             child,
             data,
             url,
+            metrics_url,
             admin_key: key.expect("the first start prints an admin key"),
             client,
         };
@@ -53,13 +55,13 @@ impl Service {
 
     /// Starts `sparkle up` again on the same data directory.
     pub async fn restart(&mut self, env: &[(&str, &str)]) {
-        let (child, url, key) = spawn_up(self.data.path(), env);
+        let (child, urls, key) = spawn_up(self.data.path(), env);
         assert!(
             key.is_none(),
             "the admin key is printed on the first start only"
         );
         self.child = child;
-        self.url = url;
+        (self.url, self.metrics_url) = urls;
         self.wait_ready().await;
     }
 
@@ -191,6 +193,18 @@ impl Service {
         (r.status().as_u16(), r.bytes().await.expect("body").to_vec())
     }
 
+    /// The admin listener's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let r = self
+            .client
+            .get(&self.metrics_url)
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("text")
+    }
+
     pub async fn get_json(&self, route: &str, key: &str) -> Value {
         let (status, body) = self.get(route, key).await;
         assert_eq!(status, 200, "{route}: {}", String::from_utf8_lossy(&body));
@@ -287,14 +301,21 @@ pub fn kill(pid: u32, signal: &str) {
 }
 
 #[allow(clippy::zombie_processes)] // the Service that owns the child waits for it on drop
-fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>) {
+fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, (String, String), Option<String>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(data.join("test.log"))
         .expect("log file");
     let mut child = Command::new(BIN)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data)
         .arg("--model")
         .arg(tiny_model())
@@ -316,6 +337,7 @@ fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>
         }
     });
     let mut key = None;
+    let mut metrics = String::new();
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
@@ -324,8 +346,11 @@ fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, String, Option<String>
         {
             key = Some(k.trim().to_string());
         }
+        if let Some(url) = line.strip_prefix("Metrics at ") {
+            metrics = url.trim().to_string();
+        }
         if let Some(url) = line.strip_prefix("Sparkle is up at ") {
-            return (child, url.trim().to_string(), key);
+            return (child, (url.trim().to_string(), metrics), key);
         }
     }
 }
