@@ -24,7 +24,6 @@ fn engine() -> &'static Engine {
             tiny_dir(),
             &EngineOptions {
                 device: crate::DeviceChoice::Cpu,
-                ..Default::default()
             },
         )
         .expect("load")
@@ -177,7 +176,6 @@ fn a_missing_or_misshapen_tensor_is_named() {
     save(&tensors, &file).expect("save");
     let cpu = EngineOptions {
         device: crate::DeviceChoice::Cpu,
-        ..Default::default()
     };
     let err = Engine::load(dir.path(), &cpu)
         .err()
