@@ -1,0 +1,136 @@
+"""Reference outputs from diffusers for the engine's parity tests.
+
+    python diffusers_reference.py MODEL_DIR OUT_DIR
+
+MODEL_DIR is a diffusers-layout model written by `sparkle model tiny MODEL_DIR` (the weights
+are deterministic, so the Rust tests regenerate the same model instead of committing it).
+For each scheduler this runs diffusers' own components on the CPU in float32 from fixed
+initial noise and writes OUT_DIR/<scheduler>.safetensors with:
+
+  initial   the initial latents (before scaling by the scheduler's init sigma)
+  uncond    text embeddings of the negative prompt  [1, 77, hidden]
+  cond      text embeddings of the prompt           [1, 77, hidden]
+  timesteps the timesteps the UNet saw
+  first     latents after the first step
+  last      latents after the last step
+  image     the decoded image, in [0, 1], [1, 3, H, W]
+  noise     (Euler a only) the fresh noise drawn at each step, [steps, 4, h, w]
+
+and OUT_DIR/case.json with the prompt, sizes and versions. Any weight diffusers or
+transformers would have to invent (a missing or unexpected tensor) is an error.
+"""
+import json
+import sys
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a_module
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+CASE = {
+    "prompt": "a corgi, style of monet",
+    "negative_prompt": "blurry",
+    "width": 64,
+    "height": 48,
+    "steps": 4,
+    "guidance_scale": 7.5,
+    "noise_seed": 1234,
+}
+
+SCHEDULERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+}
+
+
+def load_strict(cls, path, **kwargs):
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise SystemExit(f"{path}: weights do not match the architecture: {bad}")
+    return model.eval()
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    model, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    text_encoder = load_strict(CLIPTextModel, model / "text_encoder")
+    unet = load_strict(UNet2DConditionModel, model / "unet")
+    vae = load_strict(AutoencoderKL, model / "vae")
+    base_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+
+    def embed(text):
+        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids)[0]
+
+    uncond, cond = embed(CASE["negative_prompt"]), embed(CASE["prompt"])
+    shape = (1, unet.config.in_channels, CASE["height"] // 8, CASE["width"] // 8)
+    initial = torch.randn(shape, generator=torch.Generator().manual_seed(CASE["noise_seed"]))
+    g = CASE["guidance_scale"]
+
+    for name, (cls, extra) in SCHEDULERS.items():
+        scheduler = cls.from_config(base_config, **extra)
+        scheduler.set_timesteps(CASE["steps"])
+        drawn = []
+        original = euler_a_module.randn_tensor
+
+        def recording(*args, **kwargs):
+            noise = original(*args, **kwargs)
+            drawn.append(noise.clone())
+            return noise
+
+        euler_a_module.randn_tensor = recording
+        try:
+            latents = initial * scheduler.init_noise_sigma
+            first = None
+            generator = torch.Generator().manual_seed(99)
+            for i, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                output = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                u, c = output.chunk(2)
+                latents = scheduler.step(u + g * (c - u), t, latents, generator=generator).prev_sample
+                if i == 0:
+                    first = latents.clone()
+        finally:
+            euler_a_module.randn_tensor = original
+        image = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        tensors = {
+            "initial": initial,
+            "uncond": uncond,
+            "cond": cond,
+            "timesteps": scheduler.timesteps.to(torch.float32),
+            "first": first,
+            "last": latents,
+            "image": image,
+        }
+        if drawn:
+            tensors["noise"] = torch.cat(drawn)
+        save_file({k: v.contiguous().to(torch.float32) for k, v in tensors.items()}, out / f"{name}.safetensors")
+        print(f"{name}: {len(scheduler.timesteps)} steps, last latent mean {latents.mean().item():+.5f}")
+
+    meta = dict(CASE, diffusers=diffusers.__version__, transformers=transformers.__version__, torch=torch.__version__)
+    (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
