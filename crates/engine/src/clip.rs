@@ -128,3 +128,62 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(values, (1, 1, seq, seq), device)?.to_dtype(dtype)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::IndexOp;
+    use candle_nn::VarMap;
+
+    fn model() -> ClipTextModel {
+        let config = ClipConfig {
+            vocab_size: 100,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_attention_heads: 4,
+            num_hidden_layers: 2,
+            max_position_embeddings: 77,
+            quick_gelu: true,
+            layer_norm_eps: 1e-5,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        ClipTextModel::new(vb, &config).expect("model")
+    }
+
+    fn ids(rows: &[&[u32]]) -> Tensor {
+        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu).expect("ids")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar())
+            .expect("diff")
+    }
+
+    #[test]
+    fn a_batch_encodes_each_row_as_alone() {
+        let m = model();
+        let (a, b): (&[u32], &[u32]) = (&[1, 5, 9, 2, 2], &[1, 7, 3, 8, 2]);
+        let both = m.forward(&ids(&[a, b])).expect("batch");
+        assert_eq!(both.dims(), &[2, 5, 16]);
+        for (i, row) in [a, b].into_iter().enumerate() {
+            let alone = m.forward(&ids(&[row])).expect("alone");
+            let diff = max_diff(&both.i(i..i + 1).expect("row"), &alone);
+            assert!(diff < 1e-5, "row {i}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_token_only_affects_the_positions_after_it() {
+        let m = model();
+        let before = m.forward(&ids(&[&[1, 5, 9, 2, 2]])).expect("before");
+        let after = m.forward(&ids(&[&[1, 5, 9, 4, 2]])).expect("after");
+        let prefix = |t: &Tensor| t.narrow(1, 0, 3).expect("prefix");
+        assert!(max_diff(&prefix(&before), &prefix(&after)) == 0.0);
+        assert!(max_diff(&before, &after) > 1e-3);
+    }
+}

@@ -3,12 +3,13 @@
 //! guidance + sampler) → VAE decode → RGB bytes.
 
 use crate::clip::ClipTextModel;
-use crate::config::{ClipConfig, Prediction, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::config::{self, ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::model::{self, Architecture, ModelInfo};
 use crate::schedulers::sampler;
-use crate::tokenizer::Tokenizer;
-use crate::weights::{build, mmap, weight_file};
-use crate::{Architecture, EngineError, GeneratedImage, ModelInfo};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use crate::tokenizer::{Tokenizer, MAX_TOKENS};
+use crate::weights::{weight_file, Weights};
+use crate::EngineError;
+use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use rand::SeedableRng;
@@ -17,11 +18,12 @@ use rand_distr::{Distribution, StandardNormal};
 use sparkle_core::Scheduler;
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::time::Instant;
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
-    /// CUDA device 0 when built with CUDA and one is present, else the CPU.
+    /// CUDA device 0 when built with the `cuda` feature and one is present, else the CPU.
     #[default]
     Auto,
     Cpu,
@@ -39,6 +41,7 @@ pub struct Batch {
     pub width: u32,
     pub height: u32,
     pub steps: u32,
+    /// Classifier-free guidance; at 1.0 or below the negative prompts are not used.
     pub guidance_scale: f32,
     pub scheduler: Scheduler,
     pub items: Vec<BatchItem>,
@@ -56,6 +59,14 @@ pub struct BatchItem {
 pub struct StepProgress {
     pub step: u32,
     pub total: u32,
+}
+
+/// An RGB8 image, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedImage {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
 }
 
 /// A loaded Stable Diffusion pipeline.
@@ -82,25 +93,44 @@ fn pick_device(choice: DeviceChoice) -> Result<Device, EngineError> {
     })
 }
 
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 impl Engine {
-    pub fn load(dir: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
+    /// Loads the model in `model_dir` (diffusers layout) onto the chosen device: f32 on the
+    /// CPU, f16 on CUDA. Every weight is checked against the configuration on the way.
+    pub fn load(model_dir: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
+        let started = Instant::now();
         let device = pick_device(options.device)?;
         let dtype = if device.is_cpu() {
             DType::F32
         } else {
             DType::F16
         };
-        let tokenizer = Tokenizer::load(&dir.join("tokenizer"))?;
+        config::check_model_index(model_dir)?;
+        let part = |name: &str| model_dir.join(name);
+        let tokenizer = Tokenizer::load(&part("tokenizer"))?;
+        let clip_config = ClipConfig::read(&part("text_encoder"))?;
+        let unet_config = UNetConfig::read(&part("unet"))?;
+        let vae_config = VaeConfig::read(&part("vae"))?;
+        let schedule = ScheduleConfig::read(&part("scheduler"))?;
+        check_parts_fit(
+            model_dir,
+            &tokenizer,
+            &clip_config,
+            &unet_config,
+            &vae_config,
+        )?;
 
-        let clip_config = ClipConfig::read(&dir.join("text_encoder"))?;
-        let file = weight_file(&dir.join("text_encoder"))?;
-        let vb = mmap(&file, dtype, &device)?;
-        let text_encoder = build(&file, || ClipTextModel::new(vb, &clip_config))?;
-
-        let unet_config = UNetConfig::read(&dir.join("unet"))?;
-        let file = weight_file(&dir.join("unet"))?;
-        let vb = mmap(&file, dtype, &device)?;
-        let unet = build(&file, || {
+        let open = |name: &str| Weights::open(&weight_file(&part(name))?, dtype, &device);
+        let text_encoder =
+            open("text_encoder")?.build(|vb| ClipTextModel::new(vb, &clip_config))?;
+        let unet = open("unet")?.build(|vb| {
             UNet2DConditionModel::new(
                 vb,
                 unet_config.in_channels,
@@ -109,11 +139,7 @@ impl Engine {
                 unet_config.candle.clone(),
             )
         })?;
-
-        let vae_config = VaeConfig::read(&dir.join("vae"))?;
-        let file = weight_file(&dir.join("vae"))?;
-        let vb = mmap(&file, dtype, &device)?;
-        let vae = build(&file, || {
+        let vae = open("vae")?.build(|vb| {
             AutoEncoderKL::new(
                 vb,
                 vae_config.in_channels,
@@ -122,23 +148,19 @@ impl Engine {
             )
         })?;
 
-        if clip_config.hidden_size != unet_config.candle.cross_attention_dim {
-            return Err(EngineError::InvalidModel(format!(
-                "text encoder width {} does not match the UNet's cross_attention_dim {}",
-                clip_config.hidden_size, unet_config.candle.cross_attention_dim
-            )));
-        }
-        let schedule = ScheduleConfig::read(&dir.join("scheduler"))?;
         let vae_scale = vae_config.scale_factor();
         let info = ModelInfo {
-            name: model_name(dir),
-            architecture: architecture(&schedule, unet_config.candle.cross_attention_dim),
-            native_size: (unet_config.sample_size * vae_scale) as u32,
-            vae_scale_factor: vae_scale as u32,
-            device: format!("{device:?}"),
-            dtype: format!("{dtype:?}"),
+            name: model::model_name(model_dir),
+            architecture: Architecture::detect(unet_config.candle.cross_attention_dim, &schedule),
+            native_size: model::native_size(&unet_config, &vae_config),
+            vae_scale_factor: u32::try_from(vae_scale).unwrap_or(u32::MAX),
+            device: device_name(&device),
+            dtype: dtype.as_str().to_string(),
         };
-        tracing::info!(model = %info.name, arch = %info.architecture, device = %info.device, "model loaded");
+        tracing::info!(
+            model = %info.name, arch = %info.architecture, device = %info.device,
+            dtype = %info.dtype, seconds = started.elapsed().as_secs_f32(), "model loaded"
+        );
         Ok(Engine {
             info,
             device,
@@ -158,102 +180,126 @@ impl Engine {
         &self.info
     }
 
-    /// Generates one image per batch item. `on_step` is called after every denoising step;
-    /// returning `Break` stops the batch with [`EngineError::Cancelled`].
+    /// Generates one image per batch item, in order. `on_step` is called after every
+    /// denoising step; returning `Break` stops the batch with [`EngineError::Cancelled`].
     pub fn generate(
         &self,
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
-        let scale = self.vae_scale as u32;
+        let started = Instant::now();
+        self.validate(batch)?;
+        let latents = self.denoise(batch, on_step)?;
+        let images = to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?;
+        tracing::debug!(
+            images = images.len(), steps = batch.steps, scheduler = %batch.scheduler,
+            seconds = started.elapsed().as_secs_f32(), "batch generated"
+        );
+        Ok(images)
+    }
+
+    fn validate(&self, batch: &Batch) -> Result<(), EngineError> {
+        let scale = self.info.vae_scale_factor;
+        let refuse = |why: String| Err(EngineError::InvalidRequest(why));
         if batch.items.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "a batch needs at least one image".into(),
-            ));
+            return refuse("a batch needs at least one image".into());
         }
-        if !batch.width.is_multiple_of(scale)
-            || !batch.height.is_multiple_of(scale)
-            || batch.width == 0
+        if batch.width == 0
             || batch.height == 0
+            || !batch.width.is_multiple_of(scale)
+            || !batch.height.is_multiple_of(scale)
         {
-            return Err(EngineError::InvalidRequest(format!(
-                "size {}x{} must be a non-zero multiple of {scale}",
+            return refuse(format!(
+                "size {}x{} must be a non-zero multiple of {scale} on each side",
                 batch.width, batch.height
-            )));
-        }
-        if batch.steps == 0 {
-            return Err(EngineError::InvalidRequest(
-                "steps must be at least 1".into(),
             ));
         }
+        let max_steps = self.schedule.num_train_timesteps;
+        if batch.steps == 0 || batch.steps as usize > max_steps {
+            return refuse(format!(
+                "steps must be between 1 and {max_steps}, not {}",
+                batch.steps
+            ));
+        }
+        if !batch.guidance_scale.is_finite() {
+            return refuse("the guidance scale must be a finite number".into());
+        }
+        Ok(())
+    }
+
+    /// Runs the denoising loop; returns the final latents, `[n, channels, h/8, w/8]`, f32.
+    pub(crate) fn denoise(
+        &self,
+        batch: &Batch,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor, EngineError> {
         let n = batch.items.len();
         let guided = batch.guidance_scale > 1.0;
         let embeddings = self.encode_prompts(batch, guided)?;
-        let (lh, lw) = (
-            (batch.height / scale) as usize,
-            (batch.width / scale) as usize,
+        let scale = self.vae_scale;
+        let shape = (
+            self.latent_channels,
+            batch.height as usize / scale,
+            batch.width as usize / scale,
         );
-        let shape = (self.latent_channels, lh, lw);
-
         let mut sampler = sampler(batch.scheduler, &self.schedule, batch.steps as usize);
+
+        // Per image: one stream for the initial latents, a second for ancestral noise.
         let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = batch
             .items
             .iter()
             .map(|item| {
-                (
-                    ChaCha8Rng::seed_from_u64(item.seed),
-                    ChaCha8Rng::seed_from_u64(item.seed ^ 0x5eed_a5ce_0000_0001),
-                )
+                let mut ancestral = ChaCha8Rng::seed_from_u64(item.seed);
+                ancestral.set_stream(1);
+                (ChaCha8Rng::seed_from_u64(item.seed), ancestral)
             })
             .collect();
         let initial: Vec<Tensor> = rngs
             .iter_mut()
             .map(|(rng, _)| normal(rng, shape, &self.device))
             .collect::<Result<_, _>>()?;
-        let mut latents =
-            (Tensor::stack(&initial, 0)? * sampler.init_noise_sigma())?.to_dtype(self.dtype)?;
+        // The sampler works in f32 whatever the model's dtype, as diffusers' samplers do.
+        let mut latents = (Tensor::stack(&initial, 0)? * sampler.init_noise_sigma())?;
 
         let timesteps = sampler.timesteps().to_vec();
-        let total = timesteps.len() as u32;
+        let total = u32::try_from(timesteps.len()).unwrap_or(u32::MAX);
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            let input = sampler.scale_model_input(input, i)?;
-            let output = self.unet.forward(&input, t, &embeddings)?;
+            let input = sampler.scale_model_input(input, i)?.to_dtype(self.dtype)?;
+            let output = self
+                .unet
+                .forward(&input, t, &embeddings)?
+                .to_dtype(DType::F32)?;
             let output = if guided {
-                let uncond = output.i(0..n)?;
-                let cond = output.i(n..2 * n)?;
+                let (uncond, cond) = (output.i(0..n)?, output.i(n..2 * n)?);
                 (&uncond + ((&cond - &uncond)? * f64::from(batch.guidance_scale))?)?
             } else {
                 output
             };
-            let mut noise = || -> candle_core::Result<Tensor> {
-                let fresh: Vec<Tensor> = rngs
+            let mut noise = || {
+                let fresh = rngs
                     .iter_mut()
                     .map(|(_, rng)| normal(rng, shape, &self.device))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                Tensor::stack(&fresh, 0)?.to_dtype(self.dtype)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&fresh, 0)
             };
             latents = sampler.step(&output, i, &latents, &mut noise)?;
-            if on_step(StepProgress {
-                step: i as u32 + 1,
-                total,
-            })
-            .is_break()
-            {
+            let done = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            if on_step(StepProgress { step: done, total }).is_break() {
                 return Err(EngineError::Cancelled);
             }
         }
-        self.decode(&latents, batch.width, batch.height)
+        Ok(latents)
     }
 
-    /// Text embeddings for the batch: `[uncond…, cond…]` when guided, `[cond…]` otherwise.
+    /// Text embeddings for the batch in one text-encoder call: `[uncond…, cond…]` when
+    /// guided, `[cond…]` otherwise.
     fn encode_prompts(&self, batch: &Batch, guided: bool) -> Result<Tensor, EngineError> {
-        let mut texts: Vec<&str> = Vec::new();
+        let mut texts: Vec<&str> = Vec::with_capacity(2 * batch.items.len());
         if guided {
             texts.extend(batch.items.iter().map(|i| i.negative_prompt.as_str()));
         }
@@ -262,38 +308,71 @@ impl Engine {
             .iter()
             .flat_map(|t| self.tokenizer.encode_padded(t))
             .collect();
-        let ids = Tensor::from_vec(
-            ids,
-            (texts.len(), crate::tokenizer::MAX_TOKENS),
-            &self.device,
-        )?;
+        let ids = Tensor::from_vec(ids, (texts.len(), MAX_TOKENS), &self.device)?;
         Ok(self.text_encoder.forward(&ids)?)
     }
 
-    fn decode(
-        &self,
-        latents: &Tensor,
-        width: u32,
-        height: u32,
-    ) -> Result<Vec<GeneratedImage>, EngineError> {
-        let images = self.vae.decode(&(latents / self.scaling_factor)?)?;
-        let images = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        let images = (images * 255.0)?
-            .round()?
-            .to_dtype(DType::U8)?
-            .permute((0, 2, 3, 1))?
-            .to_device(&Device::Cpu)?;
-        let n = images.dim(0)?;
-        (0..n)
-            .map(|i| {
-                Ok(GeneratedImage {
-                    width,
-                    height,
-                    rgb: images.i(i)?.flatten_all()?.to_vec1::<u8>()?,
-                })
-            })
-            .collect()
+    /// Latents to images in `[-1, 1]`, `[n, 3, h, w]`, f32.
+    ///
+    /// One image at a time: the decoder's activations at full resolution are the largest
+    /// tensors of the pipeline, and candle 0.11.1's CPU matmul folds a batch whose weights
+    /// are shared into one product even when the input is a transposed view (as in the
+    /// VAE's attention block), which computes every image but the first wrongly.
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
+        let latents = (latents / self.scaling_factor)?.to_dtype(self.dtype)?;
+        let images = (0..latents.dim(0)?)
+            .map(|i| self.vae.decode(&latents.i(i..i + 1)?)?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&images, 0)?)
     }
+}
+
+/// Checks that the parts agree with each other before any weight is read.
+fn check_parts_fit(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    clip: &ClipConfig,
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+) -> Result<(), EngineError> {
+    let unet_file = dir.join("unet/config.json");
+    let vae_file = dir.join("vae/config.json");
+    if clip.hidden_size != unet.candle.cross_attention_dim {
+        return Err(EngineError::invalid_model(
+            unet_file,
+            format!(
+                "cross_attention_dim {} does not match the text encoder's hidden_size {}",
+                unet.candle.cross_attention_dim, clip.hidden_size
+            ),
+        ));
+    }
+    let latent = vae.candle.latent_channels;
+    if unet.in_channels != latent || unet.out_channels != latent {
+        return Err(EngineError::invalid_model(
+            unet_file,
+            format!(
+                "in_channels {} and out_channels {} must equal the VAE's latent_channels {latent}",
+                unet.in_channels, unet.out_channels
+            ),
+        ));
+    }
+    if vae.out_channels != 3 {
+        return Err(EngineError::invalid_model(
+            vae_file,
+            format!("out_channels is {}; RGB needs 3", vae.out_channels),
+        ));
+    }
+    if tokenizer.max_id() as usize >= clip.vocab_size {
+        return Err(EngineError::invalid_model(
+            dir.join("tokenizer/vocab.json"),
+            format!(
+                "has token id {}, beyond the text encoder's vocab_size {}",
+                tokenizer.max_id(),
+                clip.vocab_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Standard normal noise from a seeded stream, made on the CPU so that an image depends
@@ -302,22 +381,27 @@ fn normal(
     rng: &mut ChaCha8Rng,
     shape: (usize, usize, usize),
     device: &Device,
-) -> Result<Tensor, EngineError> {
+) -> candle_core::Result<Tensor> {
     let count = shape.0 * shape.1 * shape.2;
     let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+    Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
 }
 
-pub(crate) fn model_name(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-pub(crate) fn architecture(schedule: &ScheduleConfig, cross_attention_dim: usize) -> Architecture {
-    if schedule.prediction == Prediction::VPrediction || cross_attention_dim == 1024 {
-        Architecture::Sd21
-    } else {
-        Architecture::Sd15
-    }
+/// `[n, 3, h, w]` images in `[-1, 1]` to RGB8, rounding to the nearest level.
+fn to_rgb8(images: &Tensor, width: u32, height: u32) -> Result<Vec<GeneratedImage>, EngineError> {
+    let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let images = (images * 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?;
+    (0..images.dim(0)?)
+        .map(|i| {
+            Ok(GeneratedImage {
+                width,
+                height,
+                rgb: images.i(i)?.flatten_all()?.to_vec1::<u8>()?,
+            })
+        })
+        .collect()
 }

@@ -7,6 +7,8 @@ use crate::EngineError;
 use std::io::Read;
 
 const MERGES_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
+/// How errors name the bundled file.
+const MERGES_NAME: &str = "assets/bpe_simple_vocab_16e6.txt.gz";
 /// CLIP uses the first 49152 - 256 - 2 merges.
 const MERGE_COUNT: usize = 49152 - 256 - 2;
 
@@ -42,7 +44,7 @@ pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(MERGES_GZ)
         .read_to_string(&mut text)
-        .map_err(|e| EngineError::InvalidModel(format!("bundled CLIP vocabulary: {e}")))?;
+        .map_err(|e| EngineError::invalid_model(MERGES_NAME, e.to_string()))?;
     text.lines()
         .skip(1)
         .take(MERGE_COUNT)
@@ -50,9 +52,7 @@ pub fn merges() -> Result<Vec<(String, String)>, EngineError> {
             line.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .ok_or_else(|| {
-                    EngineError::InvalidModel(format!(
-                        "bundled CLIP vocabulary: bad merge line {line:?}"
-                    ))
+                    EngineError::invalid_model(MERGES_NAME, format!("bad merge line {line:?}"))
                 })
         })
         .collect()
@@ -81,8 +81,8 @@ pub fn diffusers_files() -> Result<(String, String), EngineError> {
         .enumerate()
         .map(|(id, token)| (token, serde_json::Value::from(id)))
         .collect();
-    let vocab =
-        serde_json::to_string(&vocab).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+    let vocab = serde_json::to_string(&vocab)
+        .map_err(|e| EngineError::invalid_model("tokenizer/vocab.json", e.to_string()))?;
     let mut merges_txt = String::from("#version: 0.2\n");
     for (a, b) in &merges {
         merges_txt.push_str(a);
@@ -91,4 +91,34 @@ pub fn diffusers_files() -> Result<(String, String), EngineError> {
         merges_txt.push('\n');
     }
     Ok((vocab, merges_txt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_table_is_clips() {
+        let merges = merges().expect("merges");
+        assert_eq!(merges.len(), MERGE_COUNT);
+        let tokens = tokens(&merges);
+        assert_eq!(tokens.len(), 49408);
+        assert_eq!((tokens[0].as_str(), tokens[256].as_str()), ("!", "!</w>"));
+        assert_eq!(tokens[320], "a</w>");
+        assert_eq!(tokens[49406], "<|startoftext|>");
+        assert_eq!(tokens[49407], "<|endoftext|>");
+        let symbols = byte_symbols();
+        assert_eq!((symbols[b' ' as usize], symbols[b'a' as usize]), ('Ġ', 'a'));
+    }
+
+    #[test]
+    fn diffusers_files_have_every_token_and_merge() {
+        let (vocab, merges_txt) = diffusers_files().expect("files");
+        assert!(merges_txt.starts_with("#version: 0.2\n"));
+        assert_eq!(merges_txt.lines().count(), MERGE_COUNT + 1);
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&vocab).expect("json");
+        assert_eq!(vocab.len(), 49408);
+        assert_eq!(vocab.get("<|endoftext|>"), Some(&49407));
+    }
 }

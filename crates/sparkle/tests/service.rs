@@ -163,7 +163,7 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
 
     let key = svc.create_key("app").await;
     let (status, job) = svc
-        .post_json("/v1/jobs", &json!({"prompt": "a lighthouse", "size": "96x64", "steps": 12, "seed": 3, "scheduler": "ddim"}), Some(&key))
+        .post_json("/v1/jobs", &json!({"prompt": "a lighthouse", "size": "128x96", "steps": 100, "seed": 3, "scheduler": "ddim"}), Some(&key))
         .await;
     assert_eq!(status, 202, "{job}");
     assert!(
@@ -194,9 +194,9 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
     let (status, png) = svc.get(&format!("/v1/jobs/{id}/images/0"), &key).await;
     assert_eq!(status, 200);
     let (w, h, params) = png_info(&png);
-    assert_eq!((w, h), (96, 64));
+    assert_eq!((w, h), (128, 96));
     assert!(
-        params.contains("Steps: 12, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 96x64"),
+        params.contains("Steps: 100, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 128x96"),
         "{params}"
     );
     let (status, _) = svc.get(&format!("/v1/jobs/{id}/images/1"), &key).await;

@@ -1,24 +1,28 @@
-//! DDIM with eta = 0 (diffusers' `DDIMScheduler`, "leading" timestep spacing).
+//! DDIM with eta = 0 (diffusers' `DDIMScheduler`): predict the clean sample, then re-noise
+//! it deterministically to the previous timestep's level. "leading" timestep spacing plus
+//! `steps_offset` unless the configuration names another spacing.
 
 use super::{Sampler, Schedule};
-use crate::config::Prediction;
+use crate::config::{Prediction, Spacing};
 use candle_core::{Result, Tensor};
 
 pub struct Ddim {
     schedule: Schedule,
     timesteps: Vec<f64>,
+    /// How far back the previous timestep is; diffusers uses `train // steps` whatever the
+    /// spacing.
     ratio: usize,
 }
 
 impl Ddim {
     pub fn new(schedule: Schedule, steps: usize) -> Self {
-        let steps = steps.max(1);
-        let train = schedule.train_steps();
-        let ratio = (train / steps).max(1);
-        let timesteps = (0..steps)
-            .rev()
-            .map(|i| ((i * ratio + schedule.steps_offset).min(train - 1)) as f64)
+        let spacing = schedule.spacing.unwrap_or(Spacing::Leading);
+        let timesteps = schedule
+            .timesteps(spacing, steps)
+            .into_iter()
+            .map(f64::round)
             .collect();
+        let ratio = (schedule.train_steps() / steps).max(1);
         Ddim {
             schedule,
             timesteps,
@@ -39,8 +43,8 @@ impl Sampler for Ddim {
         sample: &Tensor,
         _noise: &mut dyn FnMut() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let t = self.timesteps[i] as usize;
         let acp = &self.schedule.alphas_cumprod;
+        let t = (self.timesteps[i] as usize).min(acp.len() - 1);
         let alpha = acp[t];
         let alpha_prev = match t.checked_sub(self.ratio) {
             Some(prev) => acp[prev],

@@ -1,24 +1,18 @@
-//! Euler's method on the probability-flow ODE (diffusers' `EulerDiscreteScheduler`), and
-//! its ancestral variant, "Euler a" (`EulerAncestralDiscreteScheduler`), which steps to a
-//! lower sigma and adds fresh noise back at every step.
+//! Euler's method on the probability-flow ODE (diffusers' `EulerDiscreteScheduler` with
+//! `s_churn = 0`): follow the derivative `(x - x0) / σ` from one sigma to the next.
 
-use super::{LinspaceSigmas, Sampler, Schedule};
+use super::{Sampler, Schedule, SigmaGrid};
 use candle_core::{Result, Tensor};
 
 pub struct Euler {
     schedule: Schedule,
-    grid: LinspaceSigmas,
-    ancestral: bool,
+    grid: SigmaGrid,
 }
 
 impl Euler {
-    pub fn new(schedule: Schedule, steps: usize, ancestral: bool) -> Self {
-        let grid = LinspaceSigmas::new(&schedule, steps);
-        Euler {
-            schedule,
-            grid,
-            ancestral,
-        }
+    pub fn new(schedule: Schedule, steps: usize) -> Self {
+        let grid = SigmaGrid::new(&schedule, steps);
+        Euler { schedule, grid }
     }
 }
 
@@ -40,23 +34,11 @@ impl Sampler for Euler {
         output: &Tensor,
         i: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut() -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (sigma, next) = (self.grid.sigmas[i], self.grid.sigmas[i + 1]);
-        let denoised = self.schedule.denoised_ve(output, sample, sigma)?;
+        let denoised = self.schedule.denoised(output, sample, sigma)?;
         let derivative = ((sample - denoised)? / sigma)?;
-        let (down, up) = if self.ancestral {
-            let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma))
-                .max(0.0)
-                .sqrt();
-            ((next * next - up * up).max(0.0).sqrt(), up)
-        } else {
-            (next, 0.0)
-        };
-        let moved = (sample + (derivative * (down - sigma))?)?;
-        if up == 0.0 {
-            return Ok(moved);
-        }
-        moved + (noise()? * up)?
+        sample + (derivative * (next - sigma))?
     }
 }

@@ -1,0 +1,98 @@
+//! What a model directory is: its family, its native size, and how it is described to the
+//! rest of the service, read from configuration files alone.
+
+use crate::config::{self, Prediction, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::{weights, EngineError};
+use std::fmt;
+use std::path::Path;
+
+/// The model families the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Stable Diffusion 1.x: CLIP ViT-L/14 text features (768 wide), epsilon prediction.
+    Sd15,
+    /// Stable Diffusion 2.x: OpenCLIP ViT-H/14 text features (1024 wide), usually
+    /// v-prediction.
+    Sd21,
+}
+
+impl Architecture {
+    /// Decided by the text-feature width the UNet attends to; models of neither width (tiny
+    /// test models) by the prediction type, which is what tells the two families apart in
+    /// the sampler.
+    pub(crate) fn detect(cross_attention_dim: usize, schedule: &ScheduleConfig) -> Self {
+        match cross_attention_dim {
+            768 => Architecture::Sd15,
+            1024 => Architecture::Sd21,
+            _ if schedule.prediction == Prediction::VPrediction => Architecture::Sd21,
+            _ => Architecture::Sd15,
+        }
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Architecture::Sd15 => "sd1.5",
+            Architecture::Sd21 => "sd2.1",
+        })
+    }
+}
+
+/// What a loaded engine runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The model directory's name.
+    pub name: String,
+    pub architecture: Architecture,
+    /// The size the model was trained at, in pixels per side.
+    pub native_size: u32,
+    /// How many pixels one latent stands for, per side; image sides are multiples of it.
+    pub vae_scale_factor: u32,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32` or `f16`.
+    pub dtype: String,
+}
+
+/// A model directory, described from its configuration files without loading weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDescription {
+    pub name: String,
+    pub architecture: Architecture,
+    pub native_size: u32,
+    /// Total size of the weight files, in bytes.
+    pub bytes: u64,
+}
+
+/// Describes the model in `dir` from its configuration files.
+pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
+    config::check_model_index(dir)?;
+    let unet = UNetConfig::read(&dir.join("unet"))?;
+    let vae = VaeConfig::read(&dir.join("vae"))?;
+    let schedule = ScheduleConfig::read(&dir.join("scheduler"))?;
+    let mut bytes = 0;
+    for part in ["text_encoder", "unet", "vae"] {
+        let file = weights::weight_file(&dir.join(part))?;
+        bytes += std::fs::metadata(&file)
+            .map_err(|e| EngineError::io(&file, e))?
+            .len();
+    }
+    Ok(ModelDescription {
+        name: model_name(dir),
+        architecture: Architecture::detect(unet.candle.cross_attention_dim, &schedule),
+        native_size: native_size(&unet, &vae),
+        bytes,
+    })
+}
+
+/// The directory's base name, which is what the service calls the model.
+pub(crate) fn model_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+pub(crate) fn native_size(unet: &UNetConfig, vae: &VaeConfig) -> u32 {
+    u32::try_from(unet.sample_size.saturating_mul(vae.scale_factor())).unwrap_or(u32::MAX)
+}
