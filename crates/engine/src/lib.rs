@@ -43,4 +43,6 @@ pub use png::encode_png;
 pub use tiny::write_tiny_model;
 
 #[cfg(test)]
+mod parity_tests;
+#[cfg(test)]
 mod tests;

@@ -189,7 +189,7 @@ impl Engine {
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         let started = Instant::now();
         self.validate(batch)?;
-        let latents = self.denoise(batch, on_step)?;
+        let latents = self.denoise_seeded(batch, on_step)?;
         let images = to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?;
         tracing::debug!(
             images = images.len(), steps = batch.steps, scheduler = %batch.scheduler,
@@ -227,23 +227,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs the denoising loop; returns the final latents, `[n, channels, h/8, w/8]`, f32.
-    pub(crate) fn denoise(
+    /// The denoising loop from each image's seed: initial latents and ancestral noise come
+    /// from per-image streams made on the CPU, so an image depends on its seed alone.
+    pub(crate) fn denoise_seeded(
         &self,
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor, EngineError> {
-        let n = batch.items.len();
-        let guided = batch.guidance_scale > 1.0;
-        let embeddings = self.encode_prompts(batch, guided)?;
-        let scale = self.vae_scale;
-        let shape = (
-            self.latent_channels,
-            batch.height as usize / scale,
-            batch.width as usize / scale,
-        );
-        let mut sampler = sampler(batch.scheduler, &self.schedule, batch.steps as usize);
-
+        let shape = self.latent_shape(batch);
         // Per image: one stream for the initial latents, a second for ancestral noise.
         let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = batch
             .items
@@ -258,8 +249,47 @@ impl Engine {
             .iter_mut()
             .map(|(rng, _)| normal(rng, shape, &self.device))
             .collect::<Result<_, _>>()?;
+        let initial = Tensor::stack(&initial, 0)?;
+        let mut noise = || {
+            let fresh = rngs
+                .iter_mut()
+                .map(|(_, rng)| normal(rng, shape, &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&fresh, 0)
+        };
+        let embeddings = self.encode_prompts(batch)?;
+        self.denoise(batch, &embeddings, initial, &mut noise, on_step, &mut None)
+    }
+
+    /// The latent shape of one image: `[channels, h/8, w/8]`.
+    fn latent_shape(&self, batch: &Batch) -> (usize, usize, usize) {
+        let scale = self.vae_scale;
+        (
+            self.latent_channels,
+            batch.height as usize / scale,
+            batch.width as usize / scale,
+        )
+    }
+
+    /// Runs the denoising loop from `initial` latents (`[n, channels, h/8, w/8]`, before the
+    /// sampler's initial scaling); returns the final latents, f32. `noise` gives the ancestral
+    /// samplers' fresh noise; `first` receives the latents after the first step.
+    pub(crate) fn denoise(
+        &self,
+        batch: &Batch,
+        embeddings: &Tensor,
+        initial: Tensor,
+        noise: &mut dyn FnMut() -> candle_core::Result<Tensor>,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+        first: &mut Option<Tensor>,
+    ) -> Result<Tensor, EngineError> {
+        let n = batch.items.len();
+        let guided = guided(batch);
+        let mut sampler = sampler(batch.scheduler, &self.schedule, batch.steps as usize);
         // The sampler works in f32 whatever the model's dtype, as diffusers' samplers do.
-        let mut latents = (Tensor::stack(&initial, 0)? * sampler.init_noise_sigma())?;
+        let initial = initial.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let mut latents = (initial * sampler.init_noise_sigma())?;
+        let mut noise = || noise()?.to_device(&self.device)?.to_dtype(DType::F32);
 
         let timesteps = sampler.timesteps().to_vec();
         let total = u32::try_from(timesteps.len()).unwrap_or(u32::MAX);
@@ -272,7 +302,7 @@ impl Engine {
             let input = sampler.scale_model_input(input, i)?.to_dtype(self.dtype)?;
             let output = self
                 .unet
-                .forward(&input, t, &embeddings)?
+                .forward(&input, t, embeddings)?
                 .to_dtype(DType::F32)?;
             let output = if guided {
                 let (uncond, cond) = (output.i(0..n)?, output.i(n..2 * n)?);
@@ -280,14 +310,10 @@ impl Engine {
             } else {
                 output
             };
-            let mut noise = || {
-                let fresh = rngs
-                    .iter_mut()
-                    .map(|(_, rng)| normal(rng, shape, &self.device))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::stack(&fresh, 0)
-            };
             latents = sampler.step(&output, i, &latents, &mut noise)?;
+            if i == 0 && first.is_none() {
+                *first = Some(latents.clone());
+            }
             let done = u32::try_from(i + 1).unwrap_or(u32::MAX);
             if on_step(StepProgress { step: done, total }).is_break() {
                 return Err(EngineError::Cancelled);
@@ -298,9 +324,9 @@ impl Engine {
 
     /// Text embeddings for the batch in one text-encoder call: `[uncond…, cond…]` when
     /// guided, `[cond…]` otherwise.
-    fn encode_prompts(&self, batch: &Batch, guided: bool) -> Result<Tensor, EngineError> {
+    pub(crate) fn encode_prompts(&self, batch: &Batch) -> Result<Tensor, EngineError> {
         let mut texts: Vec<&str> = Vec::with_capacity(2 * batch.items.len());
-        if guided {
+        if guided(batch) {
             texts.extend(batch.items.iter().map(|i| i.negative_prompt.as_str()));
         }
         texts.extend(batch.items.iter().map(|i| i.prompt.as_str()));
@@ -325,6 +351,11 @@ impl Engine {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }
+}
+
+/// Classifier-free guidance is on above a scale of 1; at 1 or below it would change nothing.
+fn guided(batch: &Batch) -> bool {
+    batch.guidance_scale > 1.0
 }
 
 /// Checks that the parts agree with each other before any weight is read.
