@@ -40,7 +40,7 @@ pub use pipeline::{
     Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, StepProgress,
 };
 pub use png::encode_png;
-pub use tiny::write_tiny_model;
+pub use tiny::{write_random_model, write_tiny_model, write_tiny_model_for, ModelScale};
 
 #[cfg(test)]
 mod parity_tests;

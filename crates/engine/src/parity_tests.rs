@@ -2,7 +2,9 @@
 //! initial noise and ancestral noise, compared stage by stage against the reference outputs
 //! that `tools/reference/diffusers_reference.py` wrote into `tests/fixtures/`.
 
-use crate::{write_tiny_model, Batch, BatchItem, DeviceChoice, Engine, EngineOptions};
+use crate::{
+    write_tiny_model_for, Architecture, Batch, BatchItem, DeviceChoice, Engine, EngineOptions,
+};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sparkle_core::Scheduler;
 use std::collections::HashMap;
@@ -40,13 +42,13 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     (diff.expect("diff") / norm.expect("norm").max(1e-30)).sqrt()
 }
 
-fn check_architecture(arch: &str, seed: u64) {
+fn check_architecture(arch: &str, architecture: Architecture) {
     let dir = fixtures(arch);
     let case: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
             .expect("case json");
     let model = tempfile::tempdir().expect("tempdir");
-    write_tiny_model(model.path(), seed).expect("tiny model");
+    write_tiny_model_for(model.path(), 0, architecture).expect("tiny model");
     let engine = Engine::load(
         model.path(),
         &EngineOptions {
@@ -126,5 +128,10 @@ fn check_architecture(arch: &str, seed: u64) {
 
 #[test]
 fn sd15_matches_diffusers_for_every_scheduler() {
-    check_architecture("sd15", 0);
+    check_architecture("sd15", Architecture::Sd15);
+}
+
+#[test]
+fn sd21_v_prediction_matches_diffusers_for_every_scheduler() {
+    check_architecture("sd21", Architecture::Sd21);
 }

@@ -5,7 +5,7 @@
 
 use crate::clip::ClipTextModel;
 use crate::config::{ClipConfig, UNetConfig, VaeConfig};
-use crate::EngineError;
+use crate::{Architecture, EngineError};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
@@ -176,20 +176,91 @@ fn fill_and_save(varmap: &VarMap, seed: u64, path: &Path) -> Result<(), EngineEr
     Ok(())
 }
 
-/// Writes the tiny model into `dir` (created if needed).
+/// Writes the tiny SD 1.5 model into `dir` (created if needed).
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
+    write_tiny_model_for(dir, seed, Architecture::Sd15)
+}
+
+/// How big the random model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelScale {
+    /// A few megabytes, for tests and offline demos on a CPU.
+    Tiny,
+    /// The real checkpoints' shapes (about 4 GB in f32), for benchmarks: same arithmetic as
+    /// the real model, random weights.
+    Full,
+}
+
+/// Resizes the tiny configurations to the real checkpoints' sizes.
+fn full_size(arch: Architecture, text: &mut Value, unet: &mut Value, vae: &mut Value) {
+    let sd21 = arch == Architecture::Sd21;
+    let (hidden, layers, heads) = if sd21 { (1024, 23, 16) } else { (768, 12, 12) };
+    text["hidden_size"] = json!(hidden);
+    text["intermediate_size"] = json!(hidden * 4);
+    text["projection_dim"] = json!(if sd21 { 512 } else { 768 });
+    text["num_attention_heads"] = json!(heads);
+    text["num_hidden_layers"] = json!(layers);
+    let cross = [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ];
+    unet["down_block_types"] = json!(cross);
+    unet["up_block_types"] = json!([
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D"
+    ]);
+    unet["block_out_channels"] = json!([320, 640, 1280, 1280]);
+    unet["cross_attention_dim"] = json!(hidden);
+    unet["attention_head_dim"] = if sd21 {
+        json!([5, 10, 20, 20])
+    } else {
+        json!(8)
+    };
+    vae["block_out_channels"] = json!([128, 256, 512, 512]);
+    vae["layers_per_block"] = json!(2);
+}
+
+/// Writes a tiny model of the given architecture. SD 2.1 differs from SD 1.5 where the real
+/// checkpoints do: a GELU text encoder padded with `!`, per-block head counts and linear
+/// projections in the UNet's transformers, and v-prediction.
+pub fn write_tiny_model_for(dir: &Path, seed: u64, arch: Architecture) -> Result<(), EngineError> {
+    write_random_model(dir, seed, arch, ModelScale::Tiny)
+}
+
+/// Writes a random-weight model of the given architecture and scale.
+pub fn write_random_model(
+    dir: &Path,
+    seed: u64,
+    arch: Architecture,
+    scale: ModelScale,
+) -> Result<(), EngineError> {
     let cpu = Device::Cpu;
+    let (mut text_encoder, mut unet, mut scheduler) =
+        (text_encoder_config(), unet_config(), scheduler_config());
+    let mut vae = vae_config();
+    let mut pad = "<|endoftext|>";
+    if arch == Architecture::Sd21 {
+        text_encoder["hidden_act"] = json!("gelu");
+        text_encoder["pad_token_id"] = json!(0);
+        unet["attention_head_dim"] = json!([2, 4]);
+        unet["use_linear_projection"] = json!(true);
+        unet["sample_size"] = json!(96);
+        scheduler["_class_name"] = json!("DDIMScheduler");
+        scheduler["prediction_type"] = json!("v_prediction");
+        pad = "!";
+    }
+    if scale == ModelScale::Full {
+        full_size(arch, &mut text_encoder, &mut unet, &mut vae);
+    }
     write_json(&dir.join("model_index.json"), &model_index())?;
-    write_json(
-        &dir.join("scheduler/scheduler_config.json"),
-        &scheduler_config(),
-    )?;
-    write_json(
-        &dir.join("text_encoder/config.json"),
-        &text_encoder_config(),
-    )?;
-    write_json(&dir.join("unet/config.json"), &unet_config())?;
-    write_json(&dir.join("vae/config.json"), &vae_config())?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler)?;
+    write_json(&dir.join("text_encoder/config.json"), &text_encoder)?;
+    write_json(&dir.join("unet/config.json"), &unet)?;
+    write_json(&dir.join("vae/config.json"), &vae)?;
 
     let (vocab, merges) = crate::vocab::diffusers_files()?;
     write(&dir.join("tokenizer/vocab.json"), vocab.as_bytes())?;
@@ -197,7 +268,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
     let special = json!({
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad,
         "unk_token": "<|endoftext|>",
     });
     write_json(&dir.join("tokenizer/special_tokens_map.json"), &special)?;

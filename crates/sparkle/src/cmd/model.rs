@@ -15,6 +15,13 @@ pub enum ModelCommand {
         /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Architecture: sd1.5, or sd2.1 (v-prediction, GELU text encoder).
+        #[arg(long, default_value = "sd1.5", value_parser = ["sd1.5", "sd2.1"])]
+        arch: String,
+        /// The real checkpoint's shapes instead (about 4 GB, random weights): for benchmarks
+        /// of the real arithmetic where no weights can be downloaded.
+        #[arg(long)]
+        full_size: bool,
     },
     /// List the models in a directory of models (one model per subdirectory).
     List {
@@ -26,8 +33,23 @@ pub enum ModelCommand {
 
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
     match command {
-        ModelCommand::Tiny { dir, seed } => {
-            sparkle_engine::write_tiny_model(&dir, seed)
+        ModelCommand::Tiny {
+            dir,
+            seed,
+            arch,
+            full_size,
+        } => {
+            let arch = if arch == "sd2.1" {
+                sparkle_engine::Architecture::Sd21
+            } else {
+                sparkle_engine::Architecture::Sd15
+            };
+            let scale = if full_size {
+                sparkle_engine::ModelScale::Full
+            } else {
+                sparkle_engine::ModelScale::Tiny
+            };
+            sparkle_engine::write_random_model(&dir, seed, arch, scale)
                 .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
             eprintln!("wrote a tiny model to {}", dir.display());
         }
