@@ -11,9 +11,9 @@ pub fn init_logging() {
         .init();
 }
 
-pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+pub fn block_on<T, F: std::future::Future<Output = anyhow::Result<T>>>(
     future: F,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<T> {
     // One TLS provider for the whole process (ring: no C toolchain beyond cc needed).
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_multi_thread()

@@ -23,6 +23,25 @@ pub enum ModelCommand {
         #[arg(long)]
         full_size: bool,
     },
+    /// Download a diffusers-layout model from the Hugging Face hub (or HF_ENDPOINT), with
+    /// resume and checksum verification. Only safetensors weights are fetched, never pickles.
+    /// Set HF_TOKEN for gated or private repositories.
+    Pull {
+        /// Repository, e.g. stabilityai/sd-turbo.
+        name: String,
+        /// Directory holding model directories; the model lands in DIR/<repository name>.
+        #[arg(long, value_name = "DIR", default_value = "models")]
+        dir: PathBuf,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Prefer the fp16 weight files where the repository has them (half the download).
+        #[arg(long)]
+        fp16: bool,
+        /// The hub's address (default: HF_ENDPOINT or https://huggingface.co).
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+    },
     /// List the models in a directory of models (one model per subdirectory).
     List {
         /// Directory holding model directories.
@@ -53,6 +72,34 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
             eprintln!("wrote a tiny model to {}", dir.display());
         }
+        ModelCommand::Pull {
+            name,
+            dir,
+            revision,
+            fp16,
+            endpoint,
+        } => {
+            let target = dir.join(name.rsplit('/').next().unwrap_or(&name));
+            let mut options = sparkle_hub::PullOptions {
+                revision,
+                fp16,
+                ..Default::default()
+            };
+            if let Some(endpoint) = endpoint {
+                options.endpoint = endpoint;
+            }
+            let mut bar = Bars(None);
+            let pulled = crate::runtime::block_on(async {
+                Ok(sparkle_hub::pull(&name, &target, &options, &mut bar).await?)
+            })?;
+            eprintln!(
+                "pulled {name} at {} into {} ({} files, {:.1} MB downloaded)",
+                pulled.revision,
+                pulled.dir.display(),
+                pulled.files.len(),
+                pulled.bytes as f64 / 1e6
+            );
+        }
         ModelCommand::List { dir } => {
             let entries = std::fs::read_dir(&dir)
                 .with_context(|| format!("cannot read {}", dir.display()))?;
@@ -79,4 +126,33 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A progress bar per file on standard error.
+struct Bars(Option<indicatif::ProgressBar>);
+
+impl sparkle_hub::Progress for Bars {
+    fn start_file(&mut self, path: &str, size: u64, already: u64) {
+        let bar = indicatif::ProgressBar::new(size);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:40!} {bytes:>10}/{total_bytes:10} {bar:30} {bytes_per_sec:>12} {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_message(path.to_string());
+        bar.set_position(already);
+        self.0 = Some(bar);
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish_file(&mut self, _path: &str) {
+        if let Some(bar) = self.0.take() {
+            bar.finish();
+        }
+    }
 }

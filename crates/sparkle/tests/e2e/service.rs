@@ -1,11 +1,9 @@
 //! End-to-end tests: the real `sparkle` binary on loopback with the tiny model, spoken to
 //! over HTTPS like any client would.
 
-mod support;
-
+use crate::support::{self, png_info, Service};
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{png_info, Service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_documented_codes_and_enqueue_nothing() {
@@ -378,7 +376,7 @@ async fn the_official_openai_client_works_unchanged() {
         return;
     };
     let svc = Service::start(&[]).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/openai_client.py");
     let out = tokio::process::Command::new(python)
         .arg(script)
         .arg(&svc.url)

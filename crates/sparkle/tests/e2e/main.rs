@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `sparkle` binary, spoken to like users and their tools do.
+//! One test binary for all of them, so the suite links once.
+
+mod models;
+mod service;
+mod support;
