@@ -437,6 +437,22 @@ async fn batch_lease_takes_only_compatible_jobs<Q: JobQueue>(q: Q, _c: ManualClo
     let rest = q.lease("w", 8, VIS).await.expect("lease");
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].job.request.prompt, "big");
+
+    // Filling a started batch takes only jobs with its key, in fairness order.
+    let key = batch[0].job.request.batch_key();
+    q.enqueue(new_job("dave", "d0")).await.expect("enqueue");
+    let mut other = new_job("erin", "e0");
+    other.request.steps = 9;
+    q.enqueue(other).await.expect("enqueue");
+    q.enqueue(new_job("alice", "a2")).await.expect("enqueue");
+    let more = q.lease_compatible("w", &key, 8, VIS).await.expect("lease");
+    let prompts: Vec<_> = more.iter().map(|l| l.job.request.prompt.as_str()).collect();
+    assert_eq!(prompts, ["d0", "a2"]);
+    assert!(q
+        .lease_compatible("w", &key, 8, VIS)
+        .await
+        .expect("lease")
+        .is_empty());
 }
 
 async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualClock) {

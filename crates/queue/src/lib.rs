@@ -54,6 +54,16 @@ pub trait JobQueue: Send + Sync + 'static {
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError>;
 
+    /// Leases up to `max` more queued jobs with this batch key, in fairness order: a worker
+    /// filling a batch it has started.
+    async fn lease_compatible(
+        &self,
+        worker: &str,
+        batch_key: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError>;
+
     /// Extends a held lease by `visibility` from now and records progress.
     async fn heartbeat(
         &self,

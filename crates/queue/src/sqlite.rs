@@ -267,66 +267,18 @@ impl JobQueue for SqliteQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        let now = self.now();
-        let until = now + visibility.as_millis() as i64;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(RECLAIM_SQL).bind(now).execute(&mut *tx).await?;
-        let mut tokens = Vec::new();
-        let mut batch_key: Option<String> = None;
-        while tokens.len() < max {
-            let next = sqlx::query(
-                "SELECT j.id, j.group_key, j.batch_key FROM jobs j
-                 LEFT JOIN groups g ON g.name = j.group_key
-                 WHERE j.status = 'queued' AND (?1 IS NULL OR j.batch_key = ?1)
-                 ORDER BY COALESCE(g.last_served, 0), j.seq
-                 LIMIT 1",
-            )
-            .bind(&batch_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(next) = next else { break };
-            let id: String = next.try_get("id")?;
-            let group: String = next.try_get("group_key")?;
-            let lease_id = random_lease_id();
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
-                    lease_owner = ?3, lease_until = ?4, started_at = ?5, updated_at = ?5,
-                    progress_step = NULL, progress_total = NULL
-                 WHERE id = ?1",
-            )
-            .bind(&id)
-            .bind(&lease_id)
-            .bind(worker)
-            .bind(until)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO groups (name, last_served) VALUES (?1, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM groups))
-                 ON CONFLICT (name) DO UPDATE SET last_served = excluded.last_served",
-            )
-            .bind(&group)
-            .execute(&mut *tx)
-            .await?;
-            if batch_key.is_none() {
-                batch_key = Some(next.try_get("batch_key")?);
-            }
-            tokens.push(LeaseToken {
-                job_id: id.parse().map_err(|e| QueueError::Corrupt {
-                    id: id.clone(),
-                    reason: format!("id: {e}"),
-                })?,
-                lease_id,
-            });
-        }
-        tx.commit().await?;
-        let mut leases = Vec::with_capacity(tokens.len());
-        for token in tokens {
-            if let Some(job) = self.get(token.job_id).await? {
-                leases.push(Lease { job, token });
-            }
-        }
-        Ok(leases)
+        self.lease_where(worker, max, visibility, None).await
+    }
+
+    async fn lease_compatible(
+        &self,
+        worker: &str,
+        batch_key: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        self.lease_where(worker, max, visibility, Some(batch_key.to_string()))
+            .await
     }
 
     async fn heartbeat(
@@ -510,6 +462,78 @@ impl JobQueue for SqliteQueue {
 
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout.min(POLL_INTERVAL), self.work.notified()).await;
+    }
+}
+
+impl SqliteQueue {
+    /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
+    /// leased, or with `batch_key` when given.
+    async fn lease_where(
+        &self,
+        worker: &str,
+        max: usize,
+        visibility: Duration,
+        mut batch_key: Option<String>,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let now = self.now();
+        let until = now + visibility.as_millis() as i64;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(RECLAIM_SQL).bind(now).execute(&mut *tx).await?;
+        let mut tokens = Vec::new();
+        while tokens.len() < max {
+            let next = sqlx::query(
+                "SELECT j.id, j.group_key, j.batch_key FROM jobs j
+                 LEFT JOIN groups g ON g.name = j.group_key
+                 WHERE j.status = 'queued' AND (?1 IS NULL OR j.batch_key = ?1)
+                 ORDER BY COALESCE(g.last_served, 0), j.seq
+                 LIMIT 1",
+            )
+            .bind(&batch_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(next) = next else { break };
+            let id: String = next.try_get("id")?;
+            let group: String = next.try_get("group_key")?;
+            let lease_id = random_lease_id();
+            sqlx::query(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
+                    lease_owner = ?3, lease_until = ?4, started_at = ?5, updated_at = ?5,
+                    progress_step = NULL, progress_total = NULL
+                 WHERE id = ?1",
+            )
+            .bind(&id)
+            .bind(&lease_id)
+            .bind(worker)
+            .bind(until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO groups (name, last_served) VALUES (?1, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM groups))
+                 ON CONFLICT (name) DO UPDATE SET last_served = excluded.last_served",
+            )
+            .bind(&group)
+            .execute(&mut *tx)
+            .await?;
+            if batch_key.is_none() {
+                batch_key = Some(next.try_get("batch_key")?);
+            }
+            tokens.push(LeaseToken {
+                job_id: id.parse().map_err(|e| QueueError::Corrupt {
+                    id: id.clone(),
+                    reason: format!("id: {e}"),
+                })?,
+                lease_id,
+            });
+        }
+        tx.commit().await?;
+        let mut leases = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            if let Some(job) = self.get(token.job_id).await? {
+                leases.push(Lease { job, token });
+            }
+        }
+        Ok(leases)
     }
 }
 

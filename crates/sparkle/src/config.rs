@@ -78,8 +78,10 @@ impl Default for QueueConfig {
 pub struct WorkerConfig {
     /// Seconds between heartbeats while a job runs (progress is also sent as it happens).
     pub heartbeat_secs: u64,
-    /// Most compatible jobs run as one batch.
+    /// Most compatible jobs (same model, size, steps, scheduler) run as one batch.
     pub max_batch: usize,
+    /// Milliseconds a partly filled batch waits for compatible jobs before it starts.
+    pub batch_wait_ms: u64,
     /// Seconds a stopping worker may spend finishing its batch before giving it back.
     pub drain_timeout_secs: u64,
     /// `auto` (CUDA when built with it and present), `cpu`, or `cuda:N`.
@@ -91,6 +93,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             heartbeat_secs: 5,
             max_batch: 1,
+            batch_wait_ms: 50,
             drain_timeout_secs: 30,
             device: "auto".into(),
         }

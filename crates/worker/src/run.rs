@@ -22,6 +22,8 @@ pub struct WorkerOptions {
     pub max_batch: usize,
     /// How long a stopping worker may spend finishing the batch in hand.
     pub drain_timeout: Duration,
+    /// How long a partly filled batch waits for compatible jobs before it starts anyway.
+    pub batch_wait: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -32,6 +34,7 @@ impl Default for WorkerOptions {
             heartbeat_interval: Duration::from_secs(5),
             max_batch: 1,
             drain_timeout: Duration::from_secs(30),
+            batch_wait: Duration::from_millis(50),
         }
     }
 }
@@ -72,10 +75,45 @@ pub async fn run(
                 _ = queue.wait_for_work(Duration::from_secs(1)) => continue,
             }
         }
+        let leases = fill_batch(&*queue, leases, &options).await;
         run_batch(&*queue, &*store, &engine, leases, &options, &shutdown).await?;
     }
     tracing::info!(worker = %options.worker_id, "worker stopped");
     Ok(())
+}
+
+/// Tops a partly filled batch up with compatible jobs that arrive within `batch_wait`.
+/// Nothing waits longer than that: a lone job starts after at most this short delay.
+async fn fill_batch(
+    queue: &dyn JobQueue,
+    mut leases: Vec<Lease>,
+    options: &WorkerOptions,
+) -> Vec<Lease> {
+    let max = options.max_batch.max(1);
+    if leases.len() >= max || options.batch_wait.is_zero() {
+        return leases;
+    }
+    let key = leases[0].job.request.batch_key();
+    let deadline = Instant::now() + options.batch_wait;
+    loop {
+        match queue
+            .lease_compatible(
+                &options.worker_id,
+                &key,
+                max - leases.len(),
+                options.lease_timeout,
+            )
+            .await
+        {
+            Ok(more) => leases.extend(more),
+            Err(e) => tracing::warn!(error = %e, "could not fill the batch"),
+        }
+        let now = Instant::now();
+        if leases.len() >= max || now >= deadline {
+            return leases;
+        }
+        queue.wait_for_work(deadline - now).await;
+    }
 }
 
 fn batch_of(leases: &[Lease]) -> Batch {

@@ -76,6 +76,7 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
         heartbeat_interval: Duration::from_secs(config.worker.heartbeat_secs),
         max_batch: config.worker.max_batch,
         drain_timeout: Duration::from_secs(config.worker.drain_timeout_secs),
+        batch_wait: Duration::from_millis(config.worker.batch_wait_ms),
     };
     sparkle_worker::run(queue, store, engine, worker_options, shutdown).await?;
     Ok(())

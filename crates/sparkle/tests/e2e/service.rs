@@ -402,3 +402,57 @@ async fn the_official_openai_client_works_unchanged() {
         json!({"status": 401, "code": "invalid_api_key"})
     );
 }
+
+/// Compatible jobs run as one batch, and each image is the image its job gets alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatible_jobs_run_as_one_batch_and_match_their_solo_images() {
+    let svc = Service::start(&[
+        ("SPARKLE_WORKER__MAX_BATCH", "4"),
+        ("SPARKLE_WORKER__BATCH_WAIT_MS", "1500"),
+    ])
+    .await;
+    let key = &svc.admin_key;
+    let jobs = [("a red fox", 1), ("a lighthouse", 2), ("a corgi", 3)];
+    let mut ids = Vec::new();
+    for (prompt, seed) in jobs {
+        let (status, job) = svc
+            .post_json(
+                "/v1/jobs",
+                &json!({"prompt": prompt, "size": "64x64", "steps": 6, "seed": seed}),
+                Some(key),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().expect("id").to_string());
+    }
+    for id in &ids {
+        svc.wait_for(id, key, |j| j["status"] == "succeeded").await;
+    }
+    let batches: Vec<String> = svc
+        .log()
+        .lines()
+        .filter(|l| l.contains("batch leased"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(batches.len(), 1, "one batch: {batches:?}");
+    assert!(
+        ids.iter().all(|id| batches[0].contains(id.as_str())),
+        "{batches:?}"
+    );
+
+    for ((prompt, seed), id) in jobs.iter().zip(&ids) {
+        let (_, served) = svc.get(&format!("/v1/jobs/{id}/images/0"), key).await;
+        let solo = support::generate_solo(prompt, *seed, "64x64", 6);
+        let (a, b) = (support::png_pixels(&served), support::png_pixels(&solo));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(255);
+        assert!(
+            a.len() == b.len() && worst <= 2,
+            "{prompt}: batched and solo differ by {worst}"
+        );
+    }
+}

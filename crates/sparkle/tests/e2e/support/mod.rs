@@ -366,6 +366,39 @@ fn client_for(data: &Path) -> reqwest::Client {
         .expect("client")
 }
 
+/// `sparkle generate` of one image with the tiny model on the CPU; the PNG's bytes.
+pub fn generate_solo(prompt: &str, seed: u32, size: &str, steps: u32) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().expect("tempfile");
+    let status = Command::new(BIN)
+        .args(["generate", prompt, "--size", size, "--device", "cpu"])
+        .args([
+            "--seed",
+            &seed.to_string(),
+            "--steps",
+            &steps.to_string(),
+            "-o",
+        ])
+        .arg(out.path())
+        .arg("--model")
+        .arg(tiny_model())
+        .stderr(Stdio::null())
+        .status()
+        .expect("sparkle generate");
+    assert!(status.success(), "sparkle generate failed");
+    std::fs::read(out.path()).expect("png")
+}
+
+/// The RGB8 pixels of a PNG.
+pub fn png_pixels(bytes: &[u8]) -> Vec<u8> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("frame");
+    buf.truncate(info.buffer_size());
+    buf
+}
+
 /// Width, height and the `parameters` text chunk of a PNG.
 pub fn png_info(bytes: &[u8]) -> (u32, u32, String) {
     let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
