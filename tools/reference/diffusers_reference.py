@@ -1,6 +1,6 @@
 """Reference outputs from diffusers for the engine's parity tests.
 
-    python diffusers_reference.py MODEL_DIR OUT_DIR
+    python diffusers_reference.py MODEL_DIR OUT_DIR [--steps N] [--guidance G]
 
 MODEL_DIR is a diffusers-layout model written by `sparkle model tiny MODEL_DIR` (the weights
 are deterministic, so the Rust tests regenerate the same model instead of committing it).
@@ -19,8 +19,8 @@ initial noise and writes OUT_DIR/<scheduler>.safetensors with:
 and OUT_DIR/case.json with the prompt, sizes and versions. Any weight diffusers or
 transformers would have to invent (a missing or unexpected tensor) is an error.
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import diffusers
@@ -67,7 +67,8 @@ def load_strict(cls, path, **kwargs):
     return model.eval()
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, steps: int, guidance: float) -> None:
+    CASE["steps"], CASE["guidance_scale"] = steps, guidance
     model, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -103,10 +104,16 @@ def main(model_dir: str, out_dir: str) -> None:
             first = None
             generator = torch.Generator().manual_seed(99)
             for i, t in enumerate(scheduler.timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                output = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-                u, c = output.chunk(2)
-                latents = scheduler.step(u + g * (c - u), t, latents, generator=generator).prev_sample
+                # Classifier-free guidance only above 1, as diffusers' pipelines decide.
+                if g > 1:
+                    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                    output = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                    u, c = output.chunk(2)
+                    prediction = u + g * (c - u)
+                else:
+                    model_input = scheduler.scale_model_input(latents, t)
+                    prediction = unet(model_input, t, encoder_hidden_states=cond).sample
+                latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if i == 0:
                     first = latents.clone()
         finally:
@@ -131,6 +138,10 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--steps", type=int, default=CASE["steps"])
+    parser.add_argument("--guidance", type=float, default=CASE["guidance_scale"])
+    args = parser.parse_args()
+    main(args.model_dir, args.out_dir, args.steps, args.guidance)

@@ -35,12 +35,14 @@ mod vocab;
 mod weights;
 
 pub use error::EngineError;
-pub use model::{describe, Architecture, ModelDescription, ModelInfo};
+pub use model::{describe, Architecture, Defaults, ModelDescription, ModelInfo};
 pub use pipeline::{
     Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, StepProgress,
 };
 pub use png::encode_png;
-pub use tiny::{write_random_model, write_tiny_model, write_tiny_model_for, ModelScale};
+pub use tiny::{
+    write_random_model, write_random_turbo, write_tiny_model, write_tiny_model_for, ModelScale,
+};
 
 #[cfg(test)]
 mod parity_tests;

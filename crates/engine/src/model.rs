@@ -63,6 +63,42 @@ pub struct ModelDescription {
     pub native_size: u32,
     /// Total size of the weight files, in bytes.
     pub bytes: u64,
+    /// What a request that names nothing gets from this model.
+    pub defaults: Defaults,
+}
+
+/// A model's sensible request defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    pub steps: u32,
+    pub guidance_scale: f32,
+    pub scheduler: sparkle_core::Scheduler,
+    /// A distilled few-step model (SD-Turbo and kin): 1–4 steps, no classifier-free guidance.
+    pub few_step: bool,
+}
+
+impl Defaults {
+    /// Distilled few-step models ship a "trailing" timestep spacing (every step lands on the
+    /// timesteps they were distilled at) and are run with 1–4 steps and no guidance; the rest
+    /// get the usual 20 Euler steps at CFG 7.5.
+    pub(crate) fn for_schedule(schedule: &ScheduleConfig) -> Self {
+        use sparkle_core::Scheduler;
+        if schedule.timestep_spacing == Some(crate::config::Spacing::Trailing) {
+            Defaults {
+                steps: 1,
+                guidance_scale: 0.0,
+                scheduler: Scheduler::Euler,
+                few_step: true,
+            }
+        } else {
+            Defaults {
+                steps: 20,
+                guidance_scale: 7.5,
+                scheduler: Scheduler::Euler,
+                few_step: false,
+            }
+        }
+    }
 }
 
 /// Describes the model in `dir` from its configuration files.
@@ -83,6 +119,7 @@ pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
         architecture: Architecture::detect(unet.candle.cross_attention_dim, &schedule),
         native_size: native_size(&unet, &vae),
         bytes,
+        defaults: Defaults::for_schedule(&schedule),
     })
 }
 

@@ -3,7 +3,8 @@
 //! that `tools/reference/diffusers_reference.py` wrote into `tests/fixtures/`.
 
 use crate::{
-    write_tiny_model_for, Architecture, Batch, BatchItem, DeviceChoice, Engine, EngineOptions,
+    write_random_turbo, write_tiny_model_for, Architecture, Batch, BatchItem, DeviceChoice, Engine,
+    EngineError, EngineOptions, ModelScale,
 };
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sparkle_core::Scheduler;
@@ -42,13 +43,13 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     (diff.expect("diff") / norm.expect("norm").max(1e-30)).sqrt()
 }
 
-fn check_architecture(arch: &str, architecture: Architecture) {
+fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineError>) {
     let dir = fixtures(arch);
     let case: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
             .expect("case json");
     let model = tempfile::tempdir().expect("tempdir");
-    write_tiny_model_for(model.path(), 0, architecture).expect("tiny model");
+    write(model.path()).expect("tiny model");
     let engine = Engine::load(
         model.path(),
         &EngineOptions {
@@ -88,7 +89,11 @@ fn check_architecture(arch: &str, architecture: Architecture) {
         };
 
         let embeddings = engine.encode_prompts(&batch).expect("embeddings");
-        let expected = Tensor::cat(&[get("uncond"), get("cond")], 0).expect("cat");
+        let expected = if batch.guidance_scale > 1.0 {
+            Tensor::cat(&[get("uncond"), get("cond")], 0).expect("cat")
+        } else {
+            get("cond").clone()
+        };
         stage("text embeddings", &embeddings, &expected);
 
         let mut drawn = 0;
@@ -128,10 +133,35 @@ fn check_architecture(arch: &str, architecture: Architecture) {
 
 #[test]
 fn sd15_matches_diffusers_for_every_scheduler() {
-    check_architecture("sd15", Architecture::Sd15);
+    check_architecture("sd15", |dir| {
+        write_tiny_model_for(dir, 0, Architecture::Sd15)
+    });
 }
 
 #[test]
 fn sd21_v_prediction_matches_diffusers_for_every_scheduler() {
-    check_architecture("sd21", Architecture::Sd21);
+    check_architecture("sd21", |dir| {
+        write_tiny_model_for(dir, 0, Architecture::Sd21)
+    });
+}
+
+#[test]
+fn sd_turbo_few_steps_without_guidance_matches_diffusers() {
+    check_architecture("sd-turbo", |dir| {
+        write_random_turbo(dir, 0, ModelScale::Tiny)
+    });
+}
+
+#[test]
+fn few_step_models_default_to_one_step_without_guidance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_random_turbo(dir.path(), 0, ModelScale::Tiny).expect("turbo");
+    let defaults = crate::describe(dir.path()).expect("describe").defaults;
+    assert!(defaults.few_step);
+    assert_eq!((defaults.steps, defaults.guidance_scale), (1, 0.0));
+    let sd15 = tempfile::tempdir().expect("tempdir");
+    write_tiny_model_for(sd15.path(), 0, Architecture::Sd15).expect("sd15");
+    let defaults = crate::describe(sd15.path()).expect("describe").defaults;
+    assert!(!defaults.few_step);
+    assert_eq!((defaults.steps, defaults.guidance_scale), (20, 7.5));
 }

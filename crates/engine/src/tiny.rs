@@ -238,6 +238,21 @@ pub fn write_random_model(
     arch: Architecture,
     scale: ModelScale,
 ) -> Result<(), EngineError> {
+    write_random_model_variant(dir, seed, arch, scale, false)
+}
+
+/// Writes a random-weight SD-Turbo: SD 2.1's networks with a few-step schedule.
+pub fn write_random_turbo(dir: &Path, seed: u64, scale: ModelScale) -> Result<(), EngineError> {
+    write_random_model_variant(dir, seed, Architecture::Sd21, scale, true)
+}
+
+fn write_random_model_variant(
+    dir: &Path,
+    seed: u64,
+    arch: Architecture,
+    scale: ModelScale,
+    turbo: bool,
+) -> Result<(), EngineError> {
     let cpu = Device::Cpu;
     let (mut text_encoder, mut unet, mut scheduler) =
         (text_encoder_config(), unet_config(), scheduler_config());
@@ -252,6 +267,14 @@ pub fn write_random_model(
         scheduler["_class_name"] = json!("DDIMScheduler");
         scheduler["prediction_type"] = json!("v_prediction");
         pad = "!";
+    }
+    if turbo {
+        // SD-Turbo: the SD 2.1 architecture at 512 with epsilon prediction, distilled for a
+        // few steps on "trailing" timesteps.
+        unet["sample_size"] = json!(64);
+        scheduler["_class_name"] = json!("EulerDiscreteScheduler");
+        scheduler["prediction_type"] = json!("epsilon");
+        scheduler["timestep_spacing"] = json!("trailing");
     }
     if scale == ModelScale::Full {
         full_size(arch, &mut text_encoder, &mut unet, &mut vae);

@@ -37,7 +37,14 @@ pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<SqliteQueue>> {
 pub fn catalog(model_dir: &Path) -> anyhow::Result<Catalog> {
     let description = sparkle_engine::describe(model_dir)
         .with_context(|| format!("cannot read the model at {}", model_dir.display()))?;
+    let defaults = description.defaults;
+    let entry = ModelEntry {
+        default_steps: defaults.steps,
+        default_guidance_scale: defaults.guidance_scale,
+        default_scheduler: defaults.scheduler,
+        ..ModelEntry::new(description.name, description.native_size)
+    };
     Ok(Catalog {
-        models: vec![ModelEntry::new(description.name, description.native_size)],
+        models: vec![entry],
     })
 }

@@ -15,8 +15,9 @@ pub enum ModelCommand {
         /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Architecture: sd1.5, or sd2.1 (v-prediction, GELU text encoder).
-        #[arg(long, default_value = "sd1.5", value_parser = ["sd1.5", "sd2.1"])]
+        /// Architecture: sd1.5, sd2.1 (v-prediction, GELU text encoder), or sd-turbo (SD 2.1's
+        /// networks, a few-step schedule: 1 step, no guidance by default).
+        #[arg(long, default_value = "sd1.5", value_parser = ["sd1.5", "sd2.1", "sd-turbo"])]
         arch: String,
         /// The real checkpoint's shapes instead (about 4 GB, random weights): for benchmarks
         /// of the real arithmetic where no weights can be downloaded.
@@ -58,6 +59,7 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             arch,
             full_size,
         } => {
+            let turbo = arch == "sd-turbo";
             let arch = if arch == "sd2.1" {
                 sparkle_engine::Architecture::Sd21
             } else {
@@ -68,8 +70,12 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             } else {
                 sparkle_engine::ModelScale::Tiny
             };
-            sparkle_engine::write_random_model(&dir, seed, arch, scale)
-                .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+            if turbo {
+                sparkle_engine::write_random_turbo(&dir, seed, scale)
+            } else {
+                sparkle_engine::write_random_model(&dir, seed, arch, scale)
+            }
+            .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
             eprintln!("wrote a tiny model to {}", dir.display());
         }
         ModelCommand::Pull {
