@@ -10,7 +10,6 @@
 mod ddim;
 mod dpmpp_2m;
 mod euler;
-mod euler_ancestral;
 
 use crate::config::{Prediction, ScheduleConfig, Spacing};
 use candle_core::{Result, Tensor};
@@ -44,8 +43,8 @@ pub fn sampler(kind: Scheduler, config: &ScheduleConfig, steps: usize) -> Box<dy
     let schedule = Schedule::new(config);
     let steps = steps.max(1);
     match kind {
-        Scheduler::Euler => Box::new(euler::Euler::new(schedule, steps)),
-        Scheduler::EulerA => Box::new(euler_ancestral::EulerAncestral::new(schedule, steps)),
+        Scheduler::Euler => Box::new(euler::Euler::new(schedule, steps, false)),
+        Scheduler::EulerA => Box::new(euler::Euler::new(schedule, steps, true)),
         Scheduler::Ddim => Box::new(ddim::Ddim::new(schedule, steps)),
         Scheduler::DpmPp2mKarras => Box::new(dpmpp_2m::DpmPp2m::new(schedule, steps)),
     }

@@ -1,5 +1,5 @@
 use super::dpmpp_2m::karras_sigmas;
-use super::euler_ancestral::ancestral_split;
+use super::euler::ancestral_split;
 use super::*;
 use candle_core::{DType, Device};
 
