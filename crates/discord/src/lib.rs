@@ -1,0 +1,18 @@
+//! Discord's side of Sparkle: what Discord sends to the interactions endpoint and how to
+//! know it was Discord that sent it.
+//!
+//! Every request is verified before anything in it is parsed: an Ed25519 signature over the
+//! timestamp header followed by the raw body, made with the application's key, and a
+//! timestamp inside a small window around now (Discord gives no replay protection of its
+//! own; the gateway also refuses an interaction id it has already seen). Only then is the
+//! body read as an [`Interaction`].
+//!
+//! This crate knows nothing of the queue's internals or of HTTP serving.
+
+mod interaction;
+mod verify;
+
+pub use interaction::{
+    CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
+};
+pub use verify::{SignatureError, Verifier};
