@@ -119,7 +119,8 @@ mod tests {
         let future = (NOW + 301).to_string();
         let mut flipped = hex::decode(&good).expect("hex");
         flipped[10] ^= 1;
-        let cases: Vec<(Option<String>, Option<String>, &[u8], SignatureError)> = vec![
+        type Case<'a> = (Option<String>, Option<String>, &'a [u8], SignatureError);
+        let cases: Vec<Case> = vec![
             (None, Some(ts.clone()), body, SignatureError::Missing),
             (Some(good.clone()), None, body, SignatureError::Missing),
             (
