@@ -40,4 +40,12 @@ pub struct GatewayState {
     pub catalog: Arc<Catalog>,
     pub limits: Arc<Limits>,
     pub options: Arc<GatewayOptions>,
+    /// The Discord interactions endpoint, when an application is configured.
+    pub discord: Option<Arc<DiscordEndpoint>>,
+}
+
+/// What the Discord endpoint needs.
+#[derive(Debug)]
+pub struct DiscordEndpoint {
+    pub verifier: sparkle_discord::Verifier,
 }

@@ -38,6 +38,36 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub scaler: ScalerConfig,
     pub limits: Limits,
+    pub discord: DiscordConfig,
+}
+
+/// The Discord application whose Interactions Endpoint URL points at this gateway
+/// (`https://HOST/discord/interactions`). Unset `public_key`: the endpoint answers 404.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscordConfig {
+    /// The application id (developer portal, General Information).
+    pub application_id: Option<String>,
+    /// The application's public key, hex, to verify that requests come from Discord.
+    pub public_key: Option<String>,
+    /// File holding the bot token (for registering the command and channel messages).
+    pub bot_token_file: Option<PathBuf>,
+    /// Discord's REST API base.
+    pub api_base: String,
+    /// Seconds a request's signed timestamp may be away from now.
+    pub timestamp_window_secs: u32,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        DiscordConfig {
+            application_id: None,
+            public_key: None,
+            bot_token_file: None,
+            api_base: "https://discord.com/api/v10".into(),
+            timestamp_window_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -140,6 +170,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             scaler: ScalerConfig::default(),
             limits: Limits::default(),
+            discord: DiscordConfig::default(),
         }
     }
 }

@@ -1,3 +1,4 @@
+mod discord;
 mod health;
 mod jobs;
 mod openai;
@@ -14,6 +15,7 @@ pub fn router(state: GatewayState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/discord/interactions", post(discord::interactions))
         .route("/v1/images/generations", post(openai::generate))
         .route("/v1/jobs", post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::show).delete(jobs::cancel))

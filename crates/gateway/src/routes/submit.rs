@@ -83,7 +83,8 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     Ok(Some(key.to_string()))
 }
 
-/// Validates, admits and commits a request. Nothing is enqueued unless every check passes.
+/// Validates, admits and commits a request from an API key. Nothing is enqueued unless
+/// every check passes.
 pub async fn submit(
     state: &GatewayState,
     caller: &Caller,
@@ -92,14 +93,6 @@ pub async fn submit(
     dedup_key: Option<String>,
 ) -> Result<Enqueued, ApiError> {
     caller.require(Scope::Generate)?;
-    let fingerprint = request.fingerprint();
-    let valid = request.validate(&state.limits, &state.catalog, rand::random::<u32>)?;
-    let stats = state.queue.stats().await?;
-    if stats.queued >= state.options.max_queued_jobs {
-        return Err(
-            ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30),
-        );
-    }
     // Fairness is per key, and per end user within a key when the client names one.
     let group = match end_user.map(str::trim).filter(|u| !u.is_empty()) {
         Some(user) => format!(
@@ -109,10 +102,29 @@ pub async fn submit(
         ),
         None => caller.0.id.clone(),
     };
+    enqueue(state, &caller.0.id, group, request, dedup_key).await
+}
+
+/// Validates, admits and commits a request for `owner`, in fairness group `group`.
+pub async fn enqueue(
+    state: &GatewayState,
+    owner: &str,
+    group: String,
+    request: ImageRequest,
+    dedup_key: Option<String>,
+) -> Result<Enqueued, ApiError> {
+    let fingerprint = request.fingerprint();
+    let valid = request.validate(&state.limits, &state.catalog, rand::random::<u32>)?;
+    let stats = state.queue.stats().await?;
+    if stats.queued >= state.options.max_queued_jobs {
+        return Err(
+            ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30),
+        );
+    }
     let enqueued = state
         .queue
         .enqueue(NewJob {
-            owner: caller.0.id.clone(),
+            owner: owner.to_string(),
             group,
             dedup_key,
             fingerprint,
@@ -122,7 +134,7 @@ pub async fn submit(
         .await?;
     if enqueued.created {
         metrics::counter!("sparkle_jobs_submitted_total").increment(1);
-        tracing::info!(job = %enqueued.job.id, key = %caller.0.id, "job enqueued");
+        tracing::info!(job = %enqueued.job.id, %owner, "job enqueued");
     }
     Ok(enqueued)
 }

@@ -152,6 +152,15 @@ async fn start_gateway(
             )
         })?;
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
+    let discord = match &config.discord.public_key {
+        None => None,
+        Some(key) => {
+            let verifier =
+                sparkle_discord::Verifier::new(key, config.discord.timestamp_window_secs)
+                    .map_err(|e| anyhow::anyhow!("discord.public_key: {e}"))?;
+            Some(Arc::new(sparkle_gateway::DiscordEndpoint { verifier }))
+        }
+    };
     let state = GatewayState {
         queue: queue.clone() as Arc<dyn JobQueue>,
         keys: queue,
@@ -164,6 +173,7 @@ async fn start_gateway(
             sync_timeout: Duration::from_secs(config.queue.sync_timeout_secs),
             ..GatewayOptions::default()
         }),
+        discord,
     };
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;

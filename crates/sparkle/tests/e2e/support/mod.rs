@@ -182,6 +182,29 @@ impl Service {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POSTs a raw JSON body with Discord's signature headers (each only when given).
+    pub async fn post_signed(
+        &self,
+        route: &str,
+        body: &str,
+        signature: Option<&str>,
+        timestamp: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .post(format!("{}{route}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(signature) = signature {
+            req = req.header("x-signature-ed25519", signature);
+        }
+        if let Some(timestamp) = timestamp {
+            req = req.header("x-signature-timestamp", timestamp);
+        }
+        let r = req.send().await.expect("request");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get(&self, route: &str, key: &str) -> (u16, Vec<u8>) {
         let r = self
             .client

@@ -1,0 +1,162 @@
+//! `POST /discord/interactions`: Discord's HTTP interactions endpoint.
+//!
+//! The signature is checked on the raw bytes before anything is parsed; every failure is a
+//! bare 401, as Discord requires (it probes the endpoint with bad signatures and drops URLs
+//! that accept them). A `/sparkle` command is validated like any request and committed to
+//! the queue before the answer goes out: a type-4 message with the queue position, well
+//! inside Discord's 3 seconds since the commit is one local transaction. Invalid options get
+//! an ephemeral message that says what is wrong, and nothing is enqueued. The interaction id
+//! is the job's idempotency key, so one interaction is one job however often it arrives.
+
+use super::submit::enqueue;
+use crate::GatewayState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use sparkle_core::ImageRequest;
+use sparkle_discord::{Interaction, InteractionKind, OptionValue};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Jobs from Discord belong to this owner; each Discord user is a fairness group.
+pub const DISCORD_OWNER: &str = "discord";
+/// Message flag: only the invoking user sees the message.
+const EPHEMERAL: u32 = 1 << 6;
+
+pub async fn interactions(
+    State(state): State<GatewayState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(discord) = state.discord.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if let Err(why) = discord.verifier.verify(
+        header("x-signature-ed25519"),
+        header("x-signature-timestamp"),
+        &body,
+        now,
+    ) {
+        tracing::info!(reason = %why, "refused a Discord request");
+        metrics::counter!("sparkle_discord_refused_total").increment(1);
+        return (StatusCode::UNAUTHORIZED, "invalid request signature").into_response();
+    }
+    let interaction: Interaction = match serde_json::from_slice(&body) {
+        Ok(interaction) => interaction,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("not an interaction: {e}")).into_response()
+        }
+    };
+    match interaction.kind {
+        InteractionKind::Ping => Json(json!({ "type": 1 })).into_response(),
+        InteractionKind::ApplicationCommand
+            if interaction.data.as_ref().and_then(|d| d.name.as_deref()) == Some("sparkle") =>
+        {
+            sparkle_command(&state, &interaction).await
+        }
+        _ => message("Sparkle does not handle this interaction.", true),
+    }
+}
+
+async fn sparkle_command(state: &GatewayState, interaction: &Interaction) -> Response {
+    let Some(user) = interaction.invoker() else {
+        return message("Discord did not say who asked.", true);
+    };
+    let request = match request_from(interaction) {
+        Ok(request) => request,
+        Err(why) => return message(&why, true),
+    };
+    let prompt = request.prompt.clone();
+    let group = format!("discord:{}", user.id);
+    let dedup = Some(format!("interaction:{}", interaction.id));
+    match enqueue(state, DISCORD_OWNER, group, request, dedup).await {
+        Ok(enqueued) => {
+            let position = state.queue.position(enqueued.job.id).await.ok().flatten();
+            let place = match position {
+                Some(0) => "next in line".to_string(),
+                Some(n) => format!("{n} ahead in the queue"),
+                None => "started".to_string(),
+            };
+            message(
+                &format!(
+                    "Submitted **{}** — {place}. Job `{}`.",
+                    clip(&prompt, 200),
+                    enqueued.job.id
+                ),
+                false,
+            )
+        }
+        Err(e) if e.code.http_status() < 500 => {
+            message(&format!("Can't make that: {}", e.message), true)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message, "a Discord command could not be queued");
+            message(
+                "Sparkle could not take the request just now; try again in a minute.",
+                true,
+            )
+        }
+    }
+}
+
+/// The `/sparkle` options as a request; an error message for the user when an option has
+/// the wrong type (Discord enforces types, so this is a defence, not the usual path).
+fn request_from(interaction: &Interaction) -> Result<ImageRequest, String> {
+    let text = |name: &str| match interaction.option(name) {
+        None => Ok(None),
+        Some(OptionValue::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("`{name}` must be text")),
+    };
+    let integer = |name: &str| match interaction.option(name) {
+        None => Ok(None),
+        Some(OptionValue::Integer(n)) => Ok(Some(*n)),
+        Some(_) => Err(format!("`{name}` must be a whole number")),
+    };
+    let number = |name: &str| match interaction.option(name) {
+        None => Ok(None),
+        Some(OptionValue::Number(n)) => Ok(Some(*n)),
+        Some(OptionValue::Integer(n)) => Ok(Some(*n as f64)),
+        Some(_) => Err(format!("`{name}` must be a number")),
+    };
+    let non_negative = |name: &str, v: Option<i64>| -> Result<Option<u64>, String> {
+        v.map(|n| u64::try_from(n).map_err(|_| format!("`{name}` must not be negative")))
+            .transpose()
+    };
+    Ok(ImageRequest {
+        prompt: text("prompt")?.ok_or("`prompt` is required")?,
+        negative_prompt: text("negative_prompt")?,
+        model: text("model")?,
+        size: text("size")?,
+        steps: non_negative("steps", integer("steps")?)?
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        guidance_scale: number("guidance")?.map(|g| g as f32),
+        seed: non_negative("seed", integer("seed")?)?,
+        scheduler: text("scheduler")?,
+        n: Some(1),
+    })
+}
+
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut clipped: String = text.chars().take(max - 1).collect();
+    clipped.push('…');
+    clipped
+}
+
+/// An immediate message response (type 4); ephemeral ones only the invoker sees.
+fn message(content: &str, ephemeral: bool) -> Response {
+    let mut data = json!({ "content": content, "allowed_mentions": { "parse": [] } });
+    if ephemeral {
+        data["flags"] = json!(EPHEMERAL);
+    }
+    Json(json!({ "type": 4, "data": data })).into_response()
+}
