@@ -18,11 +18,13 @@
 mod clock;
 pub mod conformance;
 mod keys;
+mod outbox;
 mod sqlite;
 mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
+pub use outbox::{Delivery, DiscordOutbox, DiscordTarget, TOKEN_LIFETIME_MS};
 pub use sqlite::{SqliteOptions, SqliteQueue};
 pub use types::*;
 

@@ -1,0 +1,249 @@
+//! The Discord outbox: which jobs owe a Discord interaction an answer, and how far that
+//! answer has got. Delivery works it independently of the job: a Discord failure is retried
+//! here and never touches, re-renders or loses the job's image.
+
+use crate::{QueueError, SqliteQueue};
+use async_trait::async_trait;
+use sparkle_core::JobId;
+use sqlx::Row;
+use std::fmt;
+
+/// Interaction tokens live 15 minutes.
+pub const TOKEN_LIFETIME_MS: i64 = 15 * 60 * 1000;
+
+/// Where a job's answer goes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DiscordTarget {
+    pub job: JobId,
+    pub application_id: String,
+    /// The interaction token: a secret, never printed.
+    pub token: String,
+    pub channel_id: Option<String>,
+}
+
+impl fmt::Debug for DiscordTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscordTarget")
+            .field("job", &self.job)
+            .field("application_id", &self.application_id)
+            .field("token", &"<redacted>")
+            .field("channel_id", &self.channel_id)
+            .finish()
+    }
+}
+
+/// A delivery that is due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub target: DiscordTarget,
+    pub created_at_ms: i64,
+    pub token_expires_at_ms: i64,
+    /// The progress text last shown, to send only changes.
+    pub last_progress: Option<String>,
+    pub last_edit_at_ms: Option<i64>,
+    pub attempts: u32,
+}
+
+#[async_trait]
+pub trait DiscordOutbox: Send + Sync + 'static {
+    /// Records that `target.job` answers an interaction (once; repeats change nothing).
+    async fn record(&self, target: &DiscordTarget) -> Result<(), QueueError>;
+    /// Pending deliveries whose next attempt is due, oldest first.
+    async fn due(&self, limit: u32) -> Result<Vec<Delivery>, QueueError>;
+    /// A progress edit went out.
+    async fn progressed(&self, job: JobId, text: &str) -> Result<(), QueueError>;
+    /// Try again no sooner than `after_ms` from now (rate limits, server errors).
+    async fn retry_later(&self, job: JobId, after_ms: i64, error: &str) -> Result<(), QueueError>;
+    /// Not due again until something changes: polled again after `after_ms`.
+    async fn wait(&self, job: JobId, after_ms: i64) -> Result<(), QueueError>;
+    /// The final answer went out.
+    async fn delivered(&self, job: JobId) -> Result<(), QueueError>;
+    /// Gave up (the reason is kept).
+    async fn abandoned(&self, job: JobId, reason: &str) -> Result<(), QueueError>;
+}
+
+const DELIVERY_COLUMNS: &str = "job_id, application_id, token, channel_id, created_at, \
+    token_expires_at, last_progress, last_edit_at, attempts";
+
+fn delivery_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, QueueError> {
+    let id: String = row.try_get("job_id")?;
+    Ok(Delivery {
+        target: DiscordTarget {
+            job: id.parse().map_err(|e| QueueError::Corrupt {
+                id: id.clone(),
+                reason: format!("{e}"),
+            })?,
+            application_id: row.try_get("application_id")?,
+            token: row.try_get("token")?,
+            channel_id: row.try_get("channel_id")?,
+        },
+        created_at_ms: row.try_get("created_at")?,
+        token_expires_at_ms: row.try_get("token_expires_at")?,
+        last_progress: row.try_get("last_progress")?,
+        last_edit_at_ms: row.try_get("last_edit_at")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+    })
+}
+
+impl SqliteQueue {
+    async fn set_state(
+        &self,
+        job: JobId,
+        sql: &str,
+        text: Option<&str>,
+        after_ms: i64,
+    ) -> Result<(), QueueError> {
+        sqlx::query(sql)
+            .bind(job.to_string())
+            .bind(self.clock.now_ms())
+            .bind(text)
+            .bind(after_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DiscordOutbox for SqliteQueue {
+    async fn record(&self, target: &DiscordTarget) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        sqlx::query(
+            "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id, created_at,
+                token_expires_at, state, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?5)
+             ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(target.job.to_string())
+        .bind(&target.application_id)
+        .bind(&target.token)
+        .bind(&target.channel_id)
+        .bind(now)
+        .bind(now + TOKEN_LIFETIME_MS)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn due(&self, limit: u32) -> Result<Vec<Delivery>, QueueError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM discord_deliveries
+             WHERE state = 'pending' AND next_attempt_at <= ?1
+             ORDER BY next_attempt_at, created_at LIMIT ?2"
+        ))
+        .bind(self.clock.now_ms())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn progressed(&self, job: JobId, text: &str) -> Result<(), QueueError> {
+        self.set_state(
+            job,
+            "UPDATE discord_deliveries SET last_progress = ?3, last_edit_at = ?2, attempts = 0,
+                error = NULL, next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
+            Some(text),
+            0,
+        )
+        .await
+    }
+
+    async fn retry_later(&self, job: JobId, after_ms: i64, error: &str) -> Result<(), QueueError> {
+        self.set_state(
+            job,
+            "UPDATE discord_deliveries SET attempts = attempts + 1, error = ?3,
+                next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
+            Some(error),
+            after_ms,
+        )
+        .await
+    }
+
+    async fn wait(&self, job: JobId, after_ms: i64) -> Result<(), QueueError> {
+        self.set_state(
+            job,
+            "UPDATE discord_deliveries SET next_attempt_at = ?2 + ?4, last_progress = COALESCE(?3, last_progress)
+             WHERE job_id = ?1",
+            None,
+            after_ms,
+        )
+        .await
+    }
+
+    async fn delivered(&self, job: JobId) -> Result<(), QueueError> {
+        self.set_state(
+            job,
+            "UPDATE discord_deliveries SET state = 'delivered', last_edit_at = ?2,
+                last_progress = COALESCE(?3, last_progress), next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
+            None,
+            0,
+        )
+        .await
+    }
+
+    async fn abandoned(&self, job: JobId, reason: &str) -> Result<(), QueueError> {
+        self.set_state(
+            job,
+            "UPDATE discord_deliveries SET state = 'abandoned', error = ?3, next_attempt_at = ?2 + ?4
+             WHERE job_id = ?1",
+            Some(reason),
+            0,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, SqliteOptions};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn deliveries_are_recorded_once_and_come_due_on_schedule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(1_000_000);
+        let q = SqliteQueue::open_with_clock(
+            &dir.path().join("o.db"),
+            &SqliteOptions::default(),
+            Arc::new(clock.clone()),
+        )
+        .await
+        .expect("open");
+        let target = DiscordTarget {
+            job: JobId::random(),
+            application_id: "9".into(),
+            token: "secret".into(),
+            channel_id: Some("6".into()),
+        };
+        assert!(!format!("{target:?}").contains("secret"));
+        q.record(&target).await.expect("record");
+        q.record(&target).await.expect("record again");
+        let due = q.due(10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].target, target);
+        assert_eq!(due[0].token_expires_at_ms, 1_000_000 + TOKEN_LIFETIME_MS);
+
+        q.progressed(target.job, "step 1/4")
+            .await
+            .expect("progressed");
+        assert_eq!(
+            q.due(10).await.expect("due")[0].last_progress.as_deref(),
+            Some("step 1/4")
+        );
+        q.retry_later(target.job, 2_000, "429")
+            .await
+            .expect("retry");
+        assert!(q.due(10).await.expect("due").is_empty());
+        clock.advance_ms(2_000);
+        let due = q.due(10).await.expect("due");
+        assert_eq!((due.len(), due[0].attempts), (1, 1));
+        q.delivered(target.job).await.expect("delivered");
+        clock.advance_ms(60_000);
+        assert!(
+            q.due(10).await.expect("due").is_empty(),
+            "delivered is final"
+        );
+    }
+}
