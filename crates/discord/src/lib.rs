@@ -7,12 +7,17 @@
 //! own; the gateway also refuses an interaction id it has already seen). Only then is the
 //! body read as an [`Interaction`].
 //!
+//! [`DiscordRest`] talks back: it edits an interaction's original response, honouring
+//! Discord's rate limits in one place.
+//!
 //! This crate knows nothing of the queue's internals or of HTTP serving.
 
 mod interaction;
+mod rest;
 mod verify;
 
 pub use interaction::{
     CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
 };
+pub use rest::{Attachment, DiscordRest, RestError};
 pub use verify::{SignatureError, Verifier};

@@ -45,7 +45,8 @@ pub struct GatewayState {
 }
 
 /// What the Discord endpoint needs.
-#[derive(Debug)]
 pub struct DiscordEndpoint {
     pub verifier: sparkle_discord::Verifier,
+    /// Where answered interactions are recorded for delivery.
+    pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
 }

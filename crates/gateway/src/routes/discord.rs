@@ -9,7 +9,7 @@
 //! is the job's idempotency key, so one interaction is one job however often it arrives.
 
 use super::submit::enqueue;
-use crate::GatewayState;
+use crate::{DiscordEndpoint, GatewayState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -18,6 +18,7 @@ use axum::Json;
 use serde_json::json;
 use sparkle_core::ImageRequest;
 use sparkle_discord::{Interaction, InteractionKind, OptionValue};
+use sparkle_queue::DiscordTarget;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Jobs from Discord belong to this owner; each Discord user is a fairness group.
@@ -59,13 +60,17 @@ pub async fn interactions(
         InteractionKind::ApplicationCommand
             if interaction.data.as_ref().and_then(|d| d.name.as_deref()) == Some("sparkle") =>
         {
-            sparkle_command(&state, &interaction).await
+            sparkle_command(&state, &discord, &interaction).await
         }
         _ => message("Sparkle does not handle this interaction.", true),
     }
 }
 
-async fn sparkle_command(state: &GatewayState, interaction: &Interaction) -> Response {
+async fn sparkle_command(
+    state: &GatewayState,
+    discord: &DiscordEndpoint,
+    interaction: &Interaction,
+) -> Response {
     let Some(user) = interaction.invoker() else {
         return message("Discord did not say who asked.", true);
     };
@@ -78,6 +83,17 @@ async fn sparkle_command(state: &GatewayState, interaction: &Interaction) -> Res
     let dedup = Some(format!("interaction:{}", interaction.id));
     match enqueue(state, DISCORD_OWNER, group, request, dedup).await {
         Ok(enqueued) => {
+            let target = DiscordTarget {
+                job: enqueued.job.id,
+                application_id: interaction.application_id.clone(),
+                token: interaction.token.clone(),
+                channel_id: interaction.channel_id.clone(),
+            };
+            if let Err(e) = discord.outbox.record(&target).await {
+                // The job stands; only its answer to Discord is lost, and the user was told
+                // where to find it.
+                tracing::error!(job = %enqueued.job.id, error = %e, "could not record the Discord delivery");
+            }
             let position = state.queue.position(enqueued.job.id).await.ok().flatten();
             let place = match position {
                 Some(0) => "next in line".to_string(),

@@ -158,12 +158,15 @@ async fn start_gateway(
             let verifier =
                 sparkle_discord::Verifier::new(key, config.discord.timestamp_window_secs)
                     .map_err(|e| anyhow::anyhow!("discord.public_key: {e}"))?;
-            Some(Arc::new(sparkle_gateway::DiscordEndpoint { verifier }))
+            Some(Arc::new(sparkle_gateway::DiscordEndpoint {
+                verifier,
+                outbox: queue.clone(),
+            }))
         }
     };
     let state = GatewayState {
         queue: queue.clone() as Arc<dyn JobQueue>,
-        keys: queue,
+        keys: queue.clone(),
         store,
         catalog: Arc::new(catalog),
         limits: Arc::new(config.limits.clone()),
@@ -180,6 +183,19 @@ async fn start_gateway(
     let addr = listener.local_addr()?;
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
+    if state.discord.is_some() {
+        let deliverer = sparkle_delivery::Deliverer {
+            queue: state.queue.clone(),
+            outbox: queue.clone(),
+            store: state.store.clone(),
+            discord: Arc::new(
+                sparkle_discord::DiscordRest::new(&config.discord.api_base)
+                    .map_err(|e| anyhow::anyhow!("discord.api_base: {e}"))?,
+            ),
+            options: sparkle_delivery::DeliveryOptions::default(),
+        };
+        tokio::spawn(deliverer.run(shutdown.clone()));
+    }
     let router = sparkle_gateway::router(state);
     Ok(tokio::spawn(async move {
         sparkle_gateway::serve_tls(listener, tls, router, shutdown, DRAIN)

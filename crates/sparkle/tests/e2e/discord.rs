@@ -2,9 +2,89 @@
 //! them: PING, every bad signature variant, guild and DM commands, duplicates, bad options.
 
 use crate::support::Service;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::patch;
+use axum::Router;
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{json, Value};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A stand-in for Discord's REST API on loopback: it records every edit of an original
+/// response and answers image uploads from a script (then 200).
+#[derive(Default)]
+struct FakeDiscord {
+    edits: Mutex<Vec<Edit>>,
+    upload_script: Mutex<VecDeque<(u16, String, Vec<(&'static str, String)>)>>,
+}
+
+#[derive(Debug, Clone)]
+struct Edit {
+    path: String,
+    multipart: bool,
+    body: Vec<u8>,
+    status: u16,
+}
+
+async fn edit_original(
+    State(fake): State<Arc<FakeDiscord>>,
+    Path((app, token)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let multipart = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let scripted = if multipart {
+        fake.upload_script.lock().expect("script").pop_front()
+    } else {
+        None
+    };
+    let (status, reply, extra) = scripted.unwrap_or((200, "{}".to_string(), Vec::new()));
+    fake.edits.lock().expect("edits").push(Edit {
+        path: format!("/webhooks/{app}/{token}/messages/@original"),
+        multipart,
+        body: body.to_vec(),
+        status,
+    });
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        reply,
+    )
+        .into_response();
+    for (name, value) in extra {
+        if let Ok(value) = value.parse() {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+impl FakeDiscord {
+    async fn serve(self: &Arc<Self>) -> String {
+        let app = Router::new()
+            .route(
+                "/api/v10/webhooks/{app}/{token}/messages/@original",
+                patch(edit_original),
+            )
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/api/v10")
+    }
+
+    fn edits(&self) -> Vec<Edit> {
+        self.edits.lock().expect("edits").clone()
+    }
+}
 
 fn key() -> SigningKey {
     SigningKey::from_bytes(&[42u8; 32])
@@ -21,9 +101,19 @@ fn sign(key: &SigningKey, timestamp: &str, body: &str) -> String {
     hex::encode(key.sign(format!("{timestamp}{body}").as_bytes()).to_bytes())
 }
 
-async fn start() -> Service {
+/// A service whose Discord API is a fake on loopback (never the real one).
+async fn start_with(fake: &Arc<FakeDiscord>) -> Service {
     let public = hex::encode(key().verifying_key().to_bytes());
-    Service::start(&[("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str())]).await
+    let api = fake.serve().await;
+    Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+    ])
+    .await
+}
+
+async fn start() -> Service {
+    start_with(&Arc::new(FakeDiscord::default())).await
 }
 
 async fn send(svc: &Service, body: &Value) -> (u16, Value) {
@@ -216,4 +306,68 @@ async fn invalid_options_get_an_ephemeral_explanation_and_queue_nothing() {
         );
     }
     assert_eq!(svc.job_count(), 0, "nothing enqueued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_reaches_discord_once_through_a_429_and_a_500() {
+    let fake = Arc::new(FakeDiscord::default());
+    fake.upload_script.lock().expect("script").extend([
+        (
+            429,
+            json!({"message": "You are being rate limited.", "retry_after": 0.3, "global": false})
+                .to_string(),
+            vec![("retry-after", "1".to_string())],
+        ),
+        (500, "{}".to_string(), Vec::new()),
+    ]);
+    let svc = start_with(&fake).await;
+    let user = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let options = json!([
+        {"name": "prompt", "type": 3, "value": "a lighthouse"},
+        {"name": "size", "type": 3, "value": "64x64"},
+        {"name": "steps", "type": 4, "value": 30},
+        {"name": "seed", "type": 4, "value": 5},
+    ]);
+    let (_, ack) = send(&svc, &command("3001", user, options)).await;
+    let id = job_id(&ack);
+    svc.wait_for(&id, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uploads = loop {
+        let uploads: Vec<Edit> = fake.edits().into_iter().filter(|e| e.multipart).collect();
+        if uploads.iter().any(|e| e.status == 200) || Instant::now() > deadline {
+            break uploads;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let statuses: Vec<u16> = uploads.iter().map(|e| e.status).collect();
+    assert_eq!(
+        statuses,
+        [429, 500, 200],
+        "retried after the 429 and the 500, then delivered once"
+    );
+    let last = &uploads[2];
+    assert_eq!(last.path, "/webhooks/900/tok-3001/messages/@original");
+    let body = String::from_utf8_lossy(&last.body);
+    assert!(
+        body.contains("name=\"payload_json\"") && body.contains("name=\"files[0]\""),
+        "multipart parts"
+    );
+    assert!(
+        body.contains("Seed 5") && body.contains("a lighthouse"),
+        "the message carries the parameters"
+    );
+    assert!(
+        last.body.windows(8).any(|w| w == b"\x89PNG\r\n\x1a\n"),
+        "the PNG is attached"
+    );
+
+    // Nothing more is sent once delivered.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.edits().iter().filter(|e| e.multipart).count(), 3);
+    let edits = fake.edits();
+    assert!(edits
+        .iter()
+        .all(|e| e.path.ends_with("/messages/@original")));
 }

@@ -1,0 +1,214 @@
+//! Delivery: the control plane's side of answering Discord, beside the gateway.
+//!
+//! Workers never hold a bot token or an interaction token; they only finish jobs. This task
+//! works the Discord outbox: every due delivery is compared with its job — queued or running
+//! jobs get a progress edit when the text changed and the last edit is old enough, finished
+//! jobs get their image (or the reason they failed) as an edit of the original response.
+//! Discord's answers decide the next attempt: a 429 waits exactly as long as Discord asks, a
+//! 5xx or a timeout backs off, a refusal (the token died, the message is gone) abandons the
+//! delivery. A Discord failure never touches the job: the image stays in the store and the
+//! next attempt sends the same bytes.
+
+use sparkle_core::JobStatus;
+use sparkle_discord::{Attachment, DiscordRest, RestError};
+use sparkle_queue::{Delivery, DiscordOutbox, Job, JobQueue, QueueError};
+use sparkle_store::{ImageKey, ImageStore};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    /// How often the outbox is read.
+    pub poll: Duration,
+    /// Least time between two progress edits of one message.
+    pub progress_every: Duration,
+    /// Attempts at one delivery before it is abandoned.
+    pub max_attempts: u32,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions {
+            poll: Duration::from_millis(500),
+            progress_every: Duration::from_secs(2),
+            max_attempts: 10,
+        }
+    }
+}
+
+/// What delivery works with.
+#[derive(Clone)]
+pub struct Deliverer {
+    pub queue: Arc<dyn JobQueue>,
+    pub outbox: Arc<dyn DiscordOutbox>,
+    pub store: Arc<dyn ImageStore>,
+    pub discord: Arc<DiscordRest>,
+    pub options: DeliveryOptions,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Deliverer {
+    /// Works the outbox until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.options.poll);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let due = match self.outbox.due(32).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the Discord outbox");
+                    continue;
+                }
+            };
+            for delivery in due {
+                let job = delivery.target.job;
+                if let Err(e) = self.deliver(&delivery).await {
+                    tracing::warn!(%job, error = %e, "delivery bookkeeping failed");
+                }
+            }
+        }
+    }
+
+    async fn deliver(&self, d: &Delivery) -> Result<(), QueueError> {
+        let id = d.target.job;
+        if now_ms() >= d.token_expires_at_ms {
+            return self
+                .outbox
+                .abandoned(id, "the interaction token expired")
+                .await;
+        }
+        let Some(job) = self.queue.get(id).await? else {
+            return self.outbox.abandoned(id, "the job no longer exists").await;
+        };
+        let poll = self.options.poll.as_millis() as i64;
+        if !job.status.is_final() {
+            let text = self.progress_text(&job).await;
+            let recent = d
+                .last_edit_at_ms
+                .is_some_and(|t| now_ms() - t < self.options.progress_every.as_millis() as i64);
+            if d.last_progress.as_deref() == Some(text.as_str()) || recent {
+                return self.outbox.wait(id, poll).await;
+            }
+            return match self
+                .discord
+                .edit_original(&d.target.application_id, &d.target.token, &text, None)
+                .await
+            {
+                Ok(()) => self.outbox.progressed(id, &text).await,
+                Err(e) => self.failed_attempt(d, e).await,
+            };
+        }
+        let (content, image) = match job.status {
+            JobStatus::Succeeded => match self.store.get(ImageKey { job: id, index: 0 }).await {
+                Ok(Some(png)) => (
+                    result_text(&job),
+                    Some(Attachment {
+                        filename: format!("sparkle-{}.png", job.request.seed),
+                        bytes: png.to_vec(),
+                    }),
+                ),
+                Ok(None) => (
+                    format!("Made **{}**, but its image is missing.", job.request.prompt),
+                    None,
+                ),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "image store unavailable for delivery");
+                    return self
+                        .outbox
+                        .retry_later(id, 5_000, "image store unavailable")
+                        .await;
+                }
+            },
+            status => {
+                let reason = job
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.as_str())
+                    .unwrap_or("no reason recorded");
+                (
+                    format!(
+                        "Could not make **{}** ({status}): {reason}",
+                        job.request.prompt
+                    ),
+                    None,
+                )
+            }
+        };
+        match self
+            .discord
+            .edit_original(
+                &d.target.application_id,
+                &d.target.token,
+                &content,
+                image.as_ref(),
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(job = %id, "delivered to Discord");
+                self.outbox.delivered(id).await
+            }
+            Err(e) => self.failed_attempt(d, e).await,
+        }
+    }
+
+    async fn failed_attempt(&self, d: &Delivery, error: RestError) -> Result<(), QueueError> {
+        let id = d.target.job;
+        match &error {
+            RestError::RateLimited { retry_after, .. } => {
+                self.outbox
+                    .retry_later(id, retry_after.as_millis() as i64, &error.to_string())
+                    .await
+            }
+            e if e.is_transient() && d.attempts + 1 < self.options.max_attempts => {
+                let backoff = 500i64.saturating_mul(1 << d.attempts.min(7)).min(60_000);
+                tracing::warn!(job = %id, error = %e, backoff_ms = backoff, "Discord delivery failed; will retry");
+                self.outbox.retry_later(id, backoff, &e.to_string()).await
+            }
+            e => {
+                tracing::warn!(job = %id, error = %e, "Discord delivery abandoned");
+                self.outbox.abandoned(id, &e.to_string()).await
+            }
+        }
+    }
+
+    async fn progress_text(&self, job: &Job) -> String {
+        let prompt = &job.request.prompt;
+        match (job.status, job.progress) {
+            (JobStatus::Running, Some(p)) => {
+                format!("Painting **{prompt}** — step {}/{}", p.step, p.total)
+            }
+            (JobStatus::Running, None) => format!("Painting **{prompt}** — starting"),
+            _ => match self.queue.position(job.id).await.ok().flatten() {
+                Some(0) => format!("Queued **{prompt}** — next in line"),
+                Some(n) => format!("Queued **{prompt}** — {n} ahead"),
+                None => format!("Queued **{prompt}**"),
+            },
+        }
+    }
+}
+
+fn result_text(job: &Job) -> String {
+    let r = &job.request;
+    format!(
+        "**{}**\nSeed {} · {} steps · {} · CFG {} · {}x{} · {}",
+        r.prompt,
+        r.seed,
+        r.steps,
+        r.scheduler.display_name(),
+        r.guidance_scale,
+        r.width,
+        r.height,
+        r.model
+    )
+}

@@ -1,0 +1,171 @@
+//! Discord's REST API, the part delivery needs: editing an interaction's original response,
+//! with an image attached as multipart (`payload_json` + `files[0]`).
+//!
+//! Rate limits are honoured here, in the one client the delivery task shares: a 429 returns
+//! how long to wait (the larger of the body's `retry_after` and `Retry-After`), and a global
+//! or shared-scope limit blocks every request until it passes. The caller reschedules rather
+//! than sleeps, so one slow channel never holds up the others. Interaction tokens are part
+//! of the URL, so URLs never reach logs or errors.
+
+use serde::Deserialize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RestError {
+    #[error("rate limited for {retry_after:?}{}", if *global { " (global)" } else { "" })]
+    RateLimited { retry_after: Duration, global: bool },
+    #[error("Discord answered {status}")]
+    Server { status: u16 },
+    #[error("Discord refused the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    #[error("could not reach Discord: {0}")]
+    Network(String),
+}
+
+impl RestError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, RestError::Rejected { .. })
+    }
+}
+
+/// A PNG to attach.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub filename: String,
+    pub bytes: Vec<u8>,
+}
+
+pub struct DiscordRest {
+    http: reqwest::Client,
+    base: String,
+    blocked_until: Mutex<Option<Instant>>,
+}
+
+#[derive(Deserialize)]
+struct RateLimitBody {
+    retry_after: Option<f64>,
+    global: Option<bool>,
+}
+
+impl DiscordRest {
+    pub fn new(api_base: &str) -> Result<Self, RestError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!(
+                "DiscordBot (https://github.com/sparkle, ",
+                env!("CARGO_PKG_VERSION"),
+                ")"
+            ))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+        Ok(DiscordRest {
+            http,
+            base: api_base.trim_end_matches('/').to_string(),
+            blocked_until: Mutex::new(None),
+        })
+    }
+
+    /// Edits the interaction's original response; with `image`, the message carries it.
+    pub async fn edit_original(
+        &self,
+        application_id: &str,
+        token: &str,
+        content: &str,
+        image: Option<&Attachment>,
+    ) -> Result<(), RestError> {
+        if let Some(wait) = self.blocked_for() {
+            return Err(RestError::RateLimited {
+                retry_after: wait,
+                global: true,
+            });
+        }
+        let url = format!(
+            "{}/webhooks/{application_id}/{token}/messages/@original",
+            self.base
+        );
+        let mut payload =
+            serde_json::json!({ "content": content, "allowed_mentions": { "parse": [] } });
+        let request = match image {
+            None => self.http.patch(&url).json(&payload),
+            Some(image) => {
+                payload["attachments"] =
+                    serde_json::json!([{ "id": 0, "filename": image.filename }]);
+                let json = reqwest::multipart::Part::text(payload.to_string())
+                    .mime_str("application/json")
+                    .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+                let file = reqwest::multipart::Part::bytes(image.bytes.clone())
+                    .file_name(image.filename.clone())
+                    .mime_str("image/png")
+                    .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+                let form = reqwest::multipart::Form::new()
+                    .part("payload_json", json)
+                    .part("files[0]", file);
+                self.http.patch(&url).multipart(form)
+            }
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+        self.check(response).await
+    }
+
+    fn blocked_for(&self) -> Option<Duration> {
+        let guard = self.blocked_until.lock().ok()?;
+        let until = (*guard)?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    async fn check(&self, response: reqwest::Response) -> Result<(), RestError> {
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let headers = response.headers().clone();
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let text = response.text().await.unwrap_or_default();
+        if status == 429 {
+            let body: Option<RateLimitBody> = serde_json::from_str(&text).ok();
+            let from_body = body.as_ref().and_then(|b| b.retry_after).unwrap_or(0.0);
+            let from_header = header("retry-after")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            let reset_after = header("x-ratelimit-reset-after")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            let secs = from_body
+                .max(from_header)
+                .max(reset_after)
+                .clamp(0.05, 3600.0);
+            let retry_after = Duration::from_secs_f64(secs);
+            let global = body.and_then(|b| b.global).unwrap_or(false)
+                || header("x-ratelimit-global").is_some_and(|v| v == "true")
+                || header("x-ratelimit-scope").is_some_and(|v| v == "global");
+            if global {
+                if let Ok(mut guard) = self.blocked_until.lock() {
+                    *guard = Some(Instant::now() + retry_after);
+                }
+            }
+            tracing::warn!(?retry_after, global, "Discord rate limit");
+            return Err(RestError::RateLimited {
+                retry_after,
+                global,
+            });
+        }
+        if status >= 500 {
+            return Err(RestError::Server { status });
+        }
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        Err(RestError::Rejected { status, message })
+    }
+}
