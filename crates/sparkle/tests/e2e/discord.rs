@@ -14,12 +14,15 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// A scripted answer: status, body, extra headers.
+type Answer = (u16, String, Vec<(&'static str, String)>);
+
 /// A stand-in for Discord's REST API on loopback: it records every edit of an original
 /// response and answers image uploads from a script (then 200).
 #[derive(Default)]
 struct FakeDiscord {
     edits: Mutex<Vec<Edit>>,
-    upload_script: Mutex<VecDeque<(u16, String, Vec<(&'static str, String)>)>>,
+    upload_script: Mutex<VecDeque<Answer>>,
 }
 
 #[derive(Debug, Clone)]
