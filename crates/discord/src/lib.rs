@@ -12,10 +12,12 @@
 //!
 //! This crate knows nothing of the queue's internals or of HTTP serving.
 
+mod command;
 mod interaction;
 mod rest;
 mod verify;
 
+pub use command::sparkle_command;
 pub use interaction::{
     CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
 };

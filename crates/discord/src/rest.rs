@@ -112,6 +112,32 @@ impl DiscordRest {
         self.check(response).await
     }
 
+    /// Creates or replaces a slash command (global, or in one guild) with the bot token.
+    pub async fn register_command(
+        &self,
+        bot_token: &str,
+        application_id: &str,
+        guild_id: Option<&str>,
+        command: &serde_json::Value,
+    ) -> Result<(), RestError> {
+        let url = match guild_id {
+            Some(guild) => format!(
+                "{}/applications/{application_id}/guilds/{guild}/commands",
+                self.base
+            ),
+            None => format!("{}/applications/{application_id}/commands", self.base),
+        };
+        let response = self
+            .http
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, format!("Bot {bot_token}"))
+            .json(command)
+            .send()
+            .await
+            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+        self.check(response).await
+    }
+
     fn blocked_for(&self) -> Option<Duration> {
         let guard = self.blocked_until.lock().ok()?;
         let until = (*guard)?;

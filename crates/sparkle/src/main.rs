@@ -5,6 +5,7 @@ mod admin;
 mod cmd;
 mod config;
 mod runtime;
+mod secrets;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ enum Command {
     /// API keys: create, list, revoke.
     #[command(subcommand)]
     Key(cmd::key::KeyCommand),
+    /// Discord: register the /sparkle command.
+    #[command(subcommand)]
+    Discord(cmd::discord::DiscordCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -105,6 +109,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Model(command) => cmd::model::run(command),
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
+        Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
+pub mod discord;
 pub mod generate;
 pub mod key;
 pub mod model;

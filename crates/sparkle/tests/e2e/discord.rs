@@ -23,6 +23,8 @@ type Answer = (u16, String, Vec<(&'static str, String)>);
 struct FakeDiscord {
     edits: Mutex<Vec<Edit>>,
     upload_script: Mutex<VecDeque<Answer>>,
+    /// Command registrations: (path, Authorization header, body).
+    registrations: Mutex<Vec<(String, String, Value)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,12 +70,36 @@ async fn edit_original(
     response
 }
 
+async fn register_command(
+    State(fake): State<Arc<FakeDiscord>>,
+    Path((app, guild)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = format!("/applications/{app}/guilds/{guild}/commands");
+    fake.registrations
+        .lock()
+        .expect("registrations")
+        .push((path, auth, json));
+    (StatusCode::CREATED, "{}").into_response()
+}
+
 impl FakeDiscord {
     async fn serve(self: &Arc<Self>) -> String {
         let app = Router::new()
             .route(
                 "/api/v10/webhooks/{app}/{token}/messages/@original",
                 patch(edit_original),
+            )
+            .route(
+                "/api/v10/applications/{app}/guilds/{guild}/commands",
+                axum::routing::post(register_command),
             )
             .with_state(self.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -373,4 +399,61 @@ async fn the_image_reaches_discord_once_through_a_429_and_a_500() {
     assert!(edits
         .iter()
         .all(|e| e.path.ends_with("/messages/@original")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_sends_the_command_with_the_bot_token_from_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = Arc::new(FakeDiscord::default());
+    let api = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("bot-token");
+    std::fs::write(&token, "bot-secret\n").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = dir.path().join("sparkle.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[discord]\napplication_id = \"900\"\nbot_token_file = {:?}\napi_base = {api:?}\n",
+            token.display().to_string()
+        ),
+    )
+    .expect("config");
+    let register = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sparkle"))
+            .args(["discord", "register", "--guild", "55", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--model")
+            .arg(crate::support::tiny_model())
+            .output()
+            .expect("run")
+    };
+    let refused = register();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("chmod 600") && !err.contains("bot-secret"),
+        "{err}"
+    );
+    assert!(fake.registrations.lock().expect("r").is_empty());
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let done = register();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let registrations = fake.registrations.lock().expect("r").clone();
+    assert_eq!(registrations.len(), 1);
+    let (path, auth, body) = &registrations[0];
+    assert_eq!(
+        (path.as_str(), auth.as_str()),
+        ("/applications/900/guilds/55/commands", "Bot bot-secret")
+    );
+    assert_eq!(body["name"], "sparkle");
+    assert_eq!(body["options"][0]["name"], "prompt");
+    assert_eq!(body["options"][0]["required"], true);
 }
