@@ -16,6 +16,7 @@ use sparkle_store::{ImageKey, ImageStore};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 #[derive(Debug, Clone)]
 pub struct DeliveryOptions {
@@ -25,6 +26,9 @@ pub struct DeliveryOptions {
     pub progress_every: Duration,
     /// Attempts at one delivery before it is abandoned.
     pub max_attempts: u32,
+    /// How long before the interaction token dies the user is told that the answer will come
+    /// another way (or not at all).
+    pub deadline_margin: Duration,
 }
 
 impl Default for DeliveryOptions {
@@ -33,6 +37,7 @@ impl Default for DeliveryOptions {
             poll: Duration::from_millis(500),
             progress_every: Duration::from_secs(2),
             max_attempts: 10,
+            deadline_margin: Duration::from_secs(60),
         }
     }
 }
@@ -44,8 +49,15 @@ pub struct Deliverer {
     pub outbox: Arc<dyn DiscordOutbox>,
     pub store: Arc<dyn ImageStore>,
     pub discord: Arc<DiscordRest>,
+    /// The bot token, when configured: lets a result outlive its interaction token by
+    /// posting in the channel instead.
+    pub bot_token: Option<Arc<Zeroizing<String>>>,
     pub options: DeliveryOptions,
 }
+
+/// Shown when the interaction token will die before the job is done.
+const LATE_WITH_BOT: &str = "is taking longer than Discord lets me keep this message; the image will be posted in this channel when it is ready.";
+const LATE_WITHOUT_BOT: &str = "is taking longer than Discord lets me keep this message, and I have no way to post it later. Please ask again in a while.";
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -81,16 +93,35 @@ impl Deliverer {
 
     async fn deliver(&self, d: &Delivery) -> Result<(), QueueError> {
         let id = d.target.job;
-        if now_ms() >= d.token_expires_at_ms {
-            return self
-                .outbox
-                .abandoned(id, "the interaction token expired")
-                .await;
-        }
         let Some(job) = self.queue.get(id).await? else {
             return self.outbox.abandoned(id, "the job no longer exists").await;
         };
         let poll = self.options.poll.as_millis() as i64;
+        let now = now_ms();
+        if now >= d.token_expires_at_ms {
+            return self.after_token_expiry(d, &job).await;
+        }
+        let margin = self.options.deadline_margin.as_millis() as i64;
+        if !job.status.is_final() && now >= d.token_expires_at_ms - margin {
+            // Tell the user while the message can still be edited; then wait for the job.
+            let late = if self.bot_token.is_some() {
+                LATE_WITH_BOT
+            } else {
+                LATE_WITHOUT_BOT
+            };
+            let notice = format!("**{}** {late}", job.request.prompt);
+            if d.last_progress.as_deref() == Some(notice.as_str()) {
+                return self.outbox.wait(id, poll).await;
+            }
+            return match self
+                .discord
+                .edit_original(&d.target.application_id, &d.target.token, &notice, None)
+                .await
+            {
+                Ok(()) => self.outbox.progressed(id, &notice).await,
+                Err(e) => self.failed_attempt(d, e).await,
+            };
+        }
         if !job.status.is_final() {
             let text = self.progress_text(&job).await;
             let recent = d
@@ -108,40 +139,13 @@ impl Deliverer {
                 Err(e) => self.failed_attempt(d, e).await,
             };
         }
-        let (content, image) = match job.status {
-            JobStatus::Succeeded => match self.store.get(ImageKey { job: id, index: 0 }).await {
-                Ok(Some(png)) => (
-                    result_text(&job),
-                    Some(Attachment {
-                        filename: format!("sparkle-{}.png", job.request.seed),
-                        bytes: png.to_vec(),
-                    }),
-                ),
-                Ok(None) => (
-                    format!("Made **{}**, but its image is missing.", job.request.prompt),
-                    None,
-                ),
-                Err(e) => {
-                    tracing::warn!(job = %id, error = %e, "image store unavailable for delivery");
-                    return self
-                        .outbox
-                        .retry_later(id, 5_000, "image store unavailable")
-                        .await;
-                }
-            },
-            status => {
-                let reason = job
-                    .error
-                    .as_ref()
-                    .map(|e| e.message.as_str())
-                    .unwrap_or("no reason recorded");
-                (
-                    format!(
-                        "Could not make **{}** ({status}): {reason}",
-                        job.request.prompt
-                    ),
-                    None,
-                )
+        let (content, image) = match self.result_of(&job).await {
+            Ok(result) => result,
+            Err(()) => {
+                return self
+                    .outbox
+                    .retry_later(id, 5_000, "image store unavailable")
+                    .await
             }
         };
         match self
@@ -160,6 +164,86 @@ impl Deliverer {
             }
             Err(e) => self.failed_attempt(d, e).await,
         }
+    }
+
+    /// The interaction token is dead: post the result in the channel with the bot token, or
+    /// give up (the user was told before the token died).
+    async fn after_token_expiry(&self, d: &Delivery, job: &Job) -> Result<(), QueueError> {
+        let id = d.target.job;
+        let (Some(bot), Some(channel)) = (&self.bot_token, &d.target.channel_id) else {
+            return self
+                .outbox
+                .abandoned(
+                    id,
+                    "the interaction token expired and no bot token is configured",
+                )
+                .await;
+        };
+        if !job.status.is_final() {
+            return self
+                .outbox
+                .wait(id, self.options.poll.as_millis() as i64)
+                .await;
+        }
+        let (content, image) = match self.result_of(job).await {
+            Ok(result) => result,
+            Err(()) => {
+                return self
+                    .outbox
+                    .retry_later(id, 5_000, "image store unavailable")
+                    .await
+            }
+        };
+        match self
+            .discord
+            .create_message(bot, channel, &content, image.as_ref())
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(job = %id, "delivered to the Discord channel after the token expired");
+                self.outbox.delivered(id).await
+            }
+            Err(e) => self.failed_attempt(d, e).await,
+        }
+    }
+
+    /// The final message of a finished job, and its image if it has one; `Err` when the
+    /// image store cannot be read right now.
+    async fn result_of(&self, job: &Job) -> Result<(String, Option<Attachment>), ()> {
+        let id = job.id;
+        Ok(match job.status {
+            JobStatus::Succeeded => match self.store.get(ImageKey { job: id, index: 0 }).await {
+                Ok(Some(png)) => (
+                    result_text(job),
+                    Some(Attachment {
+                        filename: format!("sparkle-{}.png", job.request.seed),
+                        bytes: png.to_vec(),
+                    }),
+                ),
+                Ok(None) => (
+                    format!("Made **{}**, but its image is missing.", job.request.prompt),
+                    None,
+                ),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "image store unavailable for delivery");
+                    return Err(());
+                }
+            },
+            status => {
+                let reason = job
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.as_str())
+                    .unwrap_or("no reason recorded");
+                (
+                    format!(
+                        "Could not make **{}** ({status}): {reason}",
+                        job.request.prompt
+                    ),
+                    None,
+                )
+            }
+        })
     }
 
     async fn failed_attempt(&self, d: &Delivery, error: RestError) -> Result<(), QueueError> {

@@ -49,6 +49,33 @@ struct RateLimitBody {
     global: Option<bool>,
 }
 
+/// A message body: JSON, or multipart with `payload_json` and `files[0]` when there is an image.
+fn with_message(
+    request: reqwest::RequestBuilder,
+    content: &str,
+    image: Option<&Attachment>,
+) -> Result<reqwest::RequestBuilder, RestError> {
+    let mut payload =
+        serde_json::json!({ "content": content, "allowed_mentions": { "parse": [] } });
+    let Some(image) = image else {
+        return Ok(request.json(&payload));
+    };
+    payload["attachments"] = serde_json::json!([{ "id": 0, "filename": image.filename }]);
+    let part_error = |e: reqwest::Error| RestError::Network(e.without_url().to_string());
+    let json = reqwest::multipart::Part::text(payload.to_string())
+        .mime_str("application/json")
+        .map_err(part_error)?;
+    let file = reqwest::multipart::Part::bytes(image.bytes.clone())
+        .file_name(image.filename.clone())
+        .mime_str("image/png")
+        .map_err(part_error)?;
+    Ok(request.multipart(
+        reqwest::multipart::Form::new()
+            .part("payload_json", json)
+            .part("files[0]", file),
+    ))
+}
+
 impl DiscordRest {
     pub fn new(api_base: &str) -> Result<Self, RestError> {
         let http = reqwest::Client::builder()
@@ -85,27 +112,35 @@ impl DiscordRest {
             "{}/webhooks/{application_id}/{token}/messages/@original",
             self.base
         );
-        let mut payload =
-            serde_json::json!({ "content": content, "allowed_mentions": { "parse": [] } });
-        let request = match image {
-            None => self.http.patch(&url).json(&payload),
-            Some(image) => {
-                payload["attachments"] =
-                    serde_json::json!([{ "id": 0, "filename": image.filename }]);
-                let json = reqwest::multipart::Part::text(payload.to_string())
-                    .mime_str("application/json")
-                    .map_err(|e| RestError::Network(e.without_url().to_string()))?;
-                let file = reqwest::multipart::Part::bytes(image.bytes.clone())
-                    .file_name(image.filename.clone())
-                    .mime_str("image/png")
-                    .map_err(|e| RestError::Network(e.without_url().to_string()))?;
-                let form = reqwest::multipart::Form::new()
-                    .part("payload_json", json)
-                    .part("files[0]", file);
-                self.http.patch(&url).multipart(form)
-            }
-        };
+        let request = with_message(self.http.patch(&url), content, image)?;
         let response = request
+            .send()
+            .await
+            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+        self.check(response).await
+    }
+
+    /// Posts a message in a channel with the bot token: the way to answer once an
+    /// interaction's token has expired.
+    pub async fn create_message(
+        &self,
+        bot_token: &str,
+        channel_id: &str,
+        content: &str,
+        image: Option<&Attachment>,
+    ) -> Result<(), RestError> {
+        if let Some(wait) = self.blocked_for() {
+            return Err(RestError::RateLimited {
+                retry_after: wait,
+                global: true,
+            });
+        }
+        let url = format!("{}/channels/{channel_id}/messages", self.base);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, format!("Bot {bot_token}"));
+        let response = with_message(request, content, image)?
             .send()
             .await
             .map_err(|e| RestError::Network(e.without_url().to_string()))?;

@@ -49,4 +49,6 @@ pub struct DiscordEndpoint {
     pub verifier: sparkle_discord::Verifier,
     /// Where answered interactions are recorded for delivery.
     pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
+    /// How long an interaction token lives (Discord: 15 minutes).
+    pub token_lifetime: Duration,
 }

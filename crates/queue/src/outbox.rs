@@ -46,8 +46,13 @@ pub struct Delivery {
 
 #[async_trait]
 pub trait DiscordOutbox: Send + Sync + 'static {
-    /// Records that `target.job` answers an interaction (once; repeats change nothing).
-    async fn record(&self, target: &DiscordTarget) -> Result<(), QueueError>;
+    /// Records that `target.job` answers an interaction whose token lives `token_lifetime_ms`
+    /// from now (once; repeats change nothing).
+    async fn record(
+        &self,
+        target: &DiscordTarget,
+        token_lifetime_ms: i64,
+    ) -> Result<(), QueueError>;
     /// Pending deliveries whose next attempt is due, oldest first.
     async fn due(&self, limit: u32) -> Result<Vec<Delivery>, QueueError>;
     /// A progress edit went out.
@@ -106,7 +111,11 @@ impl SqliteQueue {
 
 #[async_trait]
 impl DiscordOutbox for SqliteQueue {
-    async fn record(&self, target: &DiscordTarget) -> Result<(), QueueError> {
+    async fn record(
+        &self,
+        target: &DiscordTarget,
+        token_lifetime_ms: i64,
+    ) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
         sqlx::query(
             "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id, created_at,
@@ -119,7 +128,7 @@ impl DiscordOutbox for SqliteQueue {
         .bind(&target.token)
         .bind(&target.channel_id)
         .bind(now)
-        .bind(now + TOKEN_LIFETIME_MS)
+        .bind(now + token_lifetime_ms)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -218,8 +227,10 @@ mod tests {
             channel_id: Some("6".into()),
         };
         assert!(!format!("{target:?}").contains("secret"));
-        q.record(&target).await.expect("record");
-        q.record(&target).await.expect("record again");
+        q.record(&target, TOKEN_LIFETIME_MS).await.expect("record");
+        q.record(&target, TOKEN_LIFETIME_MS)
+            .await
+            .expect("record again");
         let due = q.due(10).await.expect("due");
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].target, target);

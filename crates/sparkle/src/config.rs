@@ -56,6 +56,9 @@ pub struct DiscordConfig {
     pub api_base: String,
     /// Seconds a request's signed timestamp may be away from now.
     pub timestamp_window_secs: u32,
+    /// Seconds an interaction token lives: Discord's 900. Lower only to rehearse the path
+    /// where a job outlives its token.
+    pub token_lifetime_secs: u64,
 }
 
 impl Default for DiscordConfig {
@@ -66,6 +69,7 @@ impl Default for DiscordConfig {
             bot_token_file: None,
             api_base: "https://discord.com/api/v10".into(),
             timestamp_window_secs: 300,
+            token_lifetime_secs: 900,
         }
     }
 }
@@ -239,6 +243,9 @@ impl Config {
             && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
         {
             bail!("the production profile needs tls.cert_file and tls.key_file; self-signed certificates are for the dev profile");
+        }
+        if !(1..=900).contains(&self.discord.token_lifetime_secs) {
+            bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             bail!("tls.cert_file and tls.key_file must be set together");

@@ -89,7 +89,11 @@ async fn sparkle_command(
                 token: interaction.token.clone(),
                 channel_id: interaction.channel_id.clone(),
             };
-            if let Err(e) = discord.outbox.record(&target).await {
+            if let Err(e) = discord
+                .outbox
+                .record(&target, discord.token_lifetime.as_millis() as i64)
+                .await
+            {
                 // The job stands; only its answer to Discord is lost, and the user was told
                 // where to find it.
                 tracing::error!(job = %enqueued.job.id, error = %e, "could not record the Discord delivery");

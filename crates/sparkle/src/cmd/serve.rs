@@ -161,6 +161,7 @@ async fn start_gateway(
             Some(Arc::new(sparkle_gateway::DiscordEndpoint {
                 verifier,
                 outbox: queue.clone(),
+                token_lifetime: Duration::from_secs(config.discord.token_lifetime_secs),
             }))
         }
     };
@@ -184,6 +185,10 @@ async fn start_gateway(
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
     if state.discord.is_some() {
+        let bot_token = match &config.discord.bot_token_file {
+            Some(file) => Some(Arc::new(crate::secrets::read_secret_file(file)?)),
+            None => None,
+        };
         let deliverer = sparkle_delivery::Deliverer {
             queue: state.queue.clone(),
             outbox: queue.clone(),
@@ -192,7 +197,14 @@ async fn start_gateway(
                 sparkle_discord::DiscordRest::new(&config.discord.api_base)
                     .map_err(|e| anyhow::anyhow!("discord.api_base: {e}"))?,
             ),
-            options: sparkle_delivery::DeliveryOptions::default(),
+            bot_token,
+            options: sparkle_delivery::DeliveryOptions {
+                // A minute's notice, or a third of a shortened lifetime.
+                deadline_margin: Duration::from_secs(
+                    60.min(config.discord.token_lifetime_secs / 3),
+                ),
+                ..sparkle_delivery::DeliveryOptions::default()
+            },
         };
         tokio::spawn(deliverer.run(shutdown.clone()));
     }

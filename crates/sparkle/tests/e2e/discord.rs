@@ -25,6 +25,27 @@ struct FakeDiscord {
     upload_script: Mutex<VecDeque<Answer>>,
     /// Command registrations: (path, Authorization header, body).
     registrations: Mutex<Vec<(String, String, Value)>>,
+    /// Channel messages: (path, Authorization header, multipart body).
+    channel_posts: Mutex<Vec<(String, String, Vec<u8>)>>,
+}
+
+async fn channel_message(
+    State(fake): State<Arc<FakeDiscord>>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let path = format!("/channels/{channel}/messages");
+    fake.channel_posts
+        .lock()
+        .expect("posts")
+        .push((path, auth, body.to_vec()));
+    (StatusCode::OK, "{}").into_response()
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +121,10 @@ impl FakeDiscord {
             .route(
                 "/api/v10/applications/{app}/guilds/{guild}/commands",
                 axum::routing::post(register_command),
+            )
+            .route(
+                "/api/v10/channels/{channel}/messages",
+                axum::routing::post(channel_message),
             )
             .with_state(self.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -456,4 +481,72 @@ async fn register_sends_the_command_with_the_bot_token_from_a_private_file() {
     assert_eq!(body["name"], "sparkle");
     assert_eq!(body["options"][0]["name"], "prompt");
     assert_eq!(body["options"][0]["required"], true);
+}
+
+/// A job that outlives its interaction token: the user is told while the message can still be
+/// edited, and the image arrives in the channel through the bot token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_outlives_its_token_is_posted_in_the_channel() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = Arc::new(FakeDiscord::default());
+    let api = fake.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("bot-token");
+    std::fs::write(&token, "bot-secret").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let token_path = token.display().to_string();
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_DISCORD__BOT_TOKEN_FILE", token_path.as_str()),
+        ("SPARKLE_DISCORD__TOKEN_LIFETIME_SECS", "3"),
+    ])
+    .await;
+    let user = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let options = json!([
+        {"name": "prompt", "type": 3, "value": "a slow sunset"},
+        {"name": "size", "type": 3, "value": "192x192"},
+        {"name": "steps", "type": 4, "value": 120},
+        {"name": "seed", "type": 4, "value": 9},
+    ]);
+    let (_, ack) = send(&svc, &command("4001", user, options)).await;
+    let id = job_id(&ack);
+    let job = svc
+        .wait_for(&id, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+    assert!(
+        job["finished_at"].as_i64() > job["created_at"].as_i64().map(|t| t + 3),
+        "the job outlived the token: {job}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.channel_posts.lock().expect("posts").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let notices: Vec<String> = fake
+        .edits()
+        .iter()
+        .filter(|e| !e.multipart)
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect();
+    assert!(
+        notices.iter().any(|n| n.contains("posted in this channel")),
+        "{notices:?}"
+    );
+    assert!(
+        fake.edits().iter().all(|e| !e.multipart),
+        "no upload through the dead token"
+    );
+    let posts = fake.channel_posts.lock().expect("posts").clone();
+    assert_eq!(posts.len(), 1, "one channel message");
+    let (path, auth, body) = &posts[0];
+    assert_eq!(
+        (path.as_str(), auth.as_str()),
+        ("/channels/600/messages", "Bot bot-secret")
+    );
+    assert!(
+        body.windows(8).any(|w| w == b"\x89PNG\r\n\x1a\n"),
+        "the PNG is attached"
+    );
 }
