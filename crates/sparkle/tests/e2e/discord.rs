@@ -550,3 +550,60 @@ async fn a_job_that_outlives_its_token_is_posted_in_the_channel() {
         "the PNG is attached"
     );
 }
+
+/// Acknowledgement latency under a load of signed commands (a benchmark, not a check):
+/// `cargo test -p sparkle --test e2e -- --ignored --nocapture ack_latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand, see the doc comment"]
+async fn ack_latency_under_load() {
+    let fake = Arc::new(FakeDiscord::default());
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let api = fake.serve().await;
+    // No workers: only the acknowledgement path is measured, with the queue growing.
+    let svc = Arc::new(
+        Service::start(&[
+            ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+            ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+            ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+        ])
+        .await,
+    );
+    let (total, concurrency) = (1000usize, 16usize);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for i in (worker..total).step_by(concurrency) {
+                let user =
+                    json!({"guild": true, "user": {"id": format!("{}", i % 50), "username": "u"}});
+                let body = command(
+                    &format!("9{i:06}"),
+                    user,
+                    json!([{"name": "prompt", "type": 3, "value": "a corgi"}]),
+                );
+                let t = Instant::now();
+                let (status, reply) = send(&svc, &body).await;
+                latencies.push(t.elapsed());
+                assert_eq!((status, reply["type"].as_u64()), (200, Some(4)), "{reply}");
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    eprintln!(
+        "{total} signed /sparkle commands, {concurrency} at a time, loopback HTTPS: p50 {:.1?}, p99 {:.1?}, max {:.1?}; {:.0} commands/s",
+        pct(0.50),
+        pct(0.99),
+        all[all.len() - 1],
+        total as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(svc.job_count(), total as i64);
+}
