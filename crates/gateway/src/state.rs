@@ -51,4 +51,38 @@ pub struct DiscordEndpoint {
     pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
     /// How long an interaction token lives (Discord: 15 minutes).
     pub token_lifetime: Duration,
+    pub policy: DiscordPolicy,
+}
+
+/// Who may ask for what through Discord.
+#[derive(Debug, Clone, Default)]
+pub struct DiscordPolicy {
+    /// Channels where `/sparkle` works; empty: everywhere (DMs included).
+    pub allowed_channels: Vec<String>,
+    /// Words refused in prompts (case-insensitive, whole words).
+    pub denied_words: Vec<String>,
+    /// Queued plus running jobs one Discord user may have; 0: no limit.
+    pub max_live_per_user: u64,
+}
+
+impl DiscordPolicy {
+    /// Why this request is refused, if it is.
+    pub fn refusal(&self, channel: Option<&str>, prompt: &str) -> Option<String> {
+        if !self.allowed_channels.is_empty()
+            && !channel.is_some_and(|c| self.allowed_channels.iter().any(|a| a == c))
+        {
+            return Some("Sparkle is not enabled in this channel.".into());
+        }
+        let lowered = prompt.to_lowercase();
+        let words: Vec<&str> = lowered.split(|c: char| !c.is_alphanumeric()).collect();
+        let denied = self.denied_words.iter().find(|w| {
+            let w = w.to_lowercase();
+            if w.contains(' ') {
+                lowered.contains(&w)
+            } else {
+                words.contains(&w.as_str())
+            }
+        });
+        denied.map(|_| "That prompt is not allowed here.".to_string())
+    }
 }

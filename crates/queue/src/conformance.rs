@@ -466,6 +466,8 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
         .id;
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.running), (4, 0));
+    assert_eq!(q.live_in_group("alice").await.expect("live"), 3);
+    assert_eq!(q.live_in_group("nobody").await.expect("live"), 0);
     assert_eq!(stats.oldest_queued_age_ms, Some(500));
     assert_eq!(q.position(a[0]).await.expect("position"), Some(0));
     assert_eq!(q.position(b).await.expect("position"), Some(1));

@@ -97,6 +97,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Backlog figures for the scaler and for estimates.
     async fn stats(&self) -> Result<QueueStats, QueueError>;
 
+    /// Queued and running jobs of one group, for per-user quotas.
+    async fn live_in_group(&self, group: &str) -> Result<u64, QueueError>;
+
     /// Waits until new work may be available, or `timeout` passes.
     async fn wait_for_work(&self, timeout: Duration);
 }

@@ -438,6 +438,16 @@ impl JobQueue for SqliteQueue {
         Ok(done.rows_affected())
     }
 
+    async fn live_in_group(&self, group: &str) -> Result<u64, QueueError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'running')",
+        )
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let now = self.now();
         let row = sqlx::query(

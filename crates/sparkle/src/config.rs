@@ -59,6 +59,12 @@ pub struct DiscordConfig {
     /// Seconds an interaction token lives: Discord's 900. Lower only to rehearse the path
     /// where a job outlives its token.
     pub token_lifetime_secs: u64,
+    /// Channel ids where `/sparkle` works; empty: everywhere.
+    pub allowed_channels: Vec<String>,
+    /// Words refused in prompts (case-insensitive; phrases with spaces match as substrings).
+    pub denied_words: Vec<String>,
+    /// Queued plus running jobs one Discord user may have at once; 0: no limit.
+    pub max_jobs_per_user: u64,
 }
 
 impl Default for DiscordConfig {
@@ -70,6 +76,9 @@ impl Default for DiscordConfig {
             api_base: "https://discord.com/api/v10".into(),
             timestamp_window_secs: 300,
             token_lifetime_secs: 900,
+            allowed_channels: Vec::new(),
+            denied_words: Vec::new(),
+            max_jobs_per_user: 3,
         }
     }
 }

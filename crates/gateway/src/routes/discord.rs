@@ -79,7 +79,26 @@ async fn sparkle_command(
         Err(why) => return message(&why, true),
     };
     let prompt = request.prompt.clone();
+    if let Some(why) = discord
+        .policy
+        .refusal(interaction.channel_id.as_deref(), &prompt)
+    {
+        return message(&why, true);
+    }
     let group = format!("discord:{}", user.id);
+    let limit = discord.policy.max_live_per_user;
+    if limit > 0 {
+        match state.queue.live_in_group(&group).await {
+            Ok(live) if live >= limit => {
+                return message(
+                    &format!("You already have {live} images on the way (the limit is {limit}); wait for one to finish."),
+                    true,
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not count a user's jobs"),
+        }
+    }
     let dedup = Some(format!("interaction:{}", interaction.id));
     match enqueue(state, DISCORD_OWNER, group, request, dedup).await {
         Ok(enqueued) => {

@@ -565,6 +565,7 @@ async fn ack_latency_under_load() {
             ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
             ("SPARKLE_DISCORD__API_BASE", api.as_str()),
             ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+            ("SPARKLE_DISCORD__MAX_JOBS_PER_USER", "0"),
         ])
         .await,
     );
@@ -606,4 +607,78 @@ async fn ack_latency_under_load() {
         total as f64 / elapsed.as_secs_f64()
     );
     assert_eq!(svc.job_count(), total as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_policy_denied_words_and_per_user_limits_refuse_ephemerally() {
+    let fake = Arc::new(FakeDiscord::default());
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let api = fake.serve().await;
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_DISCORD__ALLOWED_CHANNELS", r#"["600"]"#),
+        ("SPARKLE_DISCORD__DENIED_WORDS", r#"["gore", "bad thing"]"#),
+        ("SPARKLE_DISCORD__MAX_JOBS_PER_USER", "2"),
+        ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+    ])
+    .await;
+    let user = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let prompt = |p: &str| json!([{"name": "prompt", "type": 3, "value": p}]);
+    let refused = |reply: &Value, mention: &str| {
+        assert_eq!(reply["data"]["flags"], 64, "ephemeral: {reply}");
+        let content = reply["data"]["content"].as_str().unwrap_or_default();
+        assert!(
+            content.contains(mention),
+            "{content} should mention {mention}"
+        );
+    };
+
+    let mut elsewhere = command("5001", user.clone(), prompt("a corgi"));
+    elsewhere["channel_id"] = json!("601");
+    refused(
+        &send(&svc, &elsewhere).await.1,
+        "not enabled in this channel",
+    );
+    refused(
+        &send(
+            &svc,
+            &command("5002", user.clone(), prompt("Some GORE, please")),
+        )
+        .await
+        .1,
+        "not allowed",
+    );
+    refused(
+        &send(
+            &svc,
+            &command("5003", user.clone(), prompt("a bad thing happens")),
+        )
+        .await
+        .1,
+        "not allowed",
+    );
+    assert_eq!(svc.job_count(), 0);
+
+    for (i, id) in ["5004", "5005"].iter().enumerate() {
+        let (_, ok) = send(
+            &svc,
+            &command(id, user.clone(), prompt(&format!("corgi {i}"))),
+        )
+        .await;
+        assert!(ok["data"]["flags"].is_null(), "{ok}");
+    }
+    refused(
+        &send(&svc, &command("5006", user.clone(), prompt("corgi 3")))
+            .await
+            .1,
+        "limit is 2",
+    );
+    let other = json!({"guild": true, "user": {"id": "7", "username": "eve"}});
+    let (_, ok) = send(&svc, &command("5007", other, prompt("a cat"))).await;
+    assert!(
+        ok["data"]["flags"].is_null(),
+        "another user is not limited by ada's jobs: {ok}"
+    );
+    assert_eq!(svc.job_count(), 3);
 }
