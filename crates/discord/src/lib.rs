@@ -12,11 +12,13 @@
 //!
 //! This crate knows nothing of the queue's internals or of HTTP serving.
 
+mod buttons;
 mod command;
 mod interaction;
 mod rest;
 mod verify;
 
+pub use buttons::{ButtonAction, ButtonSigner};
 pub use command::sparkle_command;
 pub use interaction::{
     CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
