@@ -60,15 +60,13 @@ impl ButtonSigner {
         if key.len() < 32 {
             return Err("the button key must be at least 32 bytes".into());
         }
-        Ok(ButtonSigner {
-            key: Zeroizing::new(key.to_vec()),
-        })
+        let key = Zeroizing::new(key.to_vec());
+        let keyed = <Hmac<Sha256> as Mac>::new_from_slice(&key).map_err(|e| e.to_string())?;
+        Ok(ButtonSigner { keyed })
     }
 
     fn mac(&self, payload: &str) -> Hmac<Sha256> {
-        // An HMAC key of any length is valid; the constructor cannot fail.
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        let mut mac = self.keyed.clone();
         mac.update(payload.as_bytes());
         mac
     }
