@@ -10,7 +10,7 @@
 //! next attempt sends the same bytes.
 
 use sparkle_core::JobStatus;
-use sparkle_discord::{Attachment, DiscordRest, RestError};
+use sparkle_discord::{Attachment, ButtonSigner, DiscordRest, Message, RestError};
 use sparkle_queue::{Delivery, DiscordOutbox, Job, JobQueue, QueueError};
 use sparkle_store::{ImageKey, ImageStore};
 use std::sync::Arc;
@@ -52,6 +52,8 @@ pub struct Deliverer {
     /// The bot token, when configured: lets a result outlive its interaction token by
     /// posting in the channel instead.
     pub bot_token: Option<Arc<Zeroizing<String>>>,
+    /// Signs the buttons on messages; none without it.
+    pub buttons: Option<Arc<ButtonSigner>>,
     pub options: DeliveryOptions,
 }
 
@@ -115,7 +117,11 @@ impl Deliverer {
             }
             return match self
                 .discord
-                .edit_original(&d.target.application_id, &d.target.token, &notice, None)
+                .edit_original(
+                    &d.target.application_id,
+                    &d.target.token,
+                    &text_only(&notice),
+                )
                 .await
             {
                 Ok(()) => self.outbox.progressed(id, &notice).await,
@@ -132,15 +138,19 @@ impl Deliverer {
             }
             return match self
                 .discord
-                .edit_original(&d.target.application_id, &d.target.token, &text, None)
+                .edit_original(
+                    &d.target.application_id,
+                    &d.target.token,
+                    &self.with_cancel(&text, id),
+                )
                 .await
             {
                 Ok(()) => self.outbox.progressed(id, &text).await,
                 Err(e) => self.failed_attempt(d, e).await,
             };
         }
-        let (content, image) = match self.result_of(&job).await {
-            Ok(result) => result,
+        let outcome = match self.result_of(&job).await {
+            Ok(outcome) => outcome,
             Err(()) => {
                 return self
                     .outbox
@@ -153,8 +163,7 @@ impl Deliverer {
             .edit_original(
                 &d.target.application_id,
                 &d.target.token,
-                &content,
-                image.as_ref(),
+                &outcome.message(),
             )
             .await
         {
@@ -185,8 +194,8 @@ impl Deliverer {
                 .wait(id, self.options.poll.as_millis() as i64)
                 .await;
         }
-        let (content, image) = match self.result_of(job).await {
-            Ok(result) => result,
+        let outcome = match self.result_of(job).await {
+            Ok(outcome) => outcome,
             Err(()) => {
                 return self
                     .outbox
@@ -196,7 +205,7 @@ impl Deliverer {
         };
         match self
             .discord
-            .create_message(bot, channel, &content, image.as_ref())
+            .create_message(bot, channel, &outcome.message())
             .await
         {
             Ok(()) => {
@@ -207,42 +216,49 @@ impl Deliverer {
         }
     }
 
-    /// The final message of a finished job, and its image if it has one; `Err` when the
-    /// image store cannot be read right now.
-    async fn result_of(&self, job: &Job) -> Result<(String, Option<Attachment>), ()> {
+    /// The final message of a finished job: its text, its images, and the buttons that go
+    /// with it; `Err` when the image store cannot be read right now.
+    async fn result_of(&self, job: &Job) -> Result<Outcome, ()> {
         let id = job.id;
-        Ok(match job.status {
-            JobStatus::Succeeded => match self.store.get(ImageKey { job: id, index: 0 }).await {
-                Ok(Some(png)) => (
-                    result_text(job),
-                    Some(Attachment {
-                        filename: format!("sparkle-{}.png", job.request.seed),
-                        bytes: png.to_vec(),
-                    }),
-                ),
-                Ok(None) => (
-                    format!("Made **{}**, but its image is missing.", job.request.prompt),
-                    None,
-                ),
+        if job.status != JobStatus::Succeeded {
+            let reason = job
+                .error
+                .as_ref()
+                .map(|e| e.message.as_str())
+                .unwrap_or("no reason recorded");
+            let content = format!(
+                "Could not make **{}** ({}): {reason}",
+                job.request.prompt, job.status
+            );
+            // An empty row list removes the Cancel button the progress message had.
+            return Ok(Outcome {
+                content,
+                images: Vec::new(),
+                components: Some(serde_json::json!([])),
+            });
+        }
+        let mut images = Vec::new();
+        for index in 0..job.images {
+            match self.store.get(ImageKey { job: id, index }).await {
+                Ok(Some(png)) => images.push(Attachment {
+                    filename: format!("sparkle-{}.png", job.request.seed_of(index)),
+                    bytes: png.to_vec(),
+                }),
+                Ok(None) => tracing::warn!(job = %id, index, "a finished job's image is missing"),
                 Err(e) => {
                     tracing::warn!(job = %id, error = %e, "image store unavailable for delivery");
                     return Err(());
                 }
-            },
-            status => {
-                let reason = job
-                    .error
-                    .as_ref()
-                    .map(|e| e.message.as_str())
-                    .unwrap_or("no reason recorded");
-                (
-                    format!(
-                        "Could not make **{}** ({status}): {reason}",
-                        job.request.prompt
-                    ),
-                    None,
-                )
             }
+        }
+        let components = match &self.buttons {
+            Some(buttons) => Some(buttons.result_buttons(&id.to_string())),
+            None => Some(serde_json::json!([])),
+        };
+        Ok(Outcome {
+            content: result_text(job),
+            images,
+            components,
         })
     }
 
@@ -266,6 +282,18 @@ impl Deliverer {
         }
     }
 
+    /// A progress message, with a Cancel button when buttons are configured.
+    fn with_cancel<'a>(&self, content: &'a str, job: sparkle_core::JobId) -> Message<'a> {
+        Message {
+            content,
+            images: &[],
+            components: self
+                .buttons
+                .as_ref()
+                .map(|b| b.cancel_button(&job.to_string())),
+        }
+    }
+
     async fn progress_text(&self, job: &Job) -> String {
         let prompt = &job.request.prompt;
         match (job.status, job.progress) {
@@ -279,6 +307,31 @@ impl Deliverer {
                 None => format!("Queued **{prompt}**"),
             },
         }
+    }
+}
+
+/// A finished job's message.
+struct Outcome {
+    content: String,
+    images: Vec<Attachment>,
+    components: Option<serde_json::Value>,
+}
+
+impl Outcome {
+    fn message(&self) -> Message<'_> {
+        Message {
+            content: &self.content,
+            images: &self.images,
+            components: self.components.clone(),
+        }
+    }
+}
+
+fn text_only(content: &str) -> Message<'_> {
+    Message {
+        content,
+        images: &[],
+        components: None,
     }
 }
 

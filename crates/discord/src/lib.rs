@@ -23,5 +23,5 @@ pub use command::sparkle_command;
 pub use interaction::{
     CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
 };
-pub use rest::{Attachment, DiscordRest, RestError};
+pub use rest::{Attachment, DiscordRest, Message, RestError};
 pub use verify::{SignatureError, Verifier};

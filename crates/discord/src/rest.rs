@@ -49,31 +49,48 @@ struct RateLimitBody {
     global: Option<bool>,
 }
 
-/// A message body: JSON, or multipart with `payload_json` and `files[0]` when there is an image.
+/// A message Sparkle sends: text, images (attached as `files[i]`), and buttons.
+#[derive(Debug, Clone, Default)]
+pub struct Message<'a> {
+    pub content: &'a str,
+    pub images: &'a [Attachment],
+    /// Discord components (action rows); `Some(json!([]))` removes earlier buttons.
+    pub components: Option<serde_json::Value>,
+}
+
+/// A message body: JSON, or multipart with `payload_json` and `files[i]` when there are images.
 fn with_message(
     request: reqwest::RequestBuilder,
-    content: &str,
-    image: Option<&Attachment>,
+    message: &Message<'_>,
 ) -> Result<reqwest::RequestBuilder, RestError> {
     let mut payload =
-        serde_json::json!({ "content": content, "allowed_mentions": { "parse": [] } });
-    let Some(image) = image else {
+        serde_json::json!({ "content": message.content, "allowed_mentions": { "parse": [] } });
+    if let Some(components) = &message.components {
+        payload["components"] = components.clone();
+    }
+    if message.images.is_empty() {
         return Ok(request.json(&payload));
-    };
-    payload["attachments"] = serde_json::json!([{ "id": 0, "filename": image.filename }]);
+    }
+    let attachments: Vec<_> = message
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| serde_json::json!({ "id": i, "filename": image.filename }))
+        .collect();
+    payload["attachments"] = serde_json::Value::from(attachments);
     let part_error = |e: reqwest::Error| RestError::Network(e.without_url().to_string());
     let json = reqwest::multipart::Part::text(payload.to_string())
         .mime_str("application/json")
         .map_err(part_error)?;
-    let file = reqwest::multipart::Part::bytes(image.bytes.clone())
-        .file_name(image.filename.clone())
-        .mime_str("image/png")
-        .map_err(part_error)?;
-    Ok(request.multipart(
-        reqwest::multipart::Form::new()
-            .part("payload_json", json)
-            .part("files[0]", file),
-    ))
+    let mut form = reqwest::multipart::Form::new().part("payload_json", json);
+    for (i, image) in message.images.iter().enumerate() {
+        let file = reqwest::multipart::Part::bytes(image.bytes.clone())
+            .file_name(image.filename.clone())
+            .mime_str("image/png")
+            .map_err(part_error)?;
+        form = form.part(format!("files[{i}]"), file);
+    }
+    Ok(request.multipart(form))
 }
 
 impl DiscordRest {
@@ -99,8 +116,7 @@ impl DiscordRest {
         &self,
         application_id: &str,
         token: &str,
-        content: &str,
-        image: Option<&Attachment>,
+        message: &Message<'_>,
     ) -> Result<(), RestError> {
         if let Some(wait) = self.blocked_for() {
             return Err(RestError::RateLimited {
@@ -112,7 +128,7 @@ impl DiscordRest {
             "{}/webhooks/{application_id}/{token}/messages/@original",
             self.base
         );
-        let request = with_message(self.http.patch(&url), content, image)?;
+        let request = with_message(self.http.patch(&url), message)?;
         let response = request
             .send()
             .await
@@ -126,8 +142,7 @@ impl DiscordRest {
         &self,
         bot_token: &str,
         channel_id: &str,
-        content: &str,
-        image: Option<&Attachment>,
+        message: &Message<'_>,
     ) -> Result<(), RestError> {
         if let Some(wait) = self.blocked_for() {
             return Err(RestError::RateLimited {
@@ -140,7 +155,7 @@ impl DiscordRest {
             .http
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, format!("Bot {bot_token}"));
-        let response = with_message(request, content, image)?
+        let response = with_message(request, message)?
             .send()
             .await
             .map_err(|e| RestError::Network(e.without_url().to_string()))?;
