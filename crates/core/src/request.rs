@@ -317,6 +317,22 @@ impl ValidImageRequest {
         self.seed.wrapping_add(index)
     }
 
+    /// The same request again for `n` images, with a fresh seed drawn at validation: what
+    /// a re-roll or variations button asks for.
+    pub fn again(&self, n: u32) -> ImageRequest {
+        ImageRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: Some(self.negative_prompt.clone()).filter(|p| !p.is_empty()),
+            model: Some(self.model.clone()),
+            size: Some(format!("{}x{}", self.width, self.height)),
+            steps: Some(self.steps),
+            guidance_scale: Some(self.guidance_scale),
+            seed: None,
+            scheduler: Some(self.scheduler.as_str().to_string()),
+            n: Some(n),
+        }
+    }
+
     /// Jobs with equal batch keys can run as one batch on the GPU.
     pub fn batch_key(&self) -> String {
         format!(
@@ -504,6 +520,33 @@ mod tests {
         .validate(&Limits::default(), &catalog(), || u32::MAX)
         .expect("drawn seed is clamped");
         assert_eq!(v.seed_of(2), u32::MAX);
+    }
+
+    #[test]
+    fn again_keeps_everything_but_the_seed_and_count() {
+        let first = check(ImageRequest {
+            negative_prompt: Some("blurry".into()),
+            size: Some("512x384".into()),
+            steps: Some(9),
+            guidance_scale: Some(3.5),
+            scheduler: Some("dpmpp_2m_karras".into()),
+            seed: Some(7),
+            ..req("a corgi")
+        })
+        .expect("valid");
+        let again = first
+            .again(4)
+            .validate(&Limits::default(), &catalog(), || 99)
+            .expect("valid again");
+        assert_eq!((again.seed, again.n), (99, 4));
+        assert_eq!(
+            ValidImageRequest {
+                seed: first.seed,
+                n: first.n,
+                ..again
+            },
+            first
+        );
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct GatewayState {
 /// What the Discord endpoint needs.
 pub struct DiscordEndpoint {
     pub verifier: sparkle_discord::Verifier,
+    /// Signs and checks the ids of the buttons on Sparkle's messages.
+    pub buttons: Arc<sparkle_discord::ButtonSigner>,
     /// Where answered interactions are recorded for delivery.
     pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
     /// How long an interaction token lives (Discord: 15 minutes).

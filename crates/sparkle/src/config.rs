@@ -65,6 +65,10 @@ pub struct DiscordConfig {
     pub denied_words: Vec<String>,
     /// Queued plus running jobs one Discord user may have at once; 0: no limit.
     pub max_jobs_per_user: u64,
+    /// File holding the key that signs button ids (hex, mode 0600); made on first start when
+    /// unset, as `discord-button.key` in the data directory. Every gateway of a deployment
+    /// must share it.
+    pub button_key_file: Option<PathBuf>,
 }
 
 impl Default for DiscordConfig {
@@ -79,6 +83,7 @@ impl Default for DiscordConfig {
             allowed_channels: Vec::new(),
             denied_words: Vec::new(),
             max_jobs_per_user: 3,
+            button_key_file: None,
         }
     }
 }

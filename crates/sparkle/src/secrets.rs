@@ -34,10 +34,60 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     Ok(secret)
 }
 
+/// A random key of `len` bytes kept hex-encoded in `path`: read when the file exists (with
+/// the same mode checks as every secret), otherwise made and written with mode 0600, so a
+/// deployment keeps its key across restarts without anyone handling it.
+pub fn load_or_create_key(path: &Path, len: usize) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    if path.exists() {
+        let text = read_secret_file(path)?;
+        let key = Zeroizing::new(
+            hex::decode(text.as_str())
+                .with_context(|| format!("{} does not hold a hex key", path.display()))?,
+        );
+        if key.len() < len {
+            bail!(
+                "{} holds a {}-byte key; at least {len} bytes are needed",
+                path.display(),
+                key.len()
+            );
+        }
+        return Ok(key);
+    }
+    let mut key = Zeroizing::new(vec![0u8; len]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    let text = Zeroizing::new(hex::encode(&*key));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create the key file {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write the key file {}", path.display()))?;
+    tracing::info!(file = %path.display(), "created a new key file");
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_are_created_once_private_and_then_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.key");
+        let first = load_or_create_key(&path, 32).expect("create");
+        assert_eq!(first.len(), 32);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(*load_or_create_key(&path, 32).expect("reuse"), *first);
+        assert!(load_or_create_key(&path, 64).is_err(), "too short for 64");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(load_or_create_key(&path, 32).is_err(), "group-readable");
+    }
 
     #[test]
     fn world_readable_and_empty_files_are_refused() {

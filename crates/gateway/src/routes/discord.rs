@@ -17,14 +17,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use sparkle_core::ImageRequest;
-use sparkle_discord::{Interaction, InteractionKind, OptionValue};
-use sparkle_queue::DiscordTarget;
+use sparkle_core::JobId;
+use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
+use sparkle_queue::{CancelOutcome, DiscordTarget};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Jobs from Discord belong to this owner; each Discord user is a fairness group.
 pub const DISCORD_OWNER: &str = "discord";
 /// Message flag: only the invoking user sees the message.
 const EPHEMERAL: u32 = 1 << 6;
+/// Images the Variations button asks for.
+const VARIATIONS: u32 = 4;
 
 pub async fn interactions(
     State(state): State<GatewayState>,
@@ -62,7 +65,81 @@ pub async fn interactions(
         {
             sparkle_command(&state, &discord, &interaction).await
         }
+        InteractionKind::MessageComponent => component(&state, &discord, &interaction).await,
         _ => message("Sparkle does not handle this interaction.", true),
+    }
+}
+
+/// A click on one of Sparkle's buttons. The id is checked before anything else: a forged or
+/// foreign id changes nothing. Cancel is for the person who asked; anyone who sees a result
+/// may re-roll it, as their own new job.
+async fn component(
+    state: &GatewayState,
+    discord: &DiscordEndpoint,
+    interaction: &Interaction,
+) -> Response {
+    let Some(user) = interaction.invoker() else {
+        return message("Discord did not say who clicked.", true);
+    };
+    let custom_id = interaction
+        .data
+        .as_ref()
+        .and_then(|d| d.custom_id.as_deref())
+        .unwrap_or_default();
+    let Some((action, job)) = discord.buttons.verify(custom_id) else {
+        metrics::counter!("sparkle_discord_refused_total").increment(1);
+        return message("That button is not one Sparkle made.", true);
+    };
+    let job = match job.parse::<JobId>() {
+        Ok(id) => state.queue.get(id).await,
+        Err(_) => return message("That button is not one Sparkle made.", true),
+    };
+    let job = match job {
+        Ok(Some(job)) => job,
+        Ok(None) => return message("That image is no longer known to Sparkle.", true),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read a job for a button");
+            return message(
+                "Sparkle could not look that up just now; try again in a minute.",
+                true,
+            );
+        }
+    };
+    match action {
+        ButtonAction::Cancel => {
+            if job.group != user_group(user) {
+                return message("Only the person who asked can cancel this image.", true);
+            }
+            match state.queue.cancel(job.id).await {
+                Ok(CancelOutcome::Cancelled) => {
+                    tracing::info!(job = %job.id, "cancelled from Discord");
+                    message("Cancelled.", true)
+                }
+                Ok(CancelOutcome::AlreadyFinal(status)) => {
+                    message(&format!("Too late to cancel: it has {status}."), true)
+                }
+                Ok(CancelOutcome::NotFound) => {
+                    message("That image is no longer known to Sparkle.", true)
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "could not cancel from Discord");
+                    message("Sparkle could not cancel just now; try again.", true)
+                }
+            }
+        }
+        ButtonAction::Reroll => {
+            submit(state, discord, interaction, user, job.request.again(1)).await
+        }
+        ButtonAction::Variations => {
+            submit(
+                state,
+                discord,
+                interaction,
+                user,
+                job.request.again(VARIATIONS),
+            )
+            .await
+        }
     }
 }
 
@@ -78,6 +155,23 @@ async fn sparkle_command(
         Ok(request) => request,
         Err(why) => return message(&why, true),
     };
+    submit(state, discord, interaction, user, request).await
+}
+
+/// Each Discord user is a fairness group.
+fn user_group(user: &User) -> String {
+    format!("discord:{}", user.id)
+}
+
+/// Checks the policy and the user's limit, enqueues `request` under the interaction's id
+/// (one interaction, one job), records the delivery and answers with the queue position.
+async fn submit(
+    state: &GatewayState,
+    discord: &DiscordEndpoint,
+    interaction: &Interaction,
+    user: &User,
+    request: ImageRequest,
+) -> Response {
     let prompt = request.prompt.clone();
     if let Some(why) = discord
         .policy
@@ -85,7 +179,7 @@ async fn sparkle_command(
     {
         return message(&why, true);
     }
-    let group = format!("discord:{}", user.id);
+    let group = user_group(user);
     let limit = discord.policy.max_live_per_user;
     if limit > 0 {
         match state.queue.live_in_group(&group).await {

@@ -158,8 +158,17 @@ async fn start_gateway(
             let verifier =
                 sparkle_discord::Verifier::new(key, config.discord.timestamp_window_secs)
                     .map_err(|e| anyhow::anyhow!("discord.public_key: {e}"))?;
+            let key_file = config
+                .discord
+                .button_key_file
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("discord-button.key"));
+            let key = crate::secrets::load_or_create_key(&key_file, 32)?;
+            let buttons = sparkle_discord::ButtonSigner::new(&key)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
             Some(Arc::new(sparkle_gateway::DiscordEndpoint {
                 verifier,
+                buttons: Arc::new(buttons),
                 outbox: queue.clone(),
                 token_lifetime: Duration::from_secs(config.discord.token_lifetime_secs),
                 policy: sparkle_gateway::DiscordPolicy {
@@ -203,6 +212,7 @@ async fn start_gateway(
                     .map_err(|e| anyhow::anyhow!("discord.api_base: {e}"))?,
             ),
             bot_token,
+            buttons: state.discord.as_ref().map(|d| d.buttons.clone()),
             options: sparkle_delivery::DeliveryOptions {
                 // A minute's notice, or a third of a shortened lifetime.
                 deadline_margin: Duration::from_secs(

@@ -682,3 +682,210 @@ async fn channel_policy_denied_words_and_per_user_limits_refuse_ephemerally() {
     );
     assert_eq!(svc.job_count(), 3);
 }
+
+/// The `payload_json` part of a multipart message, or the body of a JSON edit.
+fn payload_of(edit: &Edit) -> Value {
+    if !edit.multipart {
+        return serde_json::from_slice(&edit.body).unwrap_or(Value::Null);
+    }
+    let body = String::from_utf8_lossy(&edit.body);
+    let part = body
+        .split("name=\"payload_json\"")
+        .nth(1)
+        .and_then(|rest| rest.split_once("\r\n\r\n"))
+        .and_then(|(_, rest)| rest.split("\r\n--").next())
+        .unwrap_or_default();
+    serde_json::from_str(part).unwrap_or(Value::Null)
+}
+
+/// The `custom_id`s of a message's buttons, by label.
+fn buttons(payload: &Value) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for row in payload["components"].as_array().into_iter().flatten() {
+        for button in row["components"].as_array().into_iter().flatten() {
+            found.push((
+                button["label"].as_str().unwrap_or_default().to_string(),
+                button["custom_id"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    found
+}
+
+/// A click on a button, the way Discord sends it (type 3, the button's `custom_id`).
+fn click(id: &str, user: &Value, custom_id: &str) -> Value {
+    json!({
+        "id": id, "application_id": "900", "type": 3, "token": format!("tok-{id}"), "version": 1,
+        "channel_id": "600", "guild_id": "500",
+        "member": {"user": user["user"].clone(), "roles": []},
+        "message": {"id": "1", "channel_id": "600", "content": "", "components": []},
+        "data": {"custom_id": custom_id, "component_type": 2},
+    })
+}
+
+/// Waits for the message Discord got under `token` that satisfies `done`.
+async fn wait_for_edit(fake: &FakeDiscord, token: &str, done: impl Fn(&Edit) -> bool) -> Edit {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = fake
+            .edits()
+            .into_iter()
+            .find(|e| e.path.contains(&format!("/{token}/")) && e.status == 200 && done(e));
+        if let Some(edit) = found {
+            return edit;
+        }
+        assert!(Instant::now() < deadline, "no such message for {token}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reroll_and_variations_buttons_queue_new_jobs_and_forged_ones_do_nothing() {
+    let fake = Arc::new(FakeDiscord::default());
+    let svc = start_with(&fake).await;
+    let ada = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let eve = json!({"guild": true, "user": {"id": "7", "username": "eve"}});
+    let options = json!([
+        {"name": "prompt", "type": 3, "value": "a red kite"},
+        {"name": "negative_prompt", "type": 3, "value": "blurry"},
+        {"name": "size", "type": 3, "value": "64x64"},
+        {"name": "steps", "type": 4, "value": 3},
+        {"name": "seed", "type": 4, "value": 5},
+    ]);
+    let (_, ack) = send(&svc, &command("6001", ada.clone(), options)).await;
+    let first = job_id(&ack);
+    let result = wait_for_edit(&fake, "tok-6001", |e| e.multipart).await;
+    let labels = buttons(&payload_of(&result));
+    assert_eq!(
+        labels.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        ["Re-roll", "Variations"],
+        "the result carries its buttons"
+    );
+    let (reroll, variations) = (labels[0].1.clone(), labels[1].1.clone());
+
+    // Anyone who sees the result may re-roll it, as their own job.
+    let (status, reply) = send(&svc, &click("6002", &eve, &reroll)).await;
+    assert_eq!(status, 200);
+    assert!(reply["data"]["flags"].is_null(), "{reply}");
+    let again = job_id(&reply);
+    assert!(!again.is_empty() && again != first, "{reply}");
+    let (_, duplicate) = send(&svc, &click("6002", &eve, &reroll)).await;
+    assert_eq!(job_id(&duplicate), again, "one click, one job");
+    let original = svc
+        .get_json(&format!("/v1/jobs/{first}"), &svc.admin_key)
+        .await;
+    let job = svc
+        .wait_for(&again, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+    assert_eq!(job["request"]["n"], 1);
+    assert_ne!(
+        job["request"]["seed"], original["request"]["seed"],
+        "a new seed"
+    );
+    for field in [
+        "prompt",
+        "negative_prompt",
+        "size",
+        "steps",
+        "scheduler",
+        "guidance_scale",
+    ] {
+        assert_eq!(job["request"][field], original["request"][field], "{field}");
+    }
+    let delivered = wait_for_edit(&fake, "tok-6002", |e| e.multipart).await;
+    assert!(String::from_utf8_lossy(&delivered.body).contains("a red kite"));
+
+    let (_, reply) = send(&svc, &click("6003", &ada, &variations)).await;
+    let four = job_id(&reply);
+    let job = svc
+        .wait_for(&four, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+    assert_eq!(job["request"]["n"], 4);
+    let delivered = wait_for_edit(&fake, "tok-6003", |e| e.multipart).await;
+    let body = String::from_utf8_lossy(&delivered.body);
+    assert!(
+        (0..4).all(|i| body.contains(&format!("name=\"files[{i}]\""))),
+        "four images in one message"
+    );
+
+    // Forged, altered and foreign ids change nothing.
+    let jobs = svc.job_count();
+    let (action, rest) = reroll.split_once(':').expect("tagged id");
+    let altered_job = format!("{action}:{}", rest.replacen(&first[..4], "ffff", 1));
+    let as_cancel = format!("c:{rest}");
+    for (i, forged) in [altered_job.as_str(), as_cancel.as_str(), "r:x:AAAA", ""]
+        .iter()
+        .enumerate()
+    {
+        let (status, reply) = send(&svc, &click(&format!("61{i:02}"), &eve, forged)).await;
+        assert_eq!(status, 200);
+        assert_eq!(reply["data"]["flags"], 64, "ephemeral: {reply}");
+        assert!(
+            reply["data"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not one Sparkle made"),
+            "{reply}"
+        );
+    }
+    assert_eq!(svc.job_count(), jobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_button_cancels_for_the_person_who_asked_only() {
+    let fake = Arc::new(FakeDiscord::default());
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let api = fake.serve().await;
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+    ])
+    .await;
+    let ada = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let eve = json!({"guild": true, "user": {"id": "7", "username": "eve"}});
+    let prompt = json!([{"name": "prompt", "type": 3, "value": "a slow snail"}]);
+    let (_, ack) = send(&svc, &command("7001", ada.clone(), prompt)).await;
+    let id = job_id(&ack);
+    let progress = wait_for_edit(&fake, "tok-7001", |e| {
+        buttons(&payload_of(e)).iter().any(|(l, _)| l == "Cancel")
+    })
+    .await;
+    let cancel = buttons(&payload_of(&progress))[0].1.clone();
+
+    let (_, reply) = send(&svc, &click("7002", &eve, &cancel)).await;
+    assert_eq!(reply["data"]["flags"], 64, "{reply}");
+    assert!(
+        reply["data"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Only the person who asked"),
+        "{reply}"
+    );
+    let job = svc
+        .get_json(&format!("/v1/jobs/{id}"), &svc.admin_key)
+        .await;
+    assert_eq!(job["status"], "queued");
+
+    let (_, reply) = send(&svc, &click("7003", &ada, &cancel)).await;
+    assert_eq!(reply["data"]["content"], "Cancelled.", "{reply}");
+    svc.wait_for(&id, &svc.admin_key, |j| j["status"] == "cancelled")
+        .await;
+    let last = wait_for_edit(&fake, "tok-7001", |e| {
+        String::from_utf8_lossy(&e.body).contains("cancelled")
+    })
+    .await;
+    assert_eq!(
+        payload_of(&last)["components"],
+        json!([]),
+        "the Cancel button is gone"
+    );
+    let (_, reply) = send(&svc, &click("7004", &ada, &cancel)).await;
+    assert!(
+        reply["data"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Too late"),
+        "{reply}"
+    );
+}
