@@ -1,9 +1,12 @@
-//! CLIP's text encoder (transformers' `CLIPTextModel`), batched properly: the causal mask
-//! is shaped `[1, 1, seq, seq]` so it broadcasts over batch and heads alike.
+//! CLIP's text encoder (transformers' `CLIPTextModel`, and `CLIPTextModelWithProjection`
+//! for SDXL's second encoder), batched properly: the causal mask is shaped
+//! `[1, 1, seq, seq]` so it broadcasts over batch and heads alike.
 
 use crate::config::ClipConfig;
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{
+    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
+};
 
 struct Attention {
     q: Linear,
@@ -84,6 +87,16 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
+    /// `text_projection` of the with-projection variant (no bias).
+    projection: Option<Linear>,
+}
+
+/// What one run of the encoder gives.
+pub struct ClipOutput {
+    /// The output of the last layer but one (SDXL's features), `[batch, seq, hidden]`.
+    pub penultimate: Tensor,
+    /// The last layer's output after the final LayerNorm, `[batch, seq, hidden]`.
+    pub last: Tensor,
 }
 
 impl ClipTextModel {
@@ -102,11 +115,44 @@ impl ClipTextModel {
             )?,
             layers,
             final_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            projection: None,
         })
+    }
+
+    /// `CLIPTextModelWithProjection`: the same encoder and a projection of the pooled
+    /// features to `projection_dim`.
+    pub fn with_projection(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
+        let mut model = Self::new(vb.clone(), c)?;
+        model.projection = Some(linear_no_bias(
+            c.hidden_size,
+            c.projection_dim,
+            vb.pp("text_projection"),
+        )?);
+        Ok(model)
     }
 
     /// `[batch, seq]` token ids → `[batch, seq, hidden]` last hidden state.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.run(ids)?.last)
+    }
+
+    /// The pooled features: each row of `last` at the position of its first end-of-text
+    /// token (`eos[row]`), projected when the model has a projection. `[batch, dim]`.
+    pub fn pooled(&self, last: &Tensor, eos: &[usize]) -> Result<Tensor> {
+        let rows = eos
+            .iter()
+            .enumerate()
+            .map(|(row, &at)| last.i((row, at)))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&rows, 0)?;
+        match &self.projection {
+            Some(projection) => projection.forward(&pooled),
+            None => Ok(pooled),
+        }
+    }
+
+    /// Runs every layer, keeping the penultimate layer's output too.
+    pub fn run(&self, ids: &Tensor) -> Result<ClipOutput> {
         let (_, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let xs = self
@@ -115,10 +161,15 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), ids.device())?;
         let mut xs = xs;
+        let mut penultimate = xs.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            penultimate = xs;
+            xs = layer.forward(&penultimate, &mask)?;
         }
-        self.final_norm.forward(&xs)
+        Ok(ClipOutput {
+            penultimate,
+            last: self.final_norm.forward(&xs)?,
+        })
     }
 }
 
@@ -132,7 +183,6 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::IndexOp;
     use candle_nn::VarMap;
 
     fn model() -> ClipTextModel {
@@ -143,6 +193,7 @@ mod tests {
             num_attention_heads: 4,
             num_hidden_layers: 2,
             max_position_embeddings: 77,
+            projection_dim: 16,
             quick_gelu: true,
             layer_norm_eps: 1e-5,
         };

@@ -3,9 +3,6 @@
 //! ignored; a missing or malformed field is an error that names the file and the field.
 
 use crate::EngineError;
-use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModelConfig,
-};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -146,24 +143,42 @@ fn as_usize(v: &Value) -> Option<usize> {
     v.as_u64().and_then(|n| usize::try_from(n).ok())
 }
 
+/// What `model_index.json` says beyond the parts' own configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelIndex {
+    /// SDXL pipelines encode an empty negative prompt as zeros rather than as text.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
 /// `model_index.json`, when present: the pipeline class, checked before anything is loaded.
-pub fn check_model_index(dir: &Path) -> Result<(), EngineError> {
+pub fn check_model_index(dir: &Path) -> Result<ModelIndex, EngineError> {
     let path = dir.join("model_index.json");
     if !path.exists() {
-        return Ok(());
+        return Ok(ModelIndex::default());
     }
     let f = JsonFile::read(path)?;
     let class = f.str_or("_class_name", "StableDiffusionPipeline")?;
-    if class.contains("XL") || class.contains("StableDiffusion3") || class.contains("Flux") {
+    let supported = [
+        "StableDiffusionPipeline",
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+    ];
+    if class.contains("StableDiffusion3") || class.contains("Flux") || class.contains("Upscale") {
         return Err(f.bad(
             "_class_name",
-            &format!("is {class}; only Stable Diffusion 1.x and 2.x pipelines are supported"),
+            &format!(
+                "is {class}; supported pipelines are {}",
+                supported.join(", ")
+            ),
         ));
     }
-    if !class.starts_with("StableDiffusion") {
+    if !supported.contains(&class) {
         tracing::warn!(class, "model_index.json names an unfamiliar pipeline class");
     }
-    Ok(())
+    Ok(ModelIndex {
+        force_zeros_for_empty_prompt: f
+            .bool_or("force_zeros_for_empty_prompt", class.contains("XL"))?,
+    })
 }
 
 /// The text encoder's shape (`text_encoder/config.json`).
@@ -175,6 +190,8 @@ pub struct ClipConfig {
     pub num_attention_heads: usize,
     pub num_hidden_layers: usize,
     pub max_position_embeddings: usize,
+    /// Width of the projected pooled features (SDXL's second encoder).
+    pub projection_dim: usize,
     pub quick_gelu: bool,
     pub layer_norm_eps: f64,
 }
@@ -189,6 +206,7 @@ impl ClipConfig {
             num_attention_heads: f.positive("num_attention_heads")?,
             num_hidden_layers: f.positive("num_hidden_layers")?,
             max_position_embeddings: f.positive_or("max_position_embeddings", 77)?,
+            projection_dim: f.positive_or("projection_dim", 512)?,
             quick_gelu: match f.str_or("hidden_act", "quick_gelu")? {
                 "quick_gelu" => true,
                 "gelu" => false,
@@ -220,62 +238,199 @@ impl ClipConfig {
     }
 }
 
-/// The UNet's shape (`unet/config.json`) in candle's terms.
+/// One resolution level of the UNet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UNetBlock {
+    pub channels: usize,
+    /// Attention heads of the level's transformers (head width: `channels / heads`).
+    pub heads: usize,
+    /// Whether the encoder's blocks at this level have spatial transformers.
+    pub down_attention: bool,
+    /// Whether the decoder's blocks at this level have spatial transformers.
+    pub up_attention: bool,
+    /// Transformer blocks per spatial transformer in the encoder (and, for the last level,
+    /// the middle block).
+    pub transformer_layers: usize,
+    /// The same for the decoder.
+    pub up_transformer_layers: usize,
+}
+
+/// SDXL's "text_time" conditioning: pooled text features and size/crop ids, added to the
+/// time embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdditionEmbedding {
+    /// Width of each id's sinusoidal embedding (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// Pooled width plus six embedded ids (`projection_class_embeddings_input_dim`).
+    pub input_dim: usize,
+}
+
+/// The UNet's shape (`unet/config.json`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct UNetConfig {
-    pub candle: UNet2DConditionModelConfig,
     pub in_channels: usize,
     pub out_channels: usize,
     pub sample_size: usize,
+    pub blocks: Vec<UNetBlock>,
+    pub layers_per_block: usize,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub center_input_sample: bool,
+    time_embed_dim: usize,
+    pub addition: Option<AdditionEmbedding>,
 }
 
 impl UNetConfig {
+    /// Width of the time embedding every ResNet block receives.
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embed_dim
+    }
+
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
         let f = JsonFile::read(dir.join("config.json"))?;
-        if f.get("addition_embed_type").is_some() {
-            return Err(f.bad(
-                "addition_embed_type",
-                "is set: SDXL-style UNets are not supported",
-            ));
+        // Variants of the network this engine does not build: refused by name rather than
+        // loaded wrongly.
+        for field in [
+            "class_embed_type",
+            "num_class_embeds",
+            "encoder_hid_dim",
+            "time_cond_proj_dim",
+            "timestep_post_act",
+            "reverse_transformer_layers_per_block",
+        ] {
+            if f.get(field).is_some() {
+                return Err(f.bad(field, "is set; this UNet variant is not supported"));
+            }
+        }
+        for (field, default) in [
+            ("act_fn", "silu"),
+            ("resnet_time_scale_shift", "default"),
+            ("time_embedding_type", "positional"),
+            ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+        ] {
+            let value = f.str_or(field, default)?;
+            if value != default {
+                return Err(f.bad(
+                    field,
+                    &format!("is {value:?}; only {default:?} is supported"),
+                ));
+            }
+        }
+        for field in ["only_cross_attention", "dual_cross_attention"] {
+            if f.bool_or(field, false)? {
+                return Err(f.bad(field, "is true; this UNet variant is not supported"));
+            }
         }
         let channels = f.positive_list("block_out_channels")?;
         let n = channels.len();
-        let down = f.string_list("down_block_types")?;
-        if down.len() != n {
-            return Err(f.bad(
-                "down_block_types",
-                &format!("has {} entries for {n} blocks", down.len()),
-            ));
-        }
-        // diffusers' `attention_head_dim` is, for SD 1.x/2.x, really the number of heads;
-        // candle's `BlockConfig::attention_head_dim` follows the same convention.
-        let heads = f.per_block("attention_head_dim", n, 8)?;
-        let layers = f.per_block("transformer_layers_per_block", n, 1)?;
-        let blocks = (0..n)
-            .map(|i| BlockConfig {
-                out_channels: channels[i],
-                use_cross_attn: down[i].starts_with("CrossAttn").then_some(layers[i]),
-                attention_head_dim: heads[i],
-            })
-            .collect();
-        let candle = UNet2DConditionModelConfig {
-            center_input_sample: f.bool_or("center_input_sample", false)?,
-            flip_sin_to_cos: f.bool_or("flip_sin_to_cos", true)?,
-            freq_shift: f.f64_or("freq_shift", 0.0)?,
-            blocks,
-            layers_per_block: f.positive_or("layers_per_block", 2)?,
-            downsample_padding: f.usize_or("downsample_padding", 1)?,
-            mid_block_scale_factor: f.f64_or("mid_block_scale_factor", 1.0)?,
-            norm_num_groups: f.positive_or("norm_num_groups", 32)?,
-            norm_eps: f.f64_or("norm_eps", 1e-5)?,
-            cross_attention_dim: f.positive("cross_attention_dim")?,
-            sliced_attention_size: None,
-            use_linear_projection: f.bool_or("use_linear_projection", false)?,
+        let kinds = |field: &str, cross: &str, plain: &str| -> Result<Vec<bool>, EngineError> {
+            let types = f.string_list(field)?;
+            if types.len() != n {
+                return Err(f.bad(
+                    field,
+                    &format!("has {} entries for {n} blocks", types.len()),
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    t if t == cross => Ok(true),
+                    t if t == plain => Ok(false),
+                    other => Err(f.bad(
+                        field,
+                        &format!("names {other:?}; only {cross} and {plain} are supported"),
+                    )),
+                })
+                .collect()
         };
+        let down = kinds("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let up = kinds("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
+        // diffusers' `attention_head_dim` is, for these models, really the number of heads;
+        // `num_attention_heads` says so explicitly where a config has it.
+        let heads = if f.get("num_attention_heads").is_some() {
+            f.per_block("num_attention_heads", n, 8)?
+        } else {
+            f.per_block("attention_head_dim", n, 8)?
+        };
+        let layers = f.per_block("transformer_layers_per_block", n, 1)?;
+        let groups = f.positive_or("norm_num_groups", 32)?;
+        let mut blocks = Vec::with_capacity(n);
+        for level in 0..n {
+            if !channels[level].is_multiple_of(heads[level]) {
+                return Err(f.bad(
+                    "attention_head_dim",
+                    &format!(
+                        "{} heads do not divide {} channels",
+                        heads[level], channels[level]
+                    ),
+                ));
+            }
+            if !channels[level].is_multiple_of(groups) {
+                return Err(f.bad(
+                    "norm_num_groups",
+                    &format!("{groups} groups do not divide {} channels", channels[level]),
+                ));
+            }
+            blocks.push(UNetBlock {
+                channels: channels[level],
+                heads: heads[level],
+                down_attention: down[level],
+                // The decoder lists its levels from the lowest resolution up.
+                up_attention: up[n - 1 - level],
+                transformer_layers: layers[level],
+                up_transformer_layers: layers[level],
+            });
+        }
+        let addition = match f.get("addition_embed_type") {
+            None => None,
+            Some(_) => match f.str_or("addition_embed_type", "")? {
+                "text_time" => Some(AdditionEmbedding {
+                    time_embed_dim: f.positive("addition_time_embed_dim")?,
+                    input_dim: f.positive("projection_class_embeddings_input_dim")?,
+                }),
+                other => {
+                    return Err(f.bad(
+                        "addition_embed_type",
+                        &format!("is {other:?}; only \"text_time\" (SDXL) is supported"),
+                    ))
+                }
+            },
+        };
+        if let Some(a) = addition {
+            if a.input_dim <= 6 * a.time_embed_dim {
+                return Err(f.bad(
+                    "projection_class_embeddings_input_dim",
+                    "leaves no room for pooled text features beside six embedded ids",
+                ));
+            }
+        }
+        let downsample_padding = f.usize_or("downsample_padding", 1)?;
+        if downsample_padding != 1 {
+            return Err(f.bad("downsample_padding", "must be 1"));
+        }
         Ok(UNetConfig {
-            candle,
             in_channels: f.positive_or("in_channels", 4)?,
             out_channels: f.positive_or("out_channels", 4)?,
             sample_size: f.positive_or("sample_size", 64)?,
+            layers_per_block: f.positive_or("layers_per_block", 2)?,
+            downsample_padding,
+            mid_block_scale_factor: f.f64_or("mid_block_scale_factor", 1.0)?,
+            norm_num_groups: groups,
+            norm_eps: f.f64_or("norm_eps", 1e-5)?,
+            cross_attention_dim: f.positive("cross_attention_dim")?,
+            use_linear_projection: f.bool_or("use_linear_projection", false)?,
+            flip_sin_to_cos: f.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: f.f64_or("freq_shift", 0.0)?,
+            center_input_sample: f.bool_or("center_input_sample", false)?,
+            time_embed_dim: f.positive_or("time_embedding_dim", channels[0] * 4)?,
+            addition,
+            blocks,
         })
     }
 }
@@ -286,6 +441,8 @@ pub struct VaeConfig {
     pub in_channels: usize,
     pub out_channels: usize,
     pub scaling_factor: f64,
+    /// The VAE overflows in f16 and must run in f32 (SDXL's original VAE).
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -307,6 +464,7 @@ impl VaeConfig {
             in_channels: f.positive_or("in_channels", 3)?,
             out_channels: f.positive_or("out_channels", 3)?,
             scaling_factor,
+            force_upcast: f.bool_or("force_upcast", true)?,
         })
     }
 

@@ -1,12 +1,12 @@
-//! Stable Diffusion 1.x and 2.x on candle: everything between a prompt and RGB pixels.
+//! Stable Diffusion 1.x, 2.x and XL on candle: everything between a prompt and RGB pixels.
 //!
 //! This crate owns the model: reading a directory in the diffusers layout, the networks,
 //! the samplers and the image bytes. [`Engine::load`] reads the configuration of every part
 //! (text encoder, UNet, VAE, noise schedule), checks that the parts fit together, then
 //! memory-maps each safetensors file and builds its network, checking every tensor's name
-//! and shape on the way so that a broken file is reported by file and tensor. The UNet and
-//! VAE are candle's; the CLIP text encoder and tokenizer are our own, the encoder because it
-//! must run many prompts in one call. Weights live on the CPU in f32 or on a CUDA device in
+//! and shape on the way so that a broken file is reported by file and tensor. The VAE is
+//! candle's; the UNet (SD 1.x/2.x/XL, with SDXL's added conditioning), the CLIP text
+//! encoders and the tokenizer are our own. Weights live on the CPU in f32 or on a CUDA device in
 //! f16.
 //!
 //! [`Engine::generate`] runs a [`Batch`]: all prompts and negative prompts are tokenized
@@ -31,6 +31,7 @@ mod png;
 mod schedulers;
 mod tiny;
 mod tokenizer;
+mod unet;
 mod vocab;
 mod weights;
 
@@ -40,9 +41,7 @@ pub use pipeline::{
     Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, StepProgress,
 };
 pub use png::encode_png;
-pub use tiny::{
-    write_random_model, write_random_turbo, write_tiny_model, write_tiny_model_for, ModelScale,
-};
+pub use tiny::{write_random, write_tiny_model, ModelScale, RandomModel};
 
 #[cfg(test)]
 mod parity_tests;

@@ -14,14 +14,20 @@ pub enum Architecture {
     /// Stable Diffusion 2.x: OpenCLIP ViT-H/14 text features (1024 wide), usually
     /// v-prediction.
     Sd21,
+    /// Stable Diffusion XL: two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG, features
+    /// concatenated), pooled text and size/crop conditioning added to the time embedding.
+    Sdxl,
 }
 
 impl Architecture {
-    /// Decided by the text-feature width the UNet attends to; models of neither width (tiny
-    /// test models) by the prediction type, which is what tells the two families apart in
-    /// the sampler.
-    pub(crate) fn detect(cross_attention_dim: usize, schedule: &ScheduleConfig) -> Self {
-        match cross_attention_dim {
+    /// SDXL by its added conditioning; the others by the text-feature width the UNet
+    /// attends to; models of neither width (tiny test models) by the prediction type, which
+    /// is what tells the two families apart in the sampler.
+    pub(crate) fn detect(unet: &UNetConfig, schedule: &ScheduleConfig) -> Self {
+        if unet.addition.is_some() {
+            return Architecture::Sdxl;
+        }
+        match unet.cross_attention_dim {
             768 => Architecture::Sd15,
             1024 => Architecture::Sd21,
             _ if schedule.prediction == Prediction::VPrediction => Architecture::Sd21,
@@ -35,6 +41,7 @@ impl fmt::Display for Architecture {
         f.write_str(match self {
             Architecture::Sd15 => "sd1.5",
             Architecture::Sd21 => "sd2.1",
+            Architecture::Sdxl => "sdxl",
         })
     }
 }
@@ -108,7 +115,13 @@ pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
     let vae = VaeConfig::read(&dir.join("vae"))?;
     let schedule = ScheduleConfig::read(&dir.join("scheduler"))?;
     let mut bytes = 0;
-    for part in ["text_encoder", "unet", "vae"] {
+    let second = dir.join("text_encoder_2");
+    let parts: &[&str] = if second.is_dir() {
+        &["text_encoder", "text_encoder_2", "unet", "vae"]
+    } else {
+        &["text_encoder", "unet", "vae"]
+    };
+    for part in parts {
         let file = weights::weight_file(&dir.join(part))?;
         bytes += std::fs::metadata(&file)
             .map_err(|e| EngineError::io(&file, e))?
@@ -116,7 +129,7 @@ pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
     }
     Ok(ModelDescription {
         name: model_name(dir),
-        architecture: Architecture::detect(unet.candle.cross_attention_dim, &schedule),
+        architecture: Architecture::detect(&unet, &schedule),
         native_size: native_size(&unet, &vae),
         bytes,
         defaults: Defaults::for_schedule(&schedule),

@@ -3,8 +3,8 @@
 //! that `tools/reference/diffusers_reference.py` wrote into `tests/fixtures/`.
 
 use crate::{
-    write_random_turbo, write_tiny_model_for, Architecture, Batch, BatchItem, DeviceChoice, Engine,
-    EngineError, EngineOptions, ModelScale,
+    write_random, Batch, BatchItem, DeviceChoice, Engine, EngineError, EngineOptions, ModelScale,
+    RandomModel,
 };
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sparkle_core::Scheduler;
@@ -88,13 +88,22 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
             eprintln!("{arch}/{scheduler} {name}: relative error {err:.2e}");
         };
 
-        let embeddings = engine.encode_prompts(&batch).expect("embeddings");
-        let expected = if batch.guidance_scale > 1.0 {
-            Tensor::cat(&[get("uncond"), get("cond")], 0).expect("cat")
-        } else {
-            get("cond").clone()
+        let conditioning = engine.encode_prompts(&batch).expect("embeddings");
+        let rows = |name: &str| {
+            if batch.guidance_scale > 1.0 {
+                Tensor::cat(
+                    &[get(&format!("uncond{name}")), get(&format!("cond{name}"))],
+                    0,
+                )
+                .expect("cat")
+            } else {
+                get(&format!("cond{name}")).clone()
+            }
         };
-        stage("text embeddings", &embeddings, &expected);
+        stage("text embeddings", &conditioning.context, &rows(""));
+        if let Some(pooled) = &conditioning.pooled {
+            stage("pooled text embeddings", pooled, &rows("_pooled"));
+        }
 
         let mut drawn = 0;
         let mut noise = || {
@@ -109,7 +118,7 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
         let last = engine
             .denoise(
                 &batch,
-                &embeddings,
+                &conditioning,
                 get("initial").clone(),
                 &mut noise,
                 &mut go_on,
@@ -134,33 +143,33 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
 #[test]
 fn sd15_matches_diffusers_for_every_scheduler() {
     check_architecture("sd15", |dir| {
-        write_tiny_model_for(dir, 0, Architecture::Sd15)
+        write_random(dir, 0, RandomModel::Sd15, ModelScale::Tiny)
     });
 }
 
 #[test]
 fn sd21_v_prediction_matches_diffusers_for_every_scheduler() {
     check_architecture("sd21", |dir| {
-        write_tiny_model_for(dir, 0, Architecture::Sd21)
+        write_random(dir, 0, RandomModel::Sd21, ModelScale::Tiny)
     });
 }
 
 #[test]
 fn sd_turbo_few_steps_without_guidance_matches_diffusers() {
     check_architecture("sd-turbo", |dir| {
-        write_random_turbo(dir, 0, ModelScale::Tiny)
+        write_random(dir, 0, RandomModel::SdTurbo, ModelScale::Tiny)
     });
 }
 
 #[test]
 fn few_step_models_default_to_one_step_without_guidance() {
     let dir = tempfile::tempdir().expect("tempdir");
-    write_random_turbo(dir.path(), 0, ModelScale::Tiny).expect("turbo");
+    write_random(dir.path(), 0, RandomModel::SdTurbo, ModelScale::Tiny).expect("turbo");
     let defaults = crate::describe(dir.path()).expect("describe").defaults;
     assert!(defaults.few_step);
     assert_eq!((defaults.steps, defaults.guidance_scale), (1, 0.0));
     let sd15 = tempfile::tempdir().expect("tempdir");
-    write_tiny_model_for(sd15.path(), 0, Architecture::Sd15).expect("sd15");
+    write_random(sd15.path(), 0, RandomModel::Sd15, ModelScale::Tiny).expect("sd15");
     let defaults = crate::describe(sd15.path()).expect("describe").defaults;
     assert!(!defaults.few_step);
     assert_eq!((defaults.steps, defaults.guidance_scale), (20, 7.5));

@@ -7,10 +7,10 @@ use crate::config::{self, ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
 use crate::model::{self, Architecture, ModelInfo};
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
+use crate::unet::{AddedConditions, UNet};
 use crate::weights::{weight_file, Weights};
 use crate::EngineError;
-use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor, D};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -69,15 +69,62 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
 }
 
+/// A tokenizer and the encoder it feeds.
+struct TextEncoder {
+    tokenizer: Tokenizer,
+    model: ClipTextModel,
+}
+
+impl TextEncoder {
+    /// `[texts, 77]` ids, and where each row's end-of-text token is.
+    fn ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>), EngineError> {
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.tokenizer.encode_padded(t))
+            .collect();
+        let eos = self.tokenizer.eos();
+        let positions = rows
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .position(|&id| id == eos)
+                    .unwrap_or(MAX_TOKENS - 1)
+            })
+            .collect();
+        let flat: Vec<u32> = rows.into_iter().flatten().collect();
+        Ok((
+            Tensor::from_vec(flat, (texts.len(), MAX_TOKENS), device)?,
+            positions,
+        ))
+    }
+}
+
+/// The text side of a model: one CLIP encoder (SD 1.x, 2.x), or SDXL's two.
+struct TextEncoders {
+    first: TextEncoder,
+    /// SDXL's OpenCLIP bigG encoder with its projection; it alone gives the pooled features.
+    second: Option<TextEncoder>,
+    /// Encode an empty negative prompt as zeros (SDXL's `force_zeros_for_empty_prompt`).
+    zero_empty_negative: bool,
+}
+
+/// What the UNet attends to and, for SDXL, the pooled features it adds to its time
+/// embedding; rows in batch order (`[uncond…, cond…]` when guided).
+pub(crate) struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
 /// A loaded Stable Diffusion pipeline.
 pub struct Engine {
     info: ModelInfo,
     device: Device,
     dtype: DType,
-    tokenizer: Tokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
+    text: TextEncoders,
+    unet: UNet,
     vae: AutoEncoderKL,
+    /// f32 for a VAE that overflows in f16 (SDXL's), else the model's dtype.
+    vae_dtype: DType,
     vae_scale: usize,
     scaling_factor: f64,
     latent_channels: usize,
@@ -112,34 +159,48 @@ impl Engine {
         } else {
             DType::F16
         };
-        config::check_model_index(model_dir)?;
+        let index = config::check_model_index(model_dir)?;
         let part = |name: &str| model_dir.join(name);
         let tokenizer = Tokenizer::load(&part("tokenizer"))?;
         let clip_config = ClipConfig::read(&part("text_encoder"))?;
+        let second = if part("text_encoder_2").is_dir() {
+            Some((
+                Tokenizer::load(&part("tokenizer_2"))?,
+                ClipConfig::read(&part("text_encoder_2"))?,
+            ))
+        } else {
+            None
+        };
         let unet_config = UNetConfig::read(&part("unet"))?;
         let vae_config = VaeConfig::read(&part("vae"))?;
         let schedule = ScheduleConfig::read(&part("scheduler"))?;
-        check_parts_fit(
-            model_dir,
-            &tokenizer,
-            &clip_config,
-            &unet_config,
-            &vae_config,
-        )?;
+        let mut encoders = vec![(&tokenizer, &clip_config)];
+        if let Some((tokenizer, config)) = &second {
+            encoders.push((tokenizer, config));
+        }
+        check_parts_fit(model_dir, &encoders, &unet_config, &vae_config)?;
+        let architecture = Architecture::detect(&unet_config, &schedule);
 
-        let open = |name: &str| Weights::open(&weight_file(&part(name))?, dtype, &device);
-        let text_encoder =
-            open("text_encoder")?.build(|vb| ClipTextModel::new(vb, &clip_config))?;
-        let unet = open("unet")?.build(|vb| {
-            UNet2DConditionModel::new(
-                vb,
-                unet_config.in_channels,
-                unet_config.out_channels,
-                false,
-                unet_config.candle.clone(),
-            )
-        })?;
-        let vae = open("vae")?.build(|vb| {
+        let open = |name: &str, dtype| Weights::open(&weight_file(&part(name))?, dtype, &device);
+        let first = TextEncoder {
+            model: open("text_encoder", dtype)?.build(|vb| ClipTextModel::new(vb, &clip_config))?,
+            tokenizer,
+        };
+        let second = match second {
+            None => None,
+            Some((tokenizer, config)) => Some(TextEncoder {
+                model: open("text_encoder_2", dtype)?
+                    .build(|vb| ClipTextModel::with_projection(vb, &config))?,
+                tokenizer,
+            }),
+        };
+        let unet = open("unet", dtype)?.build(|vb| UNet::new(vb, &unet_config))?;
+        let vae_dtype = if architecture == Architecture::Sdxl && vae_config.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = open("vae", vae_dtype)?.build(|vb| {
             AutoEncoderKL::new(
                 vb,
                 vae_config.in_channels,
@@ -151,7 +212,7 @@ impl Engine {
         let vae_scale = vae_config.scale_factor();
         let info = ModelInfo {
             name: model::model_name(model_dir),
-            architecture: Architecture::detect(unet_config.candle.cross_attention_dim, &schedule),
+            architecture,
             native_size: model::native_size(&unet_config, &vae_config),
             vae_scale_factor: u32::try_from(vae_scale).unwrap_or(u32::MAX),
             device: device_name(&device),
@@ -165,10 +226,14 @@ impl Engine {
             info,
             device,
             dtype,
-            tokenizer,
-            text_encoder,
+            text: TextEncoders {
+                first,
+                second,
+                zero_empty_negative: index.force_zeros_for_empty_prompt,
+            },
             unet,
             vae,
+            vae_dtype,
             vae_scale,
             scaling_factor: vae_config.scaling_factor,
             latent_channels: vae_config.candle.latent_channels,
@@ -257,8 +322,15 @@ impl Engine {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::stack(&fresh, 0)
         };
-        let embeddings = self.encode_prompts(batch)?;
-        self.denoise(batch, &embeddings, initial, &mut noise, on_step, &mut None)
+        let conditioning = self.encode_prompts(batch)?;
+        self.denoise(
+            batch,
+            &conditioning,
+            initial,
+            &mut noise,
+            on_step,
+            &mut None,
+        )
     }
 
     /// The latent shape of one image: `[channels, h/8, w/8]`.
@@ -277,7 +349,7 @@ impl Engine {
     pub(crate) fn denoise(
         &self,
         batch: &Batch,
-        embeddings: &Tensor,
+        conditioning: &Conditioning,
         initial: Tensor,
         noise: &mut dyn FnMut() -> candle_core::Result<Tensor>,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
@@ -291,6 +363,12 @@ impl Engine {
         let mut latents = (initial * sampler.init_noise_sigma())?;
         let mut noise = || noise()?.to_device(&self.device)?.to_dtype(DType::F32);
 
+        // SDXL's size conditioning: original size, crop corner (0, 0), target size.
+        let rows = conditioning.context.dim(0)?;
+        let (h, w) = (batch.height as f32, batch.width as f32);
+        let time_ids =
+            Tensor::from_vec([h, w, 0.0, 0.0, h, w].repeat(rows), (rows, 6), &self.device)?;
+
         let timesteps = sampler.timesteps().to_vec();
         let total = u32::try_from(timesteps.len()).unwrap_or(u32::MAX);
         for (i, &t) in timesteps.iter().enumerate() {
@@ -300,9 +378,16 @@ impl Engine {
                 latents.clone()
             };
             let input = sampler.scale_model_input(input, i)?.to_dtype(self.dtype)?;
+            let added = conditioning
+                .pooled
+                .as_ref()
+                .map(|text_embeds| AddedConditions {
+                    text_embeds,
+                    time_ids: &time_ids,
+                });
             let output = self
                 .unet
-                .forward(&input, t, embeddings)?
+                .forward(&input, t, &conditioning.context, added)?
                 .to_dtype(DType::F32)?;
             let output = if guided {
                 let (uncond, cond) = (output.i(0..n)?, output.i(n..2 * n)?);
@@ -322,20 +407,49 @@ impl Engine {
         Ok(latents)
     }
 
-    /// Text embeddings for the batch in one text-encoder call: `[uncond…, cond…]` when
-    /// guided, `[cond…]` otherwise.
-    pub(crate) fn encode_prompts(&self, batch: &Batch) -> Result<Tensor, EngineError> {
+    /// Text conditioning for the batch, one call per text encoder for every prompt:
+    /// `[uncond…, cond…]` when guided, `[cond…]` otherwise.
+    pub(crate) fn encode_prompts(&self, batch: &Batch) -> Result<Conditioning, EngineError> {
+        let guided = guided(batch);
         let mut texts: Vec<&str> = Vec::with_capacity(2 * batch.items.len());
-        if guided(batch) {
+        if guided {
             texts.extend(batch.items.iter().map(|i| i.negative_prompt.as_str()));
         }
         texts.extend(batch.items.iter().map(|i| i.prompt.as_str()));
-        let ids: Vec<u32> = texts
-            .iter()
-            .flat_map(|t| self.tokenizer.encode_padded(t))
-            .collect();
-        let ids = Tensor::from_vec(ids, (texts.len(), MAX_TOKENS), &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        let first = &self.text.first;
+        let (ids, _) = first.ids(&texts, &self.device)?;
+        let Some(second) = &self.text.second else {
+            return Ok(Conditioning {
+                context: first.model.forward(&ids)?,
+                pooled: None,
+            });
+        };
+        // SDXL: both encoders' penultimate layers side by side; the second's pooled output.
+        let features = first.model.run(&ids)?.penultimate;
+        let (ids, eos) = second.ids(&texts, &self.device)?;
+        let out = second.model.run(&ids)?;
+        let mut context = Tensor::cat(&[features, out.penultimate], D::Minus1)?;
+        let mut pooled = second.model.pooled(&out.last, &eos)?;
+        if guided && self.text.zero_empty_negative {
+            let keep: Vec<f32> = texts
+                .iter()
+                .enumerate()
+                .map(|(row, text)| {
+                    if row < batch.items.len() && text.is_empty() {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let keep = Tensor::from_vec(keep, texts.len(), &self.device)?.to_dtype(self.dtype)?;
+            context = context.broadcast_mul(&keep.reshape((texts.len(), 1, 1))?)?;
+            pooled = pooled.broadcast_mul(&keep.reshape((texts.len(), 1))?)?;
+        }
+        Ok(Conditioning {
+            context,
+            pooled: Some(pooled),
+        })
     }
 
     /// Latents to images in `[-1, 1]`, `[n, 3, h, w]`, f32.
@@ -345,7 +459,7 @@ impl Engine {
     /// are shared into one product even when the input is a transposed view (as in the
     /// VAE's attention block), which computes every image but the first wrongly.
     pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
-        let latents = (latents / self.scaling_factor)?.to_dtype(self.dtype)?;
+        let latents = (latents / self.scaling_factor)?.to_dtype(self.vae_dtype)?;
         let images = (0..latents.dim(0)?)
             .map(|i| self.vae.decode(&latents.i(i..i + 1)?)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -361,21 +475,49 @@ fn guided(batch: &Batch) -> bool {
 /// Checks that the parts agree with each other before any weight is read.
 fn check_parts_fit(
     dir: &Path,
-    tokenizer: &Tokenizer,
-    clip: &ClipConfig,
+    encoders: &[(&Tokenizer, &ClipConfig)],
     unet: &UNetConfig,
     vae: &VaeConfig,
 ) -> Result<(), EngineError> {
     let unet_file = dir.join("unet/config.json");
     let vae_file = dir.join("vae/config.json");
-    if clip.hidden_size != unet.candle.cross_attention_dim {
+    let width: usize = encoders.iter().map(|(_, c)| c.hidden_size).sum();
+    if width != unet.cross_attention_dim {
         return Err(EngineError::invalid_model(
             unet_file,
             format!(
-                "cross_attention_dim {} does not match the text encoder's hidden_size {}",
-                unet.candle.cross_attention_dim, clip.hidden_size
+                "cross_attention_dim {} does not match the text features' width {width}",
+                unet.cross_attention_dim
             ),
         ));
+    }
+    match (&unet.addition, encoders.get(1)) {
+        (Some(added), Some((_, second))) => {
+            let expected = second.projection_dim + 6 * added.time_embed_dim;
+            if added.input_dim != expected {
+                return Err(EngineError::invalid_model(
+                    unet_file,
+                    format!(
+                        "projection_class_embeddings_input_dim is {}; the pooled text ({}) and \
+                         six ids of {} make {expected}",
+                        added.input_dim, second.projection_dim, added.time_embed_dim
+                    ),
+                ));
+            }
+        }
+        (Some(_), None) => {
+            return Err(EngineError::invalid_model(
+                dir,
+                "the UNet wants pooled text features, but there is no text_encoder_2",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(EngineError::invalid_model(
+                unet_file,
+                "there is a text_encoder_2, but the UNet has no addition_embed_type",
+            ))
+        }
+        (None, None) => {}
     }
     let latent = vae.candle.latent_channels;
     if unet.in_channels != latent || unet.out_channels != latent {
@@ -393,15 +535,18 @@ fn check_parts_fit(
             format!("out_channels is {}; RGB needs 3", vae.out_channels),
         ));
     }
-    if tokenizer.max_id() as usize >= clip.vocab_size {
-        return Err(EngineError::invalid_model(
-            dir.join("tokenizer/vocab.json"),
-            format!(
-                "has token id {}, beyond the text encoder's vocab_size {}",
-                tokenizer.max_id(),
-                clip.vocab_size
-            ),
-        ));
+    for (i, (tokenizer, clip)) in encoders.iter().enumerate() {
+        if tokenizer.max_id() as usize >= clip.vocab_size {
+            let name = if i == 0 { "tokenizer" } else { "tokenizer_2" };
+            return Err(EngineError::invalid_model(
+                dir.join(name).join("vocab.json"),
+                format!(
+                    "has token id {}, beyond the text encoder's vocab_size {}",
+                    tokenizer.max_id(),
+                    clip.vocab_size
+                ),
+            ));
+        }
     }
     Ok(())
 }

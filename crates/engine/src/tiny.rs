@@ -5,10 +5,10 @@
 
 use crate::clip::ClipTextModel;
 use crate::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::unet::UNet;
 use crate::{Architecture, EngineError};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -123,6 +123,44 @@ fn model_index() -> Value {
     })
 }
 
+fn sdxl_model_index() -> Value {
+    json!({
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "force_zeros_for_empty_prompt": true,
+        "feature_extractor": [null, null],
+        "image_encoder": [null, null],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}
+
+/// CLIP's tokenizer files, padding with `pad`.
+fn write_tokenizer(dir: &Path, pad: &str) -> Result<(), EngineError> {
+    let (vocab, merges) = crate::vocab::diffusers_files()?;
+    write(&dir.join("vocab.json"), vocab.as_bytes())?;
+    write(&dir.join("merges.txt"), merges.as_bytes())?;
+    let special = json!({
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": pad,
+        "unk_token": "<|endoftext|>",
+    });
+    write_json(&dir.join("special_tokens_map.json"), &special)?;
+    let mut tokenizer_config = special.clone();
+    tokenizer_config["model_max_length"] = json!(77);
+    tokenizer_config["tokenizer_class"] = json!("CLIPTokenizer");
+    tokenizer_config["errors"] = json!("replace");
+    tokenizer_config["add_prefix_space"] = json!(false);
+    tokenizer_config["clean_up_tokenization_spaces"] = json!(true);
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)
+}
+
 fn write(path: &Path, contents: &[u8]) -> Result<(), EngineError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
@@ -178,7 +216,7 @@ fn fill_and_save(varmap: &VarMap, seed: u64, path: &Path) -> Result<(), EngineEr
 
 /// Writes the tiny SD 1.5 model into `dir` (created if needed).
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
-    write_tiny_model_for(dir, seed, Architecture::Sd15)
+    write_random(dir, seed, RandomModel::Sd15, ModelScale::Tiny)
 }
 
 /// How big the random model is.
@@ -186,9 +224,62 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
 pub enum ModelScale {
     /// A few megabytes, for tests and offline demos on a CPU.
     Tiny,
-    /// The real checkpoints' shapes (about 4 GB in f32), for benchmarks: same arithmetic as
-    /// the real model, random weights.
+    /// The real checkpoints' shapes (about 4 GB in f32 for SD 1.5, 14 GB for SDXL), for
+    /// benchmarks: same arithmetic as the real model, random weights.
     Full,
+}
+
+/// The random-weight models the engine can write: each with the real architecture of a
+/// published model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomModel {
+    Sd15,
+    /// A GELU text encoder padded with `!`, per-block head counts and linear projections in
+    /// the UNet's transformers, v-prediction: where SD 2.1 differs from SD 1.5.
+    Sd21,
+    /// SD 2.1's networks at 512 with epsilon prediction and a few-step "trailing" schedule.
+    SdTurbo,
+    /// Two text encoders, pooled text and size conditioning, deeper transformers at the low
+    /// resolutions, no attention at the highest.
+    Sdxl,
+    /// SDXL's networks at 512 with a few-step "trailing" schedule.
+    SdxlTurbo,
+}
+
+impl RandomModel {
+    pub const ALL: [RandomModel; 5] = [
+        RandomModel::Sd15,
+        RandomModel::Sd21,
+        RandomModel::SdTurbo,
+        RandomModel::Sdxl,
+        RandomModel::SdxlTurbo,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RandomModel::Sd15 => "sd1.5",
+            RandomModel::Sd21 => "sd2.1",
+            RandomModel::SdTurbo => "sd-turbo",
+            RandomModel::Sdxl => "sdxl",
+            RandomModel::SdxlTurbo => "sdxl-turbo",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    pub fn architecture(self) -> Architecture {
+        match self {
+            RandomModel::Sd15 => Architecture::Sd15,
+            RandomModel::Sd21 | RandomModel::SdTurbo => Architecture::Sd21,
+            RandomModel::Sdxl | RandomModel::SdxlTurbo => Architecture::Sdxl,
+        }
+    }
+
+    fn turbo(self) -> bool {
+        matches!(self, RandomModel::SdTurbo | RandomModel::SdxlTurbo)
+    }
 }
 
 /// Resizes the tiny configurations to the real checkpoints' sizes.
@@ -200,6 +291,23 @@ fn full_size(arch: Architecture, text: &mut Value, unet: &mut Value, vae: &mut V
     text["projection_dim"] = json!(if sd21 { 512 } else { 768 });
     text["num_attention_heads"] = json!(heads);
     text["num_hidden_layers"] = json!(layers);
+    vae["block_out_channels"] = json!([128, 256, 512, 512]);
+    vae["layers_per_block"] = json!(2);
+    if arch == Architecture::Sdxl {
+        unet["block_out_channels"] = json!([320, 640, 1280]);
+        unet["down_block_types"] = json!([
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D"
+        ]);
+        unet["up_block_types"] = json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+        unet["attention_head_dim"] = json!([5, 10, 20]);
+        unet["transformer_layers_per_block"] = json!([1, 2, 10]);
+        unet["cross_attention_dim"] = json!(2048);
+        unet["addition_time_embed_dim"] = json!(256);
+        unet["projection_class_embeddings_input_dim"] = json!(2816);
+        return;
+    }
     let cross = [
         "CrossAttnDownBlock2D",
         "CrossAttnDownBlock2D",
@@ -220,57 +328,69 @@ fn full_size(arch: Architecture, text: &mut Value, unet: &mut Value, vae: &mut V
     } else {
         json!(8)
     };
-    vae["block_out_channels"] = json!([128, 256, 512, 512]);
-    vae["layers_per_block"] = json!(2);
 }
 
-/// Writes a tiny model of the given architecture. SD 2.1 differs from SD 1.5 where the real
-/// checkpoints do: a GELU text encoder padded with `!`, per-block head counts and linear
-/// projections in the UNet's transformers, and v-prediction.
-pub fn write_tiny_model_for(dir: &Path, seed: u64, arch: Architecture) -> Result<(), EngineError> {
-    write_random_model(dir, seed, arch, ModelScale::Tiny)
+/// SDXL's second text encoder (OpenCLIP bigG with its projection), tiny or full-size.
+fn second_text_encoder_config(scale: ModelScale) -> Value {
+    let mut config = text_encoder_config();
+    config["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    config["hidden_act"] = json!("gelu");
+    config["pad_token_id"] = json!(0);
+    if scale == ModelScale::Full {
+        config["hidden_size"] = json!(1280);
+        config["intermediate_size"] = json!(5120);
+        config["projection_dim"] = json!(1280);
+        config["num_attention_heads"] = json!(20);
+        config["num_hidden_layers"] = json!(32);
+    }
+    config
 }
 
-/// Writes a random-weight model of the given architecture and scale.
-pub fn write_random_model(
+/// Writes a random-weight model of the given kind and scale into `dir`.
+pub fn write_random(
     dir: &Path,
     seed: u64,
-    arch: Architecture,
+    kind: RandomModel,
     scale: ModelScale,
-) -> Result<(), EngineError> {
-    write_random_model_variant(dir, seed, arch, scale, false)
-}
-
-/// Writes a random-weight SD-Turbo: SD 2.1's networks with a few-step schedule.
-pub fn write_random_turbo(dir: &Path, seed: u64, scale: ModelScale) -> Result<(), EngineError> {
-    write_random_model_variant(dir, seed, Architecture::Sd21, scale, true)
-}
-
-fn write_random_model_variant(
-    dir: &Path,
-    seed: u64,
-    arch: Architecture,
-    scale: ModelScale,
-    turbo: bool,
 ) -> Result<(), EngineError> {
     let cpu = Device::Cpu;
+    let arch = kind.architecture();
     let (mut text_encoder, mut unet, mut scheduler) =
         (text_encoder_config(), unet_config(), scheduler_config());
     let mut vae = vae_config();
+    let mut index = model_index();
     let mut pad = "<|endoftext|>";
-    if arch == Architecture::Sd21 {
-        text_encoder["hidden_act"] = json!("gelu");
-        text_encoder["pad_token_id"] = json!(0);
-        unet["attention_head_dim"] = json!([2, 4]);
-        unet["use_linear_projection"] = json!(true);
-        unet["sample_size"] = json!(96);
-        scheduler["_class_name"] = json!("DDIMScheduler");
-        scheduler["prediction_type"] = json!("v_prediction");
-        pad = "!";
+    match arch {
+        Architecture::Sd15 => {}
+        Architecture::Sd21 => {
+            text_encoder["hidden_act"] = json!("gelu");
+            text_encoder["pad_token_id"] = json!(0);
+            unet["attention_head_dim"] = json!([2, 4]);
+            unet["use_linear_projection"] = json!(true);
+            unet["sample_size"] = json!(96);
+            scheduler["_class_name"] = json!("DDIMScheduler");
+            scheduler["prediction_type"] = json!("v_prediction");
+            pad = "!";
+        }
+        Architecture::Sdxl => {
+            unet["attention_head_dim"] = json!([2, 4]);
+            unet["transformer_layers_per_block"] = json!([1, 2]);
+            unet["use_linear_projection"] = json!(true);
+            unet["cross_attention_dim"] = json!(64);
+            unet["addition_embed_type"] = json!("text_time");
+            unet["addition_time_embed_dim"] = json!(8);
+            unet["projection_class_embeddings_input_dim"] = json!(32 + 6 * 8);
+            unet["sample_size"] = json!(128);
+            vae["scaling_factor"] = json!(0.13025);
+            vae["force_upcast"] = json!(true);
+            scheduler["_class_name"] = json!("EulerDiscreteScheduler");
+            scheduler["timestep_spacing"] = json!("leading");
+            scheduler["interpolation_type"] = json!("linear");
+            index = sdxl_model_index();
+        }
     }
-    if turbo {
-        // SD-Turbo: the SD 2.1 architecture at 512 with epsilon prediction, distilled for a
-        // few steps on "trailing" timesteps.
+    if kind.turbo() {
+        // Distilled for a few steps on "trailing" timesteps, at 512 with epsilon prediction.
         unet["sample_size"] = json!(64);
         scheduler["_class_name"] = json!("EulerDiscreteScheduler");
         scheduler["prediction_type"] = json!("epsilon");
@@ -279,47 +399,33 @@ fn write_random_model_variant(
     if scale == ModelScale::Full {
         full_size(arch, &mut text_encoder, &mut unet, &mut vae);
     }
-    write_json(&dir.join("model_index.json"), &model_index())?;
+    write_json(&dir.join("model_index.json"), &index)?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler)?;
     write_json(&dir.join("text_encoder/config.json"), &text_encoder)?;
     write_json(&dir.join("unet/config.json"), &unet)?;
     write_json(&dir.join("vae/config.json"), &vae)?;
 
-    let (vocab, merges) = crate::vocab::diffusers_files()?;
-    write(&dir.join("tokenizer/vocab.json"), vocab.as_bytes())?;
-    write(&dir.join("tokenizer/merges.txt"), merges.as_bytes())?;
-    let special = json!({
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": pad,
-        "unk_token": "<|endoftext|>",
-    });
-    write_json(&dir.join("tokenizer/special_tokens_map.json"), &special)?;
-    let mut tokenizer_config = special.clone();
-    tokenizer_config["model_max_length"] = json!(77);
-    tokenizer_config["tokenizer_class"] = json!("CLIPTokenizer");
-    tokenizer_config["errors"] = json!("replace");
-    tokenizer_config["add_prefix_space"] = json!(false);
-    tokenizer_config["clean_up_tokenization_spaces"] = json!(true);
-    write_json(
-        &dir.join("tokenizer/tokenizer_config.json"),
-        &tokenizer_config,
-    )?;
-
+    write_tokenizer(&dir.join("tokenizer"), pad)?;
     let clip = ClipConfig::read(&dir.join("text_encoder"))?;
     let varmap = VarMap::new();
     ClipTextModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), &clip)?;
     fill_and_save(&varmap, seed, &dir.join("text_encoder/model.safetensors"))?;
 
+    if arch == Architecture::Sdxl {
+        write_json(
+            &dir.join("text_encoder_2/config.json"),
+            &second_text_encoder_config(scale),
+        )?;
+        write_tokenizer(&dir.join("tokenizer_2"), "!")?;
+        let clip = ClipConfig::read(&dir.join("text_encoder_2"))?;
+        let varmap = VarMap::new();
+        ClipTextModel::with_projection(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), &clip)?;
+        fill_and_save(&varmap, seed, &dir.join("text_encoder_2/model.safetensors"))?;
+    }
+
     let unet = UNetConfig::read(&dir.join("unet"))?;
     let varmap = VarMap::new();
-    UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &cpu),
-        unet.in_channels,
-        unet.out_channels,
-        false,
-        unet.candle,
-    )?;
+    UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &cpu), &unet)?;
     fill_and_save(
         &varmap,
         seed,

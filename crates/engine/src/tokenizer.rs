@@ -132,6 +132,11 @@ impl Tokenizer {
         ids
     }
 
+    /// The end-of-text id: its first position in a row is where CLIP pools the row.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
     /// The largest token id the text encoder will see.
     pub fn max_id(&self) -> u32 {
         self.vocab.values().copied().max().unwrap_or(0)

@@ -15,9 +15,12 @@ pub enum ModelCommand {
         /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Architecture: sd1.5, sd2.1 (v-prediction, GELU text encoder), or sd-turbo (SD 2.1's
-        /// networks, a few-step schedule: 1 step, no guidance by default).
-        #[arg(long, default_value = "sd1.5", value_parser = ["sd1.5", "sd2.1", "sd-turbo"])]
+        /// Architecture: sd1.5; sd2.1 (v-prediction, GELU text encoder); sd-turbo (SD 2.1's
+        /// networks, a few-step schedule: 1 step, no guidance by default); sdxl (two text
+        /// encoders, pooled text and size conditioning); sdxl-turbo (SDXL's networks at 512,
+        /// few steps).
+        #[arg(long, default_value = "sd1.5",
+              value_parser = ["sd1.5", "sd2.1", "sd-turbo", "sdxl", "sdxl-turbo"])]
         arch: String,
         /// The real checkpoint's shapes instead (about 4 GB, random weights): for benchmarks
         /// of the real arithmetic where no weights can be downloaded.
@@ -59,23 +62,15 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             arch,
             full_size,
         } => {
-            let turbo = arch == "sd-turbo";
-            let arch = if arch == "sd2.1" {
-                sparkle_engine::Architecture::Sd21
-            } else {
-                sparkle_engine::Architecture::Sd15
-            };
+            let kind = sparkle_engine::RandomModel::from_name(&arch)
+                .with_context(|| format!("unknown architecture {arch}"))?;
             let scale = if full_size {
                 sparkle_engine::ModelScale::Full
             } else {
                 sparkle_engine::ModelScale::Tiny
             };
-            if turbo {
-                sparkle_engine::write_random_turbo(&dir, seed, scale)
-            } else {
-                sparkle_engine::write_random_model(&dir, seed, arch, scale)
-            }
-            .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+            sparkle_engine::write_random(&dir, seed, kind, scale)
+                .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
             eprintln!("wrote a tiny model to {}", dir.display());
         }
         ModelCommand::Pull {

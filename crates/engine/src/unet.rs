@@ -1,0 +1,626 @@
+//! The denoising network: diffusers' `UNet2DConditionModel` for SD 1.x, SD 2.x and SDXL,
+//! with diffusers' tensor names.
+//!
+//! An encoder of resolution levels (ResNet blocks, optionally followed by spatial
+//! transformers that attend to the text) halves the latent at each level but the last; a
+//! middle block works at the lowest resolution; a decoder mirrors the encoder, consuming the
+//! encoder's activations through skip connections. The time step enters every ResNet block
+//! as an embedding; SDXL adds to that embedding its pooled text features and the image's
+//! size and crop ("text_time" conditioning).
+
+use crate::config::UNetConfig;
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
+};
+
+/// GroupNorm epsilon of the spatial transformers (diffusers fixes it at 1e-6).
+const TRANSFORMER_NORM_EPS: f64 = 1e-6;
+/// LayerNorm epsilon inside the transformer blocks.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// diffusers' sinusoidal embedding of `values` (`[n]`, f32) into `[n, dim]`.
+pub(crate) fn sinusoidal(values: &Tensor, dim: usize, flip: bool, shift: f64) -> Result<Tensor> {
+    let half = dim / 2;
+    let exponents: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(exponents, (1, half), values.device())?;
+    let args = values
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// `linear_1 → SiLU → linear_2`.
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, input: usize, dim: usize) -> Result<Self> {
+        Ok(TimestepEmbedding {
+            linear_1: linear(input, dim, vb.pp("linear_1"))?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding: kernel / 2,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, kernel, config, vb)
+}
+
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale: f64,
+}
+
+impl ResnetBlock {
+    fn new(
+        vb: VarBuilder,
+        c: &UNetConfig,
+        cin: usize,
+        cout: usize,
+        output_scale: f64,
+    ) -> Result<Self> {
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
+        Ok(ResnetBlock {
+            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1)?,
+            time_emb_proj: linear(c.time_embed_dim(), cout, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1)?,
+            shortcut: (cin != cout)
+                .then(|| conv(vb.pp("conv_shortcut"), cin, cout, 1, 1))
+                .transpose()?,
+            output_scale,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale
+        }
+    }
+}
+
+/// Multi-head attention of `[b, n, dim]` queries over `[b, m, context]` keys and values.
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Attention {
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// `[b, n, heads·d]` → `[b·heads, n, d]`, contiguous.
+    fn split(&self, xs: Tensor) -> Result<Tensor> {
+        let (b, n, dim) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, dim / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, dim / self.heads))
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, dim) = xs.dims3()?;
+        let context = context.unwrap_or(xs);
+        let q = self.split((self.to_q.forward(xs)? * self.scale)?)?;
+        let k = self.split(self.to_k.forward(context)?)?;
+        let v = self.split(self.to_v.forward(context)?)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        // The softmax in f32 whatever the weights' precision.
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, self.heads, n, dim / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b, n, dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward: `proj` to twice the inner width, `value · GELU(gate)`, back down.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(FeedForward {
+            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let projected = self.proj.forward(xs)?;
+        let chunks = projected.chunk(2, D::Minus1)?;
+        let hidden = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        self.out.forward(&hidden)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> Result<Self> {
+        Ok(TransformerBlock {
+            norm1: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context, heads)?,
+            norm3: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// A 1×1 convolution or a linear layer, as `use_linear_projection` says.
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: GroupNorm, projection in, transformer blocks over the
+/// pixels as a sequence, projection out, residual.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(
+        vb: VarBuilder,
+        c: &UNetConfig,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+    ) -> Result<Self> {
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if c.use_linear_projection {
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv(vb.pp(name), channels, channels, 1, 1)?)
+            })
+        };
+        Ok(SpatialTransformer {
+            norm: group_norm(
+                c.norm_num_groups,
+                channels,
+                TRANSFORMER_NORM_EPS,
+                vb.pp("norm"),
+            )?,
+            proj_in: projection("proj_in")?,
+            blocks: (0..layers)
+                .map(|i| {
+                    TransformerBlock::new(
+                        vb.pp(format!("transformer_blocks.{i}")),
+                        channels,
+                        c.cross_attention_dim,
+                        heads,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, ch, h, w) = xs.dims4()?;
+        let to_sequence = |t: &Tensor| -> Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, t.dim(1)?))
+        };
+        let normed = self.norm.forward(xs)?;
+        let mut seq = match &self.proj_in {
+            Projection::Conv(conv) => to_sequence(&conv.forward(&normed)?)?,
+            Projection::Linear(linear) => linear.forward(&to_sequence(&normed)?)?,
+        };
+        for block in &self.blocks {
+            seq = block.forward(&seq, context)?;
+        }
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&seq)?)?,
+            Projection::Linear(linear) => to_image(&linear.forward(&seq)?)?,
+        };
+        out + xs
+    }
+}
+
+/// One level of the encoder or decoder: ResNet blocks, each optionally followed by a
+/// spatial transformer.
+struct Level {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+}
+
+impl Level {
+    fn step(&self, i: usize, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = self.resnets[i].forward(xs, temb)?;
+        match self.attentions.get(i) {
+            Some(attention) => attention.forward(&xs, context),
+            None => Ok(xs),
+        }
+    }
+}
+
+struct DownLevel {
+    level: Level,
+    downsample: Option<Conv2d>,
+}
+
+struct UpLevel {
+    level: Level,
+    upsample: Option<Conv2d>,
+}
+
+struct MidBlock {
+    first: ResnetBlock,
+    attention: SpatialTransformer,
+    second: ResnetBlock,
+}
+
+/// SDXL's extra conditioning: pooled text features and the size/crop ids.
+struct AddedEmbedding {
+    time_dim: usize,
+    embedding: TimestepEmbedding,
+}
+
+/// Per-image extra conditioning for SDXL-style UNets.
+pub struct AddedConditions<'a> {
+    /// Pooled, projected text features, `[b, pooled]`.
+    pub text_embeds: &'a Tensor,
+    /// Original size, crop corner and target size, `[b, 6]`.
+    pub time_ids: &'a Tensor,
+}
+
+pub struct UNet {
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    added: Option<AddedEmbedding>,
+    down: Vec<DownLevel>,
+    mid: MidBlock,
+    up: Vec<UpLevel>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    block0: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    center_input_sample: bool,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> Result<Self> {
+        let channels: Vec<usize> = c.blocks.iter().map(|b| b.channels).collect();
+        let n = channels.len();
+        let temb = c.time_embed_dim();
+        let added = match &c.addition {
+            None => None,
+            Some(a) => Some(AddedEmbedding {
+                time_dim: a.time_embed_dim,
+                embedding: TimestepEmbedding::new(vb.pp("add_embedding"), a.input_dim, temb)?,
+            }),
+        };
+
+        let mut down = Vec::with_capacity(n);
+        let mut cout = channels[0];
+        for (i, block) in c.blocks.iter().enumerate() {
+            let cin = cout;
+            cout = block.channels;
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    let input = if j == 0 { cin } else { cout };
+                    ResnetBlock::new(vb.pp(format!("resnets.{j}")), c, input, cout, 1.0)
+                })
+                .collect::<Result<_>>()?;
+            let attentions = match block.down_attention {
+                false => Vec::new(),
+                true => (0..c.layers_per_block)
+                    .map(|j| {
+                        SpatialTransformer::new(
+                            vb.pp(format!("attentions.{j}")),
+                            c,
+                            cout,
+                            block.heads,
+                            block.transformer_layers,
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            let downsample = (i + 1 < n)
+                .then(|| {
+                    let config = Conv2dConfig {
+                        padding: c.downsample_padding,
+                        stride: 2,
+                        ..Default::default()
+                    };
+                    conv2d(cout, cout, 3, config, vb.pp("downsamplers.0.conv"))
+                })
+                .transpose()?;
+            down.push(DownLevel {
+                level: Level {
+                    resnets,
+                    attentions,
+                },
+                downsample,
+            });
+        }
+
+        let last = &c.blocks[n - 1];
+        let vb_mid = vb.pp("mid_block");
+        let scale = c.mid_block_scale_factor;
+        let mid = MidBlock {
+            first: ResnetBlock::new(
+                vb_mid.pp("resnets.0"),
+                c,
+                last.channels,
+                last.channels,
+                scale,
+            )?,
+            attention: SpatialTransformer::new(
+                vb_mid.pp("attentions.0"),
+                c,
+                last.channels,
+                last.heads,
+                last.transformer_layers,
+            )?,
+            second: ResnetBlock::new(
+                vb_mid.pp("resnets.1"),
+                c,
+                last.channels,
+                last.channels,
+                scale,
+            )?,
+        };
+
+        let mut up = Vec::with_capacity(n);
+        let mut prev_out = last.channels;
+        for i in 0..n {
+            let level = n - 1 - i;
+            let block = &c.blocks[level];
+            let cout = block.channels;
+            let skip_in = channels[level.saturating_sub(1)];
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let count = c.layers_per_block + 1;
+            let resnets = (0..count)
+                .map(|j| {
+                    let skip = if j == count - 1 { skip_in } else { cout };
+                    let input = if j == 0 { prev_out } else { cout };
+                    ResnetBlock::new(vb.pp(format!("resnets.{j}")), c, input + skip, cout, 1.0)
+                })
+                .collect::<Result<_>>()?;
+            let attentions = match block.up_attention {
+                false => Vec::new(),
+                true => (0..count)
+                    .map(|j| {
+                        SpatialTransformer::new(
+                            vb.pp(format!("attentions.{j}")),
+                            c,
+                            cout,
+                            block.heads,
+                            block.up_transformer_layers,
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            let upsample = (i + 1 < n)
+                .then(|| conv(vb.pp("upsamplers.0.conv"), cout, cout, 3, 1))
+                .transpose()?;
+            up.push(UpLevel {
+                level: Level {
+                    resnets,
+                    attentions,
+                },
+                upsample,
+            });
+            prev_out = cout;
+        }
+
+        Ok(UNet {
+            conv_in: conv(vb.pp("conv_in"), c.in_channels, channels[0], 3, 1)?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], temb)?,
+            added,
+            down,
+            mid,
+            up,
+            norm_out: group_norm(
+                c.norm_num_groups,
+                channels[0],
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv(vb.pp("conv_out"), channels[0], c.out_channels, 3, 1)?,
+            block0: channels[0],
+            flip_sin_to_cos: c.flip_sin_to_cos,
+            freq_shift: c.freq_shift,
+            center_input_sample: c.center_input_sample,
+        })
+    }
+
+    /// The model's output (noise, or v) for `xs` (`[b, c, h, w]`) at `timestep`, attending
+    /// to `context` (`[b, tokens, cross_attention_dim]`).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<AddedConditions>,
+    ) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let device = xs.device();
+        let t = Tensor::new(&[timestep as f32], device)?;
+        let t = sinusoidal(&t, self.block0, self.flip_sin_to_cos, self.freq_shift)?;
+        let mut temb = self.time_embedding.forward(&t.to_dtype(dtype)?)?;
+        match (&self.added, added) {
+            (Some(embedding), Some(added)) => {
+                let (b, ids) = added.time_ids.dims2()?;
+                let times = sinusoidal(
+                    &added.time_ids.flatten_all()?,
+                    embedding.time_dim,
+                    self.flip_sin_to_cos,
+                    self.freq_shift,
+                )?
+                .reshape((b, ids * embedding.time_dim))?;
+                let input = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, times], 1)?;
+                let aug = embedding.embedding.forward(&input.to_dtype(dtype)?)?;
+                temb = temb.broadcast_add(&aug)?;
+            }
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet needs pooled text features and size ids".into(),
+                ))
+            }
+            (None, _) => {}
+        }
+
+        let xs = if self.center_input_sample {
+            ((xs * 2.0)? - 1.0)?
+        } else {
+            xs.clone()
+        };
+        let mut xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for down in &self.down {
+            for i in 0..down.level.resnets.len() {
+                xs = down.level.step(i, &xs, &temb, context)?;
+                skips.push(xs.clone());
+            }
+            if let Some(conv) = &down.downsample {
+                xs = conv.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+
+        xs = self.mid.first.forward(&xs, &temb)?;
+        xs = self.mid.attention.forward(&xs, context)?;
+        xs = self.mid.second.forward(&xs, &temb)?;
+
+        for up in &self.up {
+            for i in 0..up.level.resnets.len() {
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("UNet skip connections ran out".into())
+                })?;
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = up.level.step(i, &xs, &temb, context)?;
+            }
+            if let Some(conv) = &up.upsample {
+                // Up to the size of the next skip connection, which odd sizes make
+                // other than exactly twice.
+                let (h, w) = match skips.last() {
+                    Some(next) => (next.dim(2)?, next.dim(3)?),
+                    None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
+                };
+                xs = conv.forward(&xs.upsample_nearest2d(h, w)?)?;
+            }
+        }
+
+        let xs = self.norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sinusoidal_embedding_matches_the_formula() {
+        let t = Tensor::new(&[0f32, 981.0], &Device::Cpu).expect("t");
+        let emb = sinusoidal(&t, 8, true, 1.0).expect("emb");
+        let rows = emb.to_vec2::<f32>().expect("rows");
+        // flip_sin_to_cos: cosines first. At t = 0: cos = 1, sin = 0.
+        assert_eq!(rows[0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        for i in 0..4 {
+            let freq = (-(10000f64.ln()) * i as f64 / 3.0).exp();
+            let arg = 981.0 * freq;
+            assert!((f64::from(rows[1][i]) - arg.cos()).abs() < 1e-3, "cos {i}");
+            assert!(
+                (f64::from(rows[1][4 + i]) - arg.sin()).abs() < 1e-3,
+                "sin {i}"
+            );
+        }
+    }
+}
