@@ -7,9 +7,15 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
 PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-for arch in "$@"; do
-  CUDA_VISIBLE_DEVICES= $PY tools/reference/diffusers_reference.py ".carry/tiny-$arch" "$OUT/$arch" || exit 1
+# Each argument: ARCH, or ARCH:STEPS:GUIDANCE for few-step models (e.g. sdxl-turbo:2:0).
+for spec in "$@"; do
+  IFS=: read -r arch steps guidance <<<"$spec"
+  extra=()
+  [ -n "${steps:-}" ] && extra+=(--steps "$steps")
+  [ -n "${guidance:-}" ] && extra+=(--guidance "$guidance")
+  CUDA_VISIBLE_DEVICES= $PY tools/reference/diffusers_reference.py ".carry/tiny-$arch" "$OUT/$arch" "${extra[@]}" || exit 1
 done
+[ -n "${FIXTURES_ONLY:-}" ] && exit 0
 
 SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
 export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}

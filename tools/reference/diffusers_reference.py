@@ -10,6 +10,8 @@ initial noise and writes OUT_DIR/<scheduler>.safetensors with:
   initial   the initial latents (before scaling by the scheduler's init sigma)
   uncond    text embeddings of the negative prompt  [1, 77, hidden]
   cond      text embeddings of the prompt           [1, 77, hidden]
+  uncond_pooled, cond_pooled
+            (SDXL) the pooled, projected features of text_encoder_2  [1, projection]
   timesteps the timesteps the UNet saw
   first     latents after the first step
   last      latents after the last step
@@ -17,7 +19,9 @@ initial noise and writes OUT_DIR/<scheduler>.safetensors with:
   noise     (Euler a only) the fresh noise drawn at each step, [steps, 4, h, w]
 
 and OUT_DIR/case.json with the prompt, sizes and versions. Any weight diffusers or
-transformers would have to invent (a missing or unexpected tensor) is an error.
+transformers would have to invent (a missing or unexpected tensor) is an error. A model with
+a text_encoder_2 is SDXL: its text conditioning comes from diffusers' own
+StableDiffusionXLPipeline.encode_prompt and its size ids from the pipeline as well.
 """
 import argparse
 import json
@@ -32,11 +36,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a_module
 from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CASE = {
     "prompt": "a corgi, style of monet",
@@ -78,14 +83,44 @@ def main(model_dir: str, out_dir: str, steps: int, guidance: float) -> None:
     vae = load_strict(AutoencoderKL, model / "vae")
     base_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
 
-    def embed(text):
-        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return text_encoder(ids)[0]
+    g = CASE["guidance_scale"]
+    pooled = {}
+    added = lambda rows: {}
+    if (model / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=load_strict(CLIPTextModelWithProjection, model / "text_encoder_2"),
+            tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer.from_pretrained(model / "tokenizer_2"),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(json.loads((model / "scheduler" / "scheduler_config.json").read_text())),
+        )
+        cond, uncond, cond_pooled, uncond_pooled = pipe.encode_prompt(
+            CASE["prompt"],
+            device="cpu",
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=CASE["negative_prompt"],
+        )
+        pooled = {"uncond_pooled": uncond_pooled, "cond_pooled": cond_pooled}
+        size = (CASE["height"], CASE["width"])
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=torch.float32,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
 
-    uncond, cond = embed(CASE["negative_prompt"]), embed(CASE["prompt"])
+        def added(rows):
+            text = torch.cat([uncond_pooled, cond_pooled]) if rows == 2 else cond_pooled
+            return {"added_cond_kwargs": {"text_embeds": text, "time_ids": time_ids.repeat(rows, 1)}}
+    else:
+        def embed(text):
+            ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            return text_encoder(ids)[0]
+
+        uncond, cond = embed(CASE["negative_prompt"]), embed(CASE["prompt"])
     shape = (1, unet.config.in_channels, CASE["height"] // 8, CASE["width"] // 8)
     initial = torch.randn(shape, generator=torch.Generator().manual_seed(CASE["noise_seed"]))
-    g = CASE["guidance_scale"]
 
     for name, (cls, extra) in SCHEDULERS.items():
         scheduler = cls.from_config(base_config, **extra)
@@ -107,12 +142,12 @@ def main(model_dir: str, out_dir: str, steps: int, guidance: float) -> None:
                 # Classifier-free guidance only above 1, as diffusers' pipelines decide.
                 if g > 1:
                     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                    output = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                    output = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond]), **added(2)).sample
                     u, c = output.chunk(2)
                     prediction = u + g * (c - u)
                 else:
                     model_input = scheduler.scale_model_input(latents, t)
-                    prediction = unet(model_input, t, encoder_hidden_states=cond).sample
+                    prediction = unet(model_input, t, encoder_hidden_states=cond, **added(1)).sample
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if i == 0:
                     first = latents.clone()
@@ -127,6 +162,7 @@ def main(model_dir: str, out_dir: str, steps: int, guidance: float) -> None:
             "first": first,
             "last": latents,
             "image": image,
+            **pooled,
         }
         if drawn:
             tensors["noise"] = torch.cat(drawn)

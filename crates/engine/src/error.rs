@@ -14,6 +14,17 @@ pub enum EngineError {
     /// A weight file lacks a tensor the network needs.
     #[error("invalid model: {}: tensor `{tensor}` is missing", file.display())]
     MissingTensor { file: PathBuf, tensor: String },
+    /// A weight file holds a tensor the configured network has no place for: the file is of
+    /// another architecture or configuration than the one described.
+    #[error(
+        "invalid model: {}: tensor `{tensor}` is not part of the configured network ({count} such tensors)",
+        file.display()
+    )]
+    UnexpectedTensor {
+        file: PathBuf,
+        tensor: String,
+        count: usize,
+    },
     /// A weight file holds a tensor of another shape than the configuration implies.
     #[error(
         "invalid model: {}: tensor `{tensor}` has shape {found:?}, the configuration needs {expected:?}",

@@ -162,6 +162,20 @@ fn sd_turbo_few_steps_without_guidance_matches_diffusers() {
 }
 
 #[test]
+fn sdxl_two_encoders_pooled_and_size_conditioning_match_diffusers() {
+    check_architecture("sdxl", |dir| {
+        write_random(dir, 0, RandomModel::Sdxl, ModelScale::Tiny)
+    });
+}
+
+#[test]
+fn sdxl_turbo_few_steps_without_guidance_matches_diffusers() {
+    check_architecture("sdxl-turbo", |dir| {
+        write_random(dir, 0, RandomModel::SdxlTurbo, ModelScale::Tiny)
+    });
+}
+
+#[test]
 fn few_step_models_default_to_one_step_without_guidance() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_random(dir.path(), 0, RandomModel::SdTurbo, ModelScale::Tiny).expect("turbo");

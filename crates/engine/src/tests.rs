@@ -265,6 +265,20 @@ fn a_missing_or_misshapen_tensor_is_named_with_its_file() {
         "{message}"
     );
 
+    let extra = "down_blocks.1.attentions.0.proj_extra.weight";
+    tensors.insert(victim.to_string(), original.clone());
+    tensors.insert(extra.to_string(), original.clone());
+    save(&tensors, &file).expect("save");
+    match Engine::load(dir.path(), &CPU) {
+        Err(EngineError::UnexpectedTensor {
+            file: f,
+            tensor,
+            count,
+        }) => assert_eq!((f, tensor.as_str(), count), (file.clone(), extra, 1)),
+        other => panic!("expected an unexpected tensor, got {:?}", other.err()),
+    }
+    tensors.remove(extra);
+
     let wrong = original.narrow(0, 0, 16).expect("narrow");
     tensors.insert(victim.to_string(), wrong);
     save(&tensors, &file).expect("save");
@@ -280,6 +294,54 @@ fn a_missing_or_misshapen_tensor_is_named_with_its_file() {
         }
         other => panic!("expected a mis-shaped tensor, got {:?}", other.err()),
     }
+}
+
+#[test]
+fn sdxl_models_are_described_and_zero_an_empty_negative_prompt() {
+    use crate::{write_random, ModelScale, RandomModel};
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_random(dir.path(), 0, RandomModel::Sdxl, ModelScale::Tiny).expect("sdxl");
+    let described = describe(dir.path()).expect("describe");
+    assert_eq!(
+        (
+            described.architecture,
+            described.native_size,
+            described.defaults.few_step
+        ),
+        (Architecture::Sdxl, 1024, false)
+    );
+    let turbo = tempfile::tempdir().expect("tempdir");
+    write_random(turbo.path(), 0, RandomModel::SdxlTurbo, ModelScale::Tiny).expect("turbo");
+    let described = describe(turbo.path()).expect("describe");
+    assert_eq!(
+        (described.native_size, described.defaults.few_step),
+        (512, true)
+    );
+
+    let engine = Engine::load(dir.path(), &CPU).expect("load");
+    assert_eq!(engine.info().architecture, Architecture::Sdxl);
+    let mut b = batch(Scheduler::Euler, &[("a corgi", 1), ("a cat", 2)]);
+    b.items[1].negative_prompt.clear();
+    let conditioning = engine.encode_prompts(&b).expect("encode");
+    let (context, pooled) = (conditioning.context, conditioning.pooled.expect("pooled"));
+    assert_eq!(context.dims(), &[4, 77, 64]);
+    assert_eq!(pooled.dims(), &[4, 32]);
+    let row_norm = |t: &candle_core::Tensor, i: usize| -> f32 {
+        t.get(i)
+            .and_then(|r| r.sqr())
+            .and_then(|r| r.sum_all())
+            .and_then(|r| r.to_scalar())
+            .expect("norm")
+    };
+    // Rows: [uncond 1, uncond 2, cond 1, cond 2]; only the empty negative prompt is zero.
+    for (row, zero) in [(0, false), (1, true), (2, false), (3, false)] {
+        assert_eq!(row_norm(&context, row) == 0.0, zero, "context row {row}");
+        assert_eq!(row_norm(&pooled, row) == 0.0, zero, "pooled row {row}");
+    }
+    let images = engine
+        .generate(&b, &mut |_| ControlFlow::Continue(()))
+        .expect("generate");
+    assert_eq!(images.len(), 2);
 }
 
 #[test]

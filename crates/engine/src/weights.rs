@@ -11,8 +11,13 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+
+/// Tensors a file may hold that are buffers, not weights (older CLIP checkpoints keep their
+/// position ids), so no network asks for them.
+const BUFFERS: [&str; 1] = ["position_ids"];
 
 /// File names a part's weights may have, in order of preference.
 const WEIGHT_FILES: [&str; 4] = [
@@ -48,11 +53,14 @@ enum Problem {
 }
 
 type ProblemSlot = Arc<Mutex<Option<Problem>>>;
+type Requested = Arc<Mutex<HashSet<String>>>;
 
-/// A memory-mapped safetensors file that checks each tensor against the requested shape.
+/// A memory-mapped safetensors file that checks each tensor against the requested shape
+/// and remembers what was asked for.
 struct CheckedTensors {
     tensors: MmapedSafetensors,
     problem: ProblemSlot,
+    requested: Requested,
 }
 
 impl CheckedTensors {
@@ -70,6 +78,10 @@ impl CheckedTensors {
     }
 
     fn stored_shape(&self, name: &str) -> candle_core::Result<Vec<usize>> {
+        self.requested
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string());
         match self.tensors.get(name) {
             Ok(view) => Ok(view.shape().to_vec()),
             Err(_) => Err(self.fail(Problem::Missing(name.to_string()))),
@@ -116,6 +128,9 @@ impl SimpleBackend for CheckedTensors {
 pub struct Weights {
     file: PathBuf,
     problem: ProblemSlot,
+    requested: Requested,
+    /// Every tensor name in the file.
+    names: Vec<String>,
     vb: VarBuilder<'static>,
 }
 
@@ -130,23 +145,33 @@ impl Weights {
         let tensors = unsafe { MmapedSafetensors::new(file) }
             .map_err(|e| EngineError::invalid_model(file, first_line(&e)))?;
         let problem = ProblemSlot::default();
+        let requested = Requested::default();
+        let names = tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
         let backend = CheckedTensors {
             tensors,
             problem: Arc::clone(&problem),
+            requested: Arc::clone(&requested),
         };
         Ok(Weights {
             file: file.to_path_buf(),
             problem,
+            requested,
+            names,
             vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
         })
     }
 
-    /// Builds a network, reporting the first missing or mis-shaped tensor by name and file.
+    /// Builds a network, reporting the first missing or mis-shaped tensor by name and file,
+    /// then any tensor of the file the network did not use.
     pub fn build<T>(
         self,
         make: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
     ) -> Result<T, EngineError> {
-        make(self.vb).map_err(|e| {
+        let built = make(self.vb).map_err(|e| {
             let problem = self
                 .problem
                 .lock()
@@ -169,7 +194,26 @@ impl Weights {
                 },
                 None => EngineError::invalid_model(&self.file, first_line(&e)),
             }
-        })
+        })?;
+        let requested = self
+            .requested
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut unused: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|name| !requested.contains(*name))
+            .filter(|name| !BUFFERS.iter().any(|b| name.ends_with(b)))
+            .collect();
+        unused.sort();
+        match unused.first() {
+            None => Ok(built),
+            Some(tensor) => Err(EngineError::UnexpectedTensor {
+                file: self.file.clone(),
+                tensor: tensor.to_string(),
+                count: unused.len(),
+            }),
+        }
     }
 }
 
