@@ -8,6 +8,14 @@
 //! 5xx or a timeout backs off, a refusal (the token died, the message is gone) abandons the
 //! delivery. A Discord failure never touches the job: the image stays in the store and the
 //! next attempt sends the same bytes.
+//!
+//! A result must fit the attachment size Discord allows the interaction (recorded with the
+//! delivery; 10 MiB when Discord did not say). Images that do not are re-encoded, or left to
+//! the API, on copies only ([`fit()`]), and the message says so.
+
+mod fit;
+
+pub use fit::{fit, Encoding, Fitted, StoredImage, DEFAULT_ATTACHMENT_LIMIT};
 
 use sparkle_core::JobStatus;
 use sparkle_discord::{Attachment, ButtonSigner, DiscordRest, Message, RestError};
@@ -149,7 +157,7 @@ impl Deliverer {
                 Err(e) => self.failed_attempt(d, e).await,
             };
         }
-        let outcome = match self.result_of(&job).await {
+        let outcome = match self.result_of(&job, d.target.attachment_size_limit).await {
             Ok(outcome) => outcome,
             Err(()) => {
                 return self
@@ -194,7 +202,9 @@ impl Deliverer {
                 .wait(id, self.options.poll.as_millis() as i64)
                 .await;
         }
-        let outcome = match self.result_of(job).await {
+        // The interaction's limit is the server's upload limit, which a channel message
+        // from the bot meets too.
+        let outcome = match self.result_of(job, d.target.attachment_size_limit).await {
             Ok(outcome) => outcome,
             Err(()) => {
                 return self
@@ -216,9 +226,10 @@ impl Deliverer {
         }
     }
 
-    /// The final message of a finished job: its text, its images, and the buttons that go
-    /// with it; `Err` when the image store cannot be read right now.
-    async fn result_of(&self, job: &Job) -> Result<Outcome, ()> {
+    /// The final message of a finished job: its text, its images (re-encoded or left out when
+    /// they exceed `attachment_limit`, Discord's default when unknown), and the buttons that
+    /// go with it; `Err` when the image store cannot be read right now.
+    async fn result_of(&self, job: &Job, attachment_limit: Option<u64>) -> Result<Outcome, ()> {
         let id = job.id;
         if job.status != JobStatus::Succeeded {
             let reason = job
@@ -237,12 +248,12 @@ impl Deliverer {
                 components: Some(serde_json::json!([])),
             });
         }
-        let mut images = Vec::new();
+        let mut stored = Vec::new();
         for index in 0..job.images {
             match self.store.get(ImageKey { job: id, index }).await {
-                Ok(Some(png)) => images.push(Attachment {
-                    filename: format!("sparkle-{}.png", job.request.seed_of(index)),
-                    bytes: png.to_vec(),
+                Ok(Some(png)) => stored.push(StoredImage {
+                    stem: format!("sparkle-{}", job.request.seed_of(index)),
+                    png: png.to_vec(),
                 }),
                 Ok(None) => tracing::warn!(job = %id, index, "a finished job's image is missing"),
                 Err(e) => {
@@ -251,13 +262,33 @@ impl Deliverer {
                 }
             }
         }
+        let limit = attachment_limit.unwrap_or(DEFAULT_ATTACHMENT_LIMIT);
+        let available = stored.len();
+        // Re-encoding is CPU work: off the runtime. The store keeps its PNGs whatever happens.
+        let fitted = match tokio::task::spawn_blocking(move || fit(&stored, limit)).await {
+            Ok(fitted) => fitted,
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "fitting images to Discord's limit failed");
+                Fitted {
+                    attachments: Vec::new(),
+                    encoding: Encoding::Stored,
+                    left_out: available,
+                }
+            }
+        };
+        let mut content = result_text(job);
+        if let Some(note) = fit_note(&fitted, available, limit, &id.to_string()) {
+            tracing::info!(job = %id, encoding = ?fitted.encoding, left_out = fitted.left_out, limit, "images fitted to Discord's attachment limit");
+            content.push('\n');
+            content.push_str(&note);
+        }
         let components = match &self.buttons {
             Some(buttons) => Some(buttons.result_buttons(&id.to_string())),
             None => Some(serde_json::json!([])),
         };
         Ok(Outcome {
-            content: result_text(job),
-            images,
+            content,
+            images: fitted.attachments,
             components,
         })
     }
@@ -335,6 +366,67 @@ fn text_only(content: &str) -> Message<'_> {
     }
 }
 
+/// What the message says when its images are not the stored PNGs, all of them: how they were
+/// re-encoded, how many were left out, and where all `available` images are.
+fn fit_note(fitted: &Fitted, available: usize, limit: u64, job: &str) -> Option<String> {
+    let reencoded = match fitted.encoding {
+        Encoding::Jpeg { quality } if !fitted.attachments.is_empty() => Some(quality),
+        _ => None,
+    };
+    if reencoded.is_none() && fitted.left_out == 0 {
+        return None;
+    }
+    let limit = human_size(limit);
+    let plural = available != 1;
+    let mut note = Vec::new();
+    if let Some(quality) = reencoded {
+        note.push(format!(
+            "Re-encoded as JPEG (quality {quality}) to fit Discord's {limit} upload limit."
+        ));
+    }
+    if fitted.left_out > 0 && fitted.attachments.is_empty() {
+        let what = if plural {
+            "The images are"
+        } else {
+            "The image is"
+        };
+        note.push(format!(
+            "{what} too large for Discord's {limit} upload limit."
+        ));
+    } else if fitted.left_out > 0 {
+        note.push(format!(
+            "{} of {available} images did not fit Discord's {limit} upload limit.",
+            fitted.left_out
+        ));
+    }
+    let where_ = format!("available through the API at `/v1/jobs/{job}`.");
+    note.push(match (fitted.left_out, plural) {
+        (0, false) => format!("The original PNG is {where_}"),
+        (0, true) => format!("The original PNGs are {where_}"),
+        (_, false) => format!("1 image is {where_}"),
+        (_, true) => format!("{available} images are {where_}"),
+    });
+    Some(note.join(" "))
+}
+
+/// `10 MiB`, `1.5 KiB`, `900 bytes`.
+fn human_size(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * 1024;
+    let (unit, name) = match bytes {
+        b if b >= MIB => (MIB, "MiB"),
+        b if b >= KIB => (KIB, "KiB"),
+        _ => return format!("{bytes} bytes"),
+    };
+    let tenths = bytes.saturating_mul(10).saturating_add(unit / 2) / unit;
+    let (whole, tenth) = (tenths / 10, tenths - tenths / 10 * 10);
+    if tenth == 0 {
+        format!("{whole} {name}")
+    } else {
+        format!("{whole}.{tenth} {name}")
+    }
+}
+
 fn result_text(job: &Job) -> String {
     let r = &job.request;
     format!(
@@ -348,4 +440,57 @@ fn result_text(job: &Job) -> String {
         r.height,
         r.model
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fitted(attached: usize, encoding: Encoding, left_out: usize) -> Fitted {
+        Fitted {
+            attachments: (0..attached)
+                .map(|i| Attachment::jpeg(format!("{i}.jpg"), vec![0; 10]))
+                .collect(),
+            encoding,
+            left_out,
+        }
+    }
+
+    #[test]
+    fn the_message_says_what_happened_to_the_images() {
+        let jpeg = Encoding::Jpeg { quality: 70 };
+        assert_eq!(fit_note(&fitted(1, Encoding::Stored, 0), 1, 10, "j"), None);
+        assert_eq!(
+            fit_note(&fitted(1, Encoding::Recompressed, 0), 1, 10, "j"),
+            None,
+            "same pixels: nothing to say"
+        );
+        assert_eq!(
+            fit_note(&fitted(1, jpeg, 0), 1, 1536, "j").as_deref(),
+            Some("Re-encoded as JPEG (quality 70) to fit Discord's 1.5 KiB upload limit. The original PNG is available through the API at `/v1/jobs/j`.")
+        );
+        assert_eq!(
+            fit_note(&fitted(2, jpeg, 2), 4, 10 << 20, "j").as_deref(),
+            Some("Re-encoded as JPEG (quality 70) to fit Discord's 10 MiB upload limit. 2 of 4 images did not fit Discord's 10 MiB upload limit. 4 images are available through the API at `/v1/jobs/j`.")
+        );
+        assert_eq!(
+            fit_note(&fitted(0, Encoding::Stored, 1), 1, 100, "j").as_deref(),
+            Some("The image is too large for Discord's 100 bytes upload limit. 1 image is available through the API at `/v1/jobs/j`.")
+        );
+        assert_eq!(
+            fit_note(&fitted(0, Encoding::Stored, 4), 4, 100, "j").as_deref(),
+            Some("The images are too large for Discord's 100 bytes upload limit. 4 images are available through the API at `/v1/jobs/j`.")
+        );
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human_size(0), "0 bytes");
+        assert_eq!(human_size(1023), "1023 bytes");
+        assert_eq!(human_size(1024), "1 KiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(10 * 1024 * 1024), "10 MiB");
+        assert_eq!(human_size(25 * 1024 * 1024 + 1), "25 MiB");
+        assert!(human_size(u64::MAX).ends_with("MiB"));
+    }
 }

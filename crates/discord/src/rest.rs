@@ -30,11 +30,31 @@ impl RestError {
     }
 }
 
-/// A PNG to attach.
+/// An image to attach.
 #[derive(Debug, Clone)]
 pub struct Attachment {
     pub filename: String,
+    /// Its media type: `image/png` or `image/jpeg`.
+    pub content_type: &'static str,
     pub bytes: Vec<u8>,
+}
+
+impl Attachment {
+    pub fn png(filename: String, bytes: Vec<u8>) -> Self {
+        Attachment {
+            filename,
+            content_type: "image/png",
+            bytes,
+        }
+    }
+
+    pub fn jpeg(filename: String, bytes: Vec<u8>) -> Self {
+        Attachment {
+            filename,
+            content_type: "image/jpeg",
+            bytes,
+        }
+    }
 }
 
 pub struct DiscordRest {
@@ -86,7 +106,7 @@ fn with_message(
     for (i, image) in message.images.iter().enumerate() {
         let file = reqwest::multipart::Part::bytes(image.bytes.clone())
             .file_name(image.filename.clone())
-            .mime_str("image/png")
+            .mime_str(image.content_type)
             .map_err(part_error)?;
         form = form.part(format!("files[{i}]"), file);
     }

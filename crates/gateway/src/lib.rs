@@ -17,7 +17,7 @@ mod state;
 pub mod tls;
 
 pub use error::ApiError;
-pub use state::{DiscordEndpoint, DiscordPolicy, GatewayOptions, GatewayState};
+pub use state::{DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState};
 
 use axum::Router;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 use sparkle_core::{Catalog, Limits};
 use sparkle_queue::{ApiKeys, JobQueue};
 use sparkle_store::ImageStore;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,25 @@ pub struct DiscordEndpoint {
     pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
     /// How long an interaction token lives (Discord: 15 minutes).
     pub token_lifetime: Duration,
-    pub policy: DiscordPolicy,
+    pub policy: DiscordPolicies,
+}
+
+/// The policy for each place `/sparkle` is used: servers with their own, and the global one
+/// for every other server and for DMs.
+#[derive(Debug, Clone, Default)]
+pub struct DiscordPolicies {
+    pub global: DiscordPolicy,
+    /// Whole policies by guild (server) id, already merged with the global one.
+    pub guilds: HashMap<String, DiscordPolicy>,
+}
+
+impl DiscordPolicies {
+    /// The policy of the server `guild` (`None`: a DM).
+    pub fn for_guild(&self, guild: Option<&str>) -> &DiscordPolicy {
+        guild
+            .and_then(|g| self.guilds.get(g))
+            .unwrap_or(&self.global)
+    }
 }
 
 /// Who may ask for what through Discord.
@@ -86,5 +105,40 @@ impl DiscordPolicy {
             }
         });
         denied.map(|_| "That prompt is not allowed here.".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_with_its_own_policy_gets_it_and_everyone_else_the_global_one() {
+        let global = DiscordPolicy {
+            denied_words: vec!["gore".into()],
+            max_live_per_user: 3,
+            ..Default::default()
+        };
+        let strict = DiscordPolicy {
+            denied_words: vec!["gore".into(), "dragon".into()],
+            max_live_per_user: 1,
+            ..Default::default()
+        };
+        let policies = DiscordPolicies {
+            global,
+            guilds: HashMap::from([("500".to_string(), strict)]),
+        };
+        let dragon = "a red dragon";
+        assert!(policies
+            .for_guild(Some("500"))
+            .refusal(None, dragon)
+            .is_some());
+        assert_eq!(policies.for_guild(Some("500")).max_live_per_user, 1);
+        for elsewhere in [Some("501"), None] {
+            let policy = policies.for_guild(elsewhere);
+            assert!(policy.refusal(None, dragon).is_none(), "{elsewhere:?}");
+            assert!(policy.refusal(None, "gore").is_some(), "{elsewhere:?}");
+            assert_eq!(policy.max_live_per_user, 3);
+        }
     }
 }

@@ -19,6 +19,9 @@ pub struct DiscordTarget {
     /// The interaction token: a secret, never printed.
     pub token: String,
     pub channel_id: Option<String>,
+    /// The largest attachment, in bytes, Discord said the response may carry; `None` when it
+    /// did not say.
+    pub attachment_size_limit: Option<u64>,
 }
 
 impl fmt::Debug for DiscordTarget {
@@ -28,6 +31,7 @@ impl fmt::Debug for DiscordTarget {
             .field("application_id", &self.application_id)
             .field("token", &"<redacted>")
             .field("channel_id", &self.channel_id)
+            .field("attachment_size_limit", &self.attachment_size_limit)
             .finish()
     }
 }
@@ -67,11 +71,19 @@ pub trait DiscordOutbox: Send + Sync + 'static {
     async fn abandoned(&self, job: JobId, reason: &str) -> Result<(), QueueError>;
 }
 
-const DELIVERY_COLUMNS: &str = "job_id, application_id, token, channel_id, created_at, \
-    token_expires_at, last_progress, last_edit_at, attempts";
+const DELIVERY_COLUMNS: &str = "job_id, application_id, token, channel_id, \
+    attachment_size_limit, created_at, token_expires_at, last_progress, last_edit_at, attempts";
 
 fn delivery_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, QueueError> {
     let id: String = row.try_get("job_id")?;
+    let attachment_size_limit = row
+        .try_get::<Option<i64>, _>("attachment_size_limit")?
+        .map(u64::try_from)
+        .transpose()
+        .map_err(|_| QueueError::Corrupt {
+            id: id.clone(),
+            reason: "negative attachment_size_limit".into(),
+        })?;
     Ok(Delivery {
         target: DiscordTarget {
             job: id.parse().map_err(|e| QueueError::Corrupt {
@@ -81,6 +93,7 @@ fn delivery_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, QueueErr
             application_id: row.try_get("application_id")?,
             token: row.try_get("token")?,
             channel_id: row.try_get("channel_id")?,
+            attachment_size_limit,
         },
         created_at_ms: row.try_get("created_at")?,
         token_expires_at_ms: row.try_get("token_expires_at")?,
@@ -119,8 +132,8 @@ impl DiscordOutbox for SqliteQueue {
         let now = self.clock.now_ms();
         sqlx::query(
             "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id, created_at,
-                token_expires_at, state, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?5)
+                token_expires_at, state, next_attempt_at, attachment_size_limit)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?5, ?7)
              ON CONFLICT (job_id) DO NOTHING",
         )
         .bind(target.job.to_string())
@@ -129,6 +142,12 @@ impl DiscordOutbox for SqliteQueue {
         .bind(&target.channel_id)
         .bind(now)
         .bind(now + token_lifetime_ms)
+        // SQLite integers are signed; no upload limit comes near the difference.
+        .bind(
+            target
+                .attachment_size_limit
+                .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX)),
+        )
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -225,6 +244,7 @@ mod tests {
             application_id: "9".into(),
             token: "secret".into(),
             channel_id: Some("6".into()),
+            attachment_size_limit: Some(8 * 1024 * 1024),
         };
         assert!(!format!("{target:?}").contains("secret"));
         q.record(&target, TOKEN_LIFETIME_MS).await.expect("record");
@@ -255,6 +275,87 @@ mod tests {
         assert!(
             q.due(10).await.expect("due").is_empty(),
             "delivered is final"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_attachment_limit_is_kept_and_may_be_unknown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SqliteQueue::open(&dir.path().join("o.db"), &SqliteOptions::default())
+            .await
+            .expect("open");
+        let limits = [None, Some(0), Some(1_500), Some(u64::MAX)];
+        for limit in limits {
+            let target = DiscordTarget {
+                job: JobId::random(),
+                application_id: "9".into(),
+                token: "t".into(),
+                channel_id: None,
+                attachment_size_limit: limit,
+            };
+            q.record(&target, TOKEN_LIFETIME_MS).await.expect("record");
+        }
+        let mut kept: Vec<_> = q
+            .due(10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|d| d.target.attachment_size_limit)
+            .collect();
+        kept.sort();
+        // u64::MAX is stored as SQLite's largest integer: still far beyond any real limit.
+        assert_eq!(
+            kept,
+            [None, Some(0), Some(1_500), Some(i64::MAX as u64)],
+            "{kept:?}"
+        );
+    }
+
+    /// A delivery recorded before the limit was kept survives the upgrade, with no limit.
+    #[tokio::test]
+    async fn deliveries_from_before_the_limit_migrate_with_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = dir.path().join("old-migrations");
+        std::fs::create_dir(&old).expect("mkdir");
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for name in ["0001_jobs.sql", "0002_discord_outbox.sql"] {
+            std::fs::copy(here.join(name), old.join(name)).expect("copy migration");
+        }
+        let path = dir.path().join("o.db");
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("connect");
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .expect("old migrations")
+            .run(&pool)
+            .await
+            .expect("migrate to 0002");
+        let job = JobId::random();
+        sqlx::query(
+            "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id,
+                created_at, token_expires_at, state, next_attempt_at)
+             VALUES (?1, '9', 't', '6', 0, 9999999999999, 'pending', 0)",
+        )
+        .bind(job.to_string())
+        .execute(&pool)
+        .await
+        .expect("old row");
+        pool.close().await;
+
+        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+            .await
+            .expect("upgrade");
+        let due = q.due(10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].target.job, due[0].target.attachment_size_limit),
+            (job, None)
         );
     }
 }

@@ -7,6 +7,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use sparkle_core::Limits;
+use sparkle_gateway::{DiscordPolicies, DiscordPolicy};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,6 +67,9 @@ pub struct DiscordConfig {
     pub denied_words: Vec<String>,
     /// Queued plus running jobs one Discord user may have at once; 0: no limit.
     pub max_jobs_per_user: u64,
+    /// Servers with a policy of their own, by guild id (`[discord.guilds."123…"]`). DMs and
+    /// servers not listed use the settings above.
+    pub guilds: BTreeMap<String, DiscordGuildConfig>,
     /// File holding the key that signs button ids (hex, mode 0600); made on first start when
     /// unset, as `discord-button.key` in the data directory. Every gateway of a deployment
     /// must share it.
@@ -83,8 +88,52 @@ impl Default for DiscordConfig {
             allowed_channels: Vec::new(),
             denied_words: Vec::new(),
             max_jobs_per_user: 3,
+            guilds: BTreeMap::new(),
             button_key_file: None,
         }
+    }
+}
+
+/// One server's policy: each field left out falls back to the `[discord]` one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscordGuildConfig {
+    /// Channel ids of this server where `/sparkle` works; empty: all of its channels.
+    pub allowed_channels: Option<Vec<String>>,
+    /// Words refused in prompts in this server (replaces the global list).
+    pub denied_words: Option<Vec<String>>,
+    /// Live jobs a user may have when asking in this server; 0: no limit.
+    pub max_jobs_per_user: Option<u64>,
+}
+
+impl DiscordConfig {
+    /// The policies the gateway applies: the global one (DMs, servers not listed) and each
+    /// listed server's, its unset fields taken from the global one.
+    pub fn policies(&self) -> DiscordPolicies {
+        let global = DiscordPolicy {
+            allowed_channels: self.allowed_channels.clone(),
+            denied_words: self.denied_words.clone(),
+            max_live_per_user: self.max_jobs_per_user,
+        };
+        let guilds = self
+            .guilds
+            .iter()
+            .map(|(guild, own)| {
+                let policy = DiscordPolicy {
+                    allowed_channels: own
+                        .allowed_channels
+                        .clone()
+                        .unwrap_or_else(|| global.allowed_channels.clone()),
+                    denied_words: own
+                        .denied_words
+                        .clone()
+                        .unwrap_or_else(|| global.denied_words.clone()),
+                    max_live_per_user: own.max_jobs_per_user.unwrap_or(global.max_live_per_user),
+                };
+                (guild.clone(), policy)
+            })
+            .collect();
+        DiscordPolicies { global, guilds }
     }
 }
 
@@ -261,6 +310,12 @@ impl Config {
         if !(1..=900).contains(&self.discord.token_lifetime_secs) {
             bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");
         }
+        for guild in self.discord.guilds.keys() {
+            // Discord ids (snowflakes) are decimal numbers; anything else would never match.
+            if guild.is_empty() || guild.len() > 20 || !guild.bytes().all(|b| b.is_ascii_digit()) {
+                bail!("discord.guilds.\"{guild}\": a guild id is a number, as Discord shows it (Copy Server ID)");
+            }
+        }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             bail!("tls.cert_file and tls.key_file must be set together");
         }
@@ -345,5 +400,99 @@ mod tests {
         let err =
             Config::load(Some(&file), &Overrides::default()).expect_err("production without certs");
         assert!(format!("{err:#}").contains("tls.cert_file"), "{err:#}");
+    }
+
+    #[test]
+    fn server_policies_override_the_global_one_field_by_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        std::fs::write(
+            &file,
+            r#"
+[discord]
+allowed_channels = ["600"]
+denied_words = ["gore"]
+max_jobs_per_user = 3
+
+[discord.guilds."500"]
+denied_words = ["gore", "dragon"]
+max_jobs_per_user = 1
+
+[discord.guilds."501"]
+allowed_channels = []
+"#,
+        )
+        .expect("write");
+        let c = Config::load(Some(&file), &Overrides::default()).expect("load");
+        let policies = c.discord.policies();
+        let a = policies.for_guild(Some("500"));
+        assert_eq!(a.allowed_channels, ["600"], "inherited");
+        assert_eq!(a.denied_words, ["gore", "dragon"]);
+        assert_eq!(a.max_live_per_user, 1);
+        let b = policies.for_guild(Some("501"));
+        assert!(b.allowed_channels.is_empty(), "every channel of 501");
+        assert_eq!(
+            (b.denied_words.as_slice(), b.max_live_per_user),
+            (&["gore".to_string()][..], 3)
+        );
+        for elsewhere in [Some("502"), None] {
+            let p = policies.for_guild(elsewhere);
+            assert_eq!(
+                (p.allowed_channels.as_slice(), p.max_live_per_user),
+                (&["600".to_string()][..], 3),
+                "{elsewhere:?}"
+            );
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
+    fn a_server_policy_can_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "SPARKLE_DISCORD__GUILDS__500__DENIED_WORDS",
+                r#"["dragon"]"#,
+            );
+            jail.set_env("SPARKLE_DISCORD__GUILDS__500__MAX_JOBS_PER_USER", "1");
+            let c = Config::load(None, &Overrides::default()).expect("load");
+            let p = c.discord.policies();
+            let a = p.for_guild(Some("500"));
+            assert_eq!(
+                (a.denied_words.as_slice(), a.max_live_per_user),
+                (&["dragon".to_string()][..], 1)
+            );
+            assert_eq!(p.for_guild(None).max_live_per_user, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_server_policies_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        let cases = [
+            (
+                "[discord.guilds.\"500\"]\nmax_jobs_per_usr = 1\n",
+                "max_jobs_per_usr",
+            ),
+            (
+                "[discord.guilds.\"500\"]\nmax_jobs_per_user = -1\n",
+                "max_jobs_per_user",
+            ),
+            (
+                "[discord.guilds.\"500\"]\ndenied_words = \"gore\"\n",
+                "denied_words",
+            ),
+            (
+                "[discord.guilds.\"my server\"]\nmax_jobs_per_user = 1\n",
+                "my server",
+            ),
+            ("[discord.guilds.\"\"]\nmax_jobs_per_user = 1\n", "guild id"),
+        ];
+        for (text, named) in cases {
+            std::fs::write(&file, text).expect("write");
+            let err = Config::load(Some(&file), &Overrides::default()).expect_err(text);
+            assert!(format!("{err:#}").contains(named), "{text}: {err:#}");
+        }
     }
 }

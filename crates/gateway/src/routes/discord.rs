@@ -163,8 +163,10 @@ fn user_group(user: &User) -> String {
     format!("discord:{}", user.id)
 }
 
-/// Checks the policy and the user's limit, enqueues `request` under the interaction's id
-/// (one interaction, one job), records the delivery and answers with the queue position.
+/// Checks the policy of the server it came from and the user's limit (their live jobs
+/// everywhere, counted against that server's number), enqueues `request` under the
+/// interaction's id (one interaction, one job), records the delivery with the attachment size
+/// Discord allows, and answers with the queue position.
 async fn submit(
     state: &GatewayState,
     discord: &DiscordEndpoint,
@@ -173,14 +175,13 @@ async fn submit(
     request: ImageRequest,
 ) -> Response {
     let prompt = request.prompt.clone();
-    if let Some(why) = discord
-        .policy
-        .refusal(interaction.channel_id.as_deref(), &prompt)
-    {
+    // The server's own policy, or the global one (other servers, DMs).
+    let policy = discord.policy.for_guild(interaction.guild_id.as_deref());
+    if let Some(why) = policy.refusal(interaction.channel_id.as_deref(), &prompt) {
         return message(&why, true);
     }
     let group = user_group(user);
-    let limit = discord.policy.max_live_per_user;
+    let limit = policy.max_live_per_user;
     if limit > 0 {
         match state.queue.live_in_group(&group).await {
             Ok(live) if live >= limit => {
@@ -201,6 +202,7 @@ async fn submit(
                 application_id: interaction.application_id.clone(),
                 token: interaction.token.clone(),
                 channel_id: interaction.channel_id.clone(),
+                attachment_size_limit: interaction.attachment_size_limit,
             };
             if let Err(e) = discord
                 .outbox

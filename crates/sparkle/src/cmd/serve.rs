@@ -171,11 +171,7 @@ async fn start_gateway(
                 buttons: Arc::new(buttons),
                 outbox: queue.clone(),
                 token_lifetime: Duration::from_secs(config.discord.token_lifetime_secs),
-                policy: sparkle_gateway::DiscordPolicy {
-                    allowed_channels: config.discord.allowed_channels.clone(),
-                    denied_words: config.discord.denied_words.clone(),
-                    max_live_per_user: config.discord.max_jobs_per_user,
-                },
+                policy: config.discord.policies(),
             }))
         }
     };

@@ -889,3 +889,226 @@ async fn the_cancel_button_cancels_for_the_person_who_asked_only() {
         "{reply}"
     );
 }
+
+/// The file part of a multipart body that starts with `magic`: its bytes, up to the boundary.
+fn file_part<'a>(body: &'a [u8], magic: &[u8]) -> Option<&'a [u8]> {
+    let start = body.windows(magic.len()).position(|w| w == magic)?;
+    let rest = &body[start..];
+    let end = rest.windows(4).position(|w| w == b"\r\n--")?;
+    Some(&rest[..end])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_over_the_interactions_attachment_limit_are_reencoded_or_left_to_the_api() {
+    let fake = Arc::new(FakeDiscord::default());
+    let svc = start_with(&fake).await;
+    let ada = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let options = json!([
+        {"name": "prompt", "type": 3, "value": "a red kite"},
+        {"name": "size", "type": 3, "value": "64x64"},
+        {"name": "steps", "type": 4, "value": 2},
+        {"name": "seed", "type": 4, "value": 5},
+    ]);
+    // The tiny model's 64x64 PNG is about 12 KB of noise: 3000 bytes needs a JPEG.
+    let mut asked = command("8001", ada.clone(), options.clone());
+    asked["attachment_size_limit"] = json!(3000);
+    let (_, ack) = send(&svc, &asked).await;
+    let id = job_id(&ack);
+    let result = wait_for_edit(&fake, "tok-8001", |e| e.multipart).await;
+    let body = String::from_utf8_lossy(&result.body);
+    assert!(body.contains("filename=\"sparkle-5.jpg\""), "{body}");
+    assert!(body.contains("Content-Type: image/jpeg"), "{body}");
+    let jpeg = file_part(&result.body, b"\xFF\xD8\xFF").expect("a JPEG is attached");
+    assert!(
+        jpeg.ends_with(b"\xFF\xD9") && jpeg.len() <= 3000,
+        "{}",
+        jpeg.len()
+    );
+    assert!(file_part(&result.body, b"\x89PNG").is_none(), "no PNG");
+    let payload = payload_of(&result);
+    assert_eq!(payload["attachments"][0]["filename"], "sparkle-5.jpg");
+    let content = payload["content"].as_str().unwrap_or_default();
+    assert!(content.contains("Seed 5"), "the parameters stay: {content}");
+    assert!(content.contains("Re-encoded as JPEG"), "{content}");
+    assert!(content.contains(&format!("`/v1/jobs/{id}`")), "{content}");
+    // The stored image is still the PNG.
+    let (status, png) = svc
+        .get(&format!("/v1/jobs/{id}/images/0"), &svc.admin_key)
+        .await;
+    assert_eq!(status, 200);
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 3000);
+
+    // Too small for any encoding: the text, and where to find the image.
+    let mut tiny = command("8002", ada, options);
+    tiny["attachment_size_limit"] = json!(200);
+    let (_, ack) = send(&svc, &tiny).await;
+    let id = job_id(&ack);
+    let result = wait_for_edit(&fake, "tok-8002", |e| {
+        String::from_utf8_lossy(&e.body).contains("available through the API")
+    })
+    .await;
+    assert!(!result.multipart, "no attachment at all");
+    let content = payload_of(&result)["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(content.contains("too large"), "{content}");
+    assert!(
+        content.contains(&format!(
+            "1 image is available through the API at `/v1/jobs/{id}`"
+        )),
+        "{content}"
+    );
+    assert!(fake
+        .edits()
+        .iter()
+        .all(|e| !(e.path.contains("/tok-8002/") && e.multipart)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_server_gets_its_own_policy_and_dms_the_global_one() {
+    let fake = Arc::new(FakeDiscord::default());
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let api = fake.serve().await;
+    // A known button key, so the test can make the buttons Discord would show.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let key_file = secrets.path().join("button.key");
+    let button_key = [7u8; 32];
+    std::fs::write(&key_file, hex::encode(button_key)).expect("write key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let key_path = key_file.to_string_lossy().into_owned();
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_DISCORD__BUTTON_KEY_FILE", key_path.as_str()),
+        ("SPARKLE_DISCORD__DENIED_WORDS", r#"["gore"]"#),
+        ("SPARKLE_DISCORD__MAX_JOBS_PER_USER", "3"),
+        // Server 500: stricter words, one job at a time.
+        (
+            "SPARKLE_DISCORD__GUILDS__500__DENIED_WORDS",
+            r#"["gore", "dragon"]"#,
+        ),
+        ("SPARKLE_DISCORD__GUILDS__500__MAX_JOBS_PER_USER", "1"),
+        // Server 501: any words, one channel; the global limit.
+        ("SPARKLE_DISCORD__GUILDS__501__DENIED_WORDS", "[]"),
+        (
+            "SPARKLE_DISCORD__GUILDS__501__ALLOWED_CHANNELS",
+            r#"["601"]"#,
+        ),
+        ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+    ])
+    .await;
+    let ada = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let eve = json!({"guild": true, "user": {"id": "7", "username": "eve"}});
+    let prompt = |p: &str| json!([{"name": "prompt", "type": 3, "value": p}]);
+    let in_server = |mut i: Value, guild: &str, channel: &str| {
+        i["guild_id"] = json!(guild);
+        i["channel_id"] = json!(channel);
+        i
+    };
+    let content = |reply: &Value| {
+        reply["data"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let refused = |reply: &Value, mention: &str| {
+        assert_eq!(reply["data"]["flags"], 64, "ephemeral: {reply}");
+        assert!(
+            content(reply).contains(mention),
+            "{reply} should mention {mention}"
+        );
+    };
+    let accepted = |reply: &Value| {
+        assert!(reply["data"]["flags"].is_null(), "{reply}");
+        let id = job_id(reply);
+        assert!(!id.is_empty(), "{reply}");
+        id
+    };
+
+    // A word server 500 denies and server 501 allows.
+    let (_, r) = send(&svc, &command("8101", ada.clone(), prompt("a red dragon"))).await;
+    refused(&r, "not allowed");
+    let (_, r) = send(
+        &svc,
+        &in_server(
+            command("8102", ada.clone(), prompt("a red dragon")),
+            "501",
+            "601",
+        ),
+    )
+    .await;
+    let dragon = accepted(&r);
+    let (_, r) = send(
+        &svc,
+        &in_server(
+            command("8103", eve.clone(), prompt("some gore")),
+            "501",
+            "601",
+        ),
+    )
+    .await;
+    accepted(&r);
+    // 501's channel list; other servers keep the global one (empty: every channel).
+    let (_, r) = send(
+        &svc,
+        &in_server(command("8104", eve.clone(), prompt("a cat")), "501", "600"),
+    )
+    .await;
+    refused(&r, "not enabled in this channel");
+    let (_, r) = send(
+        &svc,
+        &in_server(
+            command("8105", eve.clone(), prompt("a red dragon")),
+            "502",
+            "600",
+        ),
+    )
+    .await;
+    accepted(&r);
+
+    // DMs: the global policy.
+    let bob = json!({"user": {"id": "43", "username": "bob"}});
+    let (_, r) = send(&svc, &command("8106", bob.clone(), prompt("some gore"))).await;
+    refused(&r, "not allowed");
+    let (_, r) = send(&svc, &command("8107", bob, prompt("a red dragon"))).await;
+    accepted(&r);
+
+    // Server 500 allows one live job per user; ada already has one (from 501).
+    let (_, r) = send(&svc, &command("8108", ada.clone(), prompt("a corgi"))).await;
+    refused(&r, "limit is 1");
+    let carol = json!({"guild": true, "user": {"id": "44", "username": "carol"}});
+    let (_, r) = send(&svc, &command("8109", carol.clone(), prompt("a corgi"))).await;
+    accepted(&r);
+    let (_, r) = send(&svc, &command("8110", carol.clone(), prompt("a cat"))).await;
+    refused(&r, "limit is 1");
+    // …while the global limit of 3 holds for her in server 501.
+    let (_, r) = send(
+        &svc,
+        &in_server(
+            command("8111", carol.clone(), prompt("a cat")),
+            "501",
+            "601",
+        ),
+    )
+    .await;
+    accepted(&r);
+
+    // Buttons follow the server they are pressed in.
+    let signer = sparkle_discord::ButtonSigner::new(&button_key).expect("signer");
+    let reroll = signer.sign(sparkle_discord::ButtonAction::Reroll, &dragon);
+    let jobs = svc.job_count();
+    let (_, r) = send(&svc, &click("8112", &eve, &reroll)).await;
+    refused(&r, "not allowed");
+    assert_eq!(svc.job_count(), jobs, "nothing queued");
+    let mut there = click("8113", &eve, &reroll);
+    there["guild_id"] = json!("501");
+    there["channel_id"] = json!("601");
+    let (_, r) = send(&svc, &there).await;
+    accepted(&r);
+    assert_eq!(svc.job_count(), jobs + 1);
+}
