@@ -41,6 +41,18 @@ pub struct Config {
     pub scaler: ScalerConfig,
     pub limits: Limits,
     pub discord: DiscordConfig,
+    pub encryption: EncryptionConfig,
+}
+
+/// Encryption at rest. Images and sensitive database fields (prompts, user ids, Discord
+/// interaction tokens) are always sealed; this says where the master keys are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// The keyring file (mode 0600), made with `sparkle keys rotate`. Unset: `keyring` in the
+    /// data directory, made on the first start of the dev profile. Every process of a
+    /// deployment must read the same keyring.
+    pub keyring_file: Option<PathBuf>,
 }
 
 /// The Discord application whose Interactions Endpoint URL points at this gateway
@@ -238,6 +250,7 @@ impl Default for Config {
             scaler: ScalerConfig::default(),
             limits: Limits::default(),
             discord: DiscordConfig::default(),
+            encryption: EncryptionConfig::default(),
         }
     }
 }

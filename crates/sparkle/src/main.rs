@@ -4,6 +4,7 @@
 mod admin;
 mod cmd;
 mod config;
+mod keyring;
 mod runtime;
 mod secrets;
 

@@ -5,8 +5,8 @@ use anyhow::{bail, Context};
 use std::path::Path;
 use zeroize::Zeroizing;
 
-/// Reads a secret file (trimmed), refusing files readable by group or others.
-pub fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+/// Refuses a secret file that its group or others can read.
+pub fn check_private(path: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -23,6 +23,12 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
             );
         }
     }
+    Ok(())
+}
+
+/// Reads a secret file (trimmed), refusing files readable by group or others.
+pub fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    check_private(path)?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the secret file {}", path.display()))?,
@@ -32,6 +38,39 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
         bail!("the secret file {} is empty", path.display());
     }
     Ok(secret)
+}
+
+/// Replaces (or creates) a secret file with `contents`, owner-only (0600): written to a new
+/// file beside it, synced, then renamed over it, so a crash leaves the old file or the new
+/// one, never half of either.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.new", std::process::id()));
+    let temp = dir.join(temp_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(&temp).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, contents)?;
+        file.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&temp, path)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e).with_context(|| format!("cannot write the secret file {}", path.display()));
+    }
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// A random key of `len` bytes kept hex-encoded in `path`: read when the file exists (with
@@ -87,6 +126,22 @@ mod tests {
         assert!(load_or_create_key(&path, 64).is_err(), "too short for 64");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         assert!(load_or_create_key(&path, 32).is_err(), "group-readable");
+    }
+
+    #[test]
+    fn secret_files_are_replaced_whole_and_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ring");
+        write_secret_file(&path, b"one").expect("create");
+        write_secret_file(&path, b"two").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("ls").count(),
+            1,
+            "no leftovers"
+        );
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! The image store: generated images by job and index, over any `object_store` backend
 //! (a local directory by default, S3-compatible stores when one machine is not enough).
 //!
-//! Keys are derived from the job id, which is random and never guessable; images are served
-//! only through the gateway, never by path. The store knows nothing of the queue.
+//! Every image is sealed ([`seal`]) before it leaves this crate and opened after it comes
+//! back: a store, its disks and its backups only ever hold ciphertext bound to the object's
+//! name. Keys are derived from the job id, which is random and never guessable; images are
+//! served only through the gateway, never by path. The store knows nothing of the queue.
+
+pub mod seal;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::{local::LocalFileSystem, path::Path as ObjectPath, ObjectStore, PutPayload};
+use seal::{KeyId, Keys, SealError};
 use sparkle_core::JobId;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,6 +27,8 @@ pub enum StoreError {
     },
     #[error("image store: {0}")]
     Backend(#[from] object_store::Error),
+    #[error("image {name}: {source}")]
+    Seal { name: String, source: SealError },
 }
 
 /// Where image `index` of a job lives.
@@ -44,19 +53,47 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn get(&self, key: ImageKey) -> Result<Option<Bytes>, StoreError>;
 }
 
-/// An [`ImageStore`] over any `object_store` backend.
+/// Which master keys the stored objects are sealed under.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// Objects per master key id.
+    pub by_key: BTreeMap<KeyId, u64>,
+    /// Objects written before images were sealed.
+    pub unsealed: u64,
+}
+
+/// What [`ObjectImageStore::rewrap_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// Headers rewritten to the active key (chunks untouched).
+    pub rewrapped: u64,
+    /// Objects from before sealing, sealed now.
+    pub sealed: u64,
+    /// Objects already under the active key.
+    pub current: u64,
+}
+
+/// An [`ImageStore`] over any `object_store` backend, sealing every image.
 #[derive(Debug, Clone)]
 pub struct ObjectImageStore {
     inner: Arc<dyn ObjectStore>,
+    keys: Arc<Keys>,
+}
+
+fn seal_error(name: &ObjectPath) -> impl FnOnce(SealError) -> StoreError + '_ {
+    move |source| StoreError::Seal {
+        name: name.to_string(),
+        source,
+    }
 }
 
 impl ObjectImageStore {
-    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        ObjectImageStore { inner }
+    pub fn new(inner: Arc<dyn ObjectStore>, keys: Arc<Keys>) -> Self {
+        ObjectImageStore { inner, keys }
     }
 
     /// A store in a local directory, created (owner-only) if missing.
-    pub fn local(dir: &Path) -> Result<Self, StoreError> {
+    pub fn local(dir: &Path, keys: Arc<Keys>) -> Result<Self, StoreError> {
         let directory = |source| StoreError::Directory {
             path: dir.display().to_string(),
             source,
@@ -69,38 +106,130 @@ impl ObjectImageStore {
                 .map_err(directory)?;
         }
         let fs = LocalFileSystem::new_with_prefix(dir)?;
-        Ok(ObjectImageStore::new(Arc::new(fs)))
+        Ok(ObjectImageStore::new(Arc::new(fs), keys))
+    }
+
+    /// Counts the stored images by the master key they are sealed under, reading only
+    /// their headers.
+    pub async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        let mut usage = KeyUsage::default();
+        let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
+        while let Some(meta) = objects.try_next().await? {
+            let end = meta.size.min(seal::HEADER_MAX as u64);
+            let start = self.inner.get_range(&meta.location, 0..end).await?;
+            match seal::header_key_id(&start) {
+                Ok(id) => *usage.by_key.entry(id).or_default() += 1,
+                Err(SealError::NotSealed) => usage.unsealed += 1,
+                Err(e) => return Err(seal_error(&meta.location)(e)),
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Rewrites every image not under the active master key with its data key wrapped by
+    /// the active key (the chunks are copied, not re-encrypted), and seals images stored
+    /// before sealing.
+    pub async fn rewrap_all(&self) -> Result<Rewrapped, StoreError> {
+        let ring = self.keys.current();
+        let mut done = Rewrapped::default();
+        let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
+        while let Some(meta) = objects.try_next().await? {
+            let name = meta.location;
+            let end = meta.size.min(seal::HEADER_MAX as u64);
+            let start = self.inner.get_range(&name, 0..end).await?;
+            let rewritten = match seal::header_key_id(&start) {
+                Ok(id) if &id == ring.active_id() => {
+                    done.current += 1;
+                    continue;
+                }
+                Ok(_) => {
+                    let sealed = self.inner.get(&name).await?.bytes().await?;
+                    match seal::rewrap(&ring, name.as_ref(), &sealed).map_err(seal_error(&name))? {
+                        Some(object) => {
+                            done.rewrapped += 1;
+                            object
+                        }
+                        None => {
+                            done.current += 1;
+                            continue;
+                        }
+                    }
+                }
+                Err(SealError::NotSealed) => {
+                    let plain = self.inner.get(&name).await?.bytes().await?;
+                    done.sealed += 1;
+                    seal::seal(&ring, name.as_ref(), &plain).map_err(seal_error(&name))?
+                }
+                Err(e) => return Err(seal_error(&name)(e)),
+            };
+            self.inner
+                .put(&name, PutPayload::from(Bytes::from(rewritten)))
+                .await?;
+        }
+        Ok(done)
     }
 }
 
 #[async_trait]
 impl ImageStore for ObjectImageStore {
     async fn put(&self, key: ImageKey, png: Bytes) -> Result<(), StoreError> {
-        self.inner.put(&key.path(), PutPayload::from(png)).await?;
+        let name = key.path();
+        let sealed =
+            seal::seal(&self.keys.current(), name.as_ref(), &png).map_err(seal_error(&name))?;
+        self.inner
+            .put(&name, PutPayload::from(Bytes::from(sealed)))
+            .await?;
         Ok(())
     }
 
     async fn get(&self, key: ImageKey) -> Result<Option<Bytes>, StoreError> {
-        match self.inner.get(&key.path()).await {
-            Ok(found) => Ok(Some(found.bytes().await?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let name = key.path();
+        let sealed = match self.inner.get(&name).await {
+            Ok(found) => found.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let plain = seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(&name))?;
+        Ok(Some(Bytes::from(plain)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use seal::Keyring;
+
+    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+    fn local(dir: &Path, ring: Keyring) -> ObjectImageStore {
+        ObjectImageStore::local(&dir.join("images"), Arc::new(Keys::fixed(ring))).expect("store")
+    }
+
+    fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files(&path));
+            } else {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    fn key(index: u32) -> ImageKey {
+        ImageKey {
+            job: JobId::random(),
+            index,
+        }
+    }
 
     #[tokio::test]
     async fn images_round_trip_and_missing_ones_are_none() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = ObjectImageStore::local(&dir.path().join("images")).expect("store");
-        let key = ImageKey {
-            job: JobId::random(),
-            index: 0,
-        };
+        let store = local(dir.path(), Keyring::generate(1));
+        let key = key(0);
         assert!(store.get(key).await.expect("get").is_none());
         store
             .put(key, Bytes::from_static(b"png bytes"))
@@ -119,5 +248,115 @@ mod tests {
             .await
             .expect("get")
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn the_disk_holds_only_ciphertext_bound_to_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path(), Keyring::generate(1));
+        let mut png = PNG_SIGNATURE.to_vec();
+        png.extend_from_slice(b"IHDR a picture of a corgi");
+        let (a, b) = (key(0), key(0));
+        store.put(a, Bytes::from(png.clone())).await.expect("put");
+        store
+            .put(b, Bytes::from_static(b"other"))
+            .await
+            .expect("put");
+        for file in files(dir.path()) {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(bytes.starts_with(seal::MAGIC), "{}", file.display());
+            assert!(!bytes.windows(8).any(|w| w == PNG_SIGNATURE));
+            assert!(!bytes.windows(5).any(|w| w == b"corgi"));
+        }
+        // Copy a's object over b's: b no longer opens.
+        let path = |k: ImageKey| dir.path().join(format!("images/images/{}/0.png", k.job));
+        std::fs::copy(path(a), path(b)).expect("copy");
+        let err = store.get(b).await.expect_err("swapped");
+        assert!(matches!(
+            err,
+            StoreError::Seal {
+                source: SealError::Unwrap,
+                ..
+            }
+        ));
+        let mut bytes = std::fs::read(path(a)).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(path(a), bytes).expect("write");
+        assert!(store.get(a).await.is_err(), "a flipped bit");
+    }
+
+    #[tokio::test]
+    async fn rotation_rewraps_headers_and_old_images_open_throughout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ring = Keyring::generate(1);
+        let first = ring.active_id().clone();
+        let store = local(dir.path(), ring.clone());
+        let keys: Vec<_> = (0..3).map(key).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let image = vec![i as u8; seal::CHUNK_SIZE * 2 + i];
+            store.put(*k, Bytes::from(image)).await.expect("put");
+        }
+        let bodies = |dir: &Path| {
+            let mut all: Vec<Vec<u8>> = files(dir)
+                .iter()
+                .map(|f| {
+                    let bytes = std::fs::read(f).expect("read");
+                    let id = seal::header_key_id(&bytes).expect("sealed");
+                    bytes[75 + id.as_str().len()..].to_vec()
+                })
+                .collect();
+            all.sort();
+            all
+        };
+        let before = bodies(dir.path());
+
+        let second = ring.rotate(2);
+        let store = local(dir.path(), ring.clone());
+        let usage = store.key_usage().await.expect("usage");
+        assert_eq!(usage.by_key.get(&first), Some(&3));
+        let mut retiring = ring.clone();
+        retiring.retire(&first, 3).expect("retire");
+        let too_early = local(dir.path(), retiring);
+        assert!(
+            too_early.get(keys[0]).await.is_err(),
+            "a retired key opens nothing: retire only what no object uses"
+        );
+        for (i, k) in keys.iter().enumerate() {
+            let image = store.get(*k).await.expect("get").expect("present");
+            assert_eq!(image.len(), seal::CHUNK_SIZE * 2 + i, "old key still opens");
+        }
+        let done = store.rewrap_all().await.expect("rewrap");
+        assert_eq!((done.rewrapped, done.current, done.sealed), (3, 0, 0));
+        assert_eq!(bodies(dir.path()), before, "chunks untouched");
+        let usage = store.key_usage().await.expect("usage");
+        assert_eq!(usage.by_key.into_iter().collect::<Vec<_>>(), [(second, 3)]);
+        assert_eq!(store.rewrap_all().await.expect("again").current, 3);
+
+        ring.retire(&first, 3).expect("retire");
+        let store = local(dir.path(), ring);
+        for k in &keys {
+            assert!(store.get(*k).await.expect("get").is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn images_from_before_sealing_are_sealed_by_a_rewrap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path(), Keyring::generate(1));
+        let k = key(0);
+        let legacy = dir.path().join(format!("images/images/{}/0.png", k.job));
+        std::fs::create_dir_all(legacy.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&legacy, PNG_SIGNATURE).expect("write");
+        assert!(store.get(k).await.is_err(), "an unsealed object is refused");
+        assert_eq!(store.key_usage().await.expect("usage").unsealed, 1);
+        assert_eq!(store.rewrap_all().await.expect("rewrap").sealed, 1);
+        assert_eq!(
+            store.get(k).await.expect("get").as_deref(),
+            Some(PNG_SIGNATURE)
+        );
+        assert!(std::fs::read(&legacy)
+            .expect("read")
+            .starts_with(seal::MAGIC));
     }
 }

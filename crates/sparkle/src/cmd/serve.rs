@@ -7,6 +7,7 @@ use anyhow::Context;
 use sparkle_gateway::{GatewayOptions, GatewayState};
 use sparkle_queue::{ApiKeys, JobQueue, Scope, SqliteQueue};
 use sparkle_scaler::{LocalProcesses, Policy};
+use sparkle_store::seal::Keys;
 use sparkle_store::{ImageStore, ObjectImageStore};
 use std::ffi::OsString;
 use std::sync::Arc;
@@ -19,11 +20,12 @@ const DRAIN: Duration = Duration::from_secs(30);
 pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     config.model_dir()?;
+    let keys = crate::keyring::open(&config)?;
     let queue = open_queue(&config).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    let gateway = start_gateway(&config, queue.clone(), shutdown.clone()).await?;
+    let gateway = start_gateway(&config, queue.clone(), keys, shutdown.clone()).await?;
     let scaler = start_scaler(&config, &common, queue, shutdown.clone())?;
     let served = gateway.await.context("gateway task")?;
     shutdown.cancel();
@@ -34,11 +36,12 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
 
 pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
+    let keys = crate::keyring::open(&config)?;
     let queue = open_queue(&config).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    start_gateway(&config, queue, shutdown)
+    start_gateway(&config, queue, keys, shutdown)
         .await?
         .await
         .context("gateway task")?
@@ -58,8 +61,9 @@ pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
 pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     let model = config.model_dir()?.to_path_buf();
+    let keys = crate::keyring::open(&config)?;
     let queue = open_queue(&config).await?;
-    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
+    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let shutdown = runtime::shutdown_on_signals();
     if stop_on_stdin_eof {
         stop_when_stdin_closes(shutdown.clone());
@@ -134,6 +138,7 @@ async fn ensure_admin_key(queue: &SqliteQueue) -> anyhow::Result<()> {
 async fn start_gateway(
     config: &Config,
     queue: Arc<SqliteQueue>,
+    keys: Arc<Keys>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let catalog = catalog(config.model_dir()?)?;
@@ -151,7 +156,7 @@ async fn start_gateway(
                 key.display()
             )
         })?;
-    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir())?);
+    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let discord = match &config.discord.public_key {
         None => None,
         Some(key) => {
