@@ -93,6 +93,10 @@ enum Command {
     /// Discord: register the /sparkle command.
     #[command(subcommand)]
     Discord(cmd::discord::DiscordCommand),
+    /// Encryption at rest: list, rotate and retire the master keys that seal images and
+    /// database fields.
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(command) => cmd::model::run(command),
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
+        Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

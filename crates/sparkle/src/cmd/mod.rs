@@ -1,6 +1,7 @@
 pub mod discord;
 pub mod generate;
 pub mod key;
+pub mod keys;
 pub mod model;
 pub mod serve;
 
