@@ -181,13 +181,14 @@ impl ApiKeys for SqliteQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::testing::test_cipher;
     use crate::SqliteOptions;
 
     #[tokio::test]
     async fn keys_are_stored_hashed_scoped_and_revocable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.db");
-        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
             .await
             .expect("open");
         let (key, secret) = q

@@ -13,16 +13,22 @@
 //! dead-lettered with the reason kept. Every operation that ends a lease checks the lease id,
 //! so a worker that lost its lease can never complete a job someone else now holds.
 //!
-//! This crate knows nothing of HTTP, Discord or GPUs.
+//! Prompts, user ids and Discord tokens are sealed before they reach the database, and the
+//! values the queue compares are stored as blind indexes ([`fields`]).
+//!
+//! This crate knows nothing of HTTP, Discord, GPUs or key files.
 
 mod clock;
 pub mod conformance;
+pub mod fields;
 mod keys;
 mod outbox;
+mod sealing;
 mod sqlite;
 mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use fields::{Field, FieldCipher, FieldError, FieldKeyUsage};
 pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
 pub use outbox::{Delivery, DiscordOutbox, DiscordTarget, TOKEN_LIFETIME_MS};
 pub use sqlite::{SqliteOptions, SqliteQueue};

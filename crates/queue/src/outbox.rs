@@ -1,7 +1,10 @@
 //! The Discord outbox: which jobs owe a Discord interaction an answer, and how far that
 //! answer has got. Delivery works it independently of the job: a Discord failure is retried
-//! here and never touches, re-renders or loses the job's image.
+//! here and never touches, re-renders or loses the job's image. The interaction token and the
+//! progress text (which quotes the prompt) are sealed in the database.
 
+use crate::fields::{Field, FieldCipher};
+use crate::sqlite::open_text;
 use crate::{QueueError, SqliteQueue};
 use async_trait::async_trait;
 use sparkle_core::JobId;
@@ -74,8 +77,13 @@ pub trait DiscordOutbox: Send + Sync + 'static {
 const DELIVERY_COLUMNS: &str = "job_id, application_id, token, channel_id, \
     attachment_size_limit, created_at, token_expires_at, last_progress, last_edit_at, attempts";
 
-fn delivery_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, QueueError> {
+fn delivery_from_row(
+    row: &sqlx::sqlite::SqliteRow,
+    fields: &dyn FieldCipher,
+) -> Result<Delivery, QueueError> {
     let id: String = row.try_get("job_id")?;
+    let token: String = row.try_get("token")?;
+    let last_progress: Option<String> = row.try_get("last_progress")?;
     let attachment_size_limit = row
         .try_get::<Option<i64>, _>("attachment_size_limit")?
         .map(u64::try_from)
@@ -91,13 +99,15 @@ fn delivery_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, QueueErr
                 reason: format!("{e}"),
             })?,
             application_id: row.try_get("application_id")?,
-            token: row.try_get("token")?,
+            token: open_text(fields, Field::DeliveryToken, &id, &token)?,
             channel_id: row.try_get("channel_id")?,
             attachment_size_limit,
         },
         created_at_ms: row.try_get("created_at")?,
         token_expires_at_ms: row.try_get("token_expires_at")?,
-        last_progress: row.try_get("last_progress")?,
+        last_progress: last_progress
+            .map(|text| open_text(fields, Field::DeliveryProgress, &id, &text))
+            .transpose()?,
         last_edit_at_ms: row.try_get("last_edit_at")?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
     })
@@ -130,15 +140,19 @@ impl DiscordOutbox for SqliteQueue {
         token_lifetime_ms: i64,
     ) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
+        let row = target.job.to_string();
+        let token = self
+            .fields
+            .seal(Field::DeliveryToken, &row, target.token.as_bytes())?;
         sqlx::query(
             "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id, created_at,
                 token_expires_at, state, next_attempt_at, attachment_size_limit)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?5, ?7)
              ON CONFLICT (job_id) DO NOTHING",
         )
-        .bind(target.job.to_string())
+        .bind(&row)
         .bind(&target.application_id)
-        .bind(&target.token)
+        .bind(&token)
         .bind(&target.channel_id)
         .bind(now)
         .bind(now + token_lifetime_ms)
@@ -163,15 +177,20 @@ impl DiscordOutbox for SqliteQueue {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(delivery_from_row).collect()
+        rows.iter()
+            .map(|row| delivery_from_row(row, &*self.fields))
+            .collect()
     }
 
     async fn progressed(&self, job: JobId, text: &str) -> Result<(), QueueError> {
+        let sealed =
+            self.fields
+                .seal(Field::DeliveryProgress, &job.to_string(), text.as_bytes())?;
         self.set_state(
             job,
             "UPDATE discord_deliveries SET last_progress = ?3, last_edit_at = ?2, attempts = 0,
                 error = NULL, next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
-            Some(text),
+            Some(&sealed),
             0,
         )
         .await
@@ -225,6 +244,7 @@ impl DiscordOutbox for SqliteQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::testing::test_cipher;
     use crate::{ManualClock, SqliteOptions};
     use std::sync::Arc;
 
@@ -236,6 +256,7 @@ mod tests {
             &dir.path().join("o.db"),
             &SqliteOptions::default(),
             Arc::new(clock.clone()),
+            test_cipher(),
         )
         .await
         .expect("open");
@@ -281,9 +302,13 @@ mod tests {
     #[tokio::test]
     async fn the_attachment_limit_is_kept_and_may_be_unknown() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let q = SqliteQueue::open(&dir.path().join("o.db"), &SqliteOptions::default())
-            .await
-            .expect("open");
+        let q = SqliteQueue::open(
+            &dir.path().join("o.db"),
+            &SqliteOptions::default(),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
         let limits = [None, Some(0), Some(1_500), Some(u64::MAX)];
         for limit in limits {
             let target = DiscordTarget {
@@ -348,7 +373,7 @@ mod tests {
         .expect("old row");
         pool.close().await;
 
-        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
             .await
             .expect("upgrade");
         let due = q.due(10).await.expect("due");

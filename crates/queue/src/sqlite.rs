@@ -2,7 +2,12 @@
 //! committed job survives a power cut before anyone is told it was accepted. Several
 //! processes (the gateway and local workers) share the file; writes take the lock up front
 //! (`BEGIN IMMEDIATE`) and wait for it with a busy timeout rather than failing.
+//!
+//! Sensitive fields are sealed by the [`FieldCipher`] the queue is opened with (see
+//! [`crate::fields`]); `secure_delete` is on, so a value overwritten or deleted does not
+//! linger in free pages.
 
+use crate::fields::{Field, FieldCipher};
 use crate::{
     CancelOutcome, Clock, Enqueued, Failure, HeartbeatOutcome, Job, JobError, JobQueue, Lease,
     LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
@@ -44,6 +49,7 @@ impl Default for SqliteOptions {
 pub struct SqliteQueue {
     pub(crate) pool: SqlitePool,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) fields: Arc<dyn FieldCipher>,
     work: Arc<Notify>,
 }
 
@@ -54,15 +60,21 @@ impl std::fmt::Debug for SqliteQueue {
 }
 
 impl SqliteQueue {
-    /// Opens (creating if needed) the database file at `path`.
-    pub async fn open(path: &Path, options: &SqliteOptions) -> Result<Self, QueueError> {
-        Self::open_with_clock(path, options, Arc::new(SystemClock)).await
+    /// Opens (creating if needed) the database file at `path`, sealing sensitive fields
+    /// with `fields`.
+    pub async fn open(
+        path: &Path,
+        options: &SqliteOptions,
+        fields: Arc<dyn FieldCipher>,
+    ) -> Result<Self, QueueError> {
+        Self::open_with_clock(path, options, Arc::new(SystemClock), fields).await
     }
 
     pub async fn open_with_clock(
         path: &Path,
         options: &SqliteOptions,
         clock: Arc<dyn Clock>,
+        fields: Arc<dyn FieldCipher>,
     ) -> Result<Self, QueueError> {
         let connect = SqliteConnectOptions::new()
             .filename(path)
@@ -70,6 +82,7 @@ impl SqliteQueue {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.busy_timeout)
+            .pragma("secure_delete", "on")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections)
@@ -78,11 +91,16 @@ impl SqliteQueue {
         if options.migrate {
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         }
-        Ok(SqliteQueue {
+        let queue = SqliteQueue {
             pool,
             clock,
+            fields,
             work: Arc::new(Notify::new()),
-        })
+        };
+        if options.migrate {
+            queue.seal_plain_rows().await?;
+        }
+        Ok(queue)
     }
 
     /// Checks the database answers (for readiness probes).
@@ -100,18 +118,43 @@ impl SqliteQueue {
     }
 }
 
-const JOB_COLUMNS: &str = "id, owner, group_key, status, request, attempts, max_attempts, \
+const JOB_COLUMNS: &str = "id, owner, group_sealed, status, request, attempts, max_attempts, \
     progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
     finished_at";
 
-fn job_from_row(row: &SqliteRow) -> Result<Job, QueueError> {
+/// Opens a sealed text column of the row `id`.
+pub(crate) fn open_text(
+    fields: &dyn FieldCipher,
+    field: Field,
+    id: &str,
+    sealed: &str,
+) -> Result<String, QueueError> {
+    let corrupt = |reason: String| QueueError::Corrupt {
+        id: id.to_string(),
+        reason: format!("{}: {reason}", field.name()),
+    };
+    let plain = fields
+        .open(field, id, sealed)
+        .map_err(|e| corrupt(e.to_string()))?;
+    String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not text".into()))
+}
+
+fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueError> {
     let id: String = row.try_get("id")?;
     let corrupt = |reason: String| QueueError::Corrupt {
         id: id.clone(),
         reason,
     };
     let status: String = row.try_get("status")?;
-    let request: String = row.try_get("request")?;
+    let request = open_text(
+        fields,
+        Field::JobRequest,
+        &id,
+        &row.try_get::<String, _>("request")?,
+    )?;
+    let request = zeroize::Zeroizing::new(request);
+    let group: Option<String> = row.try_get("group_sealed")?;
+    let group = group.ok_or_else(|| corrupt("written before fields were sealed".into()))?;
     let step: Option<i64> = row.try_get("progress_step")?;
     let total: Option<i64> = row.try_get("progress_total")?;
     let code: Option<String> = row.try_get("error_code")?;
@@ -119,7 +162,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, QueueError> {
     Ok(Job {
         id: id.parse().map_err(|e| corrupt(format!("id: {e}")))?,
         owner: row.try_get("owner")?,
-        group: row.try_get("group_key")?,
+        group: open_text(fields, Field::JobGroup, &id, &group)?,
         status: status.parse().map_err(corrupt)?,
         request: serde_json::from_str(&request).map_err(|e| corrupt(format!("request: {e}")))?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
@@ -159,15 +202,27 @@ const RECLAIM_SQL: &str = "UPDATE jobs SET
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
-        let hash = &job.fingerprint;
-        let request = serde_json::to_string(&job.request).map_err(|e| QueueError::Corrupt {
-            id: "new job".into(),
-            reason: e.to_string(),
-        })?;
-        let now = self.now();
+        let fields = &*self.fields;
         let id = JobId::random();
+        let row = id.to_string();
+        let hash = &fields.blind(Field::JobFingerprint, job.fingerprint.as_bytes());
+        let request =
+            zeroize::Zeroizing::new(serde_json::to_string(&job.request).map_err(|e| {
+                QueueError::Corrupt {
+                    id: "new job".into(),
+                    reason: e.to_string(),
+                }
+            })?);
+        let request = fields.seal(Field::JobRequest, &row, request.as_bytes())?;
+        let group_index = fields.blind(Field::JobGroup, job.group.as_bytes());
+        let group_sealed = fields.seal(Field::JobGroup, &row, job.group.as_bytes())?;
+        let dedup_key = job
+            .dedup_key
+            .as_ref()
+            .map(|key| fields.blind(Field::JobDedup, key.as_bytes()));
+        let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = &job.dedup_key {
+        if let Some(key) = &dedup_key {
             let existing = sqlx::query(&format!(
                 "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE owner = ?1 AND dedup_key = ?2"
             ))
@@ -181,29 +236,30 @@ impl JobQueue for SqliteQueue {
                     return Err(QueueError::IdempotencyConflict);
                 }
                 return Ok(Enqueued {
-                    job: job_from_row(&row)?,
+                    job: job_from_row(&row, fields)?,
                     created: false,
                 });
             }
         }
         sqlx::query(
             "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
-                status, max_attempts, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9)",
+                status, max_attempts, created_at, updated_at, group_sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10)",
         )
-        .bind(id.to_string())
+        .bind(&row)
         .bind(&job.owner)
-        .bind(&job.group)
-        .bind(&job.dedup_key)
+        .bind(&group_index)
+        .bind(&dedup_key)
         .bind(hash)
         .bind(&request)
         .bind(job.request.batch_key())
         .bind(job.max_attempts.max(1) as i64)
         .bind(now)
+        .bind(&group_sealed)
         .execute(&mut *tx)
         .await?;
         sqlx::query("INSERT INTO groups (name, last_served) VALUES (?1, 0) ON CONFLICT DO NOTHING")
-            .bind(&job.group)
+            .bind(&group_index)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -221,7 +277,9 @@ impl JobQueue for SqliteQueue {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref()
+            .map(|row| job_from_row(row, &*self.fields))
+            .transpose()
     }
 
     async fn position(&self, id: JobId) -> Result<Option<u64>, QueueError> {
@@ -442,7 +500,7 @@ impl JobQueue for SqliteQueue {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'running')",
         )
-        .bind(group)
+        .bind(self.fields.blind(Field::JobGroup, group.as_bytes()))
         .fetch_one(&self.pool)
         .await?;
         Ok(n as u64)
@@ -550,6 +608,7 @@ impl SqliteQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::testing::test_cipher;
     use crate::ManualClock;
 
     #[tokio::test]
@@ -561,9 +620,14 @@ mod tests {
             let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let path = dir_path.join(format!("queue-{n}.db"));
             async move {
-                SqliteQueue::open_with_clock(&path, &SqliteOptions::default(), Arc::new(clock))
-                    .await
-                    .expect("open sqlite queue")
+                SqliteQueue::open_with_clock(
+                    &path,
+                    &SqliteOptions::default(),
+                    Arc::new(clock),
+                    test_cipher(),
+                )
+                .await
+                .expect("open sqlite queue")
             }
         })
         .await;
@@ -573,7 +637,7 @@ mod tests {
     async fn a_committed_job_survives_reopening_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("q.db");
-        let q = SqliteQueue::open(&path, &SqliteOptions::default())
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
             .await
             .expect("open");
         let job = q
@@ -588,6 +652,7 @@ mod tests {
                 migrate: false,
                 ..Default::default()
             },
+            test_cipher(),
         )
         .await
         .expect("reopen");

@@ -112,4 +112,6 @@ pub enum QueueError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored job {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+    #[error("cannot seal a field: {0}")]
+    Seal(#[from] crate::fields::FieldError),
 }

@@ -18,7 +18,10 @@
 use crate::config::{Config, Profile};
 use crate::secrets::{check_private, write_secret_file};
 use anyhow::{bail, Context};
-use sparkle_store::seal::{KeyId, KeyMaterial, KeySource, Keyring, Keys, MasterKey, SealError};
+use sparkle_queue::{Field, FieldCipher, FieldError};
+use sparkle_store::seal::{
+    field, KeyId, KeyMaterial, KeySource, Keyring, Keys, MasterKey, SealError,
+};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -225,6 +228,37 @@ impl KeySource for FileSource {
         let ring = read(&self.path).map_err(|e| SealError::Keyring(format!("{e:#}")))?;
         *seen = now;
         Ok(Some(ring))
+    }
+}
+
+/// The queue's sealed fields, under the same keyring as the images.
+pub struct SealedFields(pub Arc<Keys>);
+
+impl FieldCipher for SealedFields {
+    fn seal(&self, which: Field, row: &str, plain: &[u8]) -> Result<String, FieldError> {
+        field::seal(&self.0.current(), which.name(), row, plain)
+            .map_err(|e| FieldError(e.to_string()))
+    }
+
+    fn open(
+        &self,
+        which: Field,
+        row: &str,
+        sealed: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, FieldError> {
+        field::open(&self.0, which.name(), row, sealed).map_err(|e| FieldError(e.to_string()))
+    }
+
+    fn blind(&self, which: Field, value: &[u8]) -> String {
+        field::blind(&self.0.current(), which.name(), value)
+    }
+
+    fn key_of(&self, sealed: &str) -> Option<String> {
+        field::key_id(sealed).ok().map(|id| id.to_string())
+    }
+
+    fn active_key(&self) -> String {
+        self.0.current().active_id().to_string()
     }
 }
 

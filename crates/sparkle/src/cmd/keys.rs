@@ -1,6 +1,6 @@
 //! `sparkle keys`: the master keys that seal images and database fields at rest.
 
-use super::load_config;
+use super::{load_config, open_queue_with};
 use crate::config::Config;
 use crate::keyring::{self, ChangeLock};
 use crate::Common;
@@ -21,8 +21,9 @@ pub enum KeysCommand {
     },
     /// Add a new master key, make it the active one, and re-wrap every stored image's data
     /// key with it (only each image's small header is rewritten; the encrypted image is
-    /// not). Older keys keep opening anything not yet re-wrapped until they are retired.
-    /// Running services pick the new key up within seconds. Without a keyring, makes one.
+    /// not) and re-seal the database's sealed fields under it. Older keys keep opening
+    /// anything not yet re-wrapped until they are retired. Running services pick the new
+    /// key up within seconds. Without a keyring, makes one.
     #[command(
         after_help = "The keyring is `keyring` in the data directory unless encryption.keyring_file \
 names another file. Back it up after every change: without it nothing sealed can be read. \
@@ -33,7 +34,8 @@ Run this again if it was interrupted; `sparkle keys retire` then removes the key
         common: Common,
     },
     /// Retire a master key for good: its material is erased from the keyring. Refused for
-    /// the active key and while any image still uses the key (rotate first).
+    /// the active key and while any image or database field still uses the key (rotate
+    /// first).
     Retire {
         #[command(flatten)]
         common: Common,
@@ -78,6 +80,14 @@ fn images(config: &Config, ring: Keyring) -> anyhow::Result<ObjectImageStore> {
     )?)
 }
 
+/// The metadata database, its fields opened with `ring`.
+async fn database(
+    config: &Config,
+    ring: Keyring,
+) -> anyhow::Result<Arc<sparkle_queue::SqliteQueue>> {
+    open_queue_with(config, Arc::new(Keys::fixed(ring))).await
+}
+
 async fn rotate(config: &Config) -> anyhow::Result<()> {
     let path = keyring::path(config);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -102,7 +112,7 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
         ring
     };
     config.prepare_data_dir()?;
-    let done = images(config, ring)?
+    let done = images(config, ring.clone())?
         .rewrap_all()
         .await
         .context("re-wrapping images (run `sparkle keys rotate` again to finish)")?;
@@ -110,6 +120,14 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
         "Images: {} re-wrapped, {} already current, {} sealed for the first time.",
         done.rewrapped, done.current, done.sealed
     );
+    if config.database_path().exists() {
+        let rows = database(config, ring)
+            .await?
+            .reseal_fields()
+            .await
+            .context("re-sealing database fields (run `sparkle keys rotate` again to finish)")?;
+        eprintln!("Database: {rows} row(s) re-sealed.");
+    }
     eprintln!("Back up {} now.", path.display());
     Ok(())
 }
@@ -133,6 +151,18 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
         bail!(
             "{in_use} stored image(s) still use {id}; run `sparkle keys rotate` to re-wrap them, then retire it"
         );
+    }
+    if config.database_path().exists() {
+        let usage = database(config, ring.clone())
+            .await?
+            .field_key_usage()
+            .await?;
+        let in_use = usage.by_key.get(id.as_str()).copied().unwrap_or(0);
+        if in_use > 0 {
+            bail!(
+                "{in_use} database field(s) still use {id}; run `sparkle keys rotate` to re-seal them, then retire it"
+            );
+        }
     }
     ring.retire(&id, keyring::now())?;
     keyring::write(&path, &ring)?;
@@ -191,20 +221,33 @@ mod tests {
             job: sparkle_core::JobId::random(),
             index: 0,
         };
-        images(&config, first)
+        images(&config, first.clone())
             .expect("store")
             .put(image, png().into())
             .await
             .expect("put");
+        let job = {
+            use sparkle_queue::JobQueue;
+            let queue = database(&config, first).await.expect("database");
+            let new = sparkle_queue::conformance::new_job("discord:42", "a corgi");
+            queue.enqueue(new).await.expect("enqueue").job.id
+        };
         // A rotation that has not re-wrapped yet, as when one was interrupted.
         let mut ring = keyring::read(&keyring::path(&config)).expect("read");
         ring.rotate(keyring::now());
         keyring::write(&keyring::path(&config), &ring).expect("write");
         let err = retire(&config, old.as_str()).await.expect_err("in use");
-        assert!(format!("{err:#}").contains("still use"), "{err:#}");
+        assert!(format!("{err:#}").contains("stored image"), "{err:#}");
         let active = ring.active_id().clone();
         let err = retire(&config, active.as_str()).await.expect_err("active");
         assert!(format!("{err:#}").contains("active key"), "{err:#}");
+        images(&config, ring.clone())
+            .expect("store")
+            .rewrap_all()
+            .await
+            .expect("rewrap");
+        let err = retire(&config, old.as_str()).await.expect_err("in use");
+        assert!(format!("{err:#}").contains("database field"), "{err:#}");
 
         rotate(&config).await.expect("rotate");
         retire(&config, old.as_str()).await.expect("retire");
@@ -217,6 +260,13 @@ mod tests {
             .expect("opens under the new key")
             .expect("present");
         assert_eq!(got.as_ref(), png().as_slice());
+        let ring = keyring::read(&keyring::path(&config)).expect("read");
+        let queue = database(&config, ring).await.expect("database");
+        let job = sparkle_queue::JobQueue::get(&*queue, job)
+            .await
+            .expect("opens under the new key")
+            .expect("present");
+        assert_eq!(job.request.prompt, "a corgi");
         assert!(retire(&config, old.as_str()).await.is_err(), "retired once");
     }
 }

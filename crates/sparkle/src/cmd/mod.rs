@@ -10,6 +10,7 @@ use crate::{Common, Serve};
 use anyhow::Context;
 use sparkle_core::{Catalog, ModelEntry};
 use sparkle_queue::{SqliteOptions, SqliteQueue};
+use sparkle_store::seal::Keys;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,11 +26,18 @@ pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Con
     Config::load(common.config.as_deref(), &flags)
 }
 
-/// Opens the queue and metadata database in the data directory.
+/// Opens the queue and metadata database in the data directory, its sensitive fields
+/// sealed under the configured keyring.
 pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<SqliteQueue>> {
+    open_queue_with(config, crate::keyring::open(config)?).await
+}
+
+/// Opens the queue with the keyring the caller already holds.
+pub async fn open_queue_with(config: &Config, keys: Arc<Keys>) -> anyhow::Result<Arc<SqliteQueue>> {
     config.prepare_data_dir()?;
     let path = config.database_path();
-    let queue = SqliteQueue::open(&path, &SqliteOptions::default())
+    let fields = Arc::new(crate::keyring::SealedFields(keys));
+    let queue = SqliteQueue::open(&path, &SqliteOptions::default(), fields)
         .await
         .with_context(|| format!("cannot open the database {}", path.display()))?;
     Ok(Arc::new(queue))

@@ -1,6 +1,6 @@
 //! The server roles: `up` (everything), `gateway`, `worker`, `scaler`.
 
-use super::{catalog, load_config, open_queue};
+use super::{catalog, load_config, open_queue, open_queue_with};
 use crate::config::Config;
 use crate::{runtime, Common, Serve};
 use anyhow::Context;
@@ -21,7 +21,7 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     config.model_dir()?;
     let keys = crate::keyring::open(&config)?;
-    let queue = open_queue(&config).await?;
+    let queue = open_queue_with(&config, keys.clone()).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
@@ -37,7 +37,7 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
 pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     let keys = crate::keyring::open(&config)?;
-    let queue = open_queue(&config).await?;
+    let queue = open_queue_with(&config, keys.clone()).await?;
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
@@ -62,7 +62,7 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
     let config = load_config(&common, Some(&serve))?;
     let model = config.model_dir()?.to_path_buf();
     let keys = crate::keyring::open(&config)?;
-    let queue = open_queue(&config).await?;
+    let queue = open_queue_with(&config, keys.clone()).await?;
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let shutdown = runtime::shutdown_on_signals();
     if stop_on_stdin_eof {
