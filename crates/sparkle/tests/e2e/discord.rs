@@ -20,7 +20,7 @@ type Answer = (u16, String, Vec<(&'static str, String)>);
 /// A stand-in for Discord's REST API on loopback: it records every edit of an original
 /// response and answers image uploads from a script (then 200).
 #[derive(Default)]
-struct FakeDiscord {
+pub(crate) struct FakeDiscord {
     edits: Mutex<Vec<Edit>>,
     upload_script: Mutex<VecDeque<Answer>>,
     /// Command registrations: (path, Authorization header, body).
@@ -49,11 +49,11 @@ async fn channel_message(
 }
 
 #[derive(Debug, Clone)]
-struct Edit {
-    path: String,
-    multipart: bool,
-    body: Vec<u8>,
-    status: u16,
+pub(crate) struct Edit {
+    pub(crate) path: String,
+    pub(crate) multipart: bool,
+    pub(crate) body: Vec<u8>,
+    pub(crate) status: u16,
 }
 
 async fn edit_original(
@@ -135,7 +135,7 @@ impl FakeDiscord {
         format!("http://{addr}/api/v10")
     }
 
-    fn edits(&self) -> Vec<Edit> {
+    pub(crate) fn edits(&self) -> Vec<Edit> {
         self.edits.lock().expect("edits").clone()
     }
 }
@@ -156,7 +156,7 @@ fn sign(key: &SigningKey, timestamp: &str, body: &str) -> String {
 }
 
 /// A service whose Discord API is a fake on loopback (never the real one).
-async fn start_with(fake: &Arc<FakeDiscord>) -> Service {
+pub(crate) async fn start_with(fake: &Arc<FakeDiscord>) -> Service {
     let public = hex::encode(key().verifying_key().to_bytes());
     let api = fake.serve().await;
     Service::start(&[
@@ -170,7 +170,7 @@ async fn start() -> Service {
     start_with(&Arc::new(FakeDiscord::default())).await
 }
 
-async fn send(svc: &Service, body: &Value) -> (u16, Value) {
+pub(crate) async fn send(svc: &Service, body: &Value) -> (u16, Value) {
     let body = body.to_string();
     let ts = now().to_string();
     let sig = sign(&key(), &ts, &body);
@@ -178,7 +178,7 @@ async fn send(svc: &Service, body: &Value) -> (u16, Value) {
         .await
 }
 
-fn command(id: &str, user: Value, options: Value) -> Value {
+pub(crate) fn command(id: &str, user: Value, options: Value) -> Value {
     let mut i = json!({
         "id": id, "application_id": "900", "type": 2, "token": format!("tok-{id}"), "version": 1,
         "channel_id": "600",
@@ -193,7 +193,7 @@ fn command(id: &str, user: Value, options: Value) -> Value {
     i
 }
 
-fn job_id(response: &Value) -> String {
+pub(crate) fn job_id(response: &Value) -> String {
     let content = response["data"]["content"].as_str().unwrap_or_default();
     content.split('`').nth(1).unwrap_or_default().to_string()
 }
