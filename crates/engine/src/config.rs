@@ -18,6 +18,12 @@ impl JsonFile {
         let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| EngineError::invalid_model(&path, e.to_string()))?;
+        Self::new(path, value)
+    }
+
+    /// A configuration that is not read from a file (a single-file checkpoint's built-in
+    /// one); `path` is what errors name.
+    pub fn new(path: PathBuf, value: Value) -> Result<Self, EngineError> {
         if !value.is_object() {
             return Err(EngineError::invalid_model(&path, "is not a JSON object"));
         }
@@ -198,7 +204,10 @@ pub struct ClipConfig {
 
 impl ClipConfig {
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
-        let f = JsonFile::read(dir.join("config.json"))?;
+        Self::parse(&JsonFile::read(dir.join("config.json"))?)
+    }
+
+    pub fn parse(f: &JsonFile) -> Result<Self, EngineError> {
         let config = ClipConfig {
             vocab_size: f.positive_or("vocab_size", 49408)?,
             hidden_size: f.positive("hidden_size")?,
@@ -293,7 +302,10 @@ impl UNetConfig {
     }
 
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
-        let f = JsonFile::read(dir.join("config.json"))?;
+        Self::parse(&JsonFile::read(dir.join("config.json"))?)
+    }
+
+    pub fn parse(f: &JsonFile) -> Result<Self, EngineError> {
         // Variants of the network this engine does not build: refused by name rather than
         // loaded wrongly.
         for field in [
@@ -436,6 +448,7 @@ impl UNetConfig {
 }
 
 /// The VAE's shape (`vae/config.json`).
+#[derive(Debug, Clone)]
 pub struct VaeConfig {
     pub candle: AutoEncoderKLConfig,
     pub in_channels: usize,
@@ -447,7 +460,10 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
-        let f = JsonFile::read(dir.join("config.json"))?;
+        Self::parse(&JsonFile::read(dir.join("config.json"))?)
+    }
+
+    pub fn parse(f: &JsonFile) -> Result<Self, EngineError> {
         let scaling_factor = f.f64_or("scaling_factor", 0.18215)?;
         if scaling_factor <= 0.0 {
             return Err(f.bad("scaling_factor", "must be positive"));
@@ -475,9 +491,13 @@ impl VaeConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the UNet predicts (diffusers' `prediction_type`: `epsilon` or `v_prediction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prediction {
+    /// The noise.
     Epsilon,
+    /// The velocity: SD 2.x at 768.
     VPrediction,
 }
 
@@ -506,7 +526,10 @@ pub struct ScheduleConfig {
 
 impl ScheduleConfig {
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
-        let f = JsonFile::read(dir.join("scheduler_config.json"))?;
+        Self::parse(&JsonFile::read(dir.join("scheduler_config.json"))?)
+    }
+
+    pub fn parse(f: &JsonFile) -> Result<Self, EngineError> {
         let num_train_timesteps = f.usize_or("num_train_timesteps", 1000)?;
         if num_train_timesteps < 2 {
             return Err(f.bad("num_train_timesteps", "must be at least 2"));

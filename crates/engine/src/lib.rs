@@ -25,10 +25,12 @@
 mod clip;
 mod config;
 mod error;
+mod layout;
 mod model;
 mod pipeline;
 mod png;
 mod schedulers;
+mod single_file;
 mod tiny;
 mod tokenizer;
 mod unet;
@@ -36,11 +38,12 @@ mod vocab;
 mod weights;
 
 pub use error::EngineError;
-pub use model::{describe, Architecture, Defaults, ModelDescription, ModelInfo};
+pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
     Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, StepProgress,
 };
 pub use png::encode_png;
+pub use single_file::write::{write_random_single_file, write_single_file};
 pub use tiny::{write_random, write_tiny_model, ModelScale, RandomModel};
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! What a model directory is: its family, its native size, and how it is described to the
-//! rest of the service, read from configuration files alone.
+//! What a model is: its family, its native size, and how it is described to the rest of the
+//! service, read from configuration files (or a single file's header) alone.
 
-use crate::config::{self, Prediction, ScheduleConfig, UNetConfig, VaeConfig};
-use crate::{weights, EngineError};
+use crate::config::{Prediction, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::layout::Layout;
+use crate::EngineError;
 use std::fmt;
 use std::path::Path;
 
@@ -46,10 +47,28 @@ impl fmt::Display for Architecture {
     }
 }
 
+/// How a model is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A directory with one subdirectory per part.
+    Diffusers,
+    /// One `.safetensors` checkpoint in the original code's layout.
+    SingleFile,
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelFormat::Diffusers => "diffusers",
+            ModelFormat::SingleFile => "single file",
+        })
+    }
+}
+
 /// What a loaded engine runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
-    /// The model directory's name.
+    /// The model directory's name, or the single file's without its extension.
     pub name: String,
     pub architecture: Architecture,
     /// The size the model was trained at, in pixels per side.
@@ -62,10 +81,12 @@ pub struct ModelInfo {
     pub dtype: String,
 }
 
-/// A model directory, described from its configuration files without loading weights.
+/// A model, described from its configuration files (or a single file's header) without
+/// loading weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelDescription {
     pub name: String,
+    pub format: ModelFormat,
     pub architecture: Architecture,
     pub native_size: u32,
     /// Total size of the weight files, in bytes.
@@ -108,39 +129,22 @@ impl Defaults {
     }
 }
 
-/// Describes the model in `dir` from its configuration files.
-pub fn describe(dir: &Path) -> Result<ModelDescription, EngineError> {
-    config::check_model_index(dir)?;
-    let unet = UNetConfig::read(&dir.join("unet"))?;
-    let vae = VaeConfig::read(&dir.join("vae"))?;
-    let schedule = ScheduleConfig::read(&dir.join("scheduler"))?;
-    let mut bytes = 0;
-    let second = dir.join("text_encoder_2");
-    let parts: &[&str] = if second.is_dir() {
-        &["text_encoder", "text_encoder_2", "unet", "vae"]
-    } else {
-        &["text_encoder", "unet", "vae"]
-    };
-    for part in parts {
-        let file = weights::weight_file(&dir.join(part))?;
-        bytes += std::fs::metadata(&file)
-            .map_err(|e| EngineError::io(&file, e))?
-            .len();
-    }
+/// Describes the model at `path`: a directory in the diffusers layout, or a single-file
+/// `.safetensors` checkpoint.
+pub fn describe(path: &Path) -> Result<ModelDescription, EngineError> {
+    let layout = Layout::open(path)?;
+    let configs = layout.configs()?;
     Ok(ModelDescription {
-        name: model_name(dir),
-        architecture: Architecture::detect(&unet, &schedule),
-        native_size: native_size(&unet, &vae),
-        bytes,
-        defaults: Defaults::for_schedule(&schedule),
+        name: layout.name(),
+        format: match layout {
+            Layout::Diffusers(_) => ModelFormat::Diffusers,
+            Layout::SingleFile(_) => ModelFormat::SingleFile,
+        },
+        architecture: layout.architecture(&configs),
+        native_size: native_size(&configs.unet, &configs.vae),
+        bytes: layout.weight_bytes(&configs)?,
+        defaults: Defaults::for_schedule(&configs.schedule),
     })
-}
-
-/// The directory's base name, which is what the service calls the model.
-pub(crate) fn model_name(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
 }
 
 pub(crate) fn native_size(unet: &UNetConfig, vae: &VaeConfig) -> u32 {

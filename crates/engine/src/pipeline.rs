@@ -3,12 +3,12 @@
 //! guidance + sampler) → VAE decode → RGB bytes.
 
 use crate::clip::ClipTextModel;
-use crate::config::{self, ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
+use crate::layout::{Configs, Layout, Part};
 use crate::model::{self, Architecture, ModelInfo};
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
 use crate::unet::{AddedConditions, UNet};
-use crate::weights::{weight_file, Weights};
 use crate::EngineError;
 use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor, D};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
@@ -149,9 +149,10 @@ fn device_name(device: &Device) -> String {
 }
 
 impl Engine {
-    /// Loads the model in `model_dir` (diffusers layout) onto the chosen device: f32 on the
-    /// CPU, f16 on CUDA. Every weight is checked against the configuration on the way.
-    pub fn load(model_dir: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
+    /// Loads the model at `model` — a directory in the diffusers layout or a single-file
+    /// `.safetensors` checkpoint — onto the chosen device: f32 on the CPU, f16 on CUDA. Every
+    /// weight is checked against the configuration on the way.
+    pub fn load(model: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
         let started = Instant::now();
         let device = pick_device(options.device)?;
         let dtype = if device.is_cpu() {
@@ -159,48 +160,50 @@ impl Engine {
         } else {
             DType::F16
         };
-        let index = config::check_model_index(model_dir)?;
-        let part = |name: &str| model_dir.join(name);
-        let tokenizer = Tokenizer::load(&part("tokenizer"))?;
-        let clip_config = ClipConfig::read(&part("text_encoder"))?;
-        let second = if part("text_encoder_2").is_dir() {
-            Some((
-                Tokenizer::load(&part("tokenizer_2"))?,
-                ClipConfig::read(&part("text_encoder_2"))?,
-            ))
-        } else {
-            None
+        let layout = Layout::open(model)?;
+        let configs = layout.configs()?;
+        let architecture = layout.architecture(&configs);
+        let Configs {
+            index,
+            text_encoder: clip_config,
+            text_encoder_2,
+            unet: unet_config,
+            vae: vae_config,
+            schedule,
+        } = configs;
+        let (tokenizer, tokenizer_2) = layout.tokenizers()?;
+        let second = match (tokenizer_2, text_encoder_2) {
+            (Some(tokenizer), Some(config)) => Some((tokenizer, config)),
+            _ => None,
         };
-        let unet_config = UNetConfig::read(&part("unet"))?;
-        let vae_config = VaeConfig::read(&part("vae"))?;
-        let schedule = ScheduleConfig::read(&part("scheduler"))?;
         let mut encoders = vec![(&tokenizer, &clip_config)];
         if let Some((tokenizer, config)) = &second {
             encoders.push((tokenizer, config));
         }
-        check_parts_fit(model_dir, &encoders, &unet_config, &vae_config)?;
-        let architecture = Architecture::detect(&unet_config, &schedule);
+        check_parts_fit(&layout, &encoders, &unet_config, &vae_config)?;
 
-        let open = |name: &str, dtype| Weights::open(&weight_file(&part(name))?, dtype, &device);
+        let weights = layout.weights()?;
+        let open = |part, dtype| weights.part(part, dtype, &device);
         let first = TextEncoder {
-            model: open("text_encoder", dtype)?.build(|vb| ClipTextModel::new(vb, &clip_config))?,
+            model: open(Part::TextEncoder, dtype)?
+                .build(|vb| ClipTextModel::new(vb, &clip_config))?,
             tokenizer,
         };
         let second = match second {
             None => None,
             Some((tokenizer, config)) => Some(TextEncoder {
-                model: open("text_encoder_2", dtype)?
+                model: open(Part::TextEncoder2, dtype)?
                     .build(|vb| ClipTextModel::with_projection(vb, &config))?,
                 tokenizer,
             }),
         };
-        let unet = open("unet", dtype)?.build(|vb| UNet::new(vb, &unet_config))?;
+        let unet = open(Part::Unet, dtype)?.build(|vb| UNet::new(vb, &unet_config))?;
         let vae_dtype = if architecture == Architecture::Sdxl && vae_config.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae = open("vae", vae_dtype)?.build(|vb| {
+        let vae = open(Part::Vae, vae_dtype)?.build(|vb| {
             AutoEncoderKL::new(
                 vb,
                 vae_config.in_channels,
@@ -211,7 +214,7 @@ impl Engine {
 
         let vae_scale = vae_config.scale_factor();
         let info = ModelInfo {
-            name: model::model_name(model_dir),
+            name: layout.name(),
             architecture,
             native_size: model::native_size(&unet_config, &vae_config),
             vae_scale_factor: u32::try_from(vae_scale).unwrap_or(u32::MAX),
@@ -474,13 +477,13 @@ fn guided(batch: &Batch) -> bool {
 
 /// Checks that the parts agree with each other before any weight is read.
 fn check_parts_fit(
-    dir: &Path,
+    layout: &Layout,
     encoders: &[(&Tokenizer, &ClipConfig)],
     unet: &UNetConfig,
     vae: &VaeConfig,
 ) -> Result<(), EngineError> {
-    let unet_file = dir.join("unet/config.json");
-    let vae_file = dir.join("vae/config.json");
+    let unet_file = layout.config_file(Part::Unet);
+    let vae_file = layout.config_file(Part::Vae);
     let width: usize = encoders.iter().map(|(_, c)| c.hidden_size).sum();
     if width != unet.cross_attention_dim {
         return Err(EngineError::invalid_model(
@@ -507,7 +510,7 @@ fn check_parts_fit(
         }
         (Some(_), None) => {
             return Err(EngineError::invalid_model(
-                dir,
+                layout.path(),
                 "the UNet wants pooled text features, but there is no text_encoder_2",
             ))
         }
@@ -537,9 +540,8 @@ fn check_parts_fit(
     }
     for (i, (tokenizer, clip)) in encoders.iter().enumerate() {
         if tokenizer.max_id() as usize >= clip.vocab_size {
-            let name = if i == 0 { "tokenizer" } else { "tokenizer_2" };
             return Err(EngineError::invalid_model(
-                dir.join(name).join("vocab.json"),
+                layout.vocab_file(i > 0),
                 format!(
                     "has token id {}, beyond the text encoder's vocab_size {}",
                     tokenizer.max_id(),

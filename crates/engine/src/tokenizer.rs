@@ -58,6 +58,17 @@ impl Tokenizer {
         Self::new(vocab, merges, pad.as_deref(), &vocab_path)
     }
 
+    /// CLIP's own tokenizer from the bundled vocabulary (what every Stable Diffusion text
+    /// encoder uses), padding with `pad` (default: end of text); `source` names it in errors.
+    pub fn bundled(pad: Option<&str>, source: &Path) -> Result<Self, EngineError> {
+        let merges = crate::vocab::merges()?;
+        let vocab = crate::vocab::tokens(&merges)
+            .into_iter()
+            .zip(0u32..)
+            .collect();
+        Self::new(vocab, merges, pad, source)
+    }
+
     /// A tokenizer from a token table and a merge list; `source` names them in errors.
     pub fn new(
         vocab: HashMap<String, u32>,
@@ -199,12 +210,7 @@ mod tests {
     use super::*;
 
     fn bundled(pad: Option<&str>) -> Tokenizer {
-        let merges = crate::vocab::merges().expect("bundled merges");
-        let vocab = crate::vocab::tokens(&merges)
-            .into_iter()
-            .zip(0u32..)
-            .collect();
-        Tokenizer::new(vocab, merges, pad, Path::new("bundled")).expect("tokenizer")
+        Tokenizer::bundled(pad, Path::new("bundled")).expect("tokenizer")
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! a tensor that is missing or has another shape is recorded and stops the build before
 //! its data is read, so the error names the first bad tensor and its file instead of
 //! failing later inside a matrix product.
+//!
+//! A [`Naming`] says where each tensor the network asks for is stored: under the same name
+//! in a diffusers part's own file, or under another name — possibly reshaped, transposed or
+//! fused with others — in a single-file checkpoint (`single_file`). Errors name the tensor
+//! as the file stores it.
 
 use crate::EngineError;
 use candle_core::safetensors::MmapedSafetensors;
@@ -41,6 +46,95 @@ pub fn weight_file(part_dir: &Path) -> Result<PathBuf, EngineError> {
         })
 }
 
+/// How a tensor the network asks for is stored, relative to the asked-for shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// As asked.
+    Same,
+    /// A linear weight `[out, in]` stored as a 1×1 convolution kernel `[out, in, 1, 1]`.
+    Conv1x1,
+    /// A matrix stored transposed.
+    Transposed,
+    /// Slice `index` of `parts` equal slices along the first dimension of a fused tensor
+    /// (OpenCLIP's `in_proj_weight` holds the query, key and value projections).
+    Slice { index: usize, parts: usize },
+}
+
+impl Form {
+    /// The stored shape of a tensor the network wants as `wanted`.
+    pub fn stored_shape(self, wanted: &[usize]) -> Vec<usize> {
+        match (self, wanted) {
+            (Form::Conv1x1, [out, input]) => vec![*out, *input, 1, 1],
+            (Form::Transposed, [rows, cols]) => vec![*cols, *rows],
+            (Form::Slice { parts, .. }, [first, rest @ ..]) => {
+                let mut shape = vec![first * parts];
+                shape.extend_from_slice(rest);
+                shape
+            }
+            _ => wanted.to_vec(),
+        }
+    }
+
+    /// The tensor the network wants, from the stored one.
+    pub fn unpack(self, stored: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Form::Same => Ok(stored),
+            Form::Conv1x1 => match stored.dims() {
+                &[out, input, 1, 1] => stored.reshape((out, input)),
+                _ => Ok(stored),
+            },
+            Form::Transposed => stored.t()?.contiguous(),
+            Form::Slice { index, parts } => {
+                let size = stored.dim(0)? / parts;
+                stored.narrow(0, index * size, size)?.contiguous()
+            }
+        }
+    }
+}
+
+/// Where a tensor the network asks for is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub key: String,
+    pub form: Form,
+}
+
+impl Stored {
+    pub fn same(key: impl Into<String>) -> Self {
+        Stored {
+            key: key.into(),
+            form: Form::Same,
+        }
+    }
+}
+
+/// How one network's tensor names map onto a weight file.
+pub(crate) trait Naming: Send + Sync {
+    /// Where the tensor the network calls `name` is stored.
+    fn locate(&self, name: &str) -> Stored;
+    /// Whether the file's tensor `key` belongs to this network, which must then use it.
+    fn owns(&self, key: &str) -> bool;
+}
+
+/// A diffusers part's own file: every tensor under the name the network asks for; every
+/// tensor but buffers belongs to the network.
+struct SameNames;
+
+impl Naming for SameNames {
+    fn locate(&self, name: &str) -> Stored {
+        Stored::same(name)
+    }
+
+    fn owns(&self, key: &str) -> bool {
+        !is_buffer(key)
+    }
+}
+
+/// A buffer, not a weight: no network asks for it.
+pub(crate) fn is_buffer(key: &str) -> bool {
+    BUFFERS.iter().any(|b| key.ends_with(b))
+}
+
 /// What was wrong with a tensor that failed its check.
 #[derive(Debug, Clone, PartialEq)]
 enum Problem {
@@ -58,7 +152,8 @@ type Requested = Arc<Mutex<HashSet<String>>>;
 /// A memory-mapped safetensors file that checks each tensor against the requested shape
 /// and remembers what was asked for.
 struct CheckedTensors {
-    tensors: MmapedSafetensors,
+    tensors: Arc<MmapedSafetensors>,
+    naming: Arc<dyn Naming>,
     problem: ProblemSlot,
     requested: Requested,
 }
@@ -98,15 +193,20 @@ impl SimpleBackend for CheckedTensors {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let found = self.stored_shape(name)?;
-        if found != shape.dims() {
+        let stored = self.naming.locate(name);
+        let found = self.stored_shape(&stored.key)?;
+        let expected = stored.form.stored_shape(shape.dims());
+        // A 1×1 kernel may also be stored flat, as the linear weight it stands for.
+        let flat = stored.form == Form::Conv1x1 && found == shape.dims();
+        if found != expected && !flat {
             return Err(self.fail(Problem::Shape {
-                tensor: name.to_string(),
-                expected: shape.dims().to_vec(),
+                tensor: stored.key,
+                expected,
                 found,
             }));
         }
-        self.tensors.load(name, device)?.to_dtype(dtype)
+        let tensor = self.tensors.load(&stored.key, device)?;
+        stored.form.unpack(tensor)?.to_dtype(dtype)
     }
 
     fn get_unchecked(
@@ -115,54 +215,94 @@ impl SimpleBackend for CheckedTensors {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.stored_shape(name)?;
-        self.tensors.load(name, device)?.to_dtype(dtype)
+        let stored = self.naming.locate(name);
+        self.stored_shape(&stored.key)?;
+        let tensor = self.tensors.load(&stored.key, device)?;
+        stored.form.unpack(tensor)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.tensors.get(&self.naming.locate(name).key).is_ok()
+    }
+}
+
+/// A memory-mapped safetensors file, shared by the networks whose weights it holds.
+#[derive(Clone)]
+pub(crate) struct MappedFile {
+    file: PathBuf,
+    tensors: Arc<MmapedSafetensors>,
+    /// Every tensor name in the file.
+    names: Arc<Vec<String>>,
+}
+
+impl MappedFile {
+    #[allow(unsafe_code)]
+    pub fn open(file: &Path) -> Result<Self, EngineError> {
+        // SAFETY: the mapping is sound only while the file is not modified or truncated.
+        // A model directory or checkpoint is written once and then only read: models are
+        // replaced by writing a new one, never by rewriting weight files in place, and
+        // nothing in this process writes to a file it has mapped.
+        let tensors = unsafe { MmapedSafetensors::new(file) }
+            .map_err(|e| EngineError::invalid_model(file, first_line(&e)))?;
+        let names = tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        Ok(MappedFile {
+            file: file.to_path_buf(),
+            tensors: Arc::new(tensors),
+            names: Arc::new(names),
+        })
     }
 }
 
 /// One part's weights, ready to build a network from.
 pub struct Weights {
     file: PathBuf,
+    naming: Arc<dyn Naming>,
     problem: ProblemSlot,
     requested: Requested,
     /// Every tensor name in the file.
-    names: Vec<String>,
+    names: Arc<Vec<String>>,
     vb: VarBuilder<'static>,
 }
 
 impl Weights {
     /// Memory-maps `file`; tensors are converted to `dtype` on `device` as they are read.
-    #[allow(unsafe_code)]
     pub fn open(file: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        // SAFETY: the mapping is sound only while the file is not modified or truncated.
-        // A model directory is written once and then only read: models are replaced by
-        // writing a new directory, never by rewriting weight files in place, and nothing in
-        // this process writes to a file it has mapped.
-        let tensors = unsafe { MmapedSafetensors::new(file) }
-            .map_err(|e| EngineError::invalid_model(file, first_line(&e)))?;
+        Ok(Self::named(
+            &MappedFile::open(file)?,
+            Arc::new(SameNames),
+            dtype,
+            device,
+        ))
+    }
+
+    /// The tensors of `mapped` that `naming` places, converted to `dtype` on `device` as
+    /// they are read.
+    pub(crate) fn named(
+        mapped: &MappedFile,
+        naming: Arc<dyn Naming>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         let problem = ProblemSlot::default();
         let requested = Requested::default();
-        let names = tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
         let backend = CheckedTensors {
-            tensors,
+            tensors: Arc::clone(&mapped.tensors),
+            naming: Arc::clone(&naming),
             problem: Arc::clone(&problem),
             requested: Arc::clone(&requested),
         };
-        Ok(Weights {
-            file: file.to_path_buf(),
+        Weights {
+            file: mapped.file.clone(),
+            naming,
             problem,
             requested,
-            names,
+            names: Arc::clone(&mapped.names),
             vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-        })
+        }
     }
 
     /// Builds a network, reporting the first missing or mis-shaped tensor by name and file,
@@ -202,8 +342,7 @@ impl Weights {
         let mut unused: Vec<&String> = self
             .names
             .iter()
-            .filter(|name| !requested.contains(*name))
-            .filter(|name| !BUFFERS.iter().any(|b| name.ends_with(b)))
+            .filter(|name| !requested.contains(*name) && self.naming.owns(name))
             .collect();
         unused.sort();
         match unused.first() {

@@ -33,7 +33,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin listener (metrics); loopback by default.
     pub admin_listen: SocketAddr,
-    /// The model directory (diffusers layout) the workers serve.
+    /// The model the workers serve: a diffusers-layout directory or a single-file checkpoint.
     pub model: Option<PathBuf>,
     pub tls: TlsConfig,
     pub queue: QueueConfig,
@@ -366,7 +366,7 @@ impl Config {
 
     pub fn model_dir(&self) -> anyhow::Result<&Path> {
         self.model.as_deref().context(
-            "no model configured: pass --model DIR (a diffusers-layout checkpoint; `sparkle model tiny DIR` makes a small test model)",
+            "no model configured: pass --model PATH (a diffusers-layout directory or a single-file .safetensors checkpoint; `sparkle model tiny DIR` makes a small test model)",
         )
     }
 }

@@ -43,8 +43,8 @@ pub struct Serve {
     /// Admin listener (metrics), loopback by default.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<std::net::SocketAddr>,
-    /// Model directory in the diffusers layout.
-    #[arg(long, value_name = "DIR")]
+    /// The model: a directory in the diffusers layout or a single-file .safetensors checkpoint.
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
 }
 

@@ -15,8 +15,8 @@ pub struct GenerateArgs {
     /// Where to write the PNG.
     #[arg(short, long, value_name = "FILE")]
     output: PathBuf,
-    /// Model directory in the diffusers layout.
-    #[arg(long, value_name = "DIR", env = "SPARKLE_MODEL")]
+    /// The model: a directory in the diffusers layout or a single-file .safetensors checkpoint.
+    #[arg(long, value_name = "PATH", env = "SPARKLE_MODEL")]
     model: PathBuf,
     /// Denoising steps.
     #[arg(long)]

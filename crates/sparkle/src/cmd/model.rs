@@ -10,7 +10,7 @@ pub enum ModelCommand {
     /// UNet, VAE, CLIP's tokenizer) and deterministic random weights, in the diffusers
     /// layout. It makes noise-like images fast on a CPU: for tests and offline demos.
     Tiny {
-        /// Directory to create.
+        /// Directory to create (with --single-file: the .safetensors file to write).
         dir: PathBuf,
         /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
@@ -26,6 +26,10 @@ pub enum ModelCommand {
         /// of the real arithmetic where no weights can be downloaded.
         #[arg(long)]
         full_size: bool,
+        /// Write one single-file checkpoint in the original Stable Diffusion layout instead,
+        /// with ModelSpec metadata (and, for a few-step model, NAME.sparkle.json beside it).
+        #[arg(long)]
+        single_file: bool,
     },
     /// Download a diffusers-layout model from the Hugging Face hub (or HF_ENDPOINT), with
     /// resume and checksum verification. Only safetensors weights are fetched, never pickles.
@@ -46,9 +50,10 @@ pub enum ModelCommand {
         #[arg(long, value_name = "URL")]
         endpoint: Option<String>,
     },
-    /// List the models in a directory of models (one model per subdirectory).
+    /// List the models in a directory of models: diffusers-layout subdirectories and
+    /// single-file .safetensors checkpoints.
     List {
-        /// Directory holding model directories.
+        /// Directory holding models.
         #[arg(long, value_name = "DIR", default_value = "models")]
         dir: PathBuf,
     },
@@ -61,6 +66,7 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             seed,
             arch,
             full_size,
+            single_file,
         } => {
             let kind = sparkle_engine::RandomModel::from_name(&arch)
                 .with_context(|| format!("unknown architecture {arch}"))?;
@@ -69,8 +75,18 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             } else {
                 sparkle_engine::ModelScale::Tiny
             };
-            sparkle_engine::write_random(&dir, seed, kind, scale)
-                .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+            if single_file && dir.extension().is_none_or(|e| e != "safetensors") {
+                anyhow::bail!(
+                    "{}: a single-file checkpoint's name ends in .safetensors",
+                    dir.display()
+                );
+            }
+            let written = if single_file {
+                sparkle_engine::write_random_single_file(&dir, seed, kind, scale)
+            } else {
+                sparkle_engine::write_random(&dir, seed, kind, scale)
+            };
+            written.with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
             eprintln!("wrote a tiny model to {}", dir.display());
         }
         ModelCommand::Pull {
@@ -107,14 +123,22 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for entry in entries.flatten() {
                 let path = entry.path();
-                if let Ok(d) = sparkle_engine::describe(&path) {
-                    rows.push(format!(
-                        "{}\t{}\t{}px\t{:.1} MB",
+                let single_file = path.extension().is_some_and(|e| e == "safetensors");
+                if !single_file && !path.is_dir() {
+                    continue;
+                }
+                match sparkle_engine::describe(&path) {
+                    Ok(d) => rows.push(format!(
+                        "{}\t{}\t{}px\t{:.1} MB\t{}",
                         d.name,
                         d.architecture,
                         d.native_size,
-                        d.bytes as f64 / 1e6
-                    ));
+                        d.bytes as f64 / 1e6,
+                        d.format
+                    )),
+                    // A directory may hold anything; a .safetensors file is meant as a model.
+                    Err(e) if single_file => eprintln!("skipped: {e}"),
+                    Err(_) => {}
                 }
             }
             rows.sort();
