@@ -20,7 +20,7 @@ pub enum SignatureError {
 #[derive(Debug, Clone)]
 pub struct Verifier {
     key: VerifyingKey,
-    window_secs: i64,
+    window_secs: u64,
 }
 
 impl Verifier {
@@ -34,7 +34,7 @@ impl Verifier {
             .map_err(|_| "the Discord public key is not a valid Ed25519 key")?;
         Ok(Verifier {
             key,
-            window_secs: i64::from(window_secs),
+            window_secs: u64::from(window_secs),
         })
     }
 
@@ -64,9 +64,12 @@ impl Verifier {
         let sent: i64 = timestamp
             .parse()
             .map_err(|_| SignatureError::BadTimestamp)?;
-        let skew = now_secs.saturating_sub(sent);
-        if skew.abs() > self.window_secs {
-            return Err(SignatureError::Stale { skew_secs: skew });
+        // The distance, not `(now - sent).abs()`: that overflows when the two are further
+        // apart than `i64::MAX`, and would let such a timestamp through.
+        if now_secs.abs_diff(sent) > self.window_secs {
+            return Err(SignatureError::Stale {
+                skew_secs: now_secs.saturating_sub(sent),
+            });
         }
         Ok(())
     }
@@ -195,6 +198,21 @@ mod tests {
                 v.verify(sig.as_deref(), ts.as_deref(), body, NOW),
                 Err(want.clone()),
                 "{want}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_further_than_i64_reaches_are_stale() {
+        let (key, v) = keys();
+        let body = br#"{"type":1}"#;
+        for (sent, now) in [(i64::MAX, -2), (1, i64::MIN), (i64::MIN, i64::MAX)] {
+            let ts = sent.to_string();
+            let skew_secs = now.saturating_sub(sent);
+            assert_eq!(
+                v.verify(Some(&sign(&key, &ts, body)), Some(&ts), body, now),
+                Err(SignatureError::Stale { skew_secs }),
+                "sent {sent}, now {now}"
             );
         }
     }
