@@ -119,7 +119,7 @@ impl Deliverer {
             } else {
                 LATE_WITHOUT_BOT
             };
-            let notice = format!("**{}** {late}", job.request.prompt);
+            let notice = format!("**{}** {late}", shown(&job.request.prompt));
             if d.last_progress.as_deref() == Some(notice.as_str()) {
                 return self.outbox.wait(id, poll).await;
             }
@@ -239,7 +239,7 @@ impl Deliverer {
                 .unwrap_or("no reason recorded");
             let content = format!(
                 "Could not make **{}** ({}): {reason}",
-                job.request.prompt, job.status
+                shown(&job.request.prompt), job.status
             );
             // An empty row list removes the Cancel button the progress message had.
             return Ok(Outcome {
@@ -326,7 +326,7 @@ impl Deliverer {
     }
 
     async fn progress_text(&self, job: &Job) -> String {
-        let prompt = &job.request.prompt;
+        let prompt = &shown(&job.request.prompt);
         match (job.status, job.progress) {
             (JobStatus::Running, Some(p)) => {
                 format!("Painting **{prompt}** — step {}/{}", p.step, p.total)
@@ -427,11 +427,28 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
+/// Most characters of a prompt a message shows: Discord refuses messages over 2000, and
+/// the prompt shares one with the parameters and notes. The full prompt stays in the job.
+const SHOWN_PROMPT_CHARS: usize = 900;
+
+/// The prompt as messages show it: clipped, and without `*` so it cannot break the bold.
+fn shown(prompt: &str) -> String {
+    let mut text: String = prompt
+        .chars()
+        .filter(|&c| c != '*')
+        .take(SHOWN_PROMPT_CHARS)
+        .collect();
+    if prompt.chars().filter(|&c| c != '*').count() > SHOWN_PROMPT_CHARS {
+        text.push('…');
+    }
+    text
+}
+
 fn result_text(job: &Job) -> String {
     let r = &job.request;
     format!(
         "**{}**\nSeed {} · {} steps · {} · CFG {} · {}x{} · {}",
-        r.prompt,
+        shown(&r.prompt),
         r.seed,
         r.steps,
         r.scheduler.display_name(),
@@ -445,6 +462,15 @@ fn result_text(job: &Job) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_prompts_are_clipped_for_messages() {
+        assert_eq!(shown("a **bold** corgi"), "a bold corgi");
+        let long = "x".repeat(5000);
+        let clipped = shown(&long);
+        assert_eq!(clipped.chars().count(), SHOWN_PROMPT_CHARS + 1);
+        assert!(clipped.ends_with('…'));
+    }
 
     fn fitted(attached: usize, encoding: Encoding, left_out: usize) -> Fitted {
         Fitted {
