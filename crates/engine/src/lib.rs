@@ -24,7 +24,10 @@
 
 mod clip;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
+mod layers;
 mod layout;
 mod model;
 mod pipeline;
@@ -34,13 +37,15 @@ mod single_file;
 mod tiny;
 mod tokenizer;
 mod unet;
+mod vae;
 mod vocab;
 mod weights;
 
 pub use error::EngineError;
 pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
-    Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, StepProgress,
+    Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, Precision, Probe,
+    StepProgress,
 };
 pub use png::encode_png;
 pub use single_file::write::{write_random_single_file, write_single_file};

@@ -54,6 +54,7 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
         model.path(),
         &EngineOptions {
             device: DeviceChoice::Cpu,
+            ..EngineOptions::default()
         },
     )
     .expect("load");

@@ -9,9 +9,9 @@ use crate::model::{self, Architecture, ModelInfo};
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
 use crate::unet::{AddedConditions, UNet};
+use crate::vae::VaeDecoder;
 use crate::EngineError;
 use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor, D};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -30,9 +30,39 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
+/// The numeric type of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 on the CPU, f16 on CUDA.
+    #[default]
+    Auto,
+    F32,
+    /// CUDA only.
+    F16,
+    /// CUDA only: f32's range at f16's cost, for models whose activations overflow f16.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(Precision::Auto),
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "precision must be auto, f32, f16 or bf16; got {other:?}"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub device: DeviceChoice,
+    pub precision: Precision,
 }
 
 /// Every image of a batch shares these settings; each item has its own prompt and seed.
@@ -122,7 +152,8 @@ pub struct Engine {
     dtype: DType,
     text: TextEncoders,
     unet: UNet,
-    vae: AutoEncoderKL,
+    unet_config: UNetConfig,
+    vae: VaeDecoder,
     /// f32 for a VAE that overflows in f16 (SDXL's), else the model's dtype.
     vae_dtype: DType,
     vae_scale: usize,
@@ -155,10 +186,15 @@ impl Engine {
     pub fn load(model: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
         let started = Instant::now();
         let device = pick_device(options.device)?;
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::F16
+        let dtype = match (options.precision, device.is_cpu()) {
+            (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
+            (Precision::Auto, false) | (Precision::F16, false) => DType::F16,
+            (Precision::Bf16, false) => DType::BF16,
+            (Precision::F16 | Precision::Bf16, true) => {
+                return Err(EngineError::InvalidRequest(
+                    "f16 and bf16 run on CUDA only; the CPU runs f32".into(),
+                ))
+            }
         };
         let layout = Layout::open(model)?;
         let configs = layout.configs()?;
@@ -203,14 +239,9 @@ impl Engine {
         } else {
             dtype
         };
-        let vae = open(Part::Vae, vae_dtype)?.build(|vb| {
-            AutoEncoderKL::new(
-                vb,
-                vae_config.in_channels,
-                vae_config.out_channels,
-                vae_config.candle.clone(),
-            )
-        })?;
+        let vae = open(Part::Vae, vae_dtype)?
+            .except(&["encoder.", "quant_conv."])
+            .build(|vb| VaeDecoder::new(vb, &vae_config))?;
 
         let vae_scale = vae_config.scale_factor();
         let info = ModelInfo {
@@ -235,6 +266,7 @@ impl Engine {
                 zero_empty_negative: index.force_zeros_for_empty_prompt,
             },
             unet,
+            unet_config,
             vae,
             vae_dtype,
             vae_scale,
@@ -248,6 +280,28 @@ impl Engine {
         &self.info
     }
 
+    /// Multiply-adds ×2 of one UNet call on `rows` latents of an image of this size (CFG
+    /// doubles the rows), counted from the network's shape.
+    pub fn unet_flops(&self, rows: usize, width: u32, height: u32) -> f64 {
+        let scale = self.vae_scale;
+        self.unet_config.flops(
+            rows,
+            height as usize / scale,
+            width as usize / scale,
+            MAX_TOKENS,
+        )
+    }
+
+    /// Bytes of device memory in use on a CUDA device (by every process), when known.
+    pub fn device_memory_in_use(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if !self.device.is_cpu() {
+            let (free, total) = candle_core::cuda::cudarc::driver::result::mem_get_info().ok()?;
+            return Some((total - free) as u64);
+        }
+        None
+    }
+
     /// Generates one image per batch item, in order. `on_step` is called after every
     /// denoising step; returning `Break` stops the batch with [`EngineError::Cancelled`].
     pub fn generate(
@@ -257,13 +311,34 @@ impl Engine {
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         let started = Instant::now();
         self.validate(batch)?;
-        let latents = self.denoise_seeded(batch, on_step)?;
+        let latents = self.denoise_seeded(batch, on_step, &mut None)?;
         let images = to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?;
         tracing::debug!(
             images = images.len(), steps = batch.steps, scheduler = %batch.scheduler,
             seconds = started.elapsed().as_secs_f32(), "batch generated"
         );
         Ok(images)
+    }
+
+    /// The latents after the first denoising step and the decoded images of `batch`, as
+    /// f32 values on the host, from the items' seeds as in [`Engine::generate`]: for
+    /// comparing this engine with another on the same weights, such as a GPU precision with
+    /// the CPU in f32.
+    pub fn probe(&self, batch: &Batch) -> Result<Probe, EngineError> {
+        self.validate(batch)?;
+        let mut first = None;
+        let latents = self.denoise_seeded(batch, &mut |_| ControlFlow::Continue(()), &mut first)?;
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let first = first.ok_or_else(|| EngineError::InvalidRequest("no step ran".into()))?;
+        Ok(Probe {
+            first_step: host(&first)?,
+            image: host(&self.decode(&latents)?)?,
+        })
     }
 
     fn validate(&self, batch: &Batch) -> Result<(), EngineError> {
@@ -301,6 +376,7 @@ impl Engine {
         &self,
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+        first: &mut Option<Tensor>,
     ) -> Result<Tensor, EngineError> {
         let shape = self.latent_shape(batch);
         // Per image: one stream for the initial latents, a second for ancestral noise.
@@ -326,14 +402,7 @@ impl Engine {
             Tensor::stack(&fresh, 0)
         };
         let conditioning = self.encode_prompts(batch)?;
-        self.denoise(
-            batch,
-            &conditioning,
-            initial,
-            &mut noise,
-            on_step,
-            &mut None,
-        )
+        self.denoise(batch, &conditioning, initial, &mut noise, on_step, first)
     }
 
     /// The latent shape of one image: `[channels, h/8, w/8]`.
@@ -467,6 +536,36 @@ impl Engine {
             .map(|i| self.vae.decode(&latents.i(i..i + 1)?)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
+    }
+}
+
+/// What [`Engine::probe`] returns.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Latents after the first step, `[n, channels, h/8, w/8]` flattened.
+    pub first_step: Vec<f32>,
+    /// Decoded images in about `[-1, 1]`, `[n, 3, h, w]` flattened.
+    pub image: Vec<f32>,
+}
+
+impl Probe {
+    /// `‖a − b‖ / ‖b‖` per part: (first step, image).
+    pub fn relative_error(&self, reference: &Probe) -> (f64, f64) {
+        fn rel(a: &[f32], b: &[f32]) -> f64 {
+            let (mut diff, mut norm) = (0f64, 0f64);
+            for (x, y) in a.iter().zip(b) {
+                diff += f64::from(x - y).powi(2);
+                norm += f64::from(*y).powi(2);
+            }
+            if a.len() != b.len() {
+                return f64::INFINITY;
+            }
+            (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+        }
+        (
+            rel(&self.first_step, &reference.first_step),
+            rel(&self.image, &reference.image),
+        )
     }
 }
 

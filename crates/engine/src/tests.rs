@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 const CPU: EngineOptions = EngineOptions {
     device: DeviceChoice::Cpu,
+    precision: crate::Precision::Auto,
 };
 
 fn tiny_dir() -> &'static PathBuf {
@@ -56,7 +57,7 @@ fn run(b: &Batch) -> Vec<GeneratedImage> {
 /// The decoded images before quantization, to see NaN that 8-bit rounding would hide.
 fn float_pixels(b: &Batch) -> Vec<f32> {
     let latents = engine()
-        .denoise_seeded(b, &mut |_| ControlFlow::Continue(()))
+        .denoise_seeded(b, &mut |_| ControlFlow::Continue(()), &mut None)
         .expect("denoise");
     let images = engine().decode(&latents).expect("decode");
     images
@@ -375,7 +376,7 @@ fn time_one_512_image() {
     (b.width, b.height, b.steps) = (512, 512, 20);
     let started = std::time::Instant::now();
     let latents = engine()
-        .denoise_seeded(&b, &mut |_| ControlFlow::Continue(()))
+        .denoise_seeded(&b, &mut |_| ControlFlow::Continue(()), &mut None)
         .expect("denoise");
     let denoised = started.elapsed();
     engine().decode(&latents).expect("decode");

@@ -9,11 +9,9 @@
 //! size and crop ("text_time" conditioning).
 
 use crate::config::UNetConfig;
+use crate::layers::{Conv, Norm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 /// GroupNorm epsilon of the spatial transformers (diffusers fixes it at 1e-6).
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -63,22 +61,17 @@ impl TimestepEmbedding {
     }
 }
 
-fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, kernel, config, vb)
+fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize) -> Result<Conv> {
+    Conv::new(vb, cin, cout, kernel, stride, kernel / 2)
 }
 
 struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
+    norm1: Norm,
+    conv1: Conv,
     time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    norm2: Norm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
     output_scale: f64,
 }
 
@@ -92,10 +85,10 @@ impl ResnetBlock {
     ) -> Result<Self> {
         let (groups, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(ResnetBlock {
-            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: Norm::new(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1)?,
             time_emb_proj: linear(c.time_embed_dim(), cout, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            norm2: Norm::new(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1)?,
             shortcut: (cin != cout)
                 .then(|| conv(vb.pp("conv_shortcut"), cin, cout, 1, 1))
@@ -105,19 +98,17 @@ impl ResnetBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let t = self.time_emb_proj.forward(&temb.silu()?)?;
+        let h = self
+            .conv1
+            .forward_with(&self.norm1.forward_silu(xs)?, None, Some(&t))?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
+        let out = self
+            .conv2
+            .forward_with(&self.norm2.forward_silu(&h)?, Some(&skip), None)?;
         if self.output_scale == 1.0 {
             Ok(out)
         } else {
@@ -163,16 +154,38 @@ impl Attention {
         let q = self.split((self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split(self.to_k.forward(context)?)?;
         let v = self.split(self.to_v.forward(context)?)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        // The softmax in f32 whatever the weights' precision.
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let out = attend(&q, &k, &v)?
             .reshape((b, self.heads, n, dim / self.heads))?
             .transpose(1, 2)?
             .reshape((b, n, dim))?;
         self.to_out.forward(&out)
+    }
+}
+
+/// Most score elements one product may hold: candle's kernels and cuBLAS index with 32 bits,
+/// and a batch of 16 guided images at 512×512 would have 2³² scores.
+const MAX_SCORES: usize = 1 << 30;
+
+/// `softmax(q·kᵀ)·v` over `[rows, n, d]` (q already scaled), in slices of rows small enough
+/// that no score tensor exceeds [`MAX_SCORES`].
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (rows, n, _) = q.dims3()?;
+    let m = k.dim(1)?;
+    let per_slice = (MAX_SCORES / (n * m).max(1)).max(1);
+    let kt = k.t()?.contiguous()?;
+    let mut outs = Vec::with_capacity(rows.div_ceil(per_slice));
+    for start in (0..rows).step_by(per_slice) {
+        let len = per_slice.min(rows - start);
+        let scores = q
+            .narrow(0, start, len)?
+            .matmul(&kt.narrow(0, start, len)?)?;
+        let probs = crate::layers::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&v.narrow(0, start, len)?)?);
+    }
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else {
+        Tensor::cat(&outs, 0)
     }
 }
 
@@ -192,9 +205,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(xs)?;
-        let chunks = projected.chunk(2, D::Minus1)?;
-        let hidden = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        let hidden = crate::layers::geglu(&self.proj.forward(xs)?)?;
         self.out.forward(&hidden)
     }
 }
@@ -232,14 +243,14 @@ impl TransformerBlock {
 
 /// A 1×1 convolution or a linear layer, as `use_linear_projection` says.
 enum Projection {
-    Conv(Conv2d),
+    Conv(Conv),
     Linear(Linear),
 }
 
-/// diffusers' `Transformer2DModel`: GroupNorm, projection in, transformer blocks over the
+/// diffusers' `Transformer2DModel`: Norm, projection in, transformer blocks over the
 /// pixels as a sequence, projection out, residual.
 struct SpatialTransformer {
-    norm: GroupNorm,
+    norm: Norm,
     proj_in: Projection,
     blocks: Vec<TransformerBlock>,
     proj_out: Projection,
@@ -261,7 +272,7 @@ impl SpatialTransformer {
             })
         };
         Ok(SpatialTransformer {
-            norm: group_norm(
+            norm: Norm::new(
                 c.norm_num_groups,
                 channels,
                 TRANSFORMER_NORM_EPS,
@@ -327,12 +338,12 @@ impl Level {
 
 struct DownLevel {
     level: Level,
-    downsample: Option<Conv2d>,
+    downsample: Option<Conv>,
 }
 
 struct UpLevel {
     level: Level,
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv>,
 }
 
 struct MidBlock {
@@ -356,14 +367,14 @@ pub struct AddedConditions<'a> {
 }
 
 pub struct UNet {
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_embedding: TimestepEmbedding,
     added: Option<AddedEmbedding>,
     down: Vec<DownLevel>,
     mid: MidBlock,
     up: Vec<UpLevel>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: Norm,
+    conv_out: Conv,
     block0: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
@@ -411,12 +422,14 @@ impl UNet {
             };
             let downsample = (i + 1 < n)
                 .then(|| {
-                    let config = Conv2dConfig {
-                        padding: c.downsample_padding,
-                        stride: 2,
-                        ..Default::default()
-                    };
-                    conv2d(cout, cout, 3, config, vb.pp("downsamplers.0.conv"))
+                    Conv::new(
+                        vb.pp("downsamplers.0.conv"),
+                        cout,
+                        cout,
+                        3,
+                        2,
+                        c.downsample_padding,
+                    )
                 })
                 .transpose()?;
             down.push(DownLevel {
@@ -505,7 +518,7 @@ impl UNet {
             down,
             mid,
             up,
-            norm_out: group_norm(
+            norm_out: Norm::new(
                 c.norm_num_groups,
                 channels[0],
                 c.norm_eps,
@@ -596,8 +609,88 @@ impl UNet {
             }
         }
 
-        let xs = self.norm_out.forward(&xs)?.silu()?;
+        let xs = self.norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+impl UNetConfig {
+    /// Floating-point operations (2 per multiply-add) of one forward pass on `rows` latents of
+    /// `h`×`w`, attending to `tokens` text tokens: convolutions, linear layers and the two
+    /// attention products, following the same structure as [`UNet::new`]. Norms, activations
+    /// and softmax (a few percent) are not counted.
+    pub fn flops(&self, rows: usize, h: usize, w: usize, tokens: usize) -> f64 {
+        let conv = |cin: usize, cout: usize, k: usize, h: usize, w: usize| {
+            2.0 * (cin * cout * k * k * h * w) as f64
+        };
+        let resnet = |cin: usize, cout: usize, h: usize, w: usize| {
+            let shortcut = if cin == cout {
+                0.0
+            } else {
+                conv(cin, cout, 1, h, w)
+            };
+            conv(cin, cout, 3, h, w) + conv(cout, cout, 3, h, w) + shortcut
+        };
+        let ctx = self.cross_attention_dim;
+        let transformer = |c: usize, layers: usize, h: usize, w: usize| {
+            let n = (h * w) as f64;
+            let (c, t) = (c as f64, tokens as f64);
+            let block = 2.0 * 4.0 * c * c * n          // self-attention projections
+                + 2.0 * 2.0 * n * n * c                // its scores and weighted sum
+                + 2.0 * 2.0 * c * c * n                // cross-attention q and out
+                + 2.0 * 2.0 * ctx as f64 * c * t       // its k and v
+                + 2.0 * 2.0 * n * t * c                // its scores and weighted sum
+                + 2.0 * (8.0 + 4.0) * c * c * n; // GEGLU feed-forward
+            2.0 * 2.0 * c * c * n + layers as f64 * block
+        };
+        let mut sizes = vec![(h, w)];
+        for _ in 1..self.blocks.len() {
+            let (h, w) = sizes[sizes.len() - 1];
+            sizes.push((h.div_ceil(2), w.div_ceil(2)));
+        }
+        let c0 = self.blocks[0].channels;
+        let mut total = conv(self.in_channels, c0, 3, h, w) + conv(c0, self.out_channels, 3, h, w);
+        let mut skips = vec![c0];
+        let mut cout = c0;
+        for (level, block) in self.blocks.iter().enumerate() {
+            let (lh, lw) = sizes[level];
+            for j in 0..self.layers_per_block {
+                let cin = if j == 0 { cout } else { block.channels };
+                total += resnet(cin, block.channels, lh, lw);
+                if block.down_attention {
+                    total += transformer(block.channels, block.transformer_layers, lh, lw);
+                }
+                skips.push(block.channels);
+            }
+            cout = block.channels;
+            if level + 1 < self.blocks.len() {
+                let (nh, nw) = sizes[level + 1];
+                total += conv(cout, cout, 3, nh, nw);
+                skips.push(cout);
+            }
+        }
+        let last = &self.blocks[self.blocks.len() - 1];
+        let (mh, mw) = sizes[self.blocks.len() - 1];
+        total += 2.0 * resnet(last.channels, last.channels, mh, mw)
+            + transformer(last.channels, last.transformer_layers, mh, mw);
+        let mut prev = last.channels;
+        for level in (0..self.blocks.len()).rev() {
+            let block = &self.blocks[level];
+            let (lh, lw) = sizes[level];
+            for _ in 0..=self.layers_per_block {
+                let skip = skips.pop().unwrap_or(0);
+                total += resnet(prev + skip, block.channels, lh, lw);
+                if block.up_attention {
+                    total += transformer(block.channels, block.up_transformer_layers, lh, lw);
+                }
+                prev = block.channels;
+            }
+            if level > 0 {
+                let (uh, uw) = sizes[level - 1];
+                total += conv(prev, prev, 3, uh, uw);
+            }
+        }
+        total * rows as f64
     }
 }
 
@@ -622,5 +715,28 @@ mod tests {
                 "sin {i}"
             );
         }
+    }
+
+    #[test]
+    fn sd15_unet_costs_what_is_published() {
+        // SD 1.5's UNet at 512x512 (64x64 latents), one sample: about 0.8 TFLOP per call
+        // (twice the ~400 GMAC usually quoted).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unet = dir.path().join("unet");
+        std::fs::create_dir_all(&unet).expect("mkdir");
+        let config = serde_json::json!({
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                 "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                               "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+        });
+        std::fs::write(unet.join("config.json"), config.to_string()).expect("write");
+        let config = UNetConfig::read(&unet).expect("config");
+        let tflop = config.flops(1, 64, 64, 77) / 1e12;
+        assert!((0.7..0.9).contains(&tflop), "{tflop}");
+        assert!((config.flops(2, 64, 64, 77) / 1e12 - 2.0 * tflop).abs() < 1e-9);
     }
 }

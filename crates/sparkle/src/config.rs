@@ -195,6 +195,8 @@ pub struct WorkerConfig {
     pub drain_timeout_secs: u64,
     /// `auto` (CUDA when built with it and present), `cpu`, or `cuda:N`.
     pub device: String,
+    /// `auto` (f32 on the CPU, f16 on CUDA), `f32`, `f16` or `bf16` (CUDA only).
+    pub precision: String,
 }
 
 impl Default for WorkerConfig {
@@ -205,6 +207,7 @@ impl Default for WorkerConfig {
             batch_wait_ms: 50,
             drain_timeout_secs: 30,
             device: "auto".into(),
+            precision: "auto".into(),
         }
     }
 }
@@ -315,6 +318,10 @@ impl Config {
         if self.worker.max_batch == 0 {
             bail!("worker.max_batch must be at least 1");
         }
+        if let Err(e) = self.worker.precision.parse::<sparkle_engine::Precision>() {
+            bail!("worker.precision: {e}");
+        }
+        crate::cmd::serve::parse_device(&self.worker.device)?;
         if self.profile == Profile::Production
             && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
         {

@@ -97,6 +97,9 @@ enum Command {
     /// database fields.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
+    /// Benchmarks: numbers to report, not pass/fail checks.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -116,6 +119,7 @@ fn main() -> std::process::ExitCode {
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
         Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
+        Command::Bench(command) => cmd::bench::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -39,6 +39,9 @@ pub struct GenerateArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// auto (f32 on CPU, f16 on CUDA), f32, f16 or bf16 (CUDA).
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -60,6 +63,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let options = sparkle_engine::EngineOptions {
         device: super::serve::parse_device(&args.device)?,
+        precision: args
+            .precision
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
     };
     let engine = sparkle_engine::Engine::load(&args.model, &options)
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;

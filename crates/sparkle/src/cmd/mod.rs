@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod discord;
 pub mod generate;
 pub mod key;

@@ -70,6 +70,11 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
     }
     let options = sparkle_engine::EngineOptions {
         device: parse_device(&config.worker.device)?,
+        precision: config
+            .worker
+            .precision
+            .parse()
+            .map_err(|e| anyhow::anyhow!("worker.precision: {e}"))?,
     };
     let engine = sparkle_worker::EngineThread::start(model, options)
         .await

@@ -1,0 +1,181 @@
+//! The VAE's decoder: diffusers' `AutoencoderKL` from `post_quant_conv` to pixels, with
+//! diffusers' tensor names. Text-to-image never encodes, so the encoder's weights stay on
+//! disk. Its convolutions and GroupNorms are the engine's own layers, which on CUDA run
+//! through cuDNN and fused kernels: at 512×512 the decoder moves more data than a whole
+//! UNet step.
+
+use crate::config::VaeConfig;
+use crate::layers::{Conv, Norm};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// GroupNorm epsilon throughout the VAE.
+const EPS: f64 = 1e-6;
+
+struct ResnetBlock {
+    norm1: Norm,
+    conv1: Conv,
+    norm2: Norm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl ResnetBlock {
+    fn new(vb: VarBuilder, groups: usize, cin: usize, cout: usize) -> Result<Self> {
+        Ok(ResnetBlock {
+            norm1: Norm::new(groups, cin, EPS, vb.pp("norm1"))?,
+            conv1: Conv::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            norm2: Norm::new(groups, cout, EPS, vb.pp("norm2"))?,
+            conv2: Conv::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            shortcut: (cin != cout)
+                .then(|| Conv::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0))
+                .transpose()?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let skip = match &self.shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        self.conv2
+            .forward_with(&self.norm2.forward_silu(&h)?, Some(&skip), None)
+    }
+}
+
+fn projection(vb: VarBuilder, channels: usize) -> Result<Linear> {
+    candle_nn::linear(channels, channels, vb)
+}
+
+/// Single-head self-attention over the pixels, with a residual.
+struct AttentionBlock {
+    norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    scale: f64,
+}
+
+impl AttentionBlock {
+    fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
+        let legacy = !vb.contains_tensor("to_q.weight");
+        let names = if legacy {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        Ok(AttentionBlock {
+            norm: Norm::new(groups, channels, EPS, vb.pp("group_norm"))?,
+            q: projection(vb.pp(names[0]), channels)?,
+            k: projection(vb.pp(names[1]), channels)?,
+            v: projection(vb.pp(names[2]), channels)?,
+            out: projection(vb.pp(names[3]), channels)?,
+            scale: 1.0 / (channels as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let seq = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = (self.q.forward(&seq)? * self.scale)?;
+        let k = self.k.forward(&seq)?;
+        let v = self.v.forward(&seq)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = crate::layers::softmax_last_dim(&scores)?;
+        let attended = self.out.forward(&probs.matmul(&v)?)?;
+        let attended = attended
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, h, w))?;
+        attended + xs
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv>,
+}
+
+/// The decoder, from (unscaled) latents to images in about `[-1, 1]`.
+pub(crate) struct VaeDecoder {
+    post_quant_conv: Option<Conv>,
+    conv_in: Conv,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: AttentionBlock,
+    up: Vec<UpBlock>,
+    norm_out: Norm,
+    conv_out: Conv,
+}
+
+impl VaeDecoder {
+    /// The decoder of the VAE `vb` holds; `vb` is the VAE's root (with `decoder.` and
+    /// `post_quant_conv.` under it).
+    pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        let c = &config.candle;
+        let groups = c.norm_num_groups;
+        let latent = c.latent_channels;
+        let channels: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let top = channels[0];
+        let d = vb.pp("decoder");
+        let mut up = Vec::with_capacity(channels.len());
+        let mut prev = top;
+        for (i, &cout) in channels.iter().enumerate() {
+            let block = d.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { cout };
+                    ResnetBlock::new(block.pp(format!("resnets.{j}")), groups, cin, cout)
+                })
+                .collect::<Result<_>>()?;
+            let upsample = (i + 1 < channels.len())
+                .then(|| Conv::new(block.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1))
+                .transpose()?;
+            up.push(UpBlock { resnets, upsample });
+            prev = cout;
+        }
+        let bottom = *channels.last().unwrap_or(&top);
+        Ok(VaeDecoder {
+            post_quant_conv: c
+                .use_post_quant_conv
+                .then(|| Conv::new(vb.pp("post_quant_conv"), latent, latent, 1, 1, 0))
+                .transpose()?,
+            conv_in: Conv::new(d.pp("conv_in"), latent, top, 3, 1, 1)?,
+            mid_resnets: [
+                ResnetBlock::new(d.pp("mid_block.resnets.0"), groups, top, top)?,
+                ResnetBlock::new(d.pp("mid_block.resnets.1"), groups, top, top)?,
+            ],
+            mid_attention: AttentionBlock::new(d.pp("mid_block.attentions.0"), groups, top)?,
+            up,
+            norm_out: Norm::new(groups, bottom, EPS, d.pp("conv_norm_out"))?,
+            conv_out: Conv::new(d.pp("conv_out"), bottom, config.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut xs = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents)?,
+            None => latents.clone(),
+        };
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_resnets[0].forward(&xs)?;
+        xs = self.mid_attention.forward(&xs)?;
+        xs = self.mid_resnets[1].forward(&xs)?;
+        for block in &self.up {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs)?;
+            }
+            if let Some(conv) = &block.upsample {
+                let (h, w) = (xs.dim(D::Minus2)?, xs.dim(D::Minus1)?);
+                xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
+    }
+}

@@ -1,0 +1,231 @@
+//! `sparkle bench …`: measurements to report, not tests.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use sparkle_core::Scheduler;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The engine alone: images per second, time per UNet step, achieved TFLOP/s and device
+    /// memory, for each batch size, after one warm-up batch per size.
+    Engine(EngineBench),
+}
+
+#[derive(Debug, Args)]
+pub struct EngineBench {
+    /// Model directory in the diffusers layout (random full-size weights measure the same
+    /// arithmetic as the real model: `sparkle model tiny DIR --full-size`).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    batch: Vec<usize>,
+    #[arg(long, default_value_t = 25)]
+    steps: u32,
+    /// WIDTHxHEIGHT (default: the model's native size).
+    #[arg(long)]
+    size: Option<String>,
+    /// Guidance scale; above 1 every step runs the UNet on twice the batch.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    #[arg(long, default_value = "ddim")]
+    scheduler: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (f32 on CPU, f16 on CUDA), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Timed batches per size (after the warm-up); the best is reported.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// First check the device against the CPU in f32 on the same weights: the relative
+    /// error of the latents after one step and of the decoded image (1 image, 2 steps).
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Engine(args) => engine(args),
+    }
+}
+
+/// One timed batch.
+struct Sample {
+    total: Duration,
+    /// Median interval between step reports: one UNet call and one sampler step.
+    step: Duration,
+    memory: Option<u64>,
+}
+
+fn engine(args: EngineBench) -> anyhow::Result<()> {
+    if args.batch.is_empty() || args.batch.contains(&0) {
+        bail!("--batch needs sizes of at least 1");
+    }
+    if args.steps == 0 || args.repeat == 0 {
+        bail!("--steps and --repeat must be at least 1");
+    }
+    let scheduler: Scheduler = args
+        .scheduler
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
+    let description = sparkle_engine::describe(&args.model)
+        .with_context(|| format!("cannot read the model at {}", args.model.display()))?;
+    let (width, height) = match &args.size {
+        None => (description.native_size, description.native_size),
+        Some(size) => parse_size(size)?,
+    };
+    let options = sparkle_engine::EngineOptions {
+        device: super::serve::parse_device(&args.device)?,
+        precision: args
+            .precision
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
+    };
+    let started = Instant::now();
+    let engine = sparkle_engine::Engine::load(&args.model, &options)
+        .with_context(|| format!("cannot load the model at {}", args.model.display()))?;
+    let load = started.elapsed();
+    let info = engine.info().clone();
+    println!(
+        "model {} ({}), {}, {}, {width}x{height}, {} {} steps, guidance {}; loaded in {load:.2?}",
+        info.name, info.architecture, info.device, info.dtype, args.steps, scheduler, args.guidance
+    );
+    println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    if args.check {
+        check_against_cpu(&engine, &args, scheduler, width, height)?;
+    }
+    let cfg_rows = if args.guidance > 1.0 { 2 } else { 1 };
+    let mut first_image = None;
+    for &size in &args.batch {
+        let batch = sparkle_engine::Batch {
+            width,
+            height,
+            steps: args.steps,
+            guidance_scale: args.guidance,
+            scheduler,
+            items: (0..size)
+                .map(|i| sparkle_engine::BatchItem {
+                    prompt: format!("a corgi, style of monet, number {i}"),
+                    negative_prompt: "blurry".into(),
+                    seed: i as u64,
+                })
+                .collect(),
+        };
+        let mut best: Option<Sample> = None;
+        for round in 0..=args.repeat {
+            let sample = time_batch(&engine, &batch)?;
+            if first_image.is_none() {
+                first_image = Some(started.elapsed());
+            }
+            if round == 0 {
+                continue; // warm-up: kernels load, memory is allocated
+            }
+            if best.as_ref().is_none_or(|b| sample.total < b.total) {
+                best = Some(sample);
+            }
+        }
+        let best = best.context("no timed round")?;
+        let flops = engine.unet_flops(size * cfg_rows, width, height);
+        let step_s = best.step.as_secs_f64();
+        println!(
+            "| {size} | {:.2} | {:.3} | {:.1} | {:.2} | {} |",
+            size as f64 / best.total.as_secs_f64(),
+            best.total.as_secs_f64(),
+            step_s * 1e3,
+            if step_s > 0.0 { flops / step_s / 1e12 } else { 0.0 },
+            best.memory
+                .map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_else(|| "n/a".into()),
+        );
+    }
+    if let Some(first) = first_image {
+        println!("cold start (load to the first finished batch of {}): {first:.2?}", args.batch[0]);
+    }
+    println!(
+        "UNet cost: {:.3} TFLOP per image per step{}",
+        engine.unet_flops(cfg_rows, width, height) / 1e12,
+        if cfg_rows == 2 { " (with CFG)" } else { "" }
+    );
+    Ok(())
+}
+
+/// The relative error of this engine against the CPU in f32 on the same model and noise.
+fn check_against_cpu(
+    engine: &sparkle_engine::Engine,
+    args: &EngineBench,
+    scheduler: Scheduler,
+    width: u32,
+    height: u32,
+) -> anyhow::Result<()> {
+    let batch = sparkle_engine::Batch {
+        width,
+        height,
+        steps: 2,
+        guidance_scale: args.guidance,
+        scheduler,
+        items: vec![sparkle_engine::BatchItem {
+            prompt: "a corgi, style of monet".into(),
+            negative_prompt: "blurry".into(),
+            seed: 7,
+        }],
+    };
+    let started = Instant::now();
+    let cpu = sparkle_engine::Engine::load(
+        &args.model,
+        &sparkle_engine::EngineOptions {
+            device: sparkle_engine::DeviceChoice::Cpu,
+            precision: sparkle_engine::Precision::F32,
+        },
+    )
+    .context("cannot load the model on the CPU")?;
+    let reference = cpu.probe(&batch)?;
+    let cpu_time = started.elapsed();
+    let (first, image) = engine.probe(&batch)?.relative_error(&reference);
+    println!(
+        "check against the CPU in f32 (1 image, 2 steps; CPU took {cpu_time:.1?}): relative error after the first step {first:.2e}, image {image:.2e}"
+    );
+    Ok(())
+}
+
+fn time_batch(
+    engine: &sparkle_engine::Engine,
+    batch: &sparkle_engine::Batch,
+) -> anyhow::Result<Sample> {
+    let mut marks = Vec::with_capacity(batch.steps as usize);
+    let mut memory = engine.device_memory_in_use();
+    let started = Instant::now();
+    let mut on_step = |_| {
+        marks.push(Instant::now());
+        memory = memory.max(engine.device_memory_in_use());
+        ControlFlow::Continue(())
+    };
+    engine.generate(batch, &mut on_step)?;
+    let total = started.elapsed();
+    let mut intervals: Vec<Duration> = marks.windows(2).map(|w| w[1] - w[0]).collect();
+    intervals.sort();
+    let step = intervals
+        .get(intervals.len() / 2)
+        .copied()
+        .unwrap_or(total / batch.steps.max(1));
+    Ok(Sample {
+        total,
+        step,
+        memory: memory.max(engine.device_memory_in_use()),
+    })
+}
+
+fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .context("--size must be WIDTHxHEIGHT")?;
+    Ok((
+        w.trim().parse().context("--size width")?,
+        h.trim().parse().context("--size height")?,
+    ))
+}
