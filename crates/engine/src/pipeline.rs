@@ -309,10 +309,63 @@ impl Engine {
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
+        let limit = self.batch_limit(batch.width, batch.height, guided(batch));
+        self.generate_limited(batch, on_step, limit)
+    }
+
+    /// The most images of this size one pass of the UNet may hold on this device: the memory
+    /// free now, less a reserve for one slice of attention scores and one image's decode,
+    /// over an estimate of one UNet row's activations at their peak (the first level's
+    /// skip connections, the transformer's projections and feed-forward). Unlimited on the
+    /// CPU, where the configured batch size decides.
+    pub fn batch_limit(&self, width: u32, height: u32, guided: bool) -> usize {
+        #[cfg(feature = "cuda")]
+        if !self.device.is_cpu() {
+            if let Ok((free, _)) = candle_core::cuda::cudarc::driver::result::mem_get_info() {
+                let scale = self.vae_scale as u64;
+                let latent_pixels = u64::from(width) * u64::from(height) / (scale * scale);
+                let width0 = self.unet_config.blocks.first().map_or(320, |b| b.channels) as u64;
+                let element = self.dtype.size_in_bytes() as u64;
+                let per_row = latent_pixels * width0 * element * ROW_ACTIVATIONS;
+                let decode = u64::from(width) * u64::from(height) * 128 * 4 * 8;
+                let reserve = (crate::unet::MAX_SCORES as u64) * element + decode + (1 << 30);
+                let rows = if guided { 2 } else { 1 };
+                let fit = (free as u64).saturating_sub(reserve) / (per_row * rows).max(1);
+                return usize::try_from(fit).unwrap_or(usize::MAX).max(1);
+            }
+        }
+        let _ = (width, height, guided);
+        usize::MAX
+    }
+
+    /// [`Engine::generate`] in passes of at most `limit` images; each image is the same
+    /// whichever pass it runs in. Progress counts the steps of every pass.
+    pub(crate) fn generate_limited(
+        &self,
+        batch: &Batch,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+        limit: usize,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
         let started = Instant::now();
         self.validate(batch)?;
-        let latents = self.denoise_seeded(batch, on_step, &mut None)?;
-        let images = to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?;
+        let passes: Vec<&[BatchItem]> = batch.items.chunks(limit.max(1)).collect();
+        let total = batch.steps.saturating_mul(passes.len() as u32);
+        let mut images = Vec::with_capacity(batch.items.len());
+        for (pass, items) in passes.iter().enumerate() {
+            let part = Batch {
+                items: items.to_vec(),
+                ..batch.clone()
+            };
+            let done_before = batch.steps.saturating_mul(pass as u32);
+            let mut counted = |p: StepProgress| {
+                on_step(StepProgress {
+                    step: done_before + p.step,
+                    total,
+                })
+            };
+            let latents = self.denoise_seeded(&part, &mut counted, &mut None)?;
+            images.extend(to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?);
+        }
         tracing::debug!(
             images = images.len(), steps = batch.steps, scheduler = %batch.scheduler,
             seconds = started.elapsed().as_secs_f32(), "batch generated"
@@ -568,6 +621,12 @@ impl Probe {
         )
     }
 }
+
+/// One UNet row's peak activations, in units of (latent pixels × first-level channels ×
+/// element size): the skip connections kept for the decoder, the transformer's q, k, v and
+/// output, and its 8×-wide feed-forward projection, with room to spare.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const ROW_ACTIVATIONS: u64 = 48;
 
 /// Classifier-free guidance is on above a scale of 1; at 1 or below it would change nothing.
 fn guided(batch: &Batch) -> bool {

@@ -148,6 +148,34 @@ fn each_image_of_a_batch_equals_its_solo_run() {
 }
 
 #[test]
+fn a_batch_over_the_device_limit_runs_in_passes_with_the_same_images() {
+    let items = [
+        ("a red fox", 1),
+        ("a lighthouse at night", 2),
+        ("a corgi", 3),
+    ];
+    let b = batch(Scheduler::EulerA, &items);
+    let whole = run(&b);
+    let mut reports = Vec::new();
+    let passes = engine()
+        .generate_limited(
+            &b,
+            &mut |p| {
+                reports.push((p.step, p.total));
+                ControlFlow::Continue(())
+            },
+            2,
+        )
+        .expect("generate");
+    assert_eq!(passes.len(), 3);
+    for (i, (a, b)) in whole.iter().zip(&passes).enumerate() {
+        assert!(max_diff(a, b) <= 2, "image {i}");
+    }
+    let total = b.steps * 2;
+    assert_eq!(reports, (1..=total).map(|s| (s, total)).collect::<Vec<_>>());
+}
+
+#[test]
 fn decoding_a_batch_equals_decoding_each_image() {
     use candle_core::{IndexOp, Tensor};
     let latents =

@@ -164,7 +164,7 @@ impl Attention {
 
 /// Most score elements one product may hold: candle's kernels and cuBLAS index with 32 bits,
 /// and a batch of 16 guided images at 512×512 would have 2³² scores.
-const MAX_SCORES: usize = 1 << 30;
+pub(crate) const MAX_SCORES: usize = 1 << 30;
 
 /// `softmax(q·kᵀ)·v` over `[rows, n, d]` (q already scaled), in slices of rows small enough
 /// that no score tensor exceeds [`MAX_SCORES`].

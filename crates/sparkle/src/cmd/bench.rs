@@ -97,6 +97,10 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
     );
     println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory |");
     println!("|---:|---:|---:|---:|---:|---:|");
+    let limit = engine.batch_limit(width, height, args.guidance > 1.0);
+    if limit != usize::MAX {
+        println!("at most {limit} images per pass at this size, from the device memory free now");
+    }
     if args.check {
         check_against_cpu(&engine, &args, scheduler, width, height)?;
     }
@@ -138,14 +142,21 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             size as f64 / best.total.as_secs_f64(),
             best.total.as_secs_f64(),
             step_s * 1e3,
-            if step_s > 0.0 { flops / step_s / 1e12 } else { 0.0 },
+            if step_s > 0.0 {
+                flops / step_s / 1e12
+            } else {
+                0.0
+            },
             best.memory
                 .map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64))
                 .unwrap_or_else(|| "n/a".into()),
         );
     }
     if let Some(first) = first_image {
-        println!("cold start (load to the first finished batch of {}): {first:.2?}", args.batch[0]);
+        println!(
+            "cold start (load to the first finished batch of {}): {first:.2?}",
+            args.batch[0]
+        );
     }
     println!(
         "UNet cost: {:.3} TFLOP per image per step{}",

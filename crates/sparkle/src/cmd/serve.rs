@@ -220,9 +220,9 @@ async fn start_gateway(
             bot_token,
             buttons: state.discord.as_ref().map(|d| d.buttons.clone()),
             options: sparkle_delivery::DeliveryOptions {
-                // A minute's notice, or a third of a shortened lifetime.
-                deadline_margin: Duration::from_secs(
-                    60.min(config.discord.token_lifetime_secs / 3),
+                // A minute's notice, or half of a shortened lifetime.
+                deadline_margin: Duration::from_millis(
+                    60_000.min(config.discord.token_lifetime_secs * 500),
                 ),
                 ..sparkle_delivery::DeliveryOptions::default()
             },
