@@ -286,6 +286,14 @@ pub struct Overrides {
 impl Config {
     /// Reads the configuration: defaults < `file` < `SPARKLE_*` environment < `flags`.
     pub fn load(file: Option<&Path>, flags: &Overrides) -> anyhow::Result<Config> {
+        let config = Config::read(file, flags)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads the configuration like [`Config::load`], without the checks that refuse
+    /// settings (for `sparkle audit`, which reports them).
+    pub fn read(file: Option<&Path>, flags: &Overrides) -> anyhow::Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
@@ -298,11 +306,11 @@ impl Config {
             .merge(Serialized::defaults(flags))
             .extract()
             .context("invalid configuration")?;
-        config.check()?;
         Ok(config)
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    /// Refuses settings that cannot work or are insecure under the profile.
+    pub fn check(&self) -> anyhow::Result<()> {
         if self.queue.lease_timeout_secs == 0 {
             bail!("queue.lease_timeout_secs must be at least 1");
         }
@@ -348,6 +356,18 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("sparkle.db")
+    }
+
+    /// The certificate chain and key the gateway serves, and whether they are the dev
+    /// profile's self-signed pair in the data directory (made on first start).
+    pub fn certificate_files(&self) -> (PathBuf, PathBuf, bool) {
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone(), false),
+            _ => {
+                let (cert, key) = sparkle_gateway::tls::self_signed_paths(&self.data_dir);
+                (cert, key, true)
+            }
+        }
     }
 
     pub fn images_dir(&self) -> PathBuf {

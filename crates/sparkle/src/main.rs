@@ -2,6 +2,7 @@
 //! configuration and wires the library crates together; the behaviour lives in them.
 
 mod admin;
+mod audit;
 mod cmd;
 mod config;
 mod keyring;
@@ -97,6 +98,12 @@ enum Command {
     /// database fields.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
+    /// The security posture, one line per check with pass, fail or n/a and the reason. Exits
+    /// non-zero when a check fails under the production profile.
+    Audit {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Benchmarks: numbers to report, not pass/fail checks.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -119,6 +126,7 @@ fn main() -> std::process::ExitCode {
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
         Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
+        Command::Audit { common } => runtime::block_on(cmd::audit::run(common)),
         Command::Bench(command) => cmd::bench::run(command),
     };
     match result {

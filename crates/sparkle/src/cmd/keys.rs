@@ -171,7 +171,7 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
-fn utc(secs: i64) -> String {
+pub(crate) fn utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rest = secs.rem_euclid(86_400);
     // Howard Hinnant's days-to-civil algorithm.

@@ -1,3 +1,4 @@
+pub mod audit;
 pub mod bench;
 pub mod discord;
 pub mod generate;
@@ -27,6 +28,17 @@ pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Con
     Config::load(common.config.as_deref(), &flags)
 }
 
+/// The configuration for `sparkle audit`: read, but not refused for what the audit reports.
+pub fn load_config_unchecked(common: &Common) -> anyhow::Result<Config> {
+    Config::read(
+        common.config.as_deref(),
+        &Overrides {
+            data_dir: common.data_dir.clone(),
+            ..Overrides::default()
+        },
+    )
+}
+
 /// Opens the queue and metadata database in the data directory, its sensitive fields
 /// sealed under the configured keyring.
 pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<SqliteQueue>> {
@@ -39,6 +51,25 @@ pub async fn open_queue_with(config: &Config, keys: Arc<Keys>) -> anyhow::Result
     let path = config.database_path();
     let fields = Arc::new(crate::keyring::SealedFields(keys));
     let queue = SqliteQueue::open(&path, &SqliteOptions::default(), fields)
+        .await
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+    Ok(Arc::new(queue))
+}
+
+/// Opens an existing database to read it: no migration, no sealing of older rows, nothing
+/// created.
+pub async fn open_queue_read_only(
+    config: &Config,
+    keys: Arc<Keys>,
+) -> anyhow::Result<Arc<SqliteQueue>> {
+    let path = config.database_path();
+    let fields = Arc::new(crate::keyring::SealedFields(keys));
+    let options = SqliteOptions {
+        migrate: false,
+        max_connections: 1,
+        ..SqliteOptions::default()
+    };
+    let queue = SqliteQueue::open(&path, &options, fields)
         .await
         .with_context(|| format!("cannot open the database {}", path.display()))?;
     Ok(Arc::new(queue))

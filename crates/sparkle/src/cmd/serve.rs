@@ -147,11 +147,14 @@ async fn start_gateway(
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let catalog = catalog(config.model_dir()?)?;
-    let (cert, key) = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
-        _ => sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &[hostname()])
-            .context("cannot make a self-signed certificate")?,
-    };
+    let (cert, key, self_signed) = config.certificate_files();
+    if self_signed {
+        sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &[hostname()])
+            .context("cannot make a self-signed certificate")?;
+    }
+    crate::audit::gather(config, crate::audit::Depth::Startup)
+        .await
+        .refuse_critical()?;
     let tls = sparkle_gateway::tls::load(&cert, &key)
         .await
         .with_context(|| {

@@ -4,5 +4,6 @@
 mod at_rest;
 mod discord;
 mod models;
+mod security;
 mod service;
 mod support;

@@ -441,3 +441,72 @@ pub fn png_info(bytes: &[u8]) -> (u32, u32, String) {
         .unwrap_or_default();
     (info.width, info.height, text)
 }
+
+/// A certificate authority for tests: it signs server certificates that clients trusting
+/// only `ca.pem` accept.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Sparkle test CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        TestCa {
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Writes `NAME.pem` (the certificate, for localhost and 127.0.0.1, valid for `days`)
+    /// and `NAME.key` (mode 0600) in `dir`, replacing earlier files of that name atomically.
+    pub fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        common_name: &str,
+        days: i64,
+    ) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        let write = |path: &Path, text: String, mode: u32| {
+            let temp = path.with_extension("new");
+            std::fs::write(&temp, text).expect("write");
+            std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            std::fs::rename(&temp, path).expect("rename");
+        };
+        write(&key_path, key.serialize_pem(), 0o600);
+        write(&cert_path, cert.pem(), 0o644);
+        (cert_path, key_path)
+    }
+}
+
+/// Runs `sparkle ARGS…`: (success, stdout, stderr).
+pub fn sparkle(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sparkle");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

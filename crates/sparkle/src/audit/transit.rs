@@ -1,0 +1,176 @@
+//! In transit: the listener's TLS, its certificate, and every connection Sparkle opens.
+
+use super::Check;
+use crate::config::{Config, Profile};
+use sparkle_gateway::tls;
+
+/// Days a certificate must still be valid for; fewer is a failure (renew it).
+pub const CERTIFICATE_MIN_DAYS: i64 = 14;
+
+fn versions() -> String {
+    let names: Vec<String> = tls::PROTOCOL_VERSIONS
+        .iter()
+        .map(|v| match v.version {
+            rustls::ProtocolVersion::TLSv1_3 => "1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "1.2".to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    format!(
+        "TLS {} preferred, {} minimum",
+        names.first().map_or("?", String::as_str),
+        names.last().map_or("?", String::as_str)
+    )
+}
+
+/// TLS mode and protocol versions of the public listener.
+pub fn tls(config: &Config) -> Check {
+    const NAME: &str = "tls";
+    let versions = versions();
+    match (&config.tls.cert_file, config.profile) {
+        (Some(_), _) => Check::pass(
+            NAME,
+            format!("rustls only, {versions}, HTTP/1.1; certificate and key from files"),
+        ),
+        (None, Profile::Dev) => Check::pass(
+            NAME,
+            format!("rustls only, {versions}, HTTP/1.1; self-signed certificate (dev profile)"),
+        ),
+        (None, Profile::Production) => Check::critical(
+            NAME,
+            "no tls.cert_file/tls.key_file: the production profile needs a real certificate",
+        ),
+    }
+}
+
+/// The certificate the listener serves: readable, matching its key, valid now and for more
+/// than [`CERTIFICATE_MIN_DAYS`].
+pub fn certificate(config: &Config, now: i64) -> Check {
+    const NAME: &str = "certificate";
+    let (cert, key, self_signed) = config.certificate_files();
+    if self_signed && !cert.exists() {
+        return Check::pass(
+            NAME,
+            format!(
+                "none yet: the first start makes a self-signed one in {}",
+                cert.parent().unwrap_or(&cert).display()
+            ),
+        );
+    }
+    let info = match tls::describe(&cert) {
+        Ok(info) => info,
+        Err(why) => return Check::critical(NAME, why),
+    };
+    if let Err(why) = tls::load_pair(&cert, &key) {
+        return Check::critical(NAME, why);
+    }
+    let days_left = (info.not_after - now).div_euclid(86_400);
+    let until = crate::cmd::keys::utc(info.not_after);
+    let names = if info.names.is_empty() {
+        "no subject alternative names".to_string()
+    } else {
+        info.names.join(", ")
+    };
+    let what = format!(
+        "{} for {names}{}",
+        cert.display(),
+        if info.self_signed {
+            ", self-signed"
+        } else {
+            ""
+        }
+    );
+    if info.not_before > now {
+        return Check::critical(
+            NAME,
+            format!(
+                "{what}: not valid before {}",
+                crate::cmd::keys::utc(info.not_before)
+            ),
+        );
+    }
+    if info.not_after <= now {
+        return Check::critical(NAME, format!("{what}: expired {until}"));
+    }
+    if info.names.is_empty() {
+        return Check::fail(
+            NAME,
+            format!("{what}: clients check names against the subject alternative names"),
+        );
+    }
+    if days_left < CERTIFICATE_MIN_DAYS {
+        return Check::fail(
+            NAME,
+            format!("{what}: {days_left} days left (until {until}), fewer than {CERTIFICATE_MIN_DAYS}; renew it"),
+        );
+    }
+    if info.self_signed && config.profile == Profile::Production {
+        return Check::fail(
+            NAME,
+            format!("{what}: self-signed; clients cannot verify it without being given it"),
+        );
+    }
+    Check::pass(
+        NAME,
+        format!("{what}; key matches; {days_left} days left (until {until})"),
+    )
+}
+
+/// TLS to the metadata database.
+pub fn database() -> Check {
+    Check::not_applicable("database-tls", "SQLite on local disk")
+}
+
+/// Whether `url` is `http://` to this machine.
+fn plain_to_loopback(url: &str) -> Option<bool> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    Some(
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()),
+    )
+}
+
+/// Connections Sparkle opens: every one verifies the server's certificate.
+pub fn outbound(config: &Config) -> Check {
+    const NAME: &str = "outbound-tls";
+    let base = config.discord.api_base.as_str();
+    if base.starts_with("https://") {
+        return Check::pass(
+            NAME,
+            format!("Discord at {base}: certificate verified (webpki roots), TLS 1.2 minimum; the image store is the local disk"),
+        );
+    }
+    match (plain_to_loopback(base), config.profile) {
+        (Some(true), Profile::Dev) => Check::fail(
+            NAME,
+            format!("discord.api_base {base} is plain http (to this machine; the dev profile allows it)"),
+        ),
+        (Some(_), _) => Check::critical(
+            NAME,
+            format!("discord.api_base {base} is plain http: tokens and images would cross the network unencrypted"),
+        ),
+        (None, _) => Check::critical(NAME, format!("discord.api_base {base} is not an https:// URL")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_told_apart_by_host() {
+        assert_eq!(plain_to_loopback("http://127.0.0.1:9/api"), Some(true));
+        assert_eq!(plain_to_loopback("http://[::1]:9/api"), Some(true));
+        assert_eq!(plain_to_loopback("http://localhost/api"), Some(true));
+        assert_eq!(plain_to_loopback("http://discord.example/api"), Some(false));
+        assert_eq!(plain_to_loopback("http://127.0.0.1.example/"), Some(false));
+        assert_eq!(plain_to_loopback("https://127.0.0.1/"), None);
+    }
+}
