@@ -30,6 +30,20 @@ impl RestError {
     }
 }
 
+/// A transport error in words, with its causes (a refused certificate says so), without
+/// the URL: interaction tokens are part of it.
+fn network_error(e: reqwest::Error) -> RestError {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    RestError::Network(text)
+}
+
 /// An image to attach.
 #[derive(Debug, Clone)]
 pub struct Attachment {
@@ -98,7 +112,7 @@ fn with_message(
         .map(|(i, image)| serde_json::json!({ "id": i, "filename": image.filename }))
         .collect();
     payload["attachments"] = serde_json::Value::from(attachments);
-    let part_error = |e: reqwest::Error| RestError::Network(e.without_url().to_string());
+    let part_error = |e: reqwest::Error| network_error(e);
     let json = reqwest::multipart::Part::text(payload.to_string())
         .mime_str("application/json")
         .map_err(part_error)?;
@@ -114,6 +128,10 @@ fn with_message(
 }
 
 impl DiscordRest {
+    /// A client for the API at `api_base`. Certificates are verified against the webpki
+    /// roots and TLS 1.2 is the least accepted; an `https://` base is never left for plain
+    /// http, not even by a redirect. (A plain `http://` base, for a proxy or a test server on
+    /// loopback, is the configuration's to allow or refuse.)
     pub fn new(api_base: &str) -> Result<Self, RestError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!(
@@ -121,9 +139,12 @@ impl DiscordRest {
                 env!("CARGO_PKG_VERSION"),
                 ")"
             ))
+            .tls_built_in_root_certs(true)
+            .min_tls_version(reqwest::tls::Version::TLS_1_2)
+            .https_only(api_base.starts_with("https://"))
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+            .map_err(network_error)?;
         Ok(DiscordRest {
             http,
             base: api_base.trim_end_matches('/').to_string(),
@@ -149,10 +170,7 @@ impl DiscordRest {
             self.base
         );
         let request = with_message(self.http.patch(&url), message)?;
-        let response = request
-            .send()
-            .await
-            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+        let response = request.send().await.map_err(network_error)?;
         self.check(response).await
     }
 
@@ -178,7 +196,7 @@ impl DiscordRest {
         let response = with_message(request, message)?
             .send()
             .await
-            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+            .map_err(network_error)?;
         self.check(response).await
     }
 
@@ -204,7 +222,7 @@ impl DiscordRest {
             .json(command)
             .send()
             .await
-            .map_err(|e| RestError::Network(e.without_url().to_string()))?;
+            .map_err(network_error)?;
         self.check(response).await
     }
 

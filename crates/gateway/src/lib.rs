@@ -46,6 +46,7 @@ pub async fn serve_tls(
         stopper.graceful_shutdown(Some(drain));
     });
     axum_server::from_tcp_rustls(listener, tls)?
+        .http1_only()
         .handle(handle)
         .serve(router.into_make_service_with_connect_info::<SocketAddr>())
         .await

@@ -19,6 +19,8 @@ use zeroize::Zeroizing;
 pub enum HubError {
     #[error("{name:?} is not a hub repository name (expected owner/name)")]
     BadName { name: String },
+    #[error("{url} is not https: plain http is only for a hub on this machine (a test server)")]
+    Insecure { url: String },
     #[error("{url}")]
     Http {
         url: String,
@@ -126,6 +128,22 @@ pub struct Pulled {
     pub bytes: u64,
 }
 
+/// Whether `url` is `http://` to this machine (`localhost` or a loopback address).
+fn plain_to_loopback(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Downloads the diffusers-layout files of `name` into `dir`, resuming and verifying.
 pub async fn pull(
     name: &str,
@@ -145,8 +163,19 @@ pub async fn pull(
         Some((owner, repo)) if valid(owner) && valid(repo) => {}
         _ => return Err(HubError::BadName { name: name.into() }),
     }
+    let secure = options.endpoint.starts_with("https://");
+    if !secure && !plain_to_loopback(&options.endpoint) {
+        return Err(HubError::Insecure {
+            url: options.endpoint.clone(),
+        });
+    }
+    // Certificates verified against the webpki roots, TLS 1.2 at least, and an https hub
+    // never followed to plain http (its downloads redirect to a CDN).
     let client = reqwest::Client::builder()
         .user_agent(concat!("sparkle/", env!("CARGO_PKG_VERSION")))
+        .tls_built_in_root_certs(true)
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .https_only(secure)
         .build()
         .map_err(|source| HubError::Http {
             url: options.endpoint.clone(),

@@ -278,3 +278,30 @@ async fn bad_names_and_missing_repositories_are_clear_errors() {
     };
     assert!(!format!("{secret:?}").contains("hf_secret"));
 }
+
+#[tokio::test]
+async fn plain_http_is_refused_beyond_this_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for endpoint in [
+        "http://hub.example",
+        "http://10.0.0.1:8080",
+        "ftp://hub.example",
+    ] {
+        let options = PullOptions {
+            token: Some(Zeroizing::new("hf_secret".into())),
+            ..options(endpoint)
+        };
+        let err = pull("acme/tiny", dir.path(), &options, &mut Quiet)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, HubError::Insecure { .. }),
+            "{endpoint}: {err}"
+        );
+    }
+    assert!(plain_to_loopback("http://127.0.0.1:9/x"));
+    assert!(plain_to_loopback("http://[::1]:9"));
+    assert!(plain_to_loopback("http://localhost:9"));
+    assert!(!plain_to_loopback("http://localhost.example:9"));
+    assert!(!plain_to_loopback("https://127.0.0.1"));
+}

@@ -149,13 +149,26 @@ impl DiscordConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain. In the dev profile a self-signed one is made when unset.
     pub cert_file: Option<PathBuf>,
-    /// PEM private key.
+    /// PEM private key (mode 0600).
     pub key_file: Option<PathBuf>,
+    /// Seconds between looks at the two files for a renewal; a changed pair is served on
+    /// new connections without a restart.
+    pub reload_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            reload_secs: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +348,12 @@ impl Config {
         {
             bail!("the production profile needs tls.cert_file and tls.key_file; self-signed certificates are for the dev profile");
         }
+        if self.profile == Profile::Production && !self.discord.api_base.starts_with("https://") {
+            bail!(
+                "discord.api_base must be an https:// URL under the production profile (got {:?}): plain http would carry tokens and images unencrypted",
+                self.discord.api_base
+            );
+        }
         if !(1..=900).contains(&self.discord.token_lifetime_secs) {
             bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");
         }
@@ -440,6 +459,13 @@ mod tests {
         let err =
             Config::load(Some(&file), &Overrides::default()).expect_err("production without certs");
         assert!(format!("{err:#}").contains("tls.cert_file"), "{err:#}");
+        std::fs::write(
+            &file,
+            "profile = \"production\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[discord]\napi_base = \"http://127.0.0.1:9/api\"\n",
+        )
+        .expect("write");
+        let err = Config::load(Some(&file), &Overrides::default()).expect_err("plain-http Discord");
+        assert!(format!("{err:#}").contains("discord.api_base"), "{err:#}");
     }
 
     #[test]

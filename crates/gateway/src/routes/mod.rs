@@ -6,13 +6,31 @@ mod submit;
 
 use crate::{ApiError, GatewayState};
 use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::routing::{get, post};
 use axum::Router;
 use sparkle_core::ErrorCode;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+/// Headers on every response, errors and refusals included. The API serves JSON, PNG and
+/// event streams, never pages to embed or scripts to run, so the policy allows nothing.
+const SECURITY_HEADERS: &[(HeaderName, &str)] = &[
+    (
+        header::STRICT_TRANSPORT_SECURITY,
+        "max-age=63072000; includeSubDomains",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (header::REFERRER_POLICY, "no-referrer"),
+];
 
 pub fn router(state: GatewayState) -> Router {
     let body_limit = state.options.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/discord/interactions", post(discord::interactions))
@@ -22,6 +40,23 @@ pub fn router(state: GatewayState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(body_limit));
+    with_security_headers(router).with_state(state)
+}
+
+/// Adds [`SECURITY_HEADERS`], and `Cache-Control: no-store` where a route set no caching
+/// of its own (answers belong to one API key).
+pub(crate) fn with_security_headers<S: Clone + Send + Sync + 'static>(
+    mut router: Router<S>,
+) -> Router<S> {
+    for (name, value) in SECURITY_HEADERS {
+        router = router.layer(SetResponseHeaderLayer::overriding(
+            name.clone(),
+            HeaderValue::from_static(value),
+        ));
+    }
+    router.layer(SetResponseHeaderLayer::if_not_present(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    ))
 }

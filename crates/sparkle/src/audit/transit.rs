@@ -30,7 +30,10 @@ pub fn tls(config: &Config) -> Check {
     match (&config.tls.cert_file, config.profile) {
         (Some(_), _) => Check::pass(
             NAME,
-            format!("rustls only, {versions}, HTTP/1.1; certificate and key from files"),
+            format!(
+                "rustls only, {versions}, HTTP/1.1; certificate and key from files, re-read within {} s of a change",
+                config.tls.reload_secs.max(1)
+            ),
         ),
         (None, Profile::Dev) => Check::pass(
             NAME,

@@ -149,21 +149,25 @@ async fn start_gateway(
     let catalog = catalog(config.model_dir()?)?;
     let (cert, key, self_signed) = config.certificate_files();
     if self_signed {
-        sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &[hostname()])
+        let mut names = vec![hostname()];
+        let ip = config.listen.ip();
+        if !ip.is_unspecified() && !ip.is_loopback() {
+            names.push(ip.to_string());
+        }
+        sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &names)
             .context("cannot make a self-signed certificate")?;
     }
     crate::audit::gather(config, crate::audit::Depth::Startup)
         .await
         .refuse_critical()?;
-    let tls = sparkle_gateway::tls::load(&cert, &key)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot load the certificate {} and key {}",
-                cert.display(),
-                key.display()
-            )
-        })?;
+    let certificate = sparkle_gateway::tls::ReloadingCertificate::new(
+        &cert,
+        &key,
+        Duration::from_secs(config.tls.reload_secs.max(1)),
+    )
+    .map_err(|why| anyhow::anyhow!("cannot load the certificate: {why}"))?;
+    let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
+        .context("cannot configure TLS")?;
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let discord = match &config.discord.public_key {
         None => None,

@@ -7,3 +7,4 @@ mod models;
 mod security;
 mod service;
 mod support;
+mod transit;

@@ -2,6 +2,7 @@
 //! an HTTPS client that trusts exactly its self-signed certificate.
 
 use serde_json::Value;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +30,10 @@ pub fn tiny_model() -> &'static Path {
 
 pub struct Service {
     child: Child,
-    data: tempfile::TempDir,
+    /// Holds the data directory (and any configuration) until the service is dropped.
+    _root: tempfile::TempDir,
+    data: PathBuf,
+    config: Option<PathBuf>,
     pub url: String,
     pub metrics_url: String,
     pub admin_key: String,
@@ -37,13 +41,17 @@ pub struct Service {
 }
 
 impl Service {
+    /// `sparkle up` under the dev profile, in a new data directory.
     pub async fn start(env: &[(&str, &str)]) -> Service {
-        let data = tempfile::tempdir().expect("tempdir");
-        let (child, (url, metrics_url), key) = spawn_up(data.path(), env);
-        let client = client_for(data.path());
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = root.path().to_path_buf();
+        let (child, (url, metrics_url), key) = spawn_up(&data, None, env);
+        let client = client_for(&data.join("tls/cert.pem"));
         let mut svc = Service {
             child,
+            _root: root,
             data,
+            config: None,
             url,
             metrics_url,
             admin_key: key.expect("the first start prints an admin key"),
@@ -53,9 +61,38 @@ impl Service {
         svc
     }
 
+    /// `sparkle up --config CONFIG` with its data in `root/data`, spoken to by a client that
+    /// trusts only the CA certificate `ca`.
+    pub async fn start_configured(
+        root: tempfile::TempDir,
+        config: PathBuf,
+        ca: &Path,
+        env: &[(&str, &str)],
+    ) -> Service {
+        let data = root.path().join("data");
+        let (child, (url, metrics_url), key) = spawn_up(&data, Some(&config), env);
+        let mut svc = Service {
+            child,
+            _root: root,
+            data,
+            config: Some(config),
+            url,
+            metrics_url,
+            admin_key: key.expect("the first start prints an admin key"),
+            client: client_for(ca),
+        };
+        svc.wait_ready().await;
+        svc
+    }
+
+    /// The HTTPS client that trusts this service.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// Starts `sparkle up` again on the same data directory.
     pub async fn restart(&mut self, env: &[(&str, &str)]) {
-        let (child, urls, key) = spawn_up(self.data.path(), env);
+        let (child, urls, key) = spawn_up(&self.data, self.config.as_deref(), env);
         assert!(
             key.is_none(),
             "the admin key is printed on the first start only"
@@ -80,7 +117,7 @@ impl Service {
 
     /// The service's self-signed certificate, for clients that take a CA file.
     pub fn certificate(&self) -> PathBuf {
-        self.data.path().join("tls/cert.pem")
+        self.data.join("tls/cert.pem")
     }
 
     pub fn pid(&self) -> u32 {
@@ -114,7 +151,7 @@ impl Service {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.path().join("test.log")).unwrap_or_default()
+        std::fs::read_to_string(self.data.join("test.log")).unwrap_or_default()
     }
 
     /// Rows in the jobs table, read straight from the database file.
@@ -122,7 +159,7 @@ impl Service {
         let out = Command::new("python3")
             .arg("-c")
             .arg("import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from jobs').fetchone()[0])")
-            .arg(self.data.path().join("sparkle.db"))
+            .arg(self.data.join("sparkle.db"))
             .output()
             .expect("python3 reads the database");
         String::from_utf8_lossy(&out.stdout)
@@ -134,7 +171,12 @@ impl Service {
     pub async fn create_key(&self, name: &str) -> String {
         let out = Command::new(BIN)
             .args(["key", "create", "--name", name, "--data-dir"])
-            .arg(self.data.path())
+            .arg(&self.data)
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [OsStr::new("--config"), c.as_os_str()]),
+            )
             .output()
             .expect("sparkle key create");
         assert!(
@@ -324,7 +366,12 @@ pub fn kill(pid: u32, signal: &str) {
 }
 
 #[allow(clippy::zombie_processes)] // the Service that owns the child waits for it on drop
-fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, (String, String), Option<String>) {
+fn spawn_up(
+    data: &Path,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> (Child, (String, String), Option<String>) {
+    std::fs::create_dir_all(data).expect("data directory");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -340,6 +387,11 @@ fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, (String, String), Opti
             "--data-dir",
         ])
         .arg(data)
+        .args(
+            config
+                .iter()
+                .flat_map(|c| [OsStr::new("--config"), c.as_os_str()]),
+        )
         .arg("--model")
         .arg(tiny_model())
         .env("SPARKLE_QUEUE__LEASE_TIMEOUT_SECS", "10")
@@ -378,8 +430,9 @@ fn spawn_up(data: &Path, env: &[(&str, &str)]) -> (Child, (String, String), Opti
     }
 }
 
-fn client_for(data: &Path) -> reqwest::Client {
-    let pem = std::fs::read(data.join("tls/cert.pem")).expect("the self-signed certificate");
+/// An HTTPS client that trusts only the certificate (or CA) in `trusted`.
+pub fn client_for(trusted: &Path) -> reqwest::Client {
+    let pem = std::fs::read(trusted).expect("the certificate to trust");
     reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -446,6 +499,7 @@ pub fn png_info(bytes: &[u8]) -> (u32, u32, String) {
 /// only `ca.pem` accept.
 pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
 }
 
 impl TestCa {
@@ -456,8 +510,10 @@ impl TestCa {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "Sparkle test CA");
         let key = rcgen::KeyPair::generate().expect("key");
+        let pem = params.self_signed(&key).expect("ca").pem();
         TestCa {
             issuer: rcgen::Issuer::new(params, key),
+            pem,
         }
     }
 
@@ -493,6 +549,15 @@ impl TestCa {
         write(&key_path, key.serialize_pem(), 0o600);
         write(&cert_path, cert.pem(), 0o644);
         (cert_path, key_path)
+    }
+}
+
+impl TestCa {
+    /// Writes the CA certificate to `dir/ca.pem`, for clients to trust.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.pem).expect("ca");
+        path
     }
 }
 
