@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <mma.h>
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -185,3 +186,174 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
 ROWS(float, f32)
 ROWS(__half, f16)
 ROWS(__nv_bfloat16, bf16)
+
+// Attention without the score matrix (the flash-attention scheme): per (image, head), a
+// block of 4 warps takes 64 queries, walks the keys 64 at a time, and keeps a running
+// maximum, sum and output per query, so the n×m scores never reach global memory. The
+// products run on tensor cores (WMMA, f32 accumulation); the softmax in f32.
+//
+// q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
+// contiguous, head h at column h·d); out: [b, n, heads·d] contiguous. DP is d rounded up to
+// a multiple of 16; the padding is zero.
+constexpr int FA_BQ = 64, FA_BK = 64, FA_WARPS = 4;
+
+template <int DP, typename T>
+struct FaLayout {
+    static constexpr int LD = DP + 8;          // shared row length of Q, K, V (halves)
+    static constexpr int PLD = FA_BK + 8;      // shared row length of P
+    static constexpr int SCR = 16 * (DP > FA_BK ? DP : FA_BK);
+    static constexpr int WARP_FLOATS = SCR + 16 * DP + 32 + 16 * PLD * (int)sizeof(T) / 4;
+    static constexpr int BYTES = 3 * 64 * LD * (int)sizeof(T) + FA_WARPS * WARP_FLOATS * 4;
+};
+
+template <typename T, int DP>
+__device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
+                                const T* __restrict__ v, T* __restrict__ out, int heads, int n,
+                                int m, int d, int64_t q_batch, int64_t q_row, int64_t kv_batch,
+                                int64_t kv_row, float scale) {
+    using namespace nvcuda;
+    using L = FaLayout<DP, T>;
+    constexpr int LD = L::LD, PLD = L::PLD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* Qs = reinterpret_cast<T*>(smem);
+    T* Ks = Qs + FA_BQ * LD;
+    T* Vs = Ks + FA_BK * LD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* S = reinterpret_cast<float*>(Vs + FA_BK * LD) + warp * L::WARP_FLOATS;
+    float* O = S + L::SCR;
+    float* row_m = O + 16 * DP;
+    float* row_l = row_m + 16;
+    T* P = reinterpret_cast<T*>(row_l + 16);
+
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int q0 = blockIdx.x * FA_BQ;
+    const T* qb = q + b * q_batch + (int64_t)h * d;
+    const T* kb = k + b * kv_batch + (int64_t)h * d;
+    const T* vb = v + b * kv_batch + (int64_t)h * d;
+    const T zero = from_f<T>(0.f);
+
+    // Rows are moved 16 bytes at a time when a head's width allows (d a multiple of 8).
+    const bool wide = d % 8 == 0;
+    auto load_tile = [&](T* dst, const T* src, int first, int count, int64_t row) {
+        if (wide) {
+            constexpr int CH = DP / 8;
+            const int dch = d / 8;
+            for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+                int r = idx / CH, c = idx % CH, i = first + r;
+                uint4 val = make_uint4(0, 0, 0, 0);
+                if (i < count && c < dch)
+                    val = *reinterpret_cast<const uint4*>(src + (int64_t)i * row + c * 8);
+                *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
+            }
+        } else {
+            for (int idx = threadIdx.x; idx < 64 * DP; idx += blockDim.x) {
+                int r = idx / DP, c = idx % DP, i = first + r;
+                dst[r * LD + c] = (i < count && c < d) ? src[(int64_t)i * row + c] : zero;
+            }
+        }
+    };
+    load_tile(Qs, qb, q0, n, q_row);
+    for (int idx = lane; idx < 16 * DP; idx += 32) O[idx] = 0.f;
+    if (lane < 16) {
+        row_m[lane] = -INFINITY;
+        row_l[lane] = 0.f;
+    }
+
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[DP / 16];
+    for (int k0 = 0; k0 < m; k0 += FA_BK) {
+        __syncthreads();
+        load_tile(Ks, kb, k0, m, kv_row);
+        load_tile(Vs, vb, k0, m, kv_row);
+        __syncthreads();
+        if (k0 == 0) {
+            // This warp's queries stay in registers for the whole walk over the keys.
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++)
+                wmma::load_matrix_sync(qf[kk], Qs + warp * 16 * LD + kk * 16, LD);
+        }
+
+        // S = Q·Kᵀ for this warp's 16 queries and the tile's 64 keys.
+#pragma unroll
+        for (int nn = 0; nn < FA_BK / 16; nn++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
+                wmma::load_matrix_sync(bt, Ks + nn * 16 * LD + kk * 16, LD);
+                wmma::mma_sync(acc, qf[kk], bt, acc);
+            }
+            wmma::store_matrix_sync(S + nn * 16, acc, FA_BK, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // Online softmax: each lane owns keys `lane` and `lane + 32` of every row, so the
+        // warp reads and writes shared memory without bank conflicts.
+        {
+            const bool in0 = k0 + lane < m, in1 = k0 + lane + 32 < m;
+            for (int r = 0; r < 16; r++) {
+                const float s0 = in0 ? S[r * FA_BK + lane] * scale : -INFINITY;
+                const float s1 = in1 ? S[r * FA_BK + lane + 32] * scale : -INFINITY;
+                float mx = fmaxf(s0, s1);
+                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+                const float m_old = row_m[r];
+                const float m_new = fmaxf(m_old, mx);
+                const float p0 = __expf(s0 - m_new), p1 = __expf(s1 - m_new);
+                P[r * PLD + lane] = from_f<T>(p0);
+                P[r * PLD + lane + 32] = from_f<T>(p1);
+                float sum = p0 + p1;
+                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+                const float alpha = __expf(m_old - m_new);
+                if (lane == 0) {
+                    row_m[r] = m_new;
+                    row_l[r] = row_l[r] * alpha + sum;
+                }
+                for (int c = lane; c < DP; c += 32) O[r * DP + c] *= alpha;
+            }
+        }
+        __syncwarp();
+
+        // O += P·V, through the scratch tile.
+#pragma unroll
+        for (int nn = 0; nn < DP / 16; nn++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < FA_BK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
+                wmma::load_matrix_sync(a, P + kk, PLD);
+                wmma::load_matrix_sync(bv, Vs + kk * LD + nn * 16, LD);
+                wmma::mma_sync(acc, a, bv, acc);
+            }
+            wmma::store_matrix_sync(S + nn * 16, acc, DP, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int idx = lane; idx < 16 * DP; idx += 32) O[idx] += S[idx];
+        __syncwarp();
+    }
+
+    for (int idx = lane; idx < 16 * d; idx += 32) {
+        int r = idx / d, c = idx % d, i = q0 + warp * 16 + r;
+        if (i < n)
+            out[((int64_t)b * n + i) * heads * d + (int64_t)h * d + c] =
+                from_f<T>(O[r * DP + c] / row_l[r]);
+    }
+}
+
+#define FLASH(T, NAME, DP)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128)                                        \
+        flash_attention_##DP##_##NAME(const T* q, const T* k, const T* v, T* out, int heads, \
+                                      int n, int m, int d, int64_t q_batch, int64_t q_row,   \
+                                      int64_t kv_batch, int64_t kv_row, float scale) {       \
+        flash_attention<T, DP>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,       \
+                               kv_row, scale);                                               \
+    }
+#define FLASH_ALL(T, NAME) \
+    FLASH(T, NAME, 48)     \
+    FLASH(T, NAME, 64)     \
+    FLASH(T, NAME, 80)     \
+    FLASH(T, NAME, 128)    \
+    FLASH(T, NAME, 160)
+FLASH_ALL(__half, f16)
+FLASH_ALL(__nv_bfloat16, bf16)

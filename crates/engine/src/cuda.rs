@@ -729,3 +729,159 @@ macro_rules! unary_op {
 
 unary_op!(SoftmaxOp, "sparkle-softmax");
 unary_op!(GegluOp, "sparkle-geglu");
+
+/// Head widths the attention kernel is built for (d rounded up to one of these).
+const FLASH_WIDTHS: [usize; 5] = [48, 64, 80, 128, 160];
+
+/// Whether [`attention`] takes these: asked for with `SPARKLE_FLASH_ATTENTION=1`, f16 or
+/// bf16 on CUDA, heads at most 160 wide. Off by default: it halves the memory of a batch,
+/// but on an H100 it is still slower than the score matrix through cuBLAS (bench/ENGINE.md).
+pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASKED.get_or_init(|| std::env::var("SPARKLE_FLASH_ATTENTION").is_ok_and(|v| v == "1"))
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && head_dim <= FLASH_WIDTHS[FLASH_WIDTHS.len() - 1]
+}
+
+/// `softmax(q·kᵀ·scale)·v` per head without the score matrix: q `[b, n, heads·d]`, k and
+/// v `[b, m, heads·d]` (the projections as they come), out `[b, n, heads·d]`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3_no_bwd(&k, &v, &AttentionOp { heads, scale })
+}
+
+struct AttentionOp {
+    heads: usize,
+    scale: f64,
+}
+
+impl AttentionOp {
+    fn run<T: Element>(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = qs.device().clone();
+        let (&[b, n, width], &[kb, m, kw]) = (ql.dims(), kl.dims()) else {
+            return Err(fail("attention inputs must be [b, n, heads·d]"));
+        };
+        let heads = self.heads;
+        if heads == 0 || width % heads != 0 || kb != b || kw != width || vl.dims() != kl.dims() {
+            return Err(fail(format!(
+                "attention shapes {:?} {:?} {:?} with {heads} heads",
+                ql.dims(),
+                kl.dims(),
+                vl.dims()
+            )));
+        }
+        let d = width / heads;
+        let dp = FLASH_WIDTHS
+            .into_iter()
+            .find(|&w| w >= d)
+            .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
+        let (q, k, v) = (
+            view::<T>(qs, ql, "queries")?,
+            view::<T>(ks, kl, "keys")?,
+            view::<T>(vs, vl, "values")?,
+        );
+        let func = module(&dev)?
+            .load_function(&format!("flash_attention_{dp}_{}", T::SUFFIX))
+            .map_err(driver)?;
+        // The kernel's shared memory: Q, K and V tiles, then per warp the scores/scratch,
+        // the running output, the row statistics and the probabilities.
+        let (ld, pld) = (dp + 8, 64 + 8);
+        let warp_floats = 16 * dp.max(64) + 16 * dp + 32 + 16 * pld * std::mem::size_of::<T>() / 4;
+        let bytes = 3 * 64 * ld * std::mem::size_of::<T>() + 4 * warp_floats * 4;
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(driver)?;
+        // SAFETY: every output element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(b * n * width)? };
+        let stream = dev.cuda_stream();
+        let (heads32, n32, m32, d32) = (heads as i32, n as i32, m as i32, d as i32);
+        let (q_batch, q_row, kv_batch, kv_row) = (
+            (n * width) as i64,
+            width as i64,
+            (m * width) as i64,
+            width as i64,
+        );
+        let scale = self.scale as f32;
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&mut out)
+            .arg(&heads32)
+            .arg(&n32)
+            .arg(&m32)
+            .arg(&d32)
+            .arg(&q_batch)
+            .arg(&q_row)
+            .arg(&kv_batch)
+            .arg(&kv_row)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, (b * heads) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        };
+        // SAFETY: one block per 64 queries of one (image, head); reads stay below n and m
+        // rows and d columns of each head, writes below n rows.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        Ok((
+            CudaStorage {
+                slice: T::wrap(out),
+                device: dev,
+            },
+            Shape::from((b, n, width)),
+        ))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sparkle-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Err(fail("the fused attention runs on CUDA only"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match qs.dtype() {
+            DType::F16 => self.run::<f16>(qs, ql, ks, kl, vs, vl),
+            DType::BF16 => self.run::<bf16>(qs, ql, ks, kl, vs, vl),
+            other => Err(fail(format!("no fused attention for {other:?}"))),
+        }
+    }
+}

@@ -151,6 +151,17 @@ impl Attention {
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let context = context.unwrap_or(xs);
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused_attention(xs, dim / self.heads) {
+            let out = crate::cuda::attention(
+                &self.to_q.forward(xs)?,
+                &self.to_k.forward(context)?,
+                &self.to_v.forward(context)?,
+                self.heads,
+                self.scale,
+            )?;
+            return self.to_out.forward(&out);
+        }
         let q = self.split((self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split(self.to_k.forward(context)?)?;
         let v = self.split(self.to_v.forward(context)?)?;
