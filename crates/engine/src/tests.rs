@@ -176,6 +176,21 @@ fn a_batch_over_the_device_limit_runs_in_passes_with_the_same_images() {
 }
 
 #[test]
+fn probes_agree_with_themselves_and_tell_seeds_apart() {
+    let b = batch(Scheduler::Ddim, &[("a red fox", 1)]);
+    let first = engine().probe(&b).expect("probe");
+    assert_eq!(
+        first.relative_error(&engine().probe(&b).expect("probe")),
+        (0.0, 0.0)
+    );
+    let other = engine()
+        .probe(&batch(Scheduler::Ddim, &[("a red fox", 2)]))
+        .expect("probe");
+    let (step, image) = other.relative_error(&first);
+    assert!(step > 0.1 && image > 0.01, "{step} {image}");
+}
+
+#[test]
 fn decoding_a_batch_equals_decoding_each_image() {
     use candle_core::{IndexOp, Tensor};
     let latents =
