@@ -61,6 +61,8 @@ pub enum ErrorCode {
     QueueFull,
     /// A synchronous request waited longer than the gateway allows.
     Timeout,
+    /// The client took longer than the gateway allows to send its request.
+    RequestTimeout,
     /// Something failed inside Sparkle; the message says what, without secrets.
     Internal,
     /// A dependency (database, store) is not reachable.
@@ -97,6 +99,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
         }
@@ -122,6 +125,7 @@ impl ErrorCode {
             InsufficientScope => 403,
             JobNotFound | ImageNotFound | NotFound => 404,
             IdempotencyConflict | JobNotFinished | JobAlreadyFinished => 409,
+            RequestTimeout => 408,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
             RateLimited => 429,

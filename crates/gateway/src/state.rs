@@ -1,7 +1,9 @@
+use crate::limits::RateLimiter;
 use sparkle_core::{Catalog, Limits};
 use sparkle_queue::{ApiKeys, JobQueue};
 use sparkle_store::ImageStore;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,13 @@ pub struct GatewayOptions {
     pub sync_timeout: Duration,
     /// How often job state is re-read for events and synchronous waits.
     pub poll_interval: Duration,
+    /// How long a client has to send its body, and a route that does not wait for images to
+    /// answer.
+    pub request_timeout: Duration,
+    /// Requests a second from one client address, before authentication (0: no limit), and
+    /// the burst above that rate.
+    pub per_ip_requests_per_sec: u32,
+    pub per_ip_burst: u32,
 }
 
 impl Default for GatewayOptions {
@@ -28,6 +37,9 @@ impl Default for GatewayOptions {
             max_attempts: 3,
             sync_timeout: Duration::from_secs(600),
             poll_interval: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(30),
+            per_ip_requests_per_sec: 50,
+            per_ip_burst: 200,
         }
     }
 }
@@ -43,6 +55,22 @@ pub struct GatewayState {
     pub options: Arc<GatewayOptions>,
     /// The Discord interactions endpoint, when an application is configured.
     pub discord: Option<Arc<DiscordEndpoint>>,
+    /// Request rates, as the options set them.
+    pub admission: Arc<Admission>,
+}
+
+/// The rate limiters every request passes.
+pub struct Admission {
+    /// By client address, before authentication.
+    pub per_ip: Option<RateLimiter<IpAddr>>,
+}
+
+impl Admission {
+    pub fn new(options: &GatewayOptions) -> Self {
+        Admission {
+            per_ip: RateLimiter::new(options.per_ip_requests_per_sec, options.per_ip_burst),
+        }
+    }
 }
 
 /// What the Discord endpoint needs.

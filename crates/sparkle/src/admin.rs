@@ -10,6 +10,8 @@
 //! | `sparkle_workers_desired` | gauge | the scaler's target |
 //! | `sparkle_jobs_submitted_total` | counter | jobs accepted (not counting idempotent repeats) |
 //! | `sparkle_requests_refused_total{code}` | counter | error answers, by error code |
+//! | `sparkle_connections_open` | gauge | connections admitted to the public listener and still open |
+//! | `sparkle_connections_refused_total{reason}` | counter | connections closed at once: `max_connections`, `max_connections_per_ip` |
 
 use anyhow::Context;
 use axum::routing::get;

@@ -36,6 +36,7 @@ pub struct Config {
     /// The model the workers serve: a diffusers-layout directory or a single-file checkpoint.
     pub model: Option<PathBuf>,
     pub tls: TlsConfig,
+    pub gateway: GatewayConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub scaler: ScalerConfig,
@@ -171,6 +172,53 @@ impl Default for TlsConfig {
     }
 }
 
+/// Limits of the public listener against abuse: sizes, timeouts, connections and request
+/// rates. A rate of 0 turns that limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Largest request line plus headers (at least 8192); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Seconds a client has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send a request's body, and a route that does not wait for
+    /// images has to answer; beyond, 408.
+    pub request_timeout_secs: u64,
+    /// Seconds a client may leave the answer unread before the connection is dropped.
+    pub send_timeout_secs: u64,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one address (an IPv6 /64) at most.
+    pub max_connections_per_ip: usize,
+    /// Requests per second from one address, before authentication; beyond, 429 with
+    /// `Retry-After`. Health probes are not counted.
+    pub per_ip_requests_per_sec: u32,
+    /// Requests one address may send at once above its rate.
+    pub per_ip_burst: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 15,
+            request_timeout_secs: 30,
+            send_timeout_secs: 30,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            per_ip_requests_per_sec: 50,
+            per_ip_burst: 200,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
@@ -261,6 +309,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             model: None,
             tls: TlsConfig::default(),
+            gateway: GatewayConfig::default(),
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
             scaler: ScalerConfig::default(),
@@ -353,6 +402,23 @@ impl Config {
                 "discord.api_base must be an https:// URL under the production profile (got {:?}): plain http would carry tokens and images unencrypted",
                 self.discord.api_base
             );
+        }
+        let g = &self.gateway;
+        if g.max_header_bytes < 8192 {
+            bail!("gateway.max_header_bytes must be at least 8192");
+        }
+        for (name, value) in [
+            ("max_body_bytes", g.max_body_bytes as u64),
+            ("handshake_timeout_secs", g.handshake_timeout_secs),
+            ("header_timeout_secs", g.header_timeout_secs),
+            ("request_timeout_secs", g.request_timeout_secs),
+            ("send_timeout_secs", g.send_timeout_secs),
+            ("max_connections", g.max_connections as u64),
+            ("max_connections_per_ip", g.max_connections_per_ip as u64),
+        ] {
+            if value == 0 {
+                bail!("gateway.{name} must be at least 1");
+            }
         }
         if !(1..=900).contains(&self.discord.token_lifetime_secs) {
             bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");

@@ -4,9 +4,9 @@ mod jobs;
 mod openai;
 mod submit;
 
-use crate::{ApiError, GatewayState};
-use axum::extract::DefaultBodyLimit;
+use crate::{limits, ApiError, GatewayState};
 use axum::http::{header, HeaderName, HeaderValue};
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use sparkle_core::ErrorCode;
@@ -28,19 +28,26 @@ const SECURITY_HEADERS: &[(HeaderName, &str)] = &[
     (header::REFERRER_POLICY, "no-referrer"),
 ];
 
+/// Every route, behind the limits: per-address rate, then the body read within the
+/// request timeout, then (except for the routes that wait for images: the synchronous
+/// OpenAI route and event streams) the answer within it too.
 pub fn router(state: GatewayState) -> Router {
-    let body_limit = state.options.max_body_bytes;
-    let router = Router::new()
+    let waiting = Router::new()
+        .route("/v1/images/generations", post(openai::generate))
+        .route("/v1/jobs/{id}/events", get(jobs::events));
+    let answering = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/discord/interactions", post(discord::interactions))
-        .route("/v1/images/generations", post(openai::generate))
         .route("/v1/jobs", post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::show).delete(jobs::cancel))
-        .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
-        .layer(DefaultBodyLimit::max(body_limit));
+        .layer(from_fn_with_state(state.clone(), limits::deadline));
+    let router = waiting
+        .merge(answering)
+        .layer(from_fn_with_state(state.clone(), limits::read_body))
+        .layer(from_fn_with_state(state.clone(), limits::per_ip));
     with_security_headers(router).with_state(state)
 }
 

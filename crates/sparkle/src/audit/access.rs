@@ -156,6 +156,34 @@ pub fn profile(config: &Config) -> Check {
     }
 }
 
+/// Limits against abuse are on.
+pub fn limits(config: &Config) -> Check {
+    const NAME: &str = "limits";
+    let g = &config.gateway;
+    let kib = |n: usize| format!("{} KiB", n / 1024);
+    let mut text = format!(
+        "body {}, headers {}, prompt {} chars; handshake {} s, headers and idle {} s, request {} s, unread answer {} s; {} connections, {} per address",
+        kib(g.max_body_bytes),
+        kib(g.max_header_bytes),
+        config.limits.max_prompt_chars,
+        g.handshake_timeout_secs,
+        g.header_timeout_secs,
+        g.request_timeout_secs,
+        g.send_timeout_secs,
+        g.max_connections,
+        g.max_connections_per_ip,
+    );
+    if g.per_ip_requests_per_sec == 0 {
+        text.push_str("; no per-address rate limit (gateway.per_ip_requests_per_sec = 0)");
+        return Check::fail(NAME, text);
+    }
+    text.push_str(&format!(
+        "; {}/s per address (burst {}) before authentication",
+        g.per_ip_requests_per_sec, g.per_ip_burst
+    ));
+    Check::pass(NAME, text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,7 @@ pub async fn gather(config: &Config, depth: Depth) -> Report {
     checks.push(access::admin(config));
     checks.push(at_rest::images(config));
     checks.push(access::api_keys(config, depth).await);
+    checks.push(access::limits(config));
     checks.push(transit::outbound(config));
     checks.push(access::profile(config));
     Report {

@@ -286,4 +286,9 @@ fn the_dev_profile_facing_a_network_fails_and_open_data_directories_fail() {
     config.profile = Profile::Production;
     config.tls = Default::default();
     assert!(transit::tls(&config).is_critical());
+
+    assert!(!access::limits(&config).failed());
+    config.gateway.per_ip_requests_per_sec = 0;
+    let line = access::limits(&config);
+    assert!(line.failed() && !line.is_critical(), "{line}");
 }

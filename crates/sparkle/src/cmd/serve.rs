@@ -192,19 +192,35 @@ async fn start_gateway(
             }))
         }
     };
+    let g = &config.gateway;
+    let options = Arc::new(GatewayOptions {
+        max_body_bytes: g.max_body_bytes,
+        max_attempts: config.queue.max_attempts,
+        max_queued_jobs: config.queue.max_queued_jobs,
+        sync_timeout: Duration::from_secs(config.queue.sync_timeout_secs),
+        request_timeout: Duration::from_secs(g.request_timeout_secs),
+        per_ip_requests_per_sec: g.per_ip_requests_per_sec,
+        per_ip_burst: g.per_ip_burst,
+        ..GatewayOptions::default()
+    });
+    let listener_options = sparkle_gateway::ListenerOptions {
+        drain: DRAIN,
+        handshake_timeout: Duration::from_secs(g.handshake_timeout_secs),
+        header_timeout: Duration::from_secs(g.header_timeout_secs),
+        send_timeout: Duration::from_secs(g.send_timeout_secs),
+        max_header_bytes: g.max_header_bytes,
+        max_connections: g.max_connections,
+        max_connections_per_ip: g.max_connections_per_ip,
+    };
     let state = GatewayState {
         queue: queue.clone() as Arc<dyn JobQueue>,
         keys: queue.clone(),
         store,
         catalog: Arc::new(catalog),
         limits: Arc::new(config.limits.clone()),
-        options: Arc::new(GatewayOptions {
-            max_attempts: config.queue.max_attempts,
-            max_queued_jobs: config.queue.max_queued_jobs,
-            sync_timeout: Duration::from_secs(config.queue.sync_timeout_secs),
-            ..GatewayOptions::default()
-        }),
+        options: options.clone(),
         discord,
+        admission: Arc::new(sparkle_gateway::Admission::new(&options)),
     };
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -238,7 +254,7 @@ async fn start_gateway(
     }
     let router = sparkle_gateway::router(state);
     Ok(tokio::spawn(async move {
-        sparkle_gateway::serve_tls(listener, tls, router, shutdown, DRAIN)
+        sparkle_gateway::serve_tls(listener, tls, router, shutdown, &listener_options)
             .await
             .context("gateway")
     }))

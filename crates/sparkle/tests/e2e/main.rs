@@ -3,6 +3,7 @@
 
 mod at_rest;
 mod discord;
+mod limits;
 mod models;
 mod security;
 mod service;

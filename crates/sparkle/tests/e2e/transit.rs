@@ -2,7 +2,7 @@
 //! renewed under a running service, and outbound clients that refuse what they cannot verify.
 
 use crate::security::production_setup;
-use crate::support::{self, sparkle, Service, TestCa};
+use crate::support::{self, port_of, sparkle, Service, TestCa};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -11,13 +11,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a port")
-}
 
 fn der(pem_file: &Path) -> CertificateDer<'static> {
     let pem = std::fs::read(pem_file).expect("pem");
