@@ -5,6 +5,7 @@ mod at_rest;
 mod discord;
 mod limits;
 mod models;
+mod network;
 mod security;
 mod service;
 mod support;

@@ -1,0 +1,379 @@
+//! Network layers: which process listens where, read from the kernel; and gateway, worker and
+//! client on separate network namespaces, where the client reaches the gateway's public port
+//! and nothing else, and the worker needs no network at all.
+
+use crate::support::{self, Service};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The inodes of the sockets process `pid` holds open.
+fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return inodes;
+    };
+    for fd in fds.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let target = target.to_string_lossy();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}
+
+/// A `/proc/net` address (`0100007F:1F90`): the kernel writes each 32-bit word of the
+/// address in host order.
+fn parse_address(hex: &str) -> Option<SocketAddr> {
+    let (ip, port) = hex.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).map(u32::from_be))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip = match words.as_slice() {
+        [w] => IpAddr::V4(Ipv4Addr::from(w.to_be_bytes())),
+        [a, b, c, d] => {
+            let mut octets = [0u8; 16];
+            for (i, w) in [a, b, c, d].iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// What process `pid`'s sockets are doing: (TCP listening addresses, TCP connections, UDP
+/// sockets), from `/proc/PID/net/*` joined with `/proc/PID/fd`.
+fn sockets_of(pid: u32) -> (Vec<SocketAddr>, usize, usize) {
+    let mine = socket_inodes(pid);
+    let mut listening = Vec::new();
+    let (mut connected, mut udp) = (0, 0);
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if !inode.parse().is_ok_and(|i: u64| mine.contains(&i)) {
+                continue;
+            }
+            match (table.starts_with("udp"), *state) {
+                (true, _) => udp += 1,
+                (false, "0A") => listening.extend(parse_address(local)),
+                (false, _) => connected += 1,
+            }
+        }
+    }
+    (listening, connected, udp)
+}
+
+#[test]
+fn proc_net_addresses_parse() {
+    assert_eq!(
+        parse_address("0100007F:1F90"),
+        Some("127.0.0.1:8080".parse().expect("addr"))
+    );
+    assert_eq!(
+        parse_address("00000000000000000000000001000000:01BB"),
+        Some("[::1]:443".parse().expect("addr"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_listens_nowhere_and_metrics_listen_on_loopback_only() {
+    let svc = Service::start(&[("SPARKLE_SCALER__MIN_WORKERS", "1")]).await;
+    // A finished job shows the worker is up and working, not just started.
+    let (status, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a quiet harbour", "size": "64x64", "steps": 1}),
+            Some(&svc.admin_key),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id");
+    svc.wait_for(id, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+    let workers = svc.worker_pids();
+    assert!(!workers.is_empty(), "a worker runs");
+    for worker in workers {
+        let (listening, connected, udp) = sockets_of(worker);
+        assert_eq!(
+            (listening.as_slice(), connected, udp),
+            (&[][..], 0, 0),
+            "worker {worker} holds sockets"
+        );
+    }
+    let gateway: SocketAddr = svc
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .expect("addr");
+    let metrics: SocketAddr = svc
+        .metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .expect("addr");
+    let (mut listening, _, udp) = sockets_of(svc.pid());
+    listening.sort();
+    let mut expected = vec![gateway, metrics];
+    expected.sort();
+    assert_eq!(listening, expected, "the gateway and metrics, nothing else");
+    assert!(metrics.ip().is_loopback(), "{metrics}");
+    assert_eq!(udp, 0);
+}
+
+/// Network namespaces made for one test, removed (with the processes run in them) on drop.
+struct Namespaces {
+    names: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            support::kill(child.id(), "TERM");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for child in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for name in &self.names {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A client in its own namespace: submits a job, waits for it, fetches the image, then
+/// knocks on the gateway host's other ports. Prints what it found as JSON.
+const CLIENT: &str = r#"
+import json, socket, ssl, sys, time, urllib.request
+url, cafile, key, admin_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=cafile)
+def call(method, path, body=None):
+    req = urllib.request.Request(url + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+        return r.status, r.read()
+def reach(host, port):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return "open"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return "unreachable: %s" % e
+out = {}
+status, body = call("POST", "/v1/jobs", {"prompt": "a harbour at dusk", "size": "64x64", "steps": 2})
+job = json.loads(body)
+out["submitted"] = status
+deadline = time.time() + 120
+while job["status"] in ("queued", "running") and time.time() < deadline:
+    time.sleep(0.2)
+    job = json.loads(call("GET", "/v1/jobs/" + job["id"])[1])
+out["status"] = job["status"]
+if job["status"] == "succeeded":
+    out["png"] = call("GET", "/v1/jobs/%s/images/0" % job["id"])[1][:8] == b"\x89PNG\r\n\x1a\n"
+host = url.split("//")[1].rsplit(":", 1)[0]
+out["admin_port_from_outside"] = reach(host, admin_port)
+print(json.dumps(out))
+"#;
+
+/// Starts `sparkle ARGS…` inside namespace `ns`.
+fn spawn_in(ns: &str, args: &[&str], log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_sparkle")])
+        .args(args)
+        .env("SPARKLE_WORKER__DEVICE", "cpu")
+        .env("SPARKLE_QUEUE__LEASE_TIMEOUT_SECS", "10")
+        .env("SPARKLE_WORKER__HEARTBEAT_SECS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("ip netns exec")
+}
+
+#[test]
+fn gateway_worker_and_client_on_separate_network_namespaces() {
+    let tag = std::process::id();
+    let (gw, wk, cl) = (
+        format!("spk-gw-{tag}"),
+        format!("spk-wk-{tag}"),
+        format!("spk-cl-{tag}"),
+    );
+    if let Err(why) = ip(&["netns", "add", &gw]) {
+        eprintln!(
+            "skipped: `ip netns add` failed ({why}); this test needs root with CAP_NET_ADMIN"
+        );
+        return;
+    }
+    let mut net = Namespaces {
+        names: vec![gw.clone()],
+        children: Vec::new(),
+    };
+    for ns in [&wk, &cl] {
+        ip(&["netns", "add", ns]).expect("netns add");
+        net.names.push(ns.clone());
+    }
+    // The gateway host and the client host share one link; the worker host has none.
+    let subnet = format!("10.231.{}", tag % 250);
+    let (gw_if, cl_if) = (format!("spkg{tag}"), format!("spkc{tag}"));
+    let gw_ip = format!("{subnet}.1");
+    for step in [
+        vec![
+            "link", "add", &gw_if, "type", "veth", "peer", "name", &cl_if,
+        ],
+        vec!["link", "set", &gw_if, "netns", &gw],
+        vec!["link", "set", &cl_if, "netns", &cl],
+    ] {
+        ip(&step).expect("veth");
+    }
+    for (ns, dev, addr) in [
+        (&gw, &gw_if, format!("{gw_ip}/24")),
+        (&cl, &cl_if, format!("{subnet}.2/24")),
+    ] {
+        ip(&["-n", ns, "addr", "add", &addr, "dev", dev]).expect("addr");
+        ip(&["-n", ns, "link", "set", dev, "up"]).expect("up");
+    }
+    for ns in [&gw, &wk, &cl] {
+        ip(&["-n", ns, "link", "set", "lo", "up"]).expect("lo");
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8");
+    let model = support::tiny_model().to_str().expect("utf-8");
+    let log = dir.path().join("sparkle.log");
+    let listen = format!("{gw_ip}:0");
+    let mut gateway = spawn_in(
+        &gw,
+        &[
+            "gateway",
+            "--data-dir",
+            data_arg,
+            "--model",
+            model,
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &log,
+    );
+    let lines = BufReader::new(gateway.stdout.take().expect("stdout"));
+    net.children.push(gateway);
+    let (mut url, mut key, mut admin_port) = (String::new(), String::new(), 0u16);
+    for line in lines.lines().map_while(Result::ok) {
+        if let Some(k) = line.strip_prefix("Admin API key (shown once; only its hash is stored): ")
+        {
+            key = k.trim().to_string();
+        }
+        if let Some(m) = line.strip_prefix("Metrics at ") {
+            admin_port = support::port_of(m.trim().trim_end_matches("/metrics"));
+        }
+        if let Some(u) = line.strip_prefix("Sparkle is up at ") {
+            url = u.trim().to_string();
+            break;
+        }
+    }
+    assert!(
+        !url.is_empty() && !key.is_empty(),
+        "the gateway did not start:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let worker = spawn_in(
+        &wk,
+        &["worker", "--data-dir", data_arg, "--model", model],
+        &log,
+    );
+    net.children.push(worker);
+
+    let cert = data.join("tls/cert.pem");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cl,
+            "python3",
+            "-c",
+            CLIENT,
+            &url,
+            cert.to_str().expect("utf-8"),
+            &key,
+        ])
+        .arg(admin_port.to_string())
+        .output()
+        .expect("client");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let seen: Value = serde_json::from_str(said.trim()).unwrap_or_else(|_| {
+        panic!(
+            "client: {said}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    eprintln!("client saw {seen}");
+    assert_eq!(seen["submitted"], 202, "{seen}");
+    assert_eq!(
+        seen["status"], "succeeded",
+        "the worker, with no network, did the job: {seen}"
+    );
+    assert_eq!(seen["png"], true, "{seen}");
+    assert_eq!(
+        seen["admin_port_from_outside"], "refused",
+        "metrics stay on the gateway host's loopback: {seen}"
+    );
+    // From this test's own namespace, the gateway is not there at all.
+    let port = support::port_of(&url);
+    let addr: SocketAddr = format!("{gw_ip}:{port}").parse().expect("addr");
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
+    let links = Command::new("ip")
+        .args(["-n", &wk, "-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(
+        links.lines().count(),
+        1,
+        "the worker host has loopback only: {links}"
+    );
+}
