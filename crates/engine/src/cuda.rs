@@ -885,3 +885,124 @@ impl CustomOp3 for AttentionOp {
         }
     }
 }
+
+/// `xs·weightᵀ + bias (+ residual)`: the product through cuBLAS (candle's matmul), the bias
+/// and the residual in one pass over it instead of a broadcast add and another add.
+pub(crate) fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let w = match *xs.dims() {
+        [b1, b2, _, _] => weight.broadcast_left((b1, b2))?.t()?,
+        [b, _, _] => weight.broadcast_left(b)?.t()?,
+        _ => weight.t()?,
+    };
+    let product = xs.matmul(&w)?;
+    let op = EpilogueOp {
+        bias: bias.to_dtype(product.dtype())?.contiguous()?,
+        residual: residual.is_some(),
+    };
+    let residual = match residual {
+        Some(r) => r.to_dtype(product.dtype())?.contiguous()?,
+        None => product.clone(),
+    };
+    product.apply_op2_no_bwd(&residual, &op)
+}
+
+struct EpilogueOp {
+    bias: Tensor,
+    residual: bool,
+}
+
+impl EpilogueOp {
+    fn run<T: Element>(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device().clone();
+        let (guard, bl) = cuda_storage(&self.bias)?;
+        let cols = *xl
+            .dims()
+            .last()
+            .ok_or_else(|| fail("a linear layer of a scalar"))?;
+        if bl.dims() != [cols] || (self.residual && rl.dims() != xl.dims()) {
+            return Err(fail(format!(
+                "linear epilogue {:?} + {:?} + {:?}",
+                xl.dims(),
+                bl.dims(),
+                rl.dims()
+            )));
+        }
+        let x = view::<T>(xs, xl, "linear output")?;
+        let bias = view::<T>(as_cuda(&guard)?, bl, "linear bias")?;
+        let residual = view::<T>(rs, rl, "residual")?;
+        let n = xl.shape().elem_count();
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(n)? };
+        let func = module(&dev)?
+            .load_function(&format!("rows_epilogue_{}", T::SUFFIX))
+            .map_err(driver)?;
+        let stream = dev.cuda_stream();
+        let (with_residual, cols32, n64) = (i32::from(self.residual), cols as i32, n as i64);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&bias)
+            .arg(&residual)
+            .arg(&with_residual)
+            .arg(&mut out)
+            .arg(&cols32)
+            .arg(&n64);
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(132 * 64) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: a grid-stride loop over n elements of x, residual and out; bias has cols.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        drop(guard);
+        Ok((
+            CudaStorage {
+                slice: T::wrap(out),
+                device: dev,
+            },
+            xl.shape().clone(),
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for EpilogueOp {
+    fn name(&self) -> &'static str {
+        "sparkle-linear-epilogue"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Err(fail("the linear epilogue runs on CUDA only"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match xs.dtype() {
+            DType::F16 => self.run::<f16>(xs, xl, rs, rl),
+            DType::BF16 => self.run::<bf16>(xs, xl, rs, rl),
+            DType::F32 => self.run::<f32>(xs, xl, rs, rl),
+            other => Err(fail(format!("no linear epilogue for {other:?}"))),
+        }
+    }
+}

@@ -140,3 +140,33 @@ pub(crate) fn geglu(projected: &Tensor) -> Result<Tensor> {
     let chunks = projected.chunk(2, candle_core::D::Minus1)?;
     &chunks[0] * chunks[1].gelu_erf()?
 }
+
+/// A linear layer with bias whose output may take a residual in the same pass (on CUDA).
+pub(crate) struct Dense {
+    inner: candle_nn::Linear,
+}
+
+impl Dense {
+    pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Dense {
+            inner: candle_nn::linear(cin, cout, vb)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_add(xs, None)
+    }
+
+    /// `linear(xs) + residual`.
+    pub fn forward_add(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
+            return crate::cuda::linear(xs, self.inner.weight(), bias, residual);
+        }
+        let out = self.inner.forward(xs)?;
+        match residual {
+            Some(residual) => out + residual,
+            None => Ok(out),
+        }
+    }
+}

@@ -9,7 +9,7 @@
 //! size and crop ("text_time" conditioning).
 
 use crate::config::UNetConfig;
-use crate::layers::{Conv, Norm};
+use crate::layers::{Conv, Dense, Norm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
@@ -122,7 +122,7 @@ struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
-    to_out: Linear,
+    to_out: Dense,
     heads: usize,
     scale: f64,
 }
@@ -134,7 +134,7 @@ impl Attention {
             to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
             to_k: linear_no_bias(context, dim, vb.pp("to_k"))?,
             to_v: linear_no_bias(context, dim, vb.pp("to_v"))?,
-            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            to_out: Dense::new(dim, dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
@@ -148,7 +148,13 @@ impl Attention {
             .reshape((b * self.heads, n, dim / self.heads))
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention of `xs` over `context` (itself when `None`), plus `residual`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let context = context.unwrap_or(xs);
         #[cfg(feature = "cuda")]
@@ -160,7 +166,7 @@ impl Attention {
                 self.heads,
                 self.scale,
             )?;
-            return self.to_out.forward(&out);
+            return self.to_out.forward_add(&out, residual);
         }
         let q = self.split((self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split(self.to_k.forward(context)?)?;
@@ -169,7 +175,7 @@ impl Attention {
             .reshape((b, self.heads, n, dim / self.heads))?
             .transpose(1, 2)?
             .reshape((b, n, dim))?;
-        self.to_out.forward(&out)
+        self.to_out.forward_add(&out, residual)
     }
 }
 
@@ -202,22 +208,23 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// GEGLU feed-forward: `proj` to twice the inner width, `value · GELU(gate)`, back down.
 struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: Dense,
+    out: Dense,
 }
 
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(FeedForward {
-            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: linear(inner, dim, vb.pp("net.2"))?,
+            proj: Dense::new(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: Dense::new(inner, dim, vb.pp("net.2"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `ff(xs) + residual`.
+    fn forward(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let hidden = crate::layers::geglu(&self.proj.forward(xs)?)?;
-        self.out.forward(&hidden)
+        self.out.forward_add(&hidden, residual)
     }
 }
 
@@ -243,19 +250,20 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
+        let xs = self
+            .attn1
+            .forward(&self.norm1.forward(xs)?, None, Some(xs))?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+            .forward(&self.norm2.forward(&xs)?, Some(context), Some(&xs))?;
+        self.ff.forward(&self.norm3.forward(&xs)?, Some(&xs))
     }
 }
 
 /// A 1×1 convolution or a linear layer, as `use_linear_projection` says.
 enum Projection {
     Conv(Conv),
-    Linear(Linear),
+    Linear(Dense),
 }
 
 /// diffusers' `Transformer2DModel`: Norm, projection in, transformer blocks over the
@@ -277,7 +285,7 @@ impl SpatialTransformer {
     ) -> Result<Self> {
         let projection = |name: &str| -> Result<Projection> {
             Ok(if c.use_linear_projection {
-                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+                Projection::Linear(Dense::new(channels, channels, vb.pp(name))?)
             } else {
                 Projection::Conv(conv(vb.pp(name), channels, channels, 1, 1)?)
             })
@@ -322,11 +330,10 @@ impl SpatialTransformer {
                 .permute((0, 3, 1, 2))?
                 .contiguous()
         };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&seq)?)?,
-            Projection::Linear(linear) => to_image(&linear.forward(&seq)?)?,
-        };
-        out + xs
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_with(&to_image(&seq)?, Some(xs), None),
+            Projection::Linear(linear) => to_image(&linear.forward(&seq)?)? + xs,
+        }
     }
 }
 
