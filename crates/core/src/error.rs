@@ -57,6 +57,8 @@ pub enum ErrorCode {
     JobFailed,
     /// Too many requests; see `Retry-After`.
     RateLimited,
+    /// The API key already has as many queued and running jobs as it may; see `Retry-After`.
+    JobQuotaExceeded,
     /// The queue refuses new work for now; see `Retry-After`.
     QueueFull,
     /// A synchronous request waited longer than the gateway allows.
@@ -97,6 +99,7 @@ impl ErrorCode {
             ErrorCode::JobAlreadyFinished => "job_already_finished",
             ErrorCode::JobFailed => "job_failed",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::JobQuotaExceeded => "job_quota_exceeded",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::Timeout => "timeout",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -128,7 +131,7 @@ impl ErrorCode {
             RequestTimeout => 408,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
-            RateLimited => 429,
+            RateLimited | JobQuotaExceeded => 429,
             JobFailed | Internal => 500,
             QueueFull | Unavailable => 503,
             Timeout => 504,

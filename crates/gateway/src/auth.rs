@@ -1,10 +1,11 @@
+use crate::limits::retry_after_secs;
 use crate::{ApiError, GatewayState};
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts};
 use sparkle_core::ErrorCode;
 use sparkle_queue::{ApiKey, Scope};
 
-/// The API key that authenticated this request.
+/// The API key that authenticated this request, within its request rate.
 pub struct Caller(pub ApiKey);
 
 impl Caller {
@@ -50,12 +51,20 @@ impl FromRequestParts<GatewayState> for Caller {
                     "the Authorization header must be `Bearer <key>`",
                 )
             })?;
-        match state.keys.authenticate(secret).await? {
-            Some(key) => Ok(Caller(key)),
-            None => Err(ApiError::new(
-                ErrorCode::InvalidApiKey,
-                "the API key is not valid",
-            )),
+        let key =
+            state.keys.authenticate(secret).await?.ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidApiKey, "the API key is not valid")
+            })?;
+        if let Some(limiter) = &state.admission.per_key {
+            if let Err(wait) = limiter.take(&key.id, std::time::Instant::now()) {
+                let secs = retry_after_secs(wait);
+                return Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("too many requests with this key; retry in {secs} s"),
+                )
+                .retry_after(secs));
+            }
         }
+        Ok(Caller(key))
     }
 }

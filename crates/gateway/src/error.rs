@@ -5,6 +5,9 @@ use sparkle_core::{ErrorCode, RequestError};
 use sparkle_queue::QueueError;
 use sparkle_store::StoreError;
 
+/// Seconds a key over its job quota is asked to wait: about what a small job takes.
+const QUOTA_RETRY_AFTER_SECS: u64 = 5;
+
 /// Every error the gateway answers with. Rendered in OpenAI's error shape:
 /// `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -56,6 +59,13 @@ impl From<QueueError> for ApiError {
                     "this Idempotency-Key was already used with a different request",
                 )
             },
+            QueueError::OwnerQuota { live, limit } => ApiError::new(
+                ErrorCode::JobQuotaExceeded,
+                format!(
+                    "this key already has {live} queued or running jobs (the limit is {limit}); retry when one finishes"
+                ),
+            )
+            .retry_after(QUOTA_RETRY_AFTER_SECS),
             other => {
                 tracing::error!(error = %other, "queue error");
                 ApiError::new(

@@ -27,6 +27,11 @@ pub struct GatewayOptions {
     /// the burst above that rate.
     pub per_ip_requests_per_sec: u32,
     pub per_ip_burst: u32,
+    /// Requests a second with one API key (0: no limit), and the burst above that rate.
+    pub per_key_requests_per_sec: u32,
+    pub per_key_burst: u32,
+    /// Queued plus running jobs one API key may have (0: no limit).
+    pub max_live_jobs_per_key: u64,
 }
 
 impl Default for GatewayOptions {
@@ -40,6 +45,9 @@ impl Default for GatewayOptions {
             request_timeout: Duration::from_secs(30),
             per_ip_requests_per_sec: 50,
             per_ip_burst: 200,
+            per_key_requests_per_sec: 20,
+            per_key_burst: 100,
+            max_live_jobs_per_key: 100,
         }
     }
 }
@@ -63,12 +71,15 @@ pub struct GatewayState {
 pub struct Admission {
     /// By client address, before authentication.
     pub per_ip: Option<RateLimiter<IpAddr>>,
+    /// By API key id, once authenticated.
+    pub per_key: Option<RateLimiter<String>>,
 }
 
 impl Admission {
     pub fn new(options: &GatewayOptions) -> Self {
         Admission {
             per_ip: RateLimiter::new(options.per_ip_requests_per_sec, options.per_ip_burst),
+            per_key: RateLimiter::new(options.per_key_requests_per_sec, options.per_key_burst),
         }
     }
 }

@@ -31,6 +31,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
             n: 1,
         },
         max_attempts: 3,
+        owner_live_limit: None,
     }
 }
 
@@ -47,6 +48,7 @@ macro_rules! checks {
 checks!(
     enqueue_commits_a_queued_job,
     dedup_key_returns_the_same_job,
+    an_owner_over_its_live_limit_is_refused,
     fifo_within_a_group,
     fair_across_groups,
     lease_expires_exactly_at_its_boundary,
@@ -123,6 +125,49 @@ async fn dedup_key_returns_the_same_job<Q: JobQueue>(q: Q, _c: ManualClock) {
     assert!(other_owner.created);
     assert_ne!(other_owner.job.id, first.job.id);
     assert_eq!(q.stats().await.expect("stats").queued, 2);
+}
+
+async fn an_owner_over_its_live_limit_is_refused<Q: JobQueue>(q: Q, _c: ManualClock) {
+    let limited = |prompt: &str, owner: &str, key: Option<&str>| NewJob {
+        dedup_key: key.map(str::to_string),
+        owner_live_limit: Some(2),
+        ..new_job(owner, prompt)
+    };
+    let first = q
+        .enqueue(limited("one", "alice", Some("k1")))
+        .await
+        .expect("first");
+    let _leased = lease_one(&q, "w").await.expect("running counts too");
+    q.enqueue(limited("two", "alice", None))
+        .await
+        .expect("second");
+    match q.enqueue(limited("three", "alice", None)).await {
+        Err(QueueError::OwnerQuota { live: 2, limit: 2 }) => {}
+        other => panic!("a third live job must be refused, got {other:?}"),
+    }
+    let again = q
+        .enqueue(limited("one", "alice", Some("k1")))
+        .await
+        .expect("a repeated key gets its job back");
+    assert_eq!((again.job.id, again.created), (first.job.id, false));
+    q.enqueue(limited("one", "bob", None))
+        .await
+        .expect("another owner has its own count");
+    let unlimited = q
+        .enqueue(new_job("alice", "unlimited"))
+        .await
+        .expect("no limit asked");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.queued, stats.running), (3, 1));
+    for id in [first.job.id, unlimited.job.id] {
+        assert_eq!(
+            q.cancel(id).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
+    }
+    q.enqueue(limited("four", "alice", None))
+        .await
+        .expect("finished jobs no longer count");
 }
 
 async fn fifo_within_a_group<Q: JobQueue>(q: Q, c: ManualClock) {

@@ -1,8 +1,11 @@
 //! API keys: 256-bit random secrets, shown once, stored only as their SHA-256 hash.
 //!
 //! A key's secret has 256 bits of entropy, so a single fast hash is enough to make the
-//! stored value useless to a thief, and looking the hash up by index reveals nothing about
-//! how close a guess was.
+//! stored value useless to a thief. A presented secret is hashed and the hash looked up by
+//! index: how long the lookup takes depends on the hash of the guess, which says nothing
+//! about how close the guess was to a real secret. The row found is then compared with the
+//! hash again in constant time, so no byte-by-byte comparison of secret-derived values ever
+//! depends on where they differ.
 
 use crate::{QueueError, SqliteQueue};
 use async_trait::async_trait;
@@ -10,6 +13,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use std::fmt;
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 const SECRET_PREFIX: &str = "spk_";
@@ -145,17 +149,21 @@ impl ApiKeys for SqliteQueue {
         if !secret.starts_with(SECRET_PREFIX) {
             return Ok(None);
         }
+        let presented = hash_secret(secret);
         let row = sqlx::query(
-            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE hash = ?1",
+            "SELECT id, name, scopes, created_at, revoked_at, hash FROM api_keys WHERE hash = ?1",
         )
-        .bind(hash_secret(secret))
+        .bind(&presented)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row
-            .as_ref()
-            .map(key_from_row)
-            .transpose()?
-            .filter(|k| !k.revoked))
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let stored: String = row.try_get("hash")?;
+        if !bool::from(stored.as_bytes().ct_eq(presented.as_bytes())) {
+            return Ok(None);
+        }
+        Ok(Some(key_from_row(&row)?).filter(|k| !k.revoked))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError> {

@@ -241,6 +241,19 @@ impl JobQueue for SqliteQueue {
                 });
             }
         }
+        if let Some(limit) = job.owner_live_limit {
+            // In the same write transaction as the insert: two submits cannot both slip in.
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running')",
+            )
+            .bind(&job.owner)
+            .fetch_one(&mut *tx)
+            .await?;
+            let live = live.max(0) as u64;
+            if live >= limit {
+                return Err(QueueError::OwnerQuota { live, limit });
+            }
+        }
         sqlx::query(
             "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
                 status, max_attempts, created_at, updated_at, group_sealed)

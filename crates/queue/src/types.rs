@@ -14,6 +14,9 @@ pub struct NewJob {
     pub fingerprint: String,
     pub request: ValidImageRequest,
     pub max_attempts: u32,
+    /// Refuse the job ([`QueueError::OwnerQuota`]) when its owner already has this many
+    /// queued or running jobs; a repeated dedup key still gets its job back.
+    pub owner_live_limit: Option<u64>,
 }
 
 /// A job as stored.
@@ -104,6 +107,8 @@ pub struct QueueStats {
 pub enum QueueError {
     #[error("idempotency key reused with a different request")]
     IdempotencyConflict,
+    #[error("the owner already has {live} queued or running jobs (the limit is {limit})")]
+    OwnerQuota { live: u64, limit: u64 },
     #[error("the lease on job {0} is no longer held")]
     LeaseLost(JobId),
     #[error("database error: {0}")]

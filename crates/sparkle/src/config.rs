@@ -200,6 +200,13 @@ pub struct GatewayConfig {
     pub per_ip_requests_per_sec: u32,
     /// Requests one address may send at once above its rate.
     pub per_ip_burst: u32,
+    /// Requests per second with one API key; beyond, 429 with `Retry-After`.
+    pub per_key_requests_per_sec: u32,
+    /// Requests one key may send at once above its rate.
+    pub per_key_burst: u32,
+    /// Queued plus running jobs one API key may have; beyond, 429 `job_quota_exceeded` with
+    /// `Retry-After`.
+    pub max_live_jobs_per_key: u64,
 }
 
 impl Default for GatewayConfig {
@@ -215,6 +222,9 @@ impl Default for GatewayConfig {
             max_connections_per_ip: 64,
             per_ip_requests_per_sec: 50,
             per_ip_burst: 200,
+            per_key_requests_per_sec: 20,
+            per_key_burst: 100,
+            max_live_jobs_per_key: 100,
         }
     }
 }

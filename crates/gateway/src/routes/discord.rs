@@ -195,7 +195,8 @@ async fn submit(
         }
     }
     let dedup = Some(format!("interaction:{}", interaction.id));
-    match enqueue(state, DISCORD_OWNER, group, request, dedup).await {
+    // Discord users have their own limit (the policy's live jobs per user), checked above.
+    match enqueue(state, DISCORD_OWNER, group, request, dedup, None).await {
         Ok(enqueued) => {
             let target = DiscordTarget {
                 job: enqueued.job.id,

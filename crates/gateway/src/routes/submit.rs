@@ -102,16 +102,27 @@ pub async fn submit(
         ),
         None => caller.0.id.clone(),
     };
-    enqueue(state, &caller.0.id, group, request, dedup_key).await
+    let quota = state.options.max_live_jobs_per_key;
+    enqueue(
+        state,
+        &caller.0.id,
+        group,
+        request,
+        dedup_key,
+        (quota > 0).then_some(quota),
+    )
+    .await
 }
 
-/// Validates, admits and commits a request for `owner`, in fairness group `group`.
+/// Validates, admits and commits a request for `owner`, in fairness group `group`; with
+/// `owner_live_limit`, only while the owner has fewer queued and running jobs.
 pub async fn enqueue(
     state: &GatewayState,
     owner: &str,
     group: String,
     request: ImageRequest,
     dedup_key: Option<String>,
+    owner_live_limit: Option<u64>,
 ) -> Result<Enqueued, ApiError> {
     let fingerprint = request.fingerprint();
     let valid = request.validate(&state.limits, &state.catalog, rand::random::<u32>)?;
@@ -130,6 +141,7 @@ pub async fn enqueue(
             fingerprint,
             request: valid,
             max_attempts: state.options.max_attempts,
+            owner_live_limit,
         })
         .await?;
     if enqueued.created {

@@ -101,12 +101,27 @@ pub fn admin(config: &Config) -> Check {
 /// Every API route needs a key; keys are stored hashed.
 pub async fn api_keys(config: &Config, depth: Depth) -> Check {
     const NAME: &str = "api-keys";
-    let rule = "every /v1 route needs `Authorization: Bearer` with a scoped key (Discord: a signed request)";
+    let g = &config.gateway;
+    let mut unlimited = Vec::new();
+    if g.per_key_requests_per_sec == 0 {
+        unlimited.push("no per-key rate (gateway.per_key_requests_per_sec = 0)");
+    }
+    if g.max_live_jobs_per_key == 0 {
+        unlimited.push("no per-key job quota (gateway.max_live_jobs_per_key = 0)");
+    }
+    let rule = format!(
+        "every /v1 route needs `Authorization: Bearer` with a scoped key (Discord: a signed request); per key {}/s (burst {}) and {} queued or running jobs",
+        g.per_key_requests_per_sec, g.per_key_burst, g.max_live_jobs_per_key
+    );
+    let verdict = |text: String| {
+        if unlimited.is_empty() {
+            Check::pass(NAME, text)
+        } else {
+            Check::fail(NAME, format!("{text}; {}", unlimited.join(", ")))
+        }
+    };
     if depth == Depth::Startup || !config.database_path().exists() {
-        return Check::pass(
-            NAME,
-            format!("{rule}; keys stored as SHA-256 hashes, shown once"),
-        );
+        return verdict(format!("{rule}; keys stored as SHA-256 hashes, shown once"));
     }
     let keys = async {
         let ring = crate::keyring::read(&crate::keyring::path(config))?;
@@ -125,14 +140,11 @@ pub async fn api_keys(config: &Config, depth: Depth) -> Check {
                 .iter()
                 .filter(|k| k.scopes.contains(&Scope::Admin))
                 .count();
-            Check::pass(
-                NAME,
-                format!(
-                    "{rule}; {} active ({admins} admin), {} revoked, stored as SHA-256 hashes",
-                    active.len(),
-                    keys.len() - active.len()
-                ),
-            )
+            verdict(format!(
+                "{rule}; {} active ({admins} admin), {} revoked, stored as SHA-256 hashes",
+                active.len(),
+                keys.len() - active.len()
+            ))
         }
         Err(e) => Check::fail(NAME, format!("{rule}; cannot list the keys: {e:#}")),
     }

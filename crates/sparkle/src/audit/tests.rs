@@ -247,6 +247,10 @@ async fn keys_are_counted_from_the_database_without_changing_it() {
         line.reason.contains("2 active (1 admin), 1 revoked"),
         "{line}"
     );
+    let mut config = config;
+    config.gateway.max_live_jobs_per_key = 0;
+    let line = access::api_keys(&config, Depth::Startup).await;
+    assert!(line.failed() && line.reason.contains("quota"), "{line}");
 }
 
 #[test]

@@ -201,6 +201,9 @@ async fn start_gateway(
         request_timeout: Duration::from_secs(g.request_timeout_secs),
         per_ip_requests_per_sec: g.per_ip_requests_per_sec,
         per_ip_burst: g.per_ip_burst,
+        per_key_requests_per_sec: g.per_key_requests_per_sec,
+        per_key_burst: g.per_key_burst,
+        max_live_jobs_per_key: g.max_live_jobs_per_key,
         ..GatewayOptions::default()
     });
     let listener_options = sparkle_gateway::ListenerOptions {

@@ -169,8 +169,15 @@ impl Service {
     }
 
     pub async fn create_key(&self, name: &str) -> String {
+        self.key_command(&["create", "--name", name]).0
+    }
+
+    /// `sparkle key ARGS…` on this service's data: (stdout, stderr), refusing failure.
+    pub fn key_command(&self, args: &[&str]) -> (String, String) {
         let out = Command::new(BIN)
-            .args(["key", "create", "--name", name, "--data-dir"])
+            .arg("key")
+            .args(args)
+            .arg("--data-dir")
             .arg(&self.data)
             .args(
                 self.config
@@ -178,13 +185,21 @@ impl Service {
                     .flat_map(|c| [OsStr::new("--config"), c.as_os_str()]),
             )
             .output()
-            .expect("sparkle key create");
+            .expect("sparkle key");
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     pub async fn post_json(&self, route: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
