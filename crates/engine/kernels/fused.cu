@@ -53,39 +53,52 @@ __device__ void group_stats(const T* __restrict__ x, double* __restrict__ stats,
 }
 
 // `group_apply`: every element normalised with its group's statistics, scaled and shifted
-// by its channel's weight and bias, then SiLU when asked.
+// by its channel's weight and bias, then SiLU when asked. Blocks (x, plane) cover one
+// channel plane at a time (plane = image·channels + channel), so the channel, the group and the
+// group's mean and deviation are computed once per thread, not per element.
 template <typename T, bool SILU>
 __device__ void group_apply(const T* __restrict__ x, const double* __restrict__ stats,
                             const T* __restrict__ gamma, const T* __restrict__ beta,
                             T* __restrict__ y, int channels, int hw, int cpg, int64_t n,
                             float eps) {
-    const int64_t run = (int64_t)cpg * hw;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t g = i / run;
-        const double mean = stats[2 * g] / (double)run;
-        const double var = fmax(stats[2 * g + 1] / (double)run - mean * mean, 0.0);
+    const int64_t planes = n / hw;
+    for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+        const int c = (int)(plane % channels);
+        const int64_t g = plane / cpg;
+        const double count = (double)cpg * hw;
+        const double mean = stats[2 * g] / count;
+        const double var = fmax(stats[2 * g + 1] / count - mean * mean, 0.0);
         const float rstd = rsqrtf((float)var + eps);
-        const int c = (int)((i / hw) % channels);
-        float v = (to_f(x[i]) - (float)mean) * rstd * to_f(gamma[c]) + to_f(beta[c]);
-        if (SILU) v = v / (1.f + __expf(-v));
-        y[i] = from_f<T>(v);
+        const float scale = rstd * to_f(gamma[c]);
+        const float shift = to_f(beta[c]) - (float)mean * scale;
+        const T* xs = x + plane * hw;
+        T* ys = y + plane * hw;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hw; i += gridDim.x * blockDim.x) {
+            float v = to_f(xs[i]) * scale + shift;
+            if (SILU) v = v / (1.f + __expf(-v));
+            ys[i] = from_f<T>(v);
+        }
     }
 }
 
-// The epilogue of a convolution, in place: y[i] += bias[c] (+ per_image[n, c]) (+ residual[i]).
+// The epilogue of a convolution, in place: y += bias[c] (+ per_image[n, c]) (+ residual),
+// blocks (x, plane) over one channel plane each.
 template <typename T>
 __device__ void bias_add(T* __restrict__ y, const T* __restrict__ bias,
                          const T* __restrict__ residual, int with_residual,
                          const T* __restrict__ per_image, int with_per_image, int channels,
                          int hw, int64_t n) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t plane = i / hw;  // n·channels + c
-        float v = to_f(y[i]) + to_f(bias[plane % channels]);
-        if (with_per_image) v += to_f(per_image[plane]);
-        if (with_residual) v += to_f(residual[i]);
-        y[i] = from_f<T>(v);
+    const int64_t planes = n / hw;
+    for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+        float add = to_f(bias[plane % channels]);
+        if (with_per_image) add += to_f(per_image[plane]);
+        T* ys = y + plane * hw;
+        const T* rs = residual + plane * hw;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hw; i += gridDim.x * blockDim.x) {
+            float v = to_f(ys[i]) + add;
+            if (with_residual) v += to_f(rs[i]);
+            ys[i] = from_f<T>(v);
+        }
     }
 }
 

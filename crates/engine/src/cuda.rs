@@ -75,6 +75,21 @@ element!(f16, F16, "f16", true, f16::ONE, f16::ZERO);
 element!(bf16, BF16, "bf16", true, bf16::ONE, bf16::ZERO);
 element!(f32, F32, "f32", false, 1.0, 0.0);
 
+/// Blocks `(x, plane)` of 256 threads for kernels that walk `planes` planes of `size`
+/// elements each, about four elements per thread (beyond 65535 planes, the blocks take
+/// several in turn).
+fn plane_grid(planes: usize, size: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            size.div_ceil(1024).clamp(1, 1024) as u32,
+            planes.clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// The contiguous view of an input, or an error naming it.
 fn view<'a, T: Element>(
     storage: &'a CudaStorage,
@@ -380,17 +395,9 @@ impl ConvOp {
             .arg(&channels)
             .arg(&hw)
             .arg(&total);
-        let blocks = elements.div_ceil(256).min(132 * 64) as u32;
-        // SAFETY: `out` and, when read, `residual` hold n·k·oh·ow elements, `b` k and, when
-        // read, `channel_bias` n·k; the kernel stays in bounds.
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(driver)?;
+        // SAFETY: blocks (x, plane) over n·k planes of oh·ow elements of `out` and, when
+        // read, `residual`; `b` holds k values and, when read, `channel_bias` n·k.
+        unsafe { launch.launch(plane_grid(n * k, oh * ow)?) }.map_err(driver)?;
         drop((w_guard, b_guard));
         Ok((
             CudaStorage {
@@ -529,14 +536,9 @@ impl NormOp {
             .arg(&cpg32)
             .arg(&n64)
             .arg(&eps);
-        let config = LaunchConfig {
-            grid_dim: (n.div_ceil(256).min(132 * 64) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: a grid-stride loop over the n elements of `x` and `out`; channel indices
-        // below c, group indices below runs.
-        unsafe { launch.launch(config) }.map_err(driver)?;
+        // SAFETY: blocks (x, plane) over b·c planes of hw elements of `x` and `out`;
+        // channel indices below c, group indices below b·groups.
+        unsafe { launch.launch(plane_grid(b * c, hw)?) }.map_err(driver)?;
         Ok((
             CudaStorage {
                 slice: T::wrap(out),
