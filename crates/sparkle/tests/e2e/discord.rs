@@ -26,7 +26,7 @@ pub(crate) struct FakeDiscord {
     /// Command registrations: (path, Authorization header, body).
     registrations: Mutex<Vec<(String, String, Value)>>,
     /// Channel messages: (path, Authorization header, multipart body).
-    channel_posts: Mutex<Vec<(String, String, Vec<u8>)>>,
+    pub(crate) channel_posts: Mutex<Vec<(String, String, Vec<u8>)>>,
 }
 
 async fn channel_message(
@@ -112,7 +112,7 @@ async fn register_command(
 }
 
 impl FakeDiscord {
-    async fn serve(self: &Arc<Self>) -> String {
+    pub(crate) async fn serve(self: &Arc<Self>) -> String {
         let app = Router::new()
             .route(
                 "/api/v10/webhooks/{app}/{token}/messages/@original",
@@ -140,7 +140,7 @@ impl FakeDiscord {
     }
 }
 
-fn key() -> SigningKey {
+pub(crate) fn key() -> SigningKey {
     SigningKey::from_bytes(&[42u8; 32])
 }
 
@@ -699,7 +699,7 @@ fn payload_of(edit: &Edit) -> Value {
 }
 
 /// The `custom_id`s of a message's buttons, by label.
-fn buttons(payload: &Value) -> Vec<(String, String)> {
+pub(crate) fn buttons(payload: &Value) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for row in payload["components"].as_array().into_iter().flatten() {
         for button in row["components"].as_array().into_iter().flatten() {
@@ -713,7 +713,7 @@ fn buttons(payload: &Value) -> Vec<(String, String)> {
 }
 
 /// A click on a button, the way Discord sends it (type 3, the button's `custom_id`).
-fn click(id: &str, user: &Value, custom_id: &str) -> Value {
+pub(crate) fn click(id: &str, user: &Value, custom_id: &str) -> Value {
     json!({
         "id": id, "application_id": "900", "type": 3, "token": format!("tok-{id}"), "version": 1,
         "channel_id": "600", "guild_id": "500",

@@ -7,6 +7,7 @@ mod discord;
 mod limits;
 mod models;
 mod network;
+mod secrets_in_logs;
 mod security;
 mod service;
 mod support;
