@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-#include <mma.h>
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -201,156 +200,204 @@ ROWS(__half, f16)
 ROWS(__nv_bfloat16, bf16)
 
 // Attention without the score matrix (the flash-attention scheme): per (image, head), a
-// block of 4 warps takes 64 queries, walks the keys 64 at a time, and keeps a running
-// maximum, sum and output per query, so the n×m scores never reach global memory. The
-// products run on tensor cores (WMMA, f32 accumulation); the softmax in f32.
+// block of 4 warps takes 64 queries (16 per warp) and walks the keys 64 at a time, keeping a
+// running maximum, sum and output per query, so the n×m scores never reach global memory.
+// The products run on tensor cores through `mma.sync` m16n8k16 with f32 accumulation; the
+// scores, probabilities and output stay in registers (the accumulator of Q·Kᵀ is reused as
+// the A operand of P·V), and K and V tiles arrive by `cp.async` while Q·Kᵀ runs.
 //
 // q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
-// contiguous, head h at column h·d); out: [b, n, heads·d] contiguous. DP is d rounded up to
-// a multiple of 16; the padding is zero.
-constexpr int FA_BQ = 64, FA_BK = 64, FA_WARPS = 4;
+// contiguous, head h at column h·d; d a multiple of 8, rows 16-byte aligned); out: [b, n,
+// heads·d] contiguous. DP is d rounded up to a multiple of 16; the padding is zero.
+constexpr int FA_BQ = 64, FA_BK = 64;
 
-template <int DP, typename T>
-struct FaLayout {
-    static constexpr int LD = DP + 8;          // shared row length of Q, K, V (halves)
-    static constexpr int PLD = FA_BK + 8;      // shared row length of P
-    static constexpr int SCR = 16 * (DP > FA_BK ? DP : FA_BK);
-    static constexpr int WARP_FLOATS = SCR + 16 * DP + 32 + 16 * PLD * (int)sizeof(T) / 4;
-    static constexpr int BYTES = 3 * 64 * LD * (int)sizeof(T) + FA_WARPS * WARP_FLOATS * 4;
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
 };
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+};
+
+// Four 8×8 matrices of 16-bit values from shared memory, each lane naming one row.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* row) {
+    uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* row) {
+    uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// 16 bytes global → shared without passing through registers; zeros when `copy` is false.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool copy) {
+    uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
+                 "r"(copy ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
 
 template <typename T, int DP>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
                                 const T* __restrict__ v, T* __restrict__ out, int heads, int n,
                                 int m, int d, int64_t q_batch, int64_t q_row, int64_t kv_batch,
-                                int64_t kv_row, float scale) {
-    using namespace nvcuda;
-    using L = FaLayout<DP, T>;
-    constexpr int LD = L::LD, PLD = L::PLD;
+                                int64_t kv_row, float scale_log2) {
+    constexpr int LD = DP + 8;  // shared row length: rows land on distinct banks for ldmatrix
+    constexpr int KT = DP / 16, NT = DP / 8, CH = DP / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem);
     T* Ks = Qs + FA_BQ * LD;
     T* Vs = Ks + FA_BK * LD;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float* S = reinterpret_cast<float*>(Vs + FA_BK * LD) + warp * L::WARP_FLOATS;
-    float* O = S + L::SCR;
-    float* row_m = O + 16 * DP;
-    float* row_l = row_m + 16;
-    T* P = reinterpret_cast<T*>(row_l + 16);
-
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const int q0 = blockIdx.x * FA_BQ;
     const T* qb = q + b * q_batch + (int64_t)h * d;
     const T* kb = k + b * kv_batch + (int64_t)h * d;
     const T* vb = v + b * kv_batch + (int64_t)h * d;
-    const T zero = from_f<T>(0.f);
 
-    // Rows are moved 16 bytes at a time when a head's width allows (d a multiple of 8).
-    const bool wide = d % 8 == 0;
     auto load_tile = [&](T* dst, const T* src, int first, int count, int64_t row) {
-        if (wide) {
-            constexpr int CH = DP / 8;
-            const int dch = d / 8;
-            for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
-                int r = idx / CH, c = idx % CH, i = first + r;
-                uint4 val = make_uint4(0, 0, 0, 0);
-                if (i < count && c < dch)
-                    val = *reinterpret_cast<const uint4*>(src + (int64_t)i * row + c * 8);
-                *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
-            }
-        } else {
-            for (int idx = threadIdx.x; idx < 64 * DP; idx += blockDim.x) {
-                int r = idx / DP, c = idx % DP, i = first + r;
-                dst[r * LD + c] = (i < count && c < d) ? src[(int64_t)i * row + c] : zero;
-            }
+        for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+            const int r = idx / CH, c = (idx % CH) * 8, i = first + r;
+            const bool inside = i < count && c < d;
+            cp_async16(dst + r * LD + c, inside ? src + (int64_t)i * row + c : src, inside);
         }
     };
     load_tile(Qs, qb, q0, n, q_row);
-    for (int idx = lane; idx < 16 * DP; idx += 32) O[idx] = 0.f;
-    if (lane < 16) {
-        row_m[lane] = -INFINITY;
-        row_l[lane] = 0.f;
-    }
+    cp_async_commit();
 
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[DP / 16];
+    uint32_t qf[KT][4];
+    float o[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    // Each lane holds two rows of its warp's 16: `lane / 4` and `lane / 4 + 8`.
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
     for (int k0 = 0; k0 < m; k0 += FA_BK) {
-        __syncthreads();
+        __syncthreads();  // every warp is done with the previous K and V tiles
         load_tile(Ks, kb, k0, m, kv_row);
+        cp_async_commit();
         load_tile(Vs, vb, k0, m, kv_row);
+        cp_async_commit();
+        cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
         __syncthreads();
         if (k0 == 0) {
-            // This warp's queries stay in registers for the whole walk over the keys.
 #pragma unroll
-            for (int kk = 0; kk < DP / 16; kk++)
-                wmma::load_matrix_sync(qf[kk], Qs + warp * 16 * LD + kk * 16, LD);
+            for (int kk = 0; kk < KT; kk++)
+                ldsm_x4(qf[kk], Qs + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
         }
 
-        // S = Q·Kᵀ for this warp's 16 queries and the tile's 64 keys.
+        // S = Q·Kᵀ: 16 queries × 64 keys per warp, eight n8 tiles.
+        float s[8][4];
 #pragma unroll
-        for (int nn = 0; nn < FA_BK / 16; nn++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < DP / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-                wmma::load_matrix_sync(bt, Ks + nn * 16 * LD + kk * 16, LD);
-                wmma::mma_sync(acc, qf[kk], bt, acc);
+        for (int j = 0; j < 8; j += 2) {
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++) {
+                uint32_t kf[4];
+                ldsm_x4(kf, Ks + (j * 8 + lane % 8 + (lane / 16) * 8) * LD + kk * 16 +
+                                ((lane / 8) % 2) * 8);
+                Mma<T>::run(s[j], qf[kk], kf);
+                Mma<T>::run(s[j + 1], qf[kk], kf + 2);
             }
-            wmma::store_matrix_sync(S + nn * 16, acc, FA_BK, wmma::mem_row_major);
         }
-        __syncwarp();
+        if (k0 + FA_BK > m) {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + j * 8 + (lane % 4) * 2 + (e % 2) >= m) s[j][e] = -INFINITY;
+        }
 
-        // Online softmax: each lane owns keys `lane` and `lane + 32` of every row, so the
-        // warp reads and writes shared memory without bank conflicts.
-        {
-            const bool in0 = k0 + lane < m, in1 = k0 + lane + 32 < m;
-            for (int r = 0; r < 16; r++) {
-                const float s0 = in0 ? S[r * FA_BK + lane] * scale : -INFINITY;
-                const float s1 = in1 ? S[r * FA_BK + lane + 32] * scale : -INFINITY;
-                float mx = fmaxf(s0, s1);
-                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-                const float m_old = row_m[r];
-                const float m_new = fmaxf(m_old, mx);
-                const float p0 = __expf(s0 - m_new), p1 = __expf(s1 - m_new);
-                P[r * PLD + lane] = from_f<T>(p0);
-                P[r * PLD + lane + 32] = from_f<T>(p1);
-                float sum = p0 + p1;
-                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-                const float alpha = __expf(m_old - m_new);
-                if (lane == 0) {
-                    row_m[r] = m_new;
-                    row_l[r] = row_l[r] * alpha + sum;
-                }
-                for (int c = lane; c < DP; c += 32) O[r * DP + c] *= alpha;
+        // Online softmax over this tile, rows reduced across the 4 lanes that share them.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float shift = mx * scale_log2;
+            const float alpha = exp2f(row_max[r] * scale_log2 - shift);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                s[j][2 * r] = exp2f(s[j][2 * r] * scale_log2 - shift);
+                s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] * scale_log2 - shift);
+                sum += s[j][2 * r] + s[j][2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                o[t][2 * r] *= alpha;
+                o[t][2 * r + 1] *= alpha;
             }
         }
-        __syncwarp();
 
-        // O += P·V, through the scratch tile.
+        cp_async_wait<0>();
+        __syncthreads();
+        // O += P·V: the probabilities of two adjacent key tiles are one A fragment.
 #pragma unroll
-        for (int nn = 0; nn < DP / 16; nn++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
+        for (int kk = 0; kk < 4; kk++) {
+            const uint32_t pa[4] = {
+                Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]),
+                Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+            };
 #pragma unroll
-            for (int kk = 0; kk < FA_BK; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-                wmma::load_matrix_sync(a, P + kk, PLD);
-                wmma::load_matrix_sync(bv, Vs + kk * LD + nn * 16, LD);
-                wmma::mma_sync(acc, a, bv, acc);
+            for (int t = 0; t < NT; t += 2) {
+                uint32_t vf[4];
+                ldsm_x4_trans(vf, Vs + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LD + t * 8 +
+                                      (lane / 16) * 8);
+                Mma<T>::run(o[t], pa, vf);
+                Mma<T>::run(o[t + 1], pa, vf + 2);
             }
-            wmma::store_matrix_sync(S + nn * 16, acc, DP, wmma::mem_row_major);
         }
-        __syncwarp();
-        for (int idx = lane; idx < 16 * DP; idx += 32) O[idx] += S[idx];
-        __syncwarp();
     }
 
-    for (int idx = lane; idx < 16 * d; idx += 32) {
-        int r = idx / d, c = idx % d, i = q0 + warp * 16 + r;
-        if (i < n)
-            out[((int64_t)b * n + i) * heads * d + (int64_t)h * d + c] =
-                from_f<T>(O[r * DP + c] / row_l[r]);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
+        const int i = q0 + warp * 16 + lane / 4 + 8 * r;
+        if (i >= n) continue;
+        const float inv = 1.f / row_sum[r];
+        T* row = out + ((int64_t)b * n + i) * heads * d + (int64_t)h * d;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const int c = t * 8 + (lane % 4) * 2;
+            if (c < d)
+                *reinterpret_cast<uint32_t*>(row + c) =
+                    Mma<T>::pack(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+        }
     }
 }
 
@@ -358,9 +405,9 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     extern "C" __global__ void __launch_bounds__(128)                                        \
         flash_attention_##DP##_##NAME(const T* q, const T* k, const T* v, T* out, int heads, \
                                       int n, int m, int d, int64_t q_batch, int64_t q_row,   \
-                                      int64_t kv_batch, int64_t kv_row, float scale) {       \
+                                      int64_t kv_batch, int64_t kv_row, float scale_log2) {  \
         flash_attention<T, DP>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,       \
-                               kv_row, scale);                                               \
+                               kv_row, scale_log2);                                          \
     }
 #define FLASH_ALL(T, NAME) \
     FLASH(T, NAME, 48)     \

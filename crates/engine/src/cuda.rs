@@ -735,14 +735,15 @@ unary_op!(GegluOp, "sparkle-geglu");
 /// Head widths the attention kernel is built for (d rounded up to one of these).
 const FLASH_WIDTHS: [usize; 5] = [48, 64, 80, 128, 160];
 
-/// Whether [`attention`] takes these: asked for with `SPARKLE_FLASH_ATTENTION=1`, f16 or
-/// bf16 on CUDA, heads at most 160 wide. Off by default: it halves the memory of a batch,
-/// but on an H100 it is still slower than the score matrix through cuBLAS (bench/ENGINE.md).
+/// Whether [`attention`] takes these: f16 or bf16 on CUDA, heads a multiple of 8 and at
+/// most 160 wide (every Stable Diffusion UNet's), unless `SPARKLE_FLASH_ATTENTION=0` asks
+/// for the score matrix through cuBLAS instead.
 pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
-    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ASKED.get_or_init(|| std::env::var("SPARKLE_FLASH_ATTENTION").is_ok_and(|v| v == "1"))
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var("SPARKLE_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && head_dim % 8 == 0
         && head_dim <= FLASH_WIDTHS[FLASH_WIDTHS.len() - 1]
 }
 
@@ -788,6 +789,10 @@ impl AttentionOp {
             )));
         }
         let d = width / heads;
+        // 16-byte rows for `cp.async`: heads a multiple of 8 wide, tensors starting aligned.
+        if d % 8 != 0 || [ql, kl, vl].iter().any(|l| l.start_offset() % 8 != 0) {
+            return Err(fail(format!("attention heads {d} wide or inputs not 16-byte aligned")));
+        }
         let dp = FLASH_WIDTHS
             .into_iter()
             .find(|&w| w >= d)
@@ -800,11 +805,8 @@ impl AttentionOp {
         let func = module(&dev)?
             .load_function(&format!("flash_attention_{dp}_{}", T::SUFFIX))
             .map_err(driver)?;
-        // The kernel's shared memory: Q, K and V tiles, then per warp the scores/scratch,
-        // the running output, the row statistics and the probabilities.
-        let (ld, pld) = (dp + 8, 64 + 8);
-        let warp_floats = 16 * dp.max(64) + 16 * dp + 32 + 16 * pld * std::mem::size_of::<T>() / 4;
-        let bytes = 3 * 64 * ld * std::mem::size_of::<T>() + 4 * warp_floats * 4;
+        // The kernel's shared memory: the Q, K and V tiles, rows padded by 16 bytes.
+        let bytes = 3 * 64 * (dp + 8) * std::mem::size_of::<T>();
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
@@ -820,7 +822,7 @@ impl AttentionOp {
             (m * width) as i64,
             width as i64,
         );
-        let scale = self.scale as f32;
+        let scale_log2 = (self.scale * std::f64::consts::LOG2_E) as f32;
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(&q)
@@ -835,7 +837,7 @@ impl AttentionOp {
             .arg(&q_row)
             .arg(&kv_batch)
             .arg(&kv_row)
-            .arg(&scale);
+            .arg(&scale_log2);
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(64) as u32, (b * heads) as u32, 1),
             block_dim: (128, 1, 1),
