@@ -417,26 +417,3 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     FLASH(T, NAME, 160)
 FLASH_ALL(__half, f16)
 FLASH_ALL(__nv_bfloat16, bf16)
-
-// The epilogue of a linear layer: y = x + bias[column] (+ residual), x `[rows, cols]`.
-template <typename T>
-__device__ void rows_epilogue(const T* __restrict__ x, const T* __restrict__ bias,
-                              const T* __restrict__ residual, int with_residual,
-                              T* __restrict__ y, int cols, int64_t n) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float v = to_f(x[i]) + to_f(bias[i % cols]);
-        if (with_residual) v += to_f(residual[i]);
-        y[i] = from_f<T>(v);
-    }
-}
-
-#define EPILOGUE(T, NAME)                                                                     \
-    extern "C" __global__ void rows_epilogue_##NAME(const T* x, const T* bias,               \
-                                                    const T* residual, int with_residual,    \
-                                                    T* y, int cols, int64_t n) {              \
-        rows_epilogue<T>(x, bias, residual, with_residual, y, cols, n);                       \
-    }
-EPILOGUE(float, f32)
-EPILOGUE(__half, f16)
-EPILOGUE(__nv_bfloat16, bf16)

@@ -34,6 +34,30 @@ impl Conv {
         self.forward_with(xs, None, None)
     }
 
+    /// Whether this is a 1×1 convolution that runs on `xs`'s device as a linear layer over
+    /// channels-last rows (CUDA): one cuBLASLt product with the bias in its epilogue, where
+    /// cuDNN would convert the layout on the way in and out.
+    #[cfg(feature = "cuda")]
+    pub fn pointwise_on(&self, xs: &Tensor) -> bool {
+        let config = self.inner.config();
+        crate::cuda::accelerated(xs)
+            && self.inner.bias().is_some()
+            && self.inner.weight().dims()[2..] == [1, 1]
+            && (config.stride, config.padding, config.dilation, config.groups) == (1, 0, 1, 1)
+    }
+
+    /// This 1×1 convolution over `[b, n, channels]` rows (see [`Conv::pointwise_on`]).
+    #[cfg(feature = "cuda")]
+    pub fn pointwise(&self, rows: &Tensor) -> Result<Tensor> {
+        let weight = self.inner.weight();
+        let (k, c) = (weight.dim(0)?, weight.dim(1)?);
+        let bias = self
+            .inner
+            .bias()
+            .ok_or_else(|| candle_core::Error::Msg("a pointwise convolution without bias".into()))?;
+        crate::cuda::linear(rows, &weight.reshape((k, c))?, bias, None)
+    }
+
     /// `conv(xs) + per_image[n, c] + residual`, one pass over the output on CUDA: the
     /// time embedding a ResNet block adds after its first convolution, and the skip
     /// connection it adds after its second.

@@ -319,6 +319,10 @@ impl SpatialTransformer {
         };
         let normed = self.norm.forward(xs)?;
         let mut seq = match &self.proj_in {
+            #[cfg(feature = "cuda")]
+            Projection::Conv(conv) if conv.pointwise_on(&normed) => {
+                conv.pointwise(&to_sequence(&normed)?)?
+            }
             Projection::Conv(conv) => to_sequence(&conv.forward(&normed)?)?,
             Projection::Linear(linear) => linear.forward(&to_sequence(&normed)?)?,
         };
@@ -331,6 +335,8 @@ impl SpatialTransformer {
                 .contiguous()
         };
         match &self.proj_out {
+            #[cfg(feature = "cuda")]
+            Projection::Conv(conv) if conv.pointwise_on(&seq) => to_image(&conv.pointwise(&seq)?)? + xs,
             Projection::Conv(conv) => conv.forward_with(&to_image(&seq)?, Some(xs), None),
             Projection::Linear(linear) => to_image(&linear.forward(&seq)?)? + xs,
         }
