@@ -129,6 +129,150 @@ GROUP_NORM(float, f32)
 GROUP_NORM(__half, f16)
 GROUP_NORM(__nv_bfloat16, bf16)
 
+// The same over channels-last maps `[b, hw, c]`, where a pixel's channels are contiguous.
+// Threads walk channels (VEC at a time, one 16-byte access for 16-bit types when c is a
+// multiple of 8), so a warp reads consecutive addresses.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+    T v[VEC];
+};
+
+// Statistics: blocks (split, image) take a slice of the image's pixels and add, for every
+// group, the sums of x and x² (shared, then into `stats`, double, zeroed beforehand).
+template <typename T, int VEC>
+__device__ void group_stats_last(const T* __restrict__ x, double* __restrict__ stats, int hw,
+                                 int channels, int cpg, int groups) {
+    extern __shared__ float acc[];  // 2·groups
+    for (int i = threadIdx.x; i < 2 * groups; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    const int b = blockIdx.y;
+    const int chunk = (hw + gridDim.x - 1) / gridDim.x;
+    const int p0 = blockIdx.x * chunk, p1 = min(p0 + chunk, hw);
+    const T* xs = x + (int64_t)b * hw * channels;
+    for (int c = threadIdx.x * VEC; c < channels; c += blockDim.x * VEC) {
+        float sum[VEC], sq[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; j++) sum[j] = sq[j] = 0.f;
+        for (int p = p0; p < p1; p++) {
+            const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xs + (int64_t)p * channels + c);
+#pragma unroll
+            for (int j = 0; j < VEC; j++) {
+                const float v = to_f(in.v[j]);
+                sum[j] += v;
+                sq[j] += v * v;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            const int g = (c + j) / cpg;
+            atomicAdd(&acc[2 * g], sum[j]);
+            atomicAdd(&acc[2 * g + 1], sq[j]);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * groups; i += blockDim.x)
+        atomicAdd(&stats[2 * b * groups + i], (double)acc[i]);
+}
+
+// Apply: each block first turns the statistics into a scale and shift per channel of its
+// image (shared), then walks the image's elements VEC at a time.
+template <typename T, int VEC, bool SILU>
+__device__ void group_apply_last(const T* __restrict__ x, const double* __restrict__ stats,
+                                 const T* __restrict__ gamma, const T* __restrict__ beta,
+                                 T* __restrict__ y, int hw, int channels, int cpg, int groups,
+                                 float eps) {
+    extern __shared__ float coef[];  // scale[channels], shift[channels]
+    const int b = blockIdx.y;
+    const double count = (double)cpg * hw;
+    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+        const int g = b * groups + c / cpg;
+        const double mean = stats[2 * g] / count;
+        const double var = fmax(stats[2 * g + 1] / count - mean * mean, 0.0);
+        const float scale = rsqrtf((float)var + eps) * to_f(gamma[c]);
+        coef[c] = scale;
+        coef[channels + c] = to_f(beta[c]) - (float)mean * scale;
+    }
+    __syncthreads();
+    const int n = hw * channels;
+    const T* xs = x + (int64_t)b * n;
+    T* ys = y + (int64_t)b * n;
+    for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += gridDim.x * blockDim.x * VEC) {
+        const int c = i % channels;
+        const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xs + i);
+        Pack<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            float v = to_f(in.v[j]) * coef[c + j] + coef[channels + c + j];
+            if (SILU) v = v / (1.f + __expf(-v));
+            out.v[j] = from_f<T>(v);
+        }
+        *reinterpret_cast<Pack<T, VEC>*>(ys + i) = out;
+    }
+}
+
+// The convolution epilogue over a channels-last output `[b, hw, c]`, in place:
+// y += bias[c] (+ per_image[b, c]) (+ residual); blocks (x, image).
+template <typename T, int VEC>
+__device__ void bias_add_last(T* __restrict__ y, const T* __restrict__ bias,
+                              const T* __restrict__ residual, int with_residual,
+                              const T* __restrict__ per_image, int with_per_image, int channels,
+                              int hw) {
+    const int b = blockIdx.y;
+    const int n = hw * channels;
+    T* ys = y + (int64_t)b * n;
+    const T* rs = residual + (int64_t)b * n;
+    const T* pis = per_image + (int64_t)b * channels;
+    for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+         i += gridDim.x * blockDim.x * VEC) {
+        const int c = i % channels;
+        Pack<T, VEC> out = *reinterpret_cast<const Pack<T, VEC>*>(ys + i);
+        const Pack<T, VEC> add = *reinterpret_cast<const Pack<T, VEC>*>(bias + c);
+        Pack<T, VEC> res, pi;
+        if (with_residual) res = *reinterpret_cast<const Pack<T, VEC>*>(rs + i);
+        if (with_per_image) pi = *reinterpret_cast<const Pack<T, VEC>*>(pis + c);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            float v = to_f(out.v[j]) + to_f(add.v[j]);
+            if (with_per_image) v += to_f(pi.v[j]);
+            if (with_residual) v += to_f(res.v[j]);
+            out.v[j] = from_f<T>(v);
+        }
+        *reinterpret_cast<Pack<T, VEC>*>(ys + i) = out;
+    }
+}
+
+#define GROUP_NORM_LAST_VEC(T, NAME, VEC)                                                     \
+    extern "C" __global__ void group_stats_last##VEC##_##NAME(                                \
+        const T* x, double* stats, int hw, int channels, int cpg, int groups) {               \
+        group_stats_last<T, VEC>(x, stats, hw, channels, cpg, groups);                        \
+    }                                                                                         \
+    extern "C" __global__ void group_apply_last##VEC##_##NAME(                                \
+        const T* x, const double* stats, const T* gamma, const T* beta, T* y, int hw,         \
+        int channels, int cpg, int groups, float eps) {                                       \
+        group_apply_last<T, VEC, false>(x, stats, gamma, beta, y, hw, channels, cpg, groups,  \
+                                        eps);                                                 \
+    }                                                                                         \
+    extern "C" __global__ void group_apply_silu_last##VEC##_##NAME(                           \
+        const T* x, const double* stats, const T* gamma, const T* beta, T* y, int hw,         \
+        int channels, int cpg, int groups, float eps) {                                       \
+        group_apply_last<T, VEC, true>(x, stats, gamma, beta, y, hw, channels, cpg, groups,   \
+                                       eps);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void bias_add_last##VEC##_##NAME(                                   \
+        T* y, const T* bias, const T* residual, int with_residual, const T* per_image,        \
+        int with_per_image, int channels, int hw) {                                           \
+        bias_add_last<T, VEC>(y, bias, residual, with_residual, per_image, with_per_image,    \
+                              channels, hw);                                                  \
+    }
+#define GROUP_NORM_LAST(T, NAME)      \
+    GROUP_NORM_LAST_VEC(T, NAME, 1)   \
+    GROUP_NORM_LAST_VEC(T, NAME, 8)
+
+GROUP_NORM_LAST(float, f32)
+GROUP_NORM_LAST(__half, f16)
+GROUP_NORM_LAST(__nv_bfloat16, bf16)
+
 // Softmax over the last dimension, one block of 128 threads per row, the row held in
 // registers (ELEMS per thread): one read and one write of the scores, where a kernel that
 // re-reads the row for its maximum, its sum and its output moves three times the data.

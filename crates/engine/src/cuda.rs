@@ -97,6 +97,39 @@ fn plane_grid(planes: usize, size: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Blocks `(x, image)` of 256 threads for the channels-last kernels, which walk `images`
+/// images of `size` elements each, `vec` elements per thread and step.
+fn image_grid(images: usize, size: usize, vec: usize) -> Result<LaunchConfig> {
+    if size > i32::MAX as usize || images > 65_535 {
+        return Err(fail(format!("{images} images of {size} elements")));
+    }
+    Ok(LaunchConfig {
+        grid_dim: ((size / vec).div_ceil(256 * 4).clamp(1, 4096) as u32, images as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// 8 when the channels-last kernels may move 8 elements at a time over these operands
+/// (`channels` a multiple of 8, every view starting 16-byte aligned), else 1.
+fn vec8<T: Element, const N: usize>(
+    stream: &cudarc::driver::CudaStream,
+    views: [&CudaView<'_, T>; N],
+    channels: usize,
+) -> usize {
+    use cudarc::driver::DevicePtr;
+    let bytes = 8 * std::mem::size_of::<T>();
+    let aligned = views.iter().all(|v| {
+        let (ptr, _sync) = v.device_ptr(stream);
+        ptr as usize % bytes.min(16) == 0
+    });
+    if channels % 8 == 0 && aligned && bytes <= 16 {
+        8
+    } else {
+        1
+    }
+}
+
 /// The contiguous view of an input, or an error naming it.
 fn view<'a, T: Element>(
     storage: &'a CudaStorage,
@@ -151,6 +184,7 @@ struct PlanKey {
     dtype: DType,
     /// n, c, h, w of the input; k, kh, kw of the filter; padding; stride.
     dims: [usize; 9],
+    channels_last: bool,
 }
 
 struct Plan<T: Element> {
@@ -186,7 +220,13 @@ impl<T: Element> Plan<T> {
             (w + 2 * pad - kw) / stride + 1,
         );
         let (pad, stride) = (pad as i32, stride as i32);
-        let nchw = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        // Channels-last tensors and a KRSC filter when asked; cuDNN takes the dimensions in
+        // NCHW order either way.
+        let format = if key.channels_last {
+            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         let mut conv = dnn
             .create_conv2d::<f32>(
                 [pad, pad],
@@ -202,13 +242,13 @@ impl<T: Element> Plan<T> {
         };
         conv.set_math_type(math).map_err(dnn_err)?;
         let x = dnn
-            .create_4d_tensor::<T>(nchw, as_i32([n, c, h, w])?)
+            .create_4d_tensor::<T>(format, as_i32([n, c, h, w])?)
             .map_err(dnn_err)?;
         let wd = dnn
-            .create_4d_filter::<T>(nchw, as_i32([k, c, kh, kw])?)
+            .create_4d_filter::<T>(format, as_i32([k, c, kh, kw])?)
             .map_err(dnn_err)?;
         let y = dnn
-            .create_4d_tensor::<T>(nchw, as_i32([n, k, oh, ow])?)
+            .create_4d_tensor::<T>(format, as_i32([n, k, oh, ow])?)
             .map_err(dnn_err)?;
         let forward = ConvForward {
             conv: &conv,
@@ -229,8 +269,11 @@ impl<T: Element> Plan<T> {
     }
 }
 
-/// `conv2d(xs, weight) + bias (+ channel_bias[n, c]) (+ residual)` over NCHW, with square
-/// padding and stride: the convolution through cuDNN, the rest in one pass over its output.
+/// `conv2d(xs, weight) + bias (+ channel_bias[n, c]) (+ residual)` with square padding and
+/// stride: the convolution through cuDNN, the rest in one pass over its output. Over NCHW
+/// with a `[k, c, kh, kw]` weight, or with `channels_last` over NHWC with a `[k, kh, kw, c]`
+/// one (cuDNN's fast kernels are channels-last: no layout conversion on the way).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
@@ -239,6 +282,7 @@ pub(crate) fn conv2d(
     stride: usize,
     residual: Option<&Tensor>,
     channel_bias: Option<&Tensor>,
+    channels_last: bool,
 ) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.contiguous()?;
@@ -249,6 +293,7 @@ pub(crate) fn conv2d(
         stride,
         residual: residual.is_some(),
         channel_bias: channel_bias.is_some(),
+        channels_last,
     };
     // Absent operands are stood in for by the input, which the flags say not to read.
     let residual = match residual {
@@ -273,6 +318,7 @@ struct ConvOp {
     stride: usize,
     residual: bool,
     channel_bias: bool,
+    channels_last: bool,
 }
 
 /// A CUDA tensor's storage, read-locked, and its layout.
@@ -305,11 +351,17 @@ impl ConvOp {
         let (w_guard, wl) = cuda_storage(&self.weight)?;
         let (b_guard, bl) = cuda_storage(&self.bias)?;
         let (ws, bs) = (as_cuda(&w_guard)?, as_cuda(&b_guard)?);
-        let &[n, c, h, w] = xl.dims() else {
-            return Err(fail("conv2d input must be [n, c, h, w]"));
-        };
-        let &[k, wc, kh, kw] = wl.dims() else {
-            return Err(fail("conv2d weight must be [k, c, kh, kw]"));
+        let (n, c, h, w, k, wc, kh, kw) = match (xl.dims(), wl.dims(), self.channels_last) {
+            (&[n, c, h, w], &[k, wc, kh, kw], false) => (n, c, h, w, k, wc, kh, kw),
+            (&[n, h, w, c], &[k, kh, kw, wc], true) => (n, c, h, w, k, wc, kh, kw),
+            _ => {
+                return Err(fail(format!(
+                    "conv2d input and weight must be [n, c, h, w] and [k, c, kh, kw], or \
+                     channels-last [n, h, w, c] and [k, kh, kw, c]: {:?} {:?}",
+                    xl.dims(),
+                    wl.dims()
+                )))
+            }
         };
         if wc != c || bl.dims() != [k] || h + 2 * self.padding < kh || w + 2 * self.padding < kw {
             return Err(fail(format!(
@@ -323,11 +375,15 @@ impl ConvOp {
             (h + 2 * self.padding - kh) / self.stride + 1,
             (w + 2 * self.padding - kw) / self.stride + 1,
         );
-        if self.residual && rl.dims() != [n, k, oh, ow] {
+        let out_dims = if self.channels_last {
+            [n, oh, ow, k]
+        } else {
+            [n, k, oh, ow]
+        };
+        if self.residual && rl.dims() != out_dims {
             return Err(fail(format!(
-                "residual {:?} for a {:?} output",
-                rl.dims(),
-                [n, k, oh, ow]
+                "residual {:?} for a {out_dims:?} output",
+                rl.dims()
             )));
         }
         if self.channel_bias && cl.dims().iter().product::<usize>() != n * k {
@@ -342,6 +398,7 @@ impl ConvOp {
             device: dev.id(),
             dtype: xs.dtype(),
             dims: [n, c, h, w, k, kh, kw, self.padding, self.stride],
+            channels_last: self.channels_last,
         };
         let dnn = cudnn(&dev)?;
         let elements = n * k * oh * ow;
@@ -384,10 +441,16 @@ impl ConvOp {
                 }
             })
         })?;
-        let func = module(&dev)?
-            .load_function(&format!("bias_add_{}", T::SUFFIX))
-            .map_err(driver)?;
         let stream = dev.cuda_stream();
+        let vec = match self.channels_last {
+            true => vec8(&stream, [&b, &residual, &channel_bias], k),
+            false => 1,
+        };
+        let name = match self.channels_last {
+            true => format!("bias_add_last{vec}_{}", T::SUFFIX),
+            false => format!("bias_add_{}", T::SUFFIX),
+        };
+        let func = module(&dev)?.load_function(&name).map_err(driver)?;
         let (channels, hw, total) = (k as i32, (oh * ow) as i32, elements as i64);
         let (with_residual, with_channel_bias) =
             (i32::from(self.residual), i32::from(self.channel_bias));
@@ -400,18 +463,25 @@ impl ConvOp {
             .arg(&channel_bias)
             .arg(&with_channel_bias)
             .arg(&channels)
-            .arg(&hw)
-            .arg(&total);
-        // SAFETY: blocks (x, plane) over n·k planes of oh·ow elements of `out` and, when
-        // read, `residual`; `b` holds k values and, when read, `channel_bias` n·k.
-        unsafe { launch.launch(plane_grid(n * k, oh * ow)?) }.map_err(driver)?;
+            .arg(&hw);
+        if self.channels_last {
+            // SAFETY: blocks (x, image) over n images of oh·ow·k elements of `out` and, when
+            // read, `residual`, `vec` at a time and aligned to it (`vec8`); `b` holds k values
+            // and, when read, `channel_bias` n·k.
+            unsafe { launch.launch(image_grid(n, oh * ow * k, vec)?) }.map_err(driver)?;
+        } else {
+            launch.arg(&total);
+            // SAFETY: blocks (x, plane) over n·k planes of oh·ow elements of `out` and, when
+            // read, `residual`; `b` holds k values and, when read, `channel_bias` n·k.
+            unsafe { launch.launch(plane_grid(n * k, oh * ow)?) }.map_err(driver)?;
+        }
         drop((w_guard, b_guard));
         Ok((
             CudaStorage {
                 slice: T::wrap(out),
                 device: dev,
             },
-            Shape::from((n, k, oh, ow)),
+            Shape::from(out_dims.to_vec()),
         ))
     }
 }
@@ -451,7 +521,8 @@ impl CustomOp3 for ConvOp {
     }
 }
 
-/// GroupNorm over `[b, c, …]` (contiguous), then SiLU when `silu`.
+/// GroupNorm over `[b, c, …]`, or with `channels_last` over `[b, …, c]`, then SiLU when
+/// `silu`.
 pub(crate) fn group_norm(
     xs: &Tensor,
     weight: &Tensor,
@@ -459,17 +530,25 @@ pub(crate) fn group_norm(
     groups: usize,
     eps: f64,
     silu: bool,
+    channels_last: bool,
 ) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
     let bias = bias.to_dtype(xs.dtype())?.contiguous()?;
-    xs.apply_op3_no_bwd(&weight, &bias, &NormOp { groups, eps, silu })
+    let op = NormOp {
+        groups,
+        eps,
+        silu,
+        channels_last,
+    };
+    xs.apply_op3_no_bwd(&weight, &bias, &op)
 }
 
 struct NormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    channels_last: bool,
 }
 
 impl NormOp {
@@ -484,10 +563,12 @@ impl NormOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = xs.device().clone();
         let dims = xl.dims();
-        let (Some(&b), Some(&c)) = (dims.first(), dims.get(1)) else {
-            return Err(fail("GroupNorm input must be [b, c, …]"));
+        let channel_dim = if self.channels_last { dims.len().saturating_sub(1) } else { 1 };
+        let (Some(&b), Some(&c), true) = (dims.first(), dims.get(channel_dim), dims.len() > 1)
+        else {
+            return Err(fail("GroupNorm input must be [b, c, …] or [b, …, c]"));
         };
-        let hw: usize = dims[2..].iter().product();
+        let hw: usize = dims.iter().product::<usize>() / (b * c).max(1);
         if self.groups == 0 || c % self.groups != 0 || wl.dims() != [c] || bl.dims() != [c] {
             return Err(fail(format!(
                 "GroupNorm of {dims:?} in {} groups",
@@ -497,6 +578,9 @@ impl NormOp {
         let x = view::<T>(xs, xl, "GroupNorm input")?;
         let gamma = view::<T>(ws, wl, "GroupNorm weight")?;
         let beta = view::<T>(bs, bl, "GroupNorm bias")?;
+        if self.channels_last {
+            return self.run_last(dev, &x, &gamma, &beta, [b, hw, c], xl.shape());
+        }
         let n = b * c * hw;
         let cpg = c / self.groups;
         let run = cpg * hw;
@@ -552,6 +636,87 @@ impl NormOp {
                 device: dev,
             },
             xl.shape().clone(),
+        ))
+    }
+}
+
+impl NormOp {
+    /// The channels-last kernels over `[b, hw, c]`.
+    fn run_last<T: Element>(
+        &self,
+        dev: CudaDevice,
+        x: &CudaView<'_, T>,
+        gamma: &CudaView<'_, T>,
+        beta: &CudaView<'_, T>,
+        [b, hw, c]: [usize; 3],
+        shape: &Shape,
+    ) -> Result<(CudaStorage, Shape)> {
+        let groups = self.groups;
+        let cpg = c / groups;
+        let module = module(&dev)?;
+        let stream = dev.cuda_stream();
+        let mut stats = dev.alloc_zeros::<f64>(2 * b * groups)?;
+        // SAFETY: the kernel below writes every element.
+        let mut out = unsafe { dev.alloc::<T>(b * hw * c)? };
+        let vec = vec8(&stream, [x, gamma, beta, &out.slice(..)], c);
+        let (hw32, c32, cpg32, groups32, eps) =
+            (hw as i32, c as i32, cpg as i32, groups as i32, self.eps as f32);
+        if hw * c > i32::MAX as usize || b > 65_535 {
+            return Err(fail(format!("GroupNorm of {b} images of {hw}×{c}")));
+        }
+        let stats_fn = module
+            .load_function(&format!("group_stats_last{vec}_{}", T::SUFFIX))
+            .map_err(driver)?;
+        // Statistics: about a thousand blocks in all, each a slice of one image's pixels.
+        let splits = (1024 / b).clamp(1, hw.div_ceil(16).max(1)) as u32;
+        let mut launch = stream.launch_builder(&stats_fn);
+        launch
+            .arg(x)
+            .arg(&mut stats)
+            .arg(&hw32)
+            .arg(&c32)
+            .arg(&cpg32)
+            .arg(&groups32);
+        let config = LaunchConfig {
+            grid_dim: (splits, b as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * groups * 4) as u32,
+        };
+        // SAFETY: blocks (split, image) read pixel slices of b images of hw·c elements,
+        // `vec` channels at a time and aligned to it; they add into 2·b·groups doubles.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        let name = format!(
+            "group_apply{}_last{vec}_{}",
+            if self.silu { "_silu" } else { "" },
+            T::SUFFIX
+        );
+        let apply = module.load_function(&name).map_err(driver)?;
+        let mut launch = stream.launch_builder(&apply);
+        launch
+            .arg(x)
+            .arg(&stats)
+            .arg(gamma)
+            .arg(beta)
+            .arg(&mut out)
+            .arg(&hw32)
+            .arg(&c32)
+            .arg(&cpg32)
+            .arg(&groups32)
+            .arg(&eps);
+        let mut config = image_grid(b, hw * c, vec)?;
+        config.shared_mem_bytes = (2 * c * 4) as u32;
+        if c > 8192 {
+            return Err(fail(format!("GroupNorm over {c} channels")));
+        }
+        // SAFETY: blocks (x, image) over b images of hw·c elements of `x` and `out`, `vec`
+        // at a time and aligned to it; channels below c, groups below b·groups.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        Ok((
+            CudaStorage {
+                slice: T::wrap(out),
+                device: dev,
+            },
+            shape.clone(),
         ))
     }
 }

@@ -6,9 +6,83 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
+/// Where a feature map keeps its channels: `[b, c, h, w]` (candle's layout: the CPU path and
+/// the VAE) or `[b, h, w, c]` (the UNet on CUDA: cuDNN's fast convolutions are channels-last,
+/// and a spatial transformer's rows are then the map itself, with nothing to transpose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channels {
+    First,
+    Last,
+}
+
+impl Channels {
+    /// The layout a network should run `xs` in: channels-last where our CUDA kernels take it.
+    pub fn for_input(xs: &Tensor) -> Channels {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::accelerated(xs) {
+            return Channels::Last;
+        }
+        let _ = xs;
+        Channels::First
+    }
+
+    /// The dimension that holds the channels of a 4-D map.
+    pub fn dim(self) -> usize {
+        match self {
+            Channels::First => 1,
+            Channels::Last => 3,
+        }
+    }
+
+    /// `(h, w)` of a 4-D map.
+    pub fn size(self, xs: &Tensor) -> Result<(usize, usize)> {
+        let (_, a, b, c) = xs.dims4()?;
+        Ok(match self {
+            Channels::First => (b, c),
+            Channels::Last => (a, b),
+        })
+    }
+
+    /// An NCHW map in this layout, contiguous.
+    pub fn from_nchw(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Channels::First => Ok(xs.clone()),
+            Channels::Last => xs.permute((0, 2, 3, 1))?.contiguous(),
+        }
+    }
+
+    /// A map in this layout as NCHW, contiguous.
+    pub fn to_nchw(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Channels::First => Ok(xs.clone()),
+            Channels::Last => xs.permute((0, 3, 1, 2))?.contiguous(),
+        }
+    }
+
+    /// Nearest-neighbour upsampling to `(h, w)`.
+    pub fn upsample_nearest(self, xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        match self {
+            Channels::First => xs.upsample_nearest2d(h, w),
+            Channels::Last => {
+                let (b, ih, iw, c) = xs.dims4()?;
+                if (h, w) == (2 * ih, 2 * iw) {
+                    xs.reshape((b, ih, 1, iw, 1, c))?
+                        .broadcast_as((b, ih, 2, iw, 2, c))?
+                        .reshape((b, h, w, c))
+                } else {
+                    self.from_nchw(&self.to_nchw(xs)?.upsample_nearest2d(h, w)?)
+                }
+            }
+        }
+    }
+}
+
 /// A 2-D convolution with bias.
 pub(crate) struct Conv {
     inner: Conv2d,
+    /// The weight as `[k, kh, kw, c]` for channels-last maps, made on first use.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    channels_last_weight: std::sync::OnceLock<Tensor>,
 }
 
 impl Conv {
@@ -27,6 +101,7 @@ impl Conv {
         };
         Ok(Conv {
             inner: candle_nn::conv2d(cin, cout, kernel, config, vb)?,
+            channels_last_weight: std::sync::OnceLock::new(),
         })
     }
 
@@ -34,28 +109,32 @@ impl Conv {
         self.forward_with(xs, None, None)
     }
 
-    /// Whether this is a 1×1 convolution that runs on `xs`'s device as a linear layer over
-    /// channels-last rows (CUDA): one cuBLASLt product with the bias in its epilogue, where
-    /// cuDNN would convert the layout on the way in and out.
-    #[cfg(feature = "cuda")]
-    pub fn pointwise_on(&self, xs: &Tensor) -> bool {
+    /// Whether this is a 1×1 convolution without stride or padding, which over
+    /// channels-last rows is a linear layer.
+    pub fn pointwise(&self) -> bool {
         let config = self.inner.config();
-        crate::cuda::accelerated(xs)
-            && self.inner.bias().is_some()
-            && self.inner.weight().dims()[2..] == [1, 1]
+        self.inner.weight().dims()[2..] == [1, 1]
             && (config.stride, config.padding, config.dilation, config.groups) == (1, 0, 1, 1)
     }
 
-    /// This 1×1 convolution over `[b, n, channels]` rows (see [`Conv::pointwise_on`]).
-    #[cfg(feature = "cuda")]
-    pub fn pointwise(&self, rows: &Tensor) -> Result<Tensor> {
+    /// This 1×1 convolution over `[b, n, channels]` rows (+ residual): on CUDA one cuBLASLt
+    /// product with the bias in its epilogue.
+    pub fn forward_rows(&self, rows: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let weight = self.inner.weight();
-        let (k, c) = (weight.dim(0)?, weight.dim(1)?);
-        let bias = self
-            .inner
-            .bias()
-            .ok_or_else(|| candle_core::Error::Msg("a pointwise convolution without bias".into()))?;
-        crate::cuda::linear(rows, &weight.reshape((k, c))?, bias, None)
+        let weight = weight.reshape((weight.dim(0)?, weight.dim(1)?))?;
+        #[cfg(feature = "cuda")]
+        if let (true, Some(bias)) = (crate::cuda::accelerated(rows), self.inner.bias()) {
+            return crate::cuda::linear(rows, &weight, bias, residual);
+        }
+        let out = rows.broadcast_matmul(&weight.t()?)?;
+        let out = match self.inner.bias() {
+            Some(bias) => out.broadcast_add(bias)?,
+            None => out,
+        };
+        match residual {
+            Some(residual) => out + residual,
+            None => Ok(out),
+        }
     }
 
     /// `conv(xs) + per_image[n, c] + residual`, one pass over the output on CUDA: the
@@ -67,18 +146,45 @@ impl Conv {
         residual: Option<&Tensor>,
         per_image: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.apply(xs, residual, per_image, Channels::First)
+    }
+
+    /// [`Conv::forward_with`] over a map in the given layout (channels-last on CUDA only).
+    pub fn apply(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        per_image: Option<&Tensor>,
+        channels: Channels,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
             let config = self.inner.config();
+            let last = channels == Channels::Last;
+            let weight = match (last, self.channels_last_weight.get()) {
+                (false, _) => self.inner.weight().clone(),
+                (true, Some(weight)) => weight.clone(),
+                (true, None) => {
+                    let weight = self.inner.weight().permute((0, 2, 3, 1))?.contiguous()?;
+                    let _ = self.channels_last_weight.set(weight.clone());
+                    weight
+                }
+            };
             return crate::cuda::conv2d(
                 xs,
-                self.inner.weight(),
+                &weight,
                 bias,
                 config.padding,
                 config.stride,
                 residual,
                 per_image,
+                last,
             );
+        }
+        if channels == Channels::Last {
+            return Err(candle_core::Error::Msg(
+                "channels-last convolutions run on CUDA only".into(),
+            ));
         }
         let mut out = self.inner.forward(xs)?;
         if let Some(per_image) = per_image {
@@ -115,15 +221,17 @@ impl Norm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.run(xs, false)
+        self.apply(xs, false, Channels::First)
     }
 
     /// `silu(norm(xs))`, one kernel on CUDA.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        self.run(xs, true)
+        self.apply(xs, true, Channels::First)
     }
 
-    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+    /// GroupNorm (then SiLU when `silu`) over a map in the given layout (channels-last on
+    /// CUDA only).
+    pub fn apply(&self, xs: &Tensor, silu: bool, channels: Channels) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if crate::cuda::accelerated(xs) {
             return crate::cuda::group_norm(
@@ -133,7 +241,13 @@ impl Norm {
                 self.groups,
                 self.eps,
                 silu,
+                channels == Channels::Last,
             );
+        }
+        if channels == Channels::Last {
+            return Err(candle_core::Error::Msg(
+                "channels-last GroupNorm runs on CUDA only".into(),
+            ));
         }
         let normed = self.inner.forward(xs)?;
         if silu {

@@ -9,7 +9,7 @@
 //! size and crop ("text_time" conditioning).
 
 use crate::config::UNetConfig;
-use crate::layers::{Conv, Dense, Norm};
+use crate::layers::{Channels, Conv, Dense, Norm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
@@ -97,18 +97,18 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, ch: Channels) -> Result<Tensor> {
         let t = self.time_emb_proj.forward(&temb.silu()?)?;
         let h = self
             .conv1
-            .forward_with(&self.norm1.forward_silu(xs)?, None, Some(&t))?;
+            .apply(&self.norm1.apply(xs, true, ch)?, None, Some(&t), ch)?;
         let skip = match &self.shortcut {
-            Some(conv) => conv.forward(xs)?,
+            Some(conv) => conv.apply(xs, None, None, ch)?,
             None => xs.clone(),
         };
         let out = self
             .conv2
-            .forward_with(&self.norm2.forward_silu(&h)?, Some(&skip), None)?;
+            .apply(&self.norm2.apply(&h, true, ch)?, Some(&skip), None, ch)?;
         if self.output_scale == 1.0 {
             Ok(out)
         } else {
@@ -312,17 +312,39 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, context: &Tensor, layout: Channels) -> Result<Tensor> {
+        if layout == Channels::Last {
+            // The map is already the rows `[b, h·w, c]`: no transposes.
+            let (b, h, w, ch) = xs.dims4()?;
+            let rows = xs.reshape((b, h * w, ch))?;
+            let normed = self.norm.apply(xs, false, layout)?.reshape((b, h * w, ch))?;
+            let mut seq = match &self.proj_in {
+                Projection::Conv(conv) if conv.pointwise() => conv.forward_rows(&normed, None)?,
+                Projection::Conv(_) => {
+                    return Err(candle_core::Error::Msg("proj_in must be 1×1".into()))
+                }
+                Projection::Linear(linear) => linear.forward(&normed)?,
+            };
+            for block in &self.blocks {
+                seq = block.forward(&seq, context)?;
+            }
+            let out = match &self.proj_out {
+                Projection::Conv(conv) if conv.pointwise() => {
+                    conv.forward_rows(&seq, Some(&rows))?
+                }
+                Projection::Conv(_) => {
+                    return Err(candle_core::Error::Msg("proj_out must be 1×1".into()))
+                }
+                Projection::Linear(linear) => linear.forward_add(&seq, Some(&rows))?,
+            };
+            return out.reshape((b, h, w, ch));
+        }
         let (b, ch, h, w) = xs.dims4()?;
         let to_sequence = |t: &Tensor| -> Result<Tensor> {
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, t.dim(1)?))
         };
         let normed = self.norm.forward(xs)?;
         let mut seq = match &self.proj_in {
-            #[cfg(feature = "cuda")]
-            Projection::Conv(conv) if conv.pointwise_on(&normed) => {
-                conv.pointwise(&to_sequence(&normed)?)?
-            }
             Projection::Conv(conv) => to_sequence(&conv.forward(&normed)?)?,
             Projection::Linear(linear) => linear.forward(&to_sequence(&normed)?)?,
         };
@@ -335,8 +357,6 @@ impl SpatialTransformer {
                 .contiguous()
         };
         match &self.proj_out {
-            #[cfg(feature = "cuda")]
-            Projection::Conv(conv) if conv.pointwise_on(&seq) => to_image(&conv.pointwise(&seq)?)? + xs,
             Projection::Conv(conv) => conv.forward_with(&to_image(&seq)?, Some(xs), None),
             Projection::Linear(linear) => to_image(&linear.forward(&seq)?)? + xs,
         }
@@ -351,10 +371,17 @@ struct Level {
 }
 
 impl Level {
-    fn step(&self, i: usize, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self.resnets[i].forward(xs, temb)?;
+    fn step(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ch: Channels,
+    ) -> Result<Tensor> {
+        let xs = self.resnets[i].forward(xs, temb, ch)?;
         match self.attentions.get(i) {
-            Some(attention) => attention.forward(&xs, context),
+            Some(attention) => attention.forward(&xs, context, ch),
             None => Ok(xs),
         }
     }
@@ -597,44 +624,49 @@ impl UNet {
         } else {
             xs.clone()
         };
-        let mut xs = self.conv_in.forward(&xs)?;
+        // Channels-last on CUDA, from the first convolution to the last.
+        let ch = Channels::for_input(&xs);
+        let mut xs = self.conv_in.apply(&ch.from_nchw(&xs)?, None, None, ch)?;
         let mut skips = vec![xs.clone()];
         for down in &self.down {
             for i in 0..down.level.resnets.len() {
-                xs = down.level.step(i, &xs, &temb, context)?;
+                xs = down.level.step(i, &xs, &temb, context, ch)?;
                 skips.push(xs.clone());
             }
             if let Some(conv) = &down.downsample {
-                xs = conv.forward(&xs)?;
+                xs = conv.apply(&xs, None, None, ch)?;
                 skips.push(xs.clone());
             }
         }
 
-        xs = self.mid.first.forward(&xs, &temb)?;
-        xs = self.mid.attention.forward(&xs, context)?;
-        xs = self.mid.second.forward(&xs, &temb)?;
+        xs = self.mid.first.forward(&xs, &temb, ch)?;
+        xs = self.mid.attention.forward(&xs, context, ch)?;
+        xs = self.mid.second.forward(&xs, &temb, ch)?;
 
         for up in &self.up {
             for i in 0..up.level.resnets.len() {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("UNet skip connections ran out".into())
                 })?;
-                xs = Tensor::cat(&[&xs, &skip], 1)?;
-                xs = up.level.step(i, &xs, &temb, context)?;
+                xs = Tensor::cat(&[&xs, &skip], ch.dim())?;
+                xs = up.level.step(i, &xs, &temb, context, ch)?;
             }
             if let Some(conv) = &up.upsample {
                 // Up to the size of the next skip connection, which odd sizes make
                 // other than exactly twice.
                 let (h, w) = match skips.last() {
-                    Some(next) => (next.dim(2)?, next.dim(3)?),
-                    None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
+                    Some(next) => ch.size(next)?,
+                    None => {
+                        let (h, w) = ch.size(&xs)?;
+                        (h * 2, w * 2)
+                    }
                 };
-                xs = conv.forward(&xs.upsample_nearest2d(h, w)?)?;
+                xs = conv.apply(&ch.upsample_nearest(&xs, h, w)?, None, None, ch)?;
             }
         }
 
-        let xs = self.norm_out.forward_silu(&xs)?;
-        self.conv_out.forward(&xs)
+        let xs = self.norm_out.apply(&xs, true, ch)?;
+        ch.to_nchw(&self.conv_out.apply(&xs, None, None, ch)?)
     }
 }
 
