@@ -407,59 +407,72 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-template <typename T, int DP>
+template <typename T, int DP, int RT>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
                                 const T* __restrict__ v, T* __restrict__ out, int heads, int n,
                                 int m, int d, int64_t q_batch, int64_t q_row, int64_t kv_batch,
                                 int64_t kv_row, float scale_log2) {
     constexpr int LD = DP + 8;  // shared row length: rows land on distinct banks for ldmatrix
-    constexpr int KT = DP / 16, NT = DP / 8, CH = DP / 8;
+    constexpr int KT = DP / 16, NT = DP / 8, CH = DP / 8, BQ = 64 * RT;
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem);
-    T* Ks = Qs + FA_BQ * LD;
+    T* Ks = Qs + BQ * LD;
     T* Vs = Ks + FA_BK * LD;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
-    const int q0 = blockIdx.x * FA_BQ;
+    const int q0 = blockIdx.x * BQ;
     const T* qb = q + b * q_batch + (int64_t)h * d;
     const T* kb = k + b * kv_batch + (int64_t)h * d;
     const T* vb = v + b * kv_batch + (int64_t)h * d;
 
-    auto load_tile = [&](T* dst, const T* src, int first, int count, int64_t row) {
-        for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+    auto load_tile = [&](T* dst, const T* src, int rows, int first, int count, int64_t row) {
+        for (int idx = threadIdx.x; idx < rows * CH; idx += blockDim.x) {
             const int r = idx / CH, c = (idx % CH) * 8, i = first + r;
             const bool inside = i < count && c < d;
             cp_async16(dst + r * LD + c, inside ? src + (int64_t)i * row + c : src, inside);
         }
     };
-    load_tile(Qs, qb, q0, n, q_row);
+    load_tile(Qs, qb, BQ, q0, n, q_row);
     cp_async_commit();
 
-    uint32_t qf[KT][4];
-    float o[NT][4];
+    // Each warp takes RT tiles of 16 queries, which share every K and V fragment it loads.
+    uint32_t qf[RT][KT][4];
+    float o[RT][NT][4];
 #pragma unroll
-    for (int t = 0; t < NT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-    // Each lane holds two rows of its warp's 16: `lane / 4` and `lane / 4 + 8`.
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    for (int r = 0; r < RT; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) o[r][t][0] = o[r][t][1] = o[r][t][2] = o[r][t][3] = 0.f;
+    // Each lane holds two rows of each tile: `lane / 4` and `lane / 4 + 8`.
+    float row_max[RT][2], row_sum[RT][2];
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        row_max[r][0] = row_max[r][1] = -INFINITY;
+        row_sum[r][0] = row_sum[r][1] = 0.f;
+    }
 
     for (int k0 = 0; k0 < m; k0 += FA_BK) {
         __syncthreads();  // every warp is done with the previous K and V tiles
-        load_tile(Ks, kb, k0, m, kv_row);
+        load_tile(Ks, kb, FA_BK, k0, m, kv_row);
         cp_async_commit();
-        load_tile(Vs, vb, k0, m, kv_row);
+        load_tile(Vs, vb, FA_BK, k0, m, kv_row);
         cp_async_commit();
         cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
         __syncthreads();
         if (k0 == 0) {
 #pragma unroll
-            for (int kk = 0; kk < KT; kk++)
-                ldsm_x4(qf[kk], Qs + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+            for (int r = 0; r < RT; r++)
+#pragma unroll
+                for (int kk = 0; kk < KT; kk++)
+                    ldsm_x4(qf[r][kk], Qs + ((warp * RT + r) * 16 + lane % 16) * LD + kk * 16 +
+                                           (lane / 16) * 8);
         }
 
-        // S = Q·Kᵀ: 16 queries × 64 keys per warp, eight n8 tiles.
-        float s[8][4];
+        // S = Q·Kᵀ: 16 queries × 64 keys per tile, eight n8 tiles.
+        float s[RT][8][4];
 #pragma unroll
-        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[r][j][0] = s[r][j][1] = s[r][j][2] = s[r][j][3] = 0.f;
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
 #pragma unroll
@@ -467,41 +480,50 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
                 uint32_t kf[4];
                 ldsm_x4(kf, Ks + (j * 8 + lane % 8 + (lane / 16) * 8) * LD + kk * 16 +
                                 ((lane / 8) % 2) * 8);
-                Mma<T>::run(s[j], qf[kk], kf);
-                Mma<T>::run(s[j + 1], qf[kk], kf + 2);
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    Mma<T>::run(s[r][j], qf[r][kk], kf);
+                    Mma<T>::run(s[r][j + 1], qf[r][kk], kf + 2);
+                }
             }
         }
         if (k0 + FA_BK > m) {
 #pragma unroll
-            for (int j = 0; j < 8; j++)
+            for (int r = 0; r < RT; r++)
 #pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (k0 + j * 8 + (lane % 4) * 2 + (e % 2) >= m) s[j][e] = -INFINITY;
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (k0 + j * 8 + (lane % 4) * 2 + (e % 2) >= m) s[r][j][e] = -INFINITY;
         }
 
         // Online softmax over this tile, rows reduced across the 4 lanes that share them.
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = row_max[r];
+        for (int r = 0; r < RT; r++) {
 #pragma unroll
-            for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float shift = mx * scale_log2;
-            const float alpha = exp2f(row_max[r] * scale_log2 - shift);
-            row_max[r] = mx;
-            float sum = 0.f;
+            for (int hr = 0; hr < 2; hr++) {
+                float mx = row_max[r][hr];
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                s[j][2 * r] = exp2f(s[j][2 * r] * scale_log2 - shift);
-                s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] * scale_log2 - shift);
-                sum += s[j][2 * r] + s[j][2 * r + 1];
-            }
-            row_sum[r] = row_sum[r] * alpha + sum;
+                for (int j = 0; j < 8; j++)
+                    mx = fmaxf(mx, fmaxf(s[r][j][2 * hr], s[r][j][2 * hr + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                const float shift = mx * scale_log2;
+                const float alpha = exp2f(row_max[r][hr] * scale_log2 - shift);
+                row_max[r][hr] = mx;
+                float sum = 0.f;
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                o[t][2 * r] *= alpha;
-                o[t][2 * r + 1] *= alpha;
+                for (int j = 0; j < 8; j++) {
+                    s[r][j][2 * hr] = exp2f(s[r][j][2 * hr] * scale_log2 - shift);
+                    s[r][j][2 * hr + 1] = exp2f(s[r][j][2 * hr + 1] * scale_log2 - shift);
+                    sum += s[r][j][2 * hr] + s[r][j][2 * hr + 1];
+                }
+                row_sum[r][hr] = row_sum[r][hr] * alpha + sum;
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    o[r][t][2 * hr] *= alpha;
+                    o[r][t][2 * hr + 1] *= alpha;
+                }
             }
         }
 
@@ -510,54 +532,68 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
         // O += P·V: the probabilities of two adjacent key tiles are one A fragment.
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            const uint32_t pa[4] = {
-                Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]),
-                Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]),
-            };
+            uint32_t pa[RT][4];
+#pragma unroll
+            for (int r = 0; r < RT; r++) {
+                pa[r][0] = Mma<T>::pack(s[r][2 * kk][0], s[r][2 * kk][1]);
+                pa[r][1] = Mma<T>::pack(s[r][2 * kk][2], s[r][2 * kk][3]);
+                pa[r][2] = Mma<T>::pack(s[r][2 * kk + 1][0], s[r][2 * kk + 1][1]);
+                pa[r][3] = Mma<T>::pack(s[r][2 * kk + 1][2], s[r][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int t = 0; t < NT; t += 2) {
                 uint32_t vf[4];
                 ldsm_x4_trans(vf, Vs + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LD + t * 8 +
                                       (lane / 16) * 8);
-                Mma<T>::run(o[t], pa, vf);
-                Mma<T>::run(o[t + 1], pa, vf + 2);
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    Mma<T>::run(o[r][t], pa[r], vf);
+                    Mma<T>::run(o[r][t + 1], pa[r], vf + 2);
+                }
             }
         }
     }
 
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-        const int i = q0 + warp * 16 + lane / 4 + 8 * r;
-        if (i >= n) continue;
-        const float inv = 1.f / row_sum[r];
-        T* row = out + ((int64_t)b * n + i) * heads * d + (int64_t)h * d;
+    for (int r = 0; r < RT; r++) {
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const int c = t * 8 + (lane % 4) * 2;
-            if (c < d)
-                *reinterpret_cast<uint32_t*>(row + c) =
-                    Mma<T>::pack(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+        for (int hr = 0; hr < 2; hr++) {
+            float total = row_sum[r][hr];
+            total += __shfl_xor_sync(0xffffffff, total, 1);
+            total += __shfl_xor_sync(0xffffffff, total, 2);
+            const int i = q0 + (warp * RT + r) * 16 + lane / 4 + 8 * hr;
+            if (i >= n) continue;
+            const float inv = 1.f / total;
+            T* row = out + ((int64_t)b * n + i) * heads * d + (int64_t)h * d;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const int c = t * 8 + (lane % 4) * 2;
+                if (c < d)
+                    *reinterpret_cast<uint32_t*>(row + c) =
+                        Mma<T>::pack(o[r][t][2 * hr] * inv, o[r][t][2 * hr + 1] * inv);
+            }
         }
     }
 }
 
-#define FLASH(T, NAME, DP)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128)                                        \
-        flash_attention_##DP##_##NAME(const T* q, const T* k, const T* v, T* out, int heads, \
-                                      int n, int m, int d, int64_t q_batch, int64_t q_row,   \
-                                      int64_t kv_batch, int64_t kv_row, float scale_log2) {  \
-        flash_attention<T, DP>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,       \
-                               kv_row, scale_log2);                                          \
+// RT = 2 (two 16-query tiles per warp, 128 queries per block) only where the registers
+// allow it: heads up to 64 wide.
+#define FLASH(T, NAME, DP, RT)                                                                \
+    extern "C" __global__ void __launch_bounds__(128)                                         \
+        flash_attention_##DP##x##RT##_##NAME(const T* q, const T* k, const T* v, T* out,      \
+                                             int heads, int n, int m, int d, int64_t q_batch, \
+                                             int64_t q_row, int64_t kv_batch, int64_t kv_row, \
+                                             float scale_log2) {                              \
+        flash_attention<T, DP, RT>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,    \
+                                   kv_row, scale_log2);                                       \
     }
 #define FLASH_ALL(T, NAME) \
-    FLASH(T, NAME, 48)     \
-    FLASH(T, NAME, 64)     \
-    FLASH(T, NAME, 80)     \
-    FLASH(T, NAME, 128)    \
-    FLASH(T, NAME, 160)
+    FLASH(T, NAME, 48, 1)  \
+    FLASH(T, NAME, 48, 2)  \
+    FLASH(T, NAME, 64, 1)  \
+    FLASH(T, NAME, 64, 2)  \
+    FLASH(T, NAME, 80, 1)  \
+    FLASH(T, NAME, 128, 1) \
+    FLASH(T, NAME, 160, 1)
 FLASH_ALL(__half, f16)
 FLASH_ALL(__nv_bfloat16, bf16)

@@ -907,6 +907,19 @@ unary_op!(GegluOp, "sparkle-geglu");
 /// Head widths the attention kernel is built for (d rounded up to one of these).
 const FLASH_WIDTHS: [usize; 5] = [48, 64, 80, 128, 160];
 
+/// 16-query tiles per warp for heads `dp` wide: two up to 64 (each K and V fragment serves
+/// both, halving shared-memory traffic per query), one above (registers).
+/// `SPARKLE_FLASH_ROWS=1` forces one, for comparison.
+fn flash_rows(dp: usize) -> usize {
+    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let one = *ONE.get_or_init(|| std::env::var("SPARKLE_FLASH_ROWS").is_ok_and(|v| v == "1"));
+    if dp <= 64 && !one {
+        2
+    } else {
+        1
+    }
+}
+
 /// Whether [`attention`] takes these: f16 or bf16 on CUDA, heads a multiple of 8 and at
 /// most 160 wide (every Stable Diffusion UNet's), unless `SPARKLE_FLASH_ATTENTION=0` asks
 /// for the score matrix through cuBLAS instead.
@@ -969,16 +982,18 @@ impl AttentionOp {
             .into_iter()
             .find(|&w| w >= d)
             .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
+        let rt = flash_rows(dp);
+        let block_queries = 64 * rt;
         let (q, k, v) = (
             view::<T>(qs, ql, "queries")?,
             view::<T>(ks, kl, "keys")?,
             view::<T>(vs, vl, "values")?,
         );
         let func = module(&dev)?
-            .load_function(&format!("flash_attention_{dp}_{}", T::SUFFIX))
+            .load_function(&format!("flash_attention_{dp}x{rt}_{}", T::SUFFIX))
             .map_err(driver)?;
         // The kernel's shared memory: the Q, K and V tiles, rows padded by 16 bytes.
-        let bytes = 3 * 64 * (dp + 8) * std::mem::size_of::<T>();
+        let bytes = (block_queries + 2 * 64) * (dp + 8) * std::mem::size_of::<T>();
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
@@ -1011,11 +1026,11 @@ impl AttentionOp {
             .arg(&kv_row)
             .arg(&scale_log2);
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(64) as u32, (b * heads) as u32, 1),
+            grid_dim: (n.div_ceil(block_queries) as u32, (b * heads) as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: bytes as u32,
         };
-        // SAFETY: one block per 64 queries of one (image, head); reads stay below n and m
+        // SAFETY: one block per 64·rt queries of one (image, head); reads stay below n and m
         // rows and d columns of each head, writes below n rows.
         unsafe { launch.launch(config) }.map_err(driver)?;
         Ok((

@@ -138,6 +138,9 @@ pub async fn per_ip(State(state): State<GatewayState>, request: Request, next: N
     next.run(request).await
 }
 
+/// How much of a too-large body is still read (and dropped) before the refusal is sent.
+const DRAIN_BYTES: usize = 1 << 20;
+
 /// Reads the whole body (at most `max_body_bytes`) within the request timeout, so that a
 /// client trickling its body cannot hold the handler or the connection.
 pub async fn read_body(
@@ -153,18 +156,26 @@ pub async fn read_body(
         )
         .into_response()
     };
-    // Read up to the limit even when Content-Length already says more, rather than answer
-    // at once: a client still writing its body would see a broken pipe, not the answer.
+    // Read past the limit, discarding, before answering a body that is too large (up to
+    // DRAIN_BYTES more, within the request timeout): a client still writing its body when
+    // the connection closes sees a reset, not the answer.
     let (parts, body) = request.into_parts();
     let collect = async {
         let mut bytes = Vec::new();
+        let mut seen = 0usize;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| None)?;
-            if bytes.len() + chunk.len() > limit {
-                return Err(Some(()));
+            seen += chunk.len();
+            if seen > limit.saturating_add(DRAIN_BYTES) {
+                break;
             }
-            bytes.extend_from_slice(&chunk);
+            if seen <= limit {
+                bytes.extend_from_slice(&chunk);
+            }
+        }
+        if seen > limit {
+            return Err(Some(()));
         }
         Ok(bytes)
     };
