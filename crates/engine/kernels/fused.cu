@@ -353,35 +353,26 @@ ROWS(__nv_bfloat16, bf16)
 // q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
 // contiguous, head h at column h·d; d a multiple of 8, rows 16-byte aligned); out: [b, n,
 // heads·d] contiguous. DP is d rounded up to a multiple of 16; the padding is zero.
-constexpr int FA_BQ = 64, FA_BK = 64;
+constexpr int FA_BK = 64;
 
 template <typename T> struct Mma;
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
+// D += A·B on tensor cores for one 16-bit type (PTX name TY), and two floats packed as it.
+#define MMA(T, TY, PAIR, PACK)                                                                 \
+    template <> struct Mma<T> {                                                                \
+        static __device__ __forceinline__ void run(float* c, const uint32_t* a,                \
+                                                   const uint32_t* b) {                        \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                    \
+                         ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"          \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                      \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1])); \
+        }                                                                                      \
+        static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                  \
+            PAIR h = PACK(lo, hi);                                                             \
+            return *reinterpret_cast<uint32_t*>(&h);                                           \
+        }                                                                                      \
+    };
+MMA(__half, "f16", __half2, __floats2half2_rn)
+MMA(__nv_bfloat16, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
 
 // Four 8×8 matrices of 16-bit values from shared memory, each lane naming one row.
 __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* row) {

@@ -44,7 +44,7 @@ impl Channels {
     }
 
     /// An NCHW map in this layout, contiguous.
-    pub fn from_nchw(self, xs: &Tensor) -> Result<Tensor> {
+    pub fn of_nchw(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Channels::First => Ok(xs.clone()),
             Channels::Last => xs.permute((0, 2, 3, 1))?.contiguous(),
@@ -70,7 +70,7 @@ impl Channels {
                         .broadcast_as((b, ih, 2, iw, 2, c))?
                         .reshape((b, h, w, c))
                 } else {
-                    self.from_nchw(&self.to_nchw(xs)?.upsample_nearest2d(h, w)?)
+                    self.of_nchw(&self.to_nchw(xs)?.upsample_nearest2d(h, w)?)
                 }
             }
         }

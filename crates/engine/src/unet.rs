@@ -626,7 +626,7 @@ impl UNet {
         };
         // Channels-last on CUDA, from the first convolution to the last.
         let ch = Channels::for_input(&xs);
-        let mut xs = self.conv_in.apply(&ch.from_nchw(&xs)?, None, None, ch)?;
+        let mut xs = self.conv_in.apply(&ch.of_nchw(&xs)?, None, None, ch)?;
         let mut skips = vec![xs.clone()];
         for down in &self.down {
             for i in 0..down.level.resnets.len() {
