@@ -308,3 +308,64 @@ impl Dense {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn random(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("randn")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference")
+    }
+
+    #[test]
+    fn a_pointwise_convolution_over_rows_is_the_convolution() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let pointwise = Conv::new(vb.pp("a"), 8, 6, 1, 1, 0).expect("conv");
+        let spatial = Conv::new(vb.pp("b"), 8, 6, 3, 1, 1).expect("conv");
+        assert!(pointwise.pointwise() && !spatial.pointwise());
+        let xs = random(&[2, 8, 3, 5]);
+        let skip = random(&[2, 6, 3, 5]);
+        let expected = pointwise.forward_with(&xs, Some(&skip), None).expect("conv");
+        let rows = |t: &Tensor| {
+            let c = t.dim(1).expect("dim");
+            Channels::Last
+                .of_nchw(t)
+                .and_then(|t| t.reshape((2, 15, c)))
+                .expect("rows")
+        };
+        let got = pointwise
+            .forward_rows(&rows(&xs), Some(&rows(&skip)))
+            .expect("rows");
+        assert!(max_diff(&got, &rows(&expected)) < 1e-5);
+    }
+
+    #[test]
+    fn channels_last_maps_round_trip_and_upsample_like_nchw() {
+        let xs = random(&[2, 3, 4, 5]);
+        let last = Channels::Last.of_nchw(&xs).expect("to last");
+        assert_eq!(last.dims(), [2, 4, 5, 3]);
+        assert_eq!(Channels::Last.size(&last).expect("size"), (4, 5));
+        assert_eq!(Channels::First.size(&xs).expect("size"), (4, 5));
+        assert_eq!(max_diff(&Channels::Last.to_nchw(&last).expect("back"), &xs), 0.0);
+        for (h, w) in [(8, 10), (9, 11)] {
+            let expected = xs.upsample_nearest2d(h, w).expect("upsample");
+            let got = Channels::Last
+                .upsample_nearest(&last, h, w)
+                .and_then(|t| Channels::Last.to_nchw(&t))
+                .expect("upsample");
+            assert_eq!(max_diff(&got, &expected), 0.0, "{h}x{w}");
+        }
+    }
+}
