@@ -18,11 +18,11 @@ use candle_core::cuda_backend::{CudaStorageSlice, DeviceId};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
+use cudarc::cublaslt as lt;
 use cudarc::cudnn::{
     sys as dnn, ConvDescriptor, ConvForward, Cudnn, CudnnDataType, FilterDescriptor,
     TensorDescriptor,
 };
-use cudarc::cublaslt as lt;
 use cudarc::driver::{CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use std::any::Any;
@@ -104,7 +104,11 @@ fn image_grid(images: usize, size: usize, vec: usize) -> Result<LaunchConfig> {
         return Err(fail(format!("{images} images of {size} elements")));
     }
     Ok(LaunchConfig {
-        grid_dim: ((size / vec).div_ceil(256 * 4).clamp(1, 4096) as u32, images as u32, 1),
+        grid_dim: (
+            (size / vec).div_ceil(256 * 4).clamp(1, 4096) as u32,
+            images as u32,
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -563,7 +567,11 @@ impl NormOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = xs.device().clone();
         let dims = xl.dims();
-        let channel_dim = if self.channels_last { dims.len().saturating_sub(1) } else { 1 };
+        let channel_dim = if self.channels_last {
+            dims.len().saturating_sub(1)
+        } else {
+            1
+        };
         let (Some(&b), Some(&c), true) = (dims.first(), dims.get(channel_dim), dims.len() > 1)
         else {
             return Err(fail("GroupNorm input must be [b, c, …] or [b, …, c]"));
@@ -659,8 +667,13 @@ impl NormOp {
         // SAFETY: the kernel below writes every element.
         let mut out = unsafe { dev.alloc::<T>(b * hw * c)? };
         let vec = vec8(&stream, [x, gamma, beta, &out.slice(..)], c);
-        let (hw32, c32, cpg32, groups32, eps) =
-            (hw as i32, c as i32, cpg as i32, groups as i32, self.eps as f32);
+        let (hw32, c32, cpg32, groups32, eps) = (
+            hw as i32,
+            c as i32,
+            cpg as i32,
+            groups as i32,
+            self.eps as f32,
+        );
         if hw * c > i32::MAX as usize || b > 65_535 {
             return Err(fail(format!("GroupNorm of {b} images of {hw}×{c}")));
         }
@@ -901,6 +914,122 @@ macro_rules! unary_op {
     };
 }
 
+/// Widest rows [`layer_norm`] takes (the kernel holds 8·32·8 values per row).
+pub(crate) const LAYER_NORM_MAX_COLS: usize = 2048;
+
+/// LayerNorm over the last dimension of `xs` (contiguous, starting 16-byte aligned, the
+/// last dimension a multiple of 8 up to [`LAYER_NORM_MAX_COLS`]): one warp per row.
+pub(crate) fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let (weight, bias) = (
+        weight.to_dtype(dtype)?.contiguous()?,
+        bias.to_dtype(dtype)?.contiguous()?,
+    );
+    xs.apply_op3_no_bwd(&weight, &bias, &LayerNormOp { eps })
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl LayerNormOp {
+    fn run<T: Element>(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device().clone();
+        let cols = *xl
+            .dims()
+            .last()
+            .ok_or_else(|| fail("LayerNorm of a scalar"))?;
+        let rows = xl.shape().elem_count() / cols.max(1);
+        let x = view::<T>(xs, xl, "LayerNorm input")?;
+        let gamma = view::<T>(ws, wl, "LayerNorm weight")?;
+        let beta = view::<T>(bs, bl, "LayerNorm bias")?;
+        let stream = dev.cuda_stream();
+        if wl.dims() != [cols]
+            || bl.dims() != [cols]
+            || cols > LAYER_NORM_MAX_COLS
+            || vec8(&stream, [&x, &gamma, &beta], cols) != 8
+            || std::mem::size_of::<T>() != 2
+        {
+            return Err(fail(format!(
+                "LayerNorm of {:?} needs 16-bit rows of a multiple of 8 up to {LAYER_NORM_MAX_COLS}, aligned",
+                xl.dims()
+            )));
+        }
+        let func = module(&dev)?
+            .load_function(&format!("layer_norm_{}", T::SUFFIX))
+            .map_err(driver)?;
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (cols32, rows64, eps) = (cols as i32, rows as i64, self.eps as f32);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&x)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&mut out)
+            .arg(&cols32)
+            .arg(&rows64)
+            .arg(&eps);
+        let config = LaunchConfig {
+            grid_dim: (rows.div_ceil(8).clamp(1, 132 * 32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: a warp per row over `rows` rows of `cols` elements of x and out, 8 at a
+        // time and aligned to it (checked above); gamma and beta hold `cols`.
+        unsafe { launch.launch(config) }.map_err(driver)?;
+        Ok((
+            CudaStorage {
+                slice: T::wrap(out),
+                device: dev,
+            },
+            xl.shape().clone(),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "sparkle-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Err(fail("the fused LayerNorm runs on CUDA only"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match xs.dtype() {
+            DType::F16 => self.run::<f16>(xs, xl, ws, wl, bs, bl),
+            DType::BF16 => self.run::<bf16>(xs, xl, ws, wl, bs, bl),
+            other => Err(fail(format!("no fused LayerNorm for {other:?}"))),
+        }
+    }
+}
+
 unary_op!(SoftmaxOp, "sparkle-softmax");
 unary_op!(GegluOp, "sparkle-geglu");
 
@@ -976,7 +1105,9 @@ impl AttentionOp {
         let d = width / heads;
         // 16-byte rows for `cp.async`: heads a multiple of 8 wide, tensors starting aligned.
         if d % 8 != 0 || [ql, kl, vl].iter().any(|l| l.start_offset() % 8 != 0) {
-            return Err(fail(format!("attention heads {d} wide or inputs not 16-byte aligned")));
+            return Err(fail(format!(
+                "attention heads {d} wide or inputs not 16-byte aligned"
+            )));
         }
         let dp = FLASH_WIDTHS
             .into_iter()
@@ -1164,7 +1295,10 @@ fn lt_handle(dev: &CudaDevice) -> Result<Rc<Lt>> {
         }
         let handle = Rc::new(Lt {
             handle: lt::result::create_handle().map_err(lt_err)?,
-            workspace: dev.cuda_stream().alloc_zeros::<u8>(LT_WORKSPACE).map_err(driver)?,
+            workspace: dev
+                .cuda_stream()
+                .alloc_zeros::<u8>(LT_WORKSPACE)
+                .map_err(driver)?,
         });
         handles.borrow_mut().insert(dev.id(), handle.clone());
         Ok(handle)
@@ -1242,7 +1376,11 @@ impl LtPlan {
                     Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
                     Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                 ] {
-                    set(attr, (&align as *const u32).cast(), std::mem::size_of::<u32>())?;
+                    set(
+                        attr,
+                        (&align as *const u32).cast(),
+                        std::mem::size_of::<u32>(),
+                    )?;
                 }
                 lt::result::get_matmul_algo_heuristic(
                     lt_handle.handle,

@@ -114,7 +114,12 @@ impl Conv {
     pub fn pointwise(&self) -> bool {
         let config = self.inner.config();
         self.inner.weight().dims()[2..] == [1, 1]
-            && (config.stride, config.padding, config.dilation, config.groups) == (1, 0, 1, 1)
+            && (
+                config.stride,
+                config.padding,
+                config.dilation,
+                config.groups,
+            ) == (1, 0, 1, 1)
     }
 
     /// This 1×1 convolution over `[b, n, channels]` rows (+ residual): on CUDA one cuBLASLt
@@ -279,6 +284,30 @@ pub(crate) fn geglu(projected: &Tensor) -> Result<Tensor> {
     &chunks[0] * chunks[1].gelu_erf()?
 }
 
+/// LayerNorm over the last dimension: on CUDA in f16/bf16 one warp per row with the row in
+/// registers (rows a multiple of 8 wide, up to 2048); candle's elsewhere.
+pub(crate) fn row_norm(norm: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (true, Some(bias)) = (
+        xs.device().is_cuda()
+            && matches!(
+                xs.dtype(),
+                candle_core::DType::F16 | candle_core::DType::BF16
+            ),
+        norm.bias(),
+    ) {
+        let cols = xs.dim(candle_core::D::Minus1)?;
+        let xs = xs.contiguous()?;
+        if cols % 8 == 0
+            && cols <= crate::cuda::LAYER_NORM_MAX_COLS
+            && xs.layout().start_offset() % 8 == 0
+        {
+            return crate::cuda::layer_norm(&xs, norm.weight(), bias, norm.eps());
+        }
+    }
+    norm.forward(xs)
+}
+
 /// A linear layer with bias whose output may take a residual in the same pass (on CUDA).
 pub(crate) struct Dense {
     inner: candle_nn::Linear,
@@ -337,7 +366,9 @@ mod tests {
         assert!(pointwise.pointwise() && !spatial.pointwise());
         let xs = random(&[2, 8, 3, 5]);
         let skip = random(&[2, 6, 3, 5]);
-        let expected = pointwise.forward_with(&xs, Some(&skip), None).expect("conv");
+        let expected = pointwise
+            .forward_with(&xs, Some(&skip), None)
+            .expect("conv");
         let rows = |t: &Tensor| {
             let c = t.dim(1).expect("dim");
             Channels::Last
@@ -358,7 +389,10 @@ mod tests {
         assert_eq!(last.dims(), [2, 4, 5, 3]);
         assert_eq!(Channels::Last.size(&last).expect("size"), (4, 5));
         assert_eq!(Channels::First.size(&xs).expect("size"), (4, 5));
-        assert_eq!(max_diff(&Channels::Last.to_nchw(&last).expect("back"), &xs), 0.0);
+        assert_eq!(
+            max_diff(&Channels::Last.to_nchw(&last).expect("back"), &xs),
+            0.0
+        );
         for (h, w) in [(8, 10), (9, 11)] {
             let expected = xs.upsample_nearest2d(h, w).expect("upsample");
             let got = Channels::Last

@@ -9,7 +9,7 @@
 //! size and crop ("text_time" conditioning).
 
 use crate::config::UNetConfig;
-use crate::layers::{Channels, Conv, Dense, Norm};
+use crate::layers::{row_norm, Channels, Conv, Dense, Norm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
@@ -252,11 +252,11 @@ impl TransformerBlock {
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = self
             .attn1
-            .forward(&self.norm1.forward(xs)?, None, Some(xs))?;
+            .forward(&row_norm(&self.norm1, xs)?, None, Some(xs))?;
         let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), Some(&xs))?;
-        self.ff.forward(&self.norm3.forward(&xs)?, Some(&xs))
+            .forward(&row_norm(&self.norm2, &xs)?, Some(context), Some(&xs))?;
+        self.ff.forward(&row_norm(&self.norm3, &xs)?, Some(&xs))
     }
 }
 
@@ -317,7 +317,10 @@ impl SpatialTransformer {
             // The map is already the rows `[b, h·w, c]`: no transposes.
             let (b, h, w, ch) = xs.dims4()?;
             let rows = xs.reshape((b, h * w, ch))?;
-            let normed = self.norm.apply(xs, false, layout)?.reshape((b, h * w, ch))?;
+            let normed = self
+                .norm
+                .apply(xs, false, layout)?
+                .reshape((b, h * w, ch))?;
             let mut seq = match &self.proj_in {
                 Projection::Conv(conv) if conv.pointwise() => conv.forward_rows(&normed, None)?,
                 Projection::Conv(_) => {
