@@ -182,6 +182,44 @@ fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
     })
 }
 
+/// `CustomOp3` for an op with `run::<T>(x, xl, a, al, b, bl)` over the listed types.
+macro_rules! ternary_op {
+    ($op:ty, $name:literal, $cpu:literal, $what:literal, [$($dtype:ident => $ty:ty),+]) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                Err(fail($cpu))
+            }
+
+            fn cuda_fwd(
+                &self,
+                xs: &CudaStorage,
+                xl: &Layout,
+                a: &CudaStorage,
+                al: &Layout,
+                b: &CudaStorage,
+                bl: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                match xs.dtype() {
+                    $(DType::$dtype => self.run::<$ty>(xs, xl, a, al, b, bl),)+
+                    other => Err(fail(format!(concat!($what, " for {:?}"), other))),
+                }
+            }
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     device: DeviceId,
@@ -490,40 +528,13 @@ impl ConvOp {
     }
 }
 
-impl CustomOp3 for ConvOp {
-    fn name(&self) -> &'static str {
-        "sparkle-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("the cuDNN convolution runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match xs.dtype() {
-            DType::F16 => self.run::<f16>(xs, xl, ws, wl, bs, bl),
-            DType::BF16 => self.run::<bf16>(xs, xl, ws, wl, bs, bl),
-            DType::F32 => self.run::<f32>(xs, xl, ws, wl, bs, bl),
-            other => Err(fail(format!("no convolution for {other:?}"))),
-        }
-    }
-}
+ternary_op!(
+    ConvOp,
+    "sparkle-conv2d",
+    "the cuDNN convolution runs on CUDA only",
+    "no convolution",
+    [F16 => f16, BF16 => bf16, F32 => f32]
+);
 
 /// GroupNorm over `[b, c, …]`, or with `channels_last` over `[b, …, c]`, then SiLU when
 /// `silu`.
@@ -734,40 +745,13 @@ impl NormOp {
     }
 }
 
-impl CustomOp3 for NormOp {
-    fn name(&self) -> &'static str {
-        "sparkle-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("the fused GroupNorm runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match xs.dtype() {
-            DType::F16 => self.run::<f16>(xs, xl, ws, wl, bs, bl),
-            DType::BF16 => self.run::<bf16>(xs, xl, ws, wl, bs, bl),
-            DType::F32 => self.run::<f32>(xs, xl, ws, wl, bs, bl),
-            other => Err(fail(format!("no GroupNorm for {other:?}"))),
-        }
-    }
-}
+ternary_op!(
+    NormOp,
+    "sparkle-group-norm",
+    "the fused GroupNorm runs on CUDA only",
+    "no GroupNorm",
+    [F16 => f16, BF16 => bf16, F32 => f32]
+);
 
 /// Launches `name` (suffixed with the type) over one input and a new output of `out_len`.
 fn launch_unary<T: Element>(
@@ -996,39 +980,13 @@ impl LayerNormOp {
     }
 }
 
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "sparkle-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("the fused LayerNorm runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match xs.dtype() {
-            DType::F16 => self.run::<f16>(xs, xl, ws, wl, bs, bl),
-            DType::BF16 => self.run::<bf16>(xs, xl, ws, wl, bs, bl),
-            other => Err(fail(format!("no fused LayerNorm for {other:?}"))),
-        }
-    }
-}
+ternary_op!(
+    LayerNormOp,
+    "sparkle-layer-norm",
+    "the fused LayerNorm runs on CUDA only",
+    "no fused LayerNorm",
+    [F16 => f16, BF16 => bf16]
+);
 
 unary_op!(SoftmaxOp, "sparkle-softmax");
 unary_op!(GegluOp, "sparkle-geglu");
@@ -1174,39 +1132,13 @@ impl AttentionOp {
     }
 }
 
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "sparkle-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("the fused attention runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match qs.dtype() {
-            DType::F16 => self.run::<f16>(qs, ql, ks, kl, vs, vl),
-            DType::BF16 => self.run::<bf16>(qs, ql, ks, kl, vs, vl),
-            other => Err(fail(format!("no fused attention for {other:?}"))),
-        }
-    }
-}
+ternary_op!(
+    AttentionOp,
+    "sparkle-attention",
+    "the fused attention runs on CUDA only",
+    "no fused attention",
+    [F16 => f16, BF16 => bf16]
+);
 
 /// `xs·weightᵀ + bias (+ residual)` as one cuBLASLt call: the bias is added in the
 /// product's epilogue and the residual enters as its C operand (β = 1), so the output is
