@@ -229,11 +229,6 @@ impl Norm {
         self.apply(xs, false, Channels::First)
     }
 
-    /// `silu(norm(xs))`, one kernel on CUDA.
-    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        self.apply(xs, true, Channels::First)
-    }
-
     /// GroupNorm (then SiLU when `silu`) over a map in the given layout (channels-last on
     /// CUDA only).
     pub fn apply(&self, xs: &Tensor, silu: bool, channels: Channels) -> Result<Tensor> {

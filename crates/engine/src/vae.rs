@@ -5,8 +5,8 @@
 //! UNet step.
 
 use crate::config::VaeConfig;
-use crate::layers::{Conv, Norm};
-use candle_core::{Module, Result, Tensor, D};
+use crate::layers::{Channels, Conv, Norm};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 /// GroupNorm epsilon throughout the VAE.
@@ -33,14 +33,16 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+    fn forward(&self, xs: &Tensor, ch: Channels) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .apply(&self.norm1.apply(xs, true, ch)?, None, None, ch)?;
         let skip = match &self.shortcut {
-            Some(conv) => conv.forward(xs)?,
+            Some(conv) => conv.apply(xs, None, None, ch)?,
             None => xs.clone(),
         };
         self.conv2
-            .forward_with(&self.norm2.forward_silu(&h)?, Some(&skip), None)
+            .apply(&self.norm2.apply(&h, true, ch)?, Some(&skip), None, ch)
     }
 }
 
@@ -76,7 +78,13 @@ impl AttentionBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, ch: Channels) -> Result<Tensor> {
+        if ch == Channels::Last {
+            // The map is already the rows `[b, h·w, c]`.
+            let (b, h, w, c) = xs.dims4()?;
+            let seq = self.norm.apply(xs, false, ch)?.reshape((b, h * w, c))?;
+            return self.attend(&seq)?.reshape((b, h, w, c))? + xs;
+        }
         let (b, c, h, w) = xs.dims4()?;
         let seq = self
             .norm
@@ -84,17 +92,22 @@ impl AttentionBlock {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = (self.q.forward(&seq)? * self.scale)?;
-        let k = self.k.forward(&seq)?;
-        let v = self.v.forward(&seq)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = crate::layers::softmax_last_dim(&scores)?;
-        let attended = self.out.forward(&probs.matmul(&v)?)?;
-        let attended = attended
+        let attended = self
+            .attend(&seq)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, c, h, w))?;
         attended + xs
+    }
+
+    /// Single-head attention over `[b, n, c]` rows, projected out.
+    fn attend(&self, seq: &Tensor) -> Result<Tensor> {
+        let q = (self.q.forward(seq)? * self.scale)?;
+        let k = self.k.forward(seq)?;
+        let v = self.v.forward(seq)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = crate::layers::softmax_last_dim(&scores)?;
+        self.out.forward(&probs.matmul(&v)?)
     }
 }
 
@@ -159,23 +172,26 @@ impl VaeDecoder {
     }
 
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut xs = match &self.post_quant_conv {
-            Some(conv) => conv.forward(latents)?,
-            None => latents.clone(),
-        };
-        xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnets[0].forward(&xs)?;
-        xs = self.mid_attention.forward(&xs)?;
-        xs = self.mid_resnets[1].forward(&xs)?;
+        // Channels-last on CUDA, as the UNet.
+        let ch = Channels::for_input(latents);
+        let mut xs = ch.of_nchw(latents)?;
+        if let Some(conv) = &self.post_quant_conv {
+            xs = conv.apply(&xs, None, None, ch)?;
+        }
+        xs = self.conv_in.apply(&xs, None, None, ch)?;
+        xs = self.mid_resnets[0].forward(&xs, ch)?;
+        xs = self.mid_attention.forward(&xs, ch)?;
+        xs = self.mid_resnets[1].forward(&xs, ch)?;
         for block in &self.up {
             for resnet in &block.resnets {
-                xs = resnet.forward(&xs)?;
+                xs = resnet.forward(&xs, ch)?;
             }
             if let Some(conv) = &block.upsample {
-                let (h, w) = (xs.dim(D::Minus2)?, xs.dim(D::Minus1)?);
-                xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
+                let (h, w) = ch.size(&xs)?;
+                xs = conv.apply(&ch.upsample_nearest(&xs, h * 2, w * 2)?, None, None, ch)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
+        let xs = self.norm_out.apply(&xs, true, ch)?;
+        ch.to_nchw(&self.conv_out.apply(&xs, None, None, ch)?)
     }
 }
