@@ -239,7 +239,8 @@ impl Deliverer {
                 .unwrap_or("no reason recorded");
             let content = format!(
                 "Could not make **{}** ({}): {reason}",
-                shown(&job.request.prompt), job.status
+                shown(&job.request.prompt),
+                job.status
             );
             // An empty row list removes the Cancel button the progress message had.
             return Ok(Outcome {

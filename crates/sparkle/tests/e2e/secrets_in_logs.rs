@@ -58,7 +58,9 @@ async fn no_secret_reaches_the_logs_on_any_path_that_uses_one() {
     let mut wrong_key = svc.admin_key.clone();
     let last = wrong_key.pop().expect("a key");
     wrong_key.push(if last == 'a' { 'b' } else { 'a' });
-    let (status, _) = svc.get("/v1/jobs/00000000-0000-0000-0000-000000000000", &wrong_key).await;
+    let (status, _) = svc
+        .get("/v1/jobs/00000000-0000-0000-0000-000000000000", &wrong_key)
+        .await;
     assert_eq!(status, 401, "a wrong key is refused");
 
     // A Discord command whose job outlives its interaction token: progress through the
