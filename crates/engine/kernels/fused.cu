@@ -1,6 +1,6 @@
-// Fused kernels for the CUDA path: GroupNorm (optionally followed by SiLU) and a per-channel
-// bias add with an optional residual, over contiguous NCHW tensors. Statistics and arithmetic
-// in f32 whatever the storage type. Compiled ahead of time to SASS for sm_80/86/89/90 (plus
+// The engine's own kernels for the CUDA path: GroupNorm (+SiLU) and the convolution epilogue
+// over channels-last maps, softmax, GEGLU, LayerNorm and flash attention. Statistics and
+// arithmetic in f32 whatever the storage type. Compiled ahead of time to SASS for sm_80/86/89/90 (plus
 // PTX for newer GPUs) by build.rs, so nothing is compiled when a worker starts.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -14,122 +14,26 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
+// Sum over the warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
 // Sum over the block; every thread gets the result. `shared` holds one float per warp.
 __device__ __forceinline__ float block_sum(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    v = warp_sum(v);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     int warps = (blockDim.x + 31) / 32;
     v = lane < warps ? shared[lane] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
+    return warp_sum(v);
 }
 
-// GroupNorm in two kernels, so that a large group (the VAE's at 512×512: a million
-// elements) is spread over many blocks. `group_stats`: blocks (split, group·image) each sum
-// one slice of a group's contiguous run, x and x², into `stats` (double, zeroed beforehand).
-template <typename T>
-__device__ void group_stats(const T* __restrict__ x, double* __restrict__ stats, int64_t run) {
-    __shared__ float shared[32];
-    const int64_t chunk = (run + gridDim.x - 1) / gridDim.x;
-    const int64_t begin = (int64_t)blockIdx.x * chunk;
-    const int64_t end = min(begin + chunk, run);
-    const T* xs = x + (int64_t)blockIdx.y * run;
-    float sum = 0.f, sq = 0.f;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-        float v = to_f(xs[i]);
-        sum += v;
-        sq += v * v;
-    }
-    sum = block_sum(sum, shared);
-    sq = block_sum(sq, shared);
-    if (threadIdx.x == 0) {
-        atomicAdd(&stats[2 * blockIdx.y], (double)sum);
-        atomicAdd(&stats[2 * blockIdx.y + 1], (double)sq);
-    }
-}
-
-// `group_apply`: every element normalised with its group's statistics, scaled and shifted
-// by its channel's weight and bias, then SiLU when asked. Blocks (x, plane) cover one
-// channel plane at a time (plane = image·channels + channel), so the channel, the group and the
-// group's mean and deviation are computed once per thread, not per element.
-template <typename T, bool SILU>
-__device__ void group_apply(const T* __restrict__ x, const double* __restrict__ stats,
-                            const T* __restrict__ gamma, const T* __restrict__ beta,
-                            T* __restrict__ y, int channels, int hw, int cpg, int64_t n,
-                            float eps) {
-    const int64_t planes = n / hw;
-    for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-        const int c = (int)(plane % channels);
-        const int64_t g = plane / cpg;
-        const double count = (double)cpg * hw;
-        const double mean = stats[2 * g] / count;
-        const double var = fmax(stats[2 * g + 1] / count - mean * mean, 0.0);
-        const float rstd = rsqrtf((float)var + eps);
-        const float scale = rstd * to_f(gamma[c]);
-        const float shift = to_f(beta[c]) - (float)mean * scale;
-        const T* xs = x + plane * hw;
-        T* ys = y + plane * hw;
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hw; i += gridDim.x * blockDim.x) {
-            float v = to_f(xs[i]) * scale + shift;
-            if (SILU) v = v / (1.f + __expf(-v));
-            ys[i] = from_f<T>(v);
-        }
-    }
-}
-
-// The epilogue of a convolution, in place: y += bias[c] (+ per_image[n, c]) (+ residual),
-// blocks (x, plane) over one channel plane each.
-template <typename T>
-__device__ void bias_add(T* __restrict__ y, const T* __restrict__ bias,
-                         const T* __restrict__ residual, int with_residual,
-                         const T* __restrict__ per_image, int with_per_image, int channels,
-                         int hw, int64_t n) {
-    const int64_t planes = n / hw;
-    for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-        float add = to_f(bias[plane % channels]);
-        if (with_per_image) add += to_f(per_image[plane]);
-        T* ys = y + plane * hw;
-        const T* rs = residual + plane * hw;
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hw; i += gridDim.x * blockDim.x) {
-            float v = to_f(ys[i]) + add;
-            if (with_residual) v += to_f(rs[i]);
-            ys[i] = from_f<T>(v);
-        }
-    }
-}
-
-#define GROUP_NORM(T, NAME)                                                                   \
-    extern "C" __global__ void group_stats_##NAME(const T* x, double* stats, int64_t run) {   \
-        group_stats<T>(x, stats, run);                                                        \
-    }                                                                                         \
-    extern "C" __global__ void group_apply_##NAME(const T* x, const double* stats,            \
-                                                  const T* gamma, const T* beta, T* y,        \
-                                                  int channels, int hw, int cpg, int64_t n,   \
-                                                  float eps) {                                \
-        group_apply<T, false>(x, stats, gamma, beta, y, channels, hw, cpg, n, eps);           \
-    }                                                                                         \
-    extern "C" __global__ void group_apply_silu_##NAME(const T* x, const double* stats,       \
-                                                       const T* gamma, const T* beta, T* y,   \
-                                                       int channels, int hw, int cpg,         \
-                                                       int64_t n, float eps) {                \
-        group_apply<T, true>(x, stats, gamma, beta, y, channels, hw, cpg, n, eps);            \
-    }                                                                                         \
-    extern "C" __global__ void bias_add_##NAME(T* y, const T* bias, const T* residual,        \
-                                               int with_residual, const T* per_image,         \
-                                               int with_per_image, int channels, int hw,      \
-                                               int64_t n) {                                   \
-        bias_add<T>(y, bias, residual, with_residual, per_image, with_per_image, channels,    \
-                    hw, n);                                                                   \
-    }
-
-GROUP_NORM(float, f32)
-GROUP_NORM(__half, f16)
-GROUP_NORM(__nv_bfloat16, bf16)
-
-// The same over channels-last maps `[b, hw, c]`, where a pixel's channels are contiguous.
+// GroupNorm (optionally followed by SiLU) and the convolution epilogue over channels-last
+// maps `[b, hw, c]`, where a pixel's channels are contiguous.
 // Threads walk channels (VEC at a time, one 16-byte access for 16-bit types when c is a
 // multiple of 8), so a warp reads consecutive addresses.
 template <typename T, int VEC>
@@ -347,10 +251,6 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
 // row in registers, mean and variance from it exactly (two passes over registers, not
 // E[x²] − E[x]²), 16-byte loads and stores.
 constexpr int LN_CHUNKS = 8;
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
 template <typename T>
 __device__ void layer_norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
                                 const T* __restrict__ beta, T* __restrict__ y, int cols,

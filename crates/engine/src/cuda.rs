@@ -2,11 +2,12 @@
 //! to candle (measured with Nsight Compute on an H100, SD 1.5, batch 8: im2col 42% of GPU
 //! time, GroupNorm's dozen f32 kernels about 20%, broadcast bias adds 14%):
 //!
-//! - convolutions through cuDNN, with the descriptors, the algorithm and the workspace
-//!   chosen once per shape and kept (candle's cuDNN path rebuilds them and queries the
-//!   heuristics on every call), and the bias added by one fused kernel;
-//! - GroupNorm (+ SiLU) as one kernel per call (`kernels/fused.cu`), shipped as SASS for
-//!   sm_80–sm_90 so that nothing is compiled by the driver when a worker starts.
+//! - convolutions through cuDNN over channels-last maps, with the descriptors, the algorithm
+//!   and the workspace chosen once per shape and kept (candle's cuDNN path rebuilds them and
+//!   queries the heuristics on every call), and the bias added by one fused kernel;
+//! - GroupNorm (+ SiLU), LayerNorm, softmax, GEGLU and flash attention as our own kernels
+//!   (`kernels/fused.cu`), shipped as SASS for sm_80–sm_90 so that nothing is compiled by
+//!   the driver when a worker starts; linear layers as cuBLASLt products with fused epilogues.
 //!
 //! Everything here launches GPU work through raw pointers, hence the `unsafe` blocks; each
 //! checks the shapes and contiguity its kernel assumes before launching.
@@ -82,21 +83,6 @@ element!(f16, F16, "f16", CUDA_R_16F, true, f16::ONE, f16::ZERO);
 element!(bf16, BF16, "bf16", CUDA_R_16BF, true, bf16::ONE, bf16::ZERO);
 element!(f32, F32, "f32", CUDA_R_32F, false, 1.0, 0.0);
 
-/// Blocks `(x, plane)` of 256 threads for kernels that walk `planes` planes of `size`
-/// elements each, about four elements per thread (beyond 65535 planes, the blocks take
-/// several in turn).
-fn plane_grid(planes: usize, size: usize) -> Result<LaunchConfig> {
-    Ok(LaunchConfig {
-        grid_dim: (
-            size.div_ceil(1024).clamp(1, 1024) as u32,
-            planes.clamp(1, 65_535) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
 /// Blocks `(x, image)` of 256 threads for the channels-last kernels, which walk `images`
 /// images of `size` elements each, `vec` elements per thread and step.
 fn image_grid(images: usize, size: usize, vec: usize) -> Result<LaunchConfig> {
@@ -115,19 +101,19 @@ fn image_grid(images: usize, size: usize, vec: usize) -> Result<LaunchConfig> {
 }
 
 /// 8 when the channels-last kernels may move 8 elements at a time over these operands
-/// (`channels` a multiple of 8, every view starting 16-byte aligned), else 1.
+/// (16-bit values, `channels` a multiple of 8, every view starting 16-byte aligned), else 1.
 fn vec8<T: Element, const N: usize>(
     stream: &cudarc::driver::CudaStream,
     views: [&CudaView<'_, T>; N],
     channels: usize,
 ) -> usize {
     use cudarc::driver::DevicePtr;
-    let bytes = 8 * std::mem::size_of::<T>();
+    // Eight 16-bit values are one 16-byte access; f32 stays one at a time.
     let aligned = views.iter().all(|v| {
         let (ptr, _sync) = v.device_ptr(stream);
-        ptr as usize % bytes.min(16) == 0
+        ptr % 16 == 0
     });
-    if channels % 8 == 0 && aligned && bytes <= 16 {
+    if std::mem::size_of::<T>() == 2 && channels % 8 == 0 && aligned {
         8
     } else {
         1
@@ -156,29 +142,32 @@ thread_local! {
     static MODULES: RefCell<HashMap<DeviceId, Arc<CudaModule>>> = RefCell::new(HashMap::new());
 }
 
+/// What a thread-local cache holds for `key`, made by `make` the first time.
+fn cached<K: Eq + std::hash::Hash, V: Clone>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, V>>>,
+    key: K,
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    if let Some(value) = cache.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(value);
+    }
+    let value = make()?;
+    cache.with(|c| c.borrow_mut().insert(key, value.clone()));
+    Ok(value)
+}
+
 fn cudnn(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
-    CUDNN.with(|handles| {
-        if let Some(handle) = handles.borrow().get(&dev.id()) {
-            return Ok(handle.clone());
-        }
-        let handle = Cudnn::new(dev.cuda_stream()).map_err(|e| fail(format!("cuDNN: {e:?}")))?;
-        handles.borrow_mut().insert(dev.id(), handle.clone());
-        Ok(handle)
+    cached(&CUDNN, dev.id(), || {
+        Cudnn::new(dev.cuda_stream()).map_err(|e| fail(format!("cuDNN: {e:?}")))
     })
 }
 
 fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
-    MODULES.with(|modules| {
-        if let Some(module) = modules.borrow().get(&dev.id()) {
-            return Ok(module.clone());
-        }
-        let module = dev
-            .cuda_stream()
+    cached(&MODULES, dev.id(), || {
+        dev.cuda_stream()
             .context()
             .load_module(cudarc::nvrtc::Ptx::from_binary(FUSED.to_vec()))
-            .map_err(|e| fail(format!("loading the fused kernels: {e}")))?;
-        modules.borrow_mut().insert(dev.id(), module.clone());
-        Ok(module)
+            .map_err(|e| fail(format!("loading the fused kernels: {e}")))
     })
 }
 
@@ -226,7 +215,6 @@ struct PlanKey {
     dtype: DType,
     /// n, c, h, w of the input; k, kh, kw of the filter; padding; stride.
     dims: [usize; 9],
-    channels_last: bool,
 }
 
 struct Plan<T: Element> {
@@ -262,13 +250,9 @@ impl<T: Element> Plan<T> {
             (w + 2 * pad - kw) / stride + 1,
         );
         let (pad, stride) = (pad as i32, stride as i32);
-        // Channels-last tensors and a KRSC filter when asked; cuDNN takes the dimensions in
-        // NCHW order either way.
-        let format = if key.channels_last {
-            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
-        } else {
-            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
-        };
+        // Channels-last tensors and a KRSC filter (cuDNN takes the dimensions in NCHW order
+        // whatever the format).
+        let format = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
         let mut conv = dnn
             .create_conv2d::<f32>(
                 [pad, pad],
@@ -311,11 +295,10 @@ impl<T: Element> Plan<T> {
     }
 }
 
-/// `conv2d(xs, weight) + bias (+ channel_bias[n, c]) (+ residual)` with square padding and
-/// stride: the convolution through cuDNN, the rest in one pass over its output. Over NCHW
-/// with a `[k, c, kh, kw]` weight, or with `channels_last` over NHWC with a `[k, kh, kw, c]`
-/// one (cuDNN's fast kernels are channels-last: no layout conversion on the way).
-#[allow(clippy::too_many_arguments)]
+/// `conv2d(xs, weight) + bias (+ channel_bias[n, c]) (+ residual)` over a channels-last map
+/// `[n, h, w, c]` with a `[k, kh, kw, c]` weight, square padding and stride: the convolution
+/// through cuDNN (whose fast kernels are channels-last: no layout conversion on the way),
+/// the rest in one pass over its output.
 pub(crate) fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
@@ -324,7 +307,6 @@ pub(crate) fn conv2d(
     stride: usize,
     residual: Option<&Tensor>,
     channel_bias: Option<&Tensor>,
-    channels_last: bool,
 ) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.contiguous()?;
@@ -335,7 +317,6 @@ pub(crate) fn conv2d(
         stride,
         residual: residual.is_some(),
         channel_bias: channel_bias.is_some(),
-        channels_last,
     };
     // Absent operands are stood in for by the input, which the flags say not to read.
     let residual = match residual {
@@ -360,7 +341,6 @@ struct ConvOp {
     stride: usize,
     residual: bool,
     channel_bias: bool,
-    channels_last: bool,
 }
 
 /// A CUDA tensor's storage, read-locked, and its layout.
@@ -393,17 +373,12 @@ impl ConvOp {
         let (w_guard, wl) = cuda_storage(&self.weight)?;
         let (b_guard, bl) = cuda_storage(&self.bias)?;
         let (ws, bs) = (as_cuda(&w_guard)?, as_cuda(&b_guard)?);
-        let (n, c, h, w, k, wc, kh, kw) = match (xl.dims(), wl.dims(), self.channels_last) {
-            (&[n, c, h, w], &[k, wc, kh, kw], false) => (n, c, h, w, k, wc, kh, kw),
-            (&[n, h, w, c], &[k, kh, kw, wc], true) => (n, c, h, w, k, wc, kh, kw),
-            _ => {
-                return Err(fail(format!(
-                    "conv2d input and weight must be [n, c, h, w] and [k, c, kh, kw], or \
-                     channels-last [n, h, w, c] and [k, kh, kw, c]: {:?} {:?}",
-                    xl.dims(),
-                    wl.dims()
-                )))
-            }
+        let (&[n, h, w, c], &[k, kh, kw, wc]) = (xl.dims(), wl.dims()) else {
+            return Err(fail(format!(
+                "conv2d input and weight must be [n, h, w, c] and [k, kh, kw, c]: {:?} {:?}",
+                xl.dims(),
+                wl.dims()
+            )));
         };
         if wc != c || bl.dims() != [k] || h + 2 * self.padding < kh || w + 2 * self.padding < kw {
             return Err(fail(format!(
@@ -417,11 +392,7 @@ impl ConvOp {
             (h + 2 * self.padding - kh) / self.stride + 1,
             (w + 2 * self.padding - kw) / self.stride + 1,
         );
-        let out_dims = if self.channels_last {
-            [n, oh, ow, k]
-        } else {
-            [n, k, oh, ow]
-        };
+        let out_dims = [n, oh, ow, k];
         if self.residual && rl.dims() != out_dims {
             return Err(fail(format!(
                 "residual {:?} for a {out_dims:?} output",
@@ -440,7 +411,6 @@ impl ConvOp {
             device: dev.id(),
             dtype: xs.dtype(),
             dims: [n, c, h, w, k, kh, kw, self.padding, self.stride],
-            channels_last: self.channels_last,
         };
         let dnn = cudnn(&dev)?;
         let elements = n * k * oh * ow;
@@ -484,16 +454,11 @@ impl ConvOp {
             })
         })?;
         let stream = dev.cuda_stream();
-        let vec = match self.channels_last {
-            true => vec8(&stream, [&b, &residual, &channel_bias], k),
-            false => 1,
-        };
-        let name = match self.channels_last {
-            true => format!("bias_add_last{vec}_{}", T::SUFFIX),
-            false => format!("bias_add_{}", T::SUFFIX),
-        };
-        let func = module(&dev)?.load_function(&name).map_err(driver)?;
-        let (channels, hw, total) = (k as i32, (oh * ow) as i32, elements as i64);
+        let vec = vec8(&stream, [&b, &residual, &channel_bias], k);
+        let func = module(&dev)?
+            .load_function(&format!("bias_add_last{vec}_{}", T::SUFFIX))
+            .map_err(driver)?;
+        let (channels, hw) = (k as i32, (oh * ow) as i32);
         let (with_residual, with_channel_bias) =
             (i32::from(self.residual), i32::from(self.channel_bias));
         let mut launch = stream.launch_builder(&func);
@@ -506,17 +471,10 @@ impl ConvOp {
             .arg(&with_channel_bias)
             .arg(&channels)
             .arg(&hw);
-        if self.channels_last {
-            // SAFETY: blocks (x, image) over n images of oh·ow·k elements of `out` and, when
-            // read, `residual`, `vec` at a time and aligned to it (`vec8`); `b` holds k values
-            // and, when read, `channel_bias` n·k.
-            unsafe { launch.launch(image_grid(n, oh * ow * k, vec)?) }.map_err(driver)?;
-        } else {
-            launch.arg(&total);
-            // SAFETY: blocks (x, plane) over n·k planes of oh·ow elements of `out` and, when
-            // read, `residual`; `b` holds k values and, when read, `channel_bias` n·k.
-            unsafe { launch.launch(plane_grid(n * k, oh * ow)?) }.map_err(driver)?;
-        }
+        // SAFETY: blocks (x, image) over n images of oh·ow·k elements of `out` and, when
+        // read, `residual`, `vec` at a time and aligned to it (`vec8`); `b` holds k values
+        // and, when read, `channel_bias` n·k.
+        unsafe { launch.launch(image_grid(n, oh * ow * k, vec)?) }.map_err(driver)?;
         drop((w_guard, b_guard));
         Ok((
             CudaStorage {
@@ -536,8 +494,7 @@ ternary_op!(
     [F16 => f16, BF16 => bf16, F32 => f32]
 );
 
-/// GroupNorm over `[b, c, …]`, or with `channels_last` over `[b, …, c]`, then SiLU when
-/// `silu`.
+/// GroupNorm over a channels-last map `[b, …, c]`, then SiLU when `silu`.
 pub(crate) fn group_norm(
     xs: &Tensor,
     weight: &Tensor,
@@ -545,26 +502,22 @@ pub(crate) fn group_norm(
     groups: usize,
     eps: f64,
     silu: bool,
-    channels_last: bool,
 ) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
     let bias = bias.to_dtype(xs.dtype())?.contiguous()?;
-    let op = NormOp {
-        groups,
-        eps,
-        silu,
-        channels_last,
-    };
-    xs.apply_op3_no_bwd(&weight, &bias, &op)
+    xs.apply_op3_no_bwd(&weight, &bias, &NormOp { groups, eps, silu })
 }
 
 struct NormOp {
     groups: usize,
     eps: f64,
     silu: bool,
-    channels_last: bool,
 }
+
+/// Channels the GroupNorm kernel's scale and shift fit for: 48 KiB of shared memory, what
+/// a kernel may use without asking.
+const GROUP_NORM_MAX_CHANNELS: usize = 6144;
 
 impl NormOp {
     fn run<T: Element>(
@@ -578,106 +531,27 @@ impl NormOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = xs.device().clone();
         let dims = xl.dims();
-        let channel_dim = if self.channels_last {
-            dims.len().saturating_sub(1)
-        } else {
-            1
-        };
-        let (Some(&b), Some(&c), true) = (dims.first(), dims.get(channel_dim), dims.len() > 1)
-        else {
-            return Err(fail("GroupNorm input must be [b, c, …] or [b, …, c]"));
+        let (Some(&b), Some(&c), true) = (dims.first(), dims.last(), dims.len() > 1) else {
+            return Err(fail("GroupNorm input must be [b, …, c]"));
         };
         let hw: usize = dims.iter().product::<usize>() / (b * c).max(1);
-        if self.groups == 0 || c % self.groups != 0 || wl.dims() != [c] || bl.dims() != [c] {
-            return Err(fail(format!(
-                "GroupNorm of {dims:?} in {} groups",
-                self.groups
-            )));
+        let groups = self.groups;
+        if groups == 0 || c % groups != 0 || wl.dims() != [c] || bl.dims() != [c] {
+            return Err(fail(format!("GroupNorm of {dims:?} in {groups} groups")));
+        }
+        if hw * c > i32::MAX as usize || b > 65_535 || c > GROUP_NORM_MAX_CHANNELS {
+            return Err(fail(format!("GroupNorm of {b} images of {hw}×{c}")));
         }
         let x = view::<T>(xs, xl, "GroupNorm input")?;
         let gamma = view::<T>(ws, wl, "GroupNorm weight")?;
         let beta = view::<T>(bs, bl, "GroupNorm bias")?;
-        if self.channels_last {
-            return self.run_last(dev, &x, &gamma, &beta, [b, hw, c], xl.shape());
-        }
-        let n = b * c * hw;
-        let cpg = c / self.groups;
-        let run = cpg * hw;
-        let runs = b * self.groups;
-        let module = module(&dev)?;
-        let stream = dev.cuda_stream();
-        // Statistics: enough blocks per group to fill the GPU, at least 4096 elements each.
-        let mut stats = dev.alloc_zeros::<f64>(2 * runs)?;
-        let splits = run.div_ceil(4096).clamp(1, (1024 / runs).max(1)) as u32;
-        let stats_fn = module
-            .load_function(&format!("group_stats_{}", T::SUFFIX))
-            .map_err(driver)?;
-        let run64 = run as i64;
-        let mut launch = stream.launch_builder(&stats_fn);
-        launch.arg(&x).arg(&mut stats).arg(&run64);
-        let config = LaunchConfig {
-            grid_dim: (splits, runs as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: blocks read slices of `runs` contiguous runs of `run` elements in `x`
-        // (b·c·hw elements) and add into 2·runs doubles.
-        unsafe { launch.launch(config) }.map_err(driver)?;
-
-        // SAFETY: the kernel below writes every element.
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        let name = format!(
-            "group_apply{}_{}",
-            if self.silu { "_silu" } else { "" },
-            T::SUFFIX
-        );
-        let apply = module.load_function(&name).map_err(driver)?;
-        let (channels, hw32, cpg32, n64, eps) =
-            (c as i32, hw as i32, cpg as i32, n as i64, self.eps as f32);
-        let mut launch = stream.launch_builder(&apply);
-        launch
-            .arg(&x)
-            .arg(&stats)
-            .arg(&gamma)
-            .arg(&beta)
-            .arg(&mut out)
-            .arg(&channels)
-            .arg(&hw32)
-            .arg(&cpg32)
-            .arg(&n64)
-            .arg(&eps);
-        // SAFETY: blocks (x, plane) over b·c planes of hw elements of `x` and `out`;
-        // channel indices below c, group indices below b·groups.
-        unsafe { launch.launch(plane_grid(b * c, hw)?) }.map_err(driver)?;
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: dev,
-            },
-            xl.shape().clone(),
-        ))
-    }
-}
-
-impl NormOp {
-    /// The channels-last kernels over `[b, hw, c]`.
-    fn run_last<T: Element>(
-        &self,
-        dev: CudaDevice,
-        x: &CudaView<'_, T>,
-        gamma: &CudaView<'_, T>,
-        beta: &CudaView<'_, T>,
-        [b, hw, c]: [usize; 3],
-        shape: &Shape,
-    ) -> Result<(CudaStorage, Shape)> {
-        let groups = self.groups;
         let cpg = c / groups;
         let module = module(&dev)?;
         let stream = dev.cuda_stream();
         let mut stats = dev.alloc_zeros::<f64>(2 * b * groups)?;
         // SAFETY: the kernel below writes every element.
         let mut out = unsafe { dev.alloc::<T>(b * hw * c)? };
-        let vec = vec8(&stream, [x, gamma, beta, &out.slice(..)], c);
+        let vec = vec8(&stream, [&x, &gamma, &beta, &out.slice(..)], c);
         let (hw32, c32, cpg32, groups32, eps) = (
             hw as i32,
             c as i32,
@@ -685,9 +559,6 @@ impl NormOp {
             groups as i32,
             self.eps as f32,
         );
-        if hw * c > i32::MAX as usize || b > 65_535 {
-            return Err(fail(format!("GroupNorm of {b} images of {hw}×{c}")));
-        }
         let stats_fn = module
             .load_function(&format!("group_stats_last{vec}_{}", T::SUFFIX))
             .map_err(driver)?;
@@ -695,7 +566,7 @@ impl NormOp {
         let splits = (1024 / b).clamp(1, hw.div_ceil(16).max(1)) as u32;
         let mut launch = stream.launch_builder(&stats_fn);
         launch
-            .arg(x)
+            .arg(&x)
             .arg(&mut stats)
             .arg(&hw32)
             .arg(&c32)
@@ -717,10 +588,10 @@ impl NormOp {
         let apply = module.load_function(&name).map_err(driver)?;
         let mut launch = stream.launch_builder(&apply);
         launch
-            .arg(x)
+            .arg(&x)
             .arg(&stats)
-            .arg(gamma)
-            .arg(beta)
+            .arg(&gamma)
+            .arg(&beta)
             .arg(&mut out)
             .arg(&hw32)
             .arg(&c32)
@@ -729,18 +600,16 @@ impl NormOp {
             .arg(&eps);
         let mut config = image_grid(b, hw * c, vec)?;
         config.shared_mem_bytes = (2 * c * 4) as u32;
-        if c > 8192 {
-            return Err(fail(format!("GroupNorm over {c} channels")));
-        }
         // SAFETY: blocks (x, image) over b images of hw·c elements of `x` and `out`, `vec`
-        // at a time and aligned to it; channels below c, groups below b·groups.
+        // at a time and aligned to it; channels below c (≤ GROUP_NORM_MAX_CHANNELS, the
+        // shared scale and shift), groups below b·groups.
         unsafe { launch.launch(config) }.map_err(driver)?;
         Ok((
             CudaStorage {
                 slice: T::wrap(out),
                 device: dev,
             },
-            shape.clone(),
+            xl.shape().clone(),
         ))
     }
 }
@@ -940,7 +809,6 @@ impl LayerNormOp {
             || bl.dims() != [cols]
             || cols > LAYER_NORM_MAX_COLS
             || vec8(&stream, [&x, &gamma, &beta], cols) != 8
-            || std::mem::size_of::<T>() != 2
         {
             return Err(fail(format!(
                 "LayerNorm of {:?} needs 16-bit rows of a multiple of 8 up to {LAYER_NORM_MAX_COLS}, aligned",
@@ -1221,19 +1089,14 @@ fn lt_err(e: lt::result::CublasError) -> candle_core::Error {
 }
 
 fn lt_handle(dev: &CudaDevice) -> Result<Rc<Lt>> {
-    LT.with(|handles| {
-        if let Some(handle) = handles.borrow().get(&dev.id()) {
-            return Ok(handle.clone());
-        }
-        let handle = Rc::new(Lt {
+    cached(&LT, dev.id(), || {
+        Ok(Rc::new(Lt {
             handle: lt::result::create_handle().map_err(lt_err)?,
             workspace: dev
                 .cuda_stream()
                 .alloc_zeros::<u8>(LT_WORKSPACE)
                 .map_err(driver)?,
-        });
-        handles.borrow_mut().insert(dev.id(), handle.clone());
-        Ok(handle)
+        }))
     })
 }
 
@@ -1389,13 +1252,8 @@ impl LinearOp {
             dtype: T::DTYPE,
             dims: [rows, n, k, align],
         };
-        let plan = LT_PLANS.with(|plans| -> Result<Rc<LtPlan>> {
-            if let Some(plan) = plans.borrow().get(&key) {
-                return Ok(plan.clone());
-            }
-            let plan = Rc::new(LtPlan::new::<T>(&handle, &key)?);
-            plans.borrow_mut().insert(key, plan.clone());
-            Ok(plan)
+        let plan = cached(&LT_PLANS, key, || {
+            Ok(Rc::new(LtPlan::new::<T>(&handle, &key)?))
         })?;
         let (alpha, beta) = (1f32, if self.residual { 1f32 } else { 0f32 });
         // SAFETY: the pointers are live device allocations of the sizes the layouts name

@@ -1,14 +1,14 @@
-//! The convolution and GroupNorm layers of the UNet and the VAE. On the CPU they are
-//! candle's; on CUDA in f16, bf16 or f32 they run our own path (`cuda.rs`): cuDNN
-//! convolutions with plans cached per shape and a fused bias epilogue, and a one-kernel
-//! GroupNorm with the SiLU that follows it in every ResNet block.
+//! The layers of the UNet and the VAE. Over NCHW maps (the CPU) they are candle's; over
+//! channels-last maps (CUDA in f16, bf16 or f32) they run our own path (`cuda.rs`): cuDNN
+//! convolutions with plans cached per shape and a fused bias epilogue, a one-kernel GroupNorm
+//! with the SiLU that follows it in every ResNet block, and the transformers' row kernels.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
-/// Where a feature map keeps its channels: `[b, c, h, w]` (candle's layout: the CPU path and
-/// the VAE) or `[b, h, w, c]` (the UNet on CUDA: cuDNN's fast convolutions are channels-last,
-/// and a spatial transformer's rows are then the map itself, with nothing to transpose).
+/// Where a feature map keeps its channels: `[b, c, h, w]` (candle's layout: the CPU path) or
+/// `[b, h, w, c]` (the UNet and the VAE on CUDA: cuDNN's fast convolutions are channels-last,
+/// and an attention block's rows are then the map itself, with nothing to transpose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Channels {
     First,
@@ -123,8 +123,13 @@ impl Conv {
     }
 
     /// This 1×1 convolution over `[b, n, channels]` rows (+ residual): on CUDA one cuBLASLt
-    /// product with the bias in its epilogue.
+    /// product with the bias in its epilogue. Any other convolution is an error.
     pub fn forward_rows(&self, rows: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if !self.pointwise() {
+            return Err(candle_core::Error::Msg(
+                "only a 1×1 convolution runs over rows".into(),
+            ));
+        }
         let weight = self.inner.weight();
         let weight = weight.reshape((weight.dim(0)?, weight.dim(1)?))?;
         #[cfg(feature = "cuda")]
@@ -162,33 +167,30 @@ impl Conv {
         per_image: Option<&Tensor>,
         channels: Channels,
     ) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
-            let config = self.inner.config();
-            let last = channels == Channels::Last;
-            let weight = match (last, self.channels_last_weight.get()) {
-                (false, _) => self.inner.weight().clone(),
-                (true, Some(weight)) => weight.clone(),
-                (true, None) => {
-                    let weight = self.inner.weight().permute((0, 2, 3, 1))?.contiguous()?;
-                    let _ = self.channels_last_weight.set(weight.clone());
-                    weight
-                }
-            };
-            return crate::cuda::conv2d(
-                xs,
-                &weight,
-                bias,
-                config.padding,
-                config.stride,
-                residual,
-                per_image,
-                last,
-            );
-        }
         if channels == Channels::Last {
+            #[cfg(feature = "cuda")]
+            if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
+                let weight = match self.channels_last_weight.get() {
+                    Some(weight) => weight.clone(),
+                    None => {
+                        let weight = self.inner.weight().permute((0, 2, 3, 1))?.contiguous()?;
+                        let _ = self.channels_last_weight.set(weight.clone());
+                        weight
+                    }
+                };
+                let config = self.inner.config();
+                return crate::cuda::conv2d(
+                    xs,
+                    &weight,
+                    bias,
+                    config.padding,
+                    config.stride,
+                    residual,
+                    per_image,
+                );
+            }
             return Err(candle_core::Error::Msg(
-                "channels-last convolutions run on CUDA only".into(),
+                "channels-last convolutions run on CUDA only, with a bias".into(),
             ));
         }
         let mut out = self.inner.forward(xs)?;
@@ -232,19 +234,18 @@ impl Norm {
     /// GroupNorm (then SiLU when `silu`) over a map in the given layout (channels-last on
     /// CUDA only).
     pub fn apply(&self, xs: &Tensor, silu: bool, channels: Channels) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if crate::cuda::accelerated(xs) {
-            return crate::cuda::group_norm(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                silu,
-                channels == Channels::Last,
-            );
-        }
         if channels == Channels::Last {
+            #[cfg(feature = "cuda")]
+            if crate::cuda::accelerated(xs) {
+                return crate::cuda::group_norm(
+                    xs,
+                    &self.weight,
+                    &self.bias,
+                    self.groups,
+                    self.eps,
+                    silu,
+                );
+            }
             return Err(candle_core::Error::Msg(
                 "channels-last GroupNorm runs on CUDA only".into(),
             ));

@@ -322,22 +322,14 @@ impl SpatialTransformer {
                 .apply(xs, false, layout)?
                 .reshape((b, h * w, ch))?;
             let mut seq = match &self.proj_in {
-                Projection::Conv(conv) if conv.pointwise() => conv.forward_rows(&normed, None)?,
-                Projection::Conv(_) => {
-                    return Err(candle_core::Error::Msg("proj_in must be 1×1".into()))
-                }
+                Projection::Conv(conv) => conv.forward_rows(&normed, None)?,
                 Projection::Linear(linear) => linear.forward(&normed)?,
             };
             for block in &self.blocks {
                 seq = block.forward(&seq, context)?;
             }
             let out = match &self.proj_out {
-                Projection::Conv(conv) if conv.pointwise() => {
-                    conv.forward_rows(&seq, Some(&rows))?
-                }
-                Projection::Conv(_) => {
-                    return Err(candle_core::Error::Msg("proj_out must be 1×1".into()))
-                }
+                Projection::Conv(conv) => conv.forward_rows(&seq, Some(&rows))?,
                 Projection::Linear(linear) => linear.forward_add(&seq, Some(&rows))?,
             };
             return out.reshape((b, h, w, ch));
