@@ -43,6 +43,10 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 // Statistics: blocks (split, image) take a slice of the image's pixels and add, for every
 // group, the sums of x and x² (shared, then into `stats`, double, zeroed beforehand).
+// A pixel's channels are `channels / VEC` vectors; the block's threads are as many lanes of
+// that many threads as fit (six of 40 for 320 channels), each lane walking every `lanes`-th
+// pixel of the slice with one vector of channels fixed per thread, so no thread idles while
+// the channels are fewer than the threads. Wider pixels loop over their vectors instead.
 template <typename T, int VEC>
 __device__ void group_stats_last(const T* __restrict__ x, double* __restrict__ stats, int hw,
                                  int channels, int cpg, int groups) {
@@ -53,24 +57,42 @@ __device__ void group_stats_last(const T* __restrict__ x, double* __restrict__ s
     const int chunk = (hw + gridDim.x - 1) / gridDim.x;
     const int p0 = blockIdx.x * chunk, p1 = min(p0 + chunk, hw);
     const T* xs = x + (int64_t)b * hw * channels;
-    for (int c = threadIdx.x * VEC; c < channels; c += blockDim.x * VEC) {
-        float sum[VEC], sq[VEC];
+    const int vecs = channels / VEC;
+    const int lanes = max(1, (int)blockDim.x / vecs);
+    const int lane = threadIdx.x / vecs;
+    if (lane < lanes) {
+        for (int c = (threadIdx.x % vecs) * VEC; c < channels;
+             c += (vecs > (int)blockDim.x ? blockDim.x * VEC : channels)) {
+            float sum[VEC], sq[VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; j++) sum[j] = sq[j] = 0.f;
-        for (int p = p0; p < p1; p++) {
-            const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xs + (int64_t)p * channels + c);
+            for (int j = 0; j < VEC; j++) sum[j] = sq[j] = 0.f;
+            for (int p = p0 + lane; p < p1; p += lanes) {
+                const Pack<T, VEC> in =
+                    *reinterpret_cast<const Pack<T, VEC>*>(xs + (int64_t)p * channels + c);
 #pragma unroll
-            for (int j = 0; j < VEC; j++) {
-                const float v = to_f(in.v[j]);
-                sum[j] += v;
-                sq[j] += v * v;
+                for (int j = 0; j < VEC; j++) {
+                    const float v = to_f(in.v[j]);
+                    sum[j] += v;
+                    sq[j] += v * v;
+                }
             }
-        }
+            // Channels of one group next to each other add up before the shared atomics.
+            float gs = sum[0], gq = sq[0];
+            int g = c / cpg;
 #pragma unroll
-        for (int j = 0; j < VEC; j++) {
-            const int g = (c + j) / cpg;
-            atomicAdd(&acc[2 * g], sum[j]);
-            atomicAdd(&acc[2 * g + 1], sq[j]);
+            for (int j = 1; j < VEC; j++) {
+                const int gj = (c + j) / cpg;
+                if (gj != g) {
+                    atomicAdd(&acc[2 * g], gs);
+                    atomicAdd(&acc[2 * g + 1], gq);
+                    g = gj;
+                    gs = gq = 0.f;
+                }
+                gs += sum[j];
+                gq += sq[j];
+            }
+            atomicAdd(&acc[2 * g], gs);
+            atomicAdd(&acc[2 * g + 1], gq);
         }
     }
     __syncthreads();
@@ -146,6 +168,38 @@ __device__ void bias_add_last(T* __restrict__ y, const T* __restrict__ bias,
     }
 }
 
+// Channels-last copies that candle would make element by element through a strided
+// layout: VEC channels per access, one thread per output vector.
+// Nearest-neighbour upsampling by two, `[b, h, w, c]` → `[b, 2h, 2w, c]`.
+template <typename T, int VEC>
+__device__ void upsample2x_last(const T* __restrict__ x, T* __restrict__ y, int h, int w,
+                                int channels, int total) {
+    const int vecs = channels / VEC;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const int v = i % vecs;
+        int t = i / vecs;
+        const int ox = t % (2 * w);
+        t /= 2 * w;
+        const int oy = t % (2 * h);
+        const int n = t / (2 * h);
+        const int64_t from = (((int64_t)n * h + oy / 2) * w + ox / 2) * vecs + v;
+        reinterpret_cast<Pack<T, VEC>*>(y)[i] = reinterpret_cast<const Pack<T, VEC>*>(x)[from];
+    }
+}
+
+// `[rows, ca]` beside `[rows, cb]` → `[rows, ca + cb]`: the UNet's skip connections.
+template <typename T, int VEC>
+__device__ void concat_last(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                            int ca, int cb, int total) {
+    const int va = ca / VEC, vb = cb / VEC, vy = va + vb;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const int row = i / vy, v = i % vy;
+        reinterpret_cast<Pack<T, VEC>*>(y)[i] =
+            v < va ? reinterpret_cast<const Pack<T, VEC>*>(a)[(int64_t)row * va + v]
+                   : reinterpret_cast<const Pack<T, VEC>*>(b)[(int64_t)row * vb + v - va];
+    }
+}
+
 #define GROUP_NORM_LAST_VEC(T, NAME, VEC)                                                     \
     extern "C" __global__ void group_stats_last##VEC##_##NAME(                                \
         const T* x, double* stats, int hw, int channels, int cpg, int groups) {               \
@@ -168,6 +222,14 @@ __device__ void bias_add_last(T* __restrict__ y, const T* __restrict__ bias,
         int with_per_image, int channels, int hw) {                                           \
         bias_add_last<T, VEC>(y, bias, residual, with_residual, per_image, with_per_image,    \
                               channels, hw);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void upsample2x_last##VEC##_##NAME(const T* x, T* y, int h, int w,  \
+                                                             int channels, int total) {       \
+        upsample2x_last<T, VEC>(x, y, h, w, channels, total);                                 \
+    }                                                                                         \
+    extern "C" __global__ void concat_last##VEC##_##NAME(const T* a, const T* b, T* y, int ca, \
+                                                         int cb, int total) {                 \
+        concat_last<T, VEC>(a, b, y, ca, cb, total);                                          \
     }
 #define GROUP_NORM_LAST(T, NAME)      \
     GROUP_NORM_LAST_VEC(T, NAME, 1)   \
@@ -335,7 +397,10 @@ ROWS(__nv_bfloat16, bf16)
 // running maximum, sum and output per query, so the n×m scores never reach global memory.
 // The products run on tensor cores through `mma.sync` m16n8k16 with f32 accumulation; the
 // scores, probabilities and output stay in registers (the accumulator of Q·Kᵀ is reused as
-// the A operand of P·V), and K and V tiles arrive by `cp.async` while Q·Kᵀ runs.
+// the A operand of P·V). K and V tiles arrive by `cp.async` one tile ahead (two stages of
+// shared memory) up to heads 128 wide, so the loads of the next keys overlap this tile's
+// products; wider heads, whose two stages would not fit beside Q on every GPU, load V while
+// Q·Kᵀ runs.
 //
 // q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
 // contiguous, head h at column h·d; d a multiple of 8, rows 16-byte aligned); out: [b, n,
@@ -392,10 +457,11 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
                                 int64_t kv_row, float scale_log2) {
     constexpr int LD = DP + 8;  // shared row length: rows land on distinct banks for ldmatrix
     constexpr int KT = DP / 16, NT = DP / 8, CH = DP / 8, BQ = 64 * RT;
+    constexpr int STAGES = DP <= 128 ? 2 : 1;
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem);
-    T* Ks = Qs + BQ * LD;
-    T* Vs = Ks + FA_BK * LD;
+    // Stage s: K tile at Qs + BQ·LD + 2s·FA_BK·LD, its V tile right after.
+    auto k_tile = [&](int stage) { return Qs + (BQ + 2 * stage * FA_BK) * LD; };
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const int q0 = blockIdx.x * BQ;
@@ -411,6 +477,10 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
         }
     };
     load_tile(Qs, qb, BQ, q0, n, q_row);
+    if (STAGES == 2) {
+        load_tile(k_tile(0), kb, FA_BK, 0, m, kv_row);
+        load_tile(k_tile(0) + FA_BK * LD, vb, FA_BK, 0, m, kv_row);
+    }
     cp_async_commit();
 
     // Each warp takes RT tiles of 16 queries, which share every K and V fragment it loads.
@@ -428,13 +498,25 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
         row_sum[r][0] = row_sum[r][1] = 0.f;
     }
 
-    for (int k0 = 0; k0 < m; k0 += FA_BK) {
-        __syncthreads();  // every warp is done with the previous K and V tiles
-        load_tile(Ks, kb, FA_BK, k0, m, kv_row);
-        cp_async_commit();
-        load_tile(Vs, vb, FA_BK, k0, m, kv_row);
-        cp_async_commit();
-        cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
+    for (int k0 = 0, tile = 0; k0 < m; k0 += FA_BK, tile++) {
+        const T* Ks = k_tile(STAGES == 2 ? tile % 2 : 0);
+        const T* Vs = Ks + FA_BK * LD;
+        __syncthreads();  // every warp is done with the tiles about to be overwritten
+        if (STAGES == 2) {
+            if (k0 + FA_BK < m) {
+                T* next = k_tile((tile + 1) % 2);
+                load_tile(next, kb, FA_BK, k0 + FA_BK, m, kv_row);
+                load_tile(next + FA_BK * LD, vb, FA_BK, k0 + FA_BK, m, kv_row);
+            }
+            cp_async_commit();   // perhaps empty: the groups stay one per tile
+            cp_async_wait<1>();  // everything but the next tile is in
+        } else {
+            load_tile(const_cast<T*>(Ks), kb, FA_BK, k0, m, kv_row);
+            cp_async_commit();
+            load_tile(const_cast<T*>(Vs), vb, FA_BK, k0, m, kv_row);
+            cp_async_commit();
+            cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
+        }
         __syncthreads();
         if (k0 == 0) {
 #pragma unroll
@@ -505,8 +587,10 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             }
         }
 
-        cp_async_wait<0>();
-        __syncthreads();
+        if (STAGES == 1) {
+            cp_async_wait<0>();
+            __syncthreads();
+        }
         // O += P·V: the probabilities of two adjacent key tiles are one A fragment.
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
@@ -555,9 +639,11 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
 }
 
 // RT = 2 (two 16-query tiles per warp, 128 queries per block) only where the registers
-// allow it: heads up to 64 wide.
-#define FLASH(T, NAME, DP, RT)                                                                \
-    extern "C" __global__ void __launch_bounds__(128)                                         \
+// allow it: heads up to 64 wide. BLOCKS: the blocks per SM the registers must leave room
+// for (three for SD 1.5's 40-wide heads fit in 168 registers without spilling; 64-wide
+// heads would spill).
+#define FLASH(T, NAME, DP, RT, BLOCKS)                                                        \
+    extern "C" __global__ void __launch_bounds__(128, BLOCKS)                                 \
         flash_attention_##DP##x##RT##_##NAME(const T* q, const T* k, const T* v, T* out,      \
                                              int heads, int n, int m, int d, int64_t q_batch, \
                                              int64_t q_row, int64_t kv_batch, int64_t kv_row, \
@@ -565,13 +651,13 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
         flash_attention<T, DP, RT>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,    \
                                    kv_row, scale_log2);                                       \
     }
-#define FLASH_ALL(T, NAME) \
-    FLASH(T, NAME, 48, 1)  \
-    FLASH(T, NAME, 48, 2)  \
-    FLASH(T, NAME, 64, 1)  \
-    FLASH(T, NAME, 64, 2)  \
-    FLASH(T, NAME, 80, 1)  \
-    FLASH(T, NAME, 128, 1) \
-    FLASH(T, NAME, 160, 1)
+#define FLASH_ALL(T, NAME)   \
+    FLASH(T, NAME, 48, 1, 1)  \
+    FLASH(T, NAME, 48, 2, 3)  \
+    FLASH(T, NAME, 64, 1, 1)  \
+    FLASH(T, NAME, 64, 2, 1)  \
+    FLASH(T, NAME, 80, 1, 1)  \
+    FLASH(T, NAME, 128, 1, 1) \
+    FLASH(T, NAME, 160, 1, 1)
 FLASH_ALL(__half, f16)
 FLASH_ALL(__nv_bfloat16, bf16)

@@ -59,12 +59,27 @@ impl Channels {
         }
     }
 
+    /// `maps` side by side along the channels.
+    pub fn cat(self, maps: &[&Tensor]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Channels::Last, [a, b]) = (self, maps) {
+            if crate::cuda::accelerated(a) {
+                return crate::cuda::concat_last(a, b);
+            }
+        }
+        Tensor::cat(maps, self.dim())
+    }
+
     /// Nearest-neighbour upsampling to `(h, w)`.
     pub fn upsample_nearest(self, xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         match self {
             Channels::First => xs.upsample_nearest2d(h, w),
             Channels::Last => {
                 let (b, ih, iw, c) = xs.dims4()?;
+                #[cfg(feature = "cuda")]
+                if (h, w) == (2 * ih, 2 * iw) && crate::cuda::accelerated(xs) {
+                    return crate::cuda::upsample2x_last(xs);
+                }
                 if (h, w) == (2 * ih, 2 * iw) {
                     xs.reshape((b, ih, 1, iw, 1, c))?
                         .broadcast_as((b, ih, 2, iw, 2, c))?

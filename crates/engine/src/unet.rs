@@ -643,7 +643,7 @@ impl UNet {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("UNet skip connections ran out".into())
                 })?;
-                xs = Tensor::cat(&[&xs, &skip], ch.dim())?;
+                xs = ch.cat(&[&xs, &skip])?;
                 xs = up.level.step(i, &xs, &temb, context, ch)?;
             }
             if let Some(conv) = &up.upsample {
