@@ -5,7 +5,8 @@ request shape, the same table.
         [--size 512x512] [--guidance 7.5] [--dtype fp16|bf16] [--repeat 3] [--compile]
 
 MODEL_DIR is a diffusers-layout model, e.g. one written by `sparkle model tiny DIR --full-size`
-(full-size random weights), so both engines run the same weights. Each batch runs the whole
+(full-size random weights), so both engines run the same weights; SD 1.x/2.x and SDXL (the
+pipeline class comes from the model's model_index.json). Each batch runs the whole
 pipeline (text encoding, `steps` DDIM steps with classifier-free guidance, VAE decode, copy to
 the host) `repeat` times after one warm-up run; the median is reported. UNet milliseconds per
 step are timed separately with CUDA events around one UNet call on the same batch (2×batch
@@ -21,7 +22,7 @@ import time
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -49,9 +50,10 @@ def main():
     cfg = args.guidance > 1.0
 
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    with open(f"{args.model}/model_index.json") as f:
+        xl = "XL" in json.load(f)["_class_name"]
+    extra = {} if xl else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **extra)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -61,14 +63,24 @@ def main():
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
 
     latent = (pipe.unet.config.in_channels, height // 8, width // 8)
-    context = pipe.text_encoder.config.hidden_size
+    context = pipe.unet.config.cross_attention_dim
+
+    def unet_inputs(rows):
+        """Noise, time steps, text and (SDXL) pooled-text and size conditioning for `rows`."""
+        x = torch.randn(rows, *latent, device="cuda", dtype=dtype)
+        t = torch.tensor([500] * rows, device="cuda")
+        extra = dict(encoder_hidden_states=torch.randn(rows, 77, context, device="cuda", dtype=dtype))
+        if xl:
+            pooled = pipe.text_encoder_2.config.projection_dim
+            extra["added_cond_kwargs"] = dict(
+                text_embeds=torch.randn(rows, pooled, device="cuda", dtype=dtype),
+                time_ids=torch.tensor([[height, width, 0, 0, height, width]] * rows, device="cuda", dtype=dtype),
+            )
+        return x, t, extra
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
-        unet(
-            torch.randn(1, *latent, device="cuda", dtype=dtype),
-            torch.tensor([500], device="cuda"),
-            encoder_hidden_states=torch.randn(1, 77, context, device="cuda", dtype=dtype),
-        )
+        x, t, extra = unet_inputs(1)
+        unet(x, t, **extra)
     unet_flops = counter.get_total_flops()
 
     first = None
@@ -97,17 +109,15 @@ def main():
         seconds = statistics.median(times)
 
         rows_in = batch * (2 if cfg else 1)
-        x = torch.randn(rows_in, *latent, device="cuda", dtype=dtype)
-        t = torch.tensor([500] * rows_in, device="cuda")
-        ctx = torch.randn(rows_in, 77, context, device="cuda", dtype=dtype)
+        x, t, extra = unet_inputs(rows_in)
         with torch.no_grad():
             for _ in range(3):
-                pipe.unet(x, t, encoder_hidden_states=ctx)
+                pipe.unet(x, t, **extra)
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
             for s, e in zip(starts, ends):
                 s.record()
-                pipe.unet(x, t, encoder_hidden_states=ctx)
+                pipe.unet(x, t, **extra)
                 e.record()
             torch.cuda.synchronize()
         unet_ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))

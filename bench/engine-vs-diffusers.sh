@@ -7,6 +7,7 @@
 # Expects the CUDA build of sparkle as $SPARKLE (default: .carry/bin/sparkle.xz, unpacked) and
 # diffusers importable (or its wheel under .carry/whl/). Environment:
 #   BATCH=1,4,8,16  STEPS=25  SIZE=512x512  REPEAT=2  PRECISION=f16
+#   ARCH=sd1.5      or sdxl (then SIZE=1024x1024 suits it): the random-weight model's architecture
 #   DIFFUSERS=0     skip the diffusers baseline
 #   COLD=1          first measure the cold start: a new process, an empty kernel cache
 #   CHECK=1         check the device against the CPU in f32 on the same weights first
@@ -27,8 +28,9 @@ if [ -z "${SPARKLE:-}" ]; then
   SPARKLE=/tmp/sparkle; xz -dc .carry/bin/sparkle.xz > $SPARKLE && chmod +x $SPARKLE
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-MODEL=/tmp/sd15-full
-[ -d $MODEL ] || $SPARKLE model tiny $MODEL --full-size >/dev/null 2>&1 || exit 1
+ARCH=${ARCH:-sd1.5}
+MODEL=/tmp/$ARCH-full
+[ -d $MODEL ] || $SPARKLE model tiny $MODEL --arch "$ARCH" --full-size >/dev/null 2>&1 || exit 1
 du -sh $MODEL
 
 if [ "${COLD:-0}" = 1 ]; then
@@ -56,5 +58,5 @@ if [ -n "${PROFILE:-}" ]; then
   timeout ${PROFILE_TIMEOUT:-240} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     --log-file "$OUT/ncu.csv" $SPARKLE bench engine --model $MODEL --batch "$PROFILE" --steps 1 --size "$SIZE" \
     --device cuda --precision "$PRECISION" --repeat 1 >/dev/null 2>&1
-  $PY bench/kernel_table.py "$OUT/ncu.csv"
+  $PY bench/kernel_table.py "$OUT/ncu.csv" --unet-step --top ${TOP:-25}
 fi

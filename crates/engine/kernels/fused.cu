@@ -450,7 +450,25 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-template <typename T, int DP, int RT>
+// exp2 of two floats, packed as two 16-bit values: one `ex2.approx.f16x2` for f16 (half the
+// special-function work of two f32 exponentials; the argument rounded to f16 first, which
+// costs about as much accuracy as rounding the probability to f16 does), two f32 ones for
+// bf16 (whose packed form needs sm_90).
+template <typename T> __device__ __forceinline__ uint32_t exp2_pair(float x0, float x1);
+template <> __device__ __forceinline__ uint32_t exp2_pair<__half>(float x0, float x1) {
+    __half2 h = __floats2half2_rn(x0, x1);
+    uint32_t in = *reinterpret_cast<uint32_t*>(&h), out;
+    asm("ex2.approx.f16x2 %0, %1;" : "=r"(out) : "r"(in));
+    return out;
+}
+template <> __device__ __forceinline__ uint32_t exp2_pair<__nv_bfloat16>(float x0, float x1) {
+    return Mma<__nv_bfloat16>::pack(exp2f(x0), exp2f(x1));
+}
+
+// ONES (heads narrower than DP): V's first padding column holds ones, so P·V also yields
+// each row's sum of the very probabilities it weighs (f32 accumulation on tensor cores), and
+// the softmax needs no additions of its own; the probabilities come from `exp2_pair`.
+template <typename T, int DP, int RT, bool ONES>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
                                 const T* __restrict__ v, T* __restrict__ out, int heads, int n,
                                 int m, int d, int64_t q_batch, int64_t q_row, int64_t kv_batch,
@@ -469,17 +487,32 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     const T* kb = k + b * kv_batch + (int64_t)h * d;
     const T* vb = v + b * kv_batch + (int64_t)h * d;
 
-    auto load_tile = [&](T* dst, const T* src, int rows, int first, int count, int64_t row) {
+    // `keep_padding`: leave the columns from d on as they are (V's ones and zeros, written
+    // once below) rather than zeroing them.
+    auto load_tile = [&](T* dst, const T* src, int rows, int first, int count, int64_t row,
+                         bool keep_padding = false) {
         for (int idx = threadIdx.x; idx < rows * CH; idx += blockDim.x) {
             const int r = idx / CH, c = (idx % CH) * 8, i = first + r;
+            if (keep_padding && c >= d) continue;
             const bool inside = i < count && c < d;
             cp_async16(dst + r * LD + c, inside ? src + (int64_t)i * row + c : src, inside);
         }
     };
+    if (ONES) {
+        for (int idx = threadIdx.x; idx < STAGES * FA_BK * (DP - d) / 8; idx += blockDim.x) {
+            const int per_row = (DP - d) / 8;
+            const int r = idx / per_row, c = d + (idx % per_row) * 8;
+            Pack<T, 8> pad;
+#pragma unroll
+            for (int j = 0; j < 8; j++) pad.v[j] = from_f<T>(c == d && j == 0 ? 1.f : 0.f);
+            T* vs = k_tile(r / FA_BK) + FA_BK * LD + (r % FA_BK) * LD;
+            *reinterpret_cast<Pack<T, 8>*>(vs + c) = pad;
+        }
+    }
     load_tile(Qs, qb, BQ, q0, n, q_row);
     if (STAGES == 2) {
         load_tile(k_tile(0), kb, FA_BK, 0, m, kv_row);
-        load_tile(k_tile(0) + FA_BK * LD, vb, FA_BK, 0, m, kv_row);
+        load_tile(k_tile(0) + FA_BK * LD, vb, FA_BK, 0, m, kv_row, ONES);
     }
     cp_async_commit();
 
@@ -506,14 +539,14 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             if (k0 + FA_BK < m) {
                 T* next = k_tile((tile + 1) % 2);
                 load_tile(next, kb, FA_BK, k0 + FA_BK, m, kv_row);
-                load_tile(next + FA_BK * LD, vb, FA_BK, k0 + FA_BK, m, kv_row);
+                load_tile(next + FA_BK * LD, vb, FA_BK, k0 + FA_BK, m, kv_row, ONES);
             }
             cp_async_commit();   // perhaps empty: the groups stay one per tile
             cp_async_wait<1>();  // everything but the next tile is in
         } else {
             load_tile(const_cast<T*>(Ks), kb, FA_BK, k0, m, kv_row);
             cp_async_commit();
-            load_tile(const_cast<T*>(Vs), vb, FA_BK, k0, m, kv_row);
+            load_tile(const_cast<T*>(Vs), vb, FA_BK, k0, m, kv_row, ONES);
             cp_async_commit();
             cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
         }
@@ -558,6 +591,8 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
         }
 
         // Online softmax over this tile, rows reduced across the 4 lanes that share them.
+        // The probabilities end packed in pairs, as P·V takes them: p[r][j][hr].
+        uint32_t p[RT][8][2];
 #pragma unroll
         for (int r = 0; r < RT; r++) {
 #pragma unroll
@@ -571,14 +606,22 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
                 const float shift = mx * scale_log2;
                 const float alpha = exp2f(row_max[r][hr] * scale_log2 - shift);
                 row_max[r][hr] = mx;
-                float sum = 0.f;
+                if (ONES) {
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    s[r][j][2 * hr] = exp2f(s[r][j][2 * hr] * scale_log2 - shift);
-                    s[r][j][2 * hr + 1] = exp2f(s[r][j][2 * hr + 1] * scale_log2 - shift);
-                    sum += s[r][j][2 * hr] + s[r][j][2 * hr + 1];
+                    for (int j = 0; j < 8; j++)
+                        p[r][j][hr] = exp2_pair<T>(s[r][j][2 * hr] * scale_log2 - shift,
+                                                   s[r][j][2 * hr + 1] * scale_log2 - shift);
+                } else {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        const float e0 = exp2f(s[r][j][2 * hr] * scale_log2 - shift);
+                        const float e1 = exp2f(s[r][j][2 * hr + 1] * scale_log2 - shift);
+                        sum += e0 + e1;
+                        p[r][j][hr] = Mma<T>::pack(e0, e1);
+                    }
+                    row_sum[r][hr] = row_sum[r][hr] * alpha + sum;
                 }
-                row_sum[r][hr] = row_sum[r][hr] * alpha + sum;
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
                     o[r][t][2 * hr] *= alpha;
@@ -597,10 +640,10 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             uint32_t pa[RT][4];
 #pragma unroll
             for (int r = 0; r < RT; r++) {
-                pa[r][0] = Mma<T>::pack(s[r][2 * kk][0], s[r][2 * kk][1]);
-                pa[r][1] = Mma<T>::pack(s[r][2 * kk][2], s[r][2 * kk][3]);
-                pa[r][2] = Mma<T>::pack(s[r][2 * kk + 1][0], s[r][2 * kk + 1][1]);
-                pa[r][3] = Mma<T>::pack(s[r][2 * kk + 1][2], s[r][2 * kk + 1][3]);
+                pa[r][0] = p[r][2 * kk][0];
+                pa[r][1] = p[r][2 * kk][1];
+                pa[r][2] = p[r][2 * kk + 1][0];
+                pa[r][3] = p[r][2 * kk + 1][1];
             }
 #pragma unroll
             for (int t = 0; t < NT; t += 2) {
@@ -621,8 +664,16 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
             float total = row_sum[r][hr];
-            total += __shfl_xor_sync(0xffffffff, total, 1);
-            total += __shfl_xor_sync(0xffffffff, total, 2);
+            if (ONES) {
+                // Column d of the output, held by the first lane of each four.
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t * 8 == d) total = o[r][t][2 * hr];
+                total = __shfl_sync(0xffffffff, total, lane & ~3);
+            } else {
+                total += __shfl_xor_sync(0xffffffff, total, 1);
+                total += __shfl_xor_sync(0xffffffff, total, 2);
+            }
             const int i = q0 + (warp * RT + r) * 16 + lane / 4 + 8 * hr;
             if (i >= n) continue;
             const float inv = 1.f / total;
@@ -641,23 +692,24 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
 // RT = 2 (two 16-query tiles per warp, 128 queries per block) only where the registers
 // allow it: heads up to 64 wide. BLOCKS: the blocks per SM the registers must leave room
 // for (three for SD 1.5's 40-wide heads fit in 168 registers without spilling; 64-wide
-// heads would spill).
-#define FLASH(T, NAME, DP, RT, BLOCKS)                                                        \
+// heads would spill). The `p` kernels are the ONES form, for heads narrower than DP.
+#define FLASH(T, NAME, DP, RT, BLOCKS, ONES, SUFFIX)                                          \
     extern "C" __global__ void __launch_bounds__(128, BLOCKS)                                 \
-        flash_attention_##DP##x##RT##_##NAME(const T* q, const T* k, const T* v, T* out,      \
-                                             int heads, int n, int m, int d, int64_t q_batch, \
-                                             int64_t q_row, int64_t kv_batch, int64_t kv_row, \
-                                             float scale_log2) {                              \
-        flash_attention<T, DP, RT>(q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch,    \
-                                   kv_row, scale_log2);                                       \
+        flash_attention_##DP##x##RT##SUFFIX##_##NAME(                                         \
+            const T* q, const T* k, const T* v, T* out, int heads, int n, int m, int d,       \
+            int64_t q_batch, int64_t q_row, int64_t kv_batch, int64_t kv_row,                 \
+            float scale_log2) {                                                               \
+        flash_attention<T, DP, RT, ONES>(q, k, v, out, heads, n, m, d, q_batch, q_row,        \
+                                         kv_batch, kv_row, scale_log2);                       \
     }
-#define FLASH_ALL(T, NAME)   \
-    FLASH(T, NAME, 48, 1, 1)  \
-    FLASH(T, NAME, 48, 2, 3)  \
-    FLASH(T, NAME, 64, 1, 1)  \
-    FLASH(T, NAME, 64, 2, 1)  \
-    FLASH(T, NAME, 80, 1, 1)  \
-    FLASH(T, NAME, 128, 1, 1) \
-    FLASH(T, NAME, 160, 1, 1)
+#define FLASH_ALL(T, NAME)                   \
+    FLASH(T, NAME, 48, 1, 1, false, )        \
+    FLASH(T, NAME, 48, 2, 2, false, )        \
+    FLASH(T, NAME, 48, 2, 3, true, p)        \
+    FLASH(T, NAME, 64, 1, 1, false, )        \
+    FLASH(T, NAME, 64, 2, 1, false, )        \
+    FLASH(T, NAME, 80, 1, 1, false, )        \
+    FLASH(T, NAME, 128, 1, 1, false, )       \
+    FLASH(T, NAME, 160, 1, 1, false, )
 FLASH_ALL(__half, f16)
 FLASH_ALL(__nv_bfloat16, bf16)

@@ -1112,8 +1112,11 @@ impl AttentionOp {
             view::<T>(ks, kl, "keys")?,
             view::<T>(vs, vl, "values")?,
         );
+        // Heads narrower than the kernel's width (SD 1.5's 40 in 48) get the row sums from
+        // a column of ones beside V; that form is built for the 64×64 layers' shape.
+        let ones = if d < dp && (dp, rt) == (48, 2) { "p" } else { "" };
         let func = module(&dev)?
-            .load_function(&format!("flash_attention_{dp}x{rt}_{}", T::SUFFIX))
+            .load_function(&format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX))
             .map_err(driver)?;
         // The kernel's shared memory: the Q tile and one K and V tile per stage (two up to
         // heads 128 wide, as the kernel), rows padded by 16 bytes.
