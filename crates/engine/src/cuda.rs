@@ -49,7 +49,10 @@ trait Element: DeviceRepr + CudnnDataType + Copy + 'static {
     const DTYPE: DType;
     /// The type's name for cuBLASLt.
     const LT_TYPE: lt::sys::cudaDataType_t;
-    /// Whether cuDNN may use tensor cores (f32 keeps full precision).
+    /// Whether cuDNN's convolutions run on tensor cores in this type itself (16-bit types);
+    /// f32 ones may use them through TF32 (10-bit mantissa, f32 range: PyTorch's default for
+    /// convolutions too, and what keeps SDXL's f32 VAE decoder fast), which the driver's
+    /// `NVIDIA_TF32_OVERRIDE=0` turns off.
     const TENSOR_OPS: bool;
     const ONE: Self;
     const ZERO: Self;
@@ -264,7 +267,7 @@ impl<T: Element> Plan<T> {
         let math = if T::TENSOR_OPS {
             dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
         } else {
-            dnn::cudnnMathType_t::CUDNN_FMA_MATH
+            dnn::cudnnMathType_t::CUDNN_DEFAULT_MATH
         };
         conv.set_math_type(math).map_err(dnn_err)?;
         let x = dnn
@@ -1114,7 +1117,11 @@ impl AttentionOp {
         );
         // Heads narrower than the kernel's width (SD 1.5's 40 in 48) get the row sums from
         // a column of ones beside V; that form is built for the 64×64 layers' shape.
-        let ones = if d < dp && (dp, rt) == (48, 2) { "p" } else { "" };
+        let ones = if d < dp && (dp, rt) == (48, 2) {
+            "p"
+        } else {
+            ""
+        };
         let func = module(&dev)?
             .load_function(&format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX))
             .map_err(driver)?;

@@ -4,7 +4,7 @@
 //! with the SiLU that follows it in every ResNet block, and the transformers' row kernels.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 
 /// Where a feature map keeps its channels: `[b, c, h, w]` (candle's layout: the CPU path) or
 /// `[b, h, w, c]` (the UNet and the VAE on CUDA: cuDNN's fast convolutions are channels-last,
@@ -92,12 +92,15 @@ impl Channels {
     }
 }
 
-/// A 2-D convolution with bias.
+/// A 2-D convolution with bias. Its weight is kept in the layout the maps it convolves run
+/// in (decided once, at load, from the device and type): `[k, c, kh, kw]` for candle's NCHW
+/// path, `[k, kh, kw, c]` (KRSC) for channels-last maps on CUDA. One copy on the device,
+/// never both.
 pub(crate) struct Conv {
-    inner: Conv2d,
-    /// The weight as `[k, kh, kw, c]` for channels-last maps, made on first use.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    channels_last_weight: std::sync::OnceLock<Tensor>,
+    weight: Tensor,
+    bias: Tensor,
+    layout: Channels,
+    config: Conv2dConfig,
 }
 
 impl Conv {
@@ -114,9 +117,30 @@ impl Conv {
             stride,
             ..Default::default()
         };
+        let weight = vb.get_with_hints(
+            (cout, cin, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bound = 1. / (cin as f64).sqrt();
+        let bias = vb.get_with_hints(
+            cout,
+            "bias",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let layout = Channels::for_input(&weight);
+        let weight = match layout {
+            Channels::First => weight,
+            Channels::Last => weight.permute((0, 2, 3, 1))?.contiguous()?,
+        };
         Ok(Conv {
-            inner: candle_nn::conv2d(cin, cout, kernel, config, vb)?,
-            channels_last_weight: std::sync::OnceLock::new(),
+            weight,
+            bias,
+            layout,
+            config,
         })
     }
 
@@ -124,11 +148,20 @@ impl Conv {
         self.forward_with(xs, None, None)
     }
 
+    /// `(kh, kw)` of the kernel.
+    fn kernel_size(&self) -> (usize, usize) {
+        let dims = self.weight.dims();
+        match self.layout {
+            Channels::First => (dims[2], dims[3]),
+            Channels::Last => (dims[1], dims[2]),
+        }
+    }
+
     /// Whether this is a 1×1 convolution without stride or padding, which over
     /// channels-last rows is a linear layer.
     pub fn pointwise(&self) -> bool {
-        let config = self.inner.config();
-        self.inner.weight().dims()[2..] == [1, 1]
+        let config = &self.config;
+        self.kernel_size() == (1, 1)
             && (
                 config.stride,
                 config.padding,
@@ -145,17 +178,15 @@ impl Conv {
                 "only a 1×1 convolution runs over rows".into(),
             ));
         }
-        let weight = self.inner.weight();
-        let weight = weight.reshape((weight.dim(0)?, weight.dim(1)?))?;
+        // `[k, c, 1, 1]` and `[k, 1, 1, c]` alike.
+        let weight = self.weight.reshape((self.weight.dim(0)?, ()))?;
         #[cfg(feature = "cuda")]
-        if let (true, Some(bias)) = (crate::cuda::accelerated(rows), self.inner.bias()) {
-            return crate::cuda::linear(rows, &weight, bias, residual);
+        if crate::cuda::accelerated(rows) {
+            return crate::cuda::linear(rows, &weight, &self.bias, residual);
         }
-        let out = rows.broadcast_matmul(&weight.t()?)?;
-        let out = match self.inner.bias() {
-            Some(bias) => out.broadcast_add(bias)?,
-            None => out,
-        };
+        let out = rows
+            .broadcast_matmul(&weight.t()?)?
+            .broadcast_add(&self.bias)?;
         match residual {
             Some(residual) => out + residual,
             None => Ok(out),
@@ -184,31 +215,35 @@ impl Conv {
     ) -> Result<Tensor> {
         if channels == Channels::Last {
             #[cfg(feature = "cuda")]
-            if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
-                let weight = match self.channels_last_weight.get() {
-                    Some(weight) => weight.clone(),
-                    None => {
-                        let weight = self.inner.weight().permute((0, 2, 3, 1))?.contiguous()?;
-                        let _ = self.channels_last_weight.set(weight.clone());
-                        weight
-                    }
-                };
-                let config = self.inner.config();
+            if crate::cuda::accelerated(xs) && self.layout == Channels::Last {
                 return crate::cuda::conv2d(
                     xs,
-                    &weight,
-                    bias,
-                    config.padding,
-                    config.stride,
+                    &self.weight,
+                    &self.bias,
+                    self.config.padding,
+                    self.config.stride,
                     residual,
                     per_image,
                 );
             }
             return Err(candle_core::Error::Msg(
-                "channels-last convolutions run on CUDA only, with a bias".into(),
+                "channels-last convolutions run on CUDA only, with weights loaded there".into(),
             ));
         }
-        let mut out = self.inner.forward(xs)?;
+        // Weights loaded channels-last serve an NCHW map too (never on the hot path).
+        let weight = match self.layout {
+            Channels::First => self.weight.clone(),
+            Channels::Last => self.weight.permute((0, 3, 1, 2))?.contiguous()?,
+        };
+        let config = &self.config;
+        let out = xs.conv2d(
+            &weight,
+            config.padding,
+            config.stride,
+            config.dilation,
+            config.groups,
+        )?;
+        let mut out = out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if let Some(per_image) = per_image {
             out = out.broadcast_add(&per_image.unsqueeze(2)?.unsqueeze(3)?)?;
         }
