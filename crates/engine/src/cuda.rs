@@ -116,7 +116,7 @@ fn vec8<T: Element, const N: usize>(
         let (ptr, _sync) = v.device_ptr(stream);
         ptr % 16 == 0
     });
-    if std::mem::size_of::<T>() == 2 && channels % 8 == 0 && aligned {
+    if std::mem::size_of::<T>() == 2 && channels.is_multiple_of(8) && aligned {
         8
     } else {
         1
@@ -421,12 +421,14 @@ impl ConvOp {
         let mut out = unsafe { dev.alloc::<T>(elements)? };
         PLANS.with(|plans| -> Result<()> {
             let mut plans = plans.borrow_mut();
-            if !plans.contains_key(&key) {
-                plans.insert(key, Box::new(Plan::<T>::new(&dnn, &key)?));
-            }
-            let plan = plans
-                .get(&key)
-                .and_then(|p| p.downcast_ref::<Plan<T>>())
+            let plan = match plans.entry(key) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(Box::new(Plan::<T>::new(&dnn, &key)?))
+                }
+            };
+            let plan = plan
+                .downcast_ref::<Plan<T>>()
                 .ok_or_else(|| fail("convolution plan of another type"))?;
             WORKSPACE.with(|spaces| -> Result<()> {
                 let mut spaces = spaces.borrow_mut();
@@ -1052,7 +1054,7 @@ pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
     !*OFF.get_or_init(|| std::env::var("SPARKLE_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
-        && head_dim % 8 == 0
+        && head_dim.is_multiple_of(8)
         && head_dim <= FLASH_WIDTHS[FLASH_WIDTHS.len() - 1]
 }
 
@@ -1099,7 +1101,11 @@ impl AttentionOp {
         }
         let d = width / heads;
         // 16-byte rows for `cp.async`: heads a multiple of 8 wide, tensors starting aligned.
-        if d % 8 != 0 || [ql, kl, vl].iter().any(|l| l.start_offset() % 8 != 0) {
+        if !d.is_multiple_of(8)
+            || [ql, kl, vl]
+                .iter()
+                .any(|l| !l.start_offset().is_multiple_of(8))
+        {
             return Err(fail(format!(
                 "attention heads {d} wide or inputs not 16-byte aligned"
             )));
