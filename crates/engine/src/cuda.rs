@@ -212,6 +212,46 @@ macro_rules! ternary_op {
     };
 }
 
+/// `CustomOp2` for an op with `run::<T>(x, xl, a, al)` over f16, bf16 and f32 (both inputs
+/// of one type; `run` reads the second as that type).
+macro_rules! binary_op {
+    ($op:ty, $name:literal, $cpu:literal, $what:literal) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                Err(fail($cpu))
+            }
+
+            fn cuda_fwd(
+                &self,
+                xs: &CudaStorage,
+                xl: &Layout,
+                a: &CudaStorage,
+                al: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                if a.dtype() != xs.dtype() {
+                    return Err(fail(concat!($what, " across two types")));
+                }
+                match xs.dtype() {
+                    DType::F16 => self.run::<f16>(xs, xl, a, al),
+                    DType::BF16 => self.run::<bf16>(xs, xl, a, al),
+                    DType::F32 => self.run::<f32>(xs, xl, a, al),
+                    other => Err(fail(format!(concat!($what, " for {:?}"), other))),
+                }
+            }
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     device: DeviceId,
@@ -904,39 +944,12 @@ impl ConcatOp {
     }
 }
 
-impl candle_core::CustomOp2 for ConcatOp {
-    fn name(&self) -> &'static str {
-        "sparkle-concat"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("sparkle-concat runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        a: &CudaStorage,
-        al: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        if a.dtype() != b.dtype() {
-            return Err(fail("concatenation of two types"));
-        }
-        match a.dtype() {
-            DType::F16 => self.run::<f16>(a, al, b, bl),
-            DType::BF16 => self.run::<bf16>(a, al, b, bl),
-            DType::F32 => self.run::<f32>(a, al, b, bl),
-            other => Err(fail(format!("no concatenation for {other:?}"))),
-        }
-    }
-}
+binary_op!(
+    ConcatOp,
+    "sparkle-concat",
+    "the concatenation kernel runs on CUDA only",
+    "no concatenation"
+);
 
 /// Widest rows [`layer_norm`] takes (the kernel holds 8·32·8 values per row).
 pub(crate) const LAYER_NORM_MAX_COLS: usize = 2048;
@@ -1480,33 +1493,9 @@ impl LinearOp {
     }
 }
 
-impl candle_core::CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "sparkle-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("the fused linear layer runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        rs: &CudaStorage,
-        rl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match xs.dtype() {
-            DType::F16 => self.run::<f16>(xs, xl, rs, rl),
-            DType::BF16 => self.run::<bf16>(xs, xl, rs, rl),
-            DType::F32 => self.run::<f32>(xs, xl, rs, rl),
-            other => Err(fail(format!("no linear layer for {other:?}"))),
-        }
-    }
-}
+binary_op!(
+    LinearOp,
+    "sparkle-linear",
+    "the fused linear layer runs on CUDA only",
+    "no linear layer"
+);
