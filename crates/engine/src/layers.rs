@@ -1,5 +1,5 @@
 //! The layers of the UNet and the VAE. Over NCHW maps (the CPU) they are candle's; over
-//! channels-last maps (CUDA in f16, bf16 or f32) they run our own path (`cuda.rs`): cuDNN
+//! channels-last maps (CUDA in f16, bf16 or f32) they run our own path (`cuda/`): cuDNN
 //! convolutions with plans cached per shape and a fused bias epilogue, a one-kernel GroupNorm
 //! with the SiLU that follows it in every ResNet block, and the transformers' row kernels.
 

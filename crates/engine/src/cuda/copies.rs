@@ -56,13 +56,7 @@ impl Upsample2xOp {
         // SAFETY: `total` vectors of `vec` elements are written, each read from inside the
         // b·h·w·c input; `vec` divides c and both pointers are aligned to it (`vec8`).
         unsafe { launch.launch(vector_grid(total as usize)) }.map_err(driver)?;
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: dev,
-            },
-            Shape::from((b, 2 * h, 2 * w, c)),
-        ))
+        Ok(output::<T>(out, dev, Shape::from((b, 2 * h, 2 * w, c))))
     }
 }
 
@@ -125,13 +119,7 @@ impl ConcatOp {
         unsafe { launch.launch(vector_grid(total as usize)) }.map_err(driver)?;
         let mut shape = arest.to_vec();
         shape.push(ca + cb);
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: dev,
-            },
-            Shape::from(shape),
-        ))
+        Ok(output::<T>(out, dev, Shape::from(shape)))
     }
 }
 

@@ -242,6 +242,21 @@ fn driver(e: cudarc::driver::DriverError) -> candle_core::Error {
     fail(format!("{e:?}"))
 }
 
+/// A kernel's output as a candle storage and its shape.
+fn output<T: Element>(
+    out: CudaSlice<T>,
+    device: CudaDevice,
+    shape: impl Into<Shape>,
+) -> (CudaStorage, Shape) {
+    (
+        CudaStorage {
+            slice: T::wrap(out),
+            device,
+        },
+        shape.into(),
+    )
+}
+
 /// A CUDA tensor's storage, read-locked, and its layout.
 fn cuda_storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
     let (storage, layout) = t.storage_and_layout();

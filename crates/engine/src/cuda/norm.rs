@@ -113,13 +113,7 @@ impl NormOp {
         // at a time and aligned to it; channels below c (≤ GROUP_NORM_MAX_CHANNELS, the
         // shared scale and shift), groups below b·groups.
         unsafe { launch.launch(config) }.map_err(driver)?;
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: dev,
-            },
-            xl.shape().clone(),
-        ))
+        Ok(output::<T>(out, dev, xl.shape().clone()))
     }
 }
 
@@ -202,13 +196,7 @@ impl LayerNormOp {
         // SAFETY: a warp per row over `rows` rows of `cols` elements of x and out, 8 at a
         // time and aligned to it (checked above); gamma and beta hold `cols`.
         unsafe { launch.launch(config) }.map_err(driver)?;
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: dev,
-            },
-            xl.shape().clone(),
-        ))
+        Ok(output::<T>(out, dev, xl.shape().clone()))
     }
 }
 

@@ -36,13 +36,7 @@ impl SoftmaxOp {
         };
         let name = format!("softmax_{per_thread}");
         let out = launch_unary::<T>(s, l, &name, n, config, &[cols as i64], "softmax input")?;
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: s.device().clone(),
-            },
-            l.shape().clone(),
-        ))
+        Ok(output::<T>(out, s.device().clone(), l.shape().clone()))
     }
 }
 
@@ -80,13 +74,7 @@ impl GegluOp {
         if let Some(d) = shape.last_mut() {
             *d = inner;
         }
-        Ok((
-            CudaStorage {
-                slice: T::wrap(out),
-                device: s.device().clone(),
-            },
-            Shape::from(shape),
-        ))
+        Ok(output::<T>(out, s.device().clone(), Shape::from(shape)))
     }
 }
 
