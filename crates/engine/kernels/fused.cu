@@ -200,7 +200,8 @@ __device__ void concat_last(const T* __restrict__ a, const T* __restrict__ b, T*
     }
 }
 
-#define GROUP_NORM_LAST_VEC(T, NAME, VEC)                                                     \
+// Entry points of the channels-last kernels above, VEC elements per access.
+#define CHANNELS_LAST_VEC(T, NAME, VEC)                                                       \
     extern "C" __global__ void group_stats_last##VEC##_##NAME(                                \
         const T* x, double* stats, int hw, int channels, int cpg, int groups) {               \
         group_stats_last<T, VEC>(x, stats, hw, channels, cpg, groups);                        \
@@ -231,13 +232,13 @@ __device__ void concat_last(const T* __restrict__ a, const T* __restrict__ b, T*
                                                          int cb, int total) {                 \
         concat_last<T, VEC>(a, b, y, ca, cb, total);                                          \
     }
-#define GROUP_NORM_LAST(T, NAME)      \
-    GROUP_NORM_LAST_VEC(T, NAME, 1)   \
-    GROUP_NORM_LAST_VEC(T, NAME, 8)
+#define CHANNELS_LAST(T, NAME)     \
+    CHANNELS_LAST_VEC(T, NAME, 1)  \
+    CHANNELS_LAST_VEC(T, NAME, 8)
 
-GROUP_NORM_LAST(float, f32)
-GROUP_NORM_LAST(__half, f16)
-GROUP_NORM_LAST(__nv_bfloat16, bf16)
+CHANNELS_LAST(float, f32)
+CHANNELS_LAST(__half, f16)
+CHANNELS_LAST(__nv_bfloat16, bf16)
 
 // Softmax over the last dimension, one block of 128 threads per row, the row held in
 // registers (ELEMS per thread): one read and one write of the scores, where a kernel that
@@ -532,8 +533,8 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     }
 
     for (int k0 = 0, tile = 0; k0 < m; k0 += FA_BK, tile++) {
-        const T* Ks = k_tile(STAGES == 2 ? tile % 2 : 0);
-        const T* Vs = Ks + FA_BK * LD;
+        T* Ks = k_tile(STAGES == 2 ? tile % 2 : 0);
+        T* Vs = Ks + FA_BK * LD;
         __syncthreads();  // every warp is done with the tiles about to be overwritten
         if (STAGES == 2) {
             if (k0 + FA_BK < m) {
@@ -544,9 +545,9 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             cp_async_commit();   // perhaps empty: the groups stay one per tile
             cp_async_wait<1>();  // everything but the next tile is in
         } else {
-            load_tile(const_cast<T*>(Ks), kb, FA_BK, k0, m, kv_row);
+            load_tile(Ks, kb, FA_BK, k0, m, kv_row);
             cp_async_commit();
-            load_tile(const_cast<T*>(Vs), vb, FA_BK, k0, m, kv_row, ONES);
+            load_tile(Vs, vb, FA_BK, k0, m, kv_row, ONES);
             cp_async_commit();
             cp_async_wait<1>();  // Q (first round) and K are in; V may still be on its way
         }

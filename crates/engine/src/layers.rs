@@ -76,11 +76,11 @@ impl Channels {
             Channels::First => xs.upsample_nearest2d(h, w),
             Channels::Last => {
                 let (b, ih, iw, c) = xs.dims4()?;
-                #[cfg(feature = "cuda")]
-                if (h, w) == (2 * ih, 2 * iw) && crate::cuda::accelerated(xs) {
-                    return crate::cuda::upsample2x_last(xs);
-                }
                 if (h, w) == (2 * ih, 2 * iw) {
+                    #[cfg(feature = "cuda")]
+                    if crate::cuda::accelerated(xs) {
+                        return crate::cuda::upsample2x_last(xs);
+                    }
                     xs.reshape((b, ih, 1, iw, 1, c))?
                         .broadcast_as((b, ih, 2, iw, 2, c))?
                         .reshape((b, h, w, c))

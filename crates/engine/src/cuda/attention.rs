@@ -147,7 +147,7 @@ impl AttentionOp {
         // SAFETY: one block per 64·rt queries of one (image, head); reads stay below n and m
         // rows and d columns of each head, writes below n rows.
         unsafe { launch.launch(config) }.map_err(driver)?;
-        Ok(output::<T>(out, dev, Shape::from((b, n, width))))
+        Ok(output::<T>(out, dev, (b, n, width)))
     }
 }
 

@@ -272,7 +272,7 @@ impl ConvOp {
         // and, when read, `channel_bias` n·k.
         unsafe { launch.launch(image_grid(n, oh * ow * k, vec)?) }.map_err(driver)?;
         drop((w_guard, b_guard));
-        Ok(output::<T>(out, dev, Shape::from(out_dims.to_vec())))
+        Ok(output::<T>(out, dev, out_dims.to_vec()))
     }
 }
 

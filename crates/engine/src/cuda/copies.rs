@@ -56,7 +56,7 @@ impl Upsample2xOp {
         // SAFETY: `total` vectors of `vec` elements are written, each read from inside the
         // b·h·w·c input; `vec` divides c and both pointers are aligned to it (`vec8`).
         unsafe { launch.launch(vector_grid(total as usize)) }.map_err(driver)?;
-        Ok(output::<T>(out, dev, Shape::from((b, 2 * h, 2 * w, c))))
+        Ok(output::<T>(out, dev, (b, 2 * h, 2 * w, c)))
     }
 }
 
@@ -95,9 +95,9 @@ impl ConcatOp {
         let elements = rows * (ca + cb);
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(elements)? };
-        let vec = vec8(&stream, [&a, &b, &out.slice(..)], ca.min(cb));
-        let vec = if (ca % vec, cb % vec) == (0, 0) {
-            vec
+        // Both widths must split into whole vectors.
+        let vec = if cb.is_multiple_of(8) {
+            vec8(&stream, [&a, &b, &out.slice(..)], ca)
         } else {
             1
         };
@@ -119,7 +119,7 @@ impl ConcatOp {
         unsafe { launch.launch(vector_grid(total as usize)) }.map_err(driver)?;
         let mut shape = arest.to_vec();
         shape.push(ca + cb);
-        Ok(output::<T>(out, dev, Shape::from(shape)))
+        Ok(output::<T>(out, dev, shape))
     }
 }
 

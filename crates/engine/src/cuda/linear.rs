@@ -281,7 +281,7 @@ impl LinearOp {
         }
         drop((_x, _w, _b, _r, _ws, _o));
         drop((w_guard, b_guard));
-        Ok(output::<T>(out, dev, Shape::from(out_dims)))
+        Ok(output::<T>(out, dev, out_dims))
     }
 }
 

@@ -74,7 +74,7 @@ impl GegluOp {
         if let Some(d) = shape.last_mut() {
             *d = inner;
         }
-        Ok(output::<T>(out, s.device().clone(), Shape::from(shape)))
+        Ok(output::<T>(out, s.device().clone(), shape))
     }
 }
 
