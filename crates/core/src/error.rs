@@ -69,6 +69,13 @@ pub enum ErrorCode {
     Internal,
     /// A dependency (database, store) is not reachable.
     Unavailable,
+    /// `webhook_url` is malformed, not https where https is required, or points at a
+    /// private, loopback or link-local address.
+    InvalidWebhookUrl,
+    /// The key has no webhook signing secret, so its webhooks could not be signed.
+    WebhookSecretMissing,
+    /// Too many event streams are open, for this key or in all; see `Retry-After`.
+    TooManyStreams,
 }
 
 impl ErrorCode {
@@ -105,6 +112,9 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InvalidWebhookUrl => "invalid_webhook_url",
+            ErrorCode::WebhookSecretMissing => "webhook_secret_missing",
+            ErrorCode::TooManyStreams => "too_many_streams",
         }
     }
 
@@ -123,7 +133,9 @@ impl ErrorCode {
             | UnknownModel
             | UnknownScheduler
             | InvalidResponseFormat
-            | InvalidIdempotencyKey => 400,
+            | InvalidIdempotencyKey
+            | InvalidWebhookUrl
+            | WebhookSecretMissing => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope => 403,
             JobNotFound | ImageNotFound | NotFound => 404,
@@ -131,7 +143,7 @@ impl ErrorCode {
             RequestTimeout => 408,
             BodyTooLarge => 413,
             UnsupportedMediaType => 415,
-            RateLimited | JobQuotaExceeded => 429,
+            RateLimited | JobQuotaExceeded | TooManyStreams => 429,
             JobFailed | Internal => 500,
             QueueFull | Unavailable => 503,
             Timeout => 504,

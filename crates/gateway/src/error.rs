@@ -66,6 +66,16 @@ impl From<QueueError> for ApiError {
                 ),
             )
             .retry_after(QUOTA_RETRY_AFTER_SECS),
+            QueueError::GroupQuota { live, limit } => ApiError::new(
+                ErrorCode::JobQuotaExceeded,
+                format!(
+                    "you already have {live} queued or running jobs (the limit is {limit}); retry when one finishes"
+                ),
+            )
+            .retry_after(QUOTA_RETRY_AFTER_SECS),
+            QueueError::QueueFull { .. } => {
+                ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30)
+            }
             other => {
                 tracing::error!(error = %other, "queue error");
                 ApiError::new(

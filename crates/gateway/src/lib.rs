@@ -17,10 +17,12 @@ pub mod limits;
 pub mod listener;
 mod routes;
 mod state;
+pub mod streams;
 pub mod tls;
 
 pub use error::ApiError;
 pub use listener::{serve_tls, ListenerOptions};
+pub use streams::StreamPermits;
 pub use state::{
     Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState,
 };

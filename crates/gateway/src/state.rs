@@ -1,6 +1,9 @@
 use crate::limits::RateLimiter;
+use crate::streams::StreamPermits;
 use sparkle_core::{Catalog, Limits};
-use sparkle_queue::{ApiKeys, JobQueue};
+use sparkle_delivery::events::JobEvents;
+use sparkle_delivery::webhook::UrlPolicy;
+use sparkle_queue::{ApiKeys, JobQueue, Outbox};
 use sparkle_store::ImageStore;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,8 +21,9 @@ pub struct GatewayOptions {
     pub max_attempts: u32,
     /// How long the synchronous OpenAI route waits for its images.
     pub sync_timeout: Duration,
-    /// How often job state is re-read for events and synchronous waits.
-    pub poll_interval: Duration,
+    /// Event streams open at once, in all and for one API key.
+    pub max_event_streams: usize,
+    pub max_event_streams_per_key: usize,
     /// How long a client has to send its body, and a route that does not wait for images to
     /// answer.
     pub request_timeout: Duration,
@@ -41,7 +45,8 @@ impl Default for GatewayOptions {
             max_queued_jobs: 10_000,
             max_attempts: 3,
             sync_timeout: Duration::from_secs(600),
-            poll_interval: Duration::from_millis(200),
+            max_event_streams: 4096,
+            max_event_streams_per_key: 32,
             request_timeout: Duration::from_secs(30),
             per_ip_requests_per_sec: 50,
             per_ip_burst: 200,
@@ -65,6 +70,14 @@ pub struct GatewayState {
     pub discord: Option<Arc<DiscordEndpoint>>,
     /// Request rates, as the options set them.
     pub admission: Arc<Admission>,
+    /// Where job changes are pushed: event streams and synchronous waits subscribe here.
+    pub events: Arc<JobEvents>,
+    /// The outbox's view of each job's deliveries.
+    pub outbox: Arc<dyn Outbox>,
+    /// Event streams open now, counted against the options' caps.
+    pub streams: Arc<StreamPermits>,
+    /// Where webhooks may point.
+    pub webhooks: UrlPolicy,
 }
 
 /// The rate limiters every request passes.
@@ -89,8 +102,6 @@ pub struct DiscordEndpoint {
     pub verifier: sparkle_discord::Verifier,
     /// Signs and checks the ids of the buttons on Sparkle's messages.
     pub buttons: Arc<sparkle_discord::ButtonSigner>,
-    /// Where answered interactions are recorded for delivery.
-    pub outbox: Arc<dyn sparkle_queue::DiscordOutbox>,
     /// How long an interaction token lives (Discord: 15 minutes).
     pub token_lifetime: Duration,
     pub policy: DiscordPolicies,

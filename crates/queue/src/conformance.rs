@@ -3,13 +3,19 @@
 //! A backend's test calls [`run`] with a function that opens a fresh, empty queue driven by
 //! the given [`ManualClock`]; each check gets its own queue, and a failure names the check.
 
-use crate::{CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, QueueError};
+mod outbox;
+
+use outbox::*;
+
+use crate::{
+    CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
+};
 use sparkle_core::{JobStatus, Progress, Scheduler, ValidImageRequest};
 use std::future::Future;
 use std::time::Duration;
 
 const T0: i64 = 1_700_000_000_000;
-const VIS: Duration = Duration::from_millis(1000);
+pub(crate) const VIS: Duration = Duration::from_millis(1000);
 
 /// A small valid job in `group` (also its owner).
 pub fn new_job(group: &str, prompt: &str) -> NewJob {
@@ -32,6 +38,9 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
         },
         max_attempts: 3,
         owner_live_limit: None,
+        group_live_limit: None,
+        max_queued: None,
+        replies: Vec::new(),
     }
 }
 
@@ -39,7 +48,7 @@ type Check<Q> = fn(Q, ManualClock) -> std::pin::Pin<Box<dyn Future<Output = ()> 
 
 macro_rules! checks {
     ($($name:ident),* $(,)?) => {
-        fn all<Q: JobQueue>() -> Vec<(&'static str, Check<Q>)> {
+        fn all<Q: JobQueue + Outbox>() -> Vec<(&'static str, Check<Q>)> {
             vec![$((stringify!($name), |q, c| Box::pin($name(q, c)))),*]
         }
     };
@@ -61,12 +70,20 @@ checks!(
     release_returns_the_job_without_spending_an_attempt,
     batch_lease_takes_only_compatible_jobs,
     stats_and_positions_describe_the_backlog,
+    replies_are_written_with_the_job_or_not_at_all,
+    group_and_queue_limits_are_counted_with_the_insert,
+    limits_hold_under_parallel_submits,
+    a_delivery_has_one_claimer_at_a_time,
+    a_waiting_delivery_wakes_when_its_job_changes,
+    settled_deliveries_say_where_they_stand,
+    every_visible_change_moves_the_change_counter,
+    positions_of_many_jobs_match_each_position,
 );
 
 /// Runs every check, each against a fresh queue from `open`.
 pub async fn run<Q, F, Fut>(open: F)
 where
-    Q: JobQueue,
+    Q: JobQueue + Outbox,
     F: Fn(ManualClock) -> Fut,
     Fut: Future<Output = Q>,
 {
@@ -80,7 +97,7 @@ where
     }
 }
 
-async fn lease_one<Q: JobQueue>(q: &Q, worker: &str) -> Option<crate::Lease> {
+pub(crate) async fn lease_one<Q: JobQueue>(q: &Q, worker: &str) -> Option<crate::Lease> {
     let mut leases = q.lease(worker, 1, VIS).await.expect("lease");
     assert!(leases.len() <= 1);
     leases.pop()
@@ -526,7 +543,7 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
     assert_eq!(stats.recent_run_ms, Some(250.0));
 }
 
-async fn enqueue_many<Q: JobQueue>(q: &Q, group: &str, n: usize) -> Vec<sparkle_core::JobId> {
+pub(crate) async fn enqueue_many<Q: JobQueue>(q: &Q, group: &str, n: usize) -> Vec<sparkle_core::JobId> {
     let mut ids = Vec::new();
     for i in 0..n {
         ids.push(

@@ -1,6 +1,7 @@
 //! Sealed fields: what the database must not hold in the clear. Prompts (the whole
-//! request), users' fairness groups and Discord interaction tokens and progress texts (which
-//! quote the prompt) are sealed before they are written and opened after they are read.
+//! request), users' fairness groups, what a reply needs to reach its destination (an
+//! interaction token, a webhook URL), what a reply last showed (it may quote the prompt) and
+//! webhook signing secrets are sealed before they are written and opened after they are read.
 //! Values the queue compares (a group, an idempotency key, a request fingerprint) are stored
 //! as blind indexes, keyed hashes under which equal values stay equal.
 //!
@@ -21,10 +22,13 @@ pub enum Field {
     JobDedup,
     /// `jobs.request_hash`: the request's fingerprint (blind index).
     JobFingerprint,
-    /// `discord_deliveries.token`: the interaction token (sealed).
-    DeliveryToken,
-    /// `discord_deliveries.last_progress`: the last text shown, which quotes the prompt (sealed).
-    DeliveryProgress,
+    /// `deliveries.payload`: what a reply channel needs to answer (sealed).
+    ReplyPayload,
+    /// `deliveries.state`: what a reply channel last sent (sealed).
+    ReplyState,
+    /// `api_keys.webhook_secret` and `webhook_secret_previous`: the key's webhook signing
+    /// secrets (sealed).
+    WebhookSecret,
 }
 
 impl Field {
@@ -34,8 +38,9 @@ impl Field {
             Field::JobGroup => "jobs.group",
             Field::JobDedup => "jobs.dedup_key",
             Field::JobFingerprint => "jobs.request_hash",
-            Field::DeliveryToken => "discord_deliveries.token",
-            Field::DeliveryProgress => "discord_deliveries.last_progress",
+            Field::ReplyPayload => "deliveries.payload",
+            Field::ReplyState => "deliveries.state",
+            Field::WebhookSecret => "api_keys.webhook_secret",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! hash again in constant time, so no byte-by-byte comparison of secret-derived values ever
 //! depends on where they differ.
 
+use crate::fields::Field;
 use crate::{QueueError, SqliteQueue};
 use async_trait::async_trait;
 use rand::RngCore;
@@ -97,6 +98,17 @@ pub trait ApiKeys: Send + Sync + 'static {
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError>;
     /// Revokes a key by id; false if there is no such key.
     async fn revoke_key(&self, id: &str) -> Result<bool, QueueError>;
+    /// Makes `secret` the key's webhook signing secret; the secret it replaces keeps
+    /// signing beside it for `grace`. False if there is no such live key.
+    async fn set_webhook_secret(
+        &self,
+        id: &str,
+        secret: &[u8],
+        grace: std::time::Duration,
+    ) -> Result<bool, QueueError>;
+    /// The secrets that sign the key's webhooks now: the current one first, then the one
+    /// it replaced while its grace lasts. Empty when the key has none.
+    async fn webhook_secrets(&self, id: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, QueueError>;
 }
 
 fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, QueueError> {
@@ -184,6 +196,66 @@ impl ApiKeys for SqliteQueue {
                 .await?;
         Ok(done.rows_affected() == 1)
     }
+
+    async fn set_webhook_secret(
+        &self,
+        id: &str,
+        secret: &[u8],
+        grace: std::time::Duration,
+    ) -> Result<bool, QueueError> {
+        let sealed = self.fields.seal(Field::WebhookSecret, id, secret)?;
+        let until = self
+            .clock
+            .now_ms()
+            .saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4));
+        let done = sqlx::query(
+            "UPDATE api_keys SET webhook_secret_previous = webhook_secret,
+                webhook_previous_until = CASE WHEN webhook_secret IS NULL THEN NULL ELSE ?3 END,
+                webhook_secret = ?2
+             WHERE id = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(&sealed)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn webhook_secrets(&self, id: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, QueueError> {
+        let row = sqlx::query(
+            "SELECT webhook_secret, webhook_secret_previous, webhook_previous_until FROM api_keys
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let open = |sealed: &str| {
+            self.fields
+                .open(Field::WebhookSecret, id, sealed)
+                .map_err(|e| QueueError::Corrupt {
+                    id: id.to_string(),
+                    reason: format!("{}: {e}", Field::WebhookSecret.name()),
+                })
+        };
+        let mut secrets = Vec::new();
+        if let Some(current) = row.try_get::<Option<String>, _>("webhook_secret")? {
+            secrets.push(open(&current)?);
+        }
+        let until: Option<i64> = row.try_get("webhook_previous_until")?;
+        if let (Some(previous), Some(until)) = (
+            row.try_get::<Option<String>, _>("webhook_secret_previous")?,
+            until,
+        ) {
+            if self.clock.now_ms() < until {
+                secrets.push(open(&previous)?);
+            }
+        }
+        Ok(secrets)
+    }
 }
 
 #[cfg(test)]
@@ -227,5 +299,45 @@ mod tests {
             .expect("auth")
             .is_none());
         assert!(q.list_keys().await.expect("list")[0].revoked);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_webhook_secret_signs_beside_the_new_one_for_its_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::ManualClock::new(1_000);
+        let q = SqliteQueue::open_with_clock(
+            &dir.path().join("k.db"),
+            &SqliteOptions::default(),
+            std::sync::Arc::new(clock.clone()),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
+        let (key, _) = q.create_key("ci", &[Scope::Generate]).await.expect("create");
+        assert!(q.webhook_secrets(&key.id).await.expect("secrets").is_empty());
+        let grace = std::time::Duration::from_secs(60);
+        assert!(q.set_webhook_secret(&key.id, b"first", grace).await.expect("set"));
+        let only: Vec<Vec<u8>> = q
+            .webhook_secrets(&key.id)
+            .await
+            .expect("secrets")
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        assert_eq!(only, vec![b"first".to_vec()]);
+        assert!(q.set_webhook_secret(&key.id, b"second", grace).await.expect("rotate"));
+        let both: Vec<Vec<u8>> = q
+            .webhook_secrets(&key.id)
+            .await
+            .expect("secrets")
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        assert_eq!(both, vec![b"second".to_vec(), b"first".to_vec()]);
+        clock.advance_ms(60_000);
+        assert_eq!(q.webhook_secrets(&key.id).await.expect("secrets").len(), 1);
+        assert!(!q.set_webhook_secret("key_nobody", b"x", grace).await.expect("set"));
+        q.revoke_key(&key.id).await.expect("revoke");
+        assert!(!q.set_webhook_secret(&key.id, b"third", grace).await.expect("set"));
     }
 }

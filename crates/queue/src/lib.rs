@@ -13,16 +13,25 @@
 //! dead-lettered with the reason kept. Every operation that ends a lease checks the lease id,
 //! so a worker that lost its lease can never complete a job someone else now holds.
 //!
-//! Prompts, user ids and Discord tokens are sealed before they reach the database, and the
+//! The answers a job owes (a Discord interaction, a webhook) are written with it, in the
+//! same transaction, as opaque reply targets in the [`Outbox`]; limits counted against live
+//! jobs (per owner, per group, the whole queue) are counted in that transaction too, so no
+//! two submits can both slip under one. Every commit that changes what a client can see of a
+//! job moves a change counter on ([`JobQueue::changed_since`]), which is how any process
+//! learns of any other's commits with one cheap query, and how delivery pushes events
+//! instead of every client polling.
+//!
+//! Prompts, user ids and reply payloads are sealed before they reach the database, and the
 //! values the queue compares are stored as blind indexes ([`fields`]).
 //!
-//! This crate knows nothing of HTTP, Discord, GPUs or key files.
+//! This crate knows nothing of HTTP, of any reply channel's details, of GPUs or of key files.
 
 mod clock;
 pub mod conformance;
 pub mod fields;
 mod keys;
 mod outbox;
+mod position;
 mod sealing;
 mod sqlite;
 mod types;
@@ -30,7 +39,9 @@ mod types;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use fields::{Field, FieldCipher, FieldError, FieldKeyUsage};
 pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
-pub use outbox::{Delivery, DiscordOutbox, DiscordTarget, TOKEN_LIFETIME_MS};
+pub use outbox::{
+    ClaimedDelivery, DeliveryClaim, DeliveryState, Outbox, OutboxStats, ReplyTarget, Settle,
+};
 pub use sqlite::{SqliteOptions, SqliteQueue};
 pub use types::*;
 
@@ -108,4 +119,24 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Waits until new work may be available, or `timeout` passes.
     async fn wait_for_work(&self, timeout: Duration);
+
+    /// The change counter: moved on, in commit order, by every commit that changes what a
+    /// client can see of a job (its status, progress, images or error).
+    async fn revision(&self) -> Result<u64, QueueError>;
+
+    /// Jobs whose last change came after `revision`, in the order of those changes, each
+    /// with the revision of its change; at most `max`.
+    async fn changed_since(
+        &self,
+        revision: u64,
+        max: usize,
+    ) -> Result<Vec<(JobId, u64)>, QueueError>;
+
+    /// Returns when this process has committed a change, or after `timeout`; other
+    /// processes' commits are found by the caller's next [`changed_since`](JobQueue::changed_since)
+    /// (a backend with notifications returns on theirs too).
+    async fn wait_for_change(&self, timeout: Duration);
+
+    /// The [`position`](JobQueue::position) of each of `ids`, from one read of the queue.
+    async fn positions(&self, ids: &[JobId]) -> Result<Vec<Option<u64>>, QueueError>;
 }

@@ -1,306 +1,390 @@
-//! The Discord outbox: which jobs owe a Discord interaction an answer, and how far that
-//! answer has got. Delivery works it independently of the job: a Discord failure is retried
-//! here and never touches, re-renders or loses the job's image. The interaction token and the
-//! progress text (which quotes the prompt) are sealed in the database.
+//! The outbox: the answers a job owes, written with the job and worked by delivery.
+//!
+//! A reply is a channel name (`discord`, `webhook`, ...) and a payload the queue seals and
+//! never reads: what a channel needs and how it answers belong to delivery. Each channel's
+//! delivery task [`claim`](Outbox::claim)s due rows for a while, so any number of processes
+//! can work one outbox and a message goes out once; a process that dies mid-send leaves its
+//! claim to expire, and only that message is sent again. Every claim ends with a
+//! [`Settle`]: wait for the job to change, try again later, delivered, or abandoned. A row
+//! whose payload cannot be opened (a retired key, corruption) is set aside as `dead` with the
+//! reason when it is claimed, and never holds up the others.
 
 use crate::fields::{Field, FieldCipher};
-use crate::sqlite::open_text;
 use crate::{QueueError, SqliteQueue};
 use async_trait::async_trait;
 use sparkle_core::JobId;
 use sqlx::Row;
 use std::fmt;
+use std::time::Duration;
+use zeroize::Zeroizing;
 
-/// Interaction tokens live 15 minutes.
-pub const TOKEN_LIFETIME_MS: i64 = 15 * 60 * 1000;
-
-/// Where a job's answer goes.
+/// An answer a job owes: where to (the channel) and what the channel needs to get there.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DiscordTarget {
-    pub job: JobId,
-    pub application_id: String,
-    /// The interaction token: a secret, never printed.
-    pub token: String,
-    pub channel_id: Option<String>,
-    /// The largest attachment, in bytes, Discord said the response may carry; `None` when it
-    /// did not say.
-    pub attachment_size_limit: Option<u64>,
+pub struct ReplyTarget {
+    pub channel: String,
+    /// Opaque to the queue; sealed at rest. May hold secrets (an interaction token).
+    pub payload: Zeroizing<Vec<u8>>,
 }
 
-impl fmt::Debug for DiscordTarget {
+impl ReplyTarget {
+    pub fn new(channel: &str, payload: Vec<u8>) -> ReplyTarget {
+        ReplyTarget {
+            channel: channel.to_string(),
+            payload: Zeroizing::new(payload),
+        }
+    }
+}
+
+impl fmt::Debug for ReplyTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DiscordTarget")
-            .field("job", &self.job)
-            .field("application_id", &self.application_id)
-            .field("token", &"<redacted>")
-            .field("channel_id", &self.channel_id)
-            .field("attachment_size_limit", &self.attachment_size_limit)
+        f.debug_struct("ReplyTarget")
+            .field("channel", &self.channel)
+            .field("payload", &format_args!("<{} bytes>", self.payload.len()))
             .finish()
     }
 }
 
-/// A delivery that is due.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    pub target: DiscordTarget,
-    pub created_at_ms: i64,
-    pub token_expires_at_ms: i64,
-    /// The progress text last shown, to send only changes.
-    pub last_progress: Option<String>,
-    pub last_edit_at_ms: Option<i64>,
+/// Proof of holding a delivery: without the current claim id nothing can settle it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryClaim {
+    pub delivery_id: String,
+    pub claim_id: String,
+}
+
+/// A delivery that is due, claimed by the caller.
+#[derive(Clone)]
+pub struct ClaimedDelivery {
+    pub claim: DeliveryClaim,
+    pub job: JobId,
+    pub channel: String,
+    pub payload: Zeroizing<Vec<u8>>,
+    /// What the channel last recorded with [`Settle`] (a progress text), if anything.
+    pub state: Option<Zeroizing<Vec<u8>>>,
+    /// Failed attempts since the last success.
     pub attempts: u32,
+    pub created_at_ms: i64,
 }
 
-#[async_trait]
-pub trait DiscordOutbox: Send + Sync + 'static {
-    /// Records that `target.job` answers an interaction whose token lives `token_lifetime_ms`
-    /// from now (once; repeats change nothing).
-    async fn record(
-        &self,
-        target: &DiscordTarget,
-        token_lifetime_ms: i64,
-    ) -> Result<(), QueueError>;
-    /// Pending deliveries whose next attempt is due, oldest first.
-    async fn due(&self, limit: u32) -> Result<Vec<Delivery>, QueueError>;
-    /// A progress edit went out.
-    async fn progressed(&self, job: JobId, text: &str) -> Result<(), QueueError>;
-    /// Try again no sooner than `after_ms` from now (rate limits, server errors).
-    async fn retry_later(&self, job: JobId, after_ms: i64, error: &str) -> Result<(), QueueError>;
-    /// Not due again until something changes: polled again after `after_ms`.
-    async fn wait(&self, job: JobId, after_ms: i64) -> Result<(), QueueError>;
-    /// The final answer went out.
-    async fn delivered(&self, job: JobId) -> Result<(), QueueError>;
-    /// Gave up (the reason is kept).
-    async fn abandoned(&self, job: JobId, reason: &str) -> Result<(), QueueError>;
-}
-
-const DELIVERY_COLUMNS: &str = "job_id, application_id, token, channel_id, \
-    attachment_size_limit, created_at, token_expires_at, last_progress, last_edit_at, attempts";
-
-fn delivery_from_row(
-    row: &sqlx::sqlite::SqliteRow,
-    fields: &dyn FieldCipher,
-) -> Result<Delivery, QueueError> {
-    let id: String = row.try_get("job_id")?;
-    let token: String = row.try_get("token")?;
-    let last_progress: Option<String> = row.try_get("last_progress")?;
-    let attachment_size_limit = row
-        .try_get::<Option<i64>, _>("attachment_size_limit")?
-        .map(u64::try_from)
-        .transpose()
-        .map_err(|_| QueueError::Corrupt {
-            id: id.clone(),
-            reason: "negative attachment_size_limit".into(),
-        })?;
-    Ok(Delivery {
-        target: DiscordTarget {
-            job: id.parse().map_err(|e| QueueError::Corrupt {
-                id: id.clone(),
-                reason: format!("{e}"),
-            })?,
-            application_id: row.try_get("application_id")?,
-            token: open_text(fields, Field::DeliveryToken, &id, &token)?,
-            channel_id: row.try_get("channel_id")?,
-            attachment_size_limit,
-        },
-        created_at_ms: row.try_get("created_at")?,
-        token_expires_at_ms: row.try_get("token_expires_at")?,
-        last_progress: last_progress
-            .map(|text| open_text(fields, Field::DeliveryProgress, &id, &text))
-            .transpose()?,
-        last_edit_at_ms: row.try_get("last_edit_at")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-    })
-}
-
-impl SqliteQueue {
-    async fn set_state(
-        &self,
-        job: JobId,
-        sql: &str,
-        text: Option<&str>,
-        after_ms: i64,
-    ) -> Result<(), QueueError> {
-        sqlx::query(sql)
-            .bind(job.to_string())
-            .bind(self.clock.now_ms())
-            .bind(text)
-            .bind(after_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+impl fmt::Debug for ClaimedDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimedDelivery")
+            .field("claim", &self.claim)
+            .field("job", &self.job)
+            .field("channel", &self.channel)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
     }
 }
 
+/// How a claim ends.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Nothing (more) to send until the job changes: due at its next change, no sooner
+    /// than `not_before` from now, and after `fallback` whatever happens. `state` replaces
+    /// the recorded state when given (something was sent: the failure count starts again).
+    AwaitChange {
+        not_before: Duration,
+        fallback: Duration,
+        state: Option<Vec<u8>>,
+    },
+    /// The attempt failed; due again after `after`. Counts a failed attempt and keeps `error`.
+    Retry { after: Duration, error: String },
+    /// The answer went out; the delivery is over.
+    Delivered,
+    /// Given up; the reason is kept.
+    Abandoned { reason: String },
+}
+
+/// Where a delivery stands, as a client may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryState {
+    pub channel: String,
+    /// `pending`, `delivered`, `abandoned` or `dead`.
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at_ms: Option<i64>,
+}
+
+/// Figures for metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxStats {
+    pub pending: u64,
+    /// Age of the oldest pending delivery, in milliseconds.
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
 #[async_trait]
-impl DiscordOutbox for SqliteQueue {
-    async fn record(
+pub trait Outbox: Send + Sync + 'static {
+    /// Claims up to `max` due deliveries of `channel` for `claim_for`; a claim that ran out
+    /// is claimable again. Rows that cannot be opened are marked `dead` and skipped.
+    async fn claim(
         &self,
-        target: &DiscordTarget,
-        token_lifetime_ms: i64,
-    ) -> Result<(), QueueError> {
-        let now = self.clock.now_ms();
-        let row = target.job.to_string();
-        let token = self
-            .fields
-            .seal(Field::DeliveryToken, &row, target.token.as_bytes())?;
+        channel: &str,
+        max: usize,
+        claim_for: Duration,
+    ) -> Result<Vec<ClaimedDelivery>, QueueError>;
+    /// Ends a claim. [`QueueError::ClaimLost`] when the claim ran out and someone else holds it.
+    async fn settle(&self, claim: &DeliveryClaim, settle: Settle) -> Result<(), QueueError>;
+    /// Gives a claim back untouched, due at once (a process told to stop).
+    async fn unclaim(&self, claim: &DeliveryClaim) -> Result<(), QueueError>;
+    /// Every delivery of a job, oldest first.
+    async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryState>, QueueError>;
+    async fn outbox_stats(&self) -> Result<OutboxStats, QueueError>;
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// Writes `replies` for job `job` inside the enqueue transaction.
+pub(crate) async fn write_replies(
+    tx: &mut sqlx::SqliteConnection,
+    fields: &dyn FieldCipher,
+    job: &str,
+    replies: &[ReplyTarget],
+    now: i64,
+) -> Result<(), QueueError> {
+    for reply in replies {
+        let id = format!("dlv_{}", uuid::Uuid::new_v4().simple());
+        let payload = fields.seal(Field::ReplyPayload, &id, &reply.payload)?;
         sqlx::query(
-            "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id, created_at,
-                token_expires_at, state, next_attempt_at, attachment_size_limit)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?5, ?7)
-             ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO deliveries (id, job_id, channel, payload, status, next_attempt_at,
+                created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5)",
         )
-        .bind(&row)
-        .bind(&target.application_id)
-        .bind(&token)
-        .bind(&target.channel_id)
+        .bind(&id)
+        .bind(job)
+        .bind(&reply.channel)
+        .bind(&payload)
         .bind(now)
-        .bind(now + token_lifetime_ms)
-        // SQLite integers are signed; no upload limit comes near the difference.
-        .bind(
-            target
-                .attachment_size_limit
-                .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX)),
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn open_bytes(
+    fields: &dyn FieldCipher,
+    field: Field,
+    id: &str,
+    sealed: &str,
+) -> Result<Zeroizing<Vec<u8>>, String> {
+    fields
+        .open(field, id, sealed)
+        .map_err(|e| format!("{}: {e}", field.name()))
+}
+
+#[async_trait]
+impl Outbox for SqliteQueue {
+    async fn claim(
+        &self,
+        channel: &str,
+        max: usize,
+        claim_for: Duration,
+    ) -> Result<Vec<ClaimedDelivery>, QueueError> {
+        let now = self.clock.now_ms();
+        let fields = &*self.fields;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT id, job_id, payload, state, attempts, created_at FROM deliveries
+             WHERE status = 'pending' AND channel = ?1 AND next_attempt_at <= ?2
+             ORDER BY next_attempt_at LIMIT ?3",
         )
+        .bind(channel)
+        .bind(now)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let opened = (|| {
+                let job: String = row.try_get("job_id").map_err(|e| e.to_string())?;
+                let job: JobId = job.parse().map_err(|e| format!("job id: {e}"))?;
+                let payload: String = row.try_get("payload").map_err(|e| e.to_string())?;
+                let payload = open_bytes(fields, Field::ReplyPayload, &id, &payload)?;
+                let state: Option<String> = row.try_get("state").map_err(|e| e.to_string())?;
+                let state = state
+                    .map(|s| open_bytes(fields, Field::ReplyState, &id, &s))
+                    .transpose()?;
+                Ok::<_, String>((job, payload, state))
+            })();
+            let (job, payload, state) = match opened {
+                Ok(opened) => opened,
+                Err(reason) => {
+                    tracing::error!(delivery = %id, %reason, "a delivery cannot be opened; set aside as dead");
+                    sqlx::query(
+                        "UPDATE deliveries SET status = 'dead', last_error = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                    )
+                    .bind(&id)
+                    .bind(format!("cannot be opened: {reason}"))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    continue;
+                }
+            };
+            let claim_id = uuid::Uuid::new_v4().simple().to_string();
+            sqlx::query(
+                "UPDATE deliveries SET claim_id = ?2, next_attempt_at = ?3, wake_on_change = 0,
+                    updated_at = ?4 WHERE id = ?1",
+            )
+            .bind(&id)
+            .bind(&claim_id)
+            .bind(now.saturating_add(millis(claim_for)))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            claimed.push(ClaimedDelivery {
+                claim: DeliveryClaim {
+                    delivery_id: id,
+                    claim_id,
+                },
+                job,
+                channel: channel.to_string(),
+                payload,
+                state,
+                attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+                created_at_ms: row.try_get("created_at")?,
+            });
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn settle(&self, claim: &DeliveryClaim, settle: Settle) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        let id = &claim.delivery_id;
+        let query = match &settle {
+            Settle::AwaitChange {
+                not_before,
+                fallback,
+                state,
+            } => {
+                let sealed = state
+                    .as_ref()
+                    .map(|s| self.fields.seal(Field::ReplyState, id, s))
+                    .transpose()?;
+                let sent = sealed.is_some();
+                sqlx::query(
+                    "UPDATE deliveries SET claim_id = NULL, wake_on_change = 1,
+                        not_before = ?3, next_attempt_at = ?4, state = COALESCE(?5, state),
+                        attempts = CASE WHEN ?6 THEN 0 ELSE attempts END,
+                        last_error = CASE WHEN ?6 THEN NULL ELSE last_error END, updated_at = ?7
+                     WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",
+                )
+                .bind(id)
+                .bind(&claim.claim_id)
+                .bind(now.saturating_add(millis(*not_before)))
+                .bind(now.saturating_add(millis(*fallback).max(millis(*not_before))))
+                .bind(sealed)
+                .bind(sent)
+                .bind(now)
+            }
+            Settle::Retry { after, error } => sqlx::query(
+                "UPDATE deliveries SET claim_id = NULL, wake_on_change = 0,
+                    next_attempt_at = ?3, attempts = attempts + 1, last_error = ?4, updated_at = ?5
+                 WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(&claim.claim_id)
+            .bind(now.saturating_add(millis(*after)))
+            .bind(error.clone())
+            .bind(now),
+            Settle::Delivered => sqlx::query(
+                "UPDATE deliveries SET claim_id = NULL, status = 'delivered', last_error = NULL,
+                    updated_at = ?3
+                 WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(&claim.claim_id)
+            .bind(now),
+            Settle::Abandoned { reason } => sqlx::query(
+                "UPDATE deliveries SET claim_id = NULL, status = 'abandoned', last_error = ?3,
+                    updated_at = ?4
+                 WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(&claim.claim_id)
+            .bind(reason.clone())
+            .bind(now),
+        };
+        let done = query.execute(&self.pool).await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::ClaimLost(id.clone()))
+        }
+    }
+
+    async fn unclaim(&self, claim: &DeliveryClaim) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        let done = sqlx::query(
+            "UPDATE deliveries SET claim_id = NULL, next_attempt_at = ?3, updated_at = ?3
+             WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",
+        )
+        .bind(&claim.delivery_id)
+        .bind(&claim.claim_id)
+        .bind(now)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::ClaimLost(claim.delivery_id.clone()))
+        }
     }
 
-    async fn due(&self, limit: u32) -> Result<Vec<Delivery>, QueueError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM discord_deliveries
-             WHERE state = 'pending' AND next_attempt_at <= ?1
-             ORDER BY next_attempt_at, created_at LIMIT ?2"
-        ))
-        .bind(self.clock.now_ms())
-        .bind(i64::from(limit))
+    async fn deliveries_of(&self, job: JobId) -> Result<Vec<DeliveryState>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT channel, status, attempts, last_error, next_attempt_at FROM deliveries
+             WHERE job_id = ?1 ORDER BY created_at, id",
+        )
+        .bind(job.to_string())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| delivery_from_row(row, &*self.fields))
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                let next: i64 = row.try_get("next_attempt_at")?;
+                Ok(DeliveryState {
+                    channel: row.try_get("channel")?,
+                    next_attempt_at_ms: (status == "pending").then_some(next),
+                    status,
+                    attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+                    last_error: row.try_get("last_error")?,
+                })
+            })
             .collect()
     }
 
-    async fn progressed(&self, job: JobId, text: &str) -> Result<(), QueueError> {
-        let sealed =
-            self.fields
-                .seal(Field::DeliveryProgress, &job.to_string(), text.as_bytes())?;
-        self.set_state(
-            job,
-            "UPDATE discord_deliveries SET last_progress = ?3, last_edit_at = ?2, attempts = 0,
-                error = NULL, next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
-            Some(&sealed),
-            0,
+    async fn outbox_stats(&self) -> Result<OutboxStats, QueueError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, MIN(created_at) AS oldest FROM deliveries
+             WHERE status = 'pending'",
         )
-        .await
-    }
-
-    async fn retry_later(&self, job: JobId, after_ms: i64, error: &str) -> Result<(), QueueError> {
-        self.set_state(
-            job,
-            "UPDATE discord_deliveries SET attempts = attempts + 1, error = ?3,
-                next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
-            Some(error),
-            after_ms,
-        )
-        .await
-    }
-
-    async fn wait(&self, job: JobId, after_ms: i64) -> Result<(), QueueError> {
-        self.set_state(
-            job,
-            "UPDATE discord_deliveries SET next_attempt_at = ?2 + ?4, last_progress = COALESCE(?3, last_progress)
-             WHERE job_id = ?1",
-            None,
-            after_ms,
-        )
-        .await
-    }
-
-    async fn delivered(&self, job: JobId) -> Result<(), QueueError> {
-        self.set_state(
-            job,
-            "UPDATE discord_deliveries SET state = 'delivered', last_edit_at = ?2,
-                last_progress = COALESCE(?3, last_progress), next_attempt_at = ?2 + ?4 WHERE job_id = ?1",
-            None,
-            0,
-        )
-        .await
-    }
-
-    async fn abandoned(&self, job: JobId, reason: &str) -> Result<(), QueueError> {
-        self.set_state(
-            job,
-            "UPDATE discord_deliveries SET state = 'abandoned', error = ?3, next_attempt_at = ?2 + ?4
-             WHERE job_id = ?1",
-            Some(reason),
-            0,
-        )
-        .await
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(OutboxStats {
+            pending: row.try_get::<i64, _>("pending")?.max(0) as u64,
+            oldest_pending_age_ms: oldest.map(|t| (self.clock.now_ms() - t).max(0)),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance::new_job;
     use crate::fields::testing::test_cipher;
-    use crate::{ManualClock, SqliteOptions};
-    use std::sync::Arc;
+    use crate::{JobQueue, SqliteOptions};
 
     #[tokio::test]
-    async fn deliveries_are_recorded_once_and_come_due_on_schedule() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = ManualClock::new(1_000_000);
-        let q = SqliteQueue::open_with_clock(
-            &dir.path().join("o.db"),
-            &SqliteOptions::default(),
-            Arc::new(clock.clone()),
-            test_cipher(),
-        )
-        .await
-        .expect("open");
-        let target = DiscordTarget {
-            job: JobId::random(),
-            application_id: "9".into(),
-            token: "secret".into(),
-            channel_id: Some("6".into()),
-            attachment_size_limit: Some(8 * 1024 * 1024),
-        };
-        assert!(!format!("{target:?}").contains("secret"));
-        q.record(&target, TOKEN_LIFETIME_MS).await.expect("record");
-        q.record(&target, TOKEN_LIFETIME_MS)
-            .await
-            .expect("record again");
-        let due = q.due(10).await.expect("due");
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].target, target);
-        assert_eq!(due[0].token_expires_at_ms, 1_000_000 + TOKEN_LIFETIME_MS);
-
-        q.progressed(target.job, "step 1/4")
-            .await
-            .expect("progressed");
-        assert_eq!(
-            q.due(10).await.expect("due")[0].last_progress.as_deref(),
-            Some("step 1/4")
-        );
-        q.retry_later(target.job, 2_000, "429")
-            .await
-            .expect("retry");
-        assert!(q.due(10).await.expect("due").is_empty());
-        clock.advance_ms(2_000);
-        let due = q.due(10).await.expect("due");
-        assert_eq!((due.len(), due[0].attempts), (1, 1));
-        q.delivered(target.job).await.expect("delivered");
-        clock.advance_ms(60_000);
-        assert!(
-            q.due(10).await.expect("due").is_empty(),
-            "delivered is final"
-        );
-    }
-
-    #[tokio::test]
-    async fn the_attachment_limit_is_kept_and_may_be_unknown() {
+    async fn a_delivery_that_cannot_be_opened_is_set_aside_and_holds_up_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = SqliteQueue::open(
             &dir.path().join("o.db"),
@@ -309,78 +393,35 @@ mod tests {
         )
         .await
         .expect("open");
-        let limits = [None, Some(0), Some(1_500), Some(u64::MAX)];
-        for limit in limits {
-            let target = DiscordTarget {
-                job: JobId::random(),
-                application_id: "9".into(),
-                token: "t".into(),
-                channel_id: None,
-                attachment_size_limit: limit,
-            };
-            q.record(&target, TOKEN_LIFETIME_MS).await.expect("record");
-        }
-        let mut kept: Vec<_> = q
-            .due(10)
-            .await
-            .expect("due")
-            .into_iter()
-            .map(|d| d.target.attachment_size_limit)
-            .collect();
-        kept.sort();
-        // u64::MAX is stored as SQLite's largest integer: still far beyond any real limit.
-        assert_eq!(
-            kept,
-            [None, Some(0), Some(1_500), Some(i64::MAX as u64)],
-            "{kept:?}"
-        );
-    }
-
-    /// A delivery recorded before the limit was kept survives the upgrade, with no limit.
-    #[tokio::test]
-    async fn deliveries_from_before_the_limit_migrate_with_none() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let old = dir.path().join("old-migrations");
-        std::fs::create_dir(&old).expect("mkdir");
-        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        for name in ["0001_jobs.sql", "0002_discord_outbox.sql"] {
-            std::fs::copy(here.join(name), old.join(name)).expect("copy migration");
-        }
-        let path = dir.path().join("o.db");
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(
-                sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("connect");
-        sqlx::migrate::Migrator::new(old.as_path())
-            .await
-            .expect("old migrations")
-            .run(&pool)
-            .await
-            .expect("migrate to 0002");
-        let job = JobId::random();
+        let mut broken = new_job("alice", "broken");
+        broken.replies = vec![ReplyTarget::new("discord", b"a".to_vec())];
+        let broken = q.enqueue(broken).await.expect("enqueue").job;
+        let mut fine = new_job("bob", "fine");
+        fine.replies = vec![ReplyTarget::new("discord", b"b".to_vec())];
+        let fine = q.enqueue(fine).await.expect("enqueue").job;
+        // A payload sealed for another row does not open here.
         sqlx::query(
-            "INSERT INTO discord_deliveries (job_id, application_id, token, channel_id,
-                created_at, token_expires_at, state, next_attempt_at)
-             VALUES (?1, '9', 't', '6', 0, 9999999999999, 'pending', 0)",
+            "UPDATE deliveries SET payload = (SELECT payload FROM deliveries WHERE job_id = ?2)
+             WHERE job_id = ?1",
         )
-        .bind(job.to_string())
-        .execute(&pool)
+        .bind(broken.id.to_string())
+        .bind(fine.id.to_string())
+        .execute(&q.pool)
         .await
-        .expect("old row");
-        pool.close().await;
-
-        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
+        .expect("corrupt");
+        let claimed = q
+            .claim("discord", 10, Duration::from_secs(30))
             .await
-            .expect("upgrade");
-        let due = q.due(10).await.expect("due");
-        assert_eq!(due.len(), 1);
-        assert_eq!(
-            (due[0].target.job, due[0].target.attachment_size_limit),
-            (job, None)
-        );
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].job, fine.id);
+        let dead = &q.deliveries_of(broken.id).await.expect("of")[0];
+        assert_eq!(dead.status, "dead");
+        assert!(dead
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot be opened")));
+        assert!(!format!("{:?}", claimed[0]).contains("payload: ["));
+        assert!(format!("{:?}", ReplyTarget::new("x", b"secret".to_vec())).contains("6 bytes"));
     }
 }

@@ -98,42 +98,12 @@ impl SqliteQueue {
                 .await?;
             }
         }
-        let deliveries = sqlx::query("SELECT job_id, token, last_progress FROM discord_deliveries")
-            .fetch_all(&mut *tx)
-            .await?;
-        for delivery in &deliveries {
-            let id: String = delivery.try_get("job_id")?;
-            let token: String = delivery.try_get("token")?;
-            let progress: Option<String> = delivery.try_get("last_progress")?;
-            let token = match fields.key_of(&token) {
-                Some(_) => token,
-                None => fields.seal(Field::DeliveryToken, &id, token.as_bytes())?,
-            };
-            let progress = match progress {
-                Some(text) if fields.key_of(&text).is_none() => {
-                    Some(fields.seal(Field::DeliveryProgress, &id, text.as_bytes())?)
-                }
-                other => other,
-            };
-            sqlx::query(
-                "UPDATE discord_deliveries SET token = ?2, last_progress = ?3 WHERE job_id = ?1",
-            )
-            .bind(&id)
-            .bind(&token)
-            .bind(&progress)
-            .execute(&mut *tx)
-            .await?;
-        }
         sqlx::query("DELETE FROM plain_rows_pending")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        if sealed > 0 || !deliveries.is_empty() {
-            tracing::info!(
-                jobs = sealed,
-                deliveries = deliveries.len(),
-                "sealed rows written before fields were sealed"
-            );
+        if sealed > 0 {
+            tracing::info!(jobs = sealed, "sealed rows written before fields were sealed");
         }
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&self.pool)
@@ -175,30 +145,61 @@ impl SqliteQueue {
             .await?;
             rewritten += done.rows_affected();
         }
-        let deliveries = sqlx::query("SELECT job_id, token, last_progress FROM discord_deliveries")
+        let deliveries = sqlx::query("SELECT id, payload, state FROM deliveries")
             .fetch_all(&self.pool)
             .await?;
         for delivery in &deliveries {
-            let id: String = delivery.try_get("job_id")?;
-            let token: String = delivery.try_get("token")?;
-            let progress: Option<String> = delivery.try_get("last_progress")?;
-            let new_token = reseal(fields, Field::DeliveryToken, &id, &token, &active)?;
-            let new_progress = match &progress {
-                Some(text) => reseal(fields, Field::DeliveryProgress, &id, text, &active)?,
+            let id: String = delivery.try_get("id")?;
+            let payload: String = delivery.try_get("payload")?;
+            let state: Option<String> = delivery.try_get("state")?;
+            let new_payload = reseal(fields, Field::ReplyPayload, &id, &payload, &active)?;
+            let new_state = match &state {
+                Some(text) => reseal(fields, Field::ReplyState, &id, text, &active)?,
                 None => None,
             };
-            if new_token.is_none() && new_progress.is_none() {
+            if new_payload.is_none() && new_state.is_none() {
                 continue;
             }
             let done = sqlx::query(
-                "UPDATE discord_deliveries SET token = ?2, last_progress = ?3
-                 WHERE job_id = ?1 AND token = ?4 AND last_progress IS ?5",
+                "UPDATE deliveries SET payload = ?2, state = ?3
+                 WHERE id = ?1 AND payload = ?4 AND state IS ?5",
             )
             .bind(&id)
-            .bind(new_token.as_ref().unwrap_or(&token))
-            .bind(new_progress.as_ref().or(progress.as_ref()))
-            .bind(&token)
-            .bind(&progress)
+            .bind(new_payload.as_ref().unwrap_or(&payload))
+            .bind(new_state.as_ref().or(state.as_ref()))
+            .bind(&payload)
+            .bind(&state)
+            .execute(&self.pool)
+            .await?;
+            rewritten += done.rows_affected();
+        }
+        let keys = sqlx::query(
+            "SELECT id, webhook_secret, webhook_secret_previous FROM api_keys
+             WHERE webhook_secret IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for key in &keys {
+            let id: String = key.try_get("id")?;
+            let current: String = key.try_get("webhook_secret")?;
+            let previous: Option<String> = key.try_get("webhook_secret_previous")?;
+            let new_current = reseal(fields, Field::WebhookSecret, &id, &current, &active)?;
+            let new_previous = match &previous {
+                Some(text) => reseal(fields, Field::WebhookSecret, &id, text, &active)?,
+                None => None,
+            };
+            if new_current.is_none() && new_previous.is_none() {
+                continue;
+            }
+            let done = sqlx::query(
+                "UPDATE api_keys SET webhook_secret = ?2, webhook_secret_previous = ?3
+                 WHERE id = ?1 AND webhook_secret = ?4 AND webhook_secret_previous IS ?5",
+            )
+            .bind(&id)
+            .bind(new_current.as_ref().unwrap_or(&current))
+            .bind(new_previous.as_ref().or(previous.as_ref()))
+            .bind(&current)
+            .bind(&previous)
             .execute(&self.pool)
             .await?;
             rewritten += done.rows_affected();
@@ -211,8 +212,10 @@ impl SqliteQueue {
         let mut usage = FieldKeyUsage::default();
         let values: Vec<Option<String>> = sqlx::query_scalar(
             "SELECT request FROM jobs UNION ALL SELECT group_sealed FROM jobs
-             UNION ALL SELECT token FROM discord_deliveries
-             UNION ALL SELECT last_progress FROM discord_deliveries",
+             UNION ALL SELECT payload FROM deliveries
+             UNION ALL SELECT state FROM deliveries
+             UNION ALL SELECT webhook_secret FROM api_keys
+             UNION ALL SELECT webhook_secret_previous FROM api_keys",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -231,7 +234,8 @@ mod tests {
     use super::*;
     use crate::conformance::new_job;
     use crate::fields::testing::TestCipher;
-    use crate::{DiscordOutbox, DiscordTarget, JobQueue, SqliteOptions, TOKEN_LIFETIME_MS};
+    use crate::{JobQueue, Outbox, ReplyTarget, Settle, SqliteOptions};
+    use std::time::Duration;
     use std::path::Path;
     use std::sync::Arc;
 
@@ -251,17 +255,28 @@ mod tests {
         job.request.negative_prompt = "murky fog".into();
         job.dedup_key = Some("idem-4242".into());
         job.fingerprint = "fp-unique".into();
+        job.replies = vec![ReplyTarget::new("discord", b"tok-sesame".to_vec())];
         job
     }
 
-    fn target(job: sparkle_core::JobId) -> DiscordTarget {
-        DiscordTarget {
-            job,
-            application_id: "9".into(),
-            token: "tok-sesame".into(),
-            channel_id: Some("6".into()),
-            attachment_size_limit: None,
-        }
+    /// Claims the one `discord` delivery, checks its payload, and records `state` with it.
+    async fn claim_and_record(q: &SqliteQueue, state: &str) {
+        let claimed = q
+            .claim("discord", 10, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].payload.as_slice(), b"tok-sesame");
+        q.settle(
+            &claimed[0].claim,
+            Settle::AwaitChange {
+                not_before: Duration::ZERO,
+                fallback: Duration::ZERO,
+                state: Some(state.as_bytes().to_vec()),
+            },
+        )
+        .await
+        .expect("settle");
     }
 
     /// Every needle that appears in any file of `dir`.
@@ -308,18 +323,15 @@ mod tests {
             Err(QueueError::IdempotencyConflict)
         ));
         assert_eq!(q.live_in_group("discord:31337").await.expect("live"), 1);
-        q.record(&target(job.id), TOKEN_LIFETIME_MS)
+        claim_and_record(&q, "Painting **zebra unicorn lantern** — step 1/4").await;
+        let claimed = q
+            .claim("discord", 10, Duration::from_secs(30))
             .await
-            .expect("record");
-        q.progressed(job.id, "Painting **zebra unicorn lantern** — step 1/4")
-            .await
-            .expect("progress");
-        let due = q.due(10).await.expect("due");
-        assert_eq!(due[0].target.token, "tok-sesame");
-        assert!(due[0]
-            .last_progress
+            .expect("claim");
+        assert!(claimed[0]
+            .state
             .as_deref()
-            .is_some_and(|p| p.contains("zebra")));
+            .is_some_and(|p| String::from_utf8_lossy(p).contains("zebra")));
         let leased = q
             .lease("w", 1, std::time::Duration::from_secs(30))
             .await
@@ -380,6 +392,8 @@ mod tests {
             .execute(&pool)
             .await
             .expect("old group");
+        // The Discord-only outbox of that time is not carried over: its plain token must
+        // not survive the upgrade anywhere in the files.
         sqlx::query(
             "INSERT INTO discord_deliveries (job_id, application_id, token, created_at,
                 token_expires_at, state, next_attempt_at, last_progress)
@@ -414,8 +428,6 @@ mod tests {
             !again.created && again.job.id == job,
             "old dedup keys still match"
         );
-        let due = q.due(10).await.expect("due");
-        assert_eq!(due[0].target.token, "tok-sesame");
         q.close().await;
         assert_eq!(found_in(&data), Vec::<String>::new());
         let q = SqliteQueue::open(
@@ -441,10 +453,7 @@ mod tests {
         .expect("open");
         let job = q.enqueue(secret_job()).await.expect("enqueue").job;
         q.enqueue(new_job("alice", "plain")).await.expect("enqueue");
-        q.record(&target(job.id), TOKEN_LIFETIME_MS)
-            .await
-            .expect("record");
-        q.progressed(job.id, "step 1/4").await.expect("progress");
+        claim_and_record(&q, "step 1/4").await;
         let usage = q.field_key_usage().await.expect("usage");
         assert_eq!(usage.by_key.get("k1"), Some(&6));
         cipher.switch_to("k2");
@@ -459,6 +468,11 @@ mod tests {
             q.get(job.id).await.expect("get").expect("job").group,
             "discord:31337"
         );
-        assert_eq!(q.due(10).await.expect("due")[0].target.token, "tok-sesame");
+        let claimed = q
+            .claim("discord", 10, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        assert_eq!(claimed[0].payload.as_slice(), b"tok-sesame");
+        assert_eq!(claimed[0].state.as_deref().map(|s| s.as_slice()), Some(&b"step 1/4"[..]));
     }
 }

@@ -51,6 +51,8 @@ pub struct SqliteQueue {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) fields: Arc<dyn FieldCipher>,
     work: Arc<Notify>,
+    /// Woken after each commit of this process that changes a job.
+    changed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for SqliteQueue {
@@ -96,6 +98,7 @@ impl SqliteQueue {
             clock,
             fields,
             work: Arc::new(Notify::new()),
+            changed: Arc::new(Notify::new()),
         };
         if options.migrate {
             queue.seal_plain_rows().await?;
@@ -120,7 +123,7 @@ impl SqliteQueue {
 
 const JOB_COLUMNS: &str = "id, owner, group_sealed, status, request, attempts, max_attempts, \
     progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
-    finished_at";
+    finished_at, revision";
 
 /// Opens a sealed text column of the row `id`.
 pub(crate) fn open_text(
@@ -182,6 +185,7 @@ fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueE
         created_at_ms: row.try_get("created_at")?,
         started_at_ms: row.try_get("started_at")?,
         finished_at_ms: row.try_get("finished_at")?,
+        revision: row.try_get::<i64, _>("revision")?.max(0) as u64,
     })
 }
 
@@ -241,8 +245,18 @@ impl JobQueue for SqliteQueue {
                 });
             }
         }
+        // Every limit is counted in the same write transaction as the insert: two submits
+        // cannot both slip in under it.
+        if let Some(limit) = job.max_queued {
+            let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+                .fetch_one(&mut *tx)
+                .await?;
+            let queued = queued.max(0) as u64;
+            if queued >= limit {
+                return Err(QueueError::QueueFull { queued, limit });
+            }
+        }
         if let Some(limit) = job.owner_live_limit {
-            // In the same write transaction as the insert: two submits cannot both slip in.
             let live: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running')",
             )
@@ -252,6 +266,18 @@ impl JobQueue for SqliteQueue {
             let live = live.max(0) as u64;
             if live >= limit {
                 return Err(QueueError::OwnerQuota { live, limit });
+            }
+        }
+        if let Some(limit) = job.group_live_limit {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'running')",
+            )
+            .bind(&group_index)
+            .fetch_one(&mut *tx)
+            .await?;
+            let live = live.max(0) as u64;
+            if live >= limit {
+                return Err(QueueError::GroupQuota { live, limit });
             }
         }
         sqlx::query(
@@ -275,9 +301,11 @@ impl JobQueue for SqliteQueue {
             .bind(&group_index)
             .execute(&mut *tx)
             .await?;
+        crate::outbox::write_replies(&mut tx, fields, &row, &job.replies, now).await?;
         tx.commit().await?;
         // Wake local waiters only after the commit: what they lease must be there.
         self.work.notify_waiters();
+        self.changed.notify_waiters();
         let job = self.get(id).await?.ok_or_else(|| QueueError::Corrupt {
             id: id.to_string(),
             reason: "vanished after commit".into(),
@@ -375,6 +403,9 @@ impl JobQueue for SqliteQueue {
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 1 {
+            if progress.is_some() {
+                self.changed.notify_waiters();
+            }
             return Ok(HeartbeatOutcome::Continue);
         }
         let cancelled = sqlx::query(
@@ -405,6 +436,7 @@ impl JobQueue for SqliteQueue {
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 1 {
+            self.changed.notify_waiters();
             Ok(())
         } else {
             Err(QueueError::LeaseLost(lease.job_id))
@@ -437,6 +469,7 @@ impl JobQueue for SqliteQueue {
             return Err(QueueError::LeaseLost(lease.job_id));
         };
         let status: String = row.try_get("status")?;
+        self.changed.notify_waiters();
         if status == "queued" {
             self.work.notify_waiters();
         }
@@ -461,6 +494,7 @@ impl JobQueue for SqliteQueue {
         .await?;
         if updated.rows_affected() == 1 {
             self.work.notify_waiters();
+            self.changed.notify_waiters();
             Ok(())
         } else {
             Err(QueueError::LeaseLost(lease.job_id))
@@ -495,6 +529,7 @@ impl JobQueue for SqliteQueue {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.changed.notify_waiters();
         Ok(CancelOutcome::Cancelled)
     }
 
@@ -505,6 +540,7 @@ impl JobQueue for SqliteQueue {
             .await?;
         if done.rows_affected() > 0 {
             self.work.notify_waiters();
+            self.changed.notify_waiters();
         }
         Ok(done.rows_affected())
     }
@@ -539,6 +575,69 @@ impl JobQueue for SqliteQueue {
             oldest_queued_age_ms: oldest.map(|t| (now - t).max(0)),
             recent_run_ms: row.try_get("recent_run")?,
         })
+    }
+
+    async fn revision(&self) -> Result<u64, QueueError> {
+        let value: i64 = sqlx::query_scalar("SELECT value FROM job_revision")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value.max(0) as u64)
+    }
+
+    async fn changed_since(
+        &self,
+        revision: u64,
+        max: usize,
+    ) -> Result<Vec<(JobId, u64)>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT id, revision FROM jobs WHERE revision > ?1 ORDER BY revision LIMIT ?2",
+        )
+        .bind(i64::try_from(revision).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let revision: i64 = row.try_get("revision")?;
+                let id = id.parse().map_err(|e| QueueError::Corrupt {
+                    id: id.clone(),
+                    reason: format!("id: {e}"),
+                })?;
+                Ok((id, revision.max(0) as u64))
+            })
+            .collect()
+    }
+
+    async fn wait_for_change(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+
+    async fn positions(&self, ids: &[JobId]) -> Result<Vec<Option<u64>>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One pass over the queued jobs (the covering index on status, group, seq), then
+        // the same arithmetic as `position` for each job asked about.
+        let rows = sqlx::query(
+            "SELECT j.id, j.group_key, j.seq, COALESCE(g.last_served, 0) AS served FROM jobs j
+             LEFT JOIN groups g ON g.name = j.group_key
+             WHERE j.status = 'queued' ORDER BY j.group_key, j.seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut queued = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            queued.push(crate::position::Queued {
+                id,
+                group: row.try_get("group_key")?,
+                seq: row.try_get("seq")?,
+                served: row.try_get("served")?,
+            });
+        }
+        let order = crate::position::Order::new(queued);
+        Ok(ids.iter().map(|id| order.position(&id.to_string())).collect())
     }
 
     async fn wait_for_work(&self, timeout: Duration) {
@@ -608,6 +707,9 @@ impl SqliteQueue {
             });
         }
         tx.commit().await?;
+        if !tokens.is_empty() {
+            self.changed.notify_waiters();
+        }
         let mut leases = Vec::with_capacity(tokens.len());
         for token in tokens {
             if let Some(job) = self.get(token.job_id).await? {

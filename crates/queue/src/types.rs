@@ -17,6 +17,13 @@ pub struct NewJob {
     /// Refuse the job ([`QueueError::OwnerQuota`]) when its owner already has this many
     /// queued or running jobs; a repeated dedup key still gets its job back.
     pub owner_live_limit: Option<u64>,
+    /// Refuse the job ([`QueueError::GroupQuota`]) when its group already has this many
+    /// queued or running jobs (a Discord user's limit).
+    pub group_live_limit: Option<u64>,
+    /// Refuse the job ([`QueueError::QueueFull`]) when this many jobs are already queued.
+    pub max_queued: Option<u64>,
+    /// The answers the job owes, written in the same transaction as the job.
+    pub replies: Vec<crate::ReplyTarget>,
 }
 
 /// A job as stored.
@@ -37,6 +44,8 @@ pub struct Job {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// The change counter at the job's last visible change (see [`JobQueue::changed_since`](crate::JobQueue::changed_since)).
+    pub revision: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +118,12 @@ pub enum QueueError {
     IdempotencyConflict,
     #[error("the owner already has {live} queued or running jobs (the limit is {limit})")]
     OwnerQuota { live: u64, limit: u64 },
+    #[error("the group already has {live} queued or running jobs (the limit is {limit})")]
+    GroupQuota { live: u64, limit: u64 },
+    #[error("{queued} jobs are queued (the limit is {limit})")]
+    QueueFull { queued: u64, limit: u64 },
+    #[error("delivery {0} is no longer claimed")]
+    ClaimLost(String),
     #[error("the lease on job {0} is no longer held")]
     LeaseLost(JobId),
     #[error("database error: {0}")]

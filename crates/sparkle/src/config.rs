@@ -42,7 +42,40 @@ pub struct Config {
     pub scaler: ScalerConfig,
     pub limits: Limits,
     pub discord: DiscordConfig,
+    pub webhooks: WebhooksConfig,
     pub encryption: EncryptionConfig,
+}
+
+/// Webhooks (`webhook_url` on `POST /v1/jobs`), signed as the Standard Webhooks
+/// specification says with a secret per API key (`sparkle key rotate-webhook-secret ID`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Let webhooks reach loopback, private, link-local and metadata addresses. Off: such
+    /// URLs are refused when submitted and when sent (their names are resolved both times).
+    /// For tests and closed networks only; refused under the production profile.
+    pub allow_private_addresses: bool,
+    /// Seconds to connect to a receiver.
+    pub connect_timeout_secs: u64,
+    /// Seconds a receiver has to answer; beyond, the attempt failed and is retried.
+    pub timeout_secs: u64,
+    /// Seconds before each retry, jittered by ±20 %; when they are spent the webhook is
+    /// abandoned. Default: the specification's 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    pub retry_delays_secs: Vec<u64>,
+    /// Hours the secret a rotation replaced still signs beside the new one.
+    pub rotation_grace_hours: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            allow_private_addresses: false,
+            connect_timeout_secs: 5,
+            timeout_secs: 15,
+            retry_delays_secs: vec![5, 300, 1800, 7200, 18000, 36000, 36000],
+            rotation_grace_hours: 24,
+        }
+    }
 }
 
 /// Encryption at rest. Images and sensitive database fields (prompts, user ids, Discord
@@ -207,6 +240,11 @@ pub struct GatewayConfig {
     /// Queued plus running jobs one API key may have; beyond, 429 `job_quota_exceeded` with
     /// `Retry-After`.
     pub max_live_jobs_per_key: u64,
+    /// Event streams (`GET /v1/jobs/{id}/events`) open at once, in all; beyond, 429
+    /// `too_many_streams`.
+    pub max_event_streams: usize,
+    /// Event streams one API key may have open at once.
+    pub max_event_streams_per_key: usize,
 }
 
 impl Default for GatewayConfig {
@@ -225,6 +263,8 @@ impl Default for GatewayConfig {
             per_key_requests_per_sec: 20,
             per_key_burst: 100,
             max_live_jobs_per_key: 100,
+            max_event_streams: 4096,
+            max_event_streams_per_key: 32,
         }
     }
 }
@@ -325,6 +365,7 @@ impl Default for Config {
             scaler: ScalerConfig::default(),
             limits: Limits::default(),
             discord: DiscordConfig::default(),
+            webhooks: WebhooksConfig::default(),
             encryption: EncryptionConfig::default(),
         }
     }
@@ -413,7 +454,20 @@ impl Config {
                 self.discord.api_base
             );
         }
+        let w = &self.webhooks;
+        if self.profile == Profile::Production && w.allow_private_addresses {
+            bail!("webhooks.allow_private_addresses is for tests and closed networks; the production profile refuses it");
+        }
+        if w.connect_timeout_secs == 0 || w.timeout_secs == 0 {
+            bail!("webhooks.connect_timeout_secs and webhooks.timeout_secs must be at least 1");
+        }
+        if w.retry_delays_secs.len() > 32 || w.retry_delays_secs.iter().any(|&d| d > 7 * 86_400) {
+            bail!("webhooks.retry_delays_secs may hold at most 32 delays of at most 7 days each");
+        }
         let g = &self.gateway;
+        if g.max_event_streams == 0 || g.max_event_streams_per_key == 0 {
+            bail!("gateway.max_event_streams and gateway.max_event_streams_per_key must be at least 1");
+        }
         if g.max_header_bytes < 8192 {
             bail!("gateway.max_header_bytes must be at least 8192");
         }

@@ -8,7 +8,8 @@
 //! an ephemeral message that says what is wrong, and nothing is enqueued. The interaction id
 //! is the job's idempotency key, so one interaction is one job however often it arrives.
 
-use super::submit::enqueue;
+use super::submit::{enqueue, Refused, Submission};
+use crate::ApiError;
 use crate::{DiscordEndpoint, GatewayState};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -19,7 +20,8 @@ use serde_json::json;
 use sparkle_core::ImageRequest;
 use sparkle_core::JobId;
 use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
-use sparkle_queue::{CancelOutcome, DiscordTarget};
+use sparkle_delivery::discord::DiscordReply;
+use sparkle_queue::CancelOutcome;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Jobs from Discord belong to this owner; each Discord user is a fairness group.
@@ -163,10 +165,10 @@ fn user_group(user: &User) -> String {
     format!("discord:{}", user.id)
 }
 
-/// Checks the policy of the server it came from and the user's limit (their live jobs
-/// everywhere, counted against that server's number), enqueues `request` under the
-/// interaction's id (one interaction, one job), records the delivery with the attachment size
-/// Discord allows, and answers with the queue position.
+/// Checks the policy of the server it came from, then enqueues `request` under the
+/// interaction's id (one interaction, one job) together with its answer to the interaction,
+/// in one transaction that also counts the user's live jobs everywhere against that server's
+/// limit; answers with the queue position.
 async fn submit(
     state: &GatewayState,
     discord: &DiscordEndpoint,
@@ -180,40 +182,29 @@ async fn submit(
     if let Some(why) = policy.refusal(interaction.channel_id.as_deref(), &prompt) {
         return message(&why, true);
     }
-    let group = user_group(user);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let reply = DiscordReply {
+        application_id: interaction.application_id.clone(),
+        token: interaction.token.clone(),
+        channel_id: interaction.channel_id.clone(),
+        attachment_size_limit: interaction.attachment_size_limit,
+        token_expires_at_ms: now_ms + discord.token_lifetime.as_millis() as i64,
+    };
     let limit = policy.max_live_per_user;
-    if limit > 0 {
-        match state.queue.live_in_group(&group).await {
-            Ok(live) if live >= limit => {
-                return message(
-                    &format!("You already have {live} images on the way (the limit is {limit}); wait for one to finish."),
-                    true,
-                )
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not count a user's jobs"),
-        }
-    }
-    let dedup = Some(format!("interaction:{}", interaction.id));
-    // Discord users have their own limit (the policy's live jobs per user), checked above.
-    match enqueue(state, DISCORD_OWNER, group, request, dedup, None).await {
+    let submission = Submission {
+        owner: DISCORD_OWNER.to_string(),
+        group: user_group(user),
+        request,
+        dedup_key: Some(format!("interaction:{}", interaction.id)),
+        owner_live_limit: None,
+        group_live_limit: (limit > 0).then_some(limit),
+        replies: vec![reply.target()],
+    };
+    match enqueue(state, submission).await {
         Ok(enqueued) => {
-            let target = DiscordTarget {
-                job: enqueued.job.id,
-                application_id: interaction.application_id.clone(),
-                token: interaction.token.clone(),
-                channel_id: interaction.channel_id.clone(),
-                attachment_size_limit: interaction.attachment_size_limit,
-            };
-            if let Err(e) = discord
-                .outbox
-                .record(&target, discord.token_lifetime.as_millis() as i64)
-                .await
-            {
-                // The job stands; only its answer to Discord is lost, and the user was told
-                // where to find it.
-                tracing::error!(job = %enqueued.job.id, error = %e, "could not record the Discord delivery");
-            }
             let position = state.queue.position(enqueued.job.id).await.ok().flatten();
             let place = match position {
                 Some(0) => "next in line".to_string(),
@@ -229,15 +220,21 @@ async fn submit(
                 false,
             )
         }
-        Err(e) if e.code.http_status() < 500 => {
-            message(&format!("Can't make that: {}", e.message), true)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e.message, "a Discord command could not be queued");
-            message(
-                "Sparkle could not take the request just now; try again in a minute.",
-                true,
-            )
+        Err(Refused::Queue(sparkle_queue::QueueError::GroupQuota { live, limit })) => message(
+            &format!("You already have {live} images on the way (the limit is {limit}); wait for one to finish."),
+            true,
+        ),
+        Err(refused) => {
+            let e = ApiError::from(refused);
+            if e.code.http_status() < 500 {
+                message(&format!("Can't make that: {}", e.message), true)
+            } else {
+                tracing::warn!(error = %e.message, "a Discord command could not be queued");
+                message(
+                    "Sparkle could not take the request just now; try again in a minute.",
+                    true,
+                )
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Value};
 use sparkle_core::{ErrorCode, JobId, JobStatus};
-use sparkle_queue::{CancelOutcome, Job, Scope};
+use sparkle_queue::{CancelOutcome, DeliveryState, Job, Scope};
 use sparkle_store::ImageKey;
 use std::convert::Infallible;
 
@@ -29,8 +29,17 @@ pub async fn create(
         ));
     }
     let user = body.user.clone();
+    let webhook_url = body.webhook_url.clone();
     let request = body.into_request(&[])?;
-    let enqueued = submit(&state, &caller, request, user.as_deref(), dedup).await?;
+    let enqueued = submit(
+        &state,
+        &caller,
+        request,
+        user.as_deref(),
+        dedup,
+        webhook_url.as_deref(),
+    )
+    .await?;
     let view = job_view(&state, &enqueued.job).await?;
     let status = if enqueued.created {
         StatusCode::ACCEPTED
@@ -75,32 +84,51 @@ pub async fn cancel(
     }
 }
 
-/// Server-sent events: `progress` whenever the job's state changes, then one `done` with
-/// the final state, after which the stream ends.
+/// Server-sent events: `progress` whenever the job's state or queue position changes, then
+/// one `done` with the final state, after which the stream ends. Changes are pushed by the
+/// process's one watcher of the queue; a stream costs no query while nothing changes.
 pub async fn events(
     State(state): State<GatewayState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
-    let stream =
-        futures::stream::unfold(Some((state, job.id, String::new())), |cursor| async move {
-            let (state, id, last) = cursor?;
+    let permit = state.streams.open(&caller.0.id)?;
+    let subscription = state
+        .events
+        .subscribe(job.id)
+        .await?
+        .ok_or_else(ApiError::job_not_found)?;
+    let first = subscription.current();
+    let stream = futures::stream::unfold(
+        Some((state, subscription, Some(first), String::new(), permit)),
+        |cursor| async move {
+            let (state, mut subscription, mut pending, last, permit) = cursor?;
             loop {
-                let job = state.queue.get(id).await.ok().flatten()?;
-                let view = job_view(&state, &job).await.ok()?;
+                let update = match pending.take() {
+                    Some(update) => update,
+                    None => subscription.next().await?,
+                };
+                let view = render(&state, &update.job, placement(&update), None);
                 let text = view.to_string();
-                if text != last {
-                    let done = job.status.is_final();
-                    let event = Event::default()
-                        .event(if done { "done" } else { "progress" })
-                        .data(&text);
-                    return Some((Ok(event), (!done).then_some((state, id, text))));
+                if text == last {
+                    continue;
                 }
-                tokio::time::sleep(state.options.poll_interval).await;
+                let done = update.job.status.is_final();
+                let event = Event::default()
+                    .event(if done { "done" } else { "progress" })
+                    .data(&text);
+                let next = (!done).then_some((state, subscription, None, text, permit));
+                return Some((Ok(event), next));
             }
-        });
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Where a pushed update places its job in the queue.
+fn placement(update: &sparkle_delivery::events::JobUpdate) -> Option<(u64, Option<f64>)> {
+    update.position.map(|ahead| (ahead, update.eta_secs))
 }
 
 pub async fn image(
@@ -170,8 +198,29 @@ pub async fn owned_job(state: &GatewayState, caller: &Caller, id: &str) -> Resul
     }
 }
 
-/// The JSON shape of a job, shared by every route that shows one.
+/// The JSON shape of a job, shared by every route that shows one: its queue position and
+/// its deliveries read now.
 pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError> {
+    let mut placed = None;
+    if job.status == JobStatus::Queued {
+        if let Some(ahead) = state.queue.position(job.id).await? {
+            let stats = state.queue.stats().await?;
+            placed = Some((ahead, sparkle_delivery::events::eta_from(&stats, ahead)));
+        }
+    }
+    let deliveries = state.outbox.deliveries_of(job.id).await?;
+    Ok(render(state, job, placed, Some(&deliveries)))
+}
+
+/// A job as JSON: with `placed`, its queue position and ETA; with `deliveries`, where each of
+/// its answers stands.
+pub fn render(
+    state: &GatewayState,
+    job: &Job,
+    placed: Option<(u64, Option<f64>)>,
+    deliveries: Option<&[DeliveryState]>,
+) -> Value {
+    let _ = state;
     let r = &job.request;
     let mut view = json!({
         "id": job.id.to_string(),
@@ -198,15 +247,26 @@ pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError
         "error": job.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
     });
     if job.status == JobStatus::Queued {
-        if let Some(ahead) = state.queue.position(job.id).await? {
-            let stats = state.queue.stats().await?;
+        if let Some((ahead, eta)) = placed {
             view["queue_position"] = json!(ahead);
-            if let Some(run_ms) = stats.recent_run_ms {
-                let workers = stats.running.max(1) as f64;
-                view["eta_seconds"] =
-                    json!(((ahead as f64 + 1.0) * run_ms / workers / 1000.0).ceil());
+            if let Some(eta) = eta {
+                view["eta_seconds"] = json!(eta);
             }
         }
     }
-    Ok(view)
+    if let Some(deliveries) = deliveries {
+        view["deliveries"] = deliveries
+            .iter()
+            .map(|d| {
+                json!({
+                    "channel": d.channel,
+                    "status": d.status,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                    "next_attempt_at": d.next_attempt_at_ms.map(|t| t / 1000),
+                })
+            })
+            .collect();
+    }
+    view
 }

@@ -12,8 +12,45 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sparkle_core::{ErrorCode, JobStatus};
+use sparkle_core::{ErrorCode, JobId, JobStatus};
+use sparkle_queue::Job;
 use tokio::time::Instant;
+
+/// Waits for job `id` to reach a final status, pushed by the job events (no polling), for at
+/// most the synchronous timeout.
+async fn wait_until_final(state: &GatewayState, id: JobId) -> Result<Job, ApiError> {
+    let mut subscription = state
+        .events
+        .subscribe(id)
+        .await?
+        .ok_or_else(ApiError::job_not_found)?;
+    let deadline = Instant::now() + state.options.sync_timeout;
+    let mut update = subscription.current();
+    loop {
+        if update.job.status.is_final() {
+            return Ok((*update.job).clone());
+        }
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(next)) => update = next,
+            Ok(None) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("the gateway is stopping; follow job {id} at /v1/jobs/{id}"),
+                )
+                .retry_after(1))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "job {id} is still {}; follow it at /v1/jobs/{id}",
+                        update.job.status
+                    ),
+                ))
+            }
+        }
+    }
+}
 
 /// Fields OpenAI defines for its own models; accepted and ignored so that existing clients
 /// keep working.
@@ -48,31 +85,20 @@ pub async fn generate(
         }
     };
     let dedup = idempotency_key(&headers)?;
+    if body.webhook_url.is_some() {
+        return Err(ApiError {
+            param: Some("webhook_url"),
+            ..ApiError::new(
+                ErrorCode::InvalidJson,
+                "webhook_url belongs to /v1/jobs; this route answers with the images",
+            )
+        });
+    }
     let user = body.user.clone();
     let request = body.into_request(OPENAI_ONLY)?;
-    let enqueued = submit(&state, &caller, request, user.as_deref(), dedup).await?;
+    let enqueued = submit(&state, &caller, request, user.as_deref(), dedup, None).await?;
     let id = enqueued.job.id;
-    let deadline = Instant::now() + state.options.sync_timeout;
-    let job = loop {
-        let job = state
-            .queue
-            .get(id)
-            .await?
-            .ok_or_else(ApiError::job_not_found)?;
-        if job.status.is_final() {
-            break job;
-        }
-        if Instant::now() >= deadline {
-            return Err(ApiError::new(
-                ErrorCode::Timeout,
-                format!(
-                    "job {id} is still {}; follow it at /v1/jobs/{id}",
-                    job.status
-                ),
-            ));
-        }
-        tokio::time::sleep(state.options.poll_interval).await;
-    };
+    let job = wait_until_final(&state, id).await?;
     if job.status != JobStatus::Succeeded {
         let reason = job
             .error

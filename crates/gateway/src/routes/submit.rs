@@ -6,7 +6,8 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sparkle_core::{ErrorCode, ImageRequest};
-use sparkle_queue::{Enqueued, NewJob, Scope};
+use sparkle_delivery::webhooks::WebhookReply;
+use sparkle_queue::{Enqueued, NewJob, ReplyTarget, Scope};
 
 /// The body of both generation routes: OpenAI's fields plus Sparkle's extensions. Fields
 /// nobody defines are refused, so a typo (`"stpes"`) is an error, not a silently ignored
@@ -26,6 +27,8 @@ pub struct GenerationBody {
     pub user: Option<String>,
     /// OpenAI's `b64_json` or `url` (the synchronous route only).
     pub response_format: Option<String>,
+    /// Where to POST the job's outcome (the jobs route only).
+    pub webhook_url: Option<String>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -83,14 +86,31 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     Ok(Some(key.to_string()))
 }
 
-/// Validates, admits and commits a request from an API key. Nothing is enqueued unless
-/// every check passes.
+/// A request on its way into the queue, with everything admission counts against.
+pub struct Submission {
+    /// Who may see and cancel the job (an API key id, or `discord`).
+    pub owner: String,
+    /// Its fairness group.
+    pub group: String,
+    pub request: ImageRequest,
+    pub dedup_key: Option<String>,
+    /// Most queued and running jobs the owner may have.
+    pub owner_live_limit: Option<u64>,
+    /// Most queued and running jobs the group may have.
+    pub group_live_limit: Option<u64>,
+    /// The answers the job owes, written with it.
+    pub replies: Vec<ReplyTarget>,
+}
+
+/// Validates, admits and commits a request from an API key, with a webhook when one is
+/// asked for. Nothing is enqueued unless every check passes.
 pub async fn submit(
     state: &GatewayState,
     caller: &Caller,
     request: ImageRequest,
     end_user: Option<&str>,
     dedup_key: Option<String>,
+    webhook_url: Option<&str>,
 ) -> Result<Enqueued, ApiError> {
     caller.require(Scope::Generate)?;
     // Fairness is per key, and per end user within a key when the client names one.
@@ -102,48 +122,105 @@ pub async fn submit(
         ),
         None => caller.0.id.clone(),
     };
+    let mut replies = Vec::new();
+    if let Some(url) = webhook_url {
+        replies.push(webhook_reply(state, caller, url).await?);
+    }
     let quota = state.options.max_live_jobs_per_key;
     enqueue(
         state,
-        &caller.0.id,
+        Submission {
+            owner: caller.0.id.clone(),
+            group,
+            request,
+            dedup_key,
+            owner_live_limit: (quota > 0).then_some(quota),
+            group_live_limit: None,
+            replies,
+        },
+    )
+    .await
+    .map_err(ApiError::from)
+}
+
+/// The webhook a job owes `url`, once the URL is known to point somewhere it may and the
+/// key has a secret to sign with.
+async fn webhook_reply(
+    state: &GatewayState,
+    caller: &Caller,
+    url: &str,
+) -> Result<ReplyTarget, ApiError> {
+    let url = state.webhooks.check(url).await.map_err(|why| ApiError {
+        param: Some("webhook_url"),
+        ..ApiError::new(ErrorCode::InvalidWebhookUrl, why.to_string())
+    })?;
+    if state.keys.webhook_secrets(&caller.0.id).await?.is_empty() {
+        return Err(ApiError {
+            param: Some("webhook_url"),
+            ..ApiError::new(
+                ErrorCode::WebhookSecretMissing,
+                format!(
+                    "this API key has no webhook signing secret; make one with `sparkle key rotate-webhook-secret {}`",
+                    caller.0.id
+                ),
+            )
+        });
+    }
+    Ok(WebhookReply {
+        url: url.to_string(),
+        key_id: caller.0.id.clone(),
+    }
+    .target())
+}
+
+/// Why a submission was not enqueued: the request is invalid, or the queue refused it
+/// (a limit) or failed.
+pub enum Refused {
+    Invalid(sparkle_core::RequestError),
+    Queue(sparkle_queue::QueueError),
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> ApiError {
+        match refused {
+            Refused::Invalid(e) => e.into(),
+            Refused::Queue(e) => e.into(),
+        }
+    }
+}
+
+/// Validates, admits and commits a submission. The queue counts every limit (the owner's,
+/// the group's, the queue's) in the transaction that inserts the job and its replies.
+pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enqueued, Refused> {
+    let Submission {
+        owner,
         group,
         request,
         dedup_key,
-        (quota > 0).then_some(quota),
-    )
-    .await
-}
-
-/// Validates, admits and commits a request for `owner`, in fairness group `group`; with
-/// `owner_live_limit`, only while the owner has fewer queued and running jobs.
-pub async fn enqueue(
-    state: &GatewayState,
-    owner: &str,
-    group: String,
-    request: ImageRequest,
-    dedup_key: Option<String>,
-    owner_live_limit: Option<u64>,
-) -> Result<Enqueued, ApiError> {
+        owner_live_limit,
+        group_live_limit,
+        replies,
+    } = submission;
     let fingerprint = request.fingerprint();
-    let valid = request.validate(&state.limits, &state.catalog, rand::random::<u32>)?;
-    let stats = state.queue.stats().await?;
-    if stats.queued >= state.options.max_queued_jobs {
-        return Err(
-            ApiError::new(ErrorCode::QueueFull, "the queue is full; retry later").retry_after(30),
-        );
-    }
+    let valid = request
+        .validate(&state.limits, &state.catalog, rand::random::<u32>)
+        .map_err(Refused::Invalid)?;
     let enqueued = state
         .queue
         .enqueue(NewJob {
-            owner: owner.to_string(),
+            owner: owner.clone(),
             group,
             dedup_key,
             fingerprint,
             request: valid,
             max_attempts: state.options.max_attempts,
             owner_live_limit,
+            group_live_limit,
+            max_queued: Some(state.options.max_queued_jobs),
+            replies,
         })
-        .await?;
+        .await
+        .map_err(Refused::Queue)?;
     if enqueued.created {
         metrics::counter!("sparkle_jobs_submitted_total").increment(1);
         tracing::info!(job = %enqueued.job.id, %owner, "job enqueued");

@@ -2,7 +2,9 @@ use super::{load_config, open_queue};
 use crate::Common;
 use anyhow::bail;
 use clap::Subcommand;
+use sparkle_delivery::webhook::WebhookSecret;
 use sparkle_queue::{ApiKeys, Scope};
+use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -28,6 +30,17 @@ pub enum KeyCommand {
         common: Common,
         id: String,
     },
+    /// Give a key a new webhook signing secret (`whsec_…`), printed once. The secret it
+    /// replaces keeps signing beside it for `webhooks.rotation_grace_hours` (or --grace-hours),
+    /// so receivers can switch over without missing a webhook.
+    RotateWebhookSecret {
+        #[command(flatten)]
+        common: Common,
+        id: String,
+        /// Hours the old secret still signs; 0 ends it at once.
+        #[arg(long)]
+        grace_hours: Option<u64>,
+    },
 }
 
 pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
@@ -51,11 +64,20 @@ pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let queue = open_queue(&load_config(&common, None)?).await?;
             let (key, secret) = queue.create_key(name, &scopes).await?;
+            let webhook_secret = WebhookSecret::generate();
+            queue
+                .set_webhook_secret(&key.id, webhook_secret.as_bytes(), Duration::ZERO)
+                .await?;
             eprintln!(
                 "Created key {} ({}); it is shown once and only its hash is stored:",
                 key.id, key.name
             );
             println!("{}", secret.expose());
+            eprintln!(
+                "Its webhook signing secret (shown once; `sparkle key rotate-webhook-secret {}` makes a new one):\n{}",
+                key.id,
+                webhook_secret.expose().as_str()
+            );
         }
         KeyCommand::List { common } => {
             let queue = open_queue(&load_config(&common, None)?).await?;
@@ -76,6 +98,29 @@ pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
                 bail!("no active key with id {id}");
             }
             eprintln!("Revoked {id}");
+        }
+        KeyCommand::RotateWebhookSecret {
+            common,
+            id,
+            grace_hours,
+        } => {
+            let config = load_config(&common, None)?;
+            let grace = grace_hours.unwrap_or(config.webhooks.rotation_grace_hours);
+            if grace > 24 * 30 {
+                bail!("--grace-hours may be at most 720 (30 days)");
+            }
+            let queue = open_queue(&config).await?;
+            let secret = WebhookSecret::generate();
+            if !queue
+                .set_webhook_secret(&id, secret.as_bytes(), Duration::from_secs(grace * 3600))
+                .await?
+            {
+                bail!("no active key with id {id}");
+            }
+            eprintln!(
+                "New webhook signing secret for {id} (shown once); the previous one signs beside it for {grace} hours:"
+            );
+            println!("{}", secret.expose().as_str());
         }
     }
     Ok(())

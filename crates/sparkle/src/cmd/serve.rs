@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const DRAIN: Duration = Duration::from_secs(30);
+/// How long answers in flight may take to finish once the gateway stops.
+const DELIVERY_DRAIN: Duration = Duration::from_secs(10);
 
 pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
@@ -186,7 +188,6 @@ async fn start_gateway(
             Some(Arc::new(sparkle_gateway::DiscordEndpoint {
                 verifier,
                 buttons: Arc::new(buttons),
-                outbox: queue.clone(),
                 token_lifetime: Duration::from_secs(config.discord.token_lifetime_secs),
                 policy: config.discord.policies(),
             }))
@@ -204,6 +205,8 @@ async fn start_gateway(
         per_key_requests_per_sec: g.per_key_requests_per_sec,
         per_key_burst: g.per_key_burst,
         max_live_jobs_per_key: g.max_live_jobs_per_key,
+        max_event_streams: g.max_event_streams,
+        max_event_streams_per_key: g.max_event_streams_per_key,
         ..GatewayOptions::default()
     });
     let listener_options = sparkle_gateway::ListenerOptions {
@@ -215,6 +218,11 @@ async fn start_gateway(
         max_connections: g.max_connections,
         max_connections_per_ip: g.max_connections_per_ip,
     };
+    let events = sparkle_delivery::events::JobEvents::new(
+        queue.clone() as Arc<dyn JobQueue>,
+        sparkle_delivery::events::EventOptions::default(),
+    );
+    tokio::spawn(events.clone().run(shutdown.clone()));
     let state = GatewayState {
         queue: queue.clone() as Arc<dyn JobQueue>,
         keys: queue.clone(),
@@ -224,20 +232,51 @@ async fn start_gateway(
         options: options.clone(),
         discord,
         admission: Arc::new(sparkle_gateway::Admission::new(&options)),
+        events,
+        outbox: queue.clone(),
+        streams: sparkle_gateway::StreamPermits::new(g.max_event_streams, g.max_event_streams_per_key),
+        webhooks: sparkle_delivery::webhook::UrlPolicy {
+            require_https: config.profile == crate::config::Profile::Production,
+            allow_private_addresses: config.webhooks.allow_private_addresses,
+        },
     };
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
+    let deliveries = start_delivery(config, &state, queue.clone(), shutdown.clone())?;
+    let router = sparkle_gateway::router(state);
+    Ok(tokio::spawn(async move {
+        let served = sparkle_gateway::serve_tls(listener, tls, router, shutdown, &listener_options)
+            .await
+            .context("gateway");
+        // Answers in flight finish within the drain deadline; the rest wait in the outbox.
+        let drained = tokio::time::timeout(DELIVERY_DRAIN, futures::future::join_all(deliveries));
+        if drained.await.is_err() {
+            tracing::warn!("delivery did not finish within its drain deadline; unfinished answers stay in the outbox");
+        }
+        served
+    }))
+}
+
+/// Starts the delivery channels (Discord when configured, webhooks always) and the outbox's
+/// backlog metrics; each stops at `shutdown`, finishing the attempts it has in flight.
+fn start_delivery(
+    config: &Config,
+    state: &GatewayState,
+    queue: Arc<SqliteQueue>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    use sparkle_delivery::{channel, discord, webhooks, ChannelOptions, ReplyChannel};
+    let mut channels: Vec<Arc<dyn ReplyChannel>> = Vec::new();
     if state.discord.is_some() {
         let bot_token = match &config.discord.bot_token_file {
             Some(file) => Some(Arc::new(crate::secrets::read_secret_file(file)?)),
             None => None,
         };
-        let deliverer = sparkle_delivery::Deliverer {
+        channels.push(Arc::new(discord::DiscordChannel {
             queue: state.queue.clone(),
-            outbox: queue.clone(),
             store: state.store.clone(),
             discord: Arc::new(
                 sparkle_discord::DiscordRest::new(&config.discord.api_base)
@@ -245,22 +284,58 @@ async fn start_gateway(
             ),
             bot_token,
             buttons: state.discord.as_ref().map(|d| d.buttons.clone()),
-            options: sparkle_delivery::DeliveryOptions {
+            options: discord::DiscordOptions {
                 // A minute's notice, or half of a shortened lifetime.
                 deadline_margin: Duration::from_millis(
                     60_000.min(config.discord.token_lifetime_secs * 500),
                 ),
-                ..sparkle_delivery::DeliveryOptions::default()
+                ..discord::DiscordOptions::default()
             },
-        };
-        tokio::spawn(deliverer.run(shutdown.clone()));
+        }));
     }
-    let router = sparkle_gateway::router(state);
-    Ok(tokio::spawn(async move {
-        sparkle_gateway::serve_tls(listener, tls, router, shutdown, &listener_options)
-            .await
-            .context("gateway")
-    }))
+    let w = &config.webhooks;
+    let client = sparkle_delivery::webhook::WebhookClient::new(
+        state.webhooks,
+        Duration::from_secs(w.connect_timeout_secs),
+        Duration::from_secs(w.timeout_secs),
+    )
+    .context("cannot set up the webhook client")?;
+    channels.push(Arc::new(webhooks::WebhookChannel {
+        client,
+        keys: queue.clone(),
+        images: image_views(state),
+        schedule: sparkle_delivery::webhook::RetrySchedule::new(
+            w.retry_delays_secs.iter().map(|&s| Duration::from_secs(s)).collect(),
+        ),
+        policy: state.webhooks,
+    }));
+    let mut tasks = Vec::new();
+    for channel in channels {
+        tasks.push(tokio::spawn(channel::run_channel(
+            channel,
+            queue.clone(),
+            state.queue.clone(),
+            state.events.clone(),
+            ChannelOptions::default(),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(channel::report_backlog(
+        queue,
+        Duration::from_secs(5),
+        shutdown,
+    )));
+    Ok(tasks)
+}
+
+/// How webhooks show a succeeded job's images.
+fn image_views(state: &GatewayState) -> sparkle_delivery::webhooks::ImageViews {
+    let _ = state;
+    Arc::new(|job| {
+        (0..job.images)
+            .map(|i| serde_json::json!({ "index": i, "url": format!("/v1/jobs/{}/images/{i}", job.id) }))
+            .collect()
+    })
 }
 
 fn start_scaler(

@@ -1,0 +1,340 @@
+//! Job events, pushed: one watcher per process follows the queue's change counter and hands
+//! each change to whoever subscribed to that job.
+//!
+//! The watcher asks the queue for jobs changed since the last revision it saw — after this
+//! process's own commits at once, and every `poll` for other processes' (one indexed query,
+//! however many clients listen). Only jobs someone follows are read back. Queue positions
+//! change when other jobs move, so they are recomputed for every followed queued job in one
+//! read of the queue, when the queue changed and at most every `positions_every` — never per
+//! client per tick. A subscriber holds a `watch` receiver: it sees the latest state, and a
+//! slow one skips intermediate steps instead of piling them up.
+
+use sparkle_core::{JobId, JobStatus};
+use sparkle_queue::{Job, JobQueue, QueueError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A job as a subscriber sees it: its state, and where it stands while queued.
+#[derive(Debug, Clone)]
+pub struct JobUpdate {
+    pub job: Arc<Job>,
+    /// Jobs that will be leased before it (queued jobs only).
+    pub position: Option<u64>,
+    /// Seconds until it is likely done (queued jobs only, once run times are known).
+    pub eta_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventOptions {
+    /// How often other processes' commits are looked for.
+    pub poll: Duration,
+    /// Least time between two recomputations of queue positions.
+    pub positions_every: Duration,
+}
+
+impl Default for EventOptions {
+    fn default() -> Self {
+        EventOptions {
+            poll: Duration::from_millis(100),
+            positions_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The subscriptions of one process, and the watcher that feeds them.
+pub struct JobEvents {
+    queue: Arc<dyn JobQueue>,
+    options: EventOptions,
+    followed: Mutex<HashMap<JobId, watch::Sender<JobUpdate>>>,
+    /// Woken after every batch of changes: delivery loops look for due work.
+    any: Notify,
+}
+
+impl std::fmt::Debug for JobEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobEvents")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One subscriber's view of one job; unsubscribes when dropped.
+pub struct Subscription {
+    rx: watch::Receiver<JobUpdate>,
+    id: JobId,
+    events: Arc<JobEvents>,
+}
+
+impl Subscription {
+    /// The latest state.
+    pub fn current(&self) -> JobUpdate {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits for the next change and returns the state then; `None` when the watcher stopped.
+    pub async fn next(&mut self) -> Option<JobUpdate> {
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut followed) = self.events.followed.lock() {
+            // This receiver still counts until it is dropped, after this body.
+            if followed
+                .get(&self.id)
+                .is_some_and(|tx| tx.receiver_count() <= 1)
+            {
+                followed.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl JobEvents {
+    pub fn new(queue: Arc<dyn JobQueue>, options: EventOptions) -> Arc<JobEvents> {
+        Arc::new(JobEvents {
+            queue,
+            options,
+            followed: Mutex::new(HashMap::new()),
+            any: Notify::new(),
+        })
+    }
+
+    /// How many jobs are followed now.
+    pub fn followed(&self) -> usize {
+        self.followed.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Follows job `id`: `None` if there is no such job.
+    pub async fn subscribe(self: &Arc<Self>, id: JobId) -> Result<Option<Subscription>, QueueError> {
+        // Registered before the first read, so no change between the two is missed.
+        let placeholder = {
+            let followed = self.followed.lock().map_err(|_| poisoned())?;
+            followed.get(&id).map(|tx| tx.subscribe())
+        };
+        let rx = match placeholder {
+            Some(rx) => rx,
+            None => {
+                let Some(job) = self.queue.get(id).await? else {
+                    return Ok(None);
+                };
+                let mut update = JobUpdate {
+                    job: Arc::new(job),
+                    position: None,
+                    eta_secs: None,
+                };
+                if update.job.status == JobStatus::Queued {
+                    update.position = self.queue.position(id).await?;
+                    update.eta_secs = eta(&*self.queue, update.position).await;
+                }
+                let mut followed = self.followed.lock().map_err(|_| poisoned())?;
+                match followed.get(&id) {
+                    // Someone subscribed meanwhile: keep whichever state is newer.
+                    Some(tx) => {
+                        tx.send_if_modified(|current| newer(current, &update));
+                        tx.subscribe()
+                    }
+                    None => {
+                        let (tx, rx) = watch::channel(update);
+                        followed.insert(id, tx);
+                        rx
+                    }
+                }
+            }
+        };
+        let mut subscription = Subscription {
+            rx,
+            id,
+            events: self.clone(),
+        };
+        subscription.rx.mark_unchanged();
+        // A change committed between the watcher's last look and the registration is
+        // caught by reading the job once more now.
+        if let Some(job) = self.queue.get(id).await? {
+            self.publish(Arc::new(job), None);
+        }
+        Ok(Some(subscription))
+    }
+
+    /// Waits until the watcher has seen some change (or `timeout` passes).
+    pub async fn changed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.any.notified()).await;
+    }
+
+    /// Follows the queue's changes until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut seen = loop {
+            match self.queue.revision().await {
+                Ok(revision) => break revision,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the job change counter");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let mut positions_due: Option<Instant> = None;
+        let mut positions_at = Instant::now() - self.options.positions_every;
+        loop {
+            let wait = match positions_due {
+                Some(due) => due.saturating_duration_since(Instant::now()).min(self.options.poll),
+                None => self.options.poll,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.queue.wait_for_change(wait) => {}
+            }
+            match self.drain_changes(seen).await {
+                Ok((revision, queue_moved)) => {
+                    if revision != seen {
+                        seen = revision;
+                        self.any.notify_waiters();
+                    }
+                    if queue_moved && positions_due.is_none() {
+                        positions_due = Some(positions_at + self.options.positions_every);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read job changes"),
+            }
+            if positions_due.is_some_and(|due| Instant::now() >= due) {
+                positions_due = None;
+                positions_at = Instant::now();
+                if let Err(e) = self.refresh_positions().await {
+                    tracing::warn!(error = %e, "cannot compute queue positions");
+                }
+            }
+        }
+        // Subscribers see the end: their `next` returns None.
+        if let Ok(mut followed) = self.followed.lock() {
+            followed.clear();
+        }
+    }
+
+    /// Reads every change after `seen` and publishes the followed jobs'; returns the last
+    /// revision seen and whether any change may have moved queue positions.
+    async fn drain_changes(&self, mut seen: u64) -> Result<(u64, bool), QueueError> {
+        const BATCH: usize = 1000;
+        let mut queue_moved = false;
+        loop {
+            let changes = self.queue.changed_since(seen, BATCH).await?;
+            let Some(&(_, last)) = changes.last() else {
+                return Ok((seen, queue_moved));
+            };
+            seen = last;
+            metrics::counter!("sparkle_job_events_total").increment(changes.len() as u64);
+            // Any change can move a queued job: an enqueue, a lease, a cancel.
+            queue_moved = true;
+            let wanted: Vec<JobId> = {
+                let followed = self.followed.lock().map_err(|_| poisoned())?;
+                changes
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| followed.contains_key(id))
+                    .collect()
+            };
+            for id in wanted {
+                if let Some(job) = self.queue.get(id).await? {
+                    self.publish(Arc::new(job), None);
+                }
+            }
+            if changes.len() < BATCH {
+                return Ok((seen, queue_moved));
+            }
+        }
+    }
+
+    /// Recomputes the position of every followed queued job, in one read of the queue.
+    async fn refresh_positions(&self) -> Result<(), QueueError> {
+        let queued: Vec<(JobId, Arc<Job>)> = {
+            let followed = self.followed.lock().map_err(|_| poisoned())?;
+            followed
+                .iter()
+                .map(|(id, tx)| (*id, tx.borrow().job.clone()))
+                .filter(|(_, job)| job.status == JobStatus::Queued)
+                .collect()
+        };
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<JobId> = queued.iter().map(|(id, _)| *id).collect();
+        let positions = self.queue.positions(&ids).await?;
+        let stats = self.queue.stats().await?;
+        for ((_, job), position) in queued.into_iter().zip(positions) {
+            let eta_secs = position.and_then(|ahead| eta_from(&stats, ahead));
+            self.publish(job, Some((position, eta_secs)));
+        }
+        Ok(())
+    }
+
+    /// Hands `job` to its subscribers if it is newer than what they have (or, with
+    /// `position`, the same revision placed anew).
+    fn publish(&self, job: Arc<Job>, position: Option<(Option<u64>, Option<f64>)>) {
+        let Ok(followed) = self.followed.lock() else {
+            return;
+        };
+        let Some(tx) = followed.get(&job.id) else {
+            return;
+        };
+        tx.send_if_modified(|current| {
+            if job.revision < current.job.revision {
+                return false;
+            }
+            let (position, eta_secs) = match position {
+                Some(placed) => placed,
+                // A new state keeps the last known place until positions are recomputed.
+                None if job.status == JobStatus::Queued => (current.position, current.eta_secs),
+                None => (None, None),
+            };
+            let changed = job.revision > current.job.revision
+                || position != current.position
+                || eta_secs != current.eta_secs;
+            if changed {
+                *current = JobUpdate {
+                    job: job.clone(),
+                    position,
+                    eta_secs,
+                };
+            }
+            changed
+        });
+    }
+}
+
+/// Replaces `current` with `update` if `update` is newer; whether it did.
+fn newer(current: &mut JobUpdate, update: &JobUpdate) -> bool {
+    if update.job.revision > current.job.revision {
+        *current = update.clone();
+        true
+    } else {
+        false
+    }
+}
+
+async fn eta(queue: &dyn JobQueue, position: Option<u64>) -> Option<f64> {
+    let ahead = position?;
+    let stats = queue.stats().await.ok()?;
+    eta_from(&stats, ahead)
+}
+
+/// Seconds until a job with `ahead` jobs before it is likely done: its turn and its own run,
+/// at the recent run time, spread over the workers running now.
+pub fn eta_from(stats: &sparkle_queue::QueueStats, ahead: u64) -> Option<f64> {
+    let run_ms = stats.recent_run_ms?;
+    let workers = stats.running.max(1) as f64;
+    Some(((ahead as f64 + 1.0) * run_ms / workers / 1000.0).ceil())
+}
+
+fn poisoned() -> QueueError {
+    QueueError::Corrupt {
+        id: "job events".into(),
+        reason: "a subscriber panicked while holding the subscription table".into(),
+    }
+}
