@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the queue conformance suite, and end-to-end tests that start
 # the real binary on loopback with the tiny model and speak to it with real clients
-# (reqwest, and the official `openai` Python package, installed here into target/).
+# (reqwest, the official `openai` Python package, and the Standard Webhooks reference
+# library `standardwebhooks`, installed here into target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v python3 >/dev/null || { echo "python3 is needed by the end-to-end tests" >&2; exit 1; }
 venv=target/test-python
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, standardwebhooks" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "standardwebhooks>=1.0,<2"
 fi
 export OPENAI_CLIENT_PYTHON=$PWD/$venv/bin/python
 cargo test --workspace --locked -- --test-threads 2

@@ -138,9 +138,8 @@ pub async fn report_backlog(outbox: Arc<dyn Outbox>, every: Duration, shutdown: 
         match outbox.outbox_stats().await {
             Ok(stats) => {
                 metrics::gauge!("sparkle_deliveries_pending").set(stats.pending as f64);
-                metrics::gauge!("sparkle_delivery_oldest_pending_seconds").set(
-                    stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0,
-                );
+                metrics::gauge!("sparkle_delivery_oldest_pending_seconds")
+                    .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the outbox backlog"),
         }

@@ -112,7 +112,10 @@ impl JobEvents {
     }
 
     /// Follows job `id`: `None` if there is no such job.
-    pub async fn subscribe(self: &Arc<Self>, id: JobId) -> Result<Option<Subscription>, QueueError> {
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        id: JobId,
+    ) -> Result<Option<Subscription>, QueueError> {
         // Registered before the first read, so no change between the two is missed.
         let placeholder = {
             let followed = self.followed.lock().map_err(|_| poisoned())?;
@@ -185,7 +188,9 @@ impl JobEvents {
         let mut positions_at = Instant::now() - self.options.positions_every;
         loop {
             let wait = match positions_due {
-                Some(due) => due.saturating_duration_since(Instant::now()).min(self.options.poll),
+                Some(due) => due
+                    .saturating_duration_since(Instant::now())
+                    .min(self.options.poll),
                 None => self.options.poll,
             };
             tokio::select! {

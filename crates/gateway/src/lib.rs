@@ -22,10 +22,10 @@ pub mod tls;
 
 pub use error::ApiError;
 pub use listener::{serve_tls, ListenerOptions};
-pub use streams::StreamPermits;
 pub use state::{
     Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState,
 };
+pub use streams::StreamPermits;
 
 use axum::Router;
 

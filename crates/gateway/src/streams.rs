@@ -41,13 +41,17 @@ impl StreamPermits {
 
     /// A place for one more stream of `key`, or the refusal that says which cap is reached.
     pub fn open(self: &Arc<Self>, key: &str) -> Result<StreamPermit, ApiError> {
-        let mut open = self.open.lock().map_err(|_| {
-            ApiError::new(ErrorCode::Internal, "the stream table is unusable")
-        })?;
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "the stream table is unusable"))?;
         if open.total >= self.total {
             return Err(ApiError::new(
                 ErrorCode::TooManyStreams,
-                format!("{} event streams are open (the limit is {}); retry shortly", open.total, self.total),
+                format!(
+                    "{} event streams are open (the limit is {}); retry shortly",
+                    open.total, self.total
+                ),
             )
             .retry_after(RETRY_AFTER_SECS));
         }
@@ -55,7 +59,10 @@ impl StreamPermits {
         if mine >= self.per_key {
             return Err(ApiError::new(
                 ErrorCode::TooManyStreams,
-                format!("this key has {mine} event streams open (the limit is {}); close one first", self.per_key),
+                format!(
+                    "this key has {mine} event streams open (the limit is {}); close one first",
+                    self.per_key
+                ),
             )
             .retry_after(RETRY_AFTER_SECS));
         }
@@ -100,10 +107,18 @@ mod tests {
         let _a2 = permits.open("a").expect("second");
         let refused = permits.open("a").expect_err("a third for one key");
         assert_eq!(refused.code, ErrorCode::TooManyStreams);
-        assert!(refused.message.contains("limit is 2"), "{}", refused.message);
+        assert!(
+            refused.message.contains("limit is 2"),
+            "{}",
+            refused.message
+        );
         let _b1 = permits.open("b").expect("another key");
         let refused = permits.open("c").expect_err("over the total");
-        assert!(refused.message.contains("limit is 3"), "{}", refused.message);
+        assert!(
+            refused.message.contains("limit is 3"),
+            "{}",
+            refused.message
+        );
         assert_eq!(refused.retry_after_secs, Some(RETRY_AFTER_SECS));
         drop(a1);
         assert_eq!(permits.open_now(), 2);

@@ -543,7 +543,11 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
     assert_eq!(stats.recent_run_ms, Some(250.0));
 }
 
-pub(crate) async fn enqueue_many<Q: JobQueue>(q: &Q, group: &str, n: usize) -> Vec<sparkle_core::JobId> {
+pub(crate) async fn enqueue_many<Q: JobQueue>(
+    q: &Q,
+    group: &str,
+    n: usize,
+) -> Vec<sparkle_core::JobId> {
     let mut ids = Vec::new();
     for i in 0..n {
         ids.push(

@@ -313,10 +313,20 @@ mod tests {
         )
         .await
         .expect("open");
-        let (key, _) = q.create_key("ci", &[Scope::Generate]).await.expect("create");
-        assert!(q.webhook_secrets(&key.id).await.expect("secrets").is_empty());
+        let (key, _) = q
+            .create_key("ci", &[Scope::Generate])
+            .await
+            .expect("create");
+        assert!(q
+            .webhook_secrets(&key.id)
+            .await
+            .expect("secrets")
+            .is_empty());
         let grace = std::time::Duration::from_secs(60);
-        assert!(q.set_webhook_secret(&key.id, b"first", grace).await.expect("set"));
+        assert!(q
+            .set_webhook_secret(&key.id, b"first", grace)
+            .await
+            .expect("set"));
         let only: Vec<Vec<u8>> = q
             .webhook_secrets(&key.id)
             .await
@@ -325,7 +335,10 @@ mod tests {
             .map(|s| s.to_vec())
             .collect();
         assert_eq!(only, vec![b"first".to_vec()]);
-        assert!(q.set_webhook_secret(&key.id, b"second", grace).await.expect("rotate"));
+        assert!(q
+            .set_webhook_secret(&key.id, b"second", grace)
+            .await
+            .expect("rotate"));
         let both: Vec<Vec<u8>> = q
             .webhook_secrets(&key.id)
             .await
@@ -336,8 +349,14 @@ mod tests {
         assert_eq!(both, vec![b"second".to_vec(), b"first".to_vec()]);
         clock.advance_ms(60_000);
         assert_eq!(q.webhook_secrets(&key.id).await.expect("secrets").len(), 1);
-        assert!(!q.set_webhook_secret("key_nobody", b"x", grace).await.expect("set"));
+        assert!(!q
+            .set_webhook_secret("key_nobody", b"x", grace)
+            .await
+            .expect("set"));
         q.revoke_key(&key.id).await.expect("revoke");
-        assert!(!q.set_webhook_secret(&key.id, b"third", grace).await.expect("set"));
+        assert!(!q
+            .set_webhook_secret(&key.id, b"third", grace)
+            .await
+            .expect("set"));
     }
 }

@@ -230,7 +230,7 @@ impl Outbox for SqliteQueue {
             let claim_id = uuid::Uuid::new_v4().simple().to_string();
             sqlx::query(
                 "UPDATE deliveries SET claim_id = ?2, next_attempt_at = ?3, wake_on_change = 0,
-                    updated_at = ?4 WHERE id = ?1",
+                    job_changed = 0, updated_at = ?4 WHERE id = ?1",
             )
             .bind(&id)
             .bind(&claim_id)
@@ -270,8 +270,11 @@ impl Outbox for SqliteQueue {
                     .transpose()?;
                 let sent = sealed.is_some();
                 sqlx::query(
-                    "UPDATE deliveries SET claim_id = NULL, wake_on_change = 1,
-                        not_before = ?3, next_attempt_at = ?4, state = COALESCE(?5, state),
+                    // A change while the claim was held is not waited for again.
+                    "UPDATE deliveries SET claim_id = NULL,
+                        wake_on_change = CASE WHEN job_changed = 1 THEN 0 ELSE 1 END,
+                        next_attempt_at = CASE WHEN job_changed = 1 THEN ?3 ELSE ?4 END,
+                        job_changed = 0, not_before = ?3, state = COALESCE(?5, state),
                         attempts = CASE WHEN ?6 THEN 0 ELSE attempts END,
                         last_error = CASE WHEN ?6 THEN NULL ELSE last_error END, updated_at = ?7
                      WHERE id = ?1 AND claim_id = ?2 AND status = 'pending'",

@@ -103,7 +103,10 @@ impl SqliteQueue {
             .await?;
         tx.commit().await?;
         if sealed > 0 {
-            tracing::info!(jobs = sealed, "sealed rows written before fields were sealed");
+            tracing::info!(
+                jobs = sealed,
+                "sealed rows written before fields were sealed"
+            );
         }
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&self.pool)
@@ -235,9 +238,9 @@ mod tests {
     use crate::conformance::new_job;
     use crate::fields::testing::TestCipher;
     use crate::{JobQueue, Outbox, ReplyTarget, Settle, SqliteOptions};
-    use std::time::Duration;
     use std::path::Path;
     use std::sync::Arc;
+    use std::time::Duration;
 
     const NEEDLES: [&str; 6] = [
         "zebra unicorn lantern",
@@ -473,6 +476,9 @@ mod tests {
             .await
             .expect("claim");
         assert_eq!(claimed[0].payload.as_slice(), b"tok-sesame");
-        assert_eq!(claimed[0].state.as_deref().map(|s| s.as_slice()), Some(&b"step 1/4"[..]));
+        assert_eq!(
+            claimed[0].state.as_deref().map(|s| s.as_slice()),
+            Some(&b"step 1/4"[..])
+        );
     }
 }

@@ -248,9 +248,10 @@ impl JobQueue for SqliteQueue {
         // Every limit is counted in the same write transaction as the insert: two submits
         // cannot both slip in under it.
         if let Some(limit) = job.max_queued {
-            let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-                .fetch_one(&mut *tx)
-                .await?;
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+                    .fetch_one(&mut *tx)
+                    .await?;
             let queued = queued.max(0) as u64;
             if queued >= limit {
                 return Err(QueueError::QueueFull { queued, limit });
@@ -637,7 +638,10 @@ impl JobQueue for SqliteQueue {
             });
         }
         let order = crate::position::Order::new(queued);
-        Ok(ids.iter().map(|id| order.position(&id.to_string())).collect())
+        Ok(ids
+            .iter()
+            .map(|id| order.position(&id.to_string()))
+            .collect())
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

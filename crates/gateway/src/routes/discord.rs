@@ -19,8 +19,8 @@ use axum::Json;
 use serde_json::json;
 use sparkle_core::ImageRequest;
 use sparkle_core::JobId;
-use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
 use sparkle_delivery::discord::DiscordReply;
+use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
 use sparkle_queue::CancelOutcome;
 use std::time::{SystemTime, UNIX_EPOCH};
 

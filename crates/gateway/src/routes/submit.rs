@@ -150,10 +150,7 @@ async fn webhook_reply(
     caller: &Caller,
     url: &str,
 ) -> Result<ReplyTarget, ApiError> {
-    let url = state.webhooks.check(url).await.map_err(|why| ApiError {
-        param: Some("webhook_url"),
-        ..ApiError::new(ErrorCode::InvalidWebhookUrl, why.to_string())
-    })?;
+    // The key's secret first: the address check may wait on a name lookup.
     if state.keys.webhook_secrets(&caller.0.id).await?.is_empty() {
         return Err(ApiError {
             param: Some("webhook_url"),
@@ -166,6 +163,10 @@ async fn webhook_reply(
             )
         });
     }
+    let url = state.webhooks.check(url).await.map_err(|why| ApiError {
+        param: Some("webhook_url"),
+        ..ApiError::new(ErrorCode::InvalidWebhookUrl, why.to_string())
+    })?;
     Ok(WebhookReply {
         url: url.to_string(),
         key_id: caller.0.id.clone(),

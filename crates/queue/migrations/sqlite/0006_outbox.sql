@@ -19,6 +19,8 @@ CREATE TABLE deliveries (
     -- (no sooner than `not_before`)
     wake_on_change  INTEGER NOT NULL DEFAULT 0,
     not_before      INTEGER NOT NULL DEFAULT 0,
+    -- the job changed while the delivery was claimed: waiting for a change is over at once
+    job_changed     INTEGER NOT NULL DEFAULT 0,
     claim_id        TEXT,
     last_error      TEXT,
     created_at      INTEGER NOT NULL,
@@ -55,6 +57,8 @@ WHEN OLD.status IS NOT NEW.status
 BEGIN
     UPDATE job_revision SET value = value + 1;
     UPDATE jobs SET revision = (SELECT value FROM job_revision) WHERE seq = NEW.seq;
+    UPDATE deliveries SET job_changed = 1
+    WHERE job_id = NEW.id AND status = 'pending' AND claim_id IS NOT NULL;
     -- A final answer goes at once; progress no sooner than the channel asked.
     UPDATE deliveries SET next_attempt_at = MIN(next_attempt_at, CASE
             WHEN NEW.status IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')

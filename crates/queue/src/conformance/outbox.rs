@@ -1,9 +1,7 @@
 //! The outbox, the limits counted with the insert, and the change feed.
 
 use super::{enqueue_many, lease_one, new_job, VIS};
-use crate::{
-    CancelOutcome, JobQueue, ManualClock, Outbox, QueueError, ReplyTarget, Settle,
-};
+use crate::{CancelOutcome, JobQueue, ManualClock, Outbox, QueueError, ReplyTarget, Settle};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +18,10 @@ pub async fn replies_are_written_with_the_job_or_not_at_all<Q: JobQueue + Outbox
     _c: ManualClock,
 ) {
     let mut job = with_reply("alice", "one", "token-1");
-    job.replies
-        .push(ReplyTarget::new("webhook", b"https://example.com/hook".to_vec()));
+    job.replies.push(ReplyTarget::new(
+        "webhook",
+        b"https://example.com/hook".to_vec(),
+    ));
     job.dedup_key = Some("k".into());
     let first = q.enqueue(job.clone()).await.expect("enqueue");
     let again = q.enqueue(job).await.expect("the same key again");
@@ -68,7 +68,9 @@ pub async fn group_and_queue_limits_are_counted_with_the_insert<Q: JobQueue + Ou
     }
     let mut elsewhere = limited("d", "discord");
     elsewhere.group = "discord:8".into();
-    q.enqueue(elsewhere).await.expect("another group has its own count");
+    q.enqueue(elsewhere)
+        .await
+        .expect("another group has its own count");
     q.cancel(second.job.id).await.expect("cancel");
     q.enqueue(limited("e", "discord"))
         .await
@@ -77,11 +79,16 @@ pub async fn group_and_queue_limits_are_counted_with_the_insert<Q: JobQueue + Ou
     let mut capped = new_job("bob", "capped");
     capped.max_queued = Some(3);
     match q.enqueue(capped.clone()).await {
-        Err(QueueError::QueueFull { queued: 3, limit: 3 }) => {}
+        Err(QueueError::QueueFull {
+            queued: 3,
+            limit: 3,
+        }) => {}
         other => panic!("a full queue must refuse, got {other:?}"),
     }
     let _running = lease_one(&q, "w").await.expect("lease");
-    q.enqueue(capped).await.expect("running jobs are not queued");
+    q.enqueue(capped)
+        .await
+        .expect("running jobs are not queued");
 }
 
 pub async fn limits_hold_under_parallel_submits<Q: JobQueue + Outbox>(q: Q, _c: ManualClock) {
@@ -118,7 +125,10 @@ pub async fn a_delivery_has_one_claimer_at_a_time<Q: JobQueue + Outbox>(q: Q, c:
     let first = q.claim("discord", 10, CLAIM).await.expect("claim");
     assert_eq!(first.len(), 1);
     assert!(
-        q.claim("discord", 10, CLAIM).await.expect("claim").is_empty(),
+        q.claim("discord", 10, CLAIM)
+            .await
+            .expect("claim")
+            .is_empty(),
         "a claimed delivery is not claimed again"
     );
     c.advance_ms(CLAIM.as_millis() as i64);
@@ -137,7 +147,10 @@ pub async fn a_delivery_has_one_claimer_at_a_time<Q: JobQueue + Outbox>(q: Q, c:
         .expect("settle");
     c.advance_ms(3_600_000);
     assert!(
-        q.claim("discord", 10, CLAIM).await.expect("claim").is_empty(),
+        q.claim("discord", 10, CLAIM)
+            .await
+            .expect("claim")
+            .is_empty(),
         "delivered is final"
     );
 }
@@ -164,13 +177,19 @@ pub async fn a_waiting_delivery_wakes_when_its_job_changes<Q: JobQueue + Outbox>
     .expect("settle");
     c.advance_ms(5_000);
     assert!(
-        q.claim("discord", 10, CLAIM).await.expect("claim").is_empty(),
+        q.claim("discord", 10, CLAIM)
+            .await
+            .expect("claim")
+            .is_empty(),
         "nothing changed: not due before its fallback"
     );
     let lease = lease_one(&q, "w").await.expect("lease");
     let woken = q.claim("discord", 10, CLAIM).await.expect("claim");
     assert_eq!(woken.len(), 1, "the job's lease made it due");
-    assert_eq!(woken[0].state.as_deref().map(|s| s.as_slice()), Some(&b"Queued"[..]));
+    assert_eq!(
+        woken[0].state.as_deref().map(|s| s.as_slice()),
+        Some(&b"Queued"[..])
+    );
     q.settle(
         &woken[0].claim,
         Settle::AwaitChange {
@@ -183,7 +202,10 @@ pub async fn a_waiting_delivery_wakes_when_its_job_changes<Q: JobQueue + Outbox>
     .expect("settle");
     q.heartbeat(&lease.token, None, VIS).await.expect("beat");
     assert!(
-        q.claim("discord", 10, CLAIM).await.expect("claim").is_empty(),
+        q.claim("discord", 10, CLAIM)
+            .await
+            .expect("claim")
+            .is_empty(),
         "a heartbeat that changes nothing wakes nothing"
     );
     q.heartbeat(
@@ -194,19 +216,42 @@ pub async fn a_waiting_delivery_wakes_when_its_job_changes<Q: JobQueue + Outbox>
     .await
     .expect("beat");
     assert!(
-        q.claim("discord", 10, CLAIM).await.expect("claim").is_empty(),
+        q.claim("discord", 10, CLAIM)
+            .await
+            .expect("claim")
+            .is_empty(),
         "a change wakes it no sooner than not_before"
     );
     c.advance_ms(2_000);
     let woken = q.claim("discord", 10, CLAIM).await.expect("claim");
     assert_eq!(woken.len(), 1, "progress woke it, once not_before passed");
     assert_eq!(woken[0].job, job.id);
+
+    // The job ends while the delivery is claimed (its progress edit in flight): the wait
+    // that follows must not miss that change.
+    assert_eq!(
+        q.cancel(job.id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    q.settle(
+        &woken[0].claim,
+        Settle::AwaitChange {
+            not_before: Duration::ZERO,
+            fallback: Duration::from_secs(3600),
+            state: Some(b"step 1/4".to_vec()),
+        },
+    )
+    .await
+    .expect("settle");
+    let woken = q.claim("discord", 10, CLAIM).await.expect("claim");
+    assert_eq!(
+        woken.len(),
+        1,
+        "a change during the claim makes it due at once"
+    );
 }
 
-pub async fn settled_deliveries_say_where_they_stand<Q: JobQueue + Outbox>(
-    q: Q,
-    c: ManualClock,
-) {
+pub async fn settled_deliveries_say_where_they_stand<Q: JobQueue + Outbox>(q: Q, c: ManualClock) {
     let job = q
         .enqueue(with_reply("alice", "one", "t"))
         .await
@@ -215,7 +260,11 @@ pub async fn settled_deliveries_say_where_they_stand<Q: JobQueue + Outbox>(
     let state = q.deliveries_of(job.id).await.expect("of");
     assert_eq!(state.len(), 1);
     assert_eq!(
-        (state[0].channel.as_str(), state[0].status.as_str(), state[0].attempts),
+        (
+            state[0].channel.as_str(),
+            state[0].status.as_str(),
+            state[0].attempts
+        ),
         ("discord", "pending", 0)
     );
     let claimed = q.claim("discord", 10, CLAIM).await.expect("claim");
@@ -234,7 +283,11 @@ pub async fn settled_deliveries_say_where_they_stand<Q: JobQueue + Outbox>(
         (1, Some("HTTP 500"))
     );
     assert_eq!(state.next_attempt_at_ms, Some(super::T0 + 5_000));
-    assert!(q.claim("discord", 10, CLAIM).await.expect("claim").is_empty());
+    assert!(q
+        .claim("discord", 10, CLAIM)
+        .await
+        .expect("claim")
+        .is_empty());
     assert_eq!(
         q.outbox_stats().await.expect("stats").oldest_pending_age_ms,
         Some(0)
@@ -252,7 +305,11 @@ pub async fn settled_deliveries_say_where_they_stand<Q: JobQueue + Outbox>(
     .expect("settle");
     let state = &q.deliveries_of(job.id).await.expect("of")[0];
     assert_eq!(
-        (state.status.as_str(), state.last_error.as_deref(), state.next_attempt_at_ms),
+        (
+            state.status.as_str(),
+            state.last_error.as_deref(),
+            state.next_attempt_at_ms
+        ),
         ("abandoned", Some("the receiver is gone"), None)
     );
     assert_eq!(q.outbox_stats().await.expect("stats").pending, 0);
@@ -304,7 +361,10 @@ pub async fn every_visible_change_moves_the_change_counter<Q: JobQueue + Outbox>
         vec![lease.job.id, ids[1]],
         "a job appears once, at its latest change"
     );
-    assert_eq!(q.changed_since(rest[1].1, 10).await.expect("changes"), vec![]);
+    assert_eq!(
+        q.changed_since(rest[1].1, 10).await.expect("changes"),
+        vec![]
+    );
     assert_eq!(q.changed_since(start, 1).await.expect("changes").len(), 1);
 }
 

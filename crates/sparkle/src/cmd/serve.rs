@@ -234,7 +234,10 @@ async fn start_gateway(
         admission: Arc::new(sparkle_gateway::Admission::new(&options)),
         events,
         outbox: queue.clone(),
-        streams: sparkle_gateway::StreamPermits::new(g.max_event_streams, g.max_event_streams_per_key),
+        streams: sparkle_gateway::StreamPermits::new(
+            g.max_event_streams,
+            g.max_event_streams_per_key,
+        ),
         webhooks: sparkle_delivery::webhook::UrlPolicy {
             require_https: config.profile == crate::config::Profile::Production,
             allow_private_addresses: config.webhooks.allow_private_addresses,
@@ -305,7 +308,10 @@ fn start_delivery(
         keys: queue.clone(),
         images: image_views(state),
         schedule: sparkle_delivery::webhook::RetrySchedule::new(
-            w.retry_delays_secs.iter().map(|&s| Duration::from_secs(s)).collect(),
+            w.retry_delays_secs
+                .iter()
+                .map(|&s| Duration::from_secs(s))
+                .collect(),
         ),
         policy: state.webhooks,
     }));

@@ -27,6 +27,8 @@ pub(crate) struct FakeDiscord {
     registrations: Mutex<Vec<(String, String, Value)>>,
     /// Channel messages: (path, Authorization header, multipart body).
     pub(crate) channel_posts: Mutex<Vec<(String, String, Vec<u8>)>>,
+    /// Where it serves, once it does.
+    base: Mutex<Option<String>>,
 }
 
 async fn channel_message(
@@ -132,7 +134,18 @@ impl FakeDiscord {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        format!("http://{addr}/api/v10")
+        let base = format!("http://{addr}/api/v10");
+        *self.base.lock().expect("base") = Some(base.clone());
+        base
+    }
+
+    /// The API base it serves at (after `serve`).
+    pub(crate) fn api_base(&self) -> String {
+        self.base
+            .lock()
+            .expect("base")
+            .clone()
+            .expect("the fake serves")
     }
 
     pub(crate) fn edits(&self) -> Vec<Edit> {

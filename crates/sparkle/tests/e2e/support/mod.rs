@@ -380,8 +380,53 @@ pub fn kill(pid: u32, signal: &str) {
         .status();
 }
 
-#[allow(clippy::zombie_processes)] // the Service that owns the child waits for it on drop
+/// Another server process on a service's data directory (a second gateway); stopped when
+/// dropped.
+pub struct Beside {
+    child: Child,
+    pub url: String,
+}
+
+impl Beside {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    /// `sparkle ROLE` (`gateway`, …) on this service's data directory, with `env`.
+    pub fn start_beside(&self, role: &str, env: &[(&str, &str)]) -> Beside {
+        let (child, (url, _), _) = spawn_role(role, &self.data, self.config.as_deref(), env);
+        Beside { child, url }
+    }
+}
+
 fn spawn_up(
+    data: &Path,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> (Child, (String, String), Option<String>) {
+    spawn_role("up", data, config, env)
+}
+
+#[allow(clippy::zombie_processes)] // the Service or Beside that owns the child waits for it on drop
+fn spawn_role(
+    role: &str,
     data: &Path,
     config: Option<&Path>,
     env: &[(&str, &str)],
@@ -394,7 +439,7 @@ fn spawn_up(
         .expect("log file");
     let mut child = Command::new(BIN)
         .args([
-            "up",
+            role,
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
