@@ -13,6 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest an image link may live: a week.
+const MAX_IMAGE_LINK_SECS: u64 = 7 * 24 * 3600;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
@@ -207,6 +210,12 @@ pub struct GatewayConfig {
     /// Queued plus running jobs one API key may have; beyond, 429 `job_quota_exceeded` with
     /// `Retry-After`.
     pub max_live_jobs_per_key: u64,
+    /// The address clients reach this gateway at (`https://HOST[:PORT]`), which image links
+    /// are made with. Unset: `https://` and the listen address as bound.
+    pub public_url: Option<String>,
+    /// Seconds a signed image link (a job's `images`, the OpenAI route's `url`) fetches its
+    /// image without an API key: 1 to 604800 (7 days).
+    pub image_link_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -225,6 +234,8 @@ impl Default for GatewayConfig {
             per_key_requests_per_sec: 20,
             per_key_burst: 100,
             max_live_jobs_per_key: 100,
+            public_url: None,
+            image_link_secs: 3600,
         }
     }
 }
@@ -430,6 +441,20 @@ impl Config {
                 bail!("gateway.{name} must be at least 1");
             }
         }
+        if !(1..=MAX_IMAGE_LINK_SECS).contains(&g.image_link_secs) {
+            bail!(
+                "gateway.image_link_secs must be between 1 and {MAX_IMAGE_LINK_SECS} (7 days); got {}",
+                g.image_link_secs
+            );
+        }
+        if let Some(url) = &g.public_url {
+            let host = url.strip_prefix("https://").unwrap_or_default();
+            if host.is_empty() || host.contains(['?', '#', ' ']) {
+                bail!(
+                    "gateway.public_url must be an https:// URL without query or fragment, as clients reach the gateway (e.g. https://sparkle.example.com); got {url:?}"
+                );
+            }
+        }
         if !(1..=900).contains(&self.discord.token_lifetime_secs) {
             bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");
         }
@@ -443,6 +468,20 @@ impl Config {
             bail!("tls.cert_file and tls.key_file must be set together");
         }
         Ok(())
+    }
+
+    /// How long a signed image link lives.
+    pub fn image_link_lifetime(&self) -> Duration {
+        Duration::from_secs(self.gateway.image_link_secs)
+    }
+
+    /// The base URL of image links: `gateway.public_url` without a trailing slash, or
+    /// `https://` and `bound`, the address the listener got.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.gateway.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("https://{bound}"),
+        }
     }
 
     pub fn lease_timeout(&self) -> Duration {
@@ -636,5 +675,43 @@ allowed_channels = []
             let err = Config::load(Some(&file), &Overrides::default()).expect_err(text);
             assert!(format!("{err:#}").contains(named), "{text}: {err:#}");
         }
+    }
+
+    #[test]
+    fn image_link_settings_are_checked_at_start_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        let c = Config::load(None, &Overrides::default()).expect("defaults");
+        assert_eq!(c.image_link_lifetime(), Duration::from_secs(3600));
+        let bound = "127.0.0.1:40001".parse().expect("addr");
+        assert_eq!(c.public_url(bound), "https://127.0.0.1:40001");
+        let v6 = "[::1]:8443".parse().expect("addr");
+        assert_eq!(c.public_url(v6), "https://[::1]:8443");
+        for (text, named) in [
+            (
+                "[gateway]\nimage_link_secs = 0\n",
+                "gateway.image_link_secs",
+            ),
+            ("[gateway]\nimage_link_secs = 604801\n", "7 days"),
+            (
+                "[gateway]\npublic_url = \"http://example.com\"\n",
+                "gateway.public_url",
+            ),
+            (
+                "[gateway]\npublic_url = \"https://\"\n",
+                "gateway.public_url",
+            ),
+            (
+                "[gateway]\npublic_url = \"https://a.example?x=1\"\n",
+                "gateway.public_url",
+            ),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            let err = Config::load(Some(&file), &Overrides::default()).expect_err(text);
+            assert!(format!("{err:#}").contains(named), "{text}: {err:#}");
+        }
+        std::fs::write(&file, "[gateway]\nimage_link_secs = 604800\n").expect("write");
+        let week = Config::load(Some(&file), &Overrides::default()).expect("a week is allowed");
+        assert_eq!(week.image_link_lifetime(), Duration::from_secs(604_800));
     }
 }

@@ -1,6 +1,7 @@
 mod discord;
 mod health;
 mod jobs;
+mod links;
 mod openai;
 mod submit;
 

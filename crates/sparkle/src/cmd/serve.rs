@@ -8,7 +8,7 @@ use sparkle_gateway::{GatewayOptions, GatewayState};
 use sparkle_queue::{ApiKeys, JobQueue, Scope, SqliteQueue};
 use sparkle_scaler::{LocalProcesses, Policy};
 use sparkle_store::seal::Keys;
-use sparkle_store::{ImageStore, ObjectImageStore};
+use sparkle_store::{ImageLinks, ImageStore, ObjectImageStore};
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,6 +168,7 @@ async fn start_gateway(
     .map_err(|why| anyhow::anyhow!("cannot load the certificate: {why}"))?;
     let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
         .context("cannot configure TLS")?;
+    let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let discord = match &config.discord.public_key {
         None => None,
@@ -192,6 +193,13 @@ async fn start_gateway(
             }))
         }
     };
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let public_url = config.public_url(addr);
+    if config.gateway.public_url.is_none() && addr.ip().is_unspecified() {
+        tracing::warn!(%public_url, "image links name an unspecified address; set gateway.public_url to the address clients reach");
+    }
     let g = &config.gateway;
     let options = Arc::new(GatewayOptions {
         max_body_bytes: g.max_body_bytes,
@@ -204,6 +212,7 @@ async fn start_gateway(
         per_key_requests_per_sec: g.per_key_requests_per_sec,
         per_key_burst: g.per_key_burst,
         max_live_jobs_per_key: g.max_live_jobs_per_key,
+        public_url,
         ..GatewayOptions::default()
     });
     let listener_options = sparkle_gateway::ListenerOptions {
@@ -219,15 +228,13 @@ async fn start_gateway(
         queue: queue.clone() as Arc<dyn JobQueue>,
         keys: queue.clone(),
         store,
+        links,
         catalog: Arc::new(catalog),
         limits: Arc::new(config.limits.clone()),
         options: options.clone(),
         discord,
         admission: Arc::new(sparkle_gateway::Admission::new(&options)),
     };
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
     if state.discord.is_some() {

@@ -4,6 +4,7 @@
 mod api_keys;
 mod at_rest;
 mod discord;
+mod image_links;
 mod limits;
 mod models;
 mod network;
