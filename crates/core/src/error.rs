@@ -41,6 +41,8 @@ pub enum ErrorCode {
     InvalidApiKey,
     /// The key lacks the scope this route needs.
     InsufficientScope,
+    /// A signed image link expired, was altered, or was signed with a retired key.
+    InvalidImageLink,
     /// No such job (or it belongs to another key).
     JobNotFound,
     /// No such image on the job.
@@ -98,6 +100,7 @@ impl ErrorCode {
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::InsufficientScope => "insufficient_scope",
+            ErrorCode::InvalidImageLink => "invalid_image_link",
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::ImageNotFound => "image_not_found",
             ErrorCode::NotFound => "not_found",
@@ -137,7 +140,7 @@ impl ErrorCode {
             | InvalidWebhookUrl
             | WebhookSecretMissing => 400,
             MissingApiKey | InvalidApiKey => 401,
-            InsufficientScope => 403,
+            InsufficientScope | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,
             IdempotencyConflict | JobNotFinished | JobAlreadyFinished => 409,
             RequestTimeout => 408,
@@ -185,5 +188,25 @@ impl RequestError {
             param,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_image_link_is_forbidden_under_its_own_code() {
+        let code = ErrorCode::InvalidImageLink;
+        assert_eq!(code.as_str(), "invalid_image_link");
+        assert_eq!(
+            serde_json::to_value(code).ok(),
+            Some(serde_json::json!(code.as_str())),
+            "the serialised name is the code"
+        );
+        assert_eq!(
+            (code.http_status(), code.kind()),
+            (403, "authentication_error")
+        );
     }
 }

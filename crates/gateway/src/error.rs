@@ -3,7 +3,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sparkle_core::{ErrorCode, RequestError};
 use sparkle_queue::QueueError;
-use sparkle_store::StoreError;
+use sparkle_store::{LinkRefusal, StoreError};
 
 /// Seconds a key over its job quota is asked to wait: about what a small job takes.
 const QUOTA_RETRY_AFTER_SECS: u64 = 5;
@@ -96,6 +96,21 @@ impl From<StoreError> for ApiError {
             "the image store is unavailable; retry shortly",
         )
         .retry_after(1)
+    }
+}
+
+impl From<LinkRefusal> for ApiError {
+    fn from(refusal: LinkRefusal) -> Self {
+        let message = match refusal {
+            LinkRefusal::Expired => {
+                "this image link has expired; GET /v1/jobs/{id} with your API key gives a new one"
+            }
+            LinkRefusal::UnknownKey => {
+                "this image link is not valid: the key that signed it has been retired"
+            }
+            LinkRefusal::Altered | LinkRefusal::Malformed => "this image link is not valid",
+        };
+        ApiError::new(ErrorCode::InvalidImageLink, message)
     }
 }
 

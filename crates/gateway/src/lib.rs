@@ -1,7 +1,8 @@
 //! The front door: HTTPS, authentication, validation and admission, then the queue.
 //!
 //! Every request follows one path: connection caps → TLS (rustls) → header limits and
-//! timeouts ([`listener`]) → per-address rate → body limit and timeout ([`limits`]) → API key →
+//! timeouts ([`listener`]) → per-address rate → body limit and timeout ([`limits`]) → API key
+//! (or, to fetch one image, a signed link) →
 //! [`ImageRequest::validate`](sparkle_core::ImageRequest::validate) → admission (queue
 //! capacity) → enqueue, which commits before anything is answered → the answer. Errors
 //! become HTTP in one place ([`ApiError`]), in OpenAI's error shape with a stable code from
@@ -25,6 +26,7 @@ pub use listener::{serve_tls, ListenerOptions};
 pub use state::{
     Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState,
 };
+pub use routes::links::image_views;
 pub use streams::StreamPermits;
 
 use axum::Router;

@@ -4,7 +4,7 @@ use sparkle_core::{Catalog, Limits};
 use sparkle_delivery::events::JobEvents;
 use sparkle_delivery::webhook::UrlPolicy;
 use sparkle_queue::{ApiKeys, JobQueue, Outbox};
-use sparkle_store::ImageStore;
+use sparkle_store::{ImageLinks, ImageStore};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -36,6 +36,9 @@ pub struct GatewayOptions {
     pub per_key_burst: u32,
     /// Queued plus running jobs one API key may have (0: no limit).
     pub max_live_jobs_per_key: u64,
+    /// The base URL image links are made with (scheme, host, port; no trailing slash), as
+    /// clients reach this gateway.
+    pub public_url: String,
 }
 
 impl Default for GatewayOptions {
@@ -53,6 +56,7 @@ impl Default for GatewayOptions {
             per_key_requests_per_sec: 20,
             per_key_burst: 100,
             max_live_jobs_per_key: 100,
+            public_url: "https://127.0.0.1:8443".into(),
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct GatewayState {
     pub queue: Arc<dyn JobQueue>,
     pub keys: Arc<dyn ApiKeys>,
     pub store: Arc<dyn ImageStore>,
+    /// Signs and checks the links that fetch an image without an API key.
+    pub links: Arc<ImageLinks>,
     pub catalog: Arc<Catalog>,
     pub limits: Arc<Limits>,
     pub options: Arc<GatewayOptions>,

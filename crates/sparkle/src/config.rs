@@ -1,9 +1,13 @@
 //! The service configuration: one struct, documented field by field, read from
 //! `sparkle.toml` < environment (`SPARKLE_*`, nested with `__`, e.g.
-//! `SPARKLE_SCALER__MAX_WORKERS=2`) < command-line flags. Unknown fields are refused.
+//! `SPARKLE_SCALER__MAX_WORKERS=2`; each value as written, see [`environment`]) <
+//! command-line flags. Unknown fields are refused.
+
+mod environment;
 
 use anyhow::{bail, Context};
-use figment::providers::{Env, Format, Serialized, Toml};
+use environment::Environment;
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use sparkle_core::Limits;
@@ -12,6 +16,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The longest an image link may live: a week.
+const MAX_IMAGE_LINK_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -245,6 +252,12 @@ pub struct GatewayConfig {
     pub max_event_streams: usize,
     /// Event streams one API key may have open at once.
     pub max_event_streams_per_key: usize,
+    /// The address clients reach this gateway at (`https://HOST[:PORT]`), which image links
+    /// are made with. Unset: `https://` and the listen address as bound.
+    pub public_url: Option<String>,
+    /// Seconds a signed image link (a job's `images`, the OpenAI route's `url`) fetches its
+    /// image without an API key: 1 to 604800 (7 days).
+    pub image_link_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -265,6 +278,8 @@ impl Default for GatewayConfig {
             max_live_jobs_per_key: 100,
             max_event_streams: 4096,
             max_event_streams_per_key: 32,
+            public_url: None,
+            image_link_secs: 3600,
         }
     }
 }
@@ -415,9 +430,9 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed("SPARKLE_").split("__"))
+            .merge(Environment::new())
             .merge(Serialized::defaults(flags))
-            .extract()
+            .extract_lossy()
             .context("invalid configuration")?;
         Ok(config)
     }
@@ -484,6 +499,20 @@ impl Config {
                 bail!("gateway.{name} must be at least 1");
             }
         }
+        if !(1..=MAX_IMAGE_LINK_SECS).contains(&g.image_link_secs) {
+            bail!(
+                "gateway.image_link_secs must be between 1 and {MAX_IMAGE_LINK_SECS} (7 days); got {}",
+                g.image_link_secs
+            );
+        }
+        if let Some(url) = &g.public_url {
+            let host = url.strip_prefix("https://").unwrap_or_default();
+            if host.is_empty() || host.contains(['?', '#', ' ']) {
+                bail!(
+                    "gateway.public_url must be an https:// URL without query or fragment, as clients reach the gateway (e.g. https://sparkle.example.com); got {url:?}"
+                );
+            }
+        }
         if !(1..=900).contains(&self.discord.token_lifetime_secs) {
             bail!("discord.token_lifetime_secs must be between 1 and 900 (Discord's lifetime)");
         }
@@ -497,6 +526,20 @@ impl Config {
             bail!("tls.cert_file and tls.key_file must be set together");
         }
         Ok(())
+    }
+
+    /// How long a signed image link lives.
+    pub fn image_link_lifetime(&self) -> Duration {
+        Duration::from_secs(self.gateway.image_link_secs)
+    }
+
+    /// The base URL of image links: `gateway.public_url` without a trailing slash, or
+    /// `https://` and `bound`, the address the listener got.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.gateway.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("https://{bound}"),
+        }
     }
 
     pub fn lease_timeout(&self) -> Duration {
@@ -551,9 +594,40 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Held by every test that loads the configuration, so that the `SPARKLE_*` variables
+    /// one test sets (in figment's jail) are never seen by another.
+    fn env_lock() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `test` with variables set only for it.
+    #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
+    fn with_env(
+        vars: &[(&str, &str)],
+        test: impl FnOnce() -> anyhow::Result<Config>,
+    ) -> anyhow::Result<Config> {
+        let _env = env_lock();
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in vars {
+                jail.set_env(name, value);
+            }
+            result = Some(test());
+            Ok(())
+        });
+        result.unwrap_or_else(|| unreachable!("the jail runs its closure"))
+    }
+
+    fn from_env(vars: &[(&str, &str)]) -> Config {
+        with_env(vars, || Config::load(None, &Overrides::default()))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     #[test]
     #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
     fn file_then_environment_then_flags() {
+        let _env = env_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");
         std::fs::write(
@@ -577,6 +651,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_are_refused() {
+        let _env = env_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");
         std::fs::write(&file, "[scaler]\nmax_wrokers = 3\n").expect("write");
@@ -600,6 +675,7 @@ mod tests {
 
     #[test]
     fn server_policies_override_the_global_one_field_by_field() {
+        let _env = env_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");
         std::fs::write(
@@ -644,6 +720,7 @@ allowed_channels = []
     #[test]
     #[allow(clippy::result_large_err)] // figment's test jail returns its own error type
     fn a_server_policy_can_come_from_the_environment() {
+        let _env = env_lock();
         figment::Jail::expect_with(|jail| {
             jail.set_env(
                 "SPARKLE_DISCORD__GUILDS__500__DENIED_WORDS",
@@ -664,6 +741,7 @@ allowed_channels = []
 
     #[test]
     fn bad_server_policies_are_refused_by_name() {
+        let _env = env_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sparkle.toml");
         let cases = [
@@ -690,5 +768,151 @@ allowed_channels = []
             let err = Config::load(Some(&file), &Overrides::default()).expect_err(text);
             assert!(format!("{err:#}").contains(named), "{text}: {err:#}");
         }
+    }
+
+    #[test]
+    fn discord_ids_and_keys_from_the_environment_arrive_as_written() {
+        // A public key is hex, and may be all digits, with a leading zero.
+        let all_digits = "0123456789".repeat(6) + "0123";
+        let c = from_env(&[
+            ("SPARKLE_DISCORD__APPLICATION_ID", "123456789012345678"),
+            ("SPARKLE_DISCORD__PUBLIC_KEY", &all_digits),
+        ]);
+        assert_eq!(
+            c.discord.application_id.as_deref(),
+            Some("123456789012345678")
+        );
+        assert_eq!(c.discord.public_key.as_deref(), Some(all_digits.as_str()));
+        // Quoted, as figment's syntax has it, still works.
+        let c = from_env(&[
+            ("SPARKLE_DISCORD__APPLICATION_ID", "\"0042\""),
+            ("SPARKLE_DISCORD__PUBLIC_KEY", " 00ff "),
+        ]);
+        assert_eq!(c.discord.application_id.as_deref(), Some("0042"));
+        assert_eq!(c.discord.public_key.as_deref(), Some("00ff"), "trimmed");
+    }
+
+    #[test]
+    fn lists_of_ids_from_the_environment_keep_every_digit() {
+        let c = from_env(&[
+            (
+                "SPARKLE_DISCORD__GUILDS__123456789012345678__ALLOWED_CHANNELS",
+                "[923456789012345678, \"0456\", 18446744073709551615]",
+            ),
+            (
+                "SPARKLE_DISCORD__GUILDS__123456789012345678__DENIED_WORDS",
+                "[1984, true, gore]",
+            ),
+            (
+                "SPARKLE_DISCORD__GUILDS__123456789012345678__MAX_JOBS_PER_USER",
+                "1",
+            ),
+        ]);
+        let guild = &c.discord.guilds["123456789012345678"];
+        assert_eq!(
+            guild.allowed_channels.as_deref(),
+            Some(&["923456789012345678", "0456", "18446744073709551615"].map(String::from)[..])
+        );
+        assert_eq!(
+            guild.denied_words.as_deref(),
+            Some(&["1984", "true", "gore"].map(String::from)[..])
+        );
+        assert_eq!(guild.max_jobs_per_user, Some(1));
+        // As the README writes it.
+        let c = from_env(&[(
+            "SPARKLE_DISCORD__ALLOWED_CHANNELS",
+            "[123456789012345678, 234567890123456789]",
+        )]);
+        assert_eq!(
+            c.discord.allowed_channels,
+            ["123456789012345678", "234567890123456789"]
+        );
+    }
+
+    #[test]
+    fn the_readmes_environment_examples_load() {
+        let c = from_env(&[
+            ("SPARKLE_SCALER__MAX_WORKERS", "2"),
+            ("SPARKLE_ADMIN_LISTEN", "0.0.0.0:9464"),
+            ("SPARKLE_DISCORD__GUILDS__123__MAX_JOBS_PER_USER", "1"),
+            // Read by the engine, not a setting: no "unknown field".
+            ("SPARKLE_FLASH_ATTENTION", "0"),
+            ("SPARKLE_FLASH_ROWS", "1"),
+            (
+                "SPARKLE_GATEWAY__PUBLIC_URL",
+                "https://sparkle.example.com/",
+            ),
+            ("SPARKLE_GATEWAY__IMAGE_LINK_SECS", "600"),
+        ]);
+        assert_eq!(c.scaler.max_workers, 2);
+        assert_eq!(c.admin_listen, "0.0.0.0:9464".parse().expect("addr"));
+        assert_eq!(c.discord.guilds["123"].max_jobs_per_user, Some(1));
+        assert_eq!(c.image_link_lifetime(), Duration::from_secs(600));
+        let bound = "127.0.0.1:4443".parse().expect("addr");
+        assert_eq!(c.public_url(bound), "https://sparkle.example.com");
+    }
+
+    #[test]
+    fn numbers_flags_and_paths_from_the_environment_take_their_settings_type() {
+        let c = from_env(&[
+            ("SPARKLE_LIMITS__MAX_GUIDANCE_SCALE", "12.5"),
+            ("SPARKLE_QUEUE__MAX_QUEUED_JOBS", "0010"),
+            ("SPARKLE_MODEL", "2024"),
+            ("SPARKLE_DATA_DIR", "0123"),
+            ("SPARKLE_WORKER__DEVICE", "cpu"),
+            ("SPARKLE_PROFILE", "dev"),
+        ]);
+        assert_eq!(c.limits.max_guidance_scale, 12.5);
+        assert_eq!(c.queue.max_queued_jobs, 10);
+        assert_eq!(c.model.as_deref(), Some(Path::new("2024")));
+        assert_eq!(c.data_dir, Path::new("0123"));
+        let err = with_env(&[("SPARKLE_SCALER__MAX_WORKERS", "two")], || {
+            Config::load(None, &Overrides::default())
+        })
+        .expect_err("not a number");
+        let shown = format!("{err:#}");
+        assert!(
+            shown.contains("two") && shown.contains("MAX_WORKERS"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn image_link_settings_are_checked_at_start_up() {
+        let _env = env_lock();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sparkle.toml");
+        let c = Config::load(None, &Overrides::default()).expect("defaults");
+        assert_eq!(c.image_link_lifetime(), Duration::from_secs(3600));
+        let bound = "127.0.0.1:40001".parse().expect("addr");
+        assert_eq!(c.public_url(bound), "https://127.0.0.1:40001");
+        let v6 = "[::1]:8443".parse().expect("addr");
+        assert_eq!(c.public_url(v6), "https://[::1]:8443");
+        for (text, named) in [
+            (
+                "[gateway]\nimage_link_secs = 0\n",
+                "gateway.image_link_secs",
+            ),
+            ("[gateway]\nimage_link_secs = 604801\n", "7 days"),
+            (
+                "[gateway]\npublic_url = \"http://example.com\"\n",
+                "gateway.public_url",
+            ),
+            (
+                "[gateway]\npublic_url = \"https://\"\n",
+                "gateway.public_url",
+            ),
+            (
+                "[gateway]\npublic_url = \"https://a.example?x=1\"\n",
+                "gateway.public_url",
+            ),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            let err = Config::load(Some(&file), &Overrides::default()).expect_err(text);
+            assert!(format!("{err:#}").contains(named), "{text}: {err:#}");
+        }
+        std::fs::write(&file, "[gateway]\nimage_link_secs = 604800\n").expect("write");
+        let week = Config::load(Some(&file), &Overrides::default()).expect("a week is allowed");
+        assert_eq!(week.image_link_lifetime(), Duration::from_secs(604_800));
     }
 }

@@ -4,9 +4,14 @@
 //! Every image is sealed ([`seal`]) before it leaves this crate and opened after it comes
 //! back: a store, its disks and its backups only ever hold ciphertext bound to the object's
 //! name. Keys are derived from the job id, which is random and never guessable; images are
-//! served only through the gateway, never by path. The store knows nothing of the queue.
+//! served only through the gateway, never by path, to an API key or to the holder of a
+//! signed, expiring link ([`links`]) made with the same master keys. The store knows nothing
+//! of the queue.
 
+pub mod links;
 pub mod seal;
+
+pub use links::{ImageLinks, LinkQuery, LinkRefusal, SignedLink};
 
 use async_trait::async_trait;
 use bytes::Bytes;

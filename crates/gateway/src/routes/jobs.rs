@@ -1,7 +1,8 @@
 //! The asynchronous jobs API: submit, look, follow, cancel, fetch images.
 
+use super::links::{self, image_views};
 use super::submit::{idempotency_key, submit, GenerationBody};
-use crate::auth::Caller;
+use crate::auth::{Caller, ImageAccess};
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
 use axum::extract::{Path, State};
@@ -131,17 +132,26 @@ fn placement(update: &sparkle_delivery::events::JobUpdate) -> Option<(u64, Optio
     update.position.map(|ahead| (ahead, update.eta_secs))
 }
 
+/// The PNG, to an API key that may see the job or to the holder of a signed link to it
+/// (cached no longer than the link lives).
 pub async fn image(
     State(state): State<GatewayState>,
-    caller: Caller,
+    access: ImageAccess,
     Path((id, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let job = owned_job(&state, &caller, &id).await?;
+    let (job, max_age) = match access {
+        ImageAccess::Key(caller) => (owned_job(&state, &caller, &id).await?, 3600),
+        ImageAccess::Link(query) => {
+            let (job, left) = links::linked_job(&state, &id, &n, &query).await?;
+            (job, left.min(3600))
+        }
+    };
     let png = image_bytes(&state, &job, &n).await?;
+    let cache = format!("private, max-age={max_age}");
     Ok((
         [
-            (header::CONTENT_TYPE, "image/png"),
-            (header::CACHE_CONTROL, "private, max-age=3600"),
+            (header::CONTENT_TYPE, "image/png".to_string()),
+            (header::CACHE_CONTROL, cache),
         ],
         png,
     )
@@ -220,7 +230,6 @@ pub fn render(
     placed: Option<(u64, Option<f64>)>,
     deliveries: Option<&[DeliveryState]>,
 ) -> Value {
-    let _ = state;
     let r = &job.request;
     let mut view = json!({
         "id": job.id.to_string(),
@@ -243,7 +252,7 @@ pub fn render(
             "n": r.n,
         },
         "progress": job.progress,
-        "images": (0..job.images).map(|i| format!("/v1/jobs/{}/images/{i}", job.id)).collect::<Vec<_>>(),
+        "images": image_views(state, job),
         "error": job.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
     });
     if job.status == JobStatus::Queued {

@@ -1,6 +1,7 @@
 mod discord;
 mod health;
 mod jobs;
+pub(crate) mod links;
 mod openai;
 mod submit;
 

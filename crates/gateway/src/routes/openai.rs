@@ -1,15 +1,17 @@
 //! `POST /v1/images/generations`, as OpenAI's images API: the official clients work
 //! unchanged. It is synchronous — the answer carries the images — but the job behind it
 //! is as durable as any other: a client that disconnects can still find it by its
-//! `Idempotency-Key`.
+//! `Idempotency-Key`. With `response_format: "url"` each image is a signed, expiring link
+//! that fetches the PNG without an API key, as OpenAI's own URLs do.
 
 use super::jobs::image_bytes;
+use super::links;
 use super::submit::{idempotency_key, submit, GenerationBody};
 use crate::auth::Caller;
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use sparkle_core::{ErrorCode, JobId, JobStatus};
@@ -110,17 +112,12 @@ pub async fn generate(
             format!("job {id} {}: {reason}", job.status),
         ));
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
     let mut data = Vec::new();
     for i in 0..job.images {
         let seed = job.request.seed_of(i);
         if as_url {
-            data.push(
-                json!({ "url": format!("https://{host}/v1/jobs/{id}/images/{i}"), "seed": seed }),
-            );
+            let link = links::sign(&state, id, i);
+            data.push(json!({ "url": link.url, "seed": seed }));
         } else {
             let png = image_bytes(&state, &job, &i.to_string()).await?;
             data.push(json!({

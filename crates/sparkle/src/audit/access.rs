@@ -110,7 +110,7 @@ pub async fn api_keys(config: &Config, depth: Depth) -> Check {
         unlimited.push("no per-key job quota (gateway.max_live_jobs_per_key = 0)");
     }
     let rule = format!(
-        "every /v1 route needs `Authorization: Bearer` with a scoped key (Discord: a signed request); per key {}/s (burst {}) and {} queued or running jobs",
+        "every /v1 route needs `Authorization: Bearer` with a scoped key (Discord: a signed request; one image: a signed link); per key {}/s (burst {}) and {} queued or running jobs",
         g.per_key_requests_per_sec, g.per_key_burst, g.max_live_jobs_per_key
     );
     let verdict = |text: String| {

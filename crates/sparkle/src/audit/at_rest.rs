@@ -152,7 +152,10 @@ async fn fields_by_key(
 /// directory that holds them is the service user's alone.
 pub fn images(config: &Config) -> Check {
     const NAME: &str = "images";
-    let how = "served only by /v1/jobs/{id}/images/{n} to the key that made them (or an admin key)";
+    let how = format!(
+        "served only by /v1/jobs/{{id}}/images/{{n}} to the key that made them (or an admin key) or to a signed link, for {} s",
+        config.gateway.image_link_secs
+    );
     let mut open = Vec::new();
     for dir in [config.data_dir.clone(), config.images_dir()] {
         if let Some(mode) = mode_of(&dir) {

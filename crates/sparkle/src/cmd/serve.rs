@@ -8,7 +8,7 @@ use sparkle_gateway::{GatewayOptions, GatewayState};
 use sparkle_queue::{ApiKeys, JobQueue, Scope, SqliteQueue};
 use sparkle_scaler::{LocalProcesses, Policy};
 use sparkle_store::seal::Keys;
-use sparkle_store::{ImageStore, ObjectImageStore};
+use sparkle_store::{ImageLinks, ImageStore, ObjectImageStore};
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,6 +170,7 @@ async fn start_gateway(
     .map_err(|why| anyhow::anyhow!("cannot load the certificate: {why}"))?;
     let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
         .context("cannot configure TLS")?;
+    let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
     let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
     let discord = match &config.discord.public_key {
         None => None,
@@ -193,6 +194,13 @@ async fn start_gateway(
             }))
         }
     };
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let public_url = config.public_url(addr);
+    if config.gateway.public_url.is_none() && addr.ip().is_unspecified() {
+        tracing::warn!(%public_url, "image links name an unspecified address; set gateway.public_url to the address clients reach");
+    }
     let g = &config.gateway;
     let options = Arc::new(GatewayOptions {
         max_body_bytes: g.max_body_bytes,
@@ -207,6 +215,7 @@ async fn start_gateway(
         max_live_jobs_per_key: g.max_live_jobs_per_key,
         max_event_streams: g.max_event_streams,
         max_event_streams_per_key: g.max_event_streams_per_key,
+        public_url,
         ..GatewayOptions::default()
     });
     let listener_options = sparkle_gateway::ListenerOptions {
@@ -227,6 +236,7 @@ async fn start_gateway(
         queue: queue.clone() as Arc<dyn JobQueue>,
         keys: queue.clone(),
         store,
+        links,
         catalog: Arc::new(catalog),
         limits: Arc::new(config.limits.clone()),
         options: options.clone(),
@@ -243,9 +253,6 @@ async fn start_gateway(
             allow_private_addresses: config.webhooks.allow_private_addresses,
         },
     };
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
     let deliveries = start_delivery(config, &state, queue.clone(), shutdown.clone())?;
@@ -334,14 +341,10 @@ fn start_delivery(
     Ok(tasks)
 }
 
-/// How webhooks show a succeeded job's images.
+/// How webhooks show a succeeded job's images: signed links, as the job's view has them.
 fn image_views(state: &GatewayState) -> sparkle_delivery::webhooks::ImageViews {
-    let _ = state;
-    Arc::new(|job| {
-        (0..job.images)
-            .map(|i| serde_json::json!({ "index": i, "url": format!("/v1/jobs/{}/images/{i}", job.id) }))
-            .collect()
-    })
+    let state = state.clone();
+    Arc::new(move |job| sparkle_gateway::image_views(&state, job))
 }
 
 fn start_scaler(

@@ -457,7 +457,7 @@ async fn register_sends_the_command_with_the_bot_token_from_a_private_file() {
         ),
     )
     .expect("config");
-    let register = || {
+    let register_with = |env: &[(&str, &str)]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_sparkle"))
             .args(["discord", "register", "--guild", "55", "--config"])
             .arg(&config)
@@ -465,9 +465,11 @@ async fn register_sends_the_command_with_the_bot_token_from_a_private_file() {
             .arg(dir.path().join("data"))
             .arg("--model")
             .arg(crate::support::tiny_model())
+            .envs(env.iter().copied())
             .output()
             .expect("run")
     };
+    let register = || register_with(&[]);
     let refused = register();
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
@@ -494,6 +496,19 @@ async fn register_sends_the_command_with_the_bot_token_from_a_private_file() {
     assert_eq!(body["name"], "sparkle");
     assert_eq!(body["options"][0]["name"], "prompt");
     assert_eq!(body["options"][0]["required"], true);
+
+    // An application id from the environment, a snowflake as Discord shows it.
+    let done = register_with(&[("SPARKLE_DISCORD__APPLICATION_ID", "123456789012345678")]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let registrations = fake.registrations.lock().expect("r").clone();
+    assert_eq!(
+        registrations.get(1).map(|r| r.0.as_str()),
+        Some("/applications/123456789012345678/guilds/55/commands")
+    );
 }
 
 /// A job that outlives its interaction token: the user is told while the message can still be

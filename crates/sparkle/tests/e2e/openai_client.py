@@ -5,9 +5,14 @@ Prints one JSON line with what it saw; exits non-zero on any surprise.
 """
 import base64
 import json
+import os
+import ssl
 import sys
+import urllib.request
 
 import openai
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 base_url, key = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0)
@@ -20,7 +25,24 @@ result = client.images.generate(
     extra_body={"steps": 2, "seed": 5},
 )
 pngs = [base64.b64decode(d.b64_json) for d in result.data]
-assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs), "not PNGs"
+assert all(p.startswith(PNG_SIGNATURE) for p in pngs), "not PNGs"
+
+# A `url` is fetched by whatever the caller likes, with no API key.
+result = client.images.generate(
+    prompt="a lighthouse",
+    size="64x64",
+    response_format="url",
+    extra_body={"steps": 2, "seed": 6},
+)
+link = result.data[0].url
+trusted = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+with urllib.request.urlopen(link, context=trusted, timeout=60) as answer:
+    fetched = {
+        "status": answer.status,
+        "content_type": answer.headers["Content-Type"],
+        "png": answer.read().startswith(PNG_SIGNATURE),
+        "same_host": link.startswith(base_url + "/"),
+    }
 
 try:
     client.images.generate(prompt="a corgi", size="500x500")
@@ -34,4 +56,4 @@ try:
 except openai.AuthenticationError as e:
     auth = {"status": e.status_code, "code": e.code}
 
-print(json.dumps({"images": len(pngs), "bad_request": bad, "auth": auth}))
+print(json.dumps({"images": len(pngs), "url": fetched, "bad_request": bad, "auth": auth}))

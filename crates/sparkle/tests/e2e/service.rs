@@ -187,7 +187,12 @@ async fn openai_and_async_routes_generate_pngs_with_progress() {
     let (last_name, last) = events.last().expect("a final event");
     assert_eq!(last_name, "done");
     assert_eq!(last["status"], "succeeded", "{last}");
-    assert_eq!(last["images"][0], format!("/v1/jobs/{id}/images/0"));
+    assert_eq!(last["images"][0]["index"], 0, "{last}");
+    let link = last["images"][0]["url"].as_str().expect("a signed link");
+    assert!(
+        link.starts_with(&format!("{}/v1/jobs/{id}/images/0?", svc.url)),
+        "{link}"
+    );
 
     let (status, png) = svc.get(&format!("/v1/jobs/{id}/images/0"), &key).await;
     assert_eq!(status, 200);
@@ -393,6 +398,11 @@ async fn the_official_openai_client_works_unchanged() {
     );
     let seen: Value = serde_json::from_slice(&out.stdout).expect("json line");
     assert_eq!(seen["images"], 2);
+    assert_eq!(
+        seen["url"],
+        json!({"status": 200, "content_type": "image/png", "png": true, "same_host": true}),
+        "response_format=url gives a link that fetches the PNG without a key"
+    );
     assert_eq!(
         seen["bad_request"],
         json!({"status": 400, "code": "invalid_size", "param": "size"})

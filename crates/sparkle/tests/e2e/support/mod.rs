@@ -387,12 +387,6 @@ pub struct Beside {
     pub url: String,
 }
 
-impl Beside {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 impl Drop for Beside {
     fn drop(&mut self) {
         kill(self.child.id(), "TERM");
