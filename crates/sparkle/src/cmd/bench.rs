@@ -12,6 +12,32 @@ pub enum BenchCommand {
     /// The engine alone: images per second, time per UNet step, achieved TFLOP/s and device
     /// memory, for each batch size, after one warm-up batch per size.
     Engine(EngineBench),
+    /// Event streams: opens N `GET /v1/jobs/{id}/events` streams on a running gateway and
+    /// holds them for a while, counting events; measure the gateway (CPU, queries) meanwhile.
+    /// `bench/event-streams.sh` runs it against a fresh `sparkle up`.
+    Streams(StreamsBench),
+}
+
+#[derive(Debug, Args)]
+pub struct StreamsBench {
+    /// The gateway, e.g. https://127.0.0.1:8443.
+    #[arg(long)]
+    url: String,
+    /// File holding the API key to open the streams with.
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// The CA (or self-signed certificate) to trust for the gateway.
+    #[arg(long, value_name = "FILE")]
+    ca_file: PathBuf,
+    /// The job to follow.
+    #[arg(long)]
+    job: String,
+    /// Streams to open.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Seconds to hold them open once all are open.
+    #[arg(long, default_value_t = 30)]
+    secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +77,9 @@ pub struct EngineBench {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Streams(args) => tokio::runtime::Runtime::new()
+            .context("cannot start the runtime")?
+            .block_on(streams(args)),
     }
 }
 
@@ -243,4 +272,67 @@ fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
         w.trim().parse().context("--size width")?,
         h.trim().parse().context("--size height")?,
     ))
+}
+
+/// Opens the streams, holds them, and says how many opened, how many were refused and how
+/// many events arrived while they were held.
+async fn streams(args: StreamsBench) -> anyhow::Result<()> {
+    let key = crate::secrets::read_secret_file(&args.key_file)?;
+    let pem = std::fs::read(&args.ca_file)
+        .with_context(|| format!("cannot read {}", args.ca_file.display()))?;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("--ca-file")?)
+        .pool_max_idle_per_host(0)
+        .build()
+        .context("cannot build the HTTPS client")?;
+    let url = format!("{}/v1/jobs/{}/events", args.url.trim_end_matches('/'), args.job);
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hold = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let mut opened = 0usize;
+    let mut refused = std::collections::BTreeMap::<u16, usize>::new();
+    let mut tasks = Vec::new();
+    for _ in 0..args.streams {
+        let response = client.get(&url).bearer_auth(key.as_str()).send().await;
+        let mut response = match response {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                *refused.entry(r.status().as_u16()).or_default() += 1;
+                continue;
+            }
+            Err(e) => bail!("cannot open stream {}: {e}", opened + 1),
+        };
+        opened += 1;
+        let (events, hold) = (events.clone(), hold.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hold.cancelled() => break,
+                    chunk = response.chunk() => match chunk {
+                        Ok(Some(bytes)) => {
+                            let n = bytes.windows(6).filter(|w| w == b"event:").count();
+                            events.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        _ => break,
+                    },
+                }
+            }
+        }));
+    }
+    println!(
+        "opened {opened} streams in {:.1} s; refused: {refused:?}",
+        started.elapsed().as_secs_f64()
+    );
+    let before = events.load(std::sync::atomic::Ordering::Relaxed);
+    println!("holding them for {} s", args.secs);
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    let during = events.load(std::sync::atomic::Ordering::Relaxed) - before;
+    hold.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    println!("events while held: {during}");
+    Ok(())
 }
