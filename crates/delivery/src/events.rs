@@ -343,3 +343,137 @@ fn poisoned() -> QueueError {
         reason: "a subscriber panicked while holding the subscription table".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparkle_queue::conformance::new_job;
+    use sparkle_queue::{Field, FieldCipher, FieldError, SqliteOptions, SqliteQueue};
+    use zeroize::Zeroizing;
+
+    /// Not a cipher: these tests are about events, not sealing.
+    struct Clear;
+
+    impl FieldCipher for Clear {
+        fn seal(&self, _: Field, _: &str, plain: &[u8]) -> Result<String, FieldError> {
+            Ok(format!("c.{}", String::from_utf8_lossy(plain)))
+        }
+        fn open(&self, _: Field, _: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, FieldError> {
+            Ok(Zeroizing::new(
+                sealed.trim_start_matches("c.").as_bytes().to_vec(),
+            ))
+        }
+        fn blind(&self, _: Field, value: &[u8]) -> String {
+            String::from_utf8_lossy(value).into_owned()
+        }
+        fn key_of(&self, _: &str) -> Option<String> {
+            Some("clear".into())
+        }
+        fn active_key(&self) -> String {
+            "clear".into()
+        }
+    }
+
+    async fn next_within(sub: &mut Subscription) -> JobUpdate {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("an update within 5 s")
+            .expect("the watcher runs")
+    }
+
+    /// Two queues on one file stand for two processes: the gateway that follows, and a
+    /// worker whose commits it only sees through the change counter.
+    #[tokio::test]
+    async fn another_process_s_changes_and_queue_moves_reach_subscribers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let gateway = Arc::new(
+            SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
+                .await
+                .expect("open"),
+        );
+        let worker = SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
+            .await
+            .expect("open again");
+        let first = gateway
+            .enqueue(new_job("alice", "one"))
+            .await
+            .expect("enqueue")
+            .job;
+        let second = gateway
+            .enqueue(new_job("alice", "two"))
+            .await
+            .expect("enqueue")
+            .job;
+        let events = JobEvents::new(
+            gateway.clone(),
+            EventOptions {
+                poll: Duration::from_millis(20),
+                positions_every: Duration::from_millis(20),
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(events.clone().run(shutdown.clone()));
+        let mut sub = events
+            .subscribe(second.id)
+            .await
+            .expect("subscribe")
+            .expect("job");
+        assert_eq!(sub.current().position, Some(1));
+        assert!(events
+            .subscribe(JobId::random())
+            .await
+            .expect("subscribe")
+            .is_none());
+
+        // The worker leases the first job: the second one moves up, though it did not change.
+        let lease = worker
+            .lease("w", 1, Duration::from_secs(30))
+            .await
+            .expect("lease")
+            .pop()
+            .expect("leased");
+        assert_eq!(lease.job.id, first.id);
+        let moved = next_within(&mut sub).await;
+        assert_eq!(
+            (moved.job.status, moved.position),
+            (JobStatus::Queued, Some(0))
+        );
+
+        // Its own lease, progress and completion come through in order.
+        let mine = worker
+            .lease("w", 1, Duration::from_secs(30))
+            .await
+            .expect("lease")
+            .pop()
+            .expect("leased");
+        let running = next_within(&mut sub).await;
+        assert_eq!(
+            (running.job.status, running.position),
+            (JobStatus::Running, None)
+        );
+        worker
+            .heartbeat(
+                &mine.token,
+                Some(sparkle_core::Progress { step: 1, total: 2 }),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("beat");
+        let stepped = next_within(&mut sub).await;
+        assert_eq!(stepped.job.progress.map(|p| p.step), Some(1));
+        worker.complete(&mine.token, 1).await.expect("complete");
+        let done = next_within(&mut sub).await;
+        assert_eq!(done.job.status, JobStatus::Succeeded);
+
+        let followed_before = events.followed();
+        drop(sub);
+        assert_eq!(
+            events.followed(),
+            followed_before - 1,
+            "a dropped subscription unfollows"
+        );
+        shutdown.cancel();
+        watcher.await.expect("watcher stops");
+    }
+}

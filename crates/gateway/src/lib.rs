@@ -23,10 +23,10 @@ pub mod tls;
 
 pub use error::ApiError;
 pub use listener::{serve_tls, ListenerOptions};
+pub use routes::links::image_views;
 pub use state::{
     Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState,
 };
-pub use routes::links::image_views;
 pub use streams::StreamPermits;
 
 use axum::Router;

@@ -287,7 +287,11 @@ async fn streams(args: StreamsBench) -> anyhow::Result<()> {
         .pool_max_idle_per_host(0)
         .build()
         .context("cannot build the HTTPS client")?;
-    let url = format!("{}/v1/jobs/{}/events", args.url.trim_end_matches('/'), args.job);
+    let url = format!(
+        "{}/v1/jobs/{}/events",
+        args.url.trim_end_matches('/'),
+        args.job
+    );
     let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let hold = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();

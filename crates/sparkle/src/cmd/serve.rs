@@ -216,7 +216,6 @@ async fn start_gateway(
         max_event_streams: g.max_event_streams,
         max_event_streams_per_key: g.max_event_streams_per_key,
         public_url,
-        ..GatewayOptions::default()
     });
     let listener_options = sparkle_gateway::ListenerOptions {
         drain: DRAIN,

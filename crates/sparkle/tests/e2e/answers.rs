@@ -483,3 +483,49 @@ async fn event_streams_are_capped_per_key_and_end_with_the_job() {
         ("done", &json!("cancelled"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_commands_from_one_user_cannot_slip_past_their_limit() {
+    let fake = Arc::new(FakeDiscord::default());
+    let public = hex::encode(crate::discord::key().verifying_key().to_bytes());
+    let api = fake.serve().await;
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_DISCORD__MAX_JOBS_PER_USER", "3"),
+        ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+    ])
+    .await;
+    let user = json!({"guild": true, "user": {"id": "4242", "username": "eager"}});
+    let sends = (0..8).map(|i| {
+        let body = command(
+            &format!("91{i:02}"),
+            user.clone(),
+            json!([{"name": "prompt", "type": 3, "value": format!("corgi {i}")}]),
+        );
+        let svc = &svc;
+        async move { send(svc, &body).await }
+    });
+    let answers = futures::future::join_all(sends).await;
+    let accepted = answers
+        .iter()
+        .filter(|(status, ack)| *status == 200 && !job_id(ack).is_empty())
+        .count();
+    let refused: Vec<&Value> = answers
+        .iter()
+        .map(|(_, ack)| ack)
+        .filter(|ack| job_id(ack).is_empty())
+        .collect();
+    assert_eq!(
+        accepted, 3,
+        "8 parallel commands against a limit of 3: {answers:?}"
+    );
+    assert_eq!(refused.len(), 5);
+    for ack in refused {
+        assert_eq!(ack["data"]["flags"], 64, "refusals are ephemeral: {ack}");
+        assert!(ack["data"]["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("the limit is 3")));
+    }
+    assert_eq!(svc.job_count(), 3);
+}
