@@ -3,8 +3,10 @@
 //! A backend's test calls [`run`] with a function that opens a fresh, empty queue driven by
 //! the given [`ManualClock`]; each check gets its own queue, and a failure names the check.
 
+mod fairness;
 mod outbox;
 
+use fairness::*;
 use outbox::*;
 
 use crate::{
@@ -21,6 +23,7 @@ pub(crate) const VIS: Duration = Duration::from_millis(1000);
 pub fn new_job(group: &str, prompt: &str) -> NewJob {
     NewJob {
         owner: group.to_string(),
+        share: group.to_string(),
         group: group.to_string(),
         dedup_key: None,
         fingerprint: format!("{group}/{prompt}"),
@@ -70,6 +73,10 @@ checks!(
     release_returns_the_job_without_spending_an_attempt,
     batch_lease_takes_only_compatible_jobs,
     stats_and_positions_describe_the_backlog,
+    fresh_end_users_do_not_take_a_key_past_another_key,
+    a_share_that_starts_waiting_queues_behind_those_waiting,
+    end_users_take_turns_inside_their_key,
+    no_share_waits_behind_two_jobs_of_another_in_any_mix,
     replies_are_written_with_the_job_or_not_at_all,
     group_and_queue_limits_are_counted_with_the_insert,
     limits_hold_under_parallel_submits,

@@ -5,9 +5,10 @@
 //! same trait. The [`conformance`] suite states the contract and runs against every backend.
 //!
 //! The life of a job: `enqueue` commits it (durable before the caller acknowledges anything),
-//! deduplicated by `(owner, dedup_key)`. `lease` hands the head of the least recently served
-//! group to a worker — FIFO within a group, round-robin across groups — for a visibility
-//! timeout. `heartbeat` extends the lease and records progress; it also tells the worker when
+//! deduplicated by `(owner, dedup_key)`. `lease` hands a worker the next job in turn — shares
+//! (API keys, Discord users) round-robin, the groups of a share (its end users) round-robin
+//! inside it, FIFO within a group; a share or group that starts waiting queues behind those
+//! already waiting ([`fairness`](crate::fairness)) — for a visibility timeout. `heartbeat` extends the lease and records progress; it also tells the worker when
 //! the job was cancelled. `complete` and `fail` end a lease; a lease that expires is reclaimed
 //! and the job queued again, until `max_attempts` leases have been spent, when the job is
 //! dead-lettered with the reason kept. Every operation that ends a lease checks the lease id,
@@ -28,6 +29,7 @@
 
 mod clock;
 pub mod conformance;
+mod fairness;
 pub mod fields;
 mod keys;
 mod outbox;

@@ -98,6 +98,22 @@ impl SqliteQueue {
                 .await?;
             }
         }
+        if sealed > 0 {
+            // Before shares, a job's group was its share: both take the groups' new names.
+            sqlx::query("UPDATE jobs SET share_key = group_key")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM shares").execute(&mut *tx).await?;
+            sqlx::query(
+                "INSERT INTO shares (name, last_served, queued) SELECT name, last_served, 0 FROM groups",
+            )
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE groups SET share = name")
+                .execute(&mut *tx)
+                .await?;
+            crate::fairness::recount(&mut tx).await?;
+        }
         sqlx::query("DELETE FROM plain_rows_pending")
             .execute(&mut *tx)
             .await?;

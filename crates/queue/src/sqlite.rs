@@ -219,6 +219,7 @@ impl JobQueue for SqliteQueue {
             })?);
         let request = fields.seal(Field::JobRequest, &row, request.as_bytes())?;
         let group_index = fields.blind(Field::JobGroup, job.group.as_bytes());
+        let share_index = fields.blind(Field::JobGroup, job.share.as_bytes());
         let group_sealed = fields.seal(Field::JobGroup, &row, job.group.as_bytes())?;
         let dedup_key = job
             .dedup_key
@@ -281,10 +282,11 @@ impl JobQueue for SqliteQueue {
                 return Err(QueueError::GroupQuota { live, limit });
             }
         }
+        crate::fairness::join_queue(&mut tx, &share_index, &group_index).await?;
         sqlx::query(
             "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
-                status, max_attempts, created_at, updated_at, group_sealed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10)",
+                status, max_attempts, created_at, updated_at, group_sealed, share_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10, ?11)",
         )
         .bind(&row)
         .bind(&job.owner)
@@ -296,12 +298,9 @@ impl JobQueue for SqliteQueue {
         .bind(job.max_attempts.max(1) as i64)
         .bind(now)
         .bind(&group_sealed)
+        .bind(&share_index)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO groups (name, last_served) VALUES (?1, 0) ON CONFLICT DO NOTHING")
-            .bind(&group_index)
-            .execute(&mut *tx)
-            .await?;
         crate::outbox::write_replies(&mut tx, fields, &row, &job.replies, now).await?;
         tx.commit().await?;
         // Wake local waiters only after the commit: what they lease must be there.
@@ -325,40 +324,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn position(&self, id: JobId) -> Result<Option<u64>, QueueError> {
-        // A job with k queued jobs ahead in its own group is leased after those k, and after
-        // up to k jobs of every other group (k + 1 for groups whose turn comes before its own
-        // group's in the current round), which take their turns in between.
-        let row = sqlx::query(
-            "WITH me AS (SELECT group_key, seq FROM jobs WHERE id = ?1 AND status = 'queued'),
-                  k AS (SELECT COUNT(*) AS c FROM jobs, me
-                        WHERE jobs.status = 'queued' AND jobs.group_key = me.group_key
-                          AND jobs.seq < me.seq),
-                  turn AS (SELECT COALESCE(g.last_served, 0) AS served,
-                                  (SELECT MIN(j.seq) FROM jobs j
-                                   WHERE j.status = 'queued' AND j.group_key = me.group_key) AS head
-                           FROM me LEFT JOIN groups g ON g.name = me.group_key),
-                  others AS (SELECT COUNT(*) AS n, MIN(jobs.seq) AS head,
-                                    COALESCE(MAX(g.last_served), 0) AS served
-                        FROM jobs CROSS JOIN me LEFT JOIN groups g ON g.name = jobs.group_key
-                        WHERE jobs.status = 'queued' AND jobs.group_key <> me.group_key
-                        GROUP BY jobs.group_key)
-             SELECT (SELECT COUNT(*) FROM me) AS found,
-                    (SELECT c FROM k) AS ahead_in_group,
-                    (SELECT COALESCE(SUM(MIN(o.n, (SELECT c FROM k) +
-                        CASE WHEN o.served < t.served OR (o.served = t.served AND o.head < t.head)
-                             THEN 1 ELSE 0 END)), 0)
-                     FROM others o, turn t) AS ahead_elsewhere",
-        )
-        .bind(id.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        let found: i64 = row.try_get("found")?;
-        if found == 0 {
-            return Ok(None);
-        }
-        let own: i64 = row.try_get("ahead_in_group")?;
-        let others: i64 = row.try_get("ahead_elsewhere")?;
-        Ok(Some((own + others) as u64))
+        Ok(self.positions(&[id]).await?.pop().flatten())
     }
 
     async fn lease(
@@ -558,21 +524,22 @@ impl JobQueue for SqliteQueue {
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let now = self.now();
+        // Counters and the ends of two indexes: the cost does not grow with the queue or its
+        // history.
         let row = sqlx::query(
-            "SELECT
-                (SELECT COUNT(*) FROM jobs WHERE status = 'queued') AS queued,
-                (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
-                (SELECT MIN(created_at) FROM jobs WHERE status = 'queued') AS oldest,
+            "SELECT c.queued, c.running,
+                (SELECT created_at FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) AS oldest,
                 (SELECT AVG(finished_at - started_at) FROM
                     (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run",
+                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run
+             FROM queue_counts c",
         )
         .fetch_one(&self.pool)
         .await?;
         let oldest: Option<i64> = row.try_get("oldest")?;
         Ok(QueueStats {
-            queued: row.try_get::<i64, _>("queued")? as u64,
-            running: row.try_get::<i64, _>("running")? as u64,
+            queued: row.try_get::<i64, _>("queued")?.max(0) as u64,
+            running: row.try_get::<i64, _>("running")?.max(0) as u64,
             oldest_queued_age_ms: oldest.map(|t| (now - t).max(0)),
             recent_run_ms: row.try_get("recent_run")?,
         })
@@ -615,33 +582,51 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn positions(&self, ids: &[JobId]) -> Result<Vec<Option<u64>>, QueueError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut conn = self.pool.acquire().await?;
+        // One read: the jobs asked about, and the counters of whoever waits with them.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut shares: Option<Vec<crate::fairness::Turn>> = None;
+        let mut groups_of: std::collections::HashMap<String, Vec<crate::fairness::Turn>> =
+            std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(
+                "SELECT group_key, share_key, seq FROM jobs WHERE id = ?1 AND status = 'queued'",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                out.push(None);
+                continue;
+            };
+            let group: String = row.try_get("group_key")?;
+            let share: String = row.try_get("share_key")?;
+            let seq: i64 = row.try_get("seq")?;
+            let ahead: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND group_key = ?1 AND seq < ?2",
+            )
+            .bind(&group)
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !groups_of.contains_key(&share) || shares.is_none() {
+                let (all, groups) = crate::fairness::turns(&mut tx, &share).await?;
+                shares = Some(all);
+                groups_of.insert(share.clone(), groups);
+            }
+            let all = shares.as_deref().unwrap_or_default();
+            let groups = groups_of.get(&share).map(Vec::as_slice).unwrap_or_default();
+            out.push(Some(crate::position::position(
+                ahead.max(0) as u64,
+                &group,
+                groups,
+                &share,
+                all,
+            )));
         }
-        // One pass over the queued jobs (the covering index on status, group, seq), then
-        // the same arithmetic as `position` for each job asked about.
-        let rows = sqlx::query(
-            "SELECT j.id, j.group_key, j.seq, COALESCE(g.last_served, 0) AS served FROM jobs j
-             LEFT JOIN groups g ON g.name = j.group_key
-             WHERE j.status = 'queued' ORDER BY j.group_key, j.seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut queued = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            queued.push(crate::position::Queued {
-                id,
-                group: row.try_get("group_key")?,
-                seq: row.try_get("seq")?,
-                served: row.try_get("served")?,
-            });
-        }
-        let order = crate::position::Order::new(queued);
-        Ok(ids
-            .iter()
-            .map(|id| order.position(&id.to_string()))
-            .collect())
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn wait_for_work(&self, timeout: Duration) {
@@ -665,19 +650,11 @@ impl SqliteQueue {
         sqlx::query(RECLAIM_SQL).bind(now).execute(&mut *tx).await?;
         let mut tokens = Vec::new();
         while tokens.len() < max {
-            let next = sqlx::query(
-                "SELECT j.id, j.group_key, j.batch_key FROM jobs j
-                 LEFT JOIN groups g ON g.name = j.group_key
-                 WHERE j.status = 'queued' AND (?1 IS NULL OR j.batch_key = ?1)
-                 ORDER BY COALESCE(g.last_served, 0), j.seq
-                 LIMIT 1",
-            )
-            .bind(&batch_key)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let next = match &batch_key {
+                None => crate::fairness::next_job(&mut tx).await?,
+                Some(key) => crate::fairness::next_compatible(&mut tx, key).await?,
+            };
             let Some(next) = next else { break };
-            let id: String = next.try_get("id")?;
-            let group: String = next.try_get("group_key")?;
             let lease_id = random_lease_id();
             sqlx::query(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
@@ -685,26 +662,20 @@ impl SqliteQueue {
                     progress_step = NULL, progress_total = NULL
                  WHERE id = ?1",
             )
-            .bind(&id)
+            .bind(&next.id)
             .bind(&lease_id)
             .bind(worker)
             .bind(until)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO groups (name, last_served) VALUES (?1, (SELECT COALESCE(MAX(last_served), 0) + 1 FROM groups))
-                 ON CONFLICT (name) DO UPDATE SET last_served = excluded.last_served",
-            )
-            .bind(&group)
-            .execute(&mut *tx)
-            .await?;
+            crate::fairness::took_turn(&mut tx, &next).await?;
             if batch_key.is_none() {
-                batch_key = Some(next.try_get("batch_key")?);
+                batch_key = Some(next.batch_key.clone());
             }
             tokens.push(LeaseToken {
-                job_id: id.parse().map_err(|e| QueueError::Corrupt {
-                    id: id.clone(),
+                job_id: next.id.parse().map_err(|e| QueueError::Corrupt {
+                    id: next.id.clone(),
                     reason: format!("id: {e}"),
                 })?,
                 lease_id,

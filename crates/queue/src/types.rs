@@ -5,7 +5,10 @@ use sparkle_core::{JobId, JobStatus, Progress, ValidImageRequest};
 pub struct NewJob {
     /// Who may see and cancel it (an API key id).
     pub owner: String,
-    /// Its fairness group: FIFO inside, round-robin across (the requesting user or key).
+    /// Its fairness share: shares take turns round-robin (an API key, or one Discord user).
+    pub share: String,
+    /// Its group inside the share: groups of one share take turns, FIFO inside each (an
+    /// API key's end user; the share itself when there is none).
     pub group: String,
     /// The client's `Idempotency-Key`, unique per owner.
     pub dedup_key: Option<String>,

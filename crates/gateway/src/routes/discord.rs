@@ -196,6 +196,8 @@ async fn submit(
     let limit = policy.max_live_per_user;
     let submission = Submission {
         owner: DISCORD_OWNER.to_string(),
+        // Each Discord user is a fair share of their own.
+        share: user_group(user),
         group: user_group(user),
         request,
         dedup_key: Some(format!("interaction:{}", interaction.id)),

@@ -90,7 +90,9 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
 pub struct Submission {
     /// Who may see and cancel the job (an API key id, or `discord`).
     pub owner: String,
-    /// Its fairness group.
+    /// Its fairness share (an API key, or one Discord user): shares take turns.
+    pub share: String,
+    /// Its group inside the share (an end user of the key): orders jobs inside the share only.
     pub group: String,
     pub request: ImageRequest,
     pub dedup_key: Option<String>,
@@ -113,7 +115,7 @@ pub async fn submit(
     webhook_url: Option<&str>,
 ) -> Result<Enqueued, ApiError> {
     caller.require(Scope::Generate)?;
-    // Fairness is per key, and per end user within a key when the client names one.
+    // The key is the fair share; an end user the client names only orders jobs inside it.
     let group = match end_user.map(str::trim).filter(|u| !u.is_empty()) {
         Some(user) => format!(
             "{}:{}",
@@ -131,6 +133,7 @@ pub async fn submit(
         state,
         Submission {
             owner: caller.0.id.clone(),
+            share: caller.0.id.clone(),
             group,
             request,
             dedup_key,
@@ -195,6 +198,7 @@ impl From<Refused> for ApiError {
 pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enqueued, Refused> {
     let Submission {
         owner,
+        share,
         group,
         request,
         dedup_key,
@@ -210,6 +214,7 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
         .queue
         .enqueue(NewJob {
             owner: owner.clone(),
+            share,
             group,
             dedup_key,
             fingerprint,
