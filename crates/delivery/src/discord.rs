@@ -338,7 +338,11 @@ impl DiscordChannel {
         }
         let mut stored = Vec::new();
         for index in 0..job.images {
-            match self.store.get(ImageKey { job: id, index }).await {
+            match self
+                .store
+                .get(ImageKey { job: id, index }, job.images_attempt)
+                .await
+            {
                 Ok(Some(png)) => stored.push(StoredImage {
                     stem: format!("sparkle-{}", job.request.seed_of(index)),
                     png: png.to_vec(),

@@ -5,9 +5,11 @@
 
 mod fairness;
 mod outbox;
+mod retention;
 
 use fairness::*;
 use outbox::*;
+use retention::*;
 
 use crate::{
     CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
@@ -47,6 +49,11 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
     }
 }
 
+/// An id no job has.
+pub(crate) fn new_job_id() -> sparkle_core::JobId {
+    sparkle_core::JobId::random()
+}
+
 type Check<Q> = fn(Q, ManualClock) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 macro_rules! checks {
@@ -67,6 +74,9 @@ checks!(
     heartbeat_extends_the_lease_and_records_progress,
     expired_leases_are_dead_lettered_after_max_attempts,
     failures_retry_then_dead_letter_or_fail_for_good,
+    a_retry_waiting_out_its_backoff_is_live_cancellable_and_comes_back,
+    a_wall_clock_jump_neither_expires_nor_revives_a_lease,
+    a_lease_from_before_a_reboot_has_expired,
     cancel_a_queued_job,
     cancel_a_running_job,
     a_stale_lease_cannot_complete,
@@ -85,6 +95,9 @@ checks!(
     settled_deliveries_say_where_they_stand,
     every_visible_change_moves_the_change_counter,
     positions_of_many_jobs_match_each_position,
+    a_finished_job_is_deleted_with_its_deliveries_and_a_live_one_is_not,
+    retention_removes_only_jobs_finished_before_the_horizon,
+    kept_images_name_the_attempt_that_made_them,
 );
 
 /// Runs every check, each against a fresh queue from `open`.
@@ -110,7 +123,7 @@ pub(crate) async fn lease_one<Q: JobQueue>(q: &Q, worker: &str) -> Option<crate:
     leases.pop()
 }
 
-async fn status<Q: JobQueue>(q: &Q, id: sparkle_core::JobId) -> JobStatus {
+pub(crate) async fn status<Q: JobQueue>(q: &Q, id: sparkle_core::JobId) -> JobStatus {
     q.get(id).await.expect("get").expect("job exists").status
 }
 
@@ -256,6 +269,7 @@ async fn lease_expires_exactly_at_its_boundary<Q: JobQueue>(q: Q, c: ManualClock
         job.error.as_ref().map(|e| e.code.as_str()),
         Some("lease_expired")
     );
+    c.advance_ms(300_000);
     let second = lease_one(&q, "w2").await.expect("leased again");
     assert_eq!(second.job.id, id);
     assert_eq!(second.job.attempts, 2);
@@ -313,6 +327,8 @@ async fn expired_leases_are_dead_lettered_after_max_attempts<Q: JobQueue>(q: Q, 
         assert_eq!((lease.job.id, lease.job.attempts), (id, attempt));
         c.advance_ms(1000);
         q.reclaim_expired().await.expect("reclaim");
+        // The retry waits out its backoff (at most five minutes).
+        c.advance_ms(300_000);
     }
     let job = q.get(id).await.expect("get").expect("exists");
     assert_eq!(job.status, JobStatus::DeadLettered);
@@ -325,10 +341,11 @@ async fn expired_leases_are_dead_lettered_after_max_attempts<Q: JobQueue>(q: Q, 
     assert_eq!(lease.job.request.prompt, "next");
 }
 
-async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c: ManualClock) {
+async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, c: ManualClock) {
     let flaky = Failure {
         code: "device_lost".into(),
         message: "GPU fell off".into(),
+        detail: Some("cudaErrorDevicesUnavailable at /srv/engine.rs:12".into()),
         retryable: true,
     };
     let id = q
@@ -345,7 +362,19 @@ async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c:
         q.fail(&lease.token, flaky.clone()).await.expect("fail"),
         JobStatus::Queued
     );
-    let lease = lease_one(&q, "w").await.expect("leased again");
+    assert!(
+        lease_one(&q, "w").await.is_none(),
+        "a retry is not leased again at once"
+    );
+    assert_eq!(
+        status(&q, id).await,
+        JobStatus::Queued,
+        "clients see it queued"
+    );
+    c.advance_ms(2_500);
+    let lease = lease_one(&q, "w")
+        .await
+        .expect("leased again after its backoff");
     assert_eq!(
         q.fail(&lease.token, flaky).await.expect("fail"),
         JobStatus::DeadLettered
@@ -366,6 +395,7 @@ async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c:
     let bad = Failure {
         code: "invalid_model".into(),
         message: "broken".into(),
+        detail: None,
         retryable: false,
     };
     assert_eq!(
@@ -378,6 +408,7 @@ async fn failures_retry_then_dead_letter_or_fail_for_good<Q: JobQueue>(q: Q, _c:
             &lease.token,
             Failure {
                 code: "x".into(),
+                detail: None,
                 message: "y".into(),
                 retryable: true
             }
@@ -448,6 +479,11 @@ async fn a_stale_lease_cannot_complete<Q: JobQueue>(q: Q, c: ManualClock) {
         .id;
     let stale = lease_one(&q, "w1").await.expect("leased");
     c.advance_ms(1000);
+    assert!(
+        lease_one(&q, "w2").await.is_none(),
+        "reclaimed, and waiting out its backoff"
+    );
+    c.advance_ms(300_000);
     let fresh = lease_one(&q, "w2").await.expect("reclaimed and leased");
     assert!(matches!(
         q.complete(&stale.token, 1).await,
@@ -566,4 +602,114 @@ pub(crate) async fn enqueue_many<Q: JobQueue>(
         );
     }
     ids
+}
+
+async fn a_retry_waiting_out_its_backoff_is_live_cancellable_and_comes_back<Q: JobQueue>(
+    q: Q,
+    c: ManualClock,
+) {
+    let flaky = Failure {
+        code: "store_unavailable".into(),
+        message: "the image store could not be written".into(),
+        detail: Some("/var/lib/sparkle/images: disk full".into()),
+        retryable: true,
+    };
+    let mut limited = new_job("alice", "first");
+    limited.owner_live_limit = Some(2);
+    let first = q.enqueue(limited.clone()).await.expect("enqueue").job.id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    q.fail(&lease.token, flaky.clone()).await.expect("fail");
+    let job = q.get(first).await.expect("get").expect("exists");
+    assert_eq!(job.status, JobStatus::Queued);
+    let error = job.error.expect("the reason is kept");
+    assert_eq!(error.code, "store_unavailable");
+    assert!(
+        !error.message.contains('/'),
+        "a client-facing message names no path: {}",
+        error.message
+    );
+
+    // Waiting for its retry, it still counts against its owner's live jobs.
+    limited.request.prompt = "second".into();
+    limited.fingerprint = "alice/second".into();
+    q.enqueue(limited.clone()).await.expect("second fits");
+    limited.request.prompt = "third".into();
+    limited.fingerprint = "alice/third".into();
+    assert!(matches!(
+        q.enqueue(limited).await,
+        Err(QueueError::OwnerQuota { live: 2, limit: 2 })
+    ));
+
+    // Its wait ends with no worker leasing: reclaiming makes it queued again.
+    let second = lease_one(&q, "w").await.expect("the other job is leasable");
+    assert_ne!(second.job.id, first);
+    c.advance_ms(2_500);
+    q.reclaim_expired().await.expect("reclaim");
+    assert_eq!(q.position(first).await.expect("position"), Some(0));
+
+    // And one waiting can be cancelled.
+    let lease = lease_one(&q, "w").await.expect("leased again");
+    assert_eq!(lease.job.id, first);
+    q.fail(&lease.token, flaky).await.expect("fail again");
+    assert_eq!(
+        q.cancel(first).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    c.advance_ms(600_000);
+    q.reclaim_expired().await.expect("reclaim");
+    assert_eq!(status(&q, first).await, JobStatus::Cancelled);
+}
+
+async fn a_wall_clock_jump_neither_expires_nor_revives_a_lease<Q: JobQueue>(q: Q, c: ManualClock) {
+    let id = q
+        .enqueue(new_job("alice", "a corgi"))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    let lease = lease_one(&q, "w").await.expect("leased");
+    // Forward an hour: the lease (one second long) is still live.
+    c.jump_wall_ms(T0 + 3_600_000);
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
+    assert_eq!(
+        q.heartbeat(&lease.token, None, VIS)
+            .await
+            .expect("heartbeat"),
+        HeartbeatOutcome::Continue
+    );
+    // Back two hours, then the lease's second passes: it has expired all the same.
+    c.jump_wall_ms(T0 - 7_200_000);
+    c.advance_ms(1_001);
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 1);
+    assert!(matches!(
+        q.complete(&lease.token, 1).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    assert_eq!(status(&q, id).await, JobStatus::Queued);
+}
+
+async fn a_lease_from_before_a_reboot_has_expired<Q: JobQueue>(q: Q, c: ManualClock) {
+    q.enqueue(new_job("alice", "a corgi"))
+        .await
+        .expect("enqueue");
+    let lease = lease_one(&q, "w").await.expect("leased");
+    // Long-lived, then the host boots again: its monotonic clock starts near zero.
+    assert_eq!(
+        q.heartbeat(&lease.token, None, Duration::from_secs(3_600))
+            .await
+            .expect("heartbeat"),
+        HeartbeatOutcome::Continue
+    );
+    c.reboot();
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 1);
+    assert!(matches!(
+        q.heartbeat(&lease.token, None, VIS).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    // Leases of the new boot work as ever.
+    c.advance_ms(300_000);
+    let again = lease_one(&q, "w2").await.expect("leased again");
+    c.advance_ms(999);
+    assert_eq!(q.reclaim_expired().await.expect("reclaim"), 0);
+    q.complete(&again.token, 1).await.expect("complete");
 }

@@ -22,6 +22,8 @@ pub enum Field {
     JobDedup,
     /// `jobs.request_hash`: the request's fingerprint (blind index).
     JobFingerprint,
+    /// `jobs.error_detail`: why an attempt failed, in detail (sealed).
+    JobErrorDetail,
     /// `deliveries.payload`: what a reply channel needs to answer (sealed).
     ReplyPayload,
     /// `deliveries.state`: what a reply channel last sent (sealed).
@@ -38,6 +40,7 @@ impl Field {
             Field::JobGroup => "jobs.group",
             Field::JobDedup => "jobs.dedup_key",
             Field::JobFingerprint => "jobs.request_hash",
+            Field::JobErrorDetail => "jobs.error_detail",
             Field::ReplyPayload => "deliveries.payload",
             Field::ReplyState => "deliveries.state",
             Field::WebhookSecret => "api_keys.webhook_secret",

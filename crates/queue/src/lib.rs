@@ -141,4 +141,15 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// The [`position`](JobQueue::position) of each of `ids`, from one read of the queue.
     async fn positions(&self, ids: &[JobId]) -> Result<Vec<Option<u64>>, QueueError>;
+
+    /// Deletes a finished job with everything kept of it (its sealed fields, its
+    /// deliveries); a live job is left as it is. The caller removes its images.
+    async fn delete_finished(&self, id: JobId) -> Result<DeleteOutcome, QueueError>;
+
+    /// Deletes up to `max` jobs that finished before `before_ms` (oldest first) with their
+    /// deliveries, returning their ids so that their images can be removed.
+    async fn purge_finished(&self, before_ms: i64, max: u32) -> Result<Vec<JobId>, QueueError>;
+
+    /// Which images each of `ids` keeps, for a sweep of orphaned images.
+    async fn kept_images(&self, ids: &[JobId]) -> Result<Vec<KeptImages>, QueueError>;
 }

@@ -9,8 +9,8 @@
 
 use crate::fields::{Field, FieldCipher};
 use crate::{
-    CancelOutcome, Clock, Enqueued, Failure, HeartbeatOutcome, Job, JobError, JobQueue, Lease,
-    LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
+    CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobError,
+    JobQueue, KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
 };
 use async_trait::async_trait;
 use sparkle_core::{JobId, JobStatus, Progress};
@@ -33,7 +33,13 @@ pub struct SqliteOptions {
     pub migrate: bool,
     pub max_connections: u32,
     pub busy_timeout: Duration,
+    /// How long a retryable failure waits before its next lease: doubled with each attempt
+    /// (at most [`MAX_RETRY_BACKOFF`]), ±20 % jitter.
+    pub retry_backoff: Duration,
 }
+
+/// The longest a retry waits.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -41,6 +47,7 @@ impl Default for SqliteOptions {
             migrate: true,
             max_connections: 8,
             busy_timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_secs(2),
         }
     }
 }
@@ -53,6 +60,9 @@ pub struct SqliteQueue {
     work: Arc<Notify>,
     /// Woken after each commit of this process that changes a job.
     changed: Arc<Notify>,
+    retry_backoff_ms: i64,
+    /// This boot's offset onto the lease clock, once read (see [`SqliteQueue::lease_now`]).
+    lease_epoch: Arc<std::sync::Mutex<Option<(String, i64)>>>,
 }
 
 impl std::fmt::Debug for SqliteQueue {
@@ -99,6 +109,8 @@ impl SqliteQueue {
             fields,
             work: Arc::new(Notify::new()),
             changed: Arc::new(Notify::new()),
+            retry_backoff_ms: options.retry_backoff.as_millis().min(i64::MAX as u128) as i64,
+            lease_epoch: Arc::default(),
         };
         if options.migrate {
             queue.seal_plain_rows().await?;
@@ -119,11 +131,61 @@ impl SqliteQueue {
     fn now(&self) -> i64 {
         self.clock.now_ms()
     }
+
+    /// Now on the lease clock: the host's monotonic clock plus an offset per boot, stored in
+    /// the database. A boot's offset is past every lease written before it, so a lease from
+    /// an earlier boot has expired, and no wall-clock jump moves a lease.
+    pub(crate) async fn lease_now(&self) -> Result<i64, QueueError> {
+        let boot = self.clock.boot_id();
+        let known = {
+            let epoch = self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner());
+            epoch
+                .as_ref()
+                .filter(|(b, _)| *b == boot)
+                .map(|(_, offset)| *offset)
+        };
+        let offset = match known {
+            Some(offset) => offset,
+            None => {
+                let offset = self.lease_offset(&boot).await?;
+                *self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some((boot, offset));
+                offset
+            }
+        };
+        Ok(offset.saturating_add(self.clock.monotonic_ms()))
+    }
+
+    /// The offset of boot `boot`, recorded by the first process of that boot to ask.
+    async fn lease_offset(&self, boot: &str) -> Result<i64, QueueError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT offset_ms FROM lease_epochs WHERE boot_id = ?1")
+                .bind(boot)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(offset) = known {
+            return Ok(offset);
+        }
+        let offset: i64 = sqlx::query_scalar(
+            "SELECT MAX(
+                (SELECT COALESCE(MAX(lease_until), 0) FROM jobs WHERE status = 'running'),
+                (SELECT COALESCE(MAX(offset_ms), 0) FROM lease_epochs)) + 1",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO lease_epochs (boot_id, offset_ms) VALUES (?1, ?2)")
+            .bind(boot)
+            .bind(offset)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(offset)
+    }
 }
 
 const JOB_COLUMNS: &str = "id, owner, group_sealed, status, request, attempts, max_attempts, \
     progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
-    finished_at, revision";
+    finished_at, revision, images_attempt";
 
 /// Opens a sealed text column of the row `id`.
 pub(crate) fn open_text(
@@ -166,7 +228,7 @@ fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueE
         id: id.parse().map_err(|e| corrupt(format!("id: {e}")))?,
         owner: row.try_get("owner")?,
         group: open_text(fields, Field::JobGroup, &id, &group)?,
-        status: status.parse().map_err(corrupt)?,
+        status: stored_status(&status).map_err(corrupt)?,
         request: serde_json::from_str(&request).map_err(|e| corrupt(format!("request: {e}")))?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
@@ -186,22 +248,66 @@ fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueE
         started_at_ms: row.try_get("started_at")?,
         finished_at_ms: row.try_get("finished_at")?,
         revision: row.try_get::<i64, _>("revision")?.max(0) as u64,
+        images_attempt: row
+            .try_get::<Option<i64>, _>("images_attempt")?
+            .map(|a| a.max(0) as u32),
     })
+}
+
+/// A stored status as clients see it: a retry waiting for its time is queued.
+fn stored_status(text: &str) -> Result<JobStatus, String> {
+    match text {
+        "retry_wait" => Ok(JobStatus::Queued),
+        other => other.parse(),
+    }
 }
 
 fn random_lease_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// SQL that queues again or dead-letters every running job whose lease ended at or before `?1`.
+/// SQL that queues again or dead-letters every running job whose lease ended at or before
+/// `?4` on the lease clock (`?1`: the wall clock, `?2`/`?3`: the retry backoff and its cap).
 const RECLAIM_SQL: &str = "UPDATE jobs SET
-        status = CASE WHEN attempts >= max_attempts THEN 'dead_lettered' ELSE 'queued' END,
+        status = CASE WHEN attempts >= max_attempts THEN 'dead_lettered' ELSE 'retry_wait' END,
+        available_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE ?1 +
+            MIN(?2 << MIN(MAX(attempts - 1, 0), 20), ?3) * (80 + ABS(RANDOM()) % 41) / 100 END,
         error_code = 'lease_expired',
         error_message = 'the worker stopped heartbeating (attempt ' || attempts || ' of ' || max_attempts || ')',
         finished_at = CASE WHEN attempts >= max_attempts THEN ?1 ELSE NULL END,
         lease_id = NULL, lease_owner = NULL, lease_until = NULL,
         progress_step = NULL, progress_total = NULL, updated_at = ?1
-    WHERE status = 'running' AND lease_until <= ?1";
+    WHERE status = 'running' AND lease_until <= ?4";
+
+/// Deletes job `id` and its deliveries, in the caller's transaction.
+async fn delete_job_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: &str,
+) -> Result<(), QueueError> {
+    sqlx::query("DELETE FROM deliveries WHERE job_id = ?1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM jobs WHERE id = ?1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// `value` bound to `owner`, for a blind index that differs between owners.
+fn owned(owner: &str, value: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(4 + owner.len() + value.len());
+    bytes.extend_from_slice(&(owner.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(owner.as_bytes());
+    bytes.extend_from_slice(value.as_bytes());
+    bytes
+}
+
+/// SQL that queues again every retry whose wait is over at `?1`.
+const RETRIES_DUE_SQL: &str =
+    "UPDATE jobs SET status = 'queued', available_at = NULL, updated_at = ?1
+    WHERE status = 'retry_wait' AND available_at <= ?1";
 
 #[async_trait]
 impl JobQueue for SqliteQueue {
@@ -209,7 +315,10 @@ impl JobQueue for SqliteQueue {
         let fields = &*self.fields;
         let id = JobId::random();
         let row = id.to_string();
-        let hash = &fields.blind(Field::JobFingerprint, job.fingerprint.as_bytes());
+        // Keyed per owner: identical requests of two owners store different hashes. Rows
+        // written before were keyed by the value alone, and still match.
+        let hash = &fields.blind(Field::JobFingerprint, &owned(&job.owner, &job.fingerprint));
+        let legacy_hash = &fields.blind(Field::JobFingerprint, job.fingerprint.as_bytes());
         let request =
             zeroize::Zeroizing::new(serde_json::to_string(&job.request).map_err(|e| {
                 QueueError::Corrupt {
@@ -224,20 +333,26 @@ impl JobQueue for SqliteQueue {
         let dedup_key = job
             .dedup_key
             .as_ref()
+            .map(|key| fields.blind(Field::JobDedup, &owned(&job.owner, key)));
+        let legacy_dedup_key = job
+            .dedup_key
+            .as_ref()
             .map(|key| fields.blind(Field::JobDedup, key.as_bytes()));
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(key) = &dedup_key {
             let existing = sqlx::query(&format!(
-                "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE owner = ?1 AND dedup_key = ?2"
+                "SELECT {JOB_COLUMNS}, request_hash FROM jobs
+                 WHERE owner = ?1 AND dedup_key IN (?2, ?3)"
             ))
             .bind(&job.owner)
             .bind(key)
+            .bind(&legacy_dedup_key)
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(row) = existing {
                 let stored_hash: String = row.try_get("request_hash")?;
-                if &stored_hash != hash {
+                if &stored_hash != hash && &stored_hash != legacy_hash {
                     return Err(QueueError::IdempotencyConflict);
                 }
                 return Ok(Enqueued {
@@ -249,10 +364,10 @@ impl JobQueue for SqliteQueue {
         // Every limit is counted in the same write transaction as the insert: two submits
         // cannot both slip in under it.
         if let Some(limit) = job.max_queued {
-            let queued: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-                    .fetch_one(&mut *tx)
-                    .await?;
+            // The counter kept by triggers: its cost does not grow with the queue.
+            let queued: i64 = sqlx::query_scalar("SELECT queued FROM queue_counts")
+                .fetch_one(&mut *tx)
+                .await?;
             let queued = queued.max(0) as u64;
             if queued >= limit {
                 return Err(QueueError::QueueFull { queued, limit });
@@ -260,7 +375,7 @@ impl JobQueue for SqliteQueue {
         }
         if let Some(limit) = job.owner_live_limit {
             let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'running')",
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'retry_wait', 'running')",
             )
             .bind(&job.owner)
             .fetch_one(&mut *tx)
@@ -272,7 +387,7 @@ impl JobQueue for SqliteQueue {
         }
         if let Some(limit) = job.group_live_limit {
             let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'running')",
+                "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'retry_wait', 'running')",
             )
             .bind(&group_index)
             .fetch_one(&mut *tx)
@@ -354,12 +469,13 @@ impl JobQueue for SqliteQueue {
         visibility: Duration,
     ) -> Result<HeartbeatOutcome, QueueError> {
         let now = self.now();
-        let until = now + visibility.as_millis() as i64;
+        let lease_now = self.lease_now().await?;
+        let until = lease_now + visibility.as_millis() as i64;
         let updated = sqlx::query(
             "UPDATE jobs SET lease_until = ?3, updated_at = ?4,
                 progress_step = COALESCE(?5, progress_step),
                 progress_total = COALESCE(?6, progress_total)
-             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?4",
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?7",
         )
         .bind(lease.job_id.to_string())
         .bind(&lease.lease_id)
@@ -367,6 +483,7 @@ impl JobQueue for SqliteQueue {
         .bind(now)
         .bind(progress.map(|p| p.step as i64))
         .bind(progress.map(|p| p.total as i64))
+        .bind(lease_now)
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 1 {
@@ -390,16 +507,18 @@ impl JobQueue for SqliteQueue {
 
     async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError> {
         let now = self.now();
+        let lease_now = self.lease_now().await?;
         let updated = sqlx::query(
             "UPDATE jobs SET status = 'succeeded', images = ?3, finished_at = ?4, updated_at = ?4,
-                error_code = NULL, error_message = NULL, lease_until = NULL,
-                progress_step = progress_total
-             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?4",
+                error_code = NULL, error_message = NULL, error_detail = NULL, lease_until = NULL,
+                progress_step = progress_total, images_attempt = attempts
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?5",
         )
         .bind(lease.job_id.to_string())
         .bind(&lease.lease_id)
         .bind(images as i64)
         .bind(now)
+        .bind(lease_now)
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 1 {
@@ -412,24 +531,39 @@ impl JobQueue for SqliteQueue {
 
     async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, QueueError> {
         let now = self.now();
+        let row = lease.job_id.to_string();
+        let detail = failure
+            .detail
+            .as_deref()
+            .map(|d| self.fields.seal(Field::JobErrorDetail, &row, d.as_bytes()))
+            .transpose()?;
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 80..=120);
+        let lease_now = self.lease_now().await?;
         let row = sqlx::query(
             "UPDATE jobs SET
                 status = CASE WHEN ?3 = 0 THEN 'failed'
                               WHEN attempts >= max_attempts THEN 'dead_lettered'
-                              ELSE 'queued' END,
+                              ELSE 'retry_wait' END,
+                available_at = CASE WHEN ?3 = 0 OR attempts >= max_attempts THEN NULL
+                    ELSE ?6 + MIN(?7 << MIN(MAX(attempts - 1, 0), 20), ?8) * ?9 / 100 END,
                 finished_at = CASE WHEN ?3 = 0 OR attempts >= max_attempts THEN ?6 ELSE NULL END,
-                error_code = ?4, error_message = ?5,
+                error_code = ?4, error_message = ?5, error_detail = ?10,
                 lease_id = NULL, lease_owner = NULL, lease_until = NULL,
                 progress_step = NULL, progress_total = NULL, updated_at = ?6
-             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?6
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?11
              RETURNING status",
         )
-        .bind(lease.job_id.to_string())
+        .bind(&row)
         .bind(&lease.lease_id)
         .bind(failure.retryable as i64)
         .bind(&failure.code)
         .bind(&failure.message)
         .bind(now)
+        .bind(self.retry_backoff_ms)
+        .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
+        .bind(jitter)
+        .bind(&detail)
+        .bind(lease_now)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
@@ -437,10 +571,7 @@ impl JobQueue for SqliteQueue {
         };
         let status: String = row.try_get("status")?;
         self.changed.notify_waiters();
-        if status == "queued" {
-            self.work.notify_waiters();
-        }
-        status.parse().map_err(|reason| QueueError::Corrupt {
+        stored_status(&status).map_err(|reason| QueueError::Corrupt {
             id: lease.job_id.to_string(),
             reason,
         })
@@ -452,11 +583,12 @@ impl JobQueue for SqliteQueue {
             "UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0),
                 lease_id = NULL, lease_owner = NULL, lease_until = NULL,
                 progress_step = NULL, progress_total = NULL, started_at = NULL, updated_at = ?3
-             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?3",
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?4",
         )
         .bind(lease.job_id.to_string())
         .bind(&lease.lease_id)
         .bind(now)
+        .bind(self.lease_now().await?)
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() == 1 {
@@ -478,7 +610,7 @@ impl JobQueue for SqliteQueue {
         let Some(status) = status else {
             return Ok(CancelOutcome::NotFound);
         };
-        let status: JobStatus = status.parse().map_err(|reason| QueueError::Corrupt {
+        let status = stored_status(&status).map_err(|reason| QueueError::Corrupt {
             id: id.to_string(),
             reason,
         })?;
@@ -500,12 +632,99 @@ impl JobQueue for SqliteQueue {
         Ok(CancelOutcome::Cancelled)
     }
 
-    async fn reclaim_expired(&self) -> Result<u64, QueueError> {
-        let done = sqlx::query(RECLAIM_SQL)
-            .bind(self.now())
-            .execute(&self.pool)
+    async fn delete_finished(&self, id: JobId) -> Result<DeleteOutcome, QueueError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
             .await?;
-        if done.rows_affected() > 0 {
+        let Some(status) = status else {
+            return Ok(DeleteOutcome::NotFound);
+        };
+        let status = stored_status(&status).map_err(|reason| QueueError::Corrupt {
+            id: id.to_string(),
+            reason,
+        })?;
+        if !status.is_final() {
+            return Ok(DeleteOutcome::Live(status));
+        }
+        delete_job_rows(&mut tx, &id.to_string()).await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted)
+    }
+
+    async fn purge_finished(&self, before_ms: i64, max: u32) -> Result<Vec<JobId>, QueueError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs INDEXED BY jobs_by_finish
+             WHERE status IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')
+               AND finished_at < ?1
+             ORDER BY finished_at LIMIT ?2",
+        )
+        .bind(before_ms)
+        .bind(i64::from(max))
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            delete_job_rows(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        ids.iter()
+            .map(|id| {
+                id.parse().map_err(|e| QueueError::Corrupt {
+                    id: id.clone(),
+                    reason: format!("id: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    async fn kept_images(&self, ids: &[JobId]) -> Result<Vec<KeptImages>, QueueError> {
+        let mut kept = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row =
+                sqlx::query("SELECT status, attempts, images_attempt FROM jobs WHERE id = ?1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            kept.push(match row {
+                None => KeptImages::Nothing,
+                Some(row) => {
+                    let status: String = row.try_get("status")?;
+                    let attempts = row.try_get::<i64, _>("attempts")?.max(0) as u32;
+                    let made_by = row
+                        .try_get::<Option<i64>, _>("images_attempt")?
+                        .map(|a| a.max(0) as u32);
+                    match status.as_str() {
+                        "succeeded" => KeptImages::Attempt(made_by),
+                        "running" => KeptImages::Attempt(Some(attempts)),
+                        _ => KeptImages::Nothing,
+                    }
+                }
+            });
+        }
+        Ok(kept)
+    }
+
+    async fn reclaim_expired(&self) -> Result<u64, QueueError> {
+        let now = self.now();
+        let lease_now = self.lease_now().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let done = sqlx::query(RECLAIM_SQL)
+            .bind(now)
+            .bind(self.retry_backoff_ms)
+            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
+            .bind(lease_now)
+            .execute(&mut *tx)
+            .await?;
+        // Retries whose wait is over become visible to the scaler even with no worker
+        // leasing.
+        let due = sqlx::query(RETRIES_DUE_SQL)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if done.rows_affected() + due.rows_affected() > 0 {
             self.work.notify_waiters();
             self.changed.notify_waiters();
         }
@@ -514,7 +733,7 @@ impl JobQueue for SqliteQueue {
 
     async fn live_in_group(&self, group: &str) -> Result<u64, QueueError> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'running')",
+            "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'retry_wait', 'running')",
         )
         .bind(self.fields.blind(Field::JobGroup, group.as_bytes()))
         .fetch_one(&self.pool)
@@ -645,9 +864,20 @@ impl SqliteQueue {
         mut batch_key: Option<String>,
     ) -> Result<Vec<Lease>, QueueError> {
         let now = self.now();
-        let until = now + visibility.as_millis() as i64;
+        let lease_now = self.lease_now().await?;
+        let until = lease_now + visibility.as_millis() as i64;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(RECLAIM_SQL).bind(now).execute(&mut *tx).await?;
+        sqlx::query(RECLAIM_SQL)
+            .bind(now)
+            .bind(self.retry_backoff_ms)
+            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
+            .bind(lease_now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(RETRIES_DUE_SQL)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let mut tokens = Vec::new();
         while tokens.len() < max {
             let next = match &batch_key {
@@ -721,6 +951,63 @@ mod tests {
             }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn identical_requests_of_two_owners_store_different_hashes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SqliteQueue::open(
+            &dir.path().join("q.db"),
+            &SqliteOptions::default(),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
+        for owner in ["alice", "bob"] {
+            let mut job = crate::conformance::new_job(owner, "a corgi");
+            job.fingerprint = "the same request".into();
+            job.dedup_key = Some("the same key".into());
+            q.enqueue(job).await.expect("enqueue");
+        }
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT request_hash, dedup_key FROM jobs ORDER BY owner")
+                .fetch_all(&q.pool)
+                .await
+                .expect("rows");
+        assert_ne!(rows[0].0, rows[1].0, "request hashes are keyed per owner");
+        assert_ne!(rows[0].1, rows[1].1, "idempotency keys are keyed per owner");
+    }
+
+    #[tokio::test]
+    async fn a_job_hashed_before_owner_keying_is_still_found_by_its_idempotency_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SqliteQueue::open(
+            &dir.path().join("q.db"),
+            &SqliteOptions::default(),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
+        let mut job = crate::conformance::new_job("alice", "a corgi");
+        job.dedup_key = Some("key-1".into());
+        let first = q.enqueue(job.clone()).await.expect("enqueue").job.id;
+        // As an earlier version stored it: hashed by the value alone.
+        sqlx::query("UPDATE jobs SET request_hash = ?1, dedup_key = ?2")
+            .bind(
+                q.fields
+                    .blind(Field::JobFingerprint, job.fingerprint.as_bytes()),
+            )
+            .bind(q.fields.blind(Field::JobDedup, b"key-1"))
+            .execute(&q.pool)
+            .await
+            .expect("rewrite");
+        let again = q.enqueue(job.clone()).await.expect("again");
+        assert_eq!((again.job.id, again.created), (first, false));
+        job.fingerprint = "another request".into();
+        assert!(matches!(
+            q.enqueue(job).await,
+            Err(QueueError::IdempotencyConflict)
+        ));
     }
 
     #[tokio::test]

@@ -47,6 +47,9 @@ pub struct Job {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// The attempt the job's images were made by (their names include it); `None` for
+    /// jobs that have none, or completed before images were named by attempt.
+    pub images_attempt: Option<u32>,
     /// The change counter at the job's last visible change (see [`JobQueue::changed_since`](crate::JobQueue::changed_since)).
     pub revision: u64,
 }
@@ -89,10 +92,32 @@ pub enum HeartbeatOutcome {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub code: String,
+    /// What a client is told: names no server path and no internal error.
     pub message: String,
+    /// What went wrong in detail, for operators (sealed at rest, never shown to clients).
+    pub detail: Option<String>,
     /// A fault another attempt may not meet (out of memory, a lost device), as opposed to a
     /// request that can never be generated.
     pub retryable: bool,
+}
+
+/// What [`JobQueue::delete_finished`](crate::JobQueue::delete_finished) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    /// The job is queued or running (cancel it first); nothing changed.
+    Live(JobStatus),
+    NotFound,
+}
+
+/// The images a job keeps, as a sweep of orphaned images needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeptImages {
+    /// None: the job is gone, failed or was cancelled, or is waiting for an attempt.
+    Nothing,
+    /// Those made by this attempt (`None`: named before attempts named images): the
+    /// attempt that completed the job, or the one running now.
+    Attempt(Option<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,6 +51,29 @@ pub struct Config {
     pub discord: DiscordConfig,
     pub webhooks: WebhooksConfig,
     pub encryption: EncryptionConfig,
+    pub retention: RetentionConfig,
+}
+
+/// How long finished jobs are kept. A finished job can also be deleted at once with
+/// `DELETE /v1/jobs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days a finished job (its record, sealed fields, deliveries and images) is kept after
+    /// it finished; 0 keeps them forever.
+    pub days: u64,
+    /// Seconds between passes that remove expired jobs and images no job keeps (left by an
+    /// attempt that lost its lease, or by a process that stopped mid-way).
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            days: 30,
+            interval_secs: 3600,
+        }
+    }
 }
 
 /// Webhooks (`webhook_url` on `POST /v1/jobs`), signed as the Standard Webhooks
@@ -295,6 +318,9 @@ pub struct QueueConfig {
     pub max_queued_jobs: u64,
     /// Seconds the synchronous OpenAI route waits for its images.
     pub sync_timeout_secs: u64,
+    /// Seconds a retryable failure waits before the job's next attempt, doubled with each
+    /// attempt (at most 5 minutes) and jittered by ±20 %.
+    pub retry_backoff_secs: u64,
 }
 
 impl Default for QueueConfig {
@@ -304,6 +330,7 @@ impl Default for QueueConfig {
             max_attempts: 3,
             max_queued_jobs: 10_000,
             sync_timeout_secs: 600,
+            retry_backoff_secs: 2,
         }
     }
 }
@@ -382,6 +409,7 @@ impl Default for Config {
             discord: DiscordConfig::default(),
             webhooks: WebhooksConfig::default(),
             encryption: EncryptionConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -478,6 +506,21 @@ impl Config {
         }
         if w.retry_delays_secs.len() > 32 || w.retry_delays_secs.iter().any(|&d| d > 7 * 86_400) {
             bail!("webhooks.retry_delays_secs may hold at most 32 delays of at most 7 days each");
+        }
+        if self.retention.interval_secs == 0 {
+            bail!("retention.interval_secs must be at least 1");
+        }
+        if self.retention.days > 36_500 {
+            bail!(
+                "retention.days must be at most 36500 (0 keeps jobs forever); got {}",
+                self.retention.days
+            );
+        }
+        if self.queue.retry_backoff_secs > 300 {
+            bail!(
+                "queue.retry_backoff_secs must be at most 300; got {}",
+                self.queue.retry_backoff_secs
+            );
         }
         let g = &self.gateway;
         if g.max_event_streams == 0 || g.max_event_streams_per_key == 0 {

@@ -6,6 +6,7 @@ mod audit;
 mod cmd;
 mod config;
 mod keyring;
+mod retention;
 mod runtime;
 mod secrets;
 

@@ -20,7 +20,7 @@ use object_store::{local::LocalFileSystem, path::Path as ObjectPath, ObjectStore
 use seal::{KeyId, Keys, SealError};
 use sparkle_core::JobId;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,28 +34,75 @@ pub enum StoreError {
     Backend(#[from] object_store::Error),
     #[error("image {name}: {source}")]
     Seal { name: String, source: SealError },
+    #[error("image {name} could not be synced to disk: {source}")]
+    Sync {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
-/// Where image `index` of a job lives.
+/// Which image of a job: what links and clients name. Where it is stored also depends on the
+/// attempt that made it (see [`ImageStore::put`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageKey {
     pub job: JobId,
     pub index: u32,
 }
 
-impl ImageKey {
-    fn path(&self) -> ObjectPath {
-        ObjectPath::from(format!("images/{}/{}.png", self.job, self.index))
+/// Where image `key`, made by `attempt`, lives: `images/{job}/a{attempt}/{index}.png`, so an
+/// attempt that lost its lease never overwrites the images another attempt completed the
+/// job with. Images stored before attempts named them (`attempt` `None`) live at
+/// `images/{job}/{index}.png`.
+fn object_path(key: ImageKey, attempt: Option<u32>) -> ObjectPath {
+    match attempt {
+        Some(a) => ObjectPath::from(format!("images/{}/a{a}/{}.png", key.job, key.index)),
+        None => ObjectPath::from(format!("images/{}/{}.png", key.job, key.index)),
     }
+}
+
+fn job_prefix(job: JobId) -> ObjectPath {
+    ObjectPath::from(format!("images/{job}"))
+}
+
+/// The image an object path names, if it is one.
+fn parse_object_path(path: &ObjectPath) -> Option<(ImageKey, Option<u32>)> {
+    let parts: Vec<_> = path.parts().collect();
+    let (job, attempt, file) = match parts.as_slice() {
+        [root, job, file] if root.as_ref() == "images" => (job, None, file),
+        [root, job, attempt, file] if root.as_ref() == "images" => {
+            let a = attempt.as_ref().strip_prefix('a')?.parse().ok()?;
+            (job, Some(a), file)
+        }
+        _ => return None,
+    };
+    let job = job.as_ref().parse().ok()?;
+    let index = file.as_ref().strip_suffix(".png")?.parse().ok()?;
+    Some((ImageKey { job, index }, attempt))
+}
+
+/// One stored image, as a listing finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredImage {
+    pub key: ImageKey,
+    /// The attempt that made it (`None`: stored before attempts named images).
+    pub attempt: Option<u32>,
+    /// When it was written, in Unix milliseconds.
+    pub modified_ms: i64,
 }
 
 #[async_trait]
 pub trait ImageStore: Send + Sync + 'static {
-    /// Stores an image, replacing any earlier copy under the same key (a retried job
-    /// writes the same keys again).
-    async fn put(&self, key: ImageKey, png: Bytes) -> Result<(), StoreError>;
-    /// The image, or `None` if there is none under this key.
-    async fn get(&self, key: ImageKey) -> Result<Option<Bytes>, StoreError>;
+    /// Stores image `key` as made by `attempt`, durably before it returns (a job is marked
+    /// done only after), replacing an earlier copy by the same attempt.
+    async fn put(&self, key: ImageKey, attempt: Option<u32>, png: Bytes) -> Result<(), StoreError>;
+    /// The image made by `attempt`, or `None` if there is none.
+    async fn get(&self, key: ImageKey, attempt: Option<u32>) -> Result<Option<Bytes>, StoreError>;
+    /// Removes every image `attempt` made of `job`; returns how many there were.
+    async fn delete_attempt(&self, job: JobId, attempt: Option<u32>) -> Result<u64, StoreError>;
+    /// Removes every image of `job`, whichever attempt made it; returns how many there were.
+    async fn delete_job(&self, job: JobId) -> Result<u64, StoreError>;
+    /// Every stored image.
+    async fn list(&self) -> Result<Vec<StoredImage>, StoreError>;
 }
 
 /// Which master keys the stored objects are sealed under.
@@ -83,6 +130,8 @@ pub struct Rewrapped {
 pub struct ObjectImageStore {
     inner: Arc<dyn ObjectStore>,
     keys: Arc<Keys>,
+    /// The directory of a local store, whose writes are synced to disk before they count.
+    local_root: Option<PathBuf>,
 }
 
 fn seal_error(name: &ObjectPath) -> impl FnOnce(SealError) -> StoreError + '_ {
@@ -94,7 +143,11 @@ fn seal_error(name: &ObjectPath) -> impl FnOnce(SealError) -> StoreError + '_ {
 
 impl ObjectImageStore {
     pub fn new(inner: Arc<dyn ObjectStore>, keys: Arc<Keys>) -> Self {
-        ObjectImageStore { inner, keys }
+        ObjectImageStore {
+            inner,
+            keys,
+            local_root: None,
+        }
     }
 
     /// A store in a local directory, created (owner-only) if missing.
@@ -110,8 +163,10 @@ impl ObjectImageStore {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(directory)?;
         }
-        let fs = LocalFileSystem::new_with_prefix(dir)?;
-        Ok(ObjectImageStore::new(Arc::new(fs), keys))
+        let fs = LocalFileSystem::new_with_prefix(dir)?.with_automatic_cleanup(true);
+        let mut store = ObjectImageStore::new(Arc::new(fs), keys);
+        store.local_root = Some(dir.canonicalize().map_err(directory)?);
+        Ok(store)
     }
 
     /// Counts the stored images by the master key they are sealed under, reading only
@@ -170,25 +225,84 @@ impl ObjectImageStore {
             self.inner
                 .put(&name, PutPayload::from(Bytes::from(rewritten)))
                 .await?;
+            self.sync_local(&name).await?;
         }
         Ok(done)
     }
 }
 
+impl ObjectImageStore {
+    /// Makes a local write durable: the file, then every directory from its own up to the
+    /// store's root (a new job's directories are entries in their parents).
+    async fn sync_local(&self, name: &ObjectPath) -> Result<(), StoreError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let relative: PathBuf = name.parts().map(|p| p.as_ref().to_string()).collect();
+        let file = root.join(&relative);
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            let mut dir = file.parent();
+            while let Some(d) = dir {
+                std::fs::File::open(d)?.sync_all()?;
+                if d == root {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        synced.map_err(|source| StoreError::Sync {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    async fn delete_under(&self, prefix: &ObjectPath, nested: bool) -> Result<u64, StoreError> {
+        let names: Vec<ObjectPath> = if nested {
+            self.inner
+                .list(Some(prefix))
+                .map_ok(|meta| meta.location)
+                .try_collect()
+                .await?
+        } else {
+            self.inner
+                .list_with_delimiter(Some(prefix))
+                .await?
+                .objects
+                .into_iter()
+                .map(|meta| meta.location)
+                .collect()
+        };
+        let mut removed = 0;
+        for name in names {
+            match self.inner.delete(&name).await {
+                Ok(()) => removed += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(removed)
+    }
+}
+
 #[async_trait]
 impl ImageStore for ObjectImageStore {
-    async fn put(&self, key: ImageKey, png: Bytes) -> Result<(), StoreError> {
-        let name = key.path();
+    async fn put(&self, key: ImageKey, attempt: Option<u32>, png: Bytes) -> Result<(), StoreError> {
+        let name = object_path(key, attempt);
         let sealed =
             seal::seal(&self.keys.current(), name.as_ref(), &png).map_err(seal_error(&name))?;
         self.inner
             .put(&name, PutPayload::from(Bytes::from(sealed)))
             .await?;
-        Ok(())
+        self.sync_local(&name).await
     }
 
-    async fn get(&self, key: ImageKey) -> Result<Option<Bytes>, StoreError> {
-        let name = key.path();
+    async fn get(&self, key: ImageKey, attempt: Option<u32>) -> Result<Option<Bytes>, StoreError> {
+        let name = object_path(key, attempt);
         let sealed = match self.inner.get(&name).await {
             Ok(found) => found.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -196,6 +310,35 @@ impl ImageStore for ObjectImageStore {
         };
         let plain = seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(&name))?;
         Ok(Some(Bytes::from(plain)))
+    }
+
+    async fn delete_attempt(&self, job: JobId, attempt: Option<u32>) -> Result<u64, StoreError> {
+        match attempt {
+            Some(a) => {
+                let prefix = ObjectPath::from(format!("images/{job}/a{a}"));
+                self.delete_under(&prefix, true).await
+            }
+            None => self.delete_under(&job_prefix(job), false).await,
+        }
+    }
+
+    async fn delete_job(&self, job: JobId) -> Result<u64, StoreError> {
+        self.delete_under(&job_prefix(job), true).await
+    }
+
+    async fn list(&self) -> Result<Vec<StoredImage>, StoreError> {
+        let mut found = Vec::new();
+        let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
+        while let Some(meta) = objects.try_next().await? {
+            if let Some((key, attempt)) = parse_object_path(&meta.location) {
+                found.push(StoredImage {
+                    key,
+                    attempt,
+                    modified_ms: meta.last_modified.timestamp_millis(),
+                });
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -235,21 +378,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = local(dir.path(), Keyring::generate(1));
         let key = key(0);
-        assert!(store.get(key).await.expect("get").is_none());
+        assert!(store.get(key, Some(1)).await.expect("get").is_none());
         store
-            .put(key, Bytes::from_static(b"png bytes"))
+            .put(key, Some(1), Bytes::from_static(b"png bytes"))
             .await
             .expect("put");
         store
-            .put(key, Bytes::from_static(b"png again"))
+            .put(key, Some(1), Bytes::from_static(b"png again"))
             .await
             .expect("overwrite");
         assert_eq!(
-            store.get(key).await.expect("get").as_deref(),
+            store.get(key, Some(1)).await.expect("get").as_deref(),
             Some(&b"png again"[..])
         );
         assert!(store
-            .get(ImageKey { index: 1, ..key })
+            .get(ImageKey { index: 1, ..key }, Some(1))
             .await
             .expect("get")
             .is_none());
@@ -262,9 +405,12 @@ mod tests {
         let mut png = PNG_SIGNATURE.to_vec();
         png.extend_from_slice(b"IHDR a picture of a corgi");
         let (a, b) = (key(0), key(0));
-        store.put(a, Bytes::from(png.clone())).await.expect("put");
         store
-            .put(b, Bytes::from_static(b"other"))
+            .put(a, Some(1), Bytes::from(png.clone()))
+            .await
+            .expect("put");
+        store
+            .put(b, Some(1), Bytes::from_static(b"other"))
             .await
             .expect("put");
         for file in files(dir.path()) {
@@ -274,9 +420,9 @@ mod tests {
             assert!(!bytes.windows(5).any(|w| w == b"corgi"));
         }
         // Copy a's object over b's: b no longer opens.
-        let path = |k: ImageKey| dir.path().join(format!("images/images/{}/0.png", k.job));
+        let path = |k: ImageKey| dir.path().join(format!("images/images/{}/a1/0.png", k.job));
         std::fs::copy(path(a), path(b)).expect("copy");
-        let err = store.get(b).await.expect_err("swapped");
+        let err = store.get(b, Some(1)).await.expect_err("swapped");
         assert!(matches!(
             err,
             StoreError::Seal {
@@ -288,7 +434,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(path(a), bytes).expect("write");
-        assert!(store.get(a).await.is_err(), "a flipped bit");
+        assert!(store.get(a, Some(1)).await.is_err(), "a flipped bit");
     }
 
     #[tokio::test]
@@ -300,7 +446,10 @@ mod tests {
         let keys: Vec<_> = (0..3).map(key).collect();
         for (i, k) in keys.iter().enumerate() {
             let image = vec![i as u8; seal::CHUNK_SIZE * 2 + i];
-            store.put(*k, Bytes::from(image)).await.expect("put");
+            store
+                .put(*k, Some(1), Bytes::from(image))
+                .await
+                .expect("put");
         }
         let bodies = |dir: &Path| {
             let mut all: Vec<Vec<u8>> = files(dir)
@@ -324,11 +473,11 @@ mod tests {
         retiring.retire(&first, 3).expect("retire");
         let too_early = local(dir.path(), retiring);
         assert!(
-            too_early.get(keys[0]).await.is_err(),
+            too_early.get(keys[0], Some(1)).await.is_err(),
             "a retired key opens nothing: retire only what no object uses"
         );
         for (i, k) in keys.iter().enumerate() {
-            let image = store.get(*k).await.expect("get").expect("present");
+            let image = store.get(*k, Some(1)).await.expect("get").expect("present");
             assert_eq!(image.len(), seal::CHUNK_SIZE * 2 + i, "old key still opens");
         }
         let done = store.rewrap_all().await.expect("rewrap");
@@ -341,7 +490,7 @@ mod tests {
         ring.retire(&first, 3).expect("retire");
         let store = local(dir.path(), ring);
         for k in &keys {
-            assert!(store.get(*k).await.expect("get").is_some());
+            assert!(store.get(*k, Some(1)).await.expect("get").is_some());
         }
     }
 
@@ -353,15 +502,97 @@ mod tests {
         let legacy = dir.path().join(format!("images/images/{}/0.png", k.job));
         std::fs::create_dir_all(legacy.parent().expect("parent")).expect("mkdir");
         std::fs::write(&legacy, PNG_SIGNATURE).expect("write");
-        assert!(store.get(k).await.is_err(), "an unsealed object is refused");
+        assert!(
+            store.get(k, None).await.is_err(),
+            "an unsealed object is refused"
+        );
         assert_eq!(store.key_usage().await.expect("usage").unsealed, 1);
         assert_eq!(store.rewrap_all().await.expect("rewrap").sealed, 1);
         assert_eq!(
-            store.get(k).await.expect("get").as_deref(),
+            store.get(k, None).await.expect("get").as_deref(),
             Some(PNG_SIGNATURE)
         );
         assert!(std::fs::read(&legacy)
             .expect("read")
             .starts_with(seal::MAGIC));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_never_overwrites_the_images_of_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path(), Keyring::generate(1));
+        let k = key(0);
+        store
+            .put(k, Some(2), Bytes::from_static(b"the completed one"))
+            .await
+            .expect("put");
+        // The attempt that lost its lease writes late, under its own name.
+        store
+            .put(k, Some(1), Bytes::from_static(b"a stale attempt"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store.get(k, Some(2)).await.expect("get").as_deref(),
+            Some(&b"the completed one"[..])
+        );
+        assert_eq!(
+            store.delete_attempt(k.job, Some(1)).await.expect("delete"),
+            1
+        );
+        assert!(store.get(k, Some(1)).await.expect("get").is_none());
+        assert!(store.get(k, Some(2)).await.expect("get").is_some());
+    }
+
+    #[tokio::test]
+    async fn listing_names_each_image_and_deleting_a_job_removes_all_of_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path(), Keyring::generate(1));
+        let (a, b) = (key(0), key(0));
+        for (k, attempt) in [
+            (a, Some(1)),
+            (ImageKey { index: 1, ..a }, Some(1)),
+            (a, Some(3)),
+        ] {
+            store
+                .put(k, attempt, Bytes::from_static(b"x"))
+                .await
+                .expect("put");
+        }
+        store
+            .put(b, None, Bytes::from_static(b"y"))
+            .await
+            .expect("put");
+        let mut listed: Vec<_> = store
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|i| (i.key, i.attempt))
+            .collect();
+        listed.sort_by_key(|(k, attempt)| (k.job.to_string(), *attempt, k.index));
+        let mut expected = vec![
+            (a, Some(1)),
+            (ImageKey { index: 1, ..a }, Some(1)),
+            (a, Some(3)),
+            (b, None),
+        ];
+        expected.sort_by_key(|(k, attempt)| (k.job.to_string(), *attempt, k.index));
+        assert_eq!(listed, expected);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        assert!(store
+            .list()
+            .await
+            .expect("list")
+            .iter()
+            .all(|i| (now - i.modified_ms).abs() < 60_000));
+
+        assert_eq!(store.delete_job(a.job).await.expect("delete"), 3);
+        assert_eq!(store.delete_job(a.job).await.expect("again"), 0);
+        assert_eq!(store.delete_attempt(b.job, None).await.expect("legacy"), 1);
+        assert!(store.list().await.expect("list").is_empty());
+        assert!(files(dir.path()).is_empty(), "no file is left behind");
     }
 }

@@ -268,22 +268,29 @@ async fn finish(
         Err(e) => {
             let failure = Failure {
                 code: "internal".into(),
-                message: format!("encoding task: {e}"),
+                message: "the image could not be encoded".into(),
+                detail: Some(format!("encoding task: {e}")),
                 retryable: true,
             };
             return record_failure(queue, lease, failure).await;
         }
     };
     let count = pngs.len() as u32;
+    // Named by this attempt: should the lease be lost meanwhile, these files cannot replace
+    // the images another attempt completes the job with.
+    let attempt = Some(lease.job.attempts);
     for (index, png) in pngs.into_iter().enumerate() {
         let key = ImageKey {
             job: lease.job.id,
             index: index as u32,
         };
-        if let Err(e) = store.put(key, Bytes::from(png)).await {
+        if let Err(e) = store.put(key, attempt, Bytes::from(png)).await {
+            discard_images(store, lease).await;
+            // The store's error names paths and hosts: operators get it, clients do not.
             let failure = Failure {
                 code: "store_unavailable".into(),
-                message: e.to_string(),
+                message: "the image store could not be written".into(),
+                detail: Some(e.to_string()),
                 retryable: true,
             };
             return record_failure(queue, lease, failure).await;
@@ -291,7 +298,24 @@ async fn finish(
     }
     match queue.complete(&lease.token, count).await {
         Ok(()) => tracing::info!(job = %lease.job.id, images = count, "job succeeded"),
+        Err(QueueError::LeaseLost(_)) => {
+            // Cancelled, or reclaimed for another attempt: these images belong to no one.
+            tracing::info!(job = %lease.job.id, "the lease was lost before completing");
+            discard_images(store, lease).await;
+        }
+        // Whether the completion committed is unknown: the images stay (an orphan sweep
+        // removes them if the job is not theirs).
         Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not complete"),
+    }
+}
+
+/// Removes what this attempt stored.
+async fn discard_images(store: &dyn ImageStore, lease: &Lease) {
+    if let Err(e) = store
+        .delete_attempt(lease.job.id, Some(lease.job.attempts))
+        .await
+    {
+        tracing::warn!(job = %lease.job.id, error = %e, "could not remove this attempt's images");
     }
 }
 
@@ -304,6 +328,16 @@ async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
 /// A request the engine refuses will be refused again; anything else may pass next time.
 fn failure_of(e: &EngineError) -> Failure {
     let retryable = !matches!(e, EngineError::InvalidRequest(_));
+    // A refused request's reason is the client's to read; any other engine error may name
+    // files or devices, and is kept for operators only.
+    let (message, detail) = if retryable {
+        (
+            "the image could not be made".to_string(),
+            Some(e.to_string()),
+        )
+    } else {
+        (e.to_string(), None)
+    };
     Failure {
         code: if retryable {
             "engine_error"
@@ -311,7 +345,8 @@ fn failure_of(e: &EngineError) -> Failure {
             "invalid_request"
         }
         .into(),
-        message: e.to_string(),
+        message,
+        detail,
         retryable,
     }
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Value};
 use sparkle_core::{ErrorCode, JobId, JobStatus};
-use sparkle_queue::{CancelOutcome, DeliveryState, Job, Scope};
+use sparkle_queue::{CancelOutcome, DeleteOutcome, DeliveryState, Job, Scope};
 use sparkle_store::ImageKey;
 use std::convert::Infallible;
 
@@ -77,11 +77,28 @@ pub async fn cancel(
                 .ok_or_else(ApiError::job_not_found)?;
             Ok(axum::Json(job_view(&state, &job).await?))
         }
-        CancelOutcome::AlreadyFinal(status) => Err(ApiError::new(
-            ErrorCode::JobAlreadyFinished,
-            format!("the job already finished with status {status}"),
-        )),
+        CancelOutcome::AlreadyFinal(_) => delete_finished(&state, job.id).await,
         CancelOutcome::NotFound => Err(ApiError::job_not_found()),
+    }
+}
+
+/// Deletes a finished job: its record, its sealed fields and deliveries, then its images
+/// (should removing them fail, the orphan sweep removes them later).
+async fn delete_finished(state: &GatewayState, id: JobId) -> Result<axum::Json<Value>, ApiError> {
+    match state.queue.delete_finished(id).await? {
+        DeleteOutcome::Deleted => {
+            if let Err(e) = state.store.delete_job(id).await {
+                tracing::warn!(job = %id, error = %e, "a deleted job's images are left to the sweep");
+            }
+            tracing::info!(job = %id, "job deleted");
+            Ok(axum::Json(json!({ "id": id.to_string(), "deleted": true })))
+        }
+        // Started again in between (it cannot: final is final) or gone meanwhile.
+        DeleteOutcome::Live(status) => Err(ApiError::new(
+            ErrorCode::JobNotFinished,
+            format!("the job is {status}"),
+        )),
+        DeleteOutcome::NotFound => Err(ApiError::job_not_found()),
     }
 }
 
@@ -188,7 +205,7 @@ pub async fn image_bytes(
     }
     state
         .store
-        .get(ImageKey { job: job.id, index })
+        .get(ImageKey { job: job.id, index }, job.images_attempt)
         .await?
         .ok_or_else(not_found)
 }

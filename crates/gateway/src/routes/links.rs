@@ -201,7 +201,11 @@ mod tests {
             let image = ImageKey { job: id, index: 0 };
             self.state
                 .store
-                .put(image, bytes::Bytes::from_static(PNG))
+                .put(
+                    image,
+                    Some(leased[0].job.attempts),
+                    bytes::Bytes::from_static(PNG),
+                )
                 .await
                 .expect("put");
             self.queue

@@ -201,7 +201,7 @@ async fn encryption_fails_without_a_keyring_or_when_stored_data_needs_a_missing_
         job: sparkle_core::JobId::random(),
         index: 0,
     };
-    sparkle_store::ImageStore::put(&store, image, b"\x89PNG".to_vec().into())
+    sparkle_store::ImageStore::put(&store, image, Some(1), b"\x89PNG".to_vec().into())
         .await
         .expect("put");
     let line = at_rest::encryption(&config, Depth::Full).await;

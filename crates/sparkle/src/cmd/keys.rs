@@ -223,7 +223,7 @@ mod tests {
         };
         images(&config, first.clone())
             .expect("store")
-            .put(image, png().into())
+            .put(image, Some(1), png().into())
             .await
             .expect("put");
         let job = {
@@ -255,7 +255,7 @@ mod tests {
         assert!(ring.keys()[0].material().is_none());
         let got = images(&config, ring)
             .expect("store")
-            .get(image)
+            .get(image, Some(1))
             .await
             .expect("opens under the new key")
             .expect("present");

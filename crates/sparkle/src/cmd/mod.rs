@@ -15,6 +15,7 @@ use sparkle_queue::{SqliteOptions, SqliteQueue};
 use sparkle_store::seal::Keys;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The configuration for a command, with its flags applied.
 pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Config> {
@@ -50,7 +51,11 @@ pub async fn open_queue_with(config: &Config, keys: Arc<Keys>) -> anyhow::Result
     config.prepare_data_dir()?;
     let path = config.database_path();
     let fields = Arc::new(crate::keyring::SealedFields(keys));
-    let queue = SqliteQueue::open(&path, &SqliteOptions::default(), fields)
+    let options = SqliteOptions {
+        retry_backoff: Duration::from_secs(config.queue.retry_backoff_secs),
+        ..SqliteOptions::default()
+    };
+    let queue = SqliteQueue::open(&path, &options, fields)
         .await
         .with_context(|| format!("cannot open the database {}", path.display()))?;
     Ok(Arc::new(queue))

@@ -255,6 +255,13 @@ async fn start_gateway(
     println!("Sparkle is up at https://{addr}");
     tracing::info!(%addr, certificate = %cert.display(), "gateway listening");
     let deliveries = start_delivery(config, &state, queue.clone(), shutdown.clone())?;
+    tokio::spawn(crate::retention::run(
+        state.queue.clone(),
+        state.store.clone(),
+        config.retention.days,
+        Duration::from_secs(config.retention.interval_secs),
+        shutdown.clone(),
+    ));
     let router = sparkle_gateway::router(state);
     Ok(tokio::spawn(async move {
         let served = sparkle_gateway::serve_tls(listener, tls, router, shutdown, &listener_options)

@@ -280,11 +280,15 @@ async fn cancel_queued_and_running_jobs() {
         (200, Some("cancelled")),
         "{cancelled}"
     );
-    let (status, again) = svc.delete(&format!("/v1/jobs/{running}"), key).await;
+    // A finished job is deleted: gone for good.
+    let (status, deleted) = svc.delete(&format!("/v1/jobs/{running}"), key).await;
     assert_eq!(
-        (status, again["error"]["code"].as_str()),
-        (409, Some("job_already_finished"))
+        (status, &deleted["deleted"]),
+        (200, &json!(true)),
+        "{deleted}"
     );
+    let (status, _) = svc.get(&format!("/v1/jobs/{running}"), key).await;
+    assert_eq!(status, 404, "a deleted job is not found");
 
     // The worker drops the cancelled job and is free for the next one.
     let (_, after) = svc

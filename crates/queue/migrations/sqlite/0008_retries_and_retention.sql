@@ -1,0 +1,22 @@
+-- A failed attempt that may be retried waits before its next lease (`retry_wait` until
+-- `available_at`), backing off with each attempt, so a short outage does not spend every
+-- attempt at once. Clients see such a job as queued.
+ALTER TABLE jobs ADD COLUMN available_at INTEGER;
+CREATE INDEX jobs_retry_due ON jobs (status, available_at);
+
+-- The attempt whose images the job completed with: images are stored under their attempt,
+-- so an attempt that lost its lease cannot overwrite them. NULL for jobs completed before.
+ALTER TABLE jobs ADD COLUMN images_attempt INTEGER;
+
+-- Why an attempt failed, in detail (sealed): for operators; clients see the code and a
+-- message that names no server path or internal error.
+ALTER TABLE jobs ADD COLUMN error_detail TEXT;
+
+-- Leases are counted on the host's monotonic clock, which no wall-clock jump moves and which
+-- starts again at each boot. Each boot's readings are shifted by an offset past every lease
+-- written before it (so a lease from before a reboot has expired); leases written on the
+-- wall clock before this migration are all behind the first offset, so they expire too.
+CREATE TABLE lease_epochs (
+    boot_id   TEXT    PRIMARY KEY,
+    offset_ms INTEGER NOT NULL
+);
