@@ -228,7 +228,7 @@ async fn keys_rotate_under_a_running_service_and_the_old_key_retires() {
     // New images are sealed under the new key, and old ones still open after the retirement.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let after = submit("a lighthouse after the rotation").await;
-    let image = std::fs::read(data.join(format!("images/images/{after}/0.png"))).expect("image");
+    let image = std::fs::read(data.join(format!("images/images/{after}/a1/0.png"))).expect("image");
     let id_len = usize::from(image[6]);
     assert_eq!(
         &image[7..7 + id_len],

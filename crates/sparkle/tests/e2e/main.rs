@@ -5,6 +5,7 @@ mod answers;
 mod api_keys;
 mod at_rest;
 mod discord;
+mod faults;
 mod image_links;
 mod limits;
 mod models;

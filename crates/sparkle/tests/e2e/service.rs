@@ -281,13 +281,13 @@ async fn cancel_queued_and_running_jobs() {
         "{cancelled}"
     );
     // A finished job is deleted: gone for good.
-    let (status, deleted) = svc.delete(&format!("/v1/jobs/{running}"), key).await;
+    let (status, deleted) = svc.delete(&format!("/v1/jobs/{queued}"), key).await;
     assert_eq!(
         (status, &deleted["deleted"]),
         (200, &json!(true)),
         "{deleted}"
     );
-    let (status, _) = svc.get(&format!("/v1/jobs/{running}"), key).await;
+    let (status, _) = svc.get(&format!("/v1/jobs/{queued}"), key).await;
     assert_eq!(status, 404, "a deleted job is not found");
 
     // The worker drops the cancelled job and is free for the next one.
@@ -309,6 +309,15 @@ async fn cancel_queued_and_running_jobs() {
         "a cancelled job stays cancelled: {job}"
     );
     assert_eq!(job["images"].as_array().map(Vec::len), Some(0));
+
+    // Deleting a succeeded job removes its images from the store.
+    let images = svc.data_dir().join(format!("images/images/{after}"));
+    assert!(images.join("a1/0.png").exists(), "stored under its attempt");
+    let (status, _) = svc.delete(&format!("/v1/jobs/{after}"), key).await;
+    assert_eq!(status, 200);
+    assert!(!images.join("a1/0.png").exists(), "its image is gone");
+    let (status, _) = svc.get(&format!("/v1/jobs/{after}/images/0"), key).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

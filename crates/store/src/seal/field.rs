@@ -1,10 +1,15 @@
 //! Sealed database fields and blind indexes.
 //!
-//! A sealed field is text, so it fits any column: `sf1.` then unpadded URL-safe base64 of
+//! A sealed field is text, so it fits any column: `sf2.` then unpadded URL-safe base64 of
 //! `key id length (1) | key id | nonce (12) | AES-256-GCM ciphertext and tag`. The key is
 //! HKDF-SHA256 of the master key named in front; the AAD names the field (e.g.
 //! `jobs.request`) and the row it belongs to (e.g. the job id), so a value copied into
 //! another column or row does not open.
+//!
+//! What is encrypted is the value padded to a size class (`length (4, big-endian) | value |
+//! zeros`, 64 bytes at least, then powers of two up to 4 KiB, then multiples of 4 KiB), so
+//! a sealed prompt tells no more of its length than its class. Fields sealed before padding
+//! (`sf1.`) still open.
 //!
 //! A blind index is `bi1.` then base64 of HMAC-SHA256(field name, 0, value) under a key
 //! derived from the keyring's index key: equal values give equal indexes, and nothing else
@@ -21,7 +26,42 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 /// What every sealed field starts with.
-pub const PREFIX: &str = "sf1.";
+pub const PREFIX: &str = "sf2.";
+/// What fields sealed before padding start with.
+const UNPADDED_PREFIX: &str = "sf1.";
+
+/// The size a value of `len` bytes (with its 4-byte length) is padded to.
+pub fn padded_len(len: usize) -> usize {
+    let framed = len.saturating_add(4);
+    if framed <= 4096 {
+        framed.next_power_of_two().max(64)
+    } else {
+        framed.div_ceil(4096).saturating_mul(4096)
+    }
+}
+
+fn pad(plain: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    let len = u32::try_from(plain.len()).map_err(|_| SealError::Malformed("a field over 4 GiB"))?;
+    let mut padded = Zeroizing::new(Vec::with_capacity(padded_len(plain.len())));
+    padded.extend_from_slice(&len.to_be_bytes());
+    padded.extend_from_slice(plain);
+    padded.resize(padded_len(plain.len()), 0);
+    Ok(padded)
+}
+
+fn unpad(mut padded: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    let bad = SealError::Malformed("a sealed field's padding is malformed");
+    let len: [u8; 4] = padded.get(..4).and_then(|b| b.try_into().ok()).ok_or(bad)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if padded.len() < 4 + len {
+        return Err(SealError::Malformed(
+            "a sealed field's padding is malformed",
+        ));
+    }
+    padded.truncate(4 + len);
+    padded.drain(..4);
+    Ok(padded)
+}
 /// What every blind index starts with.
 pub const INDEX_PREFIX: &str = "bi1.";
 
@@ -50,11 +90,12 @@ pub fn seal(ring: &Keyring, field: &str, row: &str, plain: &[u8]) -> Result<Stri
     let key = derive(master, b"sparkle field key v1");
     let mut nonce = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let padded = pad(plain)?;
     let sealed = Aes256Gcm::new(key.as_ref().into())
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
-                msg: plain,
+                msg: &padded,
                 aad: &aad(field, row),
             },
         )
@@ -71,10 +112,19 @@ struct Parsed {
     key_id: KeyId,
     bytes: Vec<u8>,
     body: usize,
+    padded: bool,
 }
 
 fn parse(sealed: &str) -> Result<Parsed, SealError> {
-    let text = sealed.strip_prefix(PREFIX).ok_or(SealError::NotSealed)?;
+    let (text, padded) = match sealed.strip_prefix(PREFIX) {
+        Some(text) => (text, true),
+        None => (
+            sealed
+                .strip_prefix(UNPADDED_PREFIX)
+                .ok_or(SealError::NotSealed)?,
+            false,
+        ),
+    };
     let bytes = URL_SAFE_NO_PAD
         .decode(text)
         .map_err(|_| SealError::Malformed("a sealed field is not base64"))?;
@@ -93,6 +143,7 @@ fn parse(sealed: &str) -> Result<Parsed, SealError> {
         key_id,
         bytes,
         body,
+        padded,
     })
 }
 
@@ -112,7 +163,7 @@ pub fn open(
     let ring = keys.holding(&parsed.key_id);
     let key = derive(ring.material(&parsed.key_id)?, b"sparkle field key v1");
     let (nonce, ciphertext) = parsed.bytes[parsed.body..].split_at(12);
-    Aes256Gcm::new(key.as_ref().into())
+    let plain = Aes256Gcm::new(key.as_ref().into())
         .decrypt(
             Nonce::from_slice(nonce),
             Payload {
@@ -121,7 +172,12 @@ pub fn open(
             },
         )
         .map(Zeroizing::new)
-        .map_err(|_| SealError::Field)
+        .map_err(|_| SealError::Field)?;
+    if parsed.padded {
+        unpad(plain)
+    } else {
+        Ok(plain)
+    }
 }
 
 /// The blind index of `value` in `field`.
@@ -195,5 +251,70 @@ mod tests {
         ring.rotate(2);
         assert_eq!(a, blind(&ring, "jobs.group", b"discord:42"));
         assert_ne!(a, blind(&Keyring::generate(1), "jobs.group", b"discord:42"));
+    }
+
+    #[test]
+    fn sealed_values_tell_only_their_size_class() {
+        let ring = Keyring::generate(1);
+        let keys = Keys::fixed(ring.clone());
+        let short = seal(&ring, "jobs.request", "job-1", b"a corgi").expect("seal");
+        let longer = seal(&ring, "jobs.request", "job-1", &[b'x'; 50]).expect("seal");
+        assert_eq!(
+            short.len(),
+            longer.len(),
+            "7 and 50 bytes share the 64-byte class"
+        );
+        let next = seal(&ring, "jobs.request", "job-1", &[b'x'; 61]).expect("seal");
+        assert!(
+            next.len() > short.len(),
+            "61 bytes and its length need the next class"
+        );
+        for len in [0, 1, 59, 60, 61, 2000, 4092, 4093, 10_000] {
+            let value = vec![b'p'; len];
+            let sealed = seal(&ring, "jobs.request", "job-1", &value).expect("seal");
+            let opened = open(&keys, "jobs.request", "job-1", &sealed).expect("open");
+            assert_eq!(opened.as_slice(), value.as_slice(), "{len} bytes");
+        }
+        assert_eq!(
+            [
+                padded_len(0),
+                padded_len(60),
+                padded_len(61),
+                padded_len(2000)
+            ],
+            [64, 64, 128, 2048]
+        );
+        assert_eq!([padded_len(4092), padded_len(4093)], [4096, 8192]);
+    }
+
+    #[test]
+    fn fields_sealed_before_padding_still_open() {
+        // Sealed as before: the value itself encrypted, under `sf1.`.
+        let ring = Keyring::generate(1);
+        let keys = Keys::fixed(ring.clone());
+        let (id, master) = ring.active();
+        let key = derive(master, b"sparkle field key v1");
+        let nonce = [7u8; 12];
+        let sealed = Aes256Gcm::new(key.as_ref().into())
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: b"an old prompt",
+                    aad: &aad("jobs.request", "job-1"),
+                },
+            )
+            .expect("encrypt");
+        let mut bytes = vec![id.as_str().len() as u8];
+        bytes.extend_from_slice(id.as_str().as_bytes());
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(&sealed);
+        let old = format!("sf1.{}", URL_SAFE_NO_PAD.encode(bytes));
+        assert_eq!(
+            open(&keys, "jobs.request", "job-1", &old)
+                .expect("open")
+                .as_slice(),
+            b"an old prompt"
+        );
+        assert_eq!(&key_id(&old).expect("id"), ring.active_id());
     }
 }

@@ -1,0 +1,60 @@
+//! Faults that heal: a short outage of the image store is retried with backoff, and what a
+//! client reads of it names no server path.
+
+use crate::support::Service;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_store_outage_is_retried_with_backoff_and_the_client_reads_no_path() {
+    let svc = Service::start(&[
+        ("SPARKLE_QUEUE__RETRY_BACKOFF_SECS", "1"),
+        ("SPARKLE_QUEUE__MAX_ATTEMPTS", "6"),
+    ])
+    .await;
+    let key = &svc.admin_key;
+    // The store's directory of images is a file: every write fails.
+    let images = svc.data_dir().join("images/images");
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::write(&images, b"in the way").expect("block the store");
+
+    let started = Instant::now();
+    let (status, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "through an outage", "size": "64x64", "steps": 1}),
+            Some(key),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_string();
+    let failed_once = svc
+        .wait_for(&id, key, |j| j["error"]["code"] == "store_unavailable")
+        .await;
+    assert_eq!(
+        failed_once["status"], "queued",
+        "a retry waits: {failed_once}"
+    );
+    let message = failed_once["error"]["message"].as_str().expect("message");
+    assert!(
+        !message.contains('/') && !message.contains(svc.data_dir().to_str().expect("utf-8")),
+        "the client reads no server path: {message}"
+    );
+
+    // Two seconds of outage spend at most two attempts (1 s, then 2 s of backoff).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = svc.get_json(&format!("/v1/jobs/{id}"), key).await;
+    assert_eq!(during["status"], "queued", "not dead-lettered: {during}");
+    assert!(
+        during["attempts"].as_u64().expect("attempts") <= 2,
+        "{during}"
+    );
+
+    std::fs::remove_file(&images).expect("end the outage");
+    let done = svc.wait_for(&id, key, |j| j["status"] == "succeeded").await;
+    assert!(done["attempts"].as_u64().expect("attempts") >= 2, "{done}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let (status, png) = svc.get(&format!("/v1/jobs/{id}/images/0"), key).await;
+    assert_eq!(status, 200);
+    assert!(png.starts_with(b"\x89PNG"));
+}
