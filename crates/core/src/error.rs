@@ -78,6 +78,9 @@ pub enum ErrorCode {
     WebhookSecretMissing,
     /// Too many event streams are open, for this key or in all; see `Retry-After`.
     TooManyStreams,
+    /// The gateway holds as many connections as it may (in all, or from this address);
+    /// see `Retry-After`.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -118,6 +121,7 @@ impl ErrorCode {
             ErrorCode::InvalidWebhookUrl => "invalid_webhook_url",
             ErrorCode::WebhookSecretMissing => "webhook_secret_missing",
             ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -148,7 +152,7 @@ impl ErrorCode {
             UnsupportedMediaType => 415,
             RateLimited | JobQuotaExceeded | TooManyStreams => 429,
             JobFailed | Internal => 500,
-            QueueFull | Unavailable => 503,
+            QueueFull | Unavailable | TooManyConnections => 503,
             Timeout => 504,
         }
     }

@@ -25,7 +25,8 @@ pub use error::ApiError;
 pub use listener::{serve_tls, ListenerOptions};
 pub use routes::links::image_views;
 pub use state::{
-    Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, GatewayOptions, GatewayState,
+    Admission, DiscordEndpoint, DiscordPolicies, DiscordPolicy, DiscordRates, GatewayOptions,
+    GatewayState,
 };
 pub use streams::StreamPermits;
 

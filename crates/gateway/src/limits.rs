@@ -7,6 +7,7 @@
 //! bucket holds a token again. Buckets live in memory, per gateway process; the number of
 //! addresses tracked is bounded, full buckets being forgotten first.
 
+use crate::listener::ConnectionAdmission;
 use crate::{ApiError, GatewayState};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -85,6 +86,21 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// Whether `key`'s bucket holds a token, without taking it.
+    pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bucket) = buckets.get(key) else {
+            return Ok(());
+        };
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        let tokens = (bucket.tokens + elapsed * self.per_sec).min(self.burst);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.per_sec))
+        }
+    }
+
     /// Makes room: buckets full again are the same as new ones; if that is not enough, the
     /// older half goes.
     fn forget(&self, buckets: &mut HashMap<K, Bucket>, now: Instant) {
@@ -111,31 +127,73 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
-/// Routes a probe may call as often as it likes.
+/// The route a liveness probe may call as often as it likes (it does no work).
 fn is_probe(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz")
+    path == "/healthz"
 }
 
-/// Refuses a client address over its rate with 429, before anything else is done.
+/// Discord's endpoint: its requests carry every user's commands from a few addresses.
+const DISCORD_ROUTE: &str = "/discord/interactions";
+
+/// Refuses, before anything else is done: a request on a connection past the connection
+/// caps (`503 too_many_connections`, except signed Discord interactions past the per-address
+/// cap), and a client address over its rate (`429`). Discord interactions spend their
+/// address's rate only when their signature fails: verified ones are limited per Discord
+/// user and per guild instead.
 pub async fn per_ip(State(state): State<GatewayState>, request: Request, next: Next) -> Response {
-    if let Some(limiter) = &state.admission.per_ip {
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| client_of(c.0.ip()));
-        if let (Some(peer), false) = (peer, is_probe(request.uri().path())) {
-            if let Err(wait) = limiter.take(&peer, Instant::now()) {
-                let secs = retry_after_secs(wait);
-                return ApiError::new(
-                    ErrorCode::RateLimited,
-                    format!("too many requests from your address; retry in {secs} s"),
-                )
-                .retry_after(secs)
-                .into_response();
-            }
+    let discord = request.uri().path() == DISCORD_ROUTE;
+    match request.extensions().get::<ConnectionAdmission>() {
+        Some(ConnectionAdmission::OverTotalCap) => return too_many_connections("the gateway"),
+        Some(ConnectionAdmission::OverAddressCap) if !discord => {
+            return too_many_connections("your address")
         }
+        _ => {}
     }
-    next.run(request).await
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| client_of(c.0.ip()));
+    let (Some(limiter), Some(peer)) = (&state.admission.per_ip, peer) else {
+        return next.run(request).await;
+    };
+    if is_probe(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let now = Instant::now();
+    let verdict = if discord {
+        limiter.check(&peer, now)
+    } else {
+        limiter.take(&peer, now)
+    };
+    if let Err(wait) = verdict {
+        let secs = retry_after_secs(wait);
+        return ApiError::new(
+            ErrorCode::RateLimited,
+            format!("too many requests from your address; retry in {secs} s"),
+        )
+        .retry_after(secs)
+        .into_response();
+    }
+    let response = next.run(request).await;
+    if discord && response.status() == axum::http::StatusCode::UNAUTHORIZED {
+        let _ = limiter.take(&peer, Instant::now());
+    }
+    response
+}
+
+/// `503 too_many_connections` with `Retry-After`, closing the connection after it.
+fn too_many_connections(whose: &str) -> Response {
+    let mut response = ApiError::new(
+        ErrorCode::TooManyConnections,
+        format!("{whose} holds as many connections as the gateway allows; retry in 1 s"),
+    )
+    .retry_after(1)
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// How much of a too-large body is still read (and dropped) before the refusal is sent.

@@ -4,7 +4,7 @@
 //!
 //! | stage | bound |
 //! |---|---|
-//! | TCP accepted | over `max_connections` in all or `max_connections_per_ip` from one address: closed at once |
+//! | TCP accepted | over `max_connections_per_ip` from one address: served only for signed Discord interactions, `503 too_many_connections` for anything else; over `max_connections`: every request answered `503` with `Retry-After`, the connection closed after it, while a small overflow allowance lasts, then closed at once |
 //! | TLS handshake | `handshake_timeout` |
 //! | request line and headers | `header_timeout`, `max_header_bytes` (431 beyond) |
 //! | idle between requests | `header_timeout` |
@@ -94,10 +94,28 @@ pub async fn serve_tls(
         .await
 }
 
+/// What a connection may do, as the caps admitted it; every request it carries holds this
+/// as an extension, and [`crate::limits::per_ip`] acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionAdmission {
+    /// Within the caps.
+    Full,
+    /// Over `max_connections_per_ip`: its address holds as many connections as one client
+    /// may. Signed Discord interactions still pass (Discord's few addresses carry every
+    /// user's commands; they are limited per Discord user and per guild once verified);
+    /// anything else is answered `503 too_many_connections`.
+    OverAddressCap,
+    /// Over `max_connections`: each request is answered `503 too_many_connections` with
+    /// `Retry-After`, and the connection closed after it.
+    OverTotalCap,
+}
+
 /// Admits a connection while the caps allow, and holds its place until it closes.
 #[derive(Clone)]
 struct ConnectionGate {
     total: Arc<Semaphore>,
+    /// Connections past `max_connections` still answered with a 503 rather than reset.
+    overflow: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     max_per_ip: usize,
     send_timeout: Duration,
@@ -107,28 +125,37 @@ impl ConnectionGate {
     fn new(options: &ListenerOptions) -> Self {
         ConnectionGate {
             total: Arc::new(Semaphore::new(options.max_connections)),
+            overflow: Arc::new(Semaphore::new((options.max_connections / 8).clamp(1, 256))),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
             max_per_ip: options.max_connections_per_ip,
             send_timeout: options.send_timeout,
         }
     }
 
-    fn admit(&self, stream: TcpStream) -> io::Result<Guarded<TcpStream>> {
+    fn admit(&self, stream: TcpStream) -> io::Result<(Guarded<TcpStream>, ConnectionAdmission)> {
         let refused = |reason: &'static str| {
             metrics::counter!("sparkle_connections_refused_total", "reason" => reason).increment(1);
             io::Error::new(io::ErrorKind::ConnectionRefused, reason)
         };
         let client = client_of(stream.peer_addr()?.ip());
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| refused("max_connections"))?;
+        let (place, mut admission) = match self.total.clone().try_acquire_owned() {
+            Ok(place) => (place, ConnectionAdmission::Full),
+            Err(_) => {
+                let place = self
+                    .overflow
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| refused("max_connections"))?;
+                metrics::counter!("sparkle_connections_refused_total", "reason" => "max_connections_answered").increment(1);
+                (place, ConnectionAdmission::OverTotalCap)
+            }
+        };
         let slot = {
             let mut counts = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
             let count = counts.entry(client).or_insert(0);
-            if *count >= self.max_per_ip {
-                return Err(refused("max_connections_per_ip"));
+            if *count >= self.max_per_ip && admission == ConnectionAdmission::Full {
+                metrics::counter!("sparkle_connections_refused_total", "reason" => "max_connections_per_ip").increment(1);
+                admission = ConnectionAdmission::OverAddressCap;
             }
             *count += 1;
             ClientSlot {
@@ -137,23 +164,29 @@ impl ConnectionGate {
             }
         };
         metrics::gauge!("sparkle_connections_open").increment(1.0);
-        Ok(Guarded {
+        let guarded = Guarded {
             inner: stream,
             send_timeout: self.send_timeout,
             stalled: None,
-            _total: total,
+            _total: place,
             _slot: slot,
-        })
+        };
+        Ok((guarded, admission))
     }
 }
 
 impl<S: Send + 'static> Accept<TcpStream, S> for ConnectionGate {
     type Stream = Guarded<TcpStream>;
-    type Service = S;
-    type Future = std::future::Ready<io::Result<(Self::Stream, S)>>;
+    type Service = tower_http::add_extension::AddExtension<S, ConnectionAdmission>;
+    type Future = std::future::Ready<io::Result<(Self::Stream, Self::Service)>>;
 
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
-        std::future::ready(self.admit(stream).map(|guarded| (guarded, service)))
+        std::future::ready(self.admit(stream).map(|(guarded, admission)| {
+            (
+                guarded,
+                tower_http::add_extension::AddExtension::new(service, admission),
+            )
+        }))
     }
 }
 
@@ -312,7 +345,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_closed_connection_gives_its_place_back() {
+    async fn over_a_cap_a_connection_is_answered_and_a_closed_one_gives_its_place_back() {
         let gate = ConnectionGate::new(&ListenerOptions {
             max_connections: 10,
             max_connections_per_ip: 2,
@@ -322,39 +355,53 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut admitted = Vec::new();
-        let mut refused = 0;
-        for _ in 0..3 {
-            let _client = TcpStream::connect(addr).await.expect("connect");
+        let connect = || async {
+            let client = TcpStream::connect(addr).await.expect("connect");
             let (stream, _) = listener.accept().await.expect("accept");
-            match gate.admit(stream) {
-                Ok(conn) => admitted.push((conn, _client)),
-                Err(e) => {
-                    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
-                    refused += 1;
-                }
-            }
+            (stream, client)
+        };
+        let mut modes = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (stream, client) = connect().await;
+            let (conn, mode) = gate.admit(stream).expect("admitted");
+            modes.push(mode);
+            held.push((conn, client));
         }
-        assert_eq!((admitted.len(), refused), (2, 1));
-        admitted.pop();
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (stream, _) = listener.accept().await.expect("accept");
-        assert!(gate.admit(stream).is_ok(), "the place came back");
+        assert_eq!(
+            modes,
+            [
+                ConnectionAdmission::Full,
+                ConnectionAdmission::Full,
+                ConnectionAdmission::OverAddressCap
+            ]
+        );
+        held.remove(0);
+        held.remove(0);
+        let (stream, _client) = connect().await;
+        let (_, mode) = gate.admit(stream).expect("admitted");
+        assert_eq!(mode, ConnectionAdmission::Full, "the places came back");
 
+        // Over the total: answered while the overflow allowance (1 here) lasts, then closed.
         let gate = ConnectionGate::new(&ListenerOptions {
             max_connections: 1,
             max_connections_per_ip: 5,
             ..ListenerOptions::default()
         });
-        let _a = TcpStream::connect(addr).await.expect("connect");
-        let (first, _) = listener.accept().await.expect("accept");
-        let first = gate.admit(first).expect("room for one");
-        let _b = TcpStream::connect(addr).await.expect("connect");
-        let (second, _) = listener.accept().await.expect("accept");
-        assert!(gate.admit(second).is_err(), "over the total");
+        let (a, _a) = connect().await;
+        let first = gate.admit(a).expect("room for one");
+        assert_eq!(first.1, ConnectionAdmission::Full);
+        let (b, _b) = connect().await;
+        let second = gate.admit(b).expect("answered");
+        assert_eq!(second.1, ConnectionAdmission::OverTotalCap);
+        let (c, _c) = connect().await;
+        let refused = gate
+            .admit(c)
+            .map(|_| ())
+            .expect_err("past the overflow too");
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
         drop(first);
-        let _c = TcpStream::connect(addr).await.expect("connect");
-        let (third, _) = listener.accept().await.expect("accept");
-        assert!(gate.admit(third).is_ok());
+        let (d, _d) = connect().await;
+        assert_eq!(gate.admit(d).expect("room").1, ConnectionAdmission::Full);
     }
 }

@@ -111,6 +111,27 @@ pub struct DiscordEndpoint {
     /// How long an interaction token lives (Discord: 15 minutes).
     pub token_lifetime: Duration,
     pub policy: DiscordPolicies,
+    /// Verified interactions by Discord user and by guild: Discord's few addresses carry
+    /// every user's commands, so these, not the per-address limits, bound one user or one
+    /// server.
+    pub rates: DiscordRates,
+}
+
+/// The request rates of verified Discord interactions.
+#[derive(Default)]
+pub struct DiscordRates {
+    pub per_user: Option<RateLimiter<String>>,
+    pub per_guild: Option<RateLimiter<String>>,
+}
+
+impl DiscordRates {
+    /// `(per_sec, burst)` for a user and for a guild; a rate of 0 is no limit.
+    pub fn new(per_user: (u32, u32), per_guild: (u32, u32)) -> Self {
+        DiscordRates {
+            per_user: RateLimiter::new(per_user.0, per_user.1),
+            per_guild: RateLimiter::new(per_guild.0, per_guild.1),
+        }
+    }
 }
 
 /// The policy for each place `/sparkle` is used: servers with their own, and the global one

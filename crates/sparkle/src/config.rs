@@ -150,6 +150,14 @@ pub struct DiscordConfig {
     /// unset, as `discord-button.key` in the data directory. Every gateway of a deployment
     /// must share it.
     pub button_key_file: Option<PathBuf>,
+    /// Verified interactions one Discord user may send a second, after a first burst (0: no
+    /// limit); beyond, an ephemeral "try again". Discord's requests come from a few
+    /// addresses, so they are limited per user and per server, never per address.
+    pub per_user_requests_per_sec: u32,
+    pub per_user_burst: u32,
+    /// Verified interactions from one server a second, after a first burst (0: no limit).
+    pub per_guild_requests_per_sec: u32,
+    pub per_guild_burst: u32,
 }
 
 impl Default for DiscordConfig {
@@ -166,6 +174,10 @@ impl Default for DiscordConfig {
             max_jobs_per_user: 3,
             guilds: BTreeMap::new(),
             button_key_file: None,
+            per_user_requests_per_sec: 2,
+            per_user_burst: 10,
+            per_guild_requests_per_sec: 25,
+            per_guild_burst: 100,
         }
     }
 }

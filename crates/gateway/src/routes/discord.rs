@@ -60,6 +60,16 @@ pub async fn interactions(
             return (StatusCode::BAD_REQUEST, format!("not an interaction: {e}")).into_response()
         }
     };
+    if interaction.kind != InteractionKind::Ping {
+        if let Err(wait) = within_rates(&discord, &interaction) {
+            metrics::counter!("sparkle_discord_rate_limited_total").increment(1);
+            let secs = crate::limits::retry_after_secs(wait);
+            return message(
+                &format!("You are sending commands faster than Sparkle takes them; try again in {secs} s."),
+                true,
+            );
+        }
+    }
     match interaction.kind {
         InteractionKind::Ping => Json(json!({ "type": 1 })).into_response(),
         InteractionKind::ApplicationCommand
@@ -70,6 +80,21 @@ pub async fn interactions(
         InteractionKind::MessageComponent => component(&state, &discord, &interaction).await,
         _ => message("Sparkle does not handle this interaction.", true),
     }
+}
+
+/// Takes one request from the interaction's user and guild rates.
+fn within_rates(
+    discord: &DiscordEndpoint,
+    interaction: &Interaction,
+) -> Result<(), std::time::Duration> {
+    let now = std::time::Instant::now();
+    if let (Some(limiter), Some(user)) = (&discord.rates.per_user, interaction.invoker()) {
+        limiter.take(&user.id, now)?;
+    }
+    if let (Some(limiter), Some(guild)) = (&discord.rates.per_guild, &interaction.guild_id) {
+        limiter.take(guild, now)?;
+    }
+    Ok(())
 }
 
 /// A click on one of Sparkle's buttons. The id is checked before anything else: a forged or

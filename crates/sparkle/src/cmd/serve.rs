@@ -191,6 +191,16 @@ async fn start_gateway(
                 buttons: Arc::new(buttons),
                 token_lifetime: Duration::from_secs(config.discord.token_lifetime_secs),
                 policy: config.discord.policies(),
+                rates: sparkle_gateway::DiscordRates::new(
+                    (
+                        config.discord.per_user_requests_per_sec,
+                        config.discord.per_user_burst,
+                    ),
+                    (
+                        config.discord.per_guild_requests_per_sec,
+                        config.discord.per_guild_burst,
+                    ),
+                ),
             }))
         }
     };

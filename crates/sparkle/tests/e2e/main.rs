@@ -6,6 +6,7 @@ mod api_keys;
 mod at_rest;
 mod discord;
 mod faults;
+mod front_door;
 mod image_links;
 mod limits;
 mod models;
