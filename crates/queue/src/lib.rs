@@ -31,6 +31,7 @@ mod clock;
 pub mod conformance;
 mod fairness;
 pub mod fields;
+mod group_commit;
 mod keys;
 mod outbox;
 mod position;

@@ -56,7 +56,11 @@ mod tests {
         let at = |share: &str, ahead| {
             let groups = one_group(
                 share,
-                shares.iter().find(|s| s.name == share).unwrap().queued,
+                shares
+                    .iter()
+                    .find(|s| s.name == share)
+                    .expect("a share")
+                    .queued,
             );
             position(ahead, share, &groups, share, &shares)
         };

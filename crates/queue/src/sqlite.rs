@@ -8,6 +8,7 @@
 //! linger in free pages.
 
 use crate::fields::{Field, FieldCipher};
+use crate::group_commit::{Prepared, Writer, Written};
 use crate::{
     CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobError,
     JobQueue, KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
@@ -61,6 +62,8 @@ pub struct SqliteQueue {
     /// Woken after each commit of this process that changes a job.
     changed: Arc<Notify>,
     retry_backoff_ms: i64,
+    /// Commits submits in groups.
+    writer: Writer,
     /// This boot's offset onto the lease clock, once read (see [`SqliteQueue::lease_now`]).
     lease_epoch: Arc<std::sync::Mutex<Option<(String, i64)>>>,
 }
@@ -103,12 +106,20 @@ impl SqliteQueue {
         if options.migrate {
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         }
+        let work = Arc::new(Notify::new());
+        let changed = Arc::new(Notify::new());
+        let writer = Writer::start(
+            pool.clone(),
+            fields.clone(),
+            vec![work.clone(), changed.clone()],
+        );
         let queue = SqliteQueue {
             pool,
             clock,
             fields,
-            work: Arc::new(Notify::new()),
-            changed: Arc::new(Notify::new()),
+            work,
+            changed,
+            writer,
             retry_backoff_ms: options.retry_backoff.as_millis().min(i64::MAX as u128) as i64,
             lease_epoch: Arc::default(),
         };
@@ -183,7 +194,8 @@ impl SqliteQueue {
     }
 }
 
-const JOB_COLUMNS: &str = "id, owner, group_sealed, status, request, attempts, max_attempts, \
+pub(crate) const JOB_COLUMNS: &str =
+    "id, owner, group_sealed, status, request, attempts, max_attempts, \
     progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
     finished_at, revision, images_attempt";
 
@@ -204,7 +216,7 @@ pub(crate) fn open_text(
     String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not text".into()))
 }
 
-fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueError> {
+pub(crate) fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueError> {
     let id: String = row.try_get("id")?;
     let corrupt = |reason: String| QueueError::Corrupt {
         id: id.clone(),
@@ -295,15 +307,6 @@ async fn delete_job_rows(
     Ok(())
 }
 
-/// `value` bound to `owner`, for a blind index that differs between owners.
-fn owned(owner: &str, value: &str) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(4 + owner.len() + value.len());
-    bytes.extend_from_slice(&(owner.len() as u32).to_be_bytes());
-    bytes.extend_from_slice(owner.as_bytes());
-    bytes.extend_from_slice(value.as_bytes());
-    bytes
-}
-
 /// SQL that queues again every retry whose wait is over at `?1`.
 const RETRIES_DUE_SQL: &str =
     "UPDATE jobs SET status = 'queued', available_at = NULL, updated_at = ?1
@@ -312,115 +315,16 @@ const RETRIES_DUE_SQL: &str =
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
-        let fields = &*self.fields;
-        let id = JobId::random();
-        let row = id.to_string();
-        // Keyed per owner: identical requests of two owners store different hashes. Rows
-        // written before were keyed by the value alone, and still match.
-        let hash = &fields.blind(Field::JobFingerprint, &owned(&job.owner, &job.fingerprint));
-        let legacy_hash = &fields.blind(Field::JobFingerprint, job.fingerprint.as_bytes());
-        let request =
-            zeroize::Zeroizing::new(serde_json::to_string(&job.request).map_err(|e| {
-                QueueError::Corrupt {
-                    id: "new job".into(),
-                    reason: e.to_string(),
-                }
-            })?);
-        let request = fields.seal(Field::JobRequest, &row, request.as_bytes())?;
-        let group_index = fields.blind(Field::JobGroup, job.group.as_bytes());
-        let share_index = fields.blind(Field::JobGroup, job.share.as_bytes());
-        let group_sealed = fields.seal(Field::JobGroup, &row, job.group.as_bytes())?;
-        let dedup_key = job
-            .dedup_key
-            .as_ref()
-            .map(|key| fields.blind(Field::JobDedup, &owned(&job.owner, key)));
-        let legacy_dedup_key = job
-            .dedup_key
-            .as_ref()
-            .map(|key| fields.blind(Field::JobDedup, key.as_bytes()));
-        let now = self.now();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = &dedup_key {
-            let existing = sqlx::query(&format!(
-                "SELECT {JOB_COLUMNS}, request_hash FROM jobs
-                 WHERE owner = ?1 AND dedup_key IN (?2, ?3)"
-            ))
-            .bind(&job.owner)
-            .bind(key)
-            .bind(&legacy_dedup_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = existing {
-                let stored_hash: String = row.try_get("request_hash")?;
-                if &stored_hash != hash && &stored_hash != legacy_hash {
-                    return Err(QueueError::IdempotencyConflict);
-                }
+        let prepared = Prepared::new(&*self.fields, job, self.now())?;
+        let id = match self.writer.write(prepared).await? {
+            Written::Existing(job) => {
                 return Ok(Enqueued {
-                    job: job_from_row(&row, fields)?,
+                    job: *job,
                     created: false,
-                });
+                })
             }
-        }
-        // Every limit is counted in the same write transaction as the insert: two submits
-        // cannot both slip in under it.
-        if let Some(limit) = job.max_queued {
-            // The counter kept by triggers: its cost does not grow with the queue.
-            let queued: i64 = sqlx::query_scalar("SELECT queued FROM queue_counts")
-                .fetch_one(&mut *tx)
-                .await?;
-            let queued = queued.max(0) as u64;
-            if queued >= limit {
-                return Err(QueueError::QueueFull { queued, limit });
-            }
-        }
-        if let Some(limit) = job.owner_live_limit {
-            let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'retry_wait', 'running')",
-            )
-            .bind(&job.owner)
-            .fetch_one(&mut *tx)
-            .await?;
-            let live = live.max(0) as u64;
-            if live >= limit {
-                return Err(QueueError::OwnerQuota { live, limit });
-            }
-        }
-        if let Some(limit) = job.group_live_limit {
-            let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE group_key = ?1 AND status IN ('queued', 'retry_wait', 'running')",
-            )
-            .bind(&group_index)
-            .fetch_one(&mut *tx)
-            .await?;
-            let live = live.max(0) as u64;
-            if live >= limit {
-                return Err(QueueError::GroupQuota { live, limit });
-            }
-        }
-        crate::fairness::join_queue(&mut tx, &share_index, &group_index).await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
-                status, max_attempts, created_at, updated_at, group_sealed, share_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10, ?11)",
-        )
-        .bind(&row)
-        .bind(&job.owner)
-        .bind(&group_index)
-        .bind(&dedup_key)
-        .bind(hash)
-        .bind(&request)
-        .bind(job.request.batch_key())
-        .bind(job.max_attempts.max(1) as i64)
-        .bind(now)
-        .bind(&group_sealed)
-        .bind(&share_index)
-        .execute(&mut *tx)
-        .await?;
-        crate::outbox::write_replies(&mut tx, fields, &row, &job.replies, now).await?;
-        tx.commit().await?;
-        // Wake local waiters only after the commit: what they lease must be there.
-        self.work.notify_waiters();
-        self.changed.notify_waiters();
+            Written::Created(id) => id,
+        };
         let job = self.get(id).await?.ok_or_else(|| QueueError::Corrupt {
             id: id.to_string(),
             reason: "vanished after commit".into(),

@@ -156,6 +156,9 @@ pub enum QueueError {
     LeaseLost(JobId),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A commit shared by several submits failed; each of them gets this.
+    #[error("the database could not commit: {0}")]
+    CommitFailed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored job {id} is unreadable: {reason}")]

@@ -7,6 +7,8 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod ingress;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// The engine alone: images per second, time per UNet step, achieved TFLOP/s and device
@@ -16,6 +18,11 @@ pub enum BenchCommand {
     /// holds them for a while, counting events; measure the gateway (CPU, queries) meanwhile.
     /// `bench/event-streams.sh` runs it against a fresh `sparkle up`.
     Streams(StreamsBench),
+    /// Ingress: REST submits, signed Discord commands or readiness probes acknowledged per
+    /// second by a running gateway, through its real listener, with latency percentiles;
+    /// `--preload` queues jobs first to measure at a depth. `bench/ingress.sh` runs it
+    /// against a fresh `sparkle up`.
+    Ingress(ingress::IngressBench),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +87,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Streams(args) => tokio::runtime::Runtime::new()
             .context("cannot start the runtime")?
             .block_on(streams(args)),
+        BenchCommand::Ingress(args) => tokio::runtime::Runtime::new()
+            .context("cannot start the runtime")?
+            .block_on(ingress::run(args)),
     }
 }
 
