@@ -191,38 +191,3 @@ pub(crate) async fn recount(tx: &mut SqliteConnection) -> Result<(), QueueError>
     }
     Ok(())
 }
-
-/// One waiting share or group: its queued jobs and its stamp.
-#[derive(Debug, Clone)]
-pub(crate) struct Turn {
-    pub name: String,
-    pub queued: u64,
-    pub stamp: i64,
-}
-
-/// Every waiting share, and the waiting groups of `share`.
-pub(crate) async fn turns(
-    conn: &mut SqliteConnection,
-    share: &str,
-) -> Result<(Vec<Turn>, Vec<Turn>), QueueError> {
-    let read = |rows: Vec<sqlx::sqlite::SqliteRow>| -> Result<Vec<Turn>, QueueError> {
-        rows.iter()
-            .map(|r| {
-                Ok(Turn {
-                    name: r.try_get("name")?,
-                    queued: r.try_get::<i64, _>("queued")?.max(0) as u64,
-                    stamp: r.try_get("last_served")?,
-                })
-            })
-            .collect()
-    };
-    let shares = sqlx::query("SELECT name, queued, last_served FROM shares WHERE queued > 0")
-        .fetch_all(&mut *conn)
-        .await?;
-    let groups =
-        sqlx::query("SELECT name, queued, last_served FROM groups WHERE share = ?1 AND queued > 0")
-            .bind(share)
-            .fetch_all(&mut *conn)
-            .await?;
-    Ok((read(shares)?, read(groups)?))
-}

@@ -708,9 +708,6 @@ impl JobQueue for SqliteQueue {
         let mut conn = self.pool.acquire().await?;
         // One read: the jobs asked about, and the counters of whoever waits with them.
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let mut shares: Option<Vec<crate::fairness::Turn>> = None;
-        let mut groups_of: std::collections::HashMap<String, Vec<crate::fairness::Turn>> =
-            std::collections::HashMap::new();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let row = sqlx::query(
@@ -733,20 +730,9 @@ impl JobQueue for SqliteQueue {
             .bind(seq)
             .fetch_one(&mut *tx)
             .await?;
-            if !groups_of.contains_key(&share) || shares.is_none() {
-                let (all, groups) = crate::fairness::turns(&mut tx, &share).await?;
-                shares = Some(all);
-                groups_of.insert(share.clone(), groups);
-            }
-            let all = shares.as_deref().unwrap_or_default();
-            let groups = groups_of.get(&share).map(Vec::as_slice).unwrap_or_default();
-            out.push(Some(crate::position::position(
-                ahead.max(0) as u64,
-                &group,
-                groups,
-                &share,
-                all,
-            )));
+            out.push(Some(
+                crate::position::position(&mut tx, ahead.max(0) as u64, &group, &share).await?,
+            ));
         }
         tx.commit().await?;
         Ok(out)
