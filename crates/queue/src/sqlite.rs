@@ -710,29 +710,7 @@ impl JobQueue for SqliteQueue {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = sqlx::query(
-                "SELECT group_key, share_key, seq FROM jobs WHERE id = ?1 AND status = 'queued'",
-            )
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else {
-                out.push(None);
-                continue;
-            };
-            let group: String = row.try_get("group_key")?;
-            let share: String = row.try_get("share_key")?;
-            let seq: i64 = row.try_get("seq")?;
-            let ahead: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND group_key = ?1 AND seq < ?2",
-            )
-            .bind(&group)
-            .bind(seq)
-            .fetch_one(&mut *tx)
-            .await?;
-            out.push(Some(
-                crate::position::position(&mut tx, ahead.max(0) as u64, &group, &share).await?,
-            ));
+            out.push(crate::position::position(&mut tx, &id.to_string()).await?);
         }
         tx.commit().await?;
         Ok(out)
