@@ -39,6 +39,9 @@ pub struct SqliteOptions {
     pub retry_backoff: Duration,
 }
 
+/// Jobs ahead in its own group a position counts at most.
+const MAX_COUNTED_AHEAD: i64 = 1000;
+
 /// The longest a retry waits.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -710,7 +713,33 @@ impl JobQueue for SqliteQueue {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.push(crate::position::position(&mut tx, &id.to_string()).await?);
+            let row = sqlx::query(
+                "SELECT group_key, share_key, seq FROM jobs WHERE id = ?1 AND status = 'queued'",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                out.push(None);
+                continue;
+            };
+            let group: String = row.try_get("group_key")?;
+            let share: String = row.try_get("share_key")?;
+            let seq: i64 = row.try_get("seq")?;
+            // Counted up to a bound: a position deeper than that in one group's own backlog
+            // is reported as the bound (a lower bound), so the count never costs more.
+            let ahead: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs
+                 WHERE status = 'queued' AND group_key = ?1 AND seq < ?2 LIMIT ?3)",
+            )
+            .bind(&group)
+            .bind(seq)
+            .bind(MAX_COUNTED_AHEAD)
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push(Some(
+                crate::position::position(&mut tx, ahead.max(0) as u64, &group, &share).await?,
+            ));
         }
         tx.commit().await?;
         Ok(out)
