@@ -24,7 +24,8 @@ pub(crate) async fn position(
             .fetch_optional(&mut *conn)
             .await?;
     let others: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(MIN(queued, ?1 + (last_served < ?2))), 0) FROM groups
+        "SELECT COALESCE(SUM(MIN(queued, ?1 + (last_served < ?2))), 0)
+         FROM groups INDEXED BY groups_waiting_counts
          WHERE share = ?3 AND queued > 0 AND name != ?4",
     )
     .bind(ahead as i64)
@@ -41,7 +42,7 @@ pub(crate) async fn position(
             .await?;
     let others: i64 = sqlx::query_scalar(
         "SELECT COALESCE(SUM(MIN(queued, ?1 + (last_served < ?2))), 0) FROM shares
-         INDEXED BY shares_waiting WHERE queued > 0 AND name != ?3",
+         INDEXED BY shares_waiting_counts WHERE queued > 0 AND name != ?3",
     )
     .bind(in_share as i64)
     .bind(share_stamp.unwrap_or(i64::MAX))

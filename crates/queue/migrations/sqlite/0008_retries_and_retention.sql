@@ -20,3 +20,11 @@ CREATE TABLE lease_epochs (
     boot_id   TEXT    PRIMARY KEY,
     offset_ms INTEGER NOT NULL
 );
+
+-- A position sums over the waiting shares (and the waiting groups of one share) their queued
+-- jobs and stamps: indexes that hold both answer it without reading the tables. They replace
+-- the indexes of the waiting by stamp alone, which they also serve.
+DROP INDEX shares_waiting;
+DROP INDEX groups_waiting;
+CREATE INDEX shares_waiting_counts ON shares (last_served, queued, name) WHERE queued > 0;
+CREATE INDEX groups_waiting_counts ON groups (share, last_served, queued, name) WHERE queued > 0;
