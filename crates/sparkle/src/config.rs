@@ -333,6 +333,9 @@ pub struct QueueConfig {
     /// Seconds a retryable failure waits before the job's next attempt, doubled with each
     /// attempt (at most 5 minutes) and jittered by ±20 %.
     pub retry_backoff_secs: u64,
+    /// Seconds a job may run before it fails with `timeout` (not retried). 0: from the job's
+    /// cost, two minutes and 20 s per step, megapixel and image.
+    pub max_job_secs: u64,
 }
 
 impl Default for QueueConfig {
@@ -343,6 +346,7 @@ impl Default for QueueConfig {
             max_queued_jobs: 10_000,
             sync_timeout_secs: 600,
             retry_backoff_secs: 2,
+            max_job_secs: 0,
         }
     }
 }

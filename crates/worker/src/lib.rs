@@ -15,7 +15,7 @@ mod engine_thread;
 mod run;
 
 pub use engine_thread::{EngineThread, GenerateOutcome};
-pub use run::{run, WorkerOptions};
+pub use run::{deadline_of, run, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

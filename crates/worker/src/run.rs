@@ -24,6 +24,9 @@ pub struct WorkerOptions {
     pub drain_timeout: Duration,
     /// How long a partly filled batch waits for compatible jobs before it starts anyway.
     pub batch_wait: Duration,
+    /// How long a job may run before it fails with `timeout`; `None`: derived from each
+    /// job's cost ([`deadline_of`]).
+    pub max_job: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -35,8 +38,17 @@ impl Default for WorkerOptions {
             max_batch: 1,
             drain_timeout: Duration::from_secs(30),
             batch_wait: Duration::from_millis(50),
+            max_job: None,
         }
     }
+}
+
+/// The deadline of a job by its cost: two minutes, and 20 s for each step of each megapixel
+/// of each image (a CPU's pace; a GPU is tens of times faster).
+pub fn deadline_of(request: &sparkle_core::ValidImageRequest) -> Duration {
+    let megapixels = f64::from(request.width) * f64::from(request.height) / 1e6;
+    let work = f64::from(request.steps) * megapixels * f64::from(request.n);
+    Duration::from_secs_f64(120.0 + 20.0 * work)
 }
 
 /// Progress is written to the queue at most this often.
@@ -155,6 +167,15 @@ async fn run_batch(
     let mut progress_open = true;
     let mut last_beat = Instant::now();
     let mut drain_until: Option<Instant> = None;
+    let budget = options.max_job.unwrap_or_else(|| {
+        leases
+            .iter()
+            .map(|l| deadline_of(&l.job.request))
+            .max()
+            .unwrap_or_default()
+    });
+    let deadline = Instant::now() + budget;
+    let mut timed_out = false;
 
     let result = loop {
         let beat_now = tokio::select! {
@@ -167,6 +188,22 @@ async fn run_batch(
             _ = shutdown.cancelled(), if drain_until.is_none() => {
                 tracing::info!("stopping: finishing the batch in hand");
                 drain_until = Some(Instant::now() + options.drain_timeout);
+                false
+            }
+            _ = tokio::time::sleep_until(deadline), if !timed_out => {
+                timed_out = true;
+                tracing::warn!(secs = budget.as_secs(), "the batch ran past its deadline");
+                let failure = Failure {
+                    code: "timeout".into(),
+                    message: format!("the job ran longer than its deadline of {} s", budget.as_secs()),
+                    detail: None,
+                    retryable: false,
+                };
+                for (lease, live) in leases.iter().zip(live.iter_mut()) {
+                    if std::mem::replace(live, false) {
+                        record_failure(queue, lease, failure.clone()).await;
+                    }
+                }
                 false
             }
             _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {

@@ -88,6 +88,8 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
         max_batch: config.worker.max_batch,
         drain_timeout: Duration::from_secs(config.worker.drain_timeout_secs),
         batch_wait: Duration::from_millis(config.worker.batch_wait_ms),
+        max_job: (config.queue.max_job_secs > 0)
+            .then(|| Duration::from_secs(config.queue.max_job_secs)),
     };
     sparkle_worker::run(queue, store, engine, worker_options, shutdown).await?;
     Ok(())

@@ -58,3 +58,40 @@ async fn an_image_store_outage_is_retried_with_backoff_and_the_client_reads_no_p
     assert_eq!(status, 200);
     assert!(png.starts_with(b"\x89PNG"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_fails_with_timeout_and_the_worker_goes_on() {
+    let svc = Service::start(&[("SPARKLE_QUEUE__MAX_JOB_SECS", "1")]).await;
+    let key = &svc.admin_key;
+    let (_, slow) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a long one", "size": "256x256", "steps": 150}),
+            Some(key),
+        )
+        .await;
+    let slow = slow["id"].as_str().expect("id").to_string();
+    let failed = svc
+        .wait_for(&slow, key, |j| {
+            j["status"] != "queued" && j["status"] != "running"
+        })
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "timeout", "{failed}");
+    assert_eq!(failed["attempts"], 1, "a timeout is not retried: {failed}");
+
+    // The same worker takes the next job.
+    let (_, next) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a quick one", "size": "64x64", "steps": 1}),
+            Some(key),
+        )
+        .await;
+    let next = next["id"].as_str().expect("id").to_string();
+    let done = svc
+        .wait_for(&next, key, |j| j["status"] == "succeeded")
+        .await;
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(svc.worker_pids().len(), 1, "the worker stayed up");
+}

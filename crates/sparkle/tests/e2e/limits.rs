@@ -80,25 +80,55 @@ async fn slow_clients_are_cut_off_at_every_stage() {
     assert_eq!(status, 200);
 }
 
+/// Asks `/healthz` on an open connection; the status line and the rest of the head.
+fn ask_health(conn: &mut (impl std::io::Read + std::io::Write)) -> String {
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: sparkle\r\n\r\n")
+        .expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_address_cannot_hold_more_connections_than_its_share() {
+async fn one_address_past_its_connection_share_is_answered_503_not_reset() {
     let svc = Service::start(&[("SPARKLE_GATEWAY__MAX_CONNECTIONS_PER_IP", "3")]).await;
     let port = port_of(&svc.url);
     let cert = svc.certificate();
     tokio::task::spawn_blocking(move || {
         // The test's HTTP client may keep one connection of its own open.
         let mut held = Vec::new();
-        while let Ok(conn) = tls_connect(port, &cert) {
-            held.push(conn);
-            assert!(held.len() <= 3, "over the cap");
-        }
+        let refused = loop {
+            let mut conn = tls_connect(port, &cert).expect("a handshake, not a reset");
+            let head = ask_health(&mut conn);
+            if head.starts_with("HTTP/1.1 200") {
+                held.push(conn);
+                assert!(held.len() <= 3, "over the cap");
+            } else {
+                break head;
+            }
+        };
         assert!((2..=3).contains(&held.len()), "{} admitted", held.len());
-        assert!(tls_connect(port, &cert).is_err(), "still full");
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(
+            refused.to_ascii_lowercase().contains("retry-after: 1"),
+            "{refused}"
+        );
+        assert!(
+            refused.to_ascii_lowercase().contains("connection: close"),
+            "{refused}"
+        );
         drop(held.pop());
         // The server notices the close within moments; then there is room again.
         let mut admitted = false;
         for _ in 0..50 {
-            if tls_connect(port, &cert).is_ok() {
+            let mut conn = tls_connect(port, &cert).expect("handshake");
+            if ask_health(&mut conn).starts_with("HTTP/1.1 200") {
                 admitted = true;
                 break;
             }

@@ -105,7 +105,13 @@ impl Service {
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await {
+            // The liveness probe: /readyz spends the test address's request rate.
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     return;
                 }
