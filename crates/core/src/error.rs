@@ -81,6 +81,8 @@ pub enum ErrorCode {
     /// The gateway holds as many connections as it may (in all, or from this address);
     /// see `Retry-After`.
     TooManyConnections,
+    /// The image is larger than any serving device can make in the memory it has.
+    TooLargeForDevice,
 }
 
 impl ErrorCode {
@@ -122,6 +124,7 @@ impl ErrorCode {
             ErrorCode::WebhookSecretMissing => "webhook_secret_missing",
             ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooLargeForDevice => "too_large_for_device",
         }
     }
 
@@ -142,7 +145,8 @@ impl ErrorCode {
             | InvalidResponseFormat
             | InvalidIdempotencyKey
             | InvalidWebhookUrl
-            | WebhookSecretMissing => 400,
+            | WebhookSecretMissing
+            | TooLargeForDevice => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,

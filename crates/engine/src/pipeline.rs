@@ -302,6 +302,37 @@ impl Engine {
         None
     }
 
+    /// The largest image, in pixels, this device can make now: the memory free (on the
+    /// CPU, what the system says is available), less a reserve for the bounded attention
+    /// scores, over an estimate of what one image needs per pixel at its peak (the decoder's
+    /// full-resolution activations, or the UNet's rows with guidance, whichever is more).
+    /// Larger images are refused before any work; several images share it by passes.
+    pub fn pixel_budget(&self) -> u64 {
+        let free = self.free_memory();
+        let element = self.dtype.size_in_bytes() as u64;
+        let scale = (self.vae_scale as u64).max(1);
+        let width0 = self.unet_config.blocks.first().map_or(320, |b| b.channels) as u64;
+        // Per image pixel: the decoder's top level (128 channels, f32, about eight maps
+        // alive), or two UNet rows (guidance) of the first level's activations per latent.
+        let decode = 128 * 4 * 8;
+        let denoise = 2 * width0 * element * ROW_ACTIVATIONS / (scale * scale);
+        let reserve = (crate::unet::MAX_SCORES as u64) * element
+            + (crate::vae::MAX_SCORE_BYTES as u64)
+            + (1 << 30);
+        free.saturating_sub(reserve) / decode.max(denoise).max(1)
+    }
+
+    /// Bytes free for work on this device now.
+    fn free_memory(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if !self.device.is_cpu() {
+            if let Ok((free, _)) = candle_core::cuda::cudarc::driver::result::mem_get_info() {
+                return free as u64;
+            }
+        }
+        available_system_memory().unwrap_or(u64::MAX)
+    }
+
     /// Generates one image per batch item, in order. `on_step` is called after every
     /// denoising step; returning `Break` stops the batch with [`EngineError::Cancelled`].
     pub fn generate(
@@ -309,6 +340,11 @@ impl Engine {
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
+        let pixels = u64::from(batch.width) * u64::from(batch.height);
+        let budget = self.pixel_budget();
+        if pixels > budget {
+            return Err(EngineError::TooLarge { pixels, budget });
+        }
         let limit = self.batch_limit(batch.width, batch.height, guided(batch));
         self.generate_limited(batch, on_step, limit)
     }
@@ -627,6 +663,14 @@ impl Probe {
 /// output, and its 8×-wide feed-forward projection, with room to spare.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const ROW_ACTIVATIONS: u64 = 48;
+
+/// What the system says is available for new work (`MemAvailable`), in bytes.
+pub fn available_system_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
 
 /// Classifier-free guidance is on above a scale of 1; at 1 or below it would change nothing.
 fn guided(batch: &Batch) -> bool {

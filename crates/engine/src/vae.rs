@@ -102,14 +102,38 @@ impl AttentionBlock {
 
     /// Single-head attention over `[b, n, c]` rows, projected out.
     fn attend(&self, seq: &Tensor) -> Result<Tensor> {
+        self.attend_within(seq, MAX_SCORE_BYTES)
+    }
+
+    /// Attention whose score matrix holds at most `max_score_bytes` at once: the queries
+    /// are taken in slices of rows, each row's softmax being over all keys as before, so the
+    /// result is the same, and a large image decodes in bounded memory (the full matrix of
+    /// a 2048² image is 16 GiB).
+    fn attend_within(&self, seq: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
         let q = (self.q.forward(seq)? * self.scale)?;
-        let k = self.k.forward(seq)?;
+        let k_t = self.k.forward(seq)?.t()?.contiguous()?;
         let v = self.v.forward(seq)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let probs = crate::layers::softmax_last_dim(&scores)?;
-        self.out.forward(&probs.matmul(&v)?)
+        let (b, n, _) = q.dims3()?;
+        let row_bytes = b * n * q.dtype().size_in_bytes();
+        let rows = (max_score_bytes / row_bytes.max(1)).clamp(1, n.max(1));
+        let attended = if rows >= n {
+            let probs = crate::layers::softmax_last_dim(&q.matmul(&k_t)?)?;
+            probs.matmul(&v)?
+        } else {
+            let mut slices = Vec::with_capacity(n.div_ceil(rows));
+            for start in (0..n).step_by(rows) {
+                let q = q.narrow(1, start, rows.min(n - start))?;
+                let probs = crate::layers::softmax_last_dim(&q.matmul(&k_t)?)?;
+                slices.push(probs.matmul(&v)?);
+            }
+            Tensor::cat(&slices, 1)?
+        };
+        self.out.forward(&attended)
     }
 }
+
+/// The most a VAE attention score matrix may hold at once (the queries are sliced beyond).
+pub(crate) const MAX_SCORE_BYTES: usize = 512 << 20;
 
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
@@ -193,5 +217,43 @@ impl VaeDecoder {
         }
         let xs = self.norm_out.apply(&xs, true, ch)?;
         ch.to_nchw(&self.conv_out.apply(&xs, None, None, ch)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarBuilder;
+
+    #[test]
+    fn sliced_attention_gives_the_same_rows_as_the_whole_matrix() {
+        let device = Device::Cpu;
+        let channels = 32;
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
+        let block = AttentionBlock::new(vb, 8, channels).expect("block");
+        // Weights are zeros from a fresh map: give them values.
+        for var in map.all_vars() {
+            let random = Tensor::randn(0f32, 0.2, var.shape(), &device).expect("randn");
+            var.set(&random).expect("set");
+        }
+        let seq = Tensor::randn(0f32, 1.0, (2, 300, channels), &device).expect("seq");
+        let whole = block.attend_within(&seq, usize::MAX).expect("whole");
+        // 300 rows of 2 × 300 f32 scores are 2400 bytes each: 7 rows a slice, the last short.
+        let sliced = block.attend_within(&seq, 7 * 2400).expect("sliced");
+        let one_row = block.attend_within(&seq, 1).expect("one row at a time");
+        for other in [&sliced, &one_row] {
+            let diff = (&whole - other)
+                .expect("diff")
+                .abs()
+                .expect("abs")
+                .max_all()
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("scalar");
+            assert!(diff < 1e-5, "largest difference {diff}");
+        }
+        assert_eq!(sliced.dims(), whole.dims());
     }
 }

@@ -98,6 +98,7 @@ checks!(
     a_finished_job_is_deleted_with_its_deliveries_and_a_live_one_is_not,
     retention_removes_only_jobs_finished_before_the_horizon,
     kept_images_name_the_attempt_that_made_them,
+    capacity_is_the_largest_a_worker_reported_within_a_week,
 );
 
 /// Runs every check, each against a fresh queue from `open`.

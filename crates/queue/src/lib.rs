@@ -153,4 +153,16 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Which images each of `ids` keeps, for a sweep of orphaned images.
     async fn kept_images(&self, ids: &[JobId]) -> Result<Vec<KeptImages>, QueueError>;
+
+    /// Records the largest image (in pixels) worker `worker` can make of `model`.
+    async fn report_capacity(
+        &self,
+        worker: &str,
+        model: &str,
+        pixels: u64,
+    ) -> Result<(), QueueError>;
+
+    /// The largest image of `model` any worker reported in the last week it can make, the
+    /// limit a request is admitted under; `None` before any worker reported.
+    async fn capacity(&self, model: &str) -> Result<Option<u64>, QueueError>;
 }

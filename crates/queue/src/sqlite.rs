@@ -42,6 +42,9 @@ pub struct SqliteOptions {
 /// Jobs ahead in its own group a position counts at most.
 const MAX_COUNTED_AHEAD: i64 = 1000;
 
+/// How long a worker's reported capacity counts.
+const CAPACITY_HORIZON_MS: i64 = 7 * 86_400_000;
+
 /// The longest a retry waits.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -611,6 +614,43 @@ impl JobQueue for SqliteQueue {
             });
         }
         Ok(kept)
+    }
+
+    async fn report_capacity(
+        &self,
+        worker: &str,
+        model: &str,
+        pixels: u64,
+    ) -> Result<(), QueueError> {
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM worker_capacity WHERE reported_at < ?1")
+            .bind(now - CAPACITY_HORIZON_MS)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO worker_capacity (worker, model, pixels, reported_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (worker) DO UPDATE SET model = ?2, pixels = ?3, reported_at = ?4",
+        )
+        .bind(worker)
+        .bind(model)
+        .bind(i64::try_from(pixels).unwrap_or(i64::MAX))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn capacity(&self, model: &str) -> Result<Option<u64>, QueueError> {
+        let pixels: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(pixels) FROM worker_capacity WHERE model = ?1 AND reported_at >= ?2",
+        )
+        .bind(model)
+        .bind(self.now() - CAPACITY_HORIZON_MS)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(pixels.map(|p| p.max(0) as u64))
     }
 
     async fn reclaim_expired(&self) -> Result<u64, QueueError> {

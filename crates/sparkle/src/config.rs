@@ -366,6 +366,10 @@ pub struct WorkerConfig {
     pub device: String,
     /// `auto` (f32 on the CPU, f16 on CUDA), `f32`, `f16` or `bf16` (CUDA only).
     pub precision: String,
+    /// The largest image, in pixels (width × height), this worker takes; 0: what its device
+    /// can make, from its free memory. Reported to the gateways, which refuse larger
+    /// requests at submit.
+    pub max_pixels: u64,
 }
 
 impl Default for WorkerConfig {
@@ -377,6 +381,7 @@ impl Default for WorkerConfig {
             drain_timeout_secs: 30,
             device: "auto".into(),
             precision: "auto".into(),
+            max_pixels: 0,
         }
     }
 }

@@ -19,6 +19,7 @@ struct Request {
 pub struct EngineThread {
     requests: mpsc::Sender<Request>,
     info: Arc<ModelInfo>,
+    pixel_budget: u64,
 }
 
 /// A batch in flight on the engine thread.
@@ -44,7 +45,10 @@ impl EngineThread {
                         return;
                     }
                 };
-                if loaded_tx.send(Ok(engine.info().clone())).is_err() {
+                if loaded_tx
+                    .send(Ok((engine.info().clone(), engine.pixel_budget())))
+                    .is_err()
+                {
                     return;
                 }
                 while let Some(request) = inbox.blocking_recv() {
@@ -69,15 +73,21 @@ impl EngineThread {
                 }
             })
             .map_err(|_| WorkerError::EngineGone)?;
-        let info = loaded_rx.await.map_err(|_| WorkerError::EngineGone)??;
+        let (info, pixel_budget) = loaded_rx.await.map_err(|_| WorkerError::EngineGone)??;
         Ok(EngineThread {
             requests,
             info: Arc::new(info),
+            pixel_budget,
         })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The largest image, in pixels, the engine's device could make when it loaded.
+    pub fn pixel_budget(&self) -> u64 {
+        self.pixel_budget
     }
 
     /// Hands a batch to the engine thread.

@@ -27,6 +27,9 @@ pub struct WorkerOptions {
     /// How long a job may run before it fails with `timeout`; `None`: derived from each
     /// job's cost ([`deadline_of`]).
     pub max_job: Option<Duration>,
+    /// The largest image in pixels this worker takes, below what its device can make;
+    /// `None`: what the device can make.
+    pub max_pixels: Option<u64>,
 }
 
 impl Default for WorkerOptions {
@@ -39,6 +42,7 @@ impl Default for WorkerOptions {
             drain_timeout: Duration::from_secs(30),
             batch_wait: Duration::from_millis(50),
             max_job: None,
+            max_pixels: None,
         }
     }
 }
@@ -62,7 +66,17 @@ pub async fn run(
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    tracing::info!(worker = %options.worker_id, model = %engine.info().name, "worker ready");
+    let budget = options
+        .max_pixels
+        .map_or(engine.pixel_budget(), |cap| cap.min(engine.pixel_budget()));
+    tracing::info!(worker = %options.worker_id, model = %engine.info().name, pixels = budget, "worker ready");
+    // Submits larger than every worker can make are refused from now on.
+    if let Err(e) = queue
+        .report_capacity(&options.worker_id, &engine.info().name, budget)
+        .await
+    {
+        tracing::warn!(error = %e, "could not report this worker's capacity");
+    }
     while !shutdown.is_cancelled() {
         let leases = match queue
             .lease(
@@ -88,7 +102,22 @@ pub async fn run(
             }
         }
         let leases = fill_batch(&*queue, leases, &options).await;
-        run_batch(&*queue, &*store, &engine, leases, &options, &shutdown).await?;
+        // A job larger than this worker takes is refused for good, before any work.
+        let mut fitting = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let r = &lease.job.request;
+            let pixels = u64::from(r.width) * u64::from(r.height);
+            if pixels > budget {
+                let too_large = EngineError::TooLarge { pixels, budget };
+                record_failure(&*queue, &lease, failure_of(&too_large)).await;
+            } else {
+                fitting.push(lease);
+            }
+        }
+        if fitting.is_empty() {
+            continue;
+        }
+        run_batch(&*queue, &*store, &engine, fitting, &options, &shutdown).await?;
     }
     tracing::info!(worker = %options.worker_id, "worker stopped");
     Ok(())
@@ -364,6 +393,16 @@ async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
 
 /// A request the engine refuses will be refused again; anything else may pass next time.
 fn failure_of(e: &EngineError) -> Failure {
+    if let EngineError::TooLarge { pixels, budget } = e {
+        return Failure {
+            code: "too_large_for_device".into(),
+            message: format!(
+                "an image of {pixels} pixels is more than the serving devices can make ({budget} at most)"
+            ),
+            detail: None,
+            retryable: false,
+        };
+    }
     let retryable = !matches!(e, EngineError::InvalidRequest(_));
     // A refused request's reason is the client's to read; any other engine error may name
     // files or devices, and is kept for operators only.

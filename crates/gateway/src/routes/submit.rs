@@ -210,6 +210,26 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
     let valid = request
         .validate(&state.limits, &state.catalog, rand::random::<u32>)
         .map_err(Refused::Invalid)?;
+    // Bounded by what the serving devices can make, as their workers last reported.
+    let pixels = u64::from(valid.width) * u64::from(valid.height);
+    if let Some(budget) = state
+        .queue
+        .capacity(&valid.model)
+        .await
+        .map_err(Refused::Queue)?
+    {
+        if pixels > budget {
+            let side = (budget as f64).sqrt() as u64 / 8 * 8;
+            return Err(Refused::Invalid(sparkle_core::RequestError::new(
+                ErrorCode::TooLargeForDevice,
+                Some("size"),
+                format!(
+                    "{}x{} is {pixels} pixels; the serving devices make images of at most {budget} pixels (e.g. {side}x{side})",
+                    valid.width, valid.height
+                ),
+            )));
+        }
+    }
     let enqueued = state
         .queue
         .enqueue(NewJob {

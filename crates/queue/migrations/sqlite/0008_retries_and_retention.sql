@@ -28,3 +28,13 @@ DROP INDEX shares_waiting;
 DROP INDEX groups_waiting;
 CREATE INDEX shares_waiting_counts ON shares (last_served, queued, name) WHERE queued > 0;
 CREATE INDEX groups_waiting_counts ON groups (share, last_served, queued, name) WHERE queued > 0;
+
+-- What each worker can make: the largest image in pixels for its model and device, reported
+-- when it starts. Requests larger than any worker of the last week can make are refused at
+-- submit.
+CREATE TABLE worker_capacity (
+    worker      TEXT    PRIMARY KEY,
+    model       TEXT    NOT NULL,
+    pixels      INTEGER NOT NULL,
+    reported_at INTEGER NOT NULL
+);

@@ -158,3 +158,35 @@ pub async fn kept_images_name_the_attempt_that_made_them<Q: JobQueue>(q: Q, c: M
     let job = q.get(retried).await.expect("get").expect("exists");
     assert_eq!(job.images_attempt, Some(2));
 }
+
+pub async fn capacity_is_the_largest_a_worker_reported_within_a_week<Q: JobQueue>(
+    q: Q,
+    c: ManualClock,
+) {
+    assert_eq!(
+        q.capacity("sd15").await.expect("capacity"),
+        None,
+        "none reported"
+    );
+    q.report_capacity("w1", "sd15", 1_000_000)
+        .await
+        .expect("report");
+    q.report_capacity("w2", "sd15", 4_000_000)
+        .await
+        .expect("report");
+    q.report_capacity("w3", "sdxl", 9_000_000)
+        .await
+        .expect("report");
+    assert_eq!(q.capacity("sd15").await.expect("capacity"), Some(4_000_000));
+    // A worker reporting again replaces what it said.
+    q.report_capacity("w2", "sd15", 2_000_000)
+        .await
+        .expect("report");
+    assert_eq!(q.capacity("sd15").await.expect("capacity"), Some(2_000_000));
+    c.advance_ms(8 * 86_400_000);
+    assert_eq!(
+        q.capacity("sd15").await.expect("capacity"),
+        None,
+        "too old to count"
+    );
+}

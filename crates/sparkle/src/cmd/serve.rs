@@ -90,6 +90,7 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
         batch_wait: Duration::from_millis(config.worker.batch_wait_ms),
         max_job: (config.queue.max_job_secs > 0)
             .then(|| Duration::from_secs(config.queue.max_job_secs)),
+        max_pixels: (config.worker.max_pixels > 0).then_some(config.worker.max_pixels),
     };
     sparkle_worker::run(queue, store, engine, worker_options, shutdown).await?;
     Ok(())

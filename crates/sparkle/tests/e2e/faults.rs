@@ -95,3 +95,57 @@ async fn a_job_past_its_deadline_fails_with_timeout_and_the_worker_goes_on() {
     assert_eq!(done["attempts"], 1);
     assert_eq!(svc.worker_pids().len(), 1, "the worker stayed up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_larger_than_the_workers_can_make_is_refused_and_never_crashes_one() {
+    // A worker that takes at most 128x128 (as a device with little memory would say).
+    let svc = Service::start(&[("SPARKLE_WORKER__MAX_PIXELS", "16384")]).await;
+    let key = &svc.admin_key;
+    // Before any worker has reported, the job is queued; the worker refuses it for good.
+    let (status, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "too big", "size": "256x256", "steps": 1}),
+            Some(key),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_string();
+    let failed = svc
+        .wait_for(&id, key, |j| {
+            j["status"] != "queued" && j["status"] != "running"
+        })
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "too_large_for_device", "{failed}");
+    assert_eq!(failed["attempts"], 1, "not retried: {failed}");
+
+    // Now that the worker has reported, the gateway refuses such a request at submit.
+    let (status, refused) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "too big", "size": "256x256", "steps": 1}),
+            Some(key),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "too_large_for_device");
+    assert_eq!(refused["error"]["param"], "size");
+    let message = refused["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("65536") && message.contains("16384"),
+        "{message}"
+    );
+
+    // What fits still runs, on the same worker.
+    let (_, ok) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "fits", "size": "128x128", "steps": 1}),
+            Some(key),
+        )
+        .await;
+    let ok = ok["id"].as_str().expect("id").to_string();
+    svc.wait_for(&ok, key, |j| j["status"] == "succeeded").await;
+    assert_eq!(svc.worker_pids().len(), 1);
+}
