@@ -168,27 +168,13 @@ async fn insert(
         }
     }
     if let Some(limit) = job.owner_live_limit {
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs
-             WHERE owner = ?1 AND status IN ('queued', 'retry_wait', 'running')",
-        )
-        .bind(&job.owner)
-        .fetch_one(&mut *tx)
-        .await?;
-        let live = live.max(0) as u64;
+        let live = live_jobs(tx, LiveOf::Owner, &job.owner).await?;
         if live >= limit {
             return Err(QueueError::OwnerQuota { live, limit });
         }
     }
     if let Some(limit) = job.group_live_limit {
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs
-             WHERE group_key = ?1 AND status IN ('queued', 'retry_wait', 'running')",
-        )
-        .bind(&p.group_index)
-        .fetch_one(&mut *tx)
-        .await?;
-        let live = live.max(0) as u64;
+        let live = live_jobs(tx, LiveOf::Group, &p.group_index).await?;
         if live >= limit {
             return Err(QueueError::GroupQuota { live, limit });
         }
@@ -214,6 +200,35 @@ async fn insert(
     .await?;
     crate::outbox::write_replies(&mut *tx, fields, &p.row, &job.replies, p.now).await?;
     Ok(Written::Created(p.id))
+}
+
+/// Whose live jobs to count.
+enum LiveOf {
+    Owner,
+    Group,
+}
+
+/// Queued, waiting-to-retry and running jobs of one owner or one group (by its index).
+async fn live_jobs(
+    tx: &mut sqlx::SqliteConnection,
+    of: LiveOf,
+    value: &str,
+) -> Result<u64, QueueError> {
+    let sql = match of {
+        LiveOf::Owner => {
+            "SELECT COUNT(*) FROM jobs
+             WHERE owner = ?1 AND status IN ('queued', 'retry_wait', 'running')"
+        }
+        LiveOf::Group => {
+            "SELECT COUNT(*) FROM jobs
+             WHERE group_key = ?1 AND status IN ('queued', 'retry_wait', 'running')"
+        }
+    };
+    let live: i64 = sqlx::query_scalar(sql)
+        .bind(value)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(live.max(0) as u64)
 }
 
 impl Prepared {

@@ -297,6 +297,25 @@ const RECLAIM_SQL: &str = "UPDATE jobs SET
         progress_step = NULL, progress_total = NULL, updated_at = ?1
     WHERE status = 'running' AND lease_until <= ?4";
 
+/// The status of job `id` as clients see it, read in the caller's transaction.
+async fn status_of(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: JobId,
+) -> Result<Option<JobStatus>, QueueError> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    status
+        .map(|s| {
+            stored_status(&s).map_err(|reason| QueueError::Corrupt {
+                id: id.to_string(),
+                reason,
+            })
+        })
+        .transpose()
+}
+
 /// Deletes job `id` and its deliveries, in the caller's transaction.
 async fn delete_job_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -513,17 +532,9 @@ impl JobQueue for SqliteQueue {
     async fn cancel(&self, id: JobId) -> Result<CancelOutcome, QueueError> {
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(status) = status else {
+        let Some(status) = status_of(&mut tx, id).await? else {
             return Ok(CancelOutcome::NotFound);
         };
-        let status = stored_status(&status).map_err(|reason| QueueError::Corrupt {
-            id: id.to_string(),
-            reason,
-        })?;
         if status.is_final() {
             return Ok(CancelOutcome::AlreadyFinal(status));
         }
@@ -544,17 +555,9 @@ impl JobQueue for SqliteQueue {
 
     async fn delete_finished(&self, id: JobId) -> Result<DeleteOutcome, QueueError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(status) = status else {
+        let Some(status) = status_of(&mut tx, id).await? else {
             return Ok(DeleteOutcome::NotFound);
         };
-        let status = stored_status(&status).map_err(|reason| QueueError::Corrupt {
-            id: id.to_string(),
-            reason,
-        })?;
         if !status.is_final() {
             return Ok(DeleteOutcome::Live(status));
         }
