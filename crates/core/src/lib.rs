@@ -13,5 +13,5 @@ mod scheduler;
 
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
-pub use request::{Catalog, ImageRequest, Limits, ModelEntry, ValidImageRequest};
+pub use request::{Catalog, ImageRequest, Limits, ModelEntry, RequestParts, ValidImageRequest};
 pub use scheduler::Scheduler;

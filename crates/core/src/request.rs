@@ -90,8 +90,18 @@ pub struct ImageRequest {
 }
 
 /// A request that passed validation: every field resolved, every limit respected.
-/// Only these cross into the queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Only these cross into the queue. Only validation makes one: [`ImageRequest::validate`]
+/// for a client's request, [`ValidImageRequest::from_parts`] for one read back from storage;
+/// the fields can be read, but a value cannot be written out by hand:
+///
+/// ```compile_fail
+/// let forged = sparkle_core::ValidImageRequest {
+///     prompt: "a corgi".into(), negative_prompt: String::new(), model: "m".into(),
+///     width: 1 << 20, height: 1 << 20, steps: 100_000, guidance_scale: 7.5, seed: 1,
+///     scheduler: sparkle_core::Scheduler::Euler, n: 1_000,
+/// };
+/// ```
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidImageRequest {
     pub prompt: String,
     pub negative_prompt: String,
@@ -104,6 +114,106 @@ pub struct ValidImageRequest {
     pub seed: u32,
     pub scheduler: Scheduler,
     pub n: u32,
+    /// Only this module makes one.
+    validated: Validated,
+}
+
+/// Proof that a [`ValidImageRequest`] went through validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Validated;
+
+/// The fields of a request as stored, not yet trusted: [`ValidImageRequest::from_parts`]
+/// checks them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestParts {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub model: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    pub seed: u32,
+    pub scheduler: Scheduler,
+    pub n: u32,
+}
+
+/// The bounds no deployment's limits go beyond.
+const MAX_SIDE: u32 = 8192;
+const MAX_STEPS: u32 = 1000;
+const MAX_N: u32 = 64;
+const MAX_PROMPT_BYTES: usize = 64 * 1024;
+
+impl ValidImageRequest {
+    /// A request read back from storage, checked against what any validation guarantees
+    /// (sides multiples of 8 up to 8192, 1 to 1000 steps, 1 to 64 images, a finite guidance,
+    /// seeds that do not overflow, a named model, bounded prompts); the deployment's own,
+    /// narrower limits were checked when it was submitted.
+    pub fn from_parts(parts: RequestParts) -> Result<ValidImageRequest, RequestError> {
+        let bad = |field: &'static str, what: String| {
+            Err(RequestError::new(ErrorCode::InvalidJson, Some(field), what))
+        };
+        for (field, side) in [("width", parts.width), ("height", parts.height)] {
+            if side == 0 || side % 8 != 0 || side > MAX_SIDE {
+                return bad(
+                    field,
+                    format!("{field} must be a multiple of 8 up to {MAX_SIDE}; got {side}"),
+                );
+            }
+        }
+        if !(1..=MAX_STEPS).contains(&parts.steps) {
+            return bad(
+                "steps",
+                format!("steps must be 1 to {MAX_STEPS}; got {}", parts.steps),
+            );
+        }
+        if !(1..=MAX_N).contains(&parts.n) || parts.seed.checked_add(parts.n - 1).is_none() {
+            return bad(
+                "n",
+                format!(
+                    "n must be 1 to {MAX_N} with room after the seed; got {}",
+                    parts.n
+                ),
+            );
+        }
+        if !parts.guidance_scale.is_finite() {
+            return bad("guidance_scale", "guidance_scale must be finite".into());
+        }
+        if parts.model.is_empty() {
+            return bad("model", "the model must be named".into());
+        }
+        if parts.prompt.len() > MAX_PROMPT_BYTES || parts.negative_prompt.len() > MAX_PROMPT_BYTES {
+            return bad(
+                "prompt",
+                format!("prompts must be at most {MAX_PROMPT_BYTES} bytes"),
+            );
+        }
+        let RequestParts {
+            prompt,
+            negative_prompt,
+            model,
+            width,
+            height,
+            steps,
+            guidance_scale,
+            seed,
+            scheduler,
+            n,
+        } = parts;
+        Ok(ValidImageRequest {
+            prompt,
+            negative_prompt,
+            model,
+            width,
+            height,
+            steps,
+            guidance_scale,
+            seed,
+            scheduler,
+            n,
+            validated: Validated,
+        })
+    }
 }
 
 impl ImageRequest {
@@ -220,7 +330,8 @@ impl ImageRequest {
             })?,
         };
 
-        Ok(ValidImageRequest {
+        // Within the bounds any stored request is checked against, whatever the limits.
+        ValidImageRequest::from_parts(RequestParts {
             prompt,
             negative_prompt,
             model: model.name.clone(),

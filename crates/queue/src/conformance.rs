@@ -14,7 +14,7 @@ use retention::*;
 use crate::{
     CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
 };
-use sparkle_core::{JobStatus, Progress, Scheduler, ValidImageRequest};
+use sparkle_core::{JobStatus, Progress, RequestParts, Scheduler, ValidImageRequest};
 use std::future::Future;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
         group: group.to_string(),
         dedup_key: None,
         fingerprint: format!("{group}/{prompt}"),
-        request: ValidImageRequest {
+        request: ValidImageRequest::from_parts(RequestParts {
             prompt: prompt.to_string(),
             negative_prompt: String::new(),
             model: "tiny".into(),
@@ -40,7 +40,8 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
             seed: 1,
             scheduler: Scheduler::Euler,
             n: 1,
-        },
+        })
+        .expect("a valid request"),
         max_attempts: 3,
         owner_live_limit: None,
         group_live_limit: None,

@@ -241,12 +241,12 @@ impl Prepared {
         let hash = fields.blind(Field::JobFingerprint, &owned(&job.owner, &job.fingerprint));
         let legacy_hash = fields.blind(Field::JobFingerprint, job.fingerprint.as_bytes());
         let request =
-            zeroize::Zeroizing::new(serde_json::to_string(&job.request).map_err(|e| {
-                QueueError::Corrupt {
+            zeroize::Zeroizing::new(crate::record::StoredRequest::encode(&job.request).map_err(
+                |reason| QueueError::Corrupt {
                     id: "new job".into(),
-                    reason: e.to_string(),
-                }
-            })?);
+                    reason,
+                },
+            )?);
         let request = fields.seal(Field::JobRequest, &row, request.as_bytes())?;
         let group_index = fields.blind(Field::JobGroup, job.group.as_bytes());
         let share_index = fields.blind(Field::JobGroup, job.share.as_bytes());

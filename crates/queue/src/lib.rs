@@ -35,6 +35,7 @@ mod group_commit;
 mod keys;
 mod outbox;
 mod position;
+mod record;
 mod sealing;
 mod sqlite;
 mod types;

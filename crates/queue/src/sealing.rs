@@ -401,7 +401,7 @@ mod tests {
         .bind(&plain.group)
         .bind(&plain.dedup_key)
         .bind(&plain.fingerprint)
-        .bind(serde_json::to_string(&plain.request).expect("json"))
+        .bind(crate::record::StoredRequest::encode(&plain.request).expect("json"))
         .bind(plain.request.batch_key())
         .execute(&pool)
         .await

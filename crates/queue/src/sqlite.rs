@@ -247,7 +247,8 @@ pub(crate) fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<
         owner: row.try_get("owner")?,
         group: open_text(fields, Field::JobGroup, &id, &group)?,
         status: stored_status(&status).map_err(corrupt)?,
-        request: serde_json::from_str(&request).map_err(|e| corrupt(format!("request: {e}")))?,
+        request: crate::record::StoredRequest::decode(&request)
+            .map_err(|e| corrupt(format!("request: {e}")))?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
         progress: match (step, total) {
