@@ -895,6 +895,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn positions_among_thousands_of_waiting_shares_are_where_each_is_leased() {
+        // More waiting shares than a position counts from either end of the round-robin:
+        // the front, the back and the middle each take their own way of counting.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SqliteQueue::open(
+            &dir.path().join("q.db"),
+            &SqliteOptions::default(),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
+        let shares = 2 * 2000 + 200;
+        let submits = (0..shares).map(|i| {
+            let q = q.clone();
+            async move {
+                let job = crate::conformance::new_job(&format!("user-{i}"), "a corgi");
+                q.enqueue(job).await.expect("enqueue").job.id
+            }
+        });
+        let ids = futures::future::join_all(submits).await;
+        let positions = q.positions(&ids).await.expect("positions");
+        let mut order = Vec::with_capacity(shares);
+        while let Some(lease) = q
+            .lease("w", 1, Duration::from_secs(600))
+            .await
+            .expect("lease")
+            .pop()
+        {
+            order.push(lease.job.id);
+        }
+        assert_eq!(order.len(), shares);
+        for (id, position) in ids.iter().zip(positions) {
+            let leased_at = order.iter().position(|o| o == id).expect("leased");
+            assert_eq!(position, Some(leased_at as u64), "job {id}");
+        }
+    }
+
+    #[tokio::test]
     async fn identical_requests_of_two_owners_store_different_hashes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = SqliteQueue::open(

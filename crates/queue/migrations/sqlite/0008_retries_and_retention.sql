@@ -38,3 +38,24 @@ CREATE TABLE worker_capacity (
     pixels      INTEGER NOT NULL,
     reported_at INTEGER NOT NULL
 );
+
+-- How many shares are waiting, kept by triggers: the position of a job whose share is at
+-- the back of the round-robin (as every newly waiting one is) is read from it, not counted.
+ALTER TABLE queue_counts ADD COLUMN waiting_shares INTEGER NOT NULL DEFAULT 0;
+UPDATE queue_counts SET waiting_shares = (SELECT COUNT(*) FROM shares WHERE queued > 0);
+
+CREATE TRIGGER shares_waiting_on_insert AFTER INSERT ON shares WHEN NEW.queued > 0
+BEGIN
+    UPDATE queue_counts SET waiting_shares = waiting_shares + 1;
+END;
+
+CREATE TRIGGER shares_waiting_on_update AFTER UPDATE OF queued ON shares
+WHEN (OLD.queued > 0) != (NEW.queued > 0)
+BEGIN
+    UPDATE queue_counts SET waiting_shares = waiting_shares + (NEW.queued > 0) - (OLD.queued > 0);
+END;
+
+CREATE TRIGGER shares_waiting_on_delete AFTER DELETE ON shares WHEN OLD.queued > 0
+BEGIN
+    UPDATE queue_counts SET waiting_shares = waiting_shares - 1;
+END;
