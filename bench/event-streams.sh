@@ -12,6 +12,7 @@
 # log (which itself costs CPU, so it is not timed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/service.sh
 SERVER=${SERVER:-target/release/sparkle}
 CLIENT=${CLIENT:-$SERVER}
 STREAMS=${STREAMS:-1000}
@@ -47,18 +48,7 @@ run() {
     env+=(SPARKLE_GATEWAY__MAX_EVENT_STREAMS=$((STREAMS + 64))
           SPARKLE_GATEWAY__MAX_EVENT_STREAMS_PER_KEY=$((STREAMS + 64)))
   fi
-  env "${env[@]}" "$SERVER" up --data-dir "$data" --listen 127.0.0.1:0 \
-    --admin-listen 127.0.0.1:0 --model "$work/model" >"$work/out" 2>"$work/log" &
-  pid=$!
-  local url="" key=""
-  for _ in $(seq 1 300); do
-    url=$(sed -n 's/^Sparkle is up at //p' "$work/out")
-    [ -n "$url" ] && break
-    sleep 0.1
-  done
-  [ -n "$url" ] || { echo "the service did not start:" >&2; cat "$work/log" >&2; exit 1; }
-  key=$(sed -n 's/^Admin API key (shown once; only its hash is stored): //p' "$work/out")
-  (umask 077; printf '%s' "$key" >"$work/key")
+  start_service "$SERVER" "$data" "${env[@]}"
   local job
   job=$(curl -sS --cacert "$data/tls/cert.pem" "$url/v1/jobs" -H "Authorization: Bearer $key" \
     -H 'Content-Type: application/json' -d '{"prompt": "a queued corgi", "size": "64x64", "steps": 2}' |
@@ -77,7 +67,7 @@ run() {
   t1=$(ticks "$pid"); q1=$(grep -c 'sqlx::query' "$work/log" || true)
   wait "$client"
   grep -E '^(opened|events)' "$work/client" >&2
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  stop_service
   local hz
   hz=$(getconf CLK_TCK)
   echo "$(( (t1 - t0) )) $hz $(( q1 - q0 ))"

@@ -9,6 +9,7 @@
 # as the service, so both share its cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/service.sh
 SPARKLE=${SPARKLE:-target/release/sparkle}
 DEPTHS=${DEPTHS:-"0 10000 100000"}
 REQUESTS=${REQUESTS:-20000}
@@ -27,29 +28,18 @@ discord_key="$work/discord.key"
 public=$("$SPARKLE" bench ingress --url https://unused --key-file /dev/null --ca-file /dev/null \
   --discord-key-file "$discord_key" --print-discord-public-key)
 
-url= key= data=
+data=
 start() {
   data="$work/data-$RANDOM"
-  env SPARKLE_SCALER__MAX_WORKERS=0 \
+  start_service "$SPARKLE" "$data" SPARKLE_SCALER__MAX_WORKERS=0 \
     SPARKLE_GATEWAY__PER_IP_REQUESTS_PER_SEC=0 SPARKLE_GATEWAY__PER_KEY_REQUESTS_PER_SEC=0 \
     SPARKLE_GATEWAY__MAX_LIVE_JOBS_PER_KEY=0 SPARKLE_QUEUE__MAX_QUEUED_JOBS=100000000 \
+    SPARKLE_GATEWAY__MAX_CONNECTIONS_PER_IP=4096 \
     SPARKLE_DISCORD__PUBLIC_KEY="$public" SPARKLE_DISCORD__API_BASE=http://127.0.0.1:9 \
     SPARKLE_DISCORD__MAX_JOBS_PER_USER=0 SPARKLE_DISCORD__PER_GUILD_REQUESTS_PER_SEC=0 \
-    RUST_LOG=warn \
-    "$SPARKLE" up --data-dir "$data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --model "$work/model" >"$work/out" 2>"$work/log" &
-  pid=$!
-  url=
-  for _ in $(seq 1 300); do
-    url=$(sed -n 's/^Sparkle is up at //p' "$work/out")
-    [ -n "$url" ] && break
-    sleep 0.1
-  done
-  [ -n "$url" ] || { echo "the service did not start:" >&2; cat "$work/log" >&2; exit 1; }
-  key=$(sed -n 's/^Admin API key (shown once; only its hash is stored): //p' "$work/out")
-  (umask 077; printf '%s' "$key" >"$work/key")
+    RUST_LOG=warn
 }
-stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+stop() { stop_service; }
 bench() {
   "$SPARKLE" bench ingress --url "$url" --key-file "$work/key" --ca-file "$data/tls/cert.pem" \
     --discord-key-file "$discord_key" --concurrency "$CONCURRENCY" "$@"
