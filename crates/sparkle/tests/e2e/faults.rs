@@ -41,12 +41,13 @@ async fn an_image_store_outage_is_retried_with_backoff_and_the_client_reads_no_p
         "the client reads no server path: {message}"
     );
 
-    // Two seconds of outage spend at most two attempts (1 s, then 2 s of backoff).
+    // Two seconds of outage spend a few of the six attempts, not all (1 s, then 2 s, then 4 s
+    // of backoff), and the job waits on.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = svc.get_json(&format!("/v1/jobs/{id}"), key).await;
     assert_eq!(during["status"], "queued", "not dead-lettered: {during}");
     assert!(
-        during["attempts"].as_u64().expect("attempts") <= 2,
+        during["attempts"].as_u64().expect("attempts") <= 3,
         "{during}"
     );
 
@@ -66,7 +67,7 @@ async fn a_job_past_its_deadline_fails_with_timeout_and_the_worker_goes_on() {
     let (_, slow) = svc
         .post_json(
             "/v1/jobs",
-            &json!({"prompt": "a long one", "size": "256x256", "steps": 150}),
+            &json!({"prompt": "a long one", "size": "512x512", "steps": 150}),
             Some(key),
         )
         .await;

@@ -146,12 +146,16 @@ async fn one_discord_user_is_limited_on_their_own() {
             queued += 1;
         }
     }
-    assert_eq!((queued, told), (5, 3));
+    // The burst of 5, and at most one token refilled while the 8 were sent.
+    assert!(
+        (5..=6).contains(&queued) && told == 8 - queued,
+        "{queued} queued, {told} told"
+    );
     // Another user is not held back by the first.
     let (_, reply) = send(&svc, &command("6999999", user(2), prompt())).await;
     assert!(!reply["data"]["content"]
         .as_str()
         .unwrap_or_default()
         .contains("try again"));
-    assert_eq!(svc.job_count(), 6);
+    assert_eq!(svc.job_count(), queued as i64 + 1);
 }
