@@ -39,6 +39,9 @@ pub struct GatewayOptions {
     /// The base URL image links are made with (scheme, host, port; no trailing slash), as
     /// clients reach this gateway.
     pub public_url: String,
+    /// Why no worker will run the jobs this gateway accepts, when that is known (a local
+    /// scaler allowed no workers): readiness fails with it.
+    pub no_workers: Option<String>,
 }
 
 impl Default for GatewayOptions {
@@ -57,6 +60,7 @@ impl Default for GatewayOptions {
             per_key_burst: 100,
             max_live_jobs_per_key: 100,
             public_url: "https://127.0.0.1:8443".into(),
+            no_workers: None,
         }
     }
 }

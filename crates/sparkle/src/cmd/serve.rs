@@ -27,7 +27,10 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    let gateway = start_gateway(&config, queue.clone(), keys, shutdown.clone()).await?;
+    let no_workers = (config.scaler.max_workers == 0).then(|| {
+        "not ready: scaler.max_workers is 0, so no worker will run the jobs accepted".to_string()
+    });
+    let gateway = start_gateway(&config, queue.clone(), keys, no_workers, shutdown.clone()).await?;
     let scaler = start_scaler(&config, &common, queue, shutdown.clone())?;
     let served = gateway.await.context("gateway task")?;
     shutdown.cancel();
@@ -43,7 +46,8 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     ensure_admin_key(&queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    start_gateway(&config, queue, keys, shutdown)
+    // Workers run elsewhere, started by a scaler this process does not know of.
+    start_gateway(&config, queue, keys, None, shutdown)
         .await?
         .await
         .context("gateway task")?
@@ -149,6 +153,7 @@ async fn start_gateway(
     config: &Config,
     queue: Arc<SqliteQueue>,
     keys: Arc<Keys>,
+    no_workers: Option<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let catalog = catalog(config.model_dir()?)?;
@@ -229,6 +234,7 @@ async fn start_gateway(
         max_event_streams: g.max_event_streams,
         max_event_streams_per_key: g.max_event_streams_per_key,
         public_url,
+        no_workers,
     });
     let listener_options = sparkle_gateway::ListenerOptions {
         drain: DRAIN,

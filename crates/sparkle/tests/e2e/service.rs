@@ -479,3 +479,16 @@ async fn compatible_jobs_run_as_one_batch_and_match_their_solo_images() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_when_no_worker_may_run_the_jobs() {
+    let svc = Service::start(&[("SPARKLE_SCALER__MAX_WORKERS", "0")]).await;
+    let (status, body) = svc.get("/readyz", "").await;
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("scaler.max_workers"), "{message}");
+    let (status, _) = svc.get("/healthz", "").await;
+    assert_eq!(status, 200, "alive all the same");
+}

@@ -16,7 +16,7 @@ pub enum Ingress {
     /// Signed `/sparkle` interactions on `POST /discord/interactions`, each from its own
     /// user (the service must trust the key in `--discord-key-file`).
     Discord,
-    /// `GET /readyz`.
+    /// `GET /readyz`, ready or not.
     Readyz,
 }
 
@@ -245,7 +245,10 @@ impl Target {
             Ingress::Rest => status.as_u16() == 202,
             // Discord is answered 200 either way; a queued command names its job.
             Ingress::Discord => status.is_success() && body.windows(9).any(|w| w == b"Submitted"),
-            Ingress::Readyz => status.is_success(),
+            // Answered either way: ready, or not (a service without workers is not ready).
+            Ingress::Readyz => {
+                status.is_success() || body.windows(13).any(|w| w == b"\"unavailable\"")
+            }
         };
         if acknowledged {
             Ok(())
