@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 for tests: a fresh cluster in DIR on a free loopback port, TLS on
+# with a certificate from a test CA made here, password (SCRAM) logins over TLS only.
+#
+#   scripts/postgres.sh start DIR   prints the settings to use, as shell assignments:
+#                                   SPARKLE_TEST_DATABASE_URL, SPARKLE_TEST_DATABASE_CA_FILE
+#   scripts/postgres.sh stop DIR
+#
+# The server runs as the `postgres` user (initdb refuses root); DIR is made for it.
+set -euo pipefail
+command=${1:-}
+dir=${2:-}
+[ -n "$command" ] && [ -n "$dir" ] || { sed -n '2,9p' "$0" >&2; exit 2; }
+
+bin=
+for candidate in /usr/lib/postgresql/15/bin /usr/lib/postgresql/*/bin; do
+  [ -x "$candidate/initdb" ] && { bin=$candidate; break; }
+done
+[ -n "$bin" ] || { echo "PostgreSQL's initdb was not found under /usr/lib/postgresql" >&2; exit 1; }
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+case "$command" in
+start)
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  tls="$dir/tls"
+  mkdir -p "$tls"
+  # The test CA, and the server's certificate for 127.0.0.1 and localhost.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=Sparkle test CA" \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/ext.cnf"
+  openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+    -CAcreateserial -days 2 -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
+  rm -f "$tls/ca.key" "$tls/server.csr" "$tls/ext.cnf"
+  password=$(openssl rand -hex 16)
+  printf '%s' "$password" >"$dir/password"
+  chmod 600 "$dir/password" "$tls/server.key"
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres "$dir"
+  fi
+  as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=reject \
+    -E UTF8 >/dev/null
+  cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+ssl = on
+ssl_cert_file = '$tls/server.pem'
+ssl_key_file = '$tls/server.key'
+ssl_min_protocol_version = 'TLSv1.2'
+password_encryption = 'scram-sha-256'
+max_connections = 200
+fsync = on
+CONF
+  cat >"$dir/data/pg_hba.conf" <<HBA
+local     all all                trust
+hostssl   all all 127.0.0.1/32   scram-sha-256
+HBA
+  as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+  as_postgres "$bin/psql" -h "$dir" -p "$port" -U postgres -q -v ON_ERROR_STOP=1 <<SQL
+CREATE ROLE sparkle LOGIN PASSWORD '$password';
+CREATE DATABASE sparkle_test OWNER sparkle;
+SQL
+  echo "SPARKLE_TEST_DATABASE_URL=postgres://sparkle:$password@127.0.0.1:$port/sparkle_test?sslmode=verify-full"
+  echo "SPARKLE_TEST_DATABASE_CA_FILE=$tls/ca.pem"
+  ;;
+stop)
+  if [ -d "$dir/data" ]; then
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+  fi
+  ;;
+*)
+  sed -n '2,9p' "$0" >&2
+  exit 2
+  ;;
+esac
