@@ -138,8 +138,8 @@ const DISCORD_ROUTE: &str = "/discord/interactions";
 /// Refuses, before anything else is done: a request on a connection past the connection
 /// caps (`503 too_many_connections`, except signed Discord interactions past the per-address
 /// cap), and a client address over its rate (`429`). Discord interactions spend their
-/// address's rate only when their signature fails: verified ones are limited per Discord
-/// user and per guild instead.
+/// address's rate only when they are not verified ones: those are limited per Discord user
+/// and per guild instead.
 pub async fn per_ip(State(state): State<GatewayState>, request: Request, next: Next) -> Response {
     let discord = request.uri().path() == DISCORD_ROUTE;
     match request.extensions().get::<ConnectionAdmission>() {
@@ -175,7 +175,9 @@ pub async fn per_ip(State(state): State<GatewayState>, request: Request, next: N
         .into_response();
     }
     let response = next.run(request).await;
-    if discord && response.status() == axum::http::StatusCode::UNAUTHORIZED {
+    // Only a verified interaction is answered 200: anything else (a bad signature, an
+    // endpoint that is off) spends the address's rate.
+    if discord && !response.status().is_success() {
         let _ = limiter.take(&peer, Instant::now());
     }
     response
