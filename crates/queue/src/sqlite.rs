@@ -872,6 +872,13 @@ mod tests {
     use crate::fields::testing::test_cipher;
     use crate::ManualClock;
 
+    /// A new queue in `dir`, on the system clock.
+    async fn fresh(dir: &Path) -> SqliteQueue {
+        SqliteQueue::open(&dir.join("q.db"), &SqliteOptions::default(), test_cipher())
+            .await
+            .expect("open")
+    }
+
     #[tokio::test]
     async fn sqlite_backend_passes_the_conformance_suite() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -899,13 +906,7 @@ mod tests {
         // More waiting shares than a position counts from either end of the round-robin:
         // the front, the back and the middle each take their own way of counting.
         let dir = tempfile::tempdir().expect("tempdir");
-        let q = SqliteQueue::open(
-            &dir.path().join("q.db"),
-            &SqliteOptions::default(),
-            test_cipher(),
-        )
-        .await
-        .expect("open");
+        let q = fresh(dir.path()).await;
         let shares = 2 * 2000 + 200;
         let submits = (0..shares).map(|i| {
             let q = q.clone();
@@ -935,13 +936,7 @@ mod tests {
     #[tokio::test]
     async fn identical_requests_of_two_owners_store_different_hashes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let q = SqliteQueue::open(
-            &dir.path().join("q.db"),
-            &SqliteOptions::default(),
-            test_cipher(),
-        )
-        .await
-        .expect("open");
+        let q = fresh(dir.path()).await;
         for owner in ["alice", "bob"] {
             let mut job = crate::conformance::new_job(owner, "a corgi");
             job.fingerprint = "the same request".into();
@@ -960,13 +955,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_hashed_before_owner_keying_is_still_found_by_its_idempotency_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let q = SqliteQueue::open(
-            &dir.path().join("q.db"),
-            &SqliteOptions::default(),
-            test_cipher(),
-        )
-        .await
-        .expect("open");
+        let q = fresh(dir.path()).await;
         let mut job = crate::conformance::new_job("alice", "a corgi");
         job.dedup_key = Some("key-1".into());
         let first = q.enqueue(job.clone()).await.expect("enqueue").job.id;
