@@ -25,17 +25,53 @@ pub enum BenchCommand {
     Ingress(ingress::IngressBench),
 }
 
+/// Where a running gateway is and how to reach it.
 #[derive(Debug, Args)]
-pub struct StreamsBench {
+pub struct GatewayArgs {
     /// The gateway, e.g. https://127.0.0.1:8443.
     #[arg(long)]
     url: String,
-    /// File holding the API key to open the streams with.
+    /// File holding the API key to call it with.
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
     /// The CA (or self-signed certificate) to trust for the gateway.
     #[arg(long, value_name = "FILE")]
     ca_file: PathBuf,
+}
+
+impl GatewayArgs {
+    /// The gateway's base URL, without a trailing slash.
+    fn base(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    /// The API key, and an HTTPS client that trusts only `--ca-file`, keeping up to `idle`
+    /// connections open between requests, each request given `timeout` if any.
+    fn client(
+        &self,
+        idle: usize,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<(zeroize::Zeroizing<String>, reqwest::Client)> {
+        let key = crate::secrets::read_secret_file(&self.key_file)?;
+        let pem = std::fs::read(&self.ca_file)
+            .with_context(|| format!("cannot read {}", self.ca_file.display()))?;
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("--ca-file")?)
+            .pool_max_idle_per_host(idle);
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
+        let client = builder.build().context("cannot build the HTTPS client")?;
+        Ok((key, client))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StreamsBench {
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// The job to follow.
     #[arg(long)]
     job: String,
@@ -287,21 +323,9 @@ fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
 /// Opens the streams, holds them, and says how many opened, how many were refused and how
 /// many events arrived while they were held.
 async fn streams(args: StreamsBench) -> anyhow::Result<()> {
-    let key = crate::secrets::read_secret_file(&args.key_file)?;
-    let pem = std::fs::read(&args.ca_file)
-        .with_context(|| format!("cannot read {}", args.ca_file.display()))?;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("--ca-file")?)
-        .pool_max_idle_per_host(0)
-        .build()
-        .context("cannot build the HTTPS client")?;
-    let url = format!(
-        "{}/v1/jobs/{}/events",
-        args.url.trim_end_matches('/'),
-        args.job
-    );
+    // Streams are held open as long as asked: no timeout.
+    let (key, client) = args.gateway.client(0, None)?;
+    let url = format!("{}/v1/jobs/{}/events", args.gateway.base(), args.job);
     let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let hold = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();

@@ -1,7 +1,7 @@
 //! `sparkle bench ingress`: requests acknowledged per second through a running gateway's real
 //! listener (TLS, limits, authentication, the durable commit), with latency percentiles.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
 use std::collections::BTreeMap;
@@ -22,15 +22,8 @@ pub enum Ingress {
 
 #[derive(Debug, Args)]
 pub struct IngressBench {
-    /// The gateway, e.g. https://127.0.0.1:8443.
-    #[arg(long)]
-    url: String,
-    /// File holding the API key submits are made with.
-    #[arg(long, value_name = "FILE")]
-    key_file: PathBuf,
-    /// The CA (or self-signed certificate) to trust for the gateway.
-    #[arg(long, value_name = "FILE")]
-    ca_file: PathBuf,
+    #[command(flatten)]
+    gateway: super::GatewayArgs,
     /// What to send.
     #[arg(long, value_enum, default_value = "rest")]
     kind: Ingress,
@@ -71,20 +64,12 @@ pub async fn run(args: IngressBench) -> anyhow::Result<()> {
     if args.kind == Ingress::Discord && signing.is_none() {
         bail!("--kind discord needs --discord-key-file");
     }
-    let key = crate::secrets::read_secret_file(&args.key_file)?;
-    let pem = std::fs::read(&args.ca_file)
-        .with_context(|| format!("cannot read {}", args.ca_file.display()))?;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("--ca-file")?)
-        .pool_max_idle_per_host(args.concurrency)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .context("cannot build the HTTPS client")?;
+    let (key, client) = args
+        .gateway
+        .client(args.concurrency, Some(Duration::from_secs(60)))?;
     let target = Arc::new(Target {
         client,
-        base: args.url.trim_end_matches('/').to_string(),
+        base: args.gateway.base().to_string(),
         key: key.as_str().to_string(),
         signing,
     });
