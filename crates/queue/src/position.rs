@@ -44,7 +44,7 @@ pub(crate) async fn position(
     if in_share == 0 {
         // Its share's next turn: every other waiting share with an older stamp goes first,
         // one job each. Counted from whichever end of the round-robin is nearer.
-        return Ok(shares_before(conn, stamp).await?);
+        return shares_before(conn, stamp).await;
     }
     let others: i64 = sqlx::query_scalar(
         "SELECT COALESCE(SUM(MIN(queued, ?1 + (last_served < ?2))), 0) FROM shares
