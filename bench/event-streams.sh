@@ -19,14 +19,7 @@ STREAMS=${STREAMS:-1000}
 SECS=${SECS:-20}
 NEW_SETTINGS=${NEW_SETTINGS:-1}
 
-work=$(mktemp -d)
-pid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-"$CLIENT" model tiny "$work/model" >/dev/null
+prepare_work "$CLIENT"
 
 ticks() { # user + system CPU ticks of a process
   awk '{ print $14 + $15 }' "/proc/$1/stat"

@@ -16,14 +16,7 @@ REQUESTS=${REQUESTS:-20000}
 CONCURRENCY=${CONCURRENCY:-64}
 FINISHED=${FINISHED:-200000}
 
-work=$(mktemp -d)
-pid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-"$SPARKLE" model tiny "$work/model" >/dev/null
+prepare_work "$SPARKLE"
 discord_key="$work/discord.key"
 public=$("$SPARKLE" bench ingress --url https://unused --key-file /dev/null --ca-file /dev/null \
   --discord-key-file "$discord_key" --print-discord-public-key)

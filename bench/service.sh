@@ -1,8 +1,22 @@
-# Sourced by the benchmark scripts: a fresh `sparkle up` on loopback with the tiny model in
-# $work/model, for the length of one measurement.
+# Sourced by the benchmark scripts: a fresh `sparkle up` on loopback with the tiny model, for
+# the length of one measurement.
 #
+#   prepare_work BINARY                              a scratch $work (removed on exit, with any
+#                                                    service still running) and $work/model
 #   start_service BINARY DATA_DIR [NAME=VALUE ...]   sets $pid, $url and $key ($work/key holds it)
 #   stop_service
+
+prepare_work() {
+  work=$(mktemp -d)
+  pid=
+  trap 'cleanup_work' EXIT
+  "$1" model tiny "$work/model" >/dev/null
+}
+
+cleanup_work() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  rm -rf "$work"
+}
 
 start_service() {
   local binary=$1 data=$2

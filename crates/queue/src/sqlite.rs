@@ -661,25 +661,15 @@ impl JobQueue for SqliteQueue {
         let now = self.now();
         let lease_now = self.lease_now().await?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let done = sqlx::query(RECLAIM_SQL)
-            .bind(now)
-            .bind(self.retry_backoff_ms)
-            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
-            .bind(lease_now)
-            .execute(&mut *tx)
-            .await?;
         // Retries whose wait is over become visible to the scaler even with no worker
         // leasing.
-        let due = sqlx::query(RETRIES_DUE_SQL)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let (reclaimed, due) = self.reclaim_in(&mut tx, now, lease_now).await?;
         tx.commit().await?;
-        if done.rows_affected() + due.rows_affected() > 0 {
+        if reclaimed + due > 0 {
             self.work.notify_waiters();
             self.changed.notify_waiters();
         }
-        Ok(done.rows_affected())
+        Ok(reclaimed)
     }
 
     async fn live_in_group(&self, group: &str) -> Result<u64, QueueError> {
@@ -795,6 +785,28 @@ impl JobQueue for SqliteQueue {
 }
 
 impl SqliteQueue {
+    /// In `tx`: queues again (or dead-letters) every job whose lease ended by `lease_now`,
+    /// and queues every retry whose wait is over at `now`; how many of each.
+    async fn reclaim_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        now: i64,
+        lease_now: i64,
+    ) -> Result<(u64, u64), QueueError> {
+        let reclaimed = sqlx::query(RECLAIM_SQL)
+            .bind(now)
+            .bind(self.retry_backoff_ms)
+            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
+            .bind(lease_now)
+            .execute(&mut **tx)
+            .await?;
+        let due = sqlx::query(RETRIES_DUE_SQL)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        Ok((reclaimed.rows_affected(), due.rows_affected()))
+    }
+
     /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
     /// leased, or with `batch_key` when given.
     async fn lease_where(
@@ -808,17 +820,7 @@ impl SqliteQueue {
         let lease_now = self.lease_now().await?;
         let until = lease_now + visibility.as_millis() as i64;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(RECLAIM_SQL)
-            .bind(now)
-            .bind(self.retry_backoff_ms)
-            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
-            .bind(lease_now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(RETRIES_DUE_SQL)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        self.reclaim_in(&mut tx, now, lease_now).await?;
         let mut tokens = Vec::new();
         while tokens.len() < max {
             let next = match &batch_key {

@@ -128,10 +128,7 @@ pub async fn run(
 }
 
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    sparkle_queue::Clock::now_ms(&sparkle_queue::SystemClock)
 }
 
 #[cfg(test)]
