@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL 15 for tests: a fresh cluster in DIR on a free loopback port, TLS on
-# with a certificate from a test CA made here, password (SCRAM) logins over TLS only.
+# with a certificate from a test CA made here, password (SCRAM) logins over TLS only, and the
+# two roles of a deployment: `sparkle_owner` owns the database (migrations), `sparkle_app`
+# may only read and write rows (the service).
 #
 #   scripts/postgres.sh start DIR   prints the settings to use, as shell assignments:
-#                                   SPARKLE_TEST_DATABASE_URL, SPARKLE_TEST_DATABASE_CA_FILE
+#                                   SPARKLE_TEST_DATABASE_URL and ..._PASSWORD_FILE (owner),
+#                                   SPARKLE_TEST_DATABASE_APP_URL and ..._APP_PASSWORD_FILE,
+#                                   SPARKLE_TEST_DATABASE_CA_FILE
 #   scripts/postgres.sh stop DIR
 #
 # The server runs as the `postgres` user (initdb refuses root); DIR is made for it.
 set -euo pipefail
 command=${1:-}
 dir=${2:-}
-[ -n "$command" ] && [ -n "$dir" ] || { sed -n '2,9p' "$0" >&2; exit 2; }
+[ -n "$command" ] && [ -n "$dir" ] || { sed -n '2,12p' "$0" >&2; exit 2; }
 
 bin=
 for candidate in /usr/lib/postgresql/15/bin /usr/lib/postgresql/*/bin; do
@@ -41,9 +45,7 @@ start)
   openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
     -CAcreateserial -days 2 -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
   rm -f "$tls/ca.key" "$tls/server.csr" "$tls/ext.cnf"
-  password=$(openssl rand -hex 16)
-  printf '%s' "$password" >"$dir/password"
-  chmod 600 "$dir/password" "$tls/server.key"
+  chmod 600 "$tls/server.key"
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   if [ "$(id -u)" = 0 ]; then
     chown -R postgres "$dir"
@@ -67,11 +69,30 @@ local     all all                trust
 hostssl   all all 127.0.0.1/32   scram-sha-256
 HBA
   as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+  secrets="$dir/secrets"
+  mkdir -p "$secrets"
+  chown "$(id -u)" "$secrets"
+  chmod 700 "$secrets"
+  owner_password=$(openssl rand -hex 16)
+  app_password=$(openssl rand -hex 16)
+  (umask 077; printf '%s\n' "$owner_password" >"$secrets/owner.password"
+   printf '%s\n' "$app_password" >"$secrets/app.password")
   as_postgres "$bin/psql" -h "$dir" -p "$port" -U postgres -q -v ON_ERROR_STOP=1 <<SQL
-CREATE ROLE sparkle LOGIN PASSWORD '$password';
-CREATE DATABASE sparkle_test OWNER sparkle;
+CREATE ROLE sparkle_owner LOGIN PASSWORD '$owner_password';
+CREATE ROLE sparkle_app LOGIN PASSWORD '$app_password';
+CREATE DATABASE sparkle_test OWNER sparkle_owner;
+\\connect sparkle_test
+ALTER SCHEMA public OWNER TO sparkle_owner;
+GRANT USAGE ON SCHEMA public TO sparkle_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO sparkle_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
+    GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO sparkle_app;
 SQL
-  echo "SPARKLE_TEST_DATABASE_URL=postgres://sparkle:$password@127.0.0.1:$port/sparkle_test?sslmode=verify-full"
+  echo "SPARKLE_TEST_DATABASE_URL=postgres://sparkle_owner@127.0.0.1:$port/sparkle_test"
+  echo "SPARKLE_TEST_DATABASE_PASSWORD_FILE=$secrets/owner.password"
+  echo "SPARKLE_TEST_DATABASE_APP_URL=postgres://sparkle_app@127.0.0.1:$port/sparkle_test"
+  echo "SPARKLE_TEST_DATABASE_APP_PASSWORD_FILE=$secrets/app.password"
   echo "SPARKLE_TEST_DATABASE_CA_FILE=$tls/ca.pem"
   ;;
 stop)
@@ -80,7 +101,7 @@ stop)
   fi
   ;;
 *)
-  sed -n '2,9p' "$0" >&2
+  sed -n '2,12p' "$0" >&2
   exit 2
   ;;
 esac

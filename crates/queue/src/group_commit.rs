@@ -6,7 +6,8 @@
 //! acknowledged before its group's commit returned.
 
 use crate::fields::{Field, FieldCipher};
-use crate::sqlite::{job_from_row, JOB_COLUMNS};
+use crate::job_row::JOB_COLUMNS;
+use crate::sqlite::job_from_row;
 use crate::{Job, NewJob, QueueError};
 use sparkle_core::JobId;
 use sqlx::sqlite::SqlitePool;

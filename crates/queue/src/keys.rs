@@ -112,15 +112,101 @@ pub trait ApiKeys: Send + Sync + 'static {
 }
 
 fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, QueueError> {
-    let scopes: String = row.try_get("scopes")?;
-    let revoked_at: Option<i64> = row.try_get("revoked_at")?;
-    Ok(ApiKey {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
+    Ok(key_from_columns(
+        row.try_get("id")?,
+        row.try_get("name")?,
+        &row.try_get::<String, _>("scopes")?,
+        row.try_get("created_at")?,
+        row.try_get::<Option<i64>, _>("revoked_at")?,
+    ))
+}
+
+pub(crate) fn key_from_columns(
+    id: String,
+    name: String,
+    scopes: &str,
+    created_at_ms: i64,
+    revoked_at: Option<i64>,
+) -> ApiKey {
+    ApiKey {
+        id,
+        name,
         scopes: scopes.split(',').filter_map(Scope::parse).collect(),
-        created_at_ms: row.try_get("created_at")?,
+        created_at_ms,
         revoked: revoked_at.is_some(),
-    })
+    }
+}
+
+/// A new key and its secret, with what is stored of them: the secret's hash and the scopes
+/// as one text.
+pub(crate) fn new_key(
+    name: &str,
+    scopes: &[Scope],
+    now_ms: i64,
+) -> (ApiKey, KeySecret, String, String) {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+    let secret = KeySecret(Zeroizing::new(format!(
+        "{SECRET_PREFIX}{}",
+        hex::encode(bytes.as_ref())
+    )));
+    let key = ApiKey {
+        id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+        name: name.to_string(),
+        scopes: scopes.to_vec(),
+        created_at_ms: now_ms,
+        revoked: false,
+    };
+    let scope_list: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
+    let hash = hash_secret(secret.expose());
+    (key, secret, hash, scope_list.join(","))
+}
+
+/// The hash to look a presented secret up by, `None` when it cannot be a key's.
+pub(crate) fn presented_hash(secret: &str) -> Option<String> {
+    secret
+        .starts_with(SECRET_PREFIX)
+        .then(|| hash_secret(secret))
+}
+
+/// Whether the stored hash is the presented one, compared in constant time.
+pub(crate) fn hash_matches(stored: &str, presented: &str) -> bool {
+    bool::from(stored.as_bytes().ct_eq(presented.as_bytes()))
+}
+
+/// The webhook secrets that sign now, opened: the current one, then the previous while its
+/// grace lasts.
+pub(crate) fn signing_secrets(
+    fields: &dyn crate::FieldCipher,
+    id: &str,
+    current: Option<String>,
+    previous: Option<String>,
+    previous_until: Option<i64>,
+    now_ms: i64,
+) -> Result<Vec<Zeroizing<Vec<u8>>>, QueueError> {
+    let open = |sealed: &str| {
+        fields
+            .open(Field::WebhookSecret, id, sealed)
+            .map_err(|e| QueueError::Corrupt {
+                id: id.to_string(),
+                reason: format!("{}: {e}", Field::WebhookSecret.name()),
+            })
+    };
+    let mut secrets = Vec::new();
+    if let Some(current) = current {
+        secrets.push(open(&current)?);
+    }
+    if let (Some(previous), Some(until)) = (previous, previous_until) {
+        if now_ms < until {
+            secrets.push(open(&previous)?);
+        }
+    }
+    Ok(secrets)
+}
+
+/// When a secret replaced now stops signing.
+pub(crate) fn grace_until(now_ms: i64, grace: std::time::Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4))
 }
 
 #[async_trait]
@@ -130,27 +216,14 @@ impl ApiKeys for SqliteQueue {
         name: &str,
         scopes: &[Scope],
     ) -> Result<(ApiKey, KeySecret), QueueError> {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
-        let secret = KeySecret(Zeroizing::new(format!(
-            "{SECRET_PREFIX}{}",
-            hex::encode(bytes.as_ref())
-        )));
-        let key = ApiKey {
-            id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
-            name: name.to_string(),
-            scopes: scopes.to_vec(),
-            created_at_ms: self.clock.now_ms(),
-            revoked: false,
-        };
-        let scope_list: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
+        let (key, secret, hash, scopes) = new_key(name, scopes, self.clock.now_ms());
         sqlx::query(
             "INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(&key.id)
         .bind(&key.name)
-        .bind(hash_secret(secret.expose()))
-        .bind(scope_list.join(","))
+        .bind(hash)
+        .bind(scopes)
         .bind(key.created_at_ms)
         .execute(&self.pool)
         .await?;
@@ -158,10 +231,9 @@ impl ApiKeys for SqliteQueue {
     }
 
     async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, QueueError> {
-        if !secret.starts_with(SECRET_PREFIX) {
+        let Some(presented) = presented_hash(secret) else {
             return Ok(None);
-        }
-        let presented = hash_secret(secret);
+        };
         let row = sqlx::query(
             "SELECT id, name, scopes, created_at, revoked_at, hash FROM api_keys WHERE hash = ?1",
         )
@@ -172,7 +244,7 @@ impl ApiKeys for SqliteQueue {
             return Ok(None);
         };
         let stored: String = row.try_get("hash")?;
-        if !bool::from(stored.as_bytes().ct_eq(presented.as_bytes())) {
+        if !hash_matches(&stored, &presented) {
             return Ok(None);
         }
         Ok(Some(key_from_row(&row)?).filter(|k| !k.revoked))
@@ -204,10 +276,7 @@ impl ApiKeys for SqliteQueue {
         grace: std::time::Duration,
     ) -> Result<bool, QueueError> {
         let sealed = self.fields.seal(Field::WebhookSecret, id, secret)?;
-        let until = self
-            .clock
-            .now_ms()
-            .saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4));
+        let until = grace_until(self.clock.now_ms(), grace);
         let done = sqlx::query(
             "UPDATE api_keys SET webhook_secret_previous = webhook_secret,
                 webhook_previous_until = CASE WHEN webhook_secret IS NULL THEN NULL ELSE ?3 END,
@@ -233,28 +302,14 @@ impl ApiKeys for SqliteQueue {
         let Some(row) = row else {
             return Ok(Vec::new());
         };
-        let open = |sealed: &str| {
-            self.fields
-                .open(Field::WebhookSecret, id, sealed)
-                .map_err(|e| QueueError::Corrupt {
-                    id: id.to_string(),
-                    reason: format!("{}: {e}", Field::WebhookSecret.name()),
-                })
-        };
-        let mut secrets = Vec::new();
-        if let Some(current) = row.try_get::<Option<String>, _>("webhook_secret")? {
-            secrets.push(open(&current)?);
-        }
-        let until: Option<i64> = row.try_get("webhook_previous_until")?;
-        if let (Some(previous), Some(until)) = (
-            row.try_get::<Option<String>, _>("webhook_secret_previous")?,
-            until,
-        ) {
-            if self.clock.now_ms() < until {
-                secrets.push(open(&previous)?);
-            }
-        }
-        Ok(secrets)
+        signing_secrets(
+            &*self.fields,
+            id,
+            row.try_get("webhook_secret")?,
+            row.try_get("webhook_secret_previous")?,
+            row.try_get("webhook_previous_until")?,
+            self.clock.now_ms(),
+        )
     }
 }
 

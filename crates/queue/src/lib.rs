@@ -32,9 +32,11 @@ pub mod conformance;
 mod fairness;
 pub mod fields;
 mod group_commit;
+mod job_row;
 mod keys;
 mod outbox;
 mod position;
+mod postgres;
 mod record;
 mod sealing;
 mod sqlite;
@@ -46,6 +48,7 @@ pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
 pub use outbox::{
     ClaimedDelivery, DeliveryClaim, DeliveryState, Outbox, OutboxStats, ReplyTarget, Settle,
 };
+pub use postgres::{DatabaseUrl, LeaseClock, PgOptions, PgQueue};
 pub use sqlite::{SqliteOptions, SqliteQueue};
 pub use types::*;
 

@@ -134,7 +134,7 @@ pub trait Outbox: Send + Sync + 'static {
     async fn outbox_stats(&self) -> Result<OutboxStats, QueueError>;
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
@@ -176,6 +176,40 @@ fn open_bytes(
         .map_err(|e| format!("{}: {e}", field.name()))
 }
 
+/// A due delivery as stored, before it is opened.
+pub(crate) struct DeliveryRow {
+    pub id: String,
+    pub job_id: String,
+    pub payload: String,
+    pub state: Option<String>,
+    pub attempts: i64,
+    pub created_at: i64,
+}
+
+impl DeliveryRow {
+    /// The delivery opened, its claim id still to be filled in; why it cannot be opened.
+    pub fn open(self, fields: &dyn FieldCipher, channel: &str) -> Result<ClaimedDelivery, String> {
+        let job: JobId = self.job_id.parse().map_err(|e| format!("job id: {e}"))?;
+        let payload = open_bytes(fields, Field::ReplyPayload, &self.id, &self.payload)?;
+        let state = self
+            .state
+            .map(|s| open_bytes(fields, Field::ReplyState, &self.id, &s))
+            .transpose()?;
+        Ok(ClaimedDelivery {
+            claim: DeliveryClaim {
+                delivery_id: self.id,
+                claim_id: String::new(),
+            },
+            job,
+            channel: channel.to_string(),
+            payload,
+            state,
+            attempts: self.attempts.max(0) as u32,
+            created_at_ms: self.created_at,
+        })
+    }
+}
+
 #[async_trait]
 impl Outbox for SqliteQueue {
     async fn claim(
@@ -199,19 +233,16 @@ impl Outbox for SqliteQueue {
         .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: String = row.try_get("id")?;
-            let opened = (|| {
-                let job: String = row.try_get("job_id").map_err(|e| e.to_string())?;
-                let job: JobId = job.parse().map_err(|e| format!("job id: {e}"))?;
-                let payload: String = row.try_get("payload").map_err(|e| e.to_string())?;
-                let payload = open_bytes(fields, Field::ReplyPayload, &id, &payload)?;
-                let state: Option<String> = row.try_get("state").map_err(|e| e.to_string())?;
-                let state = state
-                    .map(|s| open_bytes(fields, Field::ReplyState, &id, &s))
-                    .transpose()?;
-                Ok::<_, String>((job, payload, state))
-            })();
-            let (job, payload, state) = match opened {
+            let delivery = DeliveryRow {
+                id: row.try_get("id")?,
+                job_id: row.try_get("job_id")?,
+                payload: row.try_get("payload")?,
+                state: row.try_get("state")?,
+                attempts: row.try_get("attempts")?,
+                created_at: row.try_get("created_at")?,
+            };
+            let id = delivery.id.clone();
+            let mut opened = match delivery.open(fields, channel) {
                 Ok(opened) => opened,
                 Err(reason) => {
                     tracing::error!(delivery = %id, %reason, "a delivery cannot be opened; set aside as dead");
@@ -238,18 +269,8 @@ impl Outbox for SqliteQueue {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            claimed.push(ClaimedDelivery {
-                claim: DeliveryClaim {
-                    delivery_id: id,
-                    claim_id,
-                },
-                job,
-                channel: channel.to_string(),
-                payload,
-                state,
-                attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
-                created_at_ms: row.try_get("created_at")?,
-            });
+            opened.claim.claim_id = claim_id;
+            claimed.push(opened);
         }
         tx.commit().await?;
         Ok(claimed)

@@ -8,7 +8,7 @@ use sqlx::Row;
 use std::collections::BTreeSet;
 
 /// Re-seals `sealed` (of `field` in `row`) under the active key, `None` if it already is.
-fn reseal(
+pub(crate) fn reseal(
     fields: &dyn FieldCipher,
     field: Field,
     row: &str,

@@ -9,8 +9,9 @@
 
 use crate::fields::{Field, FieldCipher};
 use crate::group_commit::{Prepared, Writer, Written};
+use crate::job_row::{kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS};
 use crate::{
-    CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobError,
+    CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job,
     JobQueue, KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
 };
 use async_trait::async_trait;
@@ -200,89 +201,27 @@ impl SqliteQueue {
     }
 }
 
-pub(crate) const JOB_COLUMNS: &str =
-    "id, owner, group_sealed, status, request, attempts, max_attempts, \
-    progress_step, progress_total, images, error_code, error_message, created_at, started_at, \
-    finished_at, revision, images_attempt";
-
-/// Opens a sealed text column of the row `id`.
-pub(crate) fn open_text(
-    fields: &dyn FieldCipher,
-    field: Field,
-    id: &str,
-    sealed: &str,
-) -> Result<String, QueueError> {
-    let corrupt = |reason: String| QueueError::Corrupt {
-        id: id.to_string(),
-        reason: format!("{}: {reason}", field.name()),
-    };
-    let plain = fields
-        .open(field, id, sealed)
-        .map_err(|e| corrupt(e.to_string()))?;
-    String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not text".into()))
-}
-
 pub(crate) fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<Job, QueueError> {
-    let id: String = row.try_get("id")?;
-    let corrupt = |reason: String| QueueError::Corrupt {
-        id: id.clone(),
-        reason,
-    };
-    let status: String = row.try_get("status")?;
-    let request = open_text(
-        fields,
-        Field::JobRequest,
-        &id,
-        &row.try_get::<String, _>("request")?,
-    )?;
-    let request = zeroize::Zeroizing::new(request);
-    let group: Option<String> = row.try_get("group_sealed")?;
-    let group = group.ok_or_else(|| corrupt("written before fields were sealed".into()))?;
-    let step: Option<i64> = row.try_get("progress_step")?;
-    let total: Option<i64> = row.try_get("progress_total")?;
-    let code: Option<String> = row.try_get("error_code")?;
-    let message: Option<String> = row.try_get("error_message")?;
-    Ok(Job {
-        id: id.parse().map_err(|e| corrupt(format!("id: {e}")))?,
+    JobColumns {
+        id: row.try_get("id")?,
         owner: row.try_get("owner")?,
-        group: open_text(fields, Field::JobGroup, &id, &group)?,
-        status: stored_status(&status).map_err(corrupt)?,
-        request: crate::record::StoredRequest::decode(&request)
-            .map_err(|e| corrupt(format!("request: {e}")))?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-        progress: match (step, total) {
-            (Some(step), Some(total)) => Some(Progress {
-                step: step as u32,
-                total: total as u32,
-            }),
-            _ => None,
-        },
-        images: row.try_get::<i64, _>("images")? as u32,
-        error: code.map(|code| JobError {
-            code,
-            message: message.unwrap_or_default(),
-        }),
-        created_at_ms: row.try_get("created_at")?,
-        started_at_ms: row.try_get("started_at")?,
-        finished_at_ms: row.try_get("finished_at")?,
-        revision: row.try_get::<i64, _>("revision")?.max(0) as u64,
-        images_attempt: row
-            .try_get::<Option<i64>, _>("images_attempt")?
-            .map(|a| a.max(0) as u32),
-    })
-}
-
-/// A stored status as clients see it: a retry waiting for its time is queued.
-fn stored_status(text: &str) -> Result<JobStatus, String> {
-    match text {
-        "retry_wait" => Ok(JobStatus::Queued),
-        other => other.parse(),
+        group_sealed: row.try_get("group_sealed")?,
+        status: row.try_get("status")?,
+        request: row.try_get("request")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        progress_step: row.try_get("progress_step")?,
+        progress_total: row.try_get("progress_total")?,
+        images: row.try_get("images")?,
+        error_code: row.try_get("error_code")?,
+        error_message: row.try_get("error_message")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        revision: row.try_get("revision")?,
+        images_attempt: row.try_get("images_attempt")?,
     }
-}
-
-fn random_lease_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    .into_job(fields)
 }
 
 /// SQL that queues again or dead-letters every running job whose lease ended at or before
@@ -308,12 +247,7 @@ async fn status_of(
         .fetch_optional(&mut **tx)
         .await?;
     status
-        .map(|s| {
-            stored_status(&s).map_err(|reason| QueueError::Corrupt {
-                id: id.to_string(),
-                reason,
-            })
-        })
+        .map(|s| status_of_row(&id.to_string(), &s))
         .transpose()
 }
 
@@ -501,10 +435,7 @@ impl JobQueue for SqliteQueue {
         };
         let status: String = row.try_get("status")?;
         self.changed.notify_waiters();
-        stored_status(&status).map_err(|reason| QueueError::Corrupt {
-            id: lease.job_id.to_string(),
-            reason,
-        })
+        status_of_row(&lease.job_id.to_string(), &status)
     }
 
     async fn release(&self, lease: &LeaseToken) -> Result<(), QueueError> {
@@ -583,14 +514,7 @@ impl JobQueue for SqliteQueue {
             delete_job_rows(&mut tx, id).await?;
         }
         tx.commit().await?;
-        ids.iter()
-            .map(|id| {
-                id.parse().map_err(|e| QueueError::Corrupt {
-                    id: id.clone(),
-                    reason: format!("id: {e}"),
-                })
-            })
-            .collect()
+        ids.iter().map(|id| parse_id(id)).collect()
     }
 
     async fn kept_images(&self, ids: &[JobId]) -> Result<Vec<KeptImages>, QueueError> {
@@ -603,18 +527,11 @@ impl JobQueue for SqliteQueue {
                     .await?;
             kept.push(match row {
                 None => KeptImages::Nothing,
-                Some(row) => {
-                    let status: String = row.try_get("status")?;
-                    let attempts = row.try_get::<i64, _>("attempts")?.max(0) as u32;
-                    let made_by = row
-                        .try_get::<Option<i64>, _>("images_attempt")?
-                        .map(|a| a.max(0) as u32);
-                    match status.as_str() {
-                        "succeeded" => KeptImages::Attempt(made_by),
-                        "running" => KeptImages::Attempt(Some(attempts)),
-                        _ => KeptImages::Nothing,
-                    }
-                }
+                Some(row) => kept_images(
+                    &row.try_get::<String, _>("status")?,
+                    row.try_get("attempts")?,
+                    row.try_get("images_attempt")?,
+                ),
             });
         }
         Ok(kept)
@@ -728,10 +645,7 @@ impl JobQueue for SqliteQueue {
             .map(|row| {
                 let id: String = row.try_get("id")?;
                 let revision: i64 = row.try_get("revision")?;
-                let id = id.parse().map_err(|e| QueueError::Corrupt {
-                    id: id.clone(),
-                    reason: format!("id: {e}"),
-                })?;
+                let id = parse_id(&id)?;
                 Ok((id, revision.max(0) as u64))
             })
             .collect()
@@ -847,10 +761,7 @@ impl SqliteQueue {
                 batch_key = Some(next.batch_key.clone());
             }
             tokens.push(LeaseToken {
-                job_id: next.id.parse().map_err(|e| QueueError::Corrupt {
-                    id: next.id.clone(),
-                    reason: format!("id: {e}"),
-                })?,
+                job_id: parse_id(&next.id)?,
                 lease_id,
             });
         }

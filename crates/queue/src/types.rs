@@ -156,6 +156,13 @@ pub enum QueueError {
     LeaseLost(JobId),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// No database server could be reached (or none that takes writes): retry shortly.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("database configuration: {0}")]
+    Config(String),
     /// A commit shared by several submits failed; each of them gets this.
     #[error("the database could not commit: {0}")]
     CommitFailed(String),
@@ -165,4 +172,30 @@ pub enum QueueError {
     Corrupt { id: String, reason: String },
     #[error("cannot seal a field: {0}")]
     Seal(#[from] crate::fields::FieldError),
+}
+
+impl From<tokio_postgres::Error> for QueueError {
+    /// Errors that mean no primary is reachable now — a closed connection, a server
+    /// shutting down or starting, a standby refusing writes — are [`QueueError::Unavailable`].
+    fn from(e: tokio_postgres::Error) -> Self {
+        let unavailable = match e.code() {
+            None => e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()),
+            Some(code) => {
+                let code = code.code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
+            }
+        };
+        if unavailable {
+            QueueError::Unavailable(e.to_string())
+        } else {
+            QueueError::Postgres(e)
+        }
+    }
+}
+
+impl QueueError {
+    /// Whether the same call may succeed when retried shortly (the database was unreachable).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, QueueError::Unavailable(_))
+    }
 }

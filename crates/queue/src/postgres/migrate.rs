@@ -1,0 +1,103 @@
+//! Migrations embedded in the binary, applied in order at start under an advisory lock (so
+//! processes starting at once apply each one once), each in a transaction of its own.
+
+use crate::QueueError;
+use tokio_postgres::Client;
+
+/// Every migration, in order: (version, name, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "schema",
+    include_str!("../../migrations/postgres/0001_schema.sql"),
+)];
+
+/// The advisory lock migrations are applied under.
+const MIGRATION_LOCK: i64 = 0x5350_4b4c_0000_0001;
+
+/// The newest migration this binary knows.
+pub fn latest() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// The newest migration applied to the database, 0 when none is.
+pub async fn applied(client: &Client) -> Result<i64, QueueError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('sparkle_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM sparkle_migrations", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// Brings the schema up to date when `apply`; otherwise checks that it is.
+pub async fn run(client: &mut Client, apply: bool) -> Result<(), QueueError> {
+    let current = applied(client).await?;
+    if current > latest() {
+        return Err(QueueError::Config(format!(
+            "the database schema is at migration {current}, newer than this binary knows ({}): \
+             run the newer binary",
+            latest()
+        )));
+    }
+    if current == latest() {
+        return Ok(());
+    }
+    if !apply {
+        return Err(QueueError::Config(format!(
+            "the database schema is at migration {current} of {}: run `sparkle migrate` as the \
+             database's owner",
+            latest()
+        )));
+    }
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let outcome = apply_pending(client).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    outcome?;
+    unlocked?;
+    Ok(())
+}
+
+async fn apply_pending(client: &mut Client) -> Result<(), QueueError> {
+    let refused = |e: tokio_postgres::Error| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            QueueError::Config(format!(
+                "this role may not change the schema ({e}): run `sparkle migrate \
+                 --database-url ...` as the database's owner"
+            ))
+        } else {
+            e.into()
+        }
+    };
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS sparkle_migrations (
+                version    BIGINT      PRIMARY KEY,
+                name       TEXT        NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(refused)?;
+    // Read again under the lock: another process may have applied some meanwhile.
+    let current = applied(client).await?;
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await.map_err(refused)?;
+        tx.execute(
+            "INSERT INTO sparkle_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied a database migration");
+    }
+    Ok(())
+}
