@@ -37,13 +37,13 @@ start)
   tls="$dir/tls"
   mkdir -p "$tls"
   # The test CA, and the server's certificate for 127.0.0.1 and localhost.
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=Sparkle test CA" \
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=Sparkle test CA" \
     -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
     -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
   printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/ext.cnf"
   openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
-    -CAcreateserial -days 2 -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
+    -CAcreateserial -days 30 -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
   rm -f "$tls/ca.key" "$tls/server.csr" "$tls/ext.cnf"
   chmod 600 "$tls/server.key"
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -212,8 +212,13 @@ pub fn describe(cert: &Path) -> Result<CertificateInfo, String> {
         .next()
         .ok_or_else(|| format!("{} holds no PEM certificate", cert.display()))?
         .map_err(|e| format!("{}: {e}", cert.display()))?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| format!("{} is not a valid certificate: {e}", cert.display()))?;
+    describe_der(&der).map_err(|e| format!("{}: {e}", cert.display()))
+}
+
+/// Reads one DER certificate.
+pub fn describe_der(der: &[u8]) -> Result<CertificateInfo, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not a valid certificate: {e}"))?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for name in &san.value.general_names {

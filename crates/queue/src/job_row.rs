@@ -39,12 +39,8 @@ impl JobColumns {
             id: id.clone(),
             reason,
         };
-        let request = zeroize::Zeroizing::new(open_text(
-            fields,
-            Field::JobRequest,
-            &id,
-            &self.request,
-        )?);
+        let request =
+            zeroize::Zeroizing::new(open_text(fields, Field::JobRequest, &id, &self.request)?);
         let group = self
             .group_sealed
             .ok_or_else(|| corrupt("written before fields were sealed".into()))?;

@@ -1,8 +1,10 @@
 //! The durable job queue and the metadata it needs: jobs and API keys.
 //!
 //! [`JobQueue`] is the boundary the gateway, the worker and the scaler program against; the
-//! SQLite backend ([`SqliteQueue`]) is the embedded default and PostgreSQL comes behind the
-//! same trait. The [`conformance`] suite states the contract and runs against every backend.
+//! SQLite backend ([`SqliteQueue`]) is the embedded default and the PostgreSQL backend
+//! ([`PgQueue`]) takes over when one machine is not enough. [`Database`] is all of it — the
+//! queue, the outbox, the keys — as the binary opens it. The [`conformance`] suite states
+//! the contract and runs against every backend.
 //!
 //! The life of a job: `enqueue` commits it (durable before the caller acknowledges anything),
 //! deduplicated by `(owner, dedup_key)`. `lease` hands a worker the next job in turn — shares
@@ -48,13 +50,47 @@ pub use keys::{ApiKey, ApiKeys, KeySecret, Scope};
 pub use outbox::{
     ClaimedDelivery, DeliveryClaim, DeliveryState, Outbox, OutboxStats, ReplyTarget, Settle,
 };
-pub use postgres::{DatabaseUrl, LeaseClock, PgOptions, PgQueue};
+pub use postgres::{server_certificates, Connection, DatabaseUrl, LeaseClock, PgOptions, PgQueue};
 pub use sqlite::{SqliteOptions, SqliteQueue};
 pub use types::*;
 
 use async_trait::async_trait;
 use sparkle_core::JobId;
 use std::time::Duration;
+
+/// Everything a deployment keeps in its database, whichever backend holds it.
+#[async_trait]
+pub trait Database: JobQueue + Outbox + ApiKeys {
+    /// Checks the database answers (and, for a server, takes writes).
+    async fn ping(&self) -> Result<(), QueueError>;
+    /// Re-seals every sealed value not under the active key; how many were rewritten.
+    async fn reseal_fields(&self) -> Result<u64, QueueError>;
+    /// How many sealed values each key holds.
+    async fn field_key_usage(&self) -> Result<FieldKeyUsage, QueueError>;
+    async fn close(&self);
+}
+
+macro_rules! database {
+    ($backend:ty) => {
+        #[async_trait]
+        impl Database for $backend {
+            async fn ping(&self) -> Result<(), QueueError> {
+                <$backend>::ping(self).await
+            }
+            async fn reseal_fields(&self) -> Result<u64, QueueError> {
+                <$backend>::reseal_fields(self).await
+            }
+            async fn field_key_usage(&self) -> Result<FieldKeyUsage, QueueError> {
+                <$backend>::field_key_usage(self).await
+            }
+            async fn close(&self) {
+                <$backend>::close(self).await
+            }
+        }
+    };
+}
+database!(SqliteQueue);
+database!(PgQueue);
 
 /// The durable queue of image jobs. See the crate documentation for the life of a job.
 #[async_trait]

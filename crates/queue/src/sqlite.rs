@@ -9,10 +9,12 @@
 
 use crate::fields::{Field, FieldCipher};
 use crate::group_commit::{Prepared, Writer, Written};
-use crate::job_row::{kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS};
+use crate::job_row::{
+    kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
+};
 use crate::{
-    CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job,
-    JobQueue, KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
+    CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobQueue,
+    KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
 };
 use async_trait::async_trait;
 use sparkle_core::{JobId, JobStatus, Progress};

@@ -179,7 +179,10 @@ impl From<tokio_postgres::Error> for QueueError {
     /// shutting down or starting, a standby refusing writes — are [`QueueError::Unavailable`].
     fn from(e: tokio_postgres::Error) -> Self {
         let unavailable = match e.code() {
-            None => e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()),
+            None => {
+                e.is_closed()
+                    || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+            }
             Some(code) => {
                 let code = code.code();
                 code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "25006")

@@ -44,6 +44,7 @@ pub struct Config {
     pub model: Option<PathBuf>,
     pub tls: TlsConfig,
     pub gateway: GatewayConfig,
+    pub database: DatabaseConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub scaler: ScalerConfig,
@@ -319,6 +320,43 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Where the queue and metadata live: SQLite in the data directory unless `url` names a
+/// PostgreSQL server.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user@host:5432/db`; several hosts for a primary and its standbys
+    /// (`postgres://user@a:5432,b:5432/db?target_session_attrs=read-write`). TLS is verified
+    /// in full unless `sslmode=disable` (refused under the production profile). Keep the
+    /// password out of it: `password_file`.
+    pub url: Option<String>,
+    /// The CA that signed the database server's certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// A file holding the password, read for each new connection: a rotated password or a
+    /// short-lived token an agent writes there takes effect without a restart.
+    pub password_file: Option<PathBuf>,
+    /// Connections each process keeps at most (PostgreSQL).
+    pub max_connections: Option<usize>,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection string may hold a password: only its hosts are shown.
+        f.debug_struct("DatabaseConfig")
+            .field(
+                "hosts",
+                &self.url.as_deref().map(|url| {
+                    sparkle_queue::DatabaseUrl::parse(url)
+                        .map(|u| u.hosts())
+                        .ok()
+                }),
+            )
+            .field("ca_file", &self.ca_file)
+            .field("password_file", &self.password_file)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
@@ -423,6 +461,7 @@ impl Default for Config {
             model: None,
             tls: TlsConfig::default(),
             gateway: GatewayConfig::default(),
+            database: DatabaseConfig::default(),
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
             scaler: ScalerConfig::default(),
@@ -488,6 +527,7 @@ impl Config {
 
     /// Refuses settings that cannot work or are insecure under the profile.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.check_database()?;
         if self.queue.lease_timeout_secs == 0 {
             bail!("queue.lease_timeout_secs must be at least 1");
         }
@@ -608,6 +648,39 @@ impl Config {
 
     pub fn lease_timeout(&self) -> Duration {
         Duration::from_secs(self.queue.lease_timeout_secs)
+    }
+
+    fn check_database(&self) -> anyhow::Result<()> {
+        let db = &self.database;
+        let Some(url) = &db.url else {
+            if db.ca_file.is_some() || db.password_file.is_some() {
+                bail!(
+                    "database.ca_file and database.password_file are for a PostgreSQL database.url"
+                );
+            }
+            return Ok(());
+        };
+        let parsed = sparkle_queue::DatabaseUrl::parse(url)?;
+        if self.profile == Profile::Production {
+            if !parsed.tls {
+                bail!("database.url: sslmode=disable sends queries and passwords in the clear; the production profile refuses it");
+            }
+            if parsed.has_password {
+                bail!("database.url holds a password; the production profile wants it in database.password_file");
+            }
+        }
+        if parsed.tls && db.ca_file.is_none() && parsed.ca_file.is_none() {
+            bail!("database.ca_file is needed to verify the database server's certificate (or sslmode=disable in database.url, refused under the production profile)");
+        }
+        if db.max_connections == Some(0) {
+            bail!("database.max_connections must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Whether there is a database to read: a server is named, or the embedded file exists.
+    pub fn database_exists(&self) -> bool {
+        self.database.url.is_some() || self.database_path().exists()
     }
 
     pub fn database_path(&self) -> PathBuf {

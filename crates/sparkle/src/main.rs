@@ -99,6 +99,9 @@ enum Command {
     /// database fields.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
+    /// Applies pending database migrations (on PostgreSQL, as the database's owner: the
+    /// service's own role may only read and write rows).
+    Migrate(cmd::migrate::MigrateArgs),
     /// The security posture, one line per check with pass, fail or n/a and the reason. Exits
     /// non-zero when a check fails under the production profile.
     Audit {
@@ -153,6 +156,7 @@ fn main() -> std::process::ExitCode {
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
         Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
+        Command::Migrate(args) => runtime::block_on(cmd::migrate::run(args)),
         Command::Audit { common } => runtime::block_on(cmd::audit::run(common)),
         Command::Bench(command) => cmd::bench::run(command),
     };

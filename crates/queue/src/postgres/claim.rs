@@ -143,8 +143,12 @@ pub(crate) async fn position(
             &[&group, &share],
         )
         .await?;
-    let group_stamp: i64 = row.try_get::<_, Option<i64>>("group_stamp")?.unwrap_or(i64::MAX);
-    let share_stamp: i64 = row.try_get::<_, Option<i64>>("share_stamp")?.unwrap_or(i64::MAX);
+    let group_stamp: i64 = row
+        .try_get::<_, Option<i64>>("group_stamp")?
+        .unwrap_or(i64::MAX);
+    let share_stamp: i64 = row
+        .try_get::<_, Option<i64>>("share_stamp")?
+        .unwrap_or(i64::MAX);
     let others: i64 = client
         .query_one(
             "SELECT COALESCE(SUM(LEAST(queued, $1::BIGINT + (last_served < $2)::INT)), 0)::BIGINT

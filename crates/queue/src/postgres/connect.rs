@@ -89,9 +89,11 @@ impl DatabaseUrl {
         } else {
             format!("{base}?{}", kept.join("&"))
         };
-        let parsed: tokio_postgres::Config = rest
-            .parse()
-            .map_err(|e| config_error(format!("database.url is not a valid connection string: {e}")))?;
+        let parsed: tokio_postgres::Config = rest.parse().map_err(|e| {
+            config_error(format!(
+                "database.url is not a valid connection string: {e}"
+            ))
+        })?;
         Ok(DatabaseUrl {
             has_password: parsed.get_password().is_some(),
             rest,
@@ -253,7 +255,8 @@ async fn drive<S, T>(
 
 /// The password in `path`, without a trailing newline. A file others can read is refused.
 fn read_password(path: &Path) -> Result<zeroize::Zeroizing<String>, QueueError> {
-    let cannot = |e: String| config_error(format!("database.password_file {}: {e}", path.display()));
+    let cannot =
+        |e: String| config_error(format!("database.password_file {}: {e}", path.display()));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -268,9 +271,8 @@ fn read_password(path: &Path) -> Result<zeroize::Zeroizing<String>, QueueError> 
             )));
         }
     }
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| cannot(e.to_string()))?,
-    );
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| cannot(e.to_string()))?);
     let password = text.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
         return Err(cannot("is empty".into()));
@@ -295,10 +297,74 @@ impl deadpool::managed::Manager for Manager {
         _: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<QueueError> {
         if client.is_closed() {
-            return Err(deadpool::managed::RecycleError::message("the connection closed"));
+            return Err(deadpool::managed::RecycleError::message(
+                "the connection closed",
+            ));
         }
         Ok(())
     }
 }
 
 pub(crate) type Pool = deadpool::managed::Pool<Manager>;
+
+/// The certificate chain the first host of the connection string presents, verified against
+/// the CA as every connection verifies it: for audits (names, expiry). Speaks only
+/// PostgreSQL's TLS request and the handshake; never logs in.
+pub async fn server_certificates(
+    options: &PgOptions,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, QueueError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = DatabaseUrl::parse(&options.url)?;
+    if !url.tls {
+        return Err(config_error(
+            "the connection string turns TLS off (sslmode=disable)",
+        ));
+    }
+    let ca_file = options
+        .ca_file
+        .clone()
+        .or(url.ca_file.clone())
+        .ok_or_else(|| config_error("no database.ca_file to verify the server against"))?;
+    let host = url
+        .hosts()
+        .into_iter()
+        .next()
+        .ok_or_else(|| config_error("the connection string names no TCP host"))?;
+    let (name, _) = host
+        .rsplit_once(':')
+        .ok_or_else(|| config_error("the connection string names no TCP host"))?;
+    let name = name
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let unreachable = |e: std::io::Error| QueueError::Unavailable(format!("{host}: {e}"));
+    let mut stream = tokio::time::timeout(
+        options.connect_timeout,
+        tokio::net::TcpStream::connect(&host),
+    )
+    .await
+    .map_err(|_| QueueError::Unavailable(format!("{host}: no answer in time")))?
+    .map_err(unreachable)?;
+    // SSLRequest: length 8, code 80877103.
+    stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .map_err(unreachable)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.map_err(unreachable)?;
+    if answer[0] != b'S' {
+        return Err(config_error(format!("{host} does not accept TLS")));
+    }
+    let server_name = rustls::pki_types::ServerName::try_from(name)
+        .map_err(|e| config_error(format!("{host}: {e}")))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&ca_file)?))
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| config_error(format!("{host}: TLS handshake: {e}")))?;
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default())
+}

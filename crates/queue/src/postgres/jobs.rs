@@ -7,7 +7,9 @@ use super::submit::{retryable, Written};
 use super::{PgQueue, NOTIFIED_FALLBACK};
 use crate::fields::{Field, FieldCipher};
 use crate::group_commit::Prepared;
-use crate::job_row::{kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS};
+use crate::job_row::{
+    kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
+};
 use crate::sqlite::MAX_RETRY_BACKOFF;
 use crate::{
     CancelOutcome, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobQueue, KeptImages,

@@ -29,7 +29,10 @@ pub async fn applied(client: &Client) -> Result<i64, QueueError> {
         return Ok(0);
     }
     Ok(client
-        .query_one("SELECT COALESCE(MAX(version), 0) FROM sparkle_migrations", &[])
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM sparkle_migrations",
+            &[],
+        )
         .await?
         .try_get(0)?)
 }
@@ -69,8 +72,12 @@ pub async fn run(client: &mut Client, apply: bool) -> Result<(), QueueError> {
 async fn apply_pending(client: &mut Client) -> Result<(), QueueError> {
     let refused = |e: tokio_postgres::Error| {
         if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            let why = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default();
             QueueError::Config(format!(
-                "this role may not change the schema ({e}): run `sparkle migrate \
+                "this role may not change the schema ({why}): run `sparkle migrate \
                  --database-url ...` as the database's owner"
             ))
         } else {

@@ -24,7 +24,7 @@ mod outbox;
 mod sealing;
 mod submit;
 
-pub use connect::DatabaseUrl;
+pub use connect::{server_certificates, DatabaseUrl};
 
 use crate::fields::FieldCipher;
 use crate::{Clock, QueueError, SystemClock};
@@ -100,6 +100,22 @@ impl PgOptions {
     }
 }
 
+/// What a connection to the database may do, as `sparkle audit` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub role: String,
+    pub superuser: bool,
+    pub may_create_roles: bool,
+    pub may_create_databases: bool,
+    /// May create objects in the schema (it could change the schema, not only rows).
+    pub may_change_schema: bool,
+    /// Owns the queue's tables (the migrations' role).
+    pub owns_tables: bool,
+    pub server_version: String,
+    /// The server says this connection is encrypted.
+    pub tls: bool,
+}
+
 #[derive(Clone)]
 pub struct PgQueue {
     pub(crate) pool: Pool,
@@ -128,7 +144,10 @@ impl std::fmt::Debug for PgQueue {
 const NOTIFIED_FALLBACK: Duration = Duration::from_secs(2);
 
 impl PgQueue {
-    pub async fn open(options: &PgOptions, fields: Arc<dyn FieldCipher>) -> Result<Self, QueueError> {
+    pub async fn open(
+        options: &PgOptions,
+        fields: Arc<dyn FieldCipher>,
+    ) -> Result<Self, QueueError> {
         Self::open_with_clock(options, Arc::new(SystemClock), fields).await
     }
 
@@ -174,10 +193,58 @@ impl PgQueue {
         })
     }
 
+    /// Applies pending migrations (as a role that may change the schema) without opening a
+    /// queue; the migration the schema was at and the one it is at now.
+    pub async fn migrate(options: &PgOptions) -> Result<(i64, i64), QueueError> {
+        let mut client = Connector::new(options)?.connect().await?;
+        let before = migrate::applied(&client).await?;
+        migrate::run(&mut client, true).await?;
+        Ok((before, migrate::applied(&client).await?))
+    }
+
+    /// Who the queue connects as, what the role may do, and the server's version: for audits.
+    pub async fn describe(&self) -> Result<Connection, QueueError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT current_user::TEXT, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
+                    (SELECT tableowner::TEXT FROM pg_tables
+                     WHERE tablename = 'jobs' AND schemaname = current_schema()) AS owner,
+                    has_schema_privilege(current_schema(), 'CREATE') AS may_create,
+                    current_setting('server_version') AS version,
+                    COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), FALSE)
+                        AS ssl
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await?;
+        let role: String = row.try_get(0)?;
+        let owner: Option<String> = row.try_get("owner")?;
+        Ok(Connection {
+            owns_tables: owner.as_deref() == Some(role.as_str()),
+            role,
+            superuser: row.try_get(1)?,
+            may_create_roles: row.try_get(2)?,
+            may_create_databases: row.try_get(3)?,
+            may_change_schema: row.try_get("may_create")?,
+            server_version: row.try_get("version")?,
+            tls: row.try_get("ssl")?,
+        })
+    }
+
     /// Checks a server that takes writes answers (for readiness probes).
     pub async fn ping(&self) -> Result<(), QueueError> {
         let client = self.client().await?;
-        client.simple_query("SELECT 1").await?;
+        // A standby answers too, but refuses writes: only a primary is ready.
+        let read_only: String = client
+            .query_one("SELECT current_setting('transaction_read_only')", &[])
+            .await?
+            .try_get(0)?;
+        if read_only == "on" {
+            return Err(QueueError::Unavailable(
+                "the database server is a read-only standby".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -303,7 +370,9 @@ async fn listen(connector: Connector, work: Arc<Notify>, changed: Arc<Notify>, a
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot connect to listen for queue notifications"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to listen for queue notifications")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));

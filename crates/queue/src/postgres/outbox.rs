@@ -209,4 +209,3 @@ impl Outbox for PgQueue {
         })
     }
 }
-

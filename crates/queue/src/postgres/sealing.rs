@@ -15,7 +15,12 @@ const SEALED: &[(&str, &str, &str, Field)] = &[
     ("deliveries", "id", "payload", Field::ReplyPayload),
     ("deliveries", "id", "state", Field::ReplyState),
     ("api_keys", "id", "webhook_secret", Field::WebhookSecret),
-    ("api_keys", "id", "webhook_secret_previous", Field::WebhookSecret),
+    (
+        "api_keys",
+        "id",
+        "webhook_secret_previous",
+        Field::WebhookSecret,
+    ),
 ];
 
 impl PgQueue {

@@ -165,9 +165,17 @@ async fn commit_group(
             .try_get(0)?;
         queued = Some(n.max(0) as u64);
     }
-    let owners: Vec<&str> = distinct(jobs.iter().filter(|p| p.job.owner_live_limit.is_some()).map(|p| p.job.owner.as_str()));
+    let owners: Vec<&str> = distinct(
+        jobs.iter()
+            .filter(|p| p.job.owner_live_limit.is_some())
+            .map(|p| p.job.owner.as_str()),
+    );
     let mut owner_live = count_live(&tx, "owner", &owners).await?;
-    let groups: Vec<&str> = distinct(jobs.iter().filter(|p| p.job.group_live_limit.is_some()).map(|p| p.group_index.as_str()));
+    let groups: Vec<&str> = distinct(
+        jobs.iter()
+            .filter(|p| p.job.group_live_limit.is_some())
+            .map(|p| p.group_index.as_str()),
+    );
     let mut group_live = count_live(&tx, "group_key", &groups).await?;
     let existing = existing_jobs(&tx, fields, jobs).await?;
 
@@ -333,7 +341,10 @@ async fn insert(
     let hashes: Vec<&str> = jobs.iter().map(|p| p.hash.as_str()).collect();
     let requests: Vec<&str> = jobs.iter().map(|p| p.request.as_str()).collect();
     let batch_keys: Vec<String> = jobs.iter().map(|p| p.job.request.batch_key()).collect();
-    let max_attempts: Vec<i64> = jobs.iter().map(|p| i64::from(p.job.max_attempts.max(1))).collect();
+    let max_attempts: Vec<i64> = jobs
+        .iter()
+        .map(|p| i64::from(p.job.max_attempts.max(1)))
+        .collect();
     let nows: Vec<i64> = jobs.iter().map(|p| p.now).collect();
     let sealed_groups: Vec<&str> = jobs.iter().map(|p| p.group_sealed.as_str()).collect();
     tx.execute(
@@ -382,7 +393,13 @@ async fn insert(
              SELECT id, job_id, channel, payload, 'pending', now, now, now
              FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[])
                  AS t (id, job_id, channel, payload, now)",
-            &[&delivery_ids, &delivery_jobs, &channels, &payloads, &delivery_nows],
+            &[
+                &delivery_ids,
+                &delivery_jobs,
+                &channels,
+                &payloads,
+                &delivery_nows,
+            ],
         )
         .await?;
     }

@@ -2,7 +2,7 @@
 
 use super::{mode_of, Check, Depth};
 use crate::config::{Config, Profile};
-use sparkle_queue::{ApiKeys, Scope};
+use sparkle_queue::Scope;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -120,7 +120,7 @@ pub async fn api_keys(config: &Config, depth: Depth) -> Check {
             Check::fail(NAME, format!("{text}; {}", unlimited.join(", ")))
         }
     };
-    if depth == Depth::Startup || !config.database_path().exists() {
+    if depth == Depth::Startup || !config.database_exists() {
         return verdict(format!("{rule}; keys stored as SHA-256 hashes, shown once"));
     }
     let keys = async {

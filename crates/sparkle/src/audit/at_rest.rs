@@ -64,7 +64,7 @@ pub async fn encryption(config: &Config, depth: Depth) -> Check {
         }
         Err(e) => problems.push(format!("cannot read the images: {e:#}")),
     }
-    if config.database_path().exists() {
+    if config.database_exists() {
         match fields_by_key(config, &ring).await {
             Ok((by_key, unsealed)) => {
                 let lost: Vec<&String> = by_key.keys().filter(|id| !usable(id)).collect();

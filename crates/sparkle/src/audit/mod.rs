@@ -141,7 +141,8 @@ pub async fn gather(config: &Config, depth: Depth) -> Report {
     let mut checks = vec![transit::tls(config), transit::certificate(config, now())];
     checks.push(at_rest::encryption(config, depth).await);
     checks.push(access::secrets(config));
-    checks.push(transit::database());
+    checks.push(transit::database(config, depth, now()).await);
+    checks.push(transit::database_role(config, depth).await);
     checks.push(access::admin(config));
     checks.push(at_rest::images(config));
     checks.push(access::api_keys(config, depth).await);

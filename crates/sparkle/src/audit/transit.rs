@@ -1,6 +1,6 @@
 //! In transit: the listener's TLS, its certificate, and every connection Sparkle opens.
 
-use super::Check;
+use super::{Check, Depth};
 use crate::config::{Config, Profile};
 use sparkle_gateway::tls;
 
@@ -119,9 +119,142 @@ pub fn certificate(config: &Config, now: i64) -> Check {
     )
 }
 
-/// TLS to the metadata database.
-pub fn database() -> Check {
-    Check::not_applicable("database-tls", "SQLite on local disk")
+/// TLS to the metadata database: verified against the configured CA, and the server's
+/// certificate (names, expiry) as it presents it.
+pub async fn database(config: &Config, depth: Depth, now: i64) -> Check {
+    const NAME: &str = "database-tls";
+    let Some(options) = crate::cmd::postgres_options(config, false) else {
+        return Check::not_applicable(NAME, "SQLite on local disk");
+    };
+    let url = match sparkle_queue::DatabaseUrl::parse(&options.url) {
+        Ok(url) => url,
+        Err(e) => return Check::critical(NAME, e.to_string()),
+    };
+    let hosts = url.hosts().join(", ");
+    if !url.tls {
+        return Check::critical(
+            NAME,
+            format!("{hosts}: sslmode=disable sends queries and the password in the clear"),
+        );
+    }
+    let Some(ca) = options.ca_file.clone().or(url.ca_file.clone()) else {
+        return Check::critical(
+            NAME,
+            format!("{hosts}: no database.ca_file to verify the server against"),
+        );
+    };
+    let rule = format!(
+        "{hosts}: TLS, the server verified against {} (name and chain)",
+        ca.display()
+    );
+    if depth == Depth::Startup {
+        return Check::pass(NAME, rule);
+    }
+    let chain = match sparkle_queue::server_certificates(&options).await {
+        Ok(chain) => chain,
+        Err(e) => return Check::fail(NAME, format!("{rule}; cannot verify it now: {e}")),
+    };
+    let Some(info) = chain.first().and_then(|der| tls::describe_der(der).ok()) else {
+        return Check::fail(
+            NAME,
+            format!("{rule}; the server presented no readable certificate"),
+        );
+    };
+    let days_left = (info.not_after - now).div_euclid(86_400);
+    let what = format!(
+        "{rule}; its certificate is for {} until {}",
+        info.names.join(", "),
+        crate::cmd::keys::utc(info.not_after)
+    );
+    if days_left < CERTIFICATE_MIN_DAYS {
+        return Check::fail(
+            NAME,
+            format!("{what}: {days_left} days left, fewer than {CERTIFICATE_MIN_DAYS}; renew it"),
+        );
+    }
+    Check::pass(NAME, format!("{what} ({days_left} days left)"))
+}
+
+/// The role the service connects to the database as: it should read and write rows, never
+/// change the schema or other roles (migrations run as the owner: `sparkle migrate`).
+pub async fn database_role(config: &Config, depth: Depth) -> Check {
+    const NAME: &str = "database-role";
+    let Some(options) = crate::cmd::postgres_options(config, false) else {
+        return Check::not_applicable(NAME, "SQLite on local disk, owned by the service's user");
+    };
+    if depth == Depth::Startup {
+        return Check::not_applicable(NAME, "checked by `sparkle audit`");
+    }
+    let described = async {
+        let fields = std::sync::Arc::new(NoFields);
+        let queue = sparkle_queue::PgQueue::open(&options, fields).await?;
+        let described = queue.describe().await;
+        queue.close().await;
+        described
+    }
+    .await;
+    let role = match described {
+        Ok(role) => role,
+        Err(e) => return Check::fail(NAME, format!("cannot ask the database: {e}")),
+    };
+    let mut powers = Vec::new();
+    for (held, what) in [
+        (role.superuser, "is a superuser"),
+        (role.owns_tables, "owns the tables"),
+        (role.may_change_schema, "may create objects in the schema"),
+        (role.may_create_roles, "may create roles"),
+        (role.may_create_databases, "may create databases"),
+    ] {
+        if held {
+            powers.push(what);
+        }
+    }
+    let who = format!(
+        "connects as {} (PostgreSQL {})",
+        role.role, role.server_version
+    );
+    if powers.is_empty() {
+        Check::pass(NAME, format!("{who}: reads and writes rows only"))
+    } else {
+        Check::fail(
+            NAME,
+            format!(
+                "{who}, which {}: connect as a role that may only read and write rows",
+                powers.join(", ")
+            ),
+        )
+    }
+}
+
+/// The audit only asks the database who it is: nothing it reads is sealed.
+struct NoFields;
+
+impl sparkle_queue::FieldCipher for NoFields {
+    fn seal(
+        &self,
+        _: sparkle_queue::Field,
+        _: &str,
+        _: &[u8],
+    ) -> Result<String, sparkle_queue::FieldError> {
+        Err(sparkle_queue::FieldError("the audit seals nothing".into()))
+    }
+    fn open(
+        &self,
+        _: sparkle_queue::Field,
+        _: &str,
+        _: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, sparkle_queue::FieldError> {
+        Err(sparkle_queue::FieldError("the audit opens nothing".into()))
+    }
+    fn blind(&self, _: sparkle_queue::Field, _: &[u8]) -> String {
+        String::new()
+    }
+    fn key_of(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn active_key(&self) -> String {
+        String::new()
+    }
 }
 
 /// Whether `url` is `http://` to this machine.

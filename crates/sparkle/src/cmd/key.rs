@@ -3,7 +3,7 @@ use crate::Common;
 use anyhow::bail;
 use clap::Subcommand;
 use sparkle_delivery::webhook::WebhookSecret;
-use sparkle_queue::{ApiKeys, Scope};
+use sparkle_queue::Scope;
 use std::time::Duration;
 
 #[derive(Debug, Subcommand)]

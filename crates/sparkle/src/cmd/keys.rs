@@ -84,7 +84,7 @@ fn images(config: &Config, ring: Keyring) -> anyhow::Result<ObjectImageStore> {
 async fn database(
     config: &Config,
     ring: Keyring,
-) -> anyhow::Result<Arc<sparkle_queue::SqliteQueue>> {
+) -> anyhow::Result<Arc<dyn sparkle_queue::Database>> {
     open_queue_with(config, Arc::new(Keys::fixed(ring))).await
 }
 
@@ -120,7 +120,7 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
         "Images: {} re-wrapped, {} already current, {} sealed for the first time.",
         done.rewrapped, done.current, done.sealed
     );
-    if config.database_path().exists() {
+    if config.database_exists() {
         let rows = database(config, ring)
             .await?
             .reseal_fields()
@@ -152,7 +152,7 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
             "{in_use} stored image(s) still use {id}; run `sparkle keys rotate` to re-wrap them, then retire it"
         );
     }
-    if config.database_path().exists() {
+    if config.database_exists() {
         let usage = database(config, ring.clone())
             .await?
             .field_key_usage()

@@ -4,6 +4,7 @@ pub mod discord;
 pub mod generate;
 pub mod key;
 pub mod keys;
+pub mod migrate;
 pub mod model;
 pub mod serve;
 
@@ -11,7 +12,7 @@ use crate::config::{Config, Overrides};
 use crate::{Common, Serve};
 use anyhow::Context;
 use sparkle_core::{Catalog, ModelEntry};
-use sparkle_queue::{SqliteOptions, SqliteQueue};
+use sparkle_queue::{Database, PgOptions, PgQueue, SqliteOptions, SqliteQueue};
 use sparkle_store::seal::Keys;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,25 +41,18 @@ pub fn load_config_unchecked(common: &Common) -> anyhow::Result<Config> {
     )
 }
 
-/// Opens the queue and metadata database in the data directory, its sensitive fields
-/// sealed under the configured keyring.
-pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<SqliteQueue>> {
+/// Opens the queue and metadata database (SQLite in the data directory, or the PostgreSQL
+/// server `database.url` names), its sensitive fields sealed under the configured keyring.
+pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<dyn Database>> {
     open_queue_with(config, crate::keyring::open(config)?).await
 }
 
-/// Opens the queue with the keyring the caller already holds.
-pub async fn open_queue_with(config: &Config, keys: Arc<Keys>) -> anyhow::Result<Arc<SqliteQueue>> {
-    config.prepare_data_dir()?;
-    let path = config.database_path();
-    let fields = Arc::new(crate::keyring::SealedFields(keys));
-    let options = SqliteOptions {
-        retry_backoff: Duration::from_secs(config.queue.retry_backoff_secs),
-        ..SqliteOptions::default()
-    };
-    let queue = SqliteQueue::open(&path, &options, fields)
-        .await
-        .with_context(|| format!("cannot open the database {}", path.display()))?;
-    Ok(Arc::new(queue))
+/// Opens the queue with the keyring the caller already holds, applying migrations.
+pub async fn open_queue_with(
+    config: &Config,
+    keys: Arc<Keys>,
+) -> anyhow::Result<Arc<dyn Database>> {
+    open_database(config, keys, true).await
 }
 
 /// Opens an existing database to read it: no migration, no sealing of older rows, nothing
@@ -66,13 +60,52 @@ pub async fn open_queue_with(config: &Config, keys: Arc<Keys>) -> anyhow::Result
 pub async fn open_queue_read_only(
     config: &Config,
     keys: Arc<Keys>,
-) -> anyhow::Result<Arc<SqliteQueue>> {
-    let path = config.database_path();
+) -> anyhow::Result<Arc<dyn Database>> {
+    open_database(config, keys, false).await
+}
+
+/// The PostgreSQL options the configuration gives, `None` for the embedded database.
+pub fn postgres_options(config: &Config, migrate: bool) -> Option<PgOptions> {
+    let url = config.database.url.clone()?;
+    let defaults = PgOptions::new(url);
+    Some(PgOptions {
+        ca_file: config.database.ca_file.clone(),
+        password_file: config.database.password_file.clone(),
+        migrate,
+        max_connections: config
+            .database
+            .max_connections
+            .unwrap_or(defaults.max_connections),
+        retry_backoff: Duration::from_secs(config.queue.retry_backoff_secs),
+        ..defaults
+    })
+}
+
+async fn open_database(
+    config: &Config,
+    keys: Arc<Keys>,
+    migrate: bool,
+) -> anyhow::Result<Arc<dyn Database>> {
     let fields = Arc::new(crate::keyring::SealedFields(keys));
-    let options = SqliteOptions {
-        migrate: false,
-        max_connections: 1,
-        ..SqliteOptions::default()
+    if let Some(options) = postgres_options(config, migrate) {
+        let queue = PgQueue::open(&options, fields)
+            .await
+            .with_context(|| format!("cannot open the database {options:?}"))?;
+        return Ok(Arc::new(queue));
+    }
+    let path = config.database_path();
+    let options = if migrate {
+        config.prepare_data_dir()?;
+        SqliteOptions {
+            retry_backoff: Duration::from_secs(config.queue.retry_backoff_secs),
+            ..SqliteOptions::default()
+        }
+    } else {
+        SqliteOptions {
+            migrate: false,
+            max_connections: 1,
+            ..SqliteOptions::default()
+        }
     };
     let queue = SqliteQueue::open(&path, &options, fields)
         .await

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::{runtime, Common, Serve};
 use anyhow::Context;
 use sparkle_gateway::{GatewayOptions, GatewayState};
-use sparkle_queue::{ApiKeys, JobQueue, Scope, SqliteQueue};
+use sparkle_queue::{Database, JobQueue, Scope};
 use sparkle_scaler::{LocalProcesses, Policy};
 use sparkle_store::seal::Keys;
 use sparkle_store::{ImageLinks, ImageStore, ObjectImageStore};
@@ -24,7 +24,7 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     config.model_dir()?;
     let keys = crate::keyring::open(&config)?;
     let queue = open_queue_with(&config, keys.clone()).await?;
-    ensure_admin_key(&queue).await?;
+    ensure_admin_key(&*queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     let no_workers = (config.scaler.max_workers == 0).then(|| {
@@ -43,7 +43,7 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     let keys = crate::keyring::open(&config)?;
     let queue = open_queue_with(&config, keys.clone()).await?;
-    ensure_admin_key(&queue).await?;
+    ensure_admin_key(&*queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     // Workers run elsewhere, started by a scaler this process does not know of.
@@ -136,7 +136,7 @@ fn stop_when_stdin_closes(shutdown: CancellationToken) {
 }
 
 /// On a database without keys, creates an admin key and prints it, once.
-async fn ensure_admin_key(queue: &SqliteQueue) -> anyhow::Result<()> {
+async fn ensure_admin_key(queue: &dyn Database) -> anyhow::Result<()> {
     if !queue.list_keys().await?.is_empty() {
         return Ok(());
     }
@@ -151,7 +151,7 @@ async fn ensure_admin_key(queue: &SqliteQueue) -> anyhow::Result<()> {
 
 async fn start_gateway(
     config: &Config,
-    queue: Arc<SqliteQueue>,
+    queue: Arc<dyn Database>,
     keys: Arc<Keys>,
     no_workers: Option<String>,
     shutdown: CancellationToken,
@@ -300,7 +300,7 @@ async fn start_gateway(
 fn start_delivery(
     config: &Config,
     state: &GatewayState,
-    queue: Arc<SqliteQueue>,
+    queue: Arc<dyn Database>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     use sparkle_delivery::{channel, discord, webhooks, ChannelOptions, ReplyChannel};
@@ -375,7 +375,7 @@ fn image_views(state: &GatewayState) -> sparkle_delivery::webhooks::ImageViews {
 fn start_scaler(
     config: &Config,
     common: &Common,
-    queue: Arc<SqliteQueue>,
+    queue: Arc<dyn Database>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let program = std::env::current_exe().context("cannot find the sparkle executable")?;
