@@ -5,9 +5,9 @@
 # may only read and write rows (the service).
 #
 #   scripts/postgres.sh start DIR   prints the settings to use, as shell assignments:
-#                                   SPARKLE_TEST_DATABASE_URL and ..._PASSWORD_FILE (owner),
-#                                   SPARKLE_TEST_DATABASE_APP_URL and ..._APP_PASSWORD_FILE,
-#                                   SPARKLE_TEST_DATABASE_CA_FILE
+#                                   TEST_PG_URL and ..._PASSWORD_FILE (owner),
+#                                   TEST_PG_APP_URL and ..._APP_PASSWORD_FILE,
+#                                   TEST_PG_CA_FILE
 #   scripts/postgres.sh stop DIR
 #
 # The server runs as the `postgres` user (initdb refuses root); DIR is made for it.
@@ -89,11 +89,11 @@ ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
 ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
     GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO sparkle_app;
 SQL
-  echo "SPARKLE_TEST_DATABASE_URL=postgres://sparkle_owner@127.0.0.1:$port/sparkle_test"
-  echo "SPARKLE_TEST_DATABASE_PASSWORD_FILE=$secrets/owner.password"
-  echo "SPARKLE_TEST_DATABASE_APP_URL=postgres://sparkle_app@127.0.0.1:$port/sparkle_test"
-  echo "SPARKLE_TEST_DATABASE_APP_PASSWORD_FILE=$secrets/app.password"
-  echo "SPARKLE_TEST_DATABASE_CA_FILE=$tls/ca.pem"
+  echo "TEST_PG_URL=postgres://sparkle_owner@127.0.0.1:$port/sparkle_test"
+  echo "TEST_PG_PASSWORD_FILE=$secrets/owner.password"
+  echo "TEST_PG_APP_URL=postgres://sparkle_app@127.0.0.1:$port/sparkle_test"
+  echo "TEST_PG_APP_PASSWORD_FILE=$secrets/app.password"
+  echo "TEST_PG_CA_FILE=$tls/ca.pem"
   ;;
 stop)
   if [ -d "$dir/data" ]; then

@@ -156,7 +156,7 @@ pub enum QueueError {
     LeaseLost(JobId),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", pg_message(.0))]
     Postgres(tokio_postgres::Error),
     /// No database server could be reached (or none that takes writes): retry shortly.
     #[error("the database is unavailable: {0}")]
@@ -200,5 +200,20 @@ impl QueueError {
     /// Whether the same call may succeed when retried shortly (the database was unreachable).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, QueueError::Unavailable(_))
+    }
+}
+
+/// What the server said, when it said something (its message, code and detail).
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => e.to_string(),
     }
 }

@@ -69,6 +69,27 @@ pub async fn run(client: &mut Client, apply: bool) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Lets `role` read and write the rows of every table of the queue's schema, and nothing
+/// more: the role the service connects as.
+pub async fn grant_rows(client: &Client, role: &str) -> Result<(), QueueError> {
+    let role = quote_ident(role);
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', current_schema()); END $$;
+             DO $$ BEGIN EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I TO {role}', current_schema()); END $$;
+             DO $$ BEGIN EXECUTE format('GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA %I TO {role}', current_schema()); END $$;
+             REVOKE ALL ON sparkle_migrations FROM {role};
+             GRANT SELECT ON sparkle_migrations TO {role};"
+        ))
+        .await?;
+    Ok(())
+}
+
 async fn apply_pending(client: &mut Client) -> Result<(), QueueError> {
     let refused = |e: tokio_postgres::Error| {
         if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
@@ -84,6 +105,35 @@ async fn apply_pending(client: &mut Client) -> Result<(), QueueError> {
             e.into()
         }
     };
+    // A schema the connection names (`search_path`) that does not exist yet is made here.
+    let schema: Option<String> = client
+        .query_one("SELECT current_schema()::TEXT", &[])
+        .await?
+        .try_get(0)?;
+    if schema.is_none() {
+        let path: String = client
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await?
+            .try_get(0)?;
+        let first = path
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"');
+        if first.is_empty() || first == "$user" {
+            return Err(QueueError::Config(
+                "the connection's search_path names no schema to create the tables in".into(),
+            ));
+        }
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(first)
+            ))
+            .await
+            .map_err(refused)?;
+    }
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS sparkle_migrations (

@@ -195,10 +195,17 @@ impl PgQueue {
 
     /// Applies pending migrations (as a role that may change the schema) without opening a
     /// queue; the migration the schema was at and the one it is at now.
-    pub async fn migrate(options: &PgOptions) -> Result<(i64, i64), QueueError> {
+    /// With `grant_to`, that role may then read and write the rows (and do nothing else).
+    pub async fn migrate(
+        options: &PgOptions,
+        grant_to: Option<&str>,
+    ) -> Result<(i64, i64), QueueError> {
         let mut client = Connector::new(options)?.connect().await?;
         let before = migrate::applied(&client).await?;
         migrate::run(&mut client, true).await?;
+        if let Some(role) = grant_to {
+            migrate::grant_rows(&client, role).await?;
+        }
         Ok((before, migrate::applied(&client).await?))
     }
 

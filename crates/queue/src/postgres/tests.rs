@@ -17,9 +17,9 @@ pub(crate) fn test_options() -> PgOptions {
             )
         })
     };
-    let mut options = PgOptions::new(var("SPARKLE_TEST_DATABASE_URL"));
-    options.ca_file = Some(var("SPARKLE_TEST_DATABASE_CA_FILE").into());
-    options.password_file = Some(var("SPARKLE_TEST_DATABASE_PASSWORD_FILE").into());
+    let mut options = PgOptions::new(var("TEST_PG_URL"));
+    options.ca_file = Some(var("TEST_PG_CA_FILE").into());
+    options.password_file = Some(var("TEST_PG_PASSWORD_FILE").into());
     options
 }
 

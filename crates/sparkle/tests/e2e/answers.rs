@@ -324,7 +324,7 @@ async fn webhooks_into_the_private_network_are_refused_with_the_field_named() {
 }
 
 /// Multipart (final) edits of each interaction's original message that Discord accepted.
-fn final_edits(fake: &FakeDiscord) -> BTreeMap<String, usize> {
+pub(crate) fn final_edits(fake: &FakeDiscord) -> BTreeMap<String, usize> {
     let mut by_path = BTreeMap::new();
     for edit in fake.edits() {
         if edit.multipart && edit.status == 200 {
@@ -334,7 +334,7 @@ fn final_edits(fake: &FakeDiscord) -> BTreeMap<String, usize> {
     by_path
 }
 
-async fn wait_for_finals(fake: &FakeDiscord, n: usize) -> BTreeMap<String, usize> {
+pub(crate) async fn wait_for_finals(fake: &FakeDiscord, n: usize) -> BTreeMap<String, usize> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let finals = final_edits(fake);
@@ -345,7 +345,7 @@ async fn wait_for_finals(fake: &FakeDiscord, n: usize) -> BTreeMap<String, usize
     }
 }
 
-fn sparkle_command(id: &str, prompt: &str) -> Value {
+pub(crate) fn sparkle_command(id: &str, prompt: &str) -> Value {
     let user = json!({"guild": true, "user": {"id": format!("u{id}"), "username": "ada"}});
     command(
         id,

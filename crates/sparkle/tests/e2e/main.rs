@@ -11,6 +11,7 @@ mod image_links;
 mod limits;
 mod models;
 mod network;
+mod postgres;
 mod secrets_in_logs;
 mod security;
 mod service;
