@@ -225,7 +225,6 @@ async fn keys_are_counted_from_the_database_without_changing_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = production(dir.path());
     {
-        use sparkle_queue::ApiKeys;
         let queue = crate::cmd::open_queue(&config).await.expect("queue");
         queue
             .create_key("admin", &[sparkle_queue::Scope::Admin])

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod ingress;
+mod queue;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -23,6 +24,11 @@ pub enum BenchCommand {
     /// `--preload` queues jobs first to measure at a depth. `bench/ingress.sh` runs it
     /// against a fresh `sparkle up`.
     Ingress(ingress::IngressBench),
+    /// The queue alone: jobs enqueued, then leased and completed, then both at once, per
+    /// second through the configured database (SQLite in the data directory, or the
+    /// PostgreSQL of `database.url`) with durable commits. Adds the jobs it measures with:
+    /// point it at a scratch data directory or schema.
+    Queue(queue::QueueBench),
 }
 
 /// Where a running gateway is and how to reach it.
@@ -126,6 +132,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingress(args) => tokio::runtime::Runtime::new()
             .context("cannot start the runtime")?
             .block_on(ingress::run(args)),
+        BenchCommand::Queue(args) => tokio::runtime::Runtime::new()
+            .context("cannot start the runtime")?
+            .block_on(queue::run(args)),
     }
 }
 

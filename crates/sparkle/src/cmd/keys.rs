@@ -221,7 +221,6 @@ mod tests {
             .await
             .expect("put");
         let job = {
-            use sparkle_queue::JobQueue;
             let queue = database(&config, first).await.expect("database");
             let new = sparkle_queue::conformance::new_job("discord:42", "a corgi");
             queue.enqueue(new).await.expect("enqueue").job.id
