@@ -5,7 +5,7 @@
 
 use crate::Common;
 use clap::Args;
-use sparkle_queue::{Database, JobQueue};
+use sparkle_queue::Database;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
