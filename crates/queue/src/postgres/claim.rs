@@ -23,13 +23,23 @@ const MAX_PASSED_OVER: usize = 8;
 
 /// The job whose turn it is, or `None` when nothing is queued that no one else holds.
 pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, QueueError> {
-    let mut passed_over: Vec<String> = Vec::new();
-    while passed_over.len() <= MAX_PASSED_OVER {
+    // The turn order as of now, read without locks; then each candidate locked only if its
+    // stamp is still the one read (a share whose turn another claimer just took has a newer
+    // stamp, and waits for its next turn).
+    let candidates = tx
+        .query(
+            "SELECT name, last_served FROM shares WHERE queued > 0 ORDER BY last_served LIMIT $1",
+            &[&(MAX_PASSED_OVER as i64 + 1)],
+        )
+        .await?;
+    for candidate in &candidates {
+        let share: String = candidate.try_get(0)?;
+        let stamp: i64 = candidate.try_get(1)?;
         let row = tx
             .query_opt(
                 "WITH s AS (
-                    SELECT name FROM shares WHERE queued > 0 AND NOT (name = ANY($1))
-                    ORDER BY last_served LIMIT 1 FOR UPDATE SKIP LOCKED),
+                    SELECT name FROM shares WHERE name = $1 AND last_served = $2 AND queued > 0
+                    FOR UPDATE SKIP LOCKED),
                  g AS (
                     SELECT groups.name FROM groups, s
                     WHERE groups.share = s.name AND groups.queued > 0
@@ -38,31 +48,19 @@ pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, Queue
                     SELECT jobs.id, jobs.batch_key FROM jobs, g
                     WHERE jobs.status = 'queued' AND jobs.group_key = g.name
                     ORDER BY jobs.seq LIMIT 1 FOR UPDATE OF jobs SKIP LOCKED)
-                 SELECT s.name AS share, g.name AS grp, j.id, j.batch_key
-                 FROM s LEFT JOIN g ON TRUE LEFT JOIN j ON TRUE",
-                &[&passed_over],
+                 SELECT g.name AS grp, j.id, j.batch_key FROM g, j",
+                &[&share, &stamp],
             )
             .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let share: String = row.try_get("share")?;
-        match (
-            row.try_get::<_, Option<String>>("grp")?,
-            row.try_get::<_, Option<String>>("id")?,
-            row.try_get::<_, Option<String>>("batch_key")?,
-        ) {
-            (Some(group), Some(id), Some(batch_key)) => {
-                return Ok(Some(Next {
-                    id,
-                    batch_key,
-                    share,
-                    group,
-                }))
-            }
-            // Its groups or their heads are held by a submit or a cancel under way.
-            _ => passed_over.push(share),
+        if let Some(row) = row {
+            return Ok(Some(Next {
+                id: row.try_get("id")?,
+                batch_key: row.try_get("batch_key")?,
+                group: row.try_get("grp")?,
+                share,
+            }));
         }
+        // Held by another claimer, its turn just taken, or its groups held by a submit.
     }
     Ok(None)
 }
