@@ -118,3 +118,40 @@ impl Clock for ManualClock {
         self.boot.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
+
+/// Now on a host's lease clock: its monotonic clock plus an offset per boot, which the
+/// backend records in its database (past every lease written before, so a lease from an
+/// earlier boot has expired). The offset is asked for once per boot and kept.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LeaseEpoch(Arc<Mutex<Option<(String, i64)>>>);
+
+impl LeaseEpoch {
+    /// `offset_of(boot)` records or reads the offset of a boot not seen yet.
+    pub async fn now<F, Fut>(
+        &self,
+        clock: &dyn Clock,
+        offset_of: F,
+    ) -> Result<i64, crate::QueueError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<i64, crate::QueueError>>,
+    {
+        let boot = clock.boot_id();
+        let known = {
+            let epoch = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            epoch
+                .as_ref()
+                .filter(|(b, _)| *b == boot)
+                .map(|(_, offset)| *offset)
+        };
+        let offset = match known {
+            Some(offset) => offset,
+            None => {
+                let offset = offset_of(boot.clone()).await?;
+                *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((boot, offset));
+                offset
+            }
+        };
+        Ok(offset.saturating_add(clock.monotonic_ms()))
+    }
+}

@@ -108,7 +108,7 @@ pub(crate) async fn next_job(tx: &mut SqliteConnection) -> Result<Option<Next>, 
 }
 
 /// Shares looked at when filling a batch with jobs of one batch key.
-const BATCH_SHARES: i64 = 256;
+pub(crate) const BATCH_SHARES: i64 = 256;
 
 /// The next job with `batch_key` in turn order: the first waiting share (by stamp) that has
 /// one, its oldest such job. Looks at most at the [`BATCH_SHARES`] next shares.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Jobs one transaction takes at most.
-const MAX_GROUP: usize = 256;
+pub(crate) const MAX_GROUP: usize = 256;
 
 /// A job with everything sealed and blinded that can be, before it waits for the writer.
 pub(crate) struct Prepared {
@@ -41,28 +41,33 @@ pub(crate) enum Written {
     Existing(Box<Job>),
 }
 
-type Reply = oneshot::Sender<Result<Written, QueueError>>;
+type Reply<W> = oneshot::Sender<Result<W, QueueError>>;
 
-/// The sending side of the writer; the writer stops when the last one is dropped.
-#[derive(Clone)]
-pub(crate) struct Writer {
-    jobs: mpsc::Sender<(Prepared, Reply)>,
+/// What a writer's task receives: each job with where its outcome goes.
+pub(crate) type Submits<W> = mpsc::Receiver<(Prepared, Reply<W>)>;
+
+/// The sending side of a writer answering with `W`; the writer stops when the last one is
+/// dropped.
+pub(crate) struct Writer<W = Written> {
+    jobs: mpsc::Sender<(Prepared, Reply<W>)>,
 }
 
-impl Writer {
-    /// Starts the writer over `pool`; `committed` is woken after each commit that created
-    /// a job.
-    pub fn start(
-        pool: SqlitePool,
-        fields: Arc<dyn FieldCipher>,
-        committed: Vec<Arc<Notify>>,
-    ) -> Writer {
+impl<W> Clone for Writer<W> {
+    fn clone(&self) -> Self {
+        Writer {
+            jobs: self.jobs.clone(),
+        }
+    }
+}
+
+impl<W> Writer<W> {
+    /// A writer and what its task receives.
+    pub fn channel() -> (Writer<W>, Submits<W>) {
         let (jobs, receiver) = mpsc::channel(4 * MAX_GROUP);
-        tokio::spawn(run(pool, fields, committed, receiver));
-        Writer { jobs }
+        (Writer { jobs }, receiver)
     }
 
-    pub async fn write(&self, job: Prepared) -> Result<Written, QueueError> {
+    pub async fn write(&self, job: Prepared) -> Result<W, QueueError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send((job, reply))
@@ -74,11 +79,25 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Starts the writer over `pool`; `committed` is woken after each commit that created
+    /// a job.
+    pub fn start(
+        pool: SqlitePool,
+        fields: Arc<dyn FieldCipher>,
+        committed: Vec<Arc<Notify>>,
+    ) -> Writer {
+        let (writer, receiver) = Writer::channel();
+        tokio::spawn(run(pool, fields, committed, receiver));
+        writer
+    }
+}
+
 async fn run(
     pool: SqlitePool,
     fields: Arc<dyn FieldCipher>,
     committed: Vec<Arc<Notify>>,
-    mut receiver: mpsc::Receiver<(Prepared, Reply)>,
+    mut receiver: Submits<Written>,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
@@ -114,7 +133,7 @@ async fn run(
 async fn commit_group(
     pool: &SqlitePool,
     fields: &dyn FieldCipher,
-    group: &[(Prepared, Reply)],
+    group: &[(Prepared, Reply<Written>)],
 ) -> Result<Vec<Result<Written, QueueError>>, QueueError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut outcomes = Vec::with_capacity(group.len());

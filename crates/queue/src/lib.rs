@@ -58,6 +58,9 @@ use async_trait::async_trait;
 use sparkle_core::JobId;
 use std::time::Duration;
 
+/// How long a worker's reported capacity counts.
+pub(crate) const CAPACITY_HORIZON_MS: i64 = 7 * 86_400_000;
+
 /// Everything a deployment keeps in its database, whichever backend holds it.
 #[async_trait]
 pub trait Database: JobQueue + Outbox + ApiKeys {

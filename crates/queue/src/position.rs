@@ -59,7 +59,10 @@ pub(crate) async fn position(
 }
 
 /// Waiting shares counted at most from one end before the other end is tried.
-const COUNTED_FROM_AN_END: i64 = 2000;
+pub(crate) const COUNTED_FROM_AN_END: i64 = 2000;
+
+/// Jobs ahead in its own group a position counts at most.
+pub(crate) const MAX_COUNTED_AHEAD: i64 = 1000;
 
 /// How many waiting shares have a stamp older than `stamp`: counted from the front, or the
 /// waiting ones not older counted from the back and taken from the count of all waiting, whichever end is within reach; the whole range

@@ -42,12 +42,6 @@ pub struct SqliteOptions {
     pub retry_backoff: Duration,
 }
 
-/// Jobs ahead in its own group a position counts at most.
-const MAX_COUNTED_AHEAD: i64 = 1000;
-
-/// How long a worker's reported capacity counts.
-const CAPACITY_HORIZON_MS: i64 = 7 * 86_400_000;
-
 /// The longest a retry waits.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -74,7 +68,7 @@ pub struct SqliteQueue {
     /// Commits submits in groups.
     writer: Writer,
     /// This boot's offset onto the lease clock, once read (see [`SqliteQueue::lease_now`]).
-    lease_epoch: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    lease_epoch: crate::clock::LeaseEpoch,
 }
 
 impl std::fmt::Debug for SqliteQueue {
@@ -117,7 +111,7 @@ impl SqliteQueue {
         }
         let work = Arc::new(Notify::new());
         let changed = Arc::new(Notify::new());
-        let writer = Writer::start(
+        let writer = Writer::<Written>::start(
             pool.clone(),
             fields.clone(),
             vec![work.clone(), changed.clone()],
@@ -130,7 +124,7 @@ impl SqliteQueue {
             changed,
             writer,
             retry_backoff_ms: options.retry_backoff.as_millis().min(i64::MAX as u128) as i64,
-            lease_epoch: Arc::default(),
+            lease_epoch: Default::default(),
         };
         if options.migrate {
             queue.seal_plain_rows().await?;
@@ -156,23 +150,11 @@ impl SqliteQueue {
     /// the database. A boot's offset is past every lease written before it, so a lease from
     /// an earlier boot has expired, and no wall-clock jump moves a lease.
     pub(crate) async fn lease_now(&self) -> Result<i64, QueueError> {
-        let boot = self.clock.boot_id();
-        let known = {
-            let epoch = self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner());
-            epoch
-                .as_ref()
-                .filter(|(b, _)| *b == boot)
-                .map(|(_, offset)| *offset)
-        };
-        let offset = match known {
-            Some(offset) => offset,
-            None => {
-                let offset = self.lease_offset(&boot).await?;
-                *self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some((boot, offset));
-                offset
-            }
-        };
-        Ok(offset.saturating_add(self.clock.monotonic_ms()))
+        self.lease_epoch
+            .now(&*self.clock, |boot| async move {
+                self.lease_offset(&boot).await
+            })
+            .await
     }
 
     /// The offset of boot `boot`, recorded by the first process of that boot to ask.
@@ -548,7 +530,7 @@ impl JobQueue for SqliteQueue {
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM worker_capacity WHERE reported_at < ?1")
-            .bind(now - CAPACITY_HORIZON_MS)
+            .bind(now - crate::CAPACITY_HORIZON_MS)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
@@ -570,7 +552,7 @@ impl JobQueue for SqliteQueue {
             "SELECT MAX(pixels) FROM worker_capacity WHERE model = ?1 AND reported_at >= ?2",
         )
         .bind(model)
-        .bind(self.now() - CAPACITY_HORIZON_MS)
+        .bind(self.now() - crate::CAPACITY_HORIZON_MS)
         .fetch_one(&self.pool)
         .await?;
         Ok(pixels.map(|p| p.max(0) as u64))
@@ -684,7 +666,7 @@ impl JobQueue for SqliteQueue {
             )
             .bind(&group)
             .bind(seq)
-            .bind(MAX_COUNTED_AHEAD)
+            .bind(crate::position::MAX_COUNTED_AHEAD)
             .fetch_one(&mut *tx)
             .await?;
             out.push(Some(

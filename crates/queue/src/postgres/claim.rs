@@ -6,6 +6,8 @@
 //! the same way. Holding the share and the group is what keeps FIFO within a group and one
 //! turn per share under concurrency; a claimer never waits on a row another holds.
 
+use crate::fairness::BATCH_SHARES;
+use crate::position::COUNTED_FROM_AN_END;
 use crate::QueueError;
 use tokio_postgres::Transaction;
 
@@ -65,9 +67,6 @@ pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, Queue
     Ok(None)
 }
 
-/// Shares looked at when filling a batch with jobs of one batch key.
-const BATCH_SHARES: i64 = 256;
-
 /// The next job with `batch_key` in turn order that no one else holds: the first waiting
 /// share (by stamp) with one, its oldest such job. Looks at most at [`BATCH_SHARES`] shares.
 pub(crate) async fn next_compatible(
@@ -117,12 +116,6 @@ pub(crate) async fn next_compatible(
 pub(crate) const TOOK_TURN_SQL: &str = "WITH stamp AS (SELECT nextval('turn_stamps') AS v),
      s AS (UPDATE shares SET last_served = (SELECT v FROM stamp) WHERE name = $1)
      UPDATE groups SET last_served = (SELECT v FROM stamp) WHERE name = $2";
-
-/// Jobs ahead in its own group a position counts at most.
-pub(crate) const MAX_COUNTED_AHEAD: i64 = 1000;
-
-/// Waiting shares counted at most from one end before the other end is tried.
-const COUNTED_FROM_AN_END: i64 = 2000;
 
 /// Jobs leased before a job with `ahead` jobs before it in group `group` of share `share`
 /// (see [`crate::position`] for the reasoning).

@@ -2,7 +2,7 @@
 //! parameter that is `NULL` when leases are counted on the database's clock
 //! (`COALESCE($n, sparkle_now_ms())`).
 
-use super::claim::{self, Next, MAX_COUNTED_AHEAD, TOOK_TURN_SQL};
+use super::claim::{self, Next, TOOK_TURN_SQL};
 use super::submit::{retryable, Written};
 use super::{PgQueue, NOTIFIED_FALLBACK};
 use crate::fields::{Field, FieldCipher};
@@ -10,7 +10,10 @@ use crate::group_commit::Prepared;
 use crate::job_row::{
     kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
 };
+use crate::outbox::millis;
+use crate::position::MAX_COUNTED_AHEAD;
 use crate::sqlite::MAX_RETRY_BACKOFF;
+use crate::CAPACITY_HORIZON_MS;
 use crate::{
     CancelOutcome, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobQueue, KeptImages,
     Lease, LeaseToken, NewJob, QueueError, QueueStats,
@@ -19,9 +22,6 @@ use async_trait::async_trait;
 use sparkle_core::{JobId, JobStatus, Progress};
 use std::time::Duration;
 use tokio_postgres::Row;
-
-/// How long a worker's reported capacity counts.
-const CAPACITY_HORIZON_MS: i64 = 7 * 86_400_000;
 
 const FINAL: &str = "status IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')";
 
@@ -46,10 +46,6 @@ pub(crate) fn job_from_row(row: &Row, fields: &dyn FieldCipher) -> Result<Job, Q
         images_attempt: row.try_get("images_attempt")?,
     }
     .into_job(fields)
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// Queues again or dead-letters every running job whose lease ended by `$4` on the lease

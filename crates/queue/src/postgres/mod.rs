@@ -126,8 +126,8 @@ pub struct PgQueue {
     changed: Arc<Notify>,
     retry_backoff_ms: i64,
     lease_clock: LeaseClock,
-    lease_epoch: Arc<std::sync::Mutex<Option<(String, i64)>>>,
-    writer: submit::Writer,
+    lease_epoch: crate::clock::LeaseEpoch,
+    writer: crate::group_commit::Writer<submit::Written>,
     /// Held while the queue is in use: the listener stops when the last clone is dropped.
     _alive: Arc<()>,
 }
@@ -177,7 +177,8 @@ impl PgQueue {
             changed.clone(),
             Arc::downgrade(&alive),
         ));
-        let writer = submit::Writer::start(pool.clone(), fields.clone());
+        let writer =
+            crate::group_commit::Writer::<submit::Written>::start(pool.clone(), fields.clone());
         Ok(PgQueue {
             pool,
             clock,
@@ -187,7 +188,7 @@ impl PgQueue {
             changed,
             retry_backoff_ms: i64::try_from(options.retry_backoff.as_millis()).unwrap_or(i64::MAX),
             lease_clock: options.lease_clock,
-            lease_epoch: Arc::default(),
+            lease_epoch: Default::default(),
             writer,
             _alive: alive,
         })
@@ -209,9 +210,10 @@ impl PgQueue {
         Ok((before, migrate::applied(&client).await?))
     }
 
-    /// Who the queue connects as, what the role may do, and the server's version: for audits.
-    pub async fn describe(&self) -> Result<Connection, QueueError> {
-        let client = self.client().await?;
+    /// Who `options` connect as, what the role may do, and the server's version: for
+    /// audits. One connection, no queue opened.
+    pub async fn describe(options: &PgOptions) -> Result<Connection, QueueError> {
+        let client = Connector::new(options)?.connect().await?;
         let row = client
             .query_one(
                 "SELECT current_user::TEXT, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
@@ -277,23 +279,13 @@ impl PgQueue {
         if self.lease_clock == LeaseClock::Database {
             return Ok(None);
         }
-        let boot = self.clock.boot_id();
-        let known = {
-            let epoch = self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner());
-            epoch
-                .as_ref()
-                .filter(|(b, _)| *b == boot)
-                .map(|(_, offset)| *offset)
-        };
-        let offset = match known {
-            Some(offset) => offset,
-            None => {
-                let offset = self.lease_offset(&boot).await?;
-                *self.lease_epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some((boot, offset));
-                offset
-            }
-        };
-        Ok(Some(offset.saturating_add(self.clock.monotonic_ms())))
+        let now = self
+            .lease_epoch
+            .now(&*self.clock, |boot| async move {
+                self.lease_offset(&boot).await
+            })
+            .await?;
+        Ok(Some(now))
     }
 
     /// The offset of boot `boot` on the local lease clock, recorded by the first to ask.

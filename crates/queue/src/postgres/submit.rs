@@ -11,17 +11,13 @@
 use super::connect::Pool;
 use super::jobs::job_from_row;
 use crate::fields::{Field, FieldCipher};
-use crate::group_commit::Prepared;
+use crate::group_commit::{Prepared, Submits, Writer, MAX_GROUP};
 use crate::job_row::JOB_COLUMNS;
 use crate::{Job, QueueError};
 use sha2::{Digest, Sha256};
 use sparkle_core::JobId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
-
-/// Jobs one transaction takes at most.
-const MAX_GROUP: usize = 256;
 
 /// Times a group undone by a deadlock or serialization failure is tried.
 const ATTEMPTS: usize = 4;
@@ -35,37 +31,15 @@ pub(crate) enum Written {
     SameAs(JobId),
 }
 
-type Reply = oneshot::Sender<Result<Written, QueueError>>;
-
-#[derive(Clone)]
-pub(crate) struct Writer {
-    jobs: mpsc::Sender<(Prepared, Reply)>,
-}
-
-impl Writer {
-    pub fn start(pool: Pool, fields: Arc<dyn FieldCipher>) -> Writer {
-        let (jobs, receiver) = mpsc::channel(4 * MAX_GROUP);
+impl Writer<Written> {
+    pub fn start(pool: Pool, fields: Arc<dyn FieldCipher>) -> Writer<Written> {
+        let (writer, receiver) = Writer::channel();
         tokio::spawn(run(pool, fields, receiver));
-        Writer { jobs }
-    }
-
-    pub async fn write(&self, job: Prepared) -> Result<Written, QueueError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send((job, reply))
-            .await
-            .map_err(|_| QueueError::CommitFailed("the queue's writer has stopped".into()))?;
-        answer.await.map_err(|_| {
-            QueueError::CommitFailed("the queue's writer stopped before answering".into())
-        })?
+        writer
     }
 }
 
-async fn run(
-    pool: Pool,
-    fields: Arc<dyn FieldCipher>,
-    mut receiver: mpsc::Receiver<(Prepared, Reply)>,
-) {
+async fn run(pool: Pool, fields: Arc<dyn FieldCipher>, mut receiver: Submits<Written>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
         let jobs: Vec<&Prepared> = group.iter().map(|(job, _)| job).collect();

@@ -185,15 +185,7 @@ pub async fn database_role(config: &Config, depth: Depth) -> Check {
     if depth == Depth::Startup {
         return Check::not_applicable(NAME, "checked by `sparkle audit`");
     }
-    let described = async {
-        let fields = std::sync::Arc::new(NoFields);
-        let queue = sparkle_queue::PgQueue::open(&options, fields).await?;
-        let described = queue.describe().await;
-        queue.close().await;
-        described
-    }
-    .await;
-    let role = match described {
+    let role = match sparkle_queue::PgQueue::describe(&options).await {
         Ok(role) => role,
         Err(e) => return Check::fail(NAME, format!("cannot ask the database: {e}")),
     };
@@ -223,37 +215,6 @@ pub async fn database_role(config: &Config, depth: Depth) -> Check {
                 powers.join(", ")
             ),
         )
-    }
-}
-
-/// The audit only asks the database who it is: nothing it reads is sealed.
-struct NoFields;
-
-impl sparkle_queue::FieldCipher for NoFields {
-    fn seal(
-        &self,
-        _: sparkle_queue::Field,
-        _: &str,
-        _: &[u8],
-    ) -> Result<String, sparkle_queue::FieldError> {
-        Err(sparkle_queue::FieldError("the audit seals nothing".into()))
-    }
-    fn open(
-        &self,
-        _: sparkle_queue::Field,
-        _: &str,
-        _: &str,
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, sparkle_queue::FieldError> {
-        Err(sparkle_queue::FieldError("the audit opens nothing".into()))
-    }
-    fn blind(&self, _: sparkle_queue::Field, _: &[u8]) -> String {
-        String::new()
-    }
-    fn key_of(&self, _: &str) -> Option<String> {
-        None
-    }
-    fn active_key(&self) -> String {
-        String::new()
     }
 }
 
