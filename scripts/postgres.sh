@@ -10,11 +10,27 @@
 #                                   TEST_PG_CA_FILE
 #   scripts/postgres.sh stop DIR
 #
+# For failover tests, a streaming standby beside a primary started as above:
+#
+#   scripts/postgres.sh standby DIR STANDBY_DIR   a standby of DIR's server, replicating
+#                                   synchronously (DIR's commits wait for it, so a promotion
+#                                   loses nothing acknowledged); prints TEST_PG_STANDBY_PORT
+#   scripts/postgres.sh kill DIR    stops DIR's server at once (pg_ctl -m immediate: a crash)
+#   scripts/postgres.sh resume DIR  starts it again (crash recovery)
+#   scripts/postgres.sh promote DIR makes DIR's standby the primary (pg_ctl promote)
+#
+# And for credential rotation, as an agent rotating passwords or tokens would:
+#
+#   scripts/postgres.sh rotate DIR  gives `sparkle_app` a new password, writes it to its
+#                                   password file (atomically), and ends the role's open
+#                                   sessions: every connection from then on logs in anew
+#
 # The server runs as the `postgres` user (initdb refuses root); DIR is made for it.
 set -euo pipefail
 command=${1:-}
 dir=${2:-}
-[ -n "$command" ] && [ -n "$dir" ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+usage() { sed -n '2,26p' "$0" >&2; exit 2; }
+[ -n "$command" ] && [ -n "$dir" ] || usage
 
 bin=
 for candidate in /usr/lib/postgresql/15/bin /usr/lib/postgresql/*/bin; do
@@ -66,6 +82,7 @@ fsync = on
 CONF
   cat >"$dir/data/pg_hba.conf" <<HBA
 local     all all                trust
+local     replication all        trust
 hostssl   all all 127.0.0.1/32   scram-sha-256
 HBA
   as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
@@ -100,8 +117,63 @@ stop)
     as_postgres "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
   fi
   ;;
+standby)
+  standby=${3:-}
+  [ -n "$standby" ] || usage
+  dir=$(cd "$dir" && pwd)
+  port=$(sed -n 's/^port = //p' "$dir/data/postgresql.conf" | tail -1)
+  mkdir -p "$standby"
+  standby=$(cd "$standby" && pwd)
+  standby_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres "$standby"
+  fi
+  chmod 700 "$standby"
+  # A copy of the primary taken over its replication protocol, on its own port and socket,
+  # streaming from the primary under a name the primary waits for.
+  as_postgres "$bin/pg_basebackup" -h "$dir" -p "$port" -U postgres -D "$standby/data" \
+    -X stream -c fast
+  cat >>"$standby/data/postgresql.conf" <<CONF
+port = $standby_port
+unix_socket_directories = '$standby'
+primary_conninfo = 'host=$dir port=$port user=postgres application_name=sparkle_standby'
+synchronous_standby_names = ''
+hot_standby = on
+CONF
+  as_postgres touch "$standby/data/standby.signal"
+  as_postgres "$bin/pg_ctl" -D "$standby/data" -l "$standby/server.log" -w start >/dev/null
+  printf "synchronous_standby_names = 'sparkle_standby'\n" >>"$dir/data/postgresql.conf"
+  as_postgres "$bin/pg_ctl" -D "$dir/data" reload >/dev/null
+  for _ in $(seq 1 100); do
+    state=$(as_postgres "$bin/psql" -h "$dir" -p "$port" -U postgres -At -c \
+      "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'sparkle_standby'")
+    [ "$state" = sync ] && break
+    sleep 0.1
+  done
+  [ "$state" = sync ] || { echo "the standby did not start replicating synchronously" >&2; exit 1; }
+  echo "TEST_PG_STANDBY_PORT=$standby_port"
+  ;;
+kill)
+  as_postgres "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null
+  ;;
+resume)
+  as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+  ;;
+promote)
+  as_postgres "$bin/pg_ctl" -D "$dir/data" -w promote >/dev/null
+  ;;
+rotate)
+  dir=$(cd "$dir" && pwd)
+  port=$(sed -n 's/^port = //p' "$dir/data/postgresql.conf" | tail -1)
+  password=$(openssl rand -hex 16)
+  (umask 077; printf '%s\n' "$password" >"$dir/secrets/app.password.new")
+  mv "$dir/secrets/app.password.new" "$dir/secrets/app.password"
+  as_postgres "$bin/psql" -h "$dir" -p "$port" -U postgres -q -At -v ON_ERROR_STOP=1 <<SQL >/dev/null
+ALTER ROLE sparkle_app PASSWORD '$password';
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'sparkle_app';
+SQL
+  ;;
 *)
-  sed -n '2,12p' "$0" >&2
-  exit 2
+  usage
   ;;
 esac

@@ -498,12 +498,27 @@ async fn a_stale_lease_cannot_complete<Q: JobQueue>(q: Q, c: ManualClock) {
     q.complete(&fresh.token, 1)
         .await
         .expect("the holder completes");
+    let revision = q.revision().await.expect("revision");
+    // The holder retrying a completion whose answer it never got (the connection dropped
+    // after the commit) is told it completed, and nothing changes.
+    c.advance_ms(1000);
+    q.complete(&fresh.token, 1)
+        .await
+        .expect("a retried completion succeeds");
+    assert_eq!(q.revision().await.expect("revision"), revision, "unchanged");
     assert!(
         matches!(
-            q.complete(&fresh.token, 1).await,
+            q.complete(&fresh.token, 2).await,
             Err(QueueError::LeaseLost(_))
         ),
-        "only once"
+        "a completion with other images is not a retry"
+    );
+    assert!(
+        matches!(
+            q.complete(&stale.token, 1).await,
+            Err(QueueError::LeaseLost(_))
+        ),
+        "nor is one by an earlier attempt"
     );
     let job = q.get(id).await.expect("get").expect("exists");
     assert_eq!(

@@ -137,7 +137,9 @@ pub trait JobQueue: Send + Sync + 'static {
         visibility: Duration,
     ) -> Result<HeartbeatOutcome, QueueError>;
 
-    /// Marks a leased job succeeded with `images` stored images.
+    /// Marks a leased job succeeded with `images` stored images. Idempotent for the holder: a
+    /// retry of a completion that committed (its answer lost with the connection) succeeds
+    /// and changes nothing; any other lease gets [`QueueError::LeaseLost`].
     async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError>;
 
     /// Ends a lease with a failure: queued again if retryable and attempts remain,

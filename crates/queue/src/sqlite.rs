@@ -371,9 +371,20 @@ impl JobQueue for SqliteQueue {
         .await?;
         if updated.rows_affected() == 1 {
             self.changed.notify_waiters();
-            Ok(())
-        } else {
-            Err(QueueError::LeaseLost(lease.job_id))
+            return Ok(());
+        }
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ?1 AND lease_id = ?2 AND status = 'succeeded'
+                AND images = ?3 AND images_attempt = attempts",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(&lease.lease_id)
+        .bind(images as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        match done {
+            Some(_) => Ok(()),
+            None => Err(QueueError::LeaseLost(lease.job_id)),
         }
     }
 

@@ -265,7 +265,7 @@ async fn run_batch(
             let failure = failure_of(&e);
             tracing::warn!(error = %e, retryable = failure.retryable, "batch failed");
             for (lease, _) in leases.iter().zip(&live).filter(|(_, live)| **live) {
-                match queue.fail(&lease.token, failure.clone()).await {
+                match while_unavailable(|| queue.fail(&lease.token, failure.clone())).await {
                     Ok(status) => tracing::info!(job = %lease.job.id, %status, "job failed"),
                     Err(e) => {
                         tracing::warn!(job = %lease.job.id, error = %e, "could not record failure")
@@ -362,7 +362,7 @@ async fn finish(
             return record_failure(queue, lease, failure).await;
         }
     }
-    match queue.complete(&lease.token, count).await {
+    match while_unavailable(|| queue.complete(&lease.token, count)).await {
         Ok(()) => tracing::info!(job = %lease.job.id, images = count, "job succeeded"),
         Err(QueueError::LeaseLost(_)) => {
             // Cancelled, or reclaimed for another attempt: these images belong to no one.
@@ -372,6 +372,31 @@ async fn finish(
         // Whether the completion committed is unknown: the images stay (an orphan sweep
         // removes them if the job is not theirs).
         Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not complete"),
+    }
+}
+
+/// How long a completion or a failure is retried while the database cannot be reached (a
+/// restart, a failover to a standby). Both are safe to repeat; past the lease, the job is
+/// another attempt's.
+const OUTAGE_RETRY: Duration = Duration::from_secs(30);
+
+/// Repeats a queue call while the queue is unavailable, up to [`OUTAGE_RETRY`].
+async fn while_unavailable<T, F, Fut>(mut call: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let until = Instant::now() + OUTAGE_RETRY;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(e) if e.is_unavailable() && Instant::now() + pause < until => {
+                tracing::warn!(error = %e, "the queue is unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            outcome => return outcome,
+        }
     }
 }
 
@@ -386,7 +411,7 @@ async fn discard_images(store: &dyn ImageStore, lease: &Lease) {
 }
 
 async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
-    if let Err(e) = queue.fail(&lease.token, failure).await {
+    if let Err(e) = while_unavailable(|| queue.fail(&lease.token, failure.clone())).await {
         tracing::warn!(job = %lease.job.id, error = %e, "could not record failure");
     }
 }

@@ -329,9 +329,23 @@ impl JobQueue for PgQueue {
             )
             .await?;
         if updated == 1 {
-            Ok(())
-        } else {
-            Err(QueueError::LeaseLost(lease.job_id))
+            return Ok(());
+        }
+        // A retry of a completion that committed (its answer lost with the connection).
+        let done = client
+            .query_opt(
+                "SELECT 1 FROM jobs WHERE id = $1 AND lease_id = $2 AND status = 'succeeded'
+                    AND images = $3 AND images_attempt = attempts",
+                &[
+                    &lease.job_id.to_string(),
+                    &lease.lease_id,
+                    &i64::from(images),
+                ],
+            )
+            .await?;
+        match done {
+            Some(_) => Ok(()),
+            None => Err(QueueError::LeaseLost(lease.job_id)),
         }
     }
 

@@ -5,6 +5,7 @@ mod answers;
 mod api_keys;
 mod at_rest;
 mod discord;
+mod failover;
 mod faults;
 mod front_door;
 mod image_links;
