@@ -7,7 +7,7 @@
 
 use crate::fields::{Field, FieldCipher};
 use crate::job_row::JOB_COLUMNS;
-use crate::sqlite::job_from_row;
+use crate::sqlite::{begin_write, job_from_row, WriteTurn};
 use crate::{Job, NewJob, QueueError};
 use sparkle_core::JobId;
 use sqlx::sqlite::SqlitePool;
@@ -41,36 +41,36 @@ pub(crate) enum Written {
     Existing(Box<Job>),
 }
 
-type Reply<W> = oneshot::Sender<Result<W, QueueError>>;
+pub(crate) type Reply<W> = oneshot::Sender<Result<W, QueueError>>;
 
-/// What a writer's task receives: each job with where its outcome goes.
-pub(crate) type Submits<W> = mpsc::Receiver<(Prepared, Reply<W>)>;
+/// What a writer's task receives: each item with where its outcome goes.
+pub(crate) type Submits<W, I = Prepared> = mpsc::Receiver<(I, Reply<W>)>;
 
-/// The sending side of a writer answering with `W`; the writer stops when the last one is
-/// dropped.
-pub(crate) struct Writer<W = Written> {
-    jobs: mpsc::Sender<(Prepared, Reply<W>)>,
+/// The sending side of a writer of items `I` (submits, completions) answering with `W`; the
+/// writer stops when the last one is dropped.
+pub(crate) struct Writer<W = Written, I = Prepared> {
+    items: mpsc::Sender<(I, Reply<W>)>,
 }
 
-impl<W> Clone for Writer<W> {
+impl<W, I> Clone for Writer<W, I> {
     fn clone(&self) -> Self {
         Writer {
-            jobs: self.jobs.clone(),
+            items: self.items.clone(),
         }
     }
 }
 
-impl<W> Writer<W> {
+impl<W, I> Writer<W, I> {
     /// A writer and what its task receives.
-    pub fn channel() -> (Writer<W>, Submits<W>) {
-        let (jobs, receiver) = mpsc::channel(4 * MAX_GROUP);
-        (Writer { jobs }, receiver)
+    pub fn channel() -> (Writer<W, I>, Submits<W, I>) {
+        let (items, receiver) = mpsc::channel(4 * MAX_GROUP);
+        (Writer { items }, receiver)
     }
 
-    pub async fn write(&self, job: Prepared) -> Result<W, QueueError> {
+    pub async fn write(&self, item: I) -> Result<W, QueueError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send((job, reply))
+        self.items
+            .send((item, reply))
             .await
             .map_err(|_| QueueError::CommitFailed("the queue's writer has stopped".into()))?;
         answer.await.map_err(|_| {
@@ -79,29 +79,109 @@ impl<W> Writer<W> {
     }
 }
 
+/// Answers each item of `group` with its outcome, or every one with the error that undid the
+/// whole group (an unreachable database stays [`QueueError::Unavailable`], so callers can
+/// tell an outage from a refusal); empties `group`.
+pub(crate) fn answer<W, I>(
+    group: &mut Vec<(I, Reply<W>)>,
+    outcome: Result<Vec<Result<W, QueueError>>, QueueError>,
+    what: &str,
+) {
+    match outcome {
+        Ok(each) => {
+            for ((_, reply), outcome) in group.drain(..).zip(each) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, items = group.len(), "a group of {what} could not commit");
+            let unavailable = e.is_unavailable();
+            let reason = e.to_string();
+            for (_, reply) in group.drain(..) {
+                let _ = reply.send(Err(if unavailable {
+                    QueueError::Unavailable(reason.clone())
+                } else {
+                    QueueError::CommitFailed(reason.clone())
+                }));
+            }
+        }
+    }
+}
+
+/// A completion waiting for its group ([`crate::JobQueue::complete`]): completions are
+/// committed in groups too, one statement for the group.
+pub(crate) struct Completion {
+    pub job: JobId,
+    pub lease: String,
+    pub images: u32,
+    pub now: i64,
+    /// The lease clock's reading, where this process keeps it.
+    pub lease_now: Option<i64>,
+}
+
+impl Completion {
+    pub fn new(lease: &crate::LeaseToken, images: u32, now: i64, lease_now: Option<i64>) -> Self {
+        Completion {
+            job: lease.job_id,
+            lease: lease.lease_id.clone(),
+            images,
+            now,
+            lease_now,
+        }
+    }
+}
+
+/// The outcome of each completion of a group, given what the group's statement completed
+/// (job, lease, images) and, for the rest, whether each had committed before (a retry whose
+/// first answer was lost): those succeed too, any other is [`QueueError::LeaseLost`].
+pub(crate) async fn completion_outcomes<F, Fut>(
+    group: &[(Completion, Reply<()>)],
+    completed: &[(String, String, i64)],
+    mut completed_before: F,
+) -> Result<Vec<Result<(), QueueError>>, QueueError>
+where
+    F: FnMut(JobId, String, i64) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, QueueError>>,
+{
+    let completed: std::collections::HashSet<_> = completed.iter().collect();
+    let mut outcomes = Vec::with_capacity(group.len());
+    for (c, _) in group {
+        let key = (c.job.to_string(), c.lease.clone(), i64::from(c.images));
+        let done = completed.contains(&key) || completed_before(c.job, key.1, key.2).await?;
+        outcomes.push(if done {
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost(c.job))
+        });
+    }
+    Ok(outcomes)
+}
+
 impl Writer {
     /// Starts the writer over `pool`; `committed` is woken after each commit that created
     /// a job.
     pub fn start(
         pool: SqlitePool,
+        turn: WriteTurn,
         fields: Arc<dyn FieldCipher>,
         committed: Vec<Arc<Notify>>,
     ) -> Writer {
         let (writer, receiver) = Writer::channel();
-        tokio::spawn(run(pool, fields, committed, receiver));
+        tokio::spawn(run(pool, turn, fields, committed, receiver));
         writer
     }
 }
 
 async fn run(
     pool: SqlitePool,
+    turn: WriteTurn,
     fields: Arc<dyn FieldCipher>,
     committed: Vec<Arc<Notify>>,
     mut receiver: Submits<Written>,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let outcomes = commit_group(&pool, &*fields, &group).await;
+        let outcomes = commit_group(&pool, &turn, &*fields, &group).await;
         let created = match &outcomes {
             Ok(each) => each.iter().any(|r| matches!(r, Ok(Written::Created(_)))),
             Err(_) => false,
@@ -111,20 +191,7 @@ async fn run(
                 notify.notify_waiters();
             }
         }
-        match outcomes {
-            Ok(each) => {
-                for ((_, reply), outcome) in group.drain(..).zip(each) {
-                    let _ = reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = group.len(), "a group of submits could not commit");
-                let reason = e.to_string();
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(QueueError::CommitFailed(reason.clone())));
-                }
-            }
-        }
+        answer(&mut group, outcomes, "submits");
     }
 }
 
@@ -132,10 +199,11 @@ async fn run(
 /// them all (the commit failing).
 async fn commit_group(
     pool: &SqlitePool,
+    turn: &WriteTurn,
     fields: &dyn FieldCipher,
     group: &[(Prepared, Reply<Written>)],
 ) -> Result<Vec<Result<Written, QueueError>>, QueueError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let (_turn, mut tx) = begin_write(pool, turn).await?;
     let mut outcomes = Vec::with_capacity(group.len());
     for (job, _) in group {
         let mut savepoint = tx.begin().await?;

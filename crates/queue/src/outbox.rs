@@ -220,7 +220,7 @@ impl Outbox for SqliteQueue {
     ) -> Result<Vec<ClaimedDelivery>, QueueError> {
         let now = self.clock.now_ms();
         let fields = &*self.fields;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = crate::sqlite::begin_write(&self.pool, &self.write_turn).await?;
         let rows = sqlx::query(
             "SELECT id, job_id, payload, state, attempts, created_at FROM deliveries
              WHERE status = 'pending' AND channel = ?1 AND next_attempt_at <= ?2

@@ -33,7 +33,7 @@ impl SqliteQueue {
     /// plain values stays behind there (`secure_delete` clears them from the file itself).
     pub(crate) async fn seal_plain_rows(&self) -> Result<(), QueueError> {
         let fields = &*self.fields;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = crate::sqlite::begin_write(&self.pool, &self.write_turn).await?;
         let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM plain_rows_pending")
             .fetch_one(&mut *tx)
             .await?;

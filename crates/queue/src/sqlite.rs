@@ -8,7 +8,7 @@
 //! linger in free pages.
 
 use crate::fields::{Field, FieldCipher};
-use crate::group_commit::{Prepared, Writer, Written};
+use crate::group_commit::{answer, Completion, Prepared, Submits, Writer, Written, MAX_GROUP};
 use crate::job_row::{
     kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
 };
@@ -67,6 +67,12 @@ pub struct SqliteQueue {
     retry_backoff_ms: i64,
     /// Commits submits in groups.
     writer: Writer,
+    /// Commits completions in groups.
+    completions: Writer<(), Completion>,
+    /// Commits leases in groups.
+    leases: Writer<Vec<LeaseToken>, LeaseAsk>,
+    /// Taken by this process's write transactions, one at a time (see [`begin_write`]).
+    pub(crate) write_turn: WriteTurn,
     /// This boot's offset onto the lease clock, once read (see [`SqliteQueue::lease_now`]).
     lease_epoch: crate::clock::LeaseEpoch,
 }
@@ -111,11 +117,29 @@ impl SqliteQueue {
         }
         let work = Arc::new(Notify::new());
         let changed = Arc::new(Notify::new());
+        let write_turn = WriteTurn::default();
         let writer = Writer::<Written>::start(
             pool.clone(),
+            write_turn.clone(),
             fields.clone(),
             vec![work.clone(), changed.clone()],
         );
+        let (completions, receiver) = Writer::channel();
+        tokio::spawn(complete_groups(
+            pool.clone(),
+            write_turn.clone(),
+            changed.clone(),
+            receiver,
+        ));
+        let retry_backoff_ms = options.retry_backoff.as_millis().min(i64::MAX as u128) as i64;
+        let (leases, receiver) = Writer::channel();
+        tokio::spawn(lease_groups(
+            pool.clone(),
+            write_turn.clone(),
+            changed.clone(),
+            retry_backoff_ms,
+            receiver,
+        ));
         let queue = SqliteQueue {
             pool,
             clock,
@@ -123,7 +147,10 @@ impl SqliteQueue {
             work,
             changed,
             writer,
-            retry_backoff_ms: options.retry_backoff.as_millis().min(i64::MAX as u128) as i64,
+            completions,
+            leases,
+            write_turn,
+            retry_backoff_ms,
             lease_epoch: Default::default(),
         };
         if options.migrate {
@@ -159,7 +186,7 @@ impl SqliteQueue {
 
     /// The offset of boot `boot`, recorded by the first process of that boot to ask.
     async fn lease_offset(&self, boot: &str) -> Result<i64, QueueError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         let known: Option<i64> =
             sqlx::query_scalar("SELECT offset_ms FROM lease_epochs WHERE boot_id = ?1")
                 .bind(boot)
@@ -210,6 +237,93 @@ pub(crate) fn job_from_row(row: &SqliteRow, fields: &dyn FieldCipher) -> Result<
 
 /// SQL that queues again or dead-letters every running job whose lease ended at or before
 /// `?4` on the lease clock (`?1`: the wall clock, `?2`/`?3`: the retry backoff and its cap).
+/// Completes every job of a group (a JSON array of `{id, lease, images, now, lease_now}`)
+/// whose lease is still held: one statement, one durable commit.
+const COMPLETE_GROUP_SQL: &str = "UPDATE jobs SET status = 'succeeded', images = c.images,
+        finished_at = c.now, updated_at = c.now, error_code = NULL, error_message = NULL,
+        error_detail = NULL, lease_until = NULL, progress_step = progress_total,
+        images_attempt = attempts
+    FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.lease') AS lease,
+                 json_extract(value, '$.images') AS images, json_extract(value, '$.now') AS now,
+                 json_extract(value, '$.lease_now') AS lease_now
+          FROM json_each(?1)) AS c
+    WHERE jobs.id = c.id AND jobs.lease_id = c.lease AND jobs.status = 'running'
+      AND jobs.lease_until > c.lease_now
+    RETURNING jobs.id, jobs.lease_id, jobs.images";
+
+/// This process's turn at the database's write lock. SQLite lets one writer in at a time and
+/// has the others sleep and try again (milliseconds each); taking turns in the process first
+/// leaves only other processes to wait on.
+pub(crate) type WriteTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// A write transaction (`BEGIN IMMEDIATE`), begun in this process's turn; the turn is held
+/// until the guard is dropped, after the commit.
+pub(crate) async fn begin_write<'t>(
+    pool: &SqlitePool,
+    turn: &'t WriteTurn,
+) -> Result<
+    (
+        tokio::sync::MutexGuard<'t, ()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    ),
+    QueueError,
+> {
+    let guard = turn.lock().await;
+    let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    Ok((guard, tx))
+}
+
+async fn complete_groups(
+    pool: SqlitePool,
+    turn: WriteTurn,
+    changed: Arc<Notify>,
+    mut receiver: Submits<(), Completion>,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let outcome = {
+            let _turn = turn.lock().await;
+            complete_group(&pool, &group).await
+        };
+        if matches!(&outcome, Ok(each) if each.iter().any(Result::is_ok)) {
+            changed.notify_waiters();
+        }
+        answer(&mut group, outcome, "completions");
+    }
+}
+
+async fn complete_group(
+    pool: &SqlitePool,
+    group: &[(Completion, crate::group_commit::Reply<()>)],
+) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+    let items: Vec<serde_json::Value> = group
+        .iter()
+        .map(|(c, _)| {
+            serde_json::json!({
+                "id": c.job.to_string(), "lease": c.lease, "images": c.images,
+                "now": c.now, "lease_now": c.lease_now,
+            })
+        })
+        .collect();
+    let completed: Vec<(String, String, i64)> = sqlx::query_as(COMPLETE_GROUP_SQL)
+        .bind(serde_json::Value::Array(items).to_string())
+        .fetch_all(pool)
+        .await?;
+    crate::group_commit::completion_outcomes(group, &completed, |job, lease, images| async move {
+        let before: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ?1 AND lease_id = ?2 AND status = 'succeeded'
+                AND images = ?3 AND images_attempt = attempts",
+        )
+        .bind(job.to_string())
+        .bind(lease)
+        .bind(images)
+        .fetch_optional(pool)
+        .await?;
+        Ok(before.is_some())
+    })
+    .await
+}
+
 const RECLAIM_SQL: &str = "UPDATE jobs SET
         status = CASE WHEN attempts >= max_attempts THEN 'dead_lettered' ELSE 'retry_wait' END,
         available_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE ?1 +
@@ -354,38 +468,9 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError> {
-        let now = self.now();
         let lease_now = self.lease_now().await?;
-        let updated = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', images = ?3, finished_at = ?4, updated_at = ?4,
-                error_code = NULL, error_message = NULL, error_detail = NULL, lease_until = NULL,
-                progress_step = progress_total, images_attempt = attempts
-             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' AND lease_until > ?5",
-        )
-        .bind(lease.job_id.to_string())
-        .bind(&lease.lease_id)
-        .bind(images as i64)
-        .bind(now)
-        .bind(lease_now)
-        .execute(&self.pool)
-        .await?;
-        if updated.rows_affected() == 1 {
-            self.changed.notify_waiters();
-            return Ok(());
-        }
-        let done: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM jobs WHERE id = ?1 AND lease_id = ?2 AND status = 'succeeded'
-                AND images = ?3 AND images_attempt = attempts",
-        )
-        .bind(lease.job_id.to_string())
-        .bind(&lease.lease_id)
-        .bind(images as i64)
-        .fetch_optional(&self.pool)
-        .await?;
-        match done {
-            Some(_) => Ok(()),
-            None => Err(QueueError::LeaseLost(lease.job_id)),
-        }
+        let completion = Completion::new(lease, images, self.now(), Some(lease_now));
+        self.completions.write(completion).await
     }
 
     async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, QueueError> {
@@ -458,7 +543,7 @@ impl JobQueue for SqliteQueue {
 
     async fn cancel(&self, id: JobId) -> Result<CancelOutcome, QueueError> {
         let now = self.now();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         let Some(status) = status_of(&mut tx, id).await? else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -481,7 +566,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn delete_finished(&self, id: JobId) -> Result<DeleteOutcome, QueueError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         let Some(status) = status_of(&mut tx, id).await? else {
             return Ok(DeleteOutcome::NotFound);
         };
@@ -494,7 +579,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn purge_finished(&self, before_ms: i64, max: u32) -> Result<Vec<JobId>, QueueError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM jobs INDEXED BY jobs_by_finish
              WHERE status IN ('succeeded', 'failed', 'cancelled', 'dead_lettered')
@@ -539,7 +624,7 @@ impl JobQueue for SqliteQueue {
         pixels: u64,
     ) -> Result<(), QueueError> {
         let now = self.now();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         sqlx::query("DELETE FROM worker_capacity WHERE reported_at < ?1")
             .bind(now - crate::CAPACITY_HORIZON_MS)
             .execute(&mut *tx)
@@ -572,10 +657,10 @@ impl JobQueue for SqliteQueue {
     async fn reclaim_expired(&self) -> Result<u64, QueueError> {
         let now = self.now();
         let lease_now = self.lease_now().await?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = begin_write(&self.pool, &self.write_turn).await?;
         // Retries whose wait is over become visible to the scaler even with no worker
         // leasing.
-        let (reclaimed, due) = self.reclaim_in(&mut tx, now, lease_now).await?;
+        let (reclaimed, due) = reclaim_in(&mut tx, self.retry_backoff_ms, now, lease_now).await?;
         tx.commit().await?;
         if reclaimed + due > 0 {
             self.work.notify_waiters();
@@ -694,76 +779,25 @@ impl JobQueue for SqliteQueue {
 }
 
 impl SqliteQueue {
-    /// In `tx`: queues again (or dead-letters) every job whose lease ended by `lease_now`,
-    /// and queues every retry whose wait is over at `now`; how many of each.
-    async fn reclaim_in(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        now: i64,
-        lease_now: i64,
-    ) -> Result<(u64, u64), QueueError> {
-        let reclaimed = sqlx::query(RECLAIM_SQL)
-            .bind(now)
-            .bind(self.retry_backoff_ms)
-            .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
-            .bind(lease_now)
-            .execute(&mut **tx)
-            .await?;
-        let due = sqlx::query(RETRIES_DUE_SQL)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        Ok((reclaimed.rows_affected(), due.rows_affected()))
-    }
-
     /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
-    /// leased, or with `batch_key` when given.
+    /// leased, or with `batch_key` when given. Leases are committed in groups.
     async fn lease_where(
         &self,
         worker: &str,
         max: usize,
         visibility: Duration,
-        mut batch_key: Option<String>,
+        batch_key: Option<String>,
     ) -> Result<Vec<Lease>, QueueError> {
-        let now = self.now();
         let lease_now = self.lease_now().await?;
-        let until = lease_now + visibility.as_millis() as i64;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        self.reclaim_in(&mut tx, now, lease_now).await?;
-        let mut tokens = Vec::new();
-        while tokens.len() < max {
-            let next = match &batch_key {
-                None => crate::fairness::next_job(&mut tx).await?,
-                Some(key) => crate::fairness::next_compatible(&mut tx, key).await?,
-            };
-            let Some(next) = next else { break };
-            let lease_id = random_lease_id();
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
-                    lease_owner = ?3, lease_until = ?4, started_at = ?5, updated_at = ?5,
-                    progress_step = NULL, progress_total = NULL
-                 WHERE id = ?1",
-            )
-            .bind(&next.id)
-            .bind(&lease_id)
-            .bind(worker)
-            .bind(until)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            crate::fairness::took_turn(&mut tx, &next).await?;
-            if batch_key.is_none() {
-                batch_key = Some(next.batch_key.clone());
-            }
-            tokens.push(LeaseToken {
-                job_id: parse_id(&next.id)?,
-                lease_id,
-            });
-        }
-        tx.commit().await?;
-        if !tokens.is_empty() {
-            self.changed.notify_waiters();
-        }
+        let ask = LeaseAsk {
+            worker: worker.to_string(),
+            max,
+            batch_key,
+            until: lease_now + visibility.as_millis() as i64,
+            now: self.now(),
+            lease_now,
+        };
+        let tokens = self.leases.write(ask).await?;
         let mut leases = Vec::with_capacity(tokens.len());
         for token in tokens {
             if let Some(job) = self.get(token.job_id).await? {
@@ -772,6 +806,124 @@ impl SqliteQueue {
         }
         Ok(leases)
     }
+}
+
+/// In `tx`: queues again (or dead-letters) every job whose lease ended by `lease_now`, and
+/// queues every retry whose wait is over at `now`; how many of each.
+async fn reclaim_in(
+    tx: &mut sqlx::SqliteConnection,
+    retry_backoff_ms: i64,
+    now: i64,
+    lease_now: i64,
+) -> Result<(u64, u64), QueueError> {
+    let reclaimed = sqlx::query(RECLAIM_SQL)
+        .bind(now)
+        .bind(retry_backoff_ms)
+        .bind(MAX_RETRY_BACKOFF.as_millis() as i64)
+        .bind(lease_now)
+        .execute(&mut *tx)
+        .await?;
+    let due = sqlx::query(RETRIES_DUE_SQL)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    Ok((reclaimed.rows_affected(), due.rows_affected()))
+}
+
+/// One worker's ask for leases, waiting for its group.
+pub(crate) struct LeaseAsk {
+    worker: String,
+    max: usize,
+    batch_key: Option<String>,
+    until: i64,
+    now: i64,
+    lease_now: i64,
+}
+
+/// Serves every ask waiting while a group commits in one transaction: reclaims once, then
+/// leases for each ask in turn, in fairness order, and commits once.
+async fn lease_groups(
+    pool: SqlitePool,
+    turn: WriteTurn,
+    changed: Arc<Notify>,
+    retry_backoff_ms: i64,
+    mut receiver: Submits<Vec<LeaseToken>, LeaseAsk>,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let outcome = lease_group(&pool, &turn, retry_backoff_ms, &group).await;
+        if matches!(&outcome, Ok(each) if each.iter().any(|t| t.as_ref().is_ok_and(|t| !t.is_empty())))
+        {
+            changed.notify_waiters();
+        }
+        answer(&mut group, outcome, "leases");
+    }
+}
+
+async fn lease_group(
+    pool: &SqlitePool,
+    turn: &WriteTurn,
+    retry_backoff_ms: i64,
+    group: &[(LeaseAsk, crate::group_commit::Reply<Vec<LeaseToken>>)],
+) -> Result<Vec<Result<Vec<LeaseToken>, QueueError>>, QueueError> {
+    let (_turn, mut tx) = begin_write(pool, turn).await?;
+    let now = group
+        .iter()
+        .map(|(ask, _)| ask.now)
+        .max()
+        .unwrap_or_default();
+    let lease_now = group
+        .iter()
+        .map(|(ask, _)| ask.lease_now)
+        .max()
+        .unwrap_or_default();
+    reclaim_in(&mut tx, retry_backoff_ms, now, lease_now).await?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    for (ask, _) in group {
+        outcomes.push(Ok(lease_for(&mut tx, ask).await?));
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// In `tx`: leases up to `ask.max` jobs in fairness order; all with the batch key of the
+/// first one leased, or with the ask's.
+async fn lease_for(
+    tx: &mut sqlx::SqliteConnection,
+    ask: &LeaseAsk,
+) -> Result<Vec<LeaseToken>, QueueError> {
+    let mut batch_key = ask.batch_key.clone();
+    let mut tokens = Vec::new();
+    while tokens.len() < ask.max {
+        let next = match &batch_key {
+            None => crate::fairness::next_job(&mut *tx).await?,
+            Some(key) => crate::fairness::next_compatible(&mut *tx, key).await?,
+        };
+        let Some(next) = next else { break };
+        let lease_id = random_lease_id();
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = ?2,
+                lease_owner = ?3, lease_until = ?4, started_at = ?5, updated_at = ?5,
+                progress_step = NULL, progress_total = NULL
+             WHERE id = ?1",
+        )
+        .bind(&next.id)
+        .bind(&lease_id)
+        .bind(&ask.worker)
+        .bind(ask.until)
+        .bind(ask.now)
+        .execute(&mut *tx)
+        .await?;
+        crate::fairness::took_turn(&mut *tx, &next).await?;
+        if batch_key.is_none() {
+            batch_key = Some(next.batch_key.clone());
+        }
+        tokens.push(LeaseToken {
+            job_id: parse_id(&next.id)?,
+            lease_id,
+        });
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]

@@ -23,8 +23,32 @@ pub(crate) struct Next {
 /// Shares passed over at most when their groups or jobs are all held by others.
 const MAX_PASSED_OVER: usize = 8;
 
+/// Times the turn order is read again when every candidate was taken by other claimers
+/// meanwhile (their turns moved the order on): many claimers at once must not come back
+/// empty-handed from a queue that has work.
+const MAX_ROUNDS: usize = 8;
+
 /// The job whose turn it is, or `None` when nothing is queued that no one else holds.
 pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, QueueError> {
+    for _ in 0..MAX_ROUNDS {
+        match next_in_round(tx).await? {
+            Round::Took(next) => return Ok(Some(next)),
+            Round::Empty => return Ok(None),
+            Round::Contended => continue,
+        }
+    }
+    Ok(None)
+}
+
+enum Round {
+    Took(Next),
+    /// No share has work.
+    Empty,
+    /// Every share read was taken or held by another claimer.
+    Contended,
+}
+
+async fn next_in_round(tx: &Transaction<'_>) -> Result<Round, QueueError> {
     // The turn order as of now, read without locks; then each candidate locked only if its
     // stamp is still the one read (a share whose turn another claimer just took has a newer
     // stamp, and waits for its next turn).
@@ -55,7 +79,7 @@ pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, Queue
             )
             .await?;
         if let Some(row) = row {
-            return Ok(Some(Next {
+            return Ok(Round::Took(Next {
                 id: row.try_get("id")?,
                 batch_key: row.try_get("batch_key")?,
                 group: row.try_get("grp")?,
@@ -64,7 +88,11 @@ pub(crate) async fn next_job(tx: &Transaction<'_>) -> Result<Option<Next>, Queue
         }
         // Held by another claimer, its turn just taken, or its groups held by a submit.
     }
-    Ok(None)
+    Ok(if candidates.is_empty() {
+        Round::Empty
+    } else {
+        Round::Contended
+    })
 }
 
 /// The next job with `batch_key` in turn order that no one else holds: the first waiting

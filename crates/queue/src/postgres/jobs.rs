@@ -6,7 +6,7 @@ use super::claim::{self, Next, TOOK_TURN_SQL};
 use super::submit::{retryable, Written};
 use super::{PgQueue, NOTIFIED_FALLBACK};
 use crate::fields::{Field, FieldCipher};
-use crate::group_commit::Prepared;
+use crate::group_commit::{Completion, Prepared};
 use crate::job_row::{
     kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
 };
@@ -142,47 +142,45 @@ impl PgQueue {
 
     /// Leases up to `max` jobs in turn order; all with the batch key of the first, or with
     /// `batch_key` when given.
+    /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
+    /// leased, or with `batch_key` when given. The asks of this process are served in
+    /// groups: whoever takes the claim turn serves every ask waiting, in one transaction with
+    /// one reclaim and one commit, so claimers of one process neither race each other for
+    /// the same turns nor pay a commit each.
     async fn lease_where(
         &self,
         worker: &str,
         max: usize,
         visibility: Duration,
-        mut batch_key: Option<String>,
+        batch_key: Option<String>,
     ) -> Result<Vec<Lease>, QueueError> {
-        self.reclaim().await?;
-        let now = self.now();
-        let lease_now = self.lease_now().await?;
-        let visibility = millis(visibility);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let mut tokens = Vec::new();
-        while tokens.len() < max {
-            let next: Option<Next> = match &batch_key {
-                None => claim::next_job(&tx).await?,
-                Some(key) => claim::next_compatible(&tx, key).await?,
-            };
-            let Some(next) = next else { break };
-            let lease_id = random_lease_id();
-            let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&next.id, &lease_id, &worker, &lease_now, &visibility, &now];
-            let lease = tx.execute(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = $2,
-                    lease_owner = $3, lease_until = COALESCE($4::BIGINT, sparkle_now_ms()) + $5,
-                    started_at = $6, updated_at = $6, progress_step = NULL, progress_total = NULL
-                 WHERE id = $1",
-                &lease_params,
+        let ask = LeaseAsk {
+            worker: worker.to_string(),
+            max,
+            batch_key,
+            visibility: millis(visibility),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.lease_asks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((ask, reply));
+        {
+            let _turn = self.claim_turn.lock().await;
+            let mut group = std::mem::take(
+                &mut *self
+                    .lease_asks
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
             );
-            let turn_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&next.share, &next.group];
-            let turn = tx.execute(TOOK_TURN_SQL, &turn_params);
-            tokio::try_join!(lease, turn)?;
-            if batch_key.is_none() {
-                batch_key = Some(next.batch_key.clone());
+            if !group.is_empty() {
+                let outcome = self.lease_group(&group).await;
+                crate::group_commit::answer(&mut group, outcome, "leases");
             }
-            tokens.push((next.id, lease_id));
         }
-        tx.commit().await?;
-        drop(client);
+        let tokens = answer.await.map_err(|_| {
+            QueueError::Unavailable("the lease was abandoned by its group; ask again".into())
+        })??;
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
@@ -204,6 +202,77 @@ impl PgQueue {
         }
         Ok(leases)
     }
+
+    /// Serves a group of asks in one transaction: each ask's jobs and lease ids.
+    async fn lease_group(&self, group: &[(LeaseAsk, LeaseReply)]) -> LeaseOutcomes {
+        self.reclaim().await?;
+        let now = self.now();
+        let lease_now = self.lease_now().await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        for (ask, _) in group {
+            outcomes.push(Ok(lease_for(&tx, ask, now, lease_now).await?));
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+/// One claimer's ask for leases.
+pub(crate) struct LeaseAsk {
+    worker: String,
+    max: usize,
+    batch_key: Option<String>,
+    visibility: i64,
+}
+
+/// Where an ask's (job id, lease id) pairs go.
+pub(crate) type LeaseReply = crate::group_commit::Reply<Vec<(String, String)>>;
+
+type LeaseOutcomes = Result<Vec<Result<Vec<(String, String)>, QueueError>>, QueueError>;
+
+/// In `tx`: claims up to `ask.max` jobs in turn order.
+async fn lease_for(
+    tx: &tokio_postgres::Transaction<'_>,
+    ask: &LeaseAsk,
+    now: i64,
+    lease_now: Option<i64>,
+) -> Result<Vec<(String, String)>, QueueError> {
+    let mut batch_key = ask.batch_key.clone();
+    let mut tokens = Vec::new();
+    while tokens.len() < ask.max {
+        let next: Option<Next> = match &batch_key {
+            None => claim::next_job(tx).await?,
+            Some(key) => claim::next_compatible(tx, key).await?,
+        };
+        let Some(next) = next else { break };
+        let lease_id = random_lease_id();
+        let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &next.id,
+            &lease_id,
+            &ask.worker,
+            &lease_now,
+            &ask.visibility,
+            &now,
+        ];
+        let lease = tx.execute(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = $2,
+                lease_owner = $3, lease_until = COALESCE($4::BIGINT, sparkle_now_ms()) + $5,
+                started_at = $6, updated_at = $6, progress_step = NULL, progress_total = NULL
+             WHERE id = $1",
+            &lease_params,
+        );
+        let turn_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&next.share, &next.group];
+        let turn = tx.execute(TOOK_TURN_SQL, &turn_params);
+        tokio::try_join!(lease, turn)?;
+        if batch_key.is_none() {
+            batch_key = Some(next.batch_key.clone());
+        }
+        tokens.push((next.id, lease_id));
+    }
+    Ok(tokens)
 }
 
 #[async_trait]
@@ -309,44 +378,9 @@ impl JobQueue for PgQueue {
     }
 
     async fn complete(&self, lease: &LeaseToken, images: u32) -> Result<(), QueueError> {
-        let now = self.now();
         let lease_now = self.lease_now().await?;
-        let client = self.client().await?;
-        let updated = client
-            .execute(
-                "UPDATE jobs SET status = 'succeeded', images = $3, finished_at = $4,
-                    updated_at = $4, error_code = NULL, error_message = NULL, error_detail = NULL,
-                    lease_until = NULL, progress_step = progress_total, images_attempt = attempts
-                 WHERE id = $1 AND lease_id = $2 AND status = 'running'
-                   AND lease_until > COALESCE($5::BIGINT, sparkle_now_ms())",
-                &[
-                    &lease.job_id.to_string(),
-                    &lease.lease_id,
-                    &i64::from(images),
-                    &now,
-                    &lease_now,
-                ],
-            )
-            .await?;
-        if updated == 1 {
-            return Ok(());
-        }
-        // A retry of a completion that committed (its answer lost with the connection).
-        let done = client
-            .query_opt(
-                "SELECT 1 FROM jobs WHERE id = $1 AND lease_id = $2 AND status = 'succeeded'
-                    AND images = $3 AND images_attempt = attempts",
-                &[
-                    &lease.job_id.to_string(),
-                    &lease.lease_id,
-                    &i64::from(images),
-                ],
-            )
-            .await?;
-        match done {
-            Some(_) => Ok(()),
-            None => Err(QueueError::LeaseLost(lease.job_id)),
-        }
+        let completion = Completion::new(lease, images, self.now(), lease_now);
+        self.completions.write(completion).await
     }
 
     async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, QueueError> {

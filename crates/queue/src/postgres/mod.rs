@@ -16,6 +16,7 @@
 //! taken in.
 
 mod claim;
+mod complete;
 pub(crate) mod connect;
 mod jobs;
 mod keys;
@@ -128,6 +129,10 @@ pub struct PgQueue {
     lease_clock: LeaseClock,
     lease_epoch: crate::clock::LeaseEpoch,
     writer: crate::group_commit::Writer<submit::Written>,
+    completions: crate::group_commit::Writer<(), crate::group_commit::Completion>,
+    /// Asks for leases waiting for the claim turn (see `lease_where`).
+    lease_asks: Arc<std::sync::Mutex<Vec<(jobs::LeaseAsk, jobs::LeaseReply)>>>,
+    claim_turn: Arc<tokio::sync::Mutex<()>>,
     /// Held while the queue is in use: the listener stops when the last clone is dropped.
     _alive: Arc<()>,
 }
@@ -180,6 +185,9 @@ impl PgQueue {
         let writer =
             crate::group_commit::Writer::<submit::Written>::start(pool.clone(), fields.clone());
         Ok(PgQueue {
+            completions: crate::group_commit::Writer::<(), _>::start(pool.clone()),
+            lease_asks: Default::default(),
+            claim_turn: Default::default(),
             pool,
             clock,
             fields,

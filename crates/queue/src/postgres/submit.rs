@@ -11,7 +11,7 @@
 use super::connect::Pool;
 use super::jobs::job_from_row;
 use crate::fields::{Field, FieldCipher};
-use crate::group_commit::{Prepared, Submits, Writer, MAX_GROUP};
+use crate::group_commit::{answer, Prepared, Submits, Writer, MAX_GROUP};
 use crate::job_row::JOB_COLUMNS;
 use crate::{Job, QueueError};
 use sha2::{Digest, Sha256};
@@ -52,25 +52,7 @@ async fn run(pool: Pool, fields: Arc<dyn FieldCipher>, mut receiver: Submits<Wri
                 _ => break,
             }
         }
-        match outcome {
-            Ok(each) => {
-                for ((_, reply), outcome) in group.drain(..).zip(each) {
-                    let _ = reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = group.len(), "a group of submits could not commit");
-                let unavailable = e.is_unavailable();
-                let reason = e.to_string();
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(if unavailable {
-                        QueueError::Unavailable(reason.clone())
-                    } else {
-                        QueueError::CommitFailed(reason.clone())
-                    }));
-                }
-            }
-        }
+        answer(&mut group, outcome, "submits");
     }
 }
 
