@@ -8,13 +8,16 @@
 //! job of the batch is gone the engine is told to stop at its next step.
 //!
 //! The worker opens no listening socket and holds no Discord or API credentials: it talks
-//! only to the queue and the image store. On shutdown it finishes the batch in hand within
+//! only to the control plane ([`ControlPlane`]), which leases, and stores the images it
+//! hands over. On shutdown it finishes the batch in hand within
 //! the drain deadline, or gives the leases back; it never drops a lease silently.
 
 mod engine_thread;
+pub mod plane;
 mod run;
 
 pub use engine_thread::{EngineThread, GenerateOutcome};
+pub use plane::{ControlPlane, Embedded, PlaneError};
 pub use run::{deadline_of, run, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]

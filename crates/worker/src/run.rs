@@ -1,9 +1,9 @@
+use crate::plane::{ControlPlane, PlaneError};
 use crate::{EngineThread, WorkerError};
 use bytes::Bytes;
 use sparkle_core::Progress;
 use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage};
-use sparkle_queue::{Failure, HeartbeatOutcome, JobQueue, Lease, QueueError};
-use sparkle_store::{ImageKey, ImageStore};
+use sparkle_queue::{Failure, HeartbeatOutcome, Lease};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,13 +55,16 @@ pub fn deadline_of(request: &sparkle_core::ValidImageRequest) -> Duration {
     Duration::from_secs_f64(120.0 + 20.0 * work)
 }
 
+/// How long one ask for leases waits for work; also the longest a stopping idle worker
+/// takes to notice.
+const LONG_POLL: Duration = Duration::from_secs(2);
+
 /// Progress is written to the queue at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// Leases and runs batches until `shutdown` fires, then drains.
 pub async fn run(
-    queue: Arc<dyn JobQueue>,
-    store: Arc<dyn ImageStore>,
+    plane: Arc<dyn ControlPlane>,
     engine: EngineThread,
     options: WorkerOptions,
     shutdown: CancellationToken,
@@ -71,21 +74,25 @@ pub async fn run(
         .map_or(engine.pixel_budget(), |cap| cap.min(engine.pixel_budget()));
     tracing::info!(worker = %options.worker_id, model = %engine.info().name, pixels = budget, "worker ready");
     // Submits larger than every worker can make are refused from now on.
-    if let Err(e) = queue
+    if let Err(e) = plane
         .report_capacity(&options.worker_id, &engine.info().name, budget)
         .await
     {
         tracing::warn!(error = %e, "could not report this worker's capacity");
     }
     while !shutdown.is_cancelled() {
-        let leases = match queue
+        // Not cut short by a shutdown: an ask abandoned after the control plane leased
+        // would leave those leases to expire.
+        let leases = plane
             .lease(
                 &options.worker_id,
+                None,
                 options.max_batch.max(1),
                 options.lease_timeout,
+                LONG_POLL,
             )
-            .await
-        {
+            .await;
+        let leases = match leases {
             Ok(leases) => leases,
             Err(e) => {
                 tracing::warn!(error = %e, "lease failed; retrying");
@@ -96,12 +103,9 @@ pub async fn run(
             }
         };
         if leases.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = queue.wait_for_work(Duration::from_secs(1)) => continue,
-            }
+            continue;
         }
-        let leases = fill_batch(&*queue, leases, &options).await;
+        let leases = fill_batch(&*plane, leases, &options).await;
         // A job larger than this worker takes is refused for good, before any work.
         let mut fitting = Vec::with_capacity(leases.len());
         for lease in leases {
@@ -109,7 +113,7 @@ pub async fn run(
             let pixels = u64::from(r.width) * u64::from(r.height);
             if pixels > budget {
                 let too_large = EngineError::TooLarge { pixels, budget };
-                record_failure(&*queue, &lease, failure_of(&too_large)).await;
+                record_failure(&*plane, &lease, failure_of(&too_large)).await;
             } else {
                 fitting.push(lease);
             }
@@ -117,7 +121,7 @@ pub async fn run(
         if fitting.is_empty() {
             continue;
         }
-        run_batch(&*queue, &*store, &engine, fitting, &options, &shutdown).await?;
+        run_batch(&*plane, &engine, fitting, &options, &shutdown).await?;
     }
     tracing::info!(worker = %options.worker_id, "worker stopped");
     Ok(())
@@ -126,7 +130,7 @@ pub async fn run(
 /// Tops a partly filled batch up with compatible jobs that arrive within `batch_wait`.
 /// Nothing waits longer than that: a lone job starts after at most this short delay.
 async fn fill_batch(
-    queue: &dyn JobQueue,
+    plane: &dyn ControlPlane,
     mut leases: Vec<Lease>,
     options: &WorkerOptions,
 ) -> Vec<Lease> {
@@ -137,23 +141,23 @@ async fn fill_batch(
     let key = leases[0].job.request.batch_key();
     let deadline = Instant::now() + options.batch_wait;
     loop {
-        match queue
-            .lease_compatible(
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match plane
+            .lease(
                 &options.worker_id,
-                &key,
+                Some(&key),
                 max - leases.len(),
                 options.lease_timeout,
+                wait,
             )
             .await
         {
             Ok(more) => leases.extend(more),
             Err(e) => tracing::warn!(error = %e, "could not fill the batch"),
         }
-        let now = Instant::now();
-        if leases.len() >= max || now >= deadline {
+        if leases.len() >= max || Instant::now() >= deadline {
             return leases;
         }
-        queue.wait_for_work(deadline - now).await;
     }
 }
 
@@ -180,8 +184,7 @@ fn batch_of(leases: &[Lease]) -> Batch {
 }
 
 async fn run_batch(
-    queue: &dyn JobQueue,
-    store: &dyn ImageStore,
+    plane: &dyn ControlPlane,
     engine: &EngineThread,
     leases: Vec<Lease>,
     options: &WorkerOptions,
@@ -230,7 +233,7 @@ async fn run_batch(
                 };
                 for (lease, live) in leases.iter().zip(live.iter_mut()) {
                     if std::mem::replace(live, false) {
-                        record_failure(queue, lease, failure.clone()).await;
+                        record_failure(plane, lease, failure.clone()).await;
                     }
                 }
                 false
@@ -239,7 +242,7 @@ async fn run_batch(
                 tracing::warn!("drain deadline passed: giving the leases back");
                 for (lease, live) in leases.iter().zip(live.iter_mut()) {
                     if std::mem::replace(live, false) {
-                        if let Err(e) = queue.release(&lease.token).await {
+                        if let Err(e) = while_unavailable(|| plane.release(&lease.token)).await {
                             tracing::warn!(job = %lease.job.id, error = %e, "release failed");
                         }
                     }
@@ -250,7 +253,7 @@ async fn run_batch(
         };
         if beat_now {
             let progress: Option<Progress> = *running.progress.borrow();
-            heartbeat_all(queue, &leases, &mut live, progress, options.lease_timeout).await;
+            heartbeat_all(plane, &leases, &mut live, progress, options.lease_timeout).await;
             last_beat = Instant::now();
         }
         if !live.iter().any(|l| *l) {
@@ -265,7 +268,7 @@ async fn run_batch(
             let failure = failure_of(&e);
             tracing::warn!(error = %e, retryable = failure.retryable, "batch failed");
             for (lease, _) in leases.iter().zip(&live).filter(|(_, live)| **live) {
-                match while_unavailable(|| queue.fail(&lease.token, failure.clone())).await {
+                match while_unavailable(|| plane.fail(&lease.token, failure.clone())).await {
                     Ok(status) => tracing::info!(job = %lease.job.id, %status, "job failed"),
                     Err(e) => {
                         tracing::warn!(job = %lease.job.id, error = %e, "could not record failure")
@@ -279,7 +282,7 @@ async fn run_batch(
             for (lease, live) in leases.iter().zip(&live) {
                 let mine: Vec<_> = images.by_ref().take(lease.job.request.n as usize).collect();
                 if *live {
-                    finish(queue, store, lease, mine).await;
+                    finish(plane, lease, mine).await;
                 }
             }
             Ok(())
@@ -288,20 +291,20 @@ async fn run_batch(
 }
 
 async fn heartbeat_all(
-    queue: &dyn JobQueue,
+    plane: &dyn ControlPlane,
     leases: &[Lease],
     live: &mut [bool],
     progress: Option<Progress>,
     lease_timeout: Duration,
 ) {
     for (lease, live) in leases.iter().zip(live.iter_mut()).filter(|(_, l)| **l) {
-        match queue.heartbeat(&lease.token, progress, lease_timeout).await {
+        match plane.heartbeat(&lease.token, progress, lease_timeout).await {
             Ok(HeartbeatOutcome::Continue) => {}
             Ok(HeartbeatOutcome::Cancelled) => {
                 tracing::info!(job = %lease.job.id, "job cancelled while running");
                 *live = false;
             }
-            Err(QueueError::LeaseLost(_)) => {
+            Err(PlaneError::LeaseLost(_)) => {
                 tracing::warn!(job = %lease.job.id, "lease lost; dropping the job");
                 *live = false;
             }
@@ -311,14 +314,8 @@ async fn heartbeat_all(
     }
 }
 
-/// Stores a job's images and completes it. Images go to the store before the job is
-/// marked succeeded, so a succeeded job always has its images.
-async fn finish(
-    queue: &dyn JobQueue,
-    store: &dyn ImageStore,
-    lease: &Lease,
-    images: Vec<GeneratedImage>,
-) {
+/// Encodes a job's images and hands them over with its completion.
+async fn finish(plane: &dyn ControlPlane, lease: &Lease, images: Vec<GeneratedImage>) {
     let request = lease.job.request.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         images
@@ -328,49 +325,26 @@ async fn finish(
             .collect::<Result<Vec<_>, _>>()
     })
     .await;
-    let pngs = match encoded {
-        Ok(Ok(pngs)) => pngs,
-        Ok(Err(e)) => return record_failure(queue, lease, failure_of(&e)).await,
+    let pngs: Vec<Bytes> = match encoded {
+        Ok(Ok(pngs)) => pngs.into_iter().map(Bytes::from).collect(),
+        Ok(Err(e)) => return record_failure(plane, lease, failure_of(&e)).await,
         Err(e) => {
             let failure = Failure {
-                code: "internal".into(),
-                message: "the image could not be encoded".into(),
-                detail: Some(format!("encoding task: {e}")),
-                retryable: true,
-            };
-            return record_failure(queue, lease, failure).await;
-        }
-    };
-    let count = pngs.len() as u32;
-    // Named by this attempt: should the lease be lost meanwhile, these files cannot replace
-    // the images another attempt completes the job with.
-    let attempt = Some(lease.job.attempts);
-    for (index, png) in pngs.into_iter().enumerate() {
-        let key = ImageKey {
-            job: lease.job.id,
-            index: index as u32,
-        };
-        if let Err(e) = store.put(key, attempt, Bytes::from(png)).await {
-            discard_images(store, lease).await;
-            // The store's error names paths and hosts: operators get it, clients do not.
-            let failure = Failure {
-                code: "store_unavailable".into(),
-                message: "the image store could not be written".into(),
+                code: "encode_failed".into(),
+                message: "the images could not be encoded".into(),
                 detail: Some(e.to_string()),
                 retryable: true,
             };
-            return record_failure(queue, lease, failure).await;
+            return record_failure(plane, lease, failure).await;
         }
-    }
-    match while_unavailable(|| queue.complete(&lease.token, count)).await {
+    };
+    let count = pngs.len();
+    match while_unavailable(|| plane.complete(lease, pngs.clone())).await {
         Ok(()) => tracing::info!(job = %lease.job.id, images = count, "job succeeded"),
-        Err(QueueError::LeaseLost(_)) => {
-            // Cancelled, or reclaimed for another attempt: these images belong to no one.
+        Err(PlaneError::LeaseLost(_)) => {
+            // Cancelled, or reclaimed for another attempt.
             tracing::info!(job = %lease.job.id, "the lease was lost before completing");
-            discard_images(store, lease).await;
         }
-        // Whether the completion committed is unknown: the images stay (an orphan sweep
-        // removes them if the job is not theirs).
         Err(e) => tracing::warn!(job = %lease.job.id, error = %e, "could not complete"),
     }
 }
@@ -380,18 +354,18 @@ async fn finish(
 /// another attempt's.
 const OUTAGE_RETRY: Duration = Duration::from_secs(30);
 
-/// Repeats a queue call while the queue is unavailable, up to [`OUTAGE_RETRY`].
-async fn while_unavailable<T, F, Fut>(mut call: F) -> Result<T, QueueError>
+/// Repeats a call while the control plane is unavailable, up to [`OUTAGE_RETRY`].
+async fn while_unavailable<T, F, Fut>(mut call: F) -> Result<T, PlaneError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, QueueError>>,
+    Fut: std::future::Future<Output = Result<T, PlaneError>>,
 {
     let until = Instant::now() + OUTAGE_RETRY;
     let mut pause = Duration::from_millis(100);
     loop {
         match call().await {
-            Err(e) if e.is_unavailable() && Instant::now() + pause < until => {
-                tracing::warn!(error = %e, "the queue is unavailable; retrying");
+            Err(PlaneError::Unavailable(e)) if Instant::now() + pause < until => {
+                tracing::warn!(error = %e, "the control plane is unavailable; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -400,18 +374,8 @@ where
     }
 }
 
-/// Removes what this attempt stored.
-async fn discard_images(store: &dyn ImageStore, lease: &Lease) {
-    if let Err(e) = store
-        .delete_attempt(lease.job.id, Some(lease.job.attempts))
-        .await
-    {
-        tracing::warn!(job = %lease.job.id, error = %e, "could not remove this attempt's images");
-    }
-}
-
-async fn record_failure(queue: &dyn JobQueue, lease: &Lease, failure: Failure) {
-    if let Err(e) = while_unavailable(|| queue.fail(&lease.token, failure.clone())).await {
+async fn record_failure(plane: &dyn ControlPlane, lease: &Lease, failure: Failure) {
+    if let Err(e) = while_unavailable(|| plane.fail(&lease.token, failure.clone())).await {
         tracing::warn!(job = %lease.job.id, error = %e, "could not record failure");
     }
 }

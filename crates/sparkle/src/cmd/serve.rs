@@ -96,7 +96,8 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
             .then(|| Duration::from_secs(config.queue.max_job_secs)),
         max_pixels: (config.worker.max_pixels > 0).then_some(config.worker.max_pixels),
     };
-    sparkle_worker::run(queue, store, engine, worker_options, shutdown).await?;
+    let plane = Arc::new(sparkle_worker::Embedded::new(queue, store));
+    sparkle_worker::run(plane, engine, worker_options, shutdown).await?;
     Ok(())
 }
 
