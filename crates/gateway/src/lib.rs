@@ -21,6 +21,7 @@ mod state;
 pub mod streams;
 pub mod tls;
 
+pub use axum_server::tls_rustls::RustlsConfig;
 pub use error::ApiError;
 pub use listener::{serve_tls, ListenerOptions};
 pub use routes::links::image_views;

@@ -26,8 +26,11 @@ pub enum Scope {
     Generate,
     /// Read jobs and images.
     Read,
-    /// Everything, including administration.
+    /// Everything, including administration (but not [`Scope::Worker`]).
     Admin,
+    /// Enrollment of workers: exchanged for worker tokens on the worker listener, and good
+    /// for nothing else. Never implied by another scope.
+    Worker,
 }
 
 impl Scope {
@@ -36,6 +39,7 @@ impl Scope {
             Scope::Generate => "generate",
             Scope::Read => "read",
             Scope::Admin => "admin",
+            Scope::Worker => "worker",
         }
     }
 
@@ -44,6 +48,7 @@ impl Scope {
             "generate" => Some(Scope::Generate),
             "read" => Some(Scope::Read),
             "admin" => Some(Scope::Admin),
+            "worker" => Some(Scope::Worker),
             _ => None,
         }
     }
@@ -61,7 +66,8 @@ pub struct ApiKey {
 
 impl ApiKey {
     pub fn allows(&self, scope: Scope) -> bool {
-        !self.revoked && (self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin))
+        let admin = scope != Scope::Worker && self.scopes.contains(&Scope::Admin);
+        !self.revoked && (self.scopes.contains(&scope) || admin)
     }
 }
 

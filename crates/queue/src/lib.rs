@@ -39,7 +39,7 @@ mod keys;
 mod outbox;
 mod position;
 mod postgres;
-mod record;
+pub mod record;
 mod sealing;
 mod sqlite;
 mod types;

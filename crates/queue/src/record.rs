@@ -6,7 +6,7 @@ use sparkle_core::{RequestParts, Scheduler, ValidImageRequest};
 
 /// A request as stored (sealed) in `jobs.request`.
 #[derive(Serialize, Deserialize)]
-pub(crate) struct StoredRequest {
+pub struct StoredRequest {
     prompt: String,
     negative_prompt: String,
     model: String,

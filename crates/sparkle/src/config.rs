@@ -40,6 +40,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin listener (metrics); loopback by default.
     pub admin_listen: SocketAddr,
+    /// The worker protocol's listener (HTTPS), for `sparkle worker --control-plane` on other
+    /// machines; unset: none. Reachable by the workers' network only.
+    pub worker_listen: Option<SocketAddr>,
     /// The model the workers serve: a diffusers-layout directory or a single-file checkpoint.
     pub model: Option<PathBuf>,
     pub tls: TlsConfig,
@@ -458,6 +461,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            worker_listen: None,
             model: None,
             tls: TlsConfig::default(),
             gateway: GatewayConfig::default(),

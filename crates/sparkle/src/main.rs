@@ -9,6 +9,7 @@ mod keyring;
 mod retention;
 mod runtime;
 mod secrets;
+mod worker_listener;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -67,12 +68,16 @@ enum Command {
         #[command(flatten)]
         serve: Serve,
     },
-    /// One worker: leases jobs, generates, stores images. Opens no listening socket.
+    /// One worker: leases jobs, generates, hands the images over. Opens no listening socket.
+    /// With --control-plane it speaks only the worker protocol (HTTPS) and holds no database,
+    /// store or master-key credentials: only its enrollment secret.
     Worker {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
         serve: Serve,
+        #[command(flatten)]
+        remote: cmd::serve::RemoteWorker,
         /// Drain and exit when standard input closes (set by the scaler for its children).
         #[arg(long, hide = true)]
         stop_on_stdin_eof: bool,
@@ -92,6 +97,9 @@ enum Command {
     /// API keys: create, list, revoke.
     #[command(subcommand)]
     Key(cmd::key::KeyCommand),
+    /// Enrollments of remote workers: create (prints the secret once), list, revoke.
+    #[command(subcommand)]
+    Enrollment(cmd::enrollment::EnrollmentCommand),
     /// Discord: register the /sparkle command.
     #[command(subcommand)]
     Discord(cmd::discord::DiscordCommand),
@@ -148,12 +156,14 @@ fn main() -> std::process::ExitCode {
         Command::Worker {
             common,
             serve,
+            remote,
             stop_on_stdin_eof,
-        } => runtime::block_on(cmd::serve::worker(common, serve, stop_on_stdin_eof)),
+        } => runtime::block_on(cmd::serve::worker(common, serve, remote, stop_on_stdin_eof)),
         Command::Scaler { common, serve } => runtime::block_on(cmd::serve::scaler(common, serve)),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Model(command) => cmd::model::run(command),
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
+        Command::Enrollment(command) => runtime::block_on(cmd::enrollment::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
         Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
         Command::Migrate(args) => runtime::block_on(cmd::migrate::run(args)),

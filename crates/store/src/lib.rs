@@ -10,8 +10,10 @@
 
 pub mod links;
 pub mod seal;
+pub mod worker_tokens;
 
 pub use links::{ImageLinks, LinkQuery, LinkRefusal, SignedLink};
+pub use worker_tokens::{WorkerTokenRefusal, WorkerTokens};
 
 use async_trait::async_trait;
 use bytes::Bytes;

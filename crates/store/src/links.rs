@@ -183,23 +183,29 @@ fn parse_expiry(text: &str) -> Result<i64, LinkRefusal> {
     text.parse().map_err(|_| LinkRefusal::Malformed)
 }
 
-fn link_key(master: &KeyMaterial) -> Zeroizing<[u8; 32]> {
+/// The key derived (HKDF-SHA256) from `master` for the purpose `info`.
+fn derived_key(master: &KeyMaterial, info: &[u8]) -> Zeroizing<[u8; 32]> {
     let mut key = Zeroizing::new([0u8; 32]);
     let hkdf = hkdf::Hkdf::<Sha256>::new(None, master.bytes());
     // 32 bytes is far below HKDF-SHA256's limit of 8160.
-    if hkdf.expand(LINK_KEY_INFO, key.as_mut()).is_err() {
+    if hkdf.expand(info, key.as_mut()).is_err() {
         unreachable!("HKDF-SHA256 gives 32 bytes");
     }
     key
 }
 
-/// The MAC over everything a link says, each part framed so no two links share an input.
-fn mac(master: &KeyMaterial, image: ImageKey, expires_at: i64, id: &KeyId) -> Hmac<Sha256> {
-    let key = link_key(master);
-    let mut mac = match Hmac::<Sha256>::new_from_slice(key.as_ref()) {
+/// HMAC-SHA256 under the key derived from `master` for the purpose `info`.
+pub(crate) fn derived_mac(master: &KeyMaterial, info: &[u8]) -> Hmac<Sha256> {
+    let key = derived_key(master, info);
+    match Hmac::<Sha256>::new_from_slice(key.as_ref()) {
         Ok(mac) => mac,
         Err(_) => unreachable!("HMAC takes a key of any length"),
-    };
+    }
+}
+
+/// The MAC over everything a link says, each part framed so no two links share an input.
+fn mac(master: &KeyMaterial, image: ImageKey, expires_at: i64, id: &KeyId) -> Hmac<Sha256> {
+    let mut mac = derived_mac(master, LINK_KEY_INFO);
     let job = image.job.to_string();
     mac.update(&(job.len() as u32).to_be_bytes());
     mac.update(job.as_bytes());
@@ -425,7 +431,7 @@ mod tests {
     fn debug_output_shows_no_signature_or_key_material() {
         let ring = Keyring::generate(1);
         let hex = ring.active().1.to_hex();
-        let derived = URL_SAFE_NO_PAD.encode(link_key(ring.active().1).as_ref());
+        let derived = URL_SAFE_NO_PAD.encode(derived_key(ring.active().1, LINK_KEY_INFO).as_ref());
         let links = links(ring);
         let link = links.sign(BASE, image(0), NOW);
         let (_, query) = parse(&link.url);

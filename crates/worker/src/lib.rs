@@ -14,10 +14,12 @@
 
 mod engine_thread;
 pub mod plane;
+pub mod protocol;
 mod run;
 
 pub use engine_thread::{EngineThread, GenerateOutcome};
 pub use plane::{ControlPlane, Embedded, PlaneError};
+pub use protocol::Remote;
 pub use run::{deadline_of, run, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,4 +30,6 @@ pub enum WorkerError {
     EngineGone,
     #[error("queue: {0}")]
     Queue(#[from] sparkle_queue::QueueError),
+    #[error("the control plane refused this worker: {0}")]
+    Refused(String),
 }

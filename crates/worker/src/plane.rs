@@ -22,6 +22,10 @@ pub enum PlaneError {
     /// repeated, every call being safe to repeat.
     #[error("the control plane is unavailable: {0}")]
     Unavailable(String),
+    /// The control plane no longer accepts this worker (its enrollment revoked, its token
+    /// refused): the worker stops.
+    #[error("the control plane refused this worker: {0}")]
+    Unauthorized(String),
     /// Refused for good; repeating it will not help.
     #[error("{0}")]
     Refused(String),
@@ -89,6 +93,14 @@ pub struct Embedded {
 impl Embedded {
     pub fn new(queue: Arc<dyn JobQueue>, store: Arc<dyn ImageStore>) -> Embedded {
         Embedded { queue, store }
+    }
+
+    /// The job as the queue has it now.
+    pub async fn job(
+        &self,
+        id: sparkle_core::JobId,
+    ) -> Result<Option<sparkle_queue::Job>, PlaneError> {
+        Ok(self.queue.get(id).await?)
     }
 
     /// Removes what one attempt stored.

@@ -94,6 +94,7 @@ pub async fn run(
             .await;
         let leases = match leases {
             Ok(leases) => leases,
+            Err(PlaneError::Unauthorized(why)) => return Err(WorkerError::Refused(why)),
             Err(e) => {
                 tracing::warn!(error = %e, "lease failed; retrying");
                 tokio::select! {

@@ -62,6 +62,9 @@ pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            if scopes.contains(&Scope::Worker) {
+                bail!("workers enroll with `sparkle enrollment create`, not with an API key");
+            }
             let queue = open_queue(&load_config(&common, None)?).await?;
             let (key, secret) = queue.create_key(name, &scopes).await?;
             let webhook_secret = WebhookSecret::generate();

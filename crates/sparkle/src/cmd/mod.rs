@@ -1,6 +1,7 @@
 pub mod audit;
 pub mod bench;
 pub mod discord;
+pub mod enrollment;
 pub mod generate;
 pub mod key;
 pub mod keys;

@@ -64,12 +64,48 @@ pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
         .context("scaler task")
 }
 
-pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> anyhow::Result<()> {
+/// Where a worker on another machine finds its control plane.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteWorker {
+    /// The control plane's worker listener, `https://HOST:PORT`. Unset: the worker opens
+    /// the database and the image store of this machine's configuration.
+    #[arg(long, value_name = "URL", requires = "enrollment_token_file")]
+    control_plane: Option<String>,
+    /// The enrollment secret (`sparkle enrollment create`), in a file readable by this user
+    /// alone.
+    #[arg(long, value_name = "FILE", requires = "control_plane")]
+    enrollment_token_file: Option<std::path::PathBuf>,
+    /// The CA that signed the control plane's certificate; unset: the system's roots.
+    #[arg(long, value_name = "FILE", requires = "control_plane")]
+    ca_file: Option<std::path::PathBuf>,
+}
+
+pub async fn worker(
+    common: Common,
+    serve: Serve,
+    remote: RemoteWorker,
+    stop_on_stdin_eof: bool,
+) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     let model = config.model_dir()?.to_path_buf();
-    let keys = crate::keyring::open(&config)?;
-    let queue = open_queue_with(&config, keys.clone()).await?;
-    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
+    let plane: Arc<dyn sparkle_worker::ControlPlane> =
+        match (&remote.control_plane, &remote.enrollment_token_file) {
+            (Some(url), Some(file)) => {
+                let secret = crate::secrets::read_secret_file(file)
+                    .with_context(|| format!("--enrollment-token-file {}", file.display()))?;
+                Arc::new(
+                    sparkle_worker::Remote::new(url, remote.ca_file.as_deref(), secret.to_string())
+                        .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?,
+                )
+            }
+            _ => {
+                let keys = crate::keyring::open(&config)?;
+                let queue = open_queue_with(&config, keys.clone()).await?;
+                let store: Arc<dyn ImageStore> =
+                    Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
+                Arc::new(sparkle_worker::Embedded::new(queue, store))
+            }
+        };
     let shutdown = runtime::shutdown_on_signals();
     if stop_on_stdin_eof {
         stop_when_stdin_closes(shutdown.clone());
@@ -96,7 +132,6 @@ pub async fn worker(common: Common, serve: Serve, stop_on_stdin_eof: bool) -> an
             .then(|| Duration::from_secs(config.queue.max_job_secs)),
         max_pixels: (config.worker.max_pixels > 0).then_some(config.worker.max_pixels),
     };
-    let plane = Arc::new(sparkle_worker::Embedded::new(queue, store));
     sparkle_worker::run(plane, engine, worker_options, shutdown).await?;
     Ok(())
 }
@@ -180,7 +215,11 @@ async fn start_gateway(
     let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
         .context("cannot configure TLS")?;
     let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
-    let store: Arc<dyn ImageStore> = Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
+    let store: Arc<dyn ImageStore> =
+        Arc::new(ObjectImageStore::local(&config.images_dir(), keys.clone())?);
+    if let Some(addr) = config.worker_listen {
+        start_worker_listener(config, addr, &queue, &store, keys, tls.clone(), &shutdown)?;
+    }
     let discord = match &config.discord.public_key {
         None => None,
         Some(key) => {
@@ -294,6 +333,54 @@ async fn start_gateway(
         }
         served
     }))
+}
+
+/// The worker protocol on its own listener, with the public listener's certificate.
+fn start_worker_listener(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    queue: &Arc<dyn Database>,
+    store: &Arc<dyn ImageStore>,
+    keys: Arc<Keys>,
+    tls: sparkle_gateway::RustlsConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (worker_listen)"))?;
+    let bound = listener.local_addr()?;
+    let api = crate::worker_listener::WorkerApi {
+        plane: Arc::new(sparkle_worker::Embedded::new(
+            queue.clone() as Arc<dyn JobQueue>,
+            store.clone(),
+        )),
+        keys: queue.clone(),
+        tokens: Arc::new(sparkle_store::WorkerTokens::new(
+            keys,
+            sparkle_store::worker_tokens::DEFAULT_LIFETIME,
+        )),
+    };
+    let g = &config.gateway;
+    let options = sparkle_gateway::ListenerOptions {
+        drain: DRAIN,
+        handshake_timeout: Duration::from_secs(g.handshake_timeout_secs),
+        header_timeout: Duration::from_secs(g.header_timeout_secs),
+        // A completion carries a job's images; a long poll waits up to 30 s for work.
+        send_timeout: Duration::from_secs(g.send_timeout_secs.max(60)),
+        max_header_bytes: g.max_header_bytes,
+        max_connections: g.max_connections,
+        max_connections_per_ip: g.max_connections,
+    };
+    println!("Worker listener at https://{bound}");
+    tracing::info!(addr = %bound, "worker listener");
+    let router = crate::worker_listener::router(api);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = sparkle_gateway::serve_tls(listener, tls, router, shutdown, &options).await
+        {
+            tracing::error!(error = %e, "the worker listener stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Starts the delivery channels (Discord when configured, webhooks always) and the outbox's

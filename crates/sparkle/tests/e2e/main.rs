@@ -13,6 +13,7 @@ mod limits;
 mod models;
 mod network;
 mod postgres;
+mod remote_worker;
 mod secrets_in_logs;
 mod security;
 mod service;
