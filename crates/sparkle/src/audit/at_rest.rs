@@ -7,6 +7,13 @@ use sparkle_store::ObjectImageStore;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Whether `path` lies inside `dir` (both resolved, symbolic links followed).
+fn inside(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    let resolve =
+        |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    resolve(path).starts_with(resolve(dir))
+}
+
 /// Encryption at rest on, the keyring sound, and (at [`Depth::Full`]) everything stored
 /// sealed under a key the keyring still holds.
 pub async fn encryption(config: &Config, depth: Depth) -> Check {
@@ -26,6 +33,17 @@ pub async fn encryption(config: &Config, depth: Depth) -> Check {
             NAME,
             format!(
                 "no keyring at {}; make one with `sparkle keys rotate` and back it up",
+                path.display()
+            ),
+        );
+    }
+    if config.profile == Profile::Production && inside(&path, &config.data_dir) {
+        return Check::critical(
+            NAME,
+            format!(
+                "the keyring {} lives in the data directory it protects: a backup or copy of \
+                 the directory carries its own keys. Move it elsewhere (a secrets mount) and \
+                 set encryption.keyring_file",
                 path.display()
             ),
         );

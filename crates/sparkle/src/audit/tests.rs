@@ -53,9 +53,37 @@ fn production(dir: &Path) -> Config {
     config.tls.cert_file = Some(cert);
     config.tls.key_file = Some(key);
     config.prepare_data_dir().expect("data dir");
+    // Kept apart from the data it protects.
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    chmod(&secrets, 0o700);
+    config.encryption.keyring_file = Some(secrets.join("keyring"));
     let ring = sparkle_store::seal::Keyring::generate(crate::keyring::now());
     crate::keyring::write(&crate::keyring::path(&config), &ring).expect("keyring");
     config
+}
+
+#[tokio::test]
+async fn production_fails_a_keyring_kept_in_the_data_directory_it_protects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = production(dir.path());
+    let ring = sparkle_store::seal::Keyring::generate(crate::keyring::now());
+    config.encryption.keyring_file = None;
+    crate::keyring::write(&crate::keyring::path(&config), &ring).expect("keyring");
+    let report = gather(&config, Depth::Startup).await;
+    let line = check(&report, "encryption");
+    assert!(line.failed(), "{line}");
+    assert!(
+        line.to_string().contains("data directory it protects"),
+        "{line}"
+    );
+    // Named explicitly, but still inside: the same.
+    config.encryption.keyring_file = Some(config.data_dir.join("keyring"));
+    assert!(check(&gather(&config, Depth::Startup).await, "encryption").failed());
+    // The dev profile keeps it there by default, and passes.
+    config.encryption.keyring_file = None;
+    config.profile = Profile::Dev;
+    assert!(!check(&gather(&config, Depth::Startup).await, "encryption").failed());
 }
 
 fn check<'a>(report: &'a Report, name: &str) -> &'a Check {

@@ -6,15 +6,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A production configuration in `dir` with a CA-signed certificate and a keyring.
+/// A production configuration in `dir` with a CA-signed certificate and a keyring kept
+/// apart from the data directory.
 pub(crate) fn production_setup(dir: &Path, ca: &TestCa) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let (cert, key) = ca.issue(dir, "server", "sparkle.test", 90);
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets");
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let config = dir.join("sparkle.toml");
     std::fs::write(
         &config,
         format!(
-            "profile = \"production\"\ndata_dir = {:?}\n[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n",
+            "profile = \"production\"\ndata_dir = {:?}\n[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
+             [encryption]\nkeyring_file = {:?}\n",
             dir.join("data"),
+            secrets.join("keyring"),
         ),
     )
     .expect("config");
