@@ -31,6 +31,9 @@ pub enum Field {
     /// `api_keys.webhook_secret` and `webhook_secret_previous`: the key's webhook signing
     /// secrets (sealed).
     WebhookSecret,
+    /// `api_keys.row_tag`: a keyed MAC over what a key row grants (blind index), so that a
+    /// row written past the service (a minted or widened key) does not authenticate.
+    ApiKeyRow,
 }
 
 impl Field {
@@ -44,6 +47,7 @@ impl Field {
             Field::ReplyPayload => "deliveries.payload",
             Field::ReplyState => "deliveries.state",
             Field::WebhookSecret => "api_keys.webhook_secret",
+            Field::ApiKeyRow => "api_keys.row",
         }
     }
 }

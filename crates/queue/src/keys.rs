@@ -7,7 +7,7 @@
 //! hash again in constant time, so no byte-by-byte comparison of secret-derived values ever
 //! depends on where they differ.
 
-use crate::fields::Field;
+use crate::fields::{Field, FieldCipher};
 use crate::{QueueError, SqliteQueue};
 use async_trait::async_trait;
 use rand::RngCore;
@@ -117,39 +117,74 @@ pub trait ApiKeys: Send + Sync + 'static {
     async fn webhook_secrets(&self, id: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, QueueError>;
 }
 
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, QueueError> {
-    Ok(key_from_columns(
-        row.try_get("id")?,
-        row.try_get("name")?,
-        &row.try_get::<String, _>("scopes")?,
-        row.try_get("created_at")?,
-        row.try_get::<Option<i64>, _>("revoked_at")?,
-    ))
+/// Every column of `api_keys` a [`KeyRow`] reads.
+pub(crate) const KEY_COLUMNS: &str = "id, name, hash, scopes, created_at, revoked_at, row_tag";
+
+fn key_row(row: &sqlx::sqlite::SqliteRow) -> Result<KeyRow, QueueError> {
+    Ok(KeyRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        hash: row.try_get("hash")?,
+        scopes: row.try_get("scopes")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        tag: row.try_get("row_tag")?,
+    })
 }
 
-pub(crate) fn key_from_columns(
-    id: String,
-    name: String,
-    scopes: &str,
-    created_at_ms: i64,
-    revoked_at: Option<i64>,
-) -> ApiKey {
-    ApiKey {
-        id,
-        name,
-        scopes: scopes.split(',').filter_map(Scope::parse).collect(),
-        created_at_ms,
-        revoked: revoked_at.is_some(),
+/// A key row's columns, as read.
+pub(crate) struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub hash: String,
+    pub scopes: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub tag: Option<String>,
+}
+
+impl KeyRow {
+    /// The MAC over everything the row grants, each part framed by its length, under the
+    /// keyring's index key: only the service holding the keyring makes a row that verifies.
+    pub fn expected_tag(&self, fields: &dyn FieldCipher, revoked_at: Option<i64>) -> String {
+        let mut bytes = Vec::new();
+        for part in [&self.id, &self.name, &self.hash, &self.scopes] {
+            bytes.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(part.as_bytes());
+        }
+        bytes.extend_from_slice(&self.created_at.to_be_bytes());
+        bytes.extend_from_slice(&revoked_at.unwrap_or(-1).to_be_bytes());
+        fields.blind(Field::ApiKeyRow, &bytes)
+    }
+
+    /// The key, if its row verifies; a row that does not is refused and reported.
+    pub fn verified(self, fields: &dyn FieldCipher) -> Option<ApiKey> {
+        let expected = self.expected_tag(fields, self.revoked_at);
+        let genuine = self
+            .tag
+            .as_deref()
+            .is_some_and(|tag| hash_matches(tag, &expected));
+        if !genuine {
+            tracing::error!(
+                key = %self.id,
+                "an API key row does not verify under the keyring (written past the service, \
+                 or altered): refused"
+            );
+            return None;
+        }
+        Some(ApiKey {
+            id: self.id,
+            name: self.name,
+            scopes: self.scopes.split(',').filter_map(Scope::parse).collect(),
+            created_at_ms: self.created_at,
+            revoked: self.revoked_at.is_some(),
+        })
     }
 }
 
 /// A new key and its secret, with what is stored of them: the secret's hash and the scopes
 /// as one text.
-pub(crate) fn new_key(
-    name: &str,
-    scopes: &[Scope],
-    now_ms: i64,
-) -> (ApiKey, KeySecret, String, String) {
+pub(crate) fn new_key(name: &str, scopes: &[Scope], now_ms: i64) -> (ApiKey, KeySecret, KeyRow) {
     let mut bytes = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(bytes.as_mut());
     let secret = KeySecret(Zeroizing::new(format!(
@@ -164,8 +199,27 @@ pub(crate) fn new_key(
         revoked: false,
     };
     let scope_list: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
-    let hash = hash_secret(secret.expose());
-    (key, secret, hash, scope_list.join(","))
+    let row = KeyRow {
+        id: key.id.clone(),
+        name: key.name.clone(),
+        hash: hash_secret(secret.expose()),
+        scopes: scope_list.join(","),
+        created_at: now_ms,
+        revoked_at: None,
+        tag: None,
+    };
+    (key, secret, row)
+}
+
+/// Tags the key rows written before rows were tagged, once: only while no row carries a
+/// tag (the first start after the upgrade). From then on an untagged row is refused.
+pub(crate) fn legacy_tags(fields: &dyn FieldCipher, rows: Vec<KeyRow>) -> Vec<(String, String)> {
+    if rows.iter().any(|r| r.tag.is_some()) {
+        return Vec::new();
+    }
+    rows.iter()
+        .map(|r| (r.id.clone(), r.expected_tag(fields, r.revoked_at)))
+        .collect()
 }
 
 /// The hash to look a presented secret up by, `None` when it cannot be a key's.
@@ -215,6 +269,28 @@ pub(crate) fn grace_until(now_ms: i64, grace: std::time::Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 4))
 }
 
+impl SqliteQueue {
+    /// Tags the key rows of a database from before rows were tagged (see [`legacy_tags`]).
+    pub(crate) async fn tag_legacy_keys(&self) -> Result<(), QueueError> {
+        let (_turn, mut tx) = crate::sqlite::begin_write(&self.pool, &self.write_turn).await?;
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys"))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(key_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        for (id, tag) in legacy_tags(&*self.fields, rows) {
+            sqlx::query("UPDATE api_keys SET row_tag = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ApiKeys for SqliteQueue {
     async fn create_key(
@@ -222,15 +298,18 @@ impl ApiKeys for SqliteQueue {
         name: &str,
         scopes: &[Scope],
     ) -> Result<(ApiKey, KeySecret), QueueError> {
-        let (key, secret, hash, scopes) = new_key(name, scopes, self.clock.now_ms());
+        let (key, secret, row) = new_key(name, scopes, self.clock.now_ms());
+        let tag = row.expected_tag(&*self.fields, None);
         sqlx::query(
-            "INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO api_keys (id, name, hash, scopes, created_at, row_tag)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
-        .bind(&key.id)
-        .bind(&key.name)
-        .bind(hash)
-        .bind(scopes)
-        .bind(key.created_at_ms)
+        .bind(&row.id)
+        .bind(&row.name)
+        .bind(&row.hash)
+        .bind(&row.scopes)
+        .bind(row.created_at)
+        .bind(tag)
         .execute(&self.pool)
         .await?;
         Ok((key, secret))
@@ -240,38 +319,56 @@ impl ApiKeys for SqliteQueue {
         let Some(presented) = presented_hash(secret) else {
             return Ok(None);
         };
-        let row = sqlx::query(
-            "SELECT id, name, scopes, created_at, revoked_at, hash FROM api_keys WHERE hash = ?1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ?1"
+        ))
         .bind(&presented)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let stored: String = row.try_get("hash")?;
-        if !hash_matches(&stored, &presented) {
+        let row = key_row(&row)?;
+        if !hash_matches(&row.hash, &presented) {
             return Ok(None);
         }
-        Ok(Some(key_from_row(&row)?).filter(|k| !k.revoked))
+        Ok(row.verified(&*self.fields).filter(|k| !k.revoked))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError> {
-        let rows = sqlx::query(
-            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(key_from_row).collect()
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            keys.extend(key_row(row)?.verified(&*self.fields));
+        }
+        Ok(keys)
     }
 
     async fn revoke_key(&self, id: &str) -> Result<bool, QueueError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
-                .bind(id)
-                .bind(self.clock.now_ms())
-                .execute(&self.pool)
-                .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1 AND revoked_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let row = key_row(&row)?;
+        let now = self.clock.now_ms();
+        let tag = row.expected_tag(&*self.fields, Some(now));
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ?2, row_tag = ?3 WHERE id = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(tag)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -360,6 +457,117 @@ mod tests {
             .expect("auth")
             .is_none());
         assert!(q.list_keys().await.expect("list")[0].revoked);
+    }
+
+    #[tokio::test]
+    async fn rows_written_past_the_service_do_not_authenticate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.db");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
+            .await
+            .expect("open");
+        let (key, secret) = q
+            .create_key("ci", &[Scope::Generate])
+            .await
+            .expect("create");
+        // Widened in place: refused, and no longer listed.
+        sqlx::query("UPDATE api_keys SET scopes = 'admin' WHERE id = ?1")
+            .bind(&key.id)
+            .execute(&q.pool)
+            .await
+            .expect("tamper");
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_none());
+        assert!(q.list_keys().await.expect("list").is_empty());
+        sqlx::query("UPDATE api_keys SET scopes = 'generate' WHERE id = ?1")
+            .bind(&key.id)
+            .execute(&q.pool)
+            .await
+            .expect("restore");
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_some());
+        // Minted: a row for a secret of the writer's choosing, with or without a tag.
+        let minted = format!("{SECRET_PREFIX}{}", "ab".repeat(32));
+        for tag in [None, Some("forged")] {
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, hash, scopes, created_at, row_tag)
+                 VALUES ('key_minted', 'root', ?1, 'admin', 0, ?2)",
+            )
+            .bind(hash_secret(&minted))
+            .bind(tag)
+            .execute(&q.pool)
+            .await
+            .expect("mint");
+            assert!(q.authenticate(&minted).await.expect("auth").is_none());
+            sqlx::query("DELETE FROM api_keys WHERE id = 'key_minted'")
+                .execute(&q.pool)
+                .await
+                .expect("delete");
+        }
+        // Un-revoked behind the service's back: still refused.
+        assert!(q.revoke_key(&key.id).await.expect("revoke"));
+        assert!(
+            q.list_keys().await.expect("list")[0].revoked,
+            "a revoked row verifies"
+        );
+        sqlx::query("UPDATE api_keys SET revoked_at = NULL")
+            .execute(&q.pool)
+            .await
+            .expect("un-revoke");
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_from_before_rows_were_tagged_are_tagged_once_on_opening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.db");
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
+            .await
+            .expect("open");
+        let (_, secret) = q.create_key("old", &[Scope::Read]).await.expect("create");
+        sqlx::query("UPDATE api_keys SET row_tag = NULL")
+            .execute(&q.pool)
+            .await
+            .expect("as before tags");
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_none());
+        drop(q);
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
+            .await
+            .expect("reopen");
+        assert!(q
+            .authenticate(secret.expose())
+            .await
+            .expect("auth")
+            .is_some());
+        // Once any row is tagged, an untagged one is never tagged by opening.
+        let minted = format!("{SECRET_PREFIX}{}", "cd".repeat(32));
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, hash, scopes, created_at)
+             VALUES ('key_minted', 'root', ?1, 'admin', 0)",
+        )
+        .bind(hash_secret(&minted))
+        .execute(&q.pool)
+        .await
+        .expect("mint");
+        drop(q);
+        let q = SqliteQueue::open(&path, &SqliteOptions::default(), test_cipher())
+            .await
+            .expect("reopen");
+        assert!(q.authenticate(&minted).await.expect("auth").is_none());
     }
 
     #[tokio::test]

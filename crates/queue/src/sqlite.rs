@@ -155,6 +155,7 @@ impl SqliteQueue {
         };
         if options.migrate {
             queue.seal_plain_rows().await?;
+            queue.tag_legacy_keys().await?;
         }
         Ok(queue)
     }

@@ -3,21 +3,50 @@
 use super::PgQueue;
 use crate::fields::Field;
 use crate::keys::{
-    grace_until, hash_matches, key_from_columns, new_key, presented_hash, signing_secrets,
+    grace_until, hash_matches, legacy_tags, new_key, presented_hash, signing_secrets, KeyRow,
+    KEY_COLUMNS,
 };
 use crate::{ApiKey, ApiKeys, KeySecret, QueueError, Scope};
 use async_trait::async_trait;
 use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
-fn key_from_row(row: &Row) -> Result<ApiKey, QueueError> {
-    Ok(key_from_columns(
-        row.try_get("id")?,
-        row.try_get("name")?,
-        row.try_get("scopes")?,
-        row.try_get("created_at")?,
-        row.try_get("revoked_at")?,
-    ))
+fn key_row(row: &Row) -> Result<KeyRow, QueueError> {
+    Ok(KeyRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        hash: row.try_get("hash")?,
+        scopes: row.try_get("scopes")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        tag: row.try_get("row_tag")?,
+    })
+}
+
+impl PgQueue {
+    /// Tags the key rows of a database from before rows were tagged (see
+    /// [`crate::keys::legacy_tags`]).
+    pub(crate) async fn tag_legacy_keys(&self) -> Result<(), QueueError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE", &[])
+            .await?;
+        let rows = tx
+            .query(&format!("SELECT {KEY_COLUMNS} FROM api_keys"), &[])
+            .await?
+            .iter()
+            .map(key_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        for (id, tag) in legacy_tags(&*self.fields, rows) {
+            tx.execute(
+                "UPDATE api_keys SET row_tag = $2 WHERE id = $1",
+                &[&id, &tag],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -27,13 +56,21 @@ impl ApiKeys for PgQueue {
         name: &str,
         scopes: &[Scope],
     ) -> Result<(ApiKey, KeySecret), QueueError> {
-        let (key, secret, hash, scopes) = new_key(name, scopes, self.now());
+        let (key, secret, row) = new_key(name, scopes, self.now());
+        let tag = row.expected_tag(&*self.fields, None);
         self.client()
             .await?
             .execute(
-                "INSERT INTO api_keys (id, name, hash, scopes, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[&key.id, &key.name, &hash, &scopes, &key.created_at_ms],
+                "INSERT INTO api_keys (id, name, hash, scopes, created_at, row_tag)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &row.id,
+                    &row.name,
+                    &row.hash,
+                    &row.scopes,
+                    &row.created_at,
+                    &tag,
+                ],
             )
             .await?;
         Ok((key, secret))
@@ -47,18 +84,18 @@ impl ApiKeys for PgQueue {
             .client()
             .await?
             .query_opt(
-                "SELECT id, name, scopes, created_at, revoked_at, hash FROM api_keys
-                 WHERE hash = $1",
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1"),
                 &[&presented],
             )
             .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        if !hash_matches(row.try_get("hash")?, &presented) {
+        let row = key_row(&row)?;
+        if !hash_matches(&row.hash, &presented) {
             return Ok(None);
         }
-        Ok(Some(key_from_row(&row)?).filter(|k| !k.revoked))
+        Ok(row.verified(&*self.fields).filter(|k| !k.revoked))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, QueueError> {
@@ -66,21 +103,36 @@ impl ApiKeys for PgQueue {
             .client()
             .await?
             .query(
-                "SELECT id, name, scopes, created_at, revoked_at FROM api_keys
-                 ORDER BY created_at, id",
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"),
                 &[],
             )
             .await?;
-        rows.iter().map(key_from_row).collect()
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            keys.extend(key_row(row)?.verified(&*self.fields));
+        }
+        Ok(keys)
     }
 
     async fn revoke_key(&self, id: &str) -> Result<bool, QueueError> {
-        let done = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 AND revoked_at IS NULL"),
+                &[&id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let row = key_row(&row)?;
+        let now = self.now();
+        let tag = row.expected_tag(&*self.fields, Some(now));
+        let done = client
             .execute(
-                "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
-                &[&id, &self.now()],
+                "UPDATE api_keys SET revoked_at = $2, row_tag = $3
+                 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &now, &tag],
             )
             .await?;
         Ok(done == 1)

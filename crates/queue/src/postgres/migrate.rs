@@ -5,11 +5,18 @@ use crate::QueueError;
 use tokio_postgres::Client;
 
 /// Every migration, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/postgres/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        2,
+        "api key tags",
+        include_str!("../../migrations/postgres/0002_api_key_tags.sql"),
+    ),
+];
 
 /// The advisory lock migrations are applied under.
 const MIGRATION_LOCK: i64 = 0x5350_4b4c_0000_0001;

@@ -184,7 +184,7 @@ impl PgQueue {
         ));
         let writer =
             crate::group_commit::Writer::<submit::Written>::start(pool.clone(), fields.clone());
-        Ok(PgQueue {
+        let queue = PgQueue {
             completions: crate::group_commit::Writer::<(), _>::start(pool.clone()),
             lease_asks: Default::default(),
             claim_turn: Default::default(),
@@ -199,7 +199,9 @@ impl PgQueue {
             lease_epoch: Default::default(),
             writer,
             _alive: alive,
-        })
+        };
+        queue.tag_legacy_keys().await?;
+        Ok(queue)
     }
 
     /// Applies pending migrations (as a role that may change the schema) without opening a
