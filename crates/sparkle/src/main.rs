@@ -68,8 +68,8 @@ enum Command {
         #[command(flatten)]
         serve: Serve,
     },
-    /// One worker: leases jobs, generates, hands the images over. Opens no listening socket.
-    /// With --control-plane it speaks only the worker protocol (HTTPS) and holds no database,
+    /// One worker: leases jobs, generates, hands the images over. Opens no listening socket,
+    /// speaks only the worker protocol (HTTPS) to --control-plane, and holds no database,
     /// store or master-key credentials: only its enrollment secret.
     Worker {
         #[command(flatten)]
@@ -82,12 +82,15 @@ enum Command {
         #[arg(long, hide = true)]
         stop_on_stdin_eof: bool,
     },
-    /// The scaler alone: watches the backlog and runs local worker processes.
+    /// The scaler alone: watches the backlog and runs local worker processes, which speak
+    /// the worker protocol to the control plane named here.
     Scaler {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
         serve: Serve,
+        #[command(flatten)]
+        remote: cmd::serve::RemoteWorker,
     },
     /// Generate one image without any server.
     Generate(cmd::generate::GenerateArgs),
@@ -159,7 +162,11 @@ fn main() -> std::process::ExitCode {
             remote,
             stop_on_stdin_eof,
         } => runtime::block_on(cmd::serve::worker(common, serve, remote, stop_on_stdin_eof)),
-        Command::Scaler { common, serve } => runtime::block_on(cmd::serve::scaler(common, serve)),
+        Command::Scaler {
+            common,
+            serve,
+            remote,
+        } => runtime::block_on(cmd::serve::scaler(common, serve, remote)),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Model(command) => cmd::model::run(command),
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),

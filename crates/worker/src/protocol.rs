@@ -264,21 +264,36 @@ impl Remote {
         Ok(token)
     }
 
+    /// Sends a request made by `build` with a live token; a token the control plane no
+    /// longer takes (expired early, signed by a key since retired) is renewed once.
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<T, PlaneError> {
+        for renewed in [false, true] {
+            let token = self.token().await?;
+            let answer = build(token.as_str()).send().await.map_err(unreachable)?;
+            match read(answer).await {
+                Err(PlaneError::Unauthorized(_)) if !renewed => {
+                    let mut held = self.token.lock().await;
+                    if held.as_ref().is_some_and(|(t, _)| *t == token) {
+                        *held = None;
+                    }
+                }
+                outcome => return outcome,
+            }
+        }
+        unreachable!("the second pass returns")
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         route: &str,
         body: &impl Serialize,
     ) -> Result<T, PlaneError> {
-        let token = self.token().await?;
-        let answer = self
-            .http
-            .post(format!("{}{route}", self.base))
-            .bearer_auth(token.as_str())
-            .json(body)
-            .send()
+        let url = format!("{}{route}", self.base);
+        self.send(|token| self.http.post(&url).bearer_auth(token).json(body))
             .await
-            .map_err(unreachable)?;
-        read(answer).await
     }
 }
 
@@ -389,21 +404,22 @@ impl ControlPlane for Remote {
     }
 
     async fn complete(&self, lease: &Lease, images: Vec<Bytes>) -> Result<(), PlaneError> {
-        let token = self.token().await?;
-        let answer = self
-            .http
-            .post(format!("{}{COMPLETE}", self.base))
-            .query(&[
-                ("job_id", lease.job.id.to_string()),
-                ("lease_id", lease.token.lease_id.clone()),
-            ])
-            .bearer_auth(token.as_str())
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(frame_images(&images))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        read::<()>(answer).await.map_err(|e| about(lease.job.id, e))
+        let url = format!("{}{COMPLETE}", self.base);
+        let body = frame_images(&images);
+        let query = [
+            ("job_id", lease.job.id.to_string()),
+            ("lease_id", lease.token.lease_id.clone()),
+        ];
+        self.send::<()>(|token| {
+            self.http
+                .post(&url)
+                .query(&query)
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
+        .map_err(|e| about(lease.job.id, e))
     }
 
     async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, PlaneError> {

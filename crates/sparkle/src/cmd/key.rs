@@ -84,7 +84,11 @@ pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
         }
         KeyCommand::List { common } => {
             let queue = open_queue(&load_config(&common, None)?).await?;
+            // Enrollments are listed by `sparkle enrollment list`.
             for key in queue.list_keys().await? {
+                if key.scopes.contains(&Scope::Worker) {
+                    continue;
+                }
                 let scopes: Vec<_> = key.scopes.iter().map(|s| s.as_str()).collect();
                 println!(
                     "{}\t{}\t{}\t{}",

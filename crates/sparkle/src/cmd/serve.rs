@@ -30,8 +30,17 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let no_workers = (config.scaler.max_workers == 0).then(|| {
         "not ready: scaler.max_workers is 0, so no worker will run the jobs accepted".to_string()
     });
-    let gateway = start_gateway(&config, queue.clone(), keys, no_workers, shutdown.clone()).await?;
-    let scaler = start_scaler(&config, &common, queue, shutdown.clone())?;
+    let (gateway, local) = start_gateway(
+        &config,
+        queue.clone(),
+        keys,
+        no_workers,
+        true,
+        shutdown.clone(),
+    )
+    .await?;
+    let local = local.context("the loopback worker listener")?;
+    let scaler = start_scaler(&config, &common, queue, &local.args(), shutdown.clone())?;
     let served = gateway.await.context("gateway task")?;
     shutdown.cancel();
     scaler.await.context("scaler task")?;
@@ -47,28 +56,31 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
     // Workers run elsewhere, started by a scaler this process does not know of.
-    start_gateway(&config, queue, keys, None, shutdown)
+    start_gateway(&config, queue, keys, None, false, shutdown)
         .await?
+        .0
         .await
         .context("gateway task")?
 }
 
-pub async fn scaler(common: Common, serve: Serve) -> anyhow::Result<()> {
+pub async fn scaler(common: Common, serve: Serve, remote: RemoteWorker) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     config.model_dir()?;
+    let plane = remote.args().context(
+        "the scaler's workers need a control plane: --control-plane and --enrollment-token-file",
+    )?;
     let queue = open_queue(&config).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    start_scaler(&config, &common, queue, shutdown)?
+    start_scaler(&config, &common, queue, &plane, shutdown)?
         .await
         .context("scaler task")
 }
 
-/// Where a worker on another machine finds its control plane.
+/// Where a worker finds its control plane: the worker protocol is all it speaks.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RemoteWorker {
-    /// The control plane's worker listener, `https://HOST:PORT`. Unset: the worker opens
-    /// the database and the image store of this machine's configuration.
+    /// The control plane's worker listener, `https://HOST:PORT` (`worker_listen`).
     #[arg(long, value_name = "URL", requires = "enrollment_token_file")]
     control_plane: Option<String>,
     /// The enrollment secret (`sparkle enrollment create`), in a file readable by this user
@@ -80,6 +92,27 @@ pub struct RemoteWorker {
     ca_file: Option<std::path::PathBuf>,
 }
 
+impl RemoteWorker {
+    /// These flags again, for the workers a scaler starts; `None` when no control plane
+    /// is named.
+    fn args(&self) -> Option<Vec<OsString>> {
+        let (url, file) = (
+            self.control_plane.as_ref()?,
+            self.enrollment_token_file.as_ref()?,
+        );
+        let mut args: Vec<OsString> = vec![
+            "--control-plane".into(),
+            url.into(),
+            "--enrollment-token-file".into(),
+            file.into(),
+        ];
+        if let Some(ca) = &self.ca_file {
+            args.extend(["--ca-file".into(), ca.into()]);
+        }
+        Some(args)
+    }
+}
+
 pub async fn worker(
     common: Common,
     serve: Serve,
@@ -88,24 +121,19 @@ pub async fn worker(
 ) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
     let model = config.model_dir()?.to_path_buf();
-    let plane: Arc<dyn sparkle_worker::ControlPlane> =
-        match (&remote.control_plane, &remote.enrollment_token_file) {
-            (Some(url), Some(file)) => {
-                let secret = crate::secrets::read_secret_file(file)
-                    .with_context(|| format!("--enrollment-token-file {}", file.display()))?;
-                Arc::new(
-                    sparkle_worker::Remote::new(url, remote.ca_file.as_deref(), secret.to_string())
-                        .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?,
-                )
-            }
-            _ => {
-                let keys = crate::keyring::open(&config)?;
-                let queue = open_queue_with(&config, keys.clone()).await?;
-                let store: Arc<dyn ImageStore> =
-                    Arc::new(ObjectImageStore::local(&config.images_dir(), keys)?);
-                Arc::new(sparkle_worker::Embedded::new(queue, store))
-            }
-        };
+    let (Some(url), Some(file)) = (&remote.control_plane, &remote.enrollment_token_file) else {
+        anyhow::bail!(
+            "a worker speaks only the worker protocol: give --control-plane https://HOST:PORT \
+             (the control plane's worker_listen) and --enrollment-token-file FILE \
+             (from `sparkle enrollment create`)"
+        );
+    };
+    let secret = crate::secrets::read_secret_file(file)
+        .with_context(|| format!("--enrollment-token-file {}", file.display()))?;
+    let plane: Arc<dyn sparkle_worker::ControlPlane> = Arc::new(
+        sparkle_worker::Remote::new(url, remote.ca_file.as_deref(), secret.to_string())
+            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?,
+    );
     let shutdown = runtime::shutdown_on_signals();
     if stop_on_stdin_eof {
         stop_when_stdin_closes(shutdown.clone());
@@ -190,15 +218,18 @@ async fn start_gateway(
     queue: Arc<dyn Database>,
     keys: Arc<Keys>,
     no_workers: Option<String>,
+    local_workers: bool,
     shutdown: CancellationToken,
-) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, Option<LocalPlane>)> {
     let catalog = catalog(config.model_dir()?)?;
     let (cert, key, self_signed) = config.certificate_files();
     if self_signed {
         let mut names = vec![hostname()];
-        let ip = config.listen.ip();
-        if !ip.is_unspecified() && !ip.is_loopback() {
-            names.push(ip.to_string());
+        let addresses = std::iter::once(config.listen).chain(config.worker_listen);
+        for ip in addresses.map(|a| a.ip()) {
+            if !ip.is_unspecified() && !ip.is_loopback() {
+                names.push(ip.to_string());
+            }
         }
         sparkle_gateway::tls::ensure_self_signed(&config.data_dir, &names)
             .context("cannot make a self-signed certificate")?;
@@ -217,9 +248,25 @@ async fn start_gateway(
     let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
     let store: Arc<dyn ImageStore> =
         Arc::new(ObjectImageStore::local(&config.images_dir(), keys.clone())?);
+    let plane = crate::worker_listener::WorkerApi {
+        plane: Arc::new(sparkle_worker::Embedded::new(
+            queue.clone() as Arc<dyn JobQueue>,
+            store.clone(),
+        )),
+        keys: queue.clone(),
+        tokens: Arc::new(sparkle_store::WorkerTokens::new(
+            keys.clone(),
+            sparkle_store::worker_tokens::DEFAULT_LIFETIME,
+        )),
+    };
     if let Some(addr) = config.worker_listen {
-        start_worker_listener(config, addr, &queue, &store, keys, tls.clone(), &shutdown)?;
+        let bound = start_worker_listener(config, addr, &plane, tls.clone(), &shutdown)?;
+        println!("Worker listener at https://{bound}");
     }
+    let local = match local_workers {
+        true => Some(start_local_plane(config, &queue, &plane, &shutdown).await?),
+        false => None,
+    };
     let discord = match &config.discord.public_key {
         None => None,
         Some(key) => {
@@ -322,7 +369,7 @@ async fn start_gateway(
         shutdown.clone(),
     ));
     let router = sparkle_gateway::router(state);
-    Ok(tokio::spawn(async move {
+    let served = tokio::spawn(async move {
         let served = sparkle_gateway::serve_tls(listener, tls, router, shutdown, &listener_options)
             .await
             .context("gateway");
@@ -332,33 +379,21 @@ async fn start_gateway(
             tracing::warn!("delivery did not finish within its drain deadline; unfinished answers stay in the outbox");
         }
         served
-    }))
+    });
+    Ok((served, local))
 }
 
-/// The worker protocol on its own listener, with the public listener's certificate.
+/// The worker protocol on its own listener; the address it is bound to.
 fn start_worker_listener(
     config: &Config,
     addr: std::net::SocketAddr,
-    queue: &Arc<dyn Database>,
-    store: &Arc<dyn ImageStore>,
-    keys: Arc<Keys>,
+    api: &crate::worker_listener::WorkerApi,
     tls: sparkle_gateway::RustlsConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::net::SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} (worker_listen)"))?;
     let bound = listener.local_addr()?;
-    let api = crate::worker_listener::WorkerApi {
-        plane: Arc::new(sparkle_worker::Embedded::new(
-            queue.clone() as Arc<dyn JobQueue>,
-            store.clone(),
-        )),
-        keys: queue.clone(),
-        tokens: Arc::new(sparkle_store::WorkerTokens::new(
-            keys,
-            sparkle_store::worker_tokens::DEFAULT_LIFETIME,
-        )),
-    };
     let g = &config.gateway;
     let options = sparkle_gateway::ListenerOptions {
         drain: DRAIN,
@@ -370,17 +405,80 @@ fn start_worker_listener(
         max_connections: g.max_connections,
         max_connections_per_ip: g.max_connections,
     };
-    println!("Worker listener at https://{bound}");
     tracing::info!(addr = %bound, "worker listener");
-    let router = crate::worker_listener::router(api);
+    let router = crate::worker_listener::router(api.clone());
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = sparkle_gateway::serve_tls(listener, tls, router, shutdown, &options).await
         {
-            tracing::error!(error = %e, "the worker listener stopped");
+            tracing::error!(error = %e, "a worker listener stopped");
         }
     });
-    Ok(())
+    Ok(bound)
+}
+
+/// How the local workers of `sparkle up` reach their control plane: the worker protocol on
+/// a loopback listener of its own, with a certificate of its own (whatever the public one
+/// names), and an enrollment made for this run (the one of the run before is revoked).
+pub struct LocalPlane {
+    url: String,
+    ca_file: std::path::PathBuf,
+    secret_file: std::path::PathBuf,
+}
+
+impl LocalPlane {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            "--control-plane".into(),
+            self.url.clone().into(),
+            "--enrollment-token-file".into(),
+            self.secret_file.clone().into(),
+            "--ca-file".into(),
+            self.ca_file.clone().into(),
+        ]
+    }
+}
+
+/// The name of the enrollment `sparkle up` makes for its local workers.
+const LOCAL_ENROLLMENT: &str = "local workers (sparkle up)";
+
+async fn start_local_plane(
+    config: &Config,
+    queue: &Arc<dyn Database>,
+    api: &crate::worker_listener::WorkerApi,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<LocalPlane> {
+    let dir = config.data_dir.join("loopback");
+    let (cert, key) = sparkle_gateway::tls::ensure_self_signed(&dir, &[])
+        .context("cannot make the loopback worker listener's certificate")?;
+    let certificate = sparkle_gateway::tls::ReloadingCertificate::new(
+        &cert,
+        &key,
+        Duration::from_secs(config.tls.reload_secs.max(1)),
+    )
+    .map_err(|why| anyhow::anyhow!("the loopback certificate: {why}"))?;
+    let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
+        .context("cannot configure the loopback listener's TLS")?;
+    for earlier in queue.list_keys().await? {
+        if earlier.name == LOCAL_ENROLLMENT
+            && earlier.scopes.contains(&sparkle_queue::Scope::Worker)
+            && !earlier.revoked
+        {
+            queue.revoke_key(&earlier.id).await?;
+        }
+    }
+    let (_, secret) = queue
+        .create_key(LOCAL_ENROLLMENT, &[sparkle_queue::Scope::Worker])
+        .await?;
+    let secret_file = dir.join("enrollment.secret");
+    crate::secrets::write_secret_file(&secret_file, format!("{}\n", secret.expose()).as_bytes())?;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let bound = start_worker_listener(config, loopback, api, tls, shutdown)?;
+    Ok(LocalPlane {
+        url: format!("https://{bound}"),
+        ca_file: cert,
+        secret_file,
+    })
 }
 
 /// Starts the delivery channels (Discord when configured, webhooks always) and the outbox's
@@ -464,10 +562,12 @@ fn start_scaler(
     config: &Config,
     common: &Common,
     queue: Arc<dyn Database>,
+    plane: &[OsString],
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let program = std::env::current_exe().context("cannot find the sparkle executable")?;
     let mut args: Vec<OsString> = vec!["worker".into(), "--stop-on-stdin-eof".into()];
+    args.extend(plane.iter().cloned());
     if let Some(file) = &common.config {
         args.extend(["--config".into(), file.clone().into_os_string()]);
     }

@@ -1,6 +1,6 @@
 //! Network layers: which process listens where, read from the kernel; and gateway, worker and
 //! client on separate network namespaces, where the client reaches the gateway's public port
-//! and nothing else, and the worker needs no network at all.
+//! and nothing else, and the worker reaches the worker listener and nothing else.
 
 use crate::support::{self, Service};
 use serde_json::{json, Value};
@@ -56,16 +56,16 @@ fn parse_address(hex: &str) -> Option<SocketAddr> {
 
 /// What process `pid`'s sockets are doing: (TCP listening addresses, TCP connections, UDP
 /// sockets), from `/proc/PID/net/*` joined with `/proc/PID/fd`.
-fn sockets_of(pid: u32) -> (Vec<SocketAddr>, usize, usize) {
+fn sockets_of(pid: u32) -> (Vec<SocketAddr>, Vec<SocketAddr>, usize) {
     let mine = socket_inodes(pid);
     let mut listening = Vec::new();
-    let (mut connected, mut udp) = (0, 0);
+    let (mut connected, mut udp) = (Vec::new(), 0);
     for table in ["tcp", "tcp6", "udp", "udp6"] {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(inode)) =
-                (fields.get(1), fields.get(3), fields.get(9))
+            let (Some(local), Some(remote), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
             else {
                 continue;
             };
@@ -75,7 +75,7 @@ fn sockets_of(pid: u32) -> (Vec<SocketAddr>, usize, usize) {
             match (table.starts_with("udp"), *state) {
                 (true, _) => udp += 1,
                 (false, "0A") => listening.extend(parse_address(local)),
-                (false, _) => connected += 1,
+                (false, _) => connected.extend(parse_address(remote)),
             }
         }
     }
@@ -111,13 +111,17 @@ async fn the_worker_listens_nowhere_and_metrics_listen_on_loopback_only() {
         .await;
     let workers = svc.worker_pids();
     assert!(!workers.is_empty(), "a worker runs");
+    // Workers listen nowhere; what they are connected to is the control plane's loopback
+    // worker listener, and only that.
+    let mut control_plane = HashSet::new();
     for worker in workers {
         let (listening, connected, udp) = sockets_of(worker);
         assert_eq!(
-            (listening.as_slice(), connected, udp),
-            (&[][..], 0, 0),
-            "worker {worker} holds sockets"
+            (listening.as_slice(), udp),
+            (&[][..], 0),
+            "worker {worker} listens"
         );
+        control_plane.extend(connected);
     }
     let gateway: SocketAddr = svc
         .url
@@ -132,9 +136,23 @@ async fn the_worker_listens_nowhere_and_metrics_listen_on_loopback_only() {
         .expect("addr");
     let (mut listening, _, udp) = sockets_of(svc.pid());
     listening.sort();
-    let mut expected = vec![gateway, metrics];
+    let loopback: Vec<SocketAddr> = listening
+        .iter()
+        .filter(|a| **a != gateway && **a != metrics)
+        .copied()
+        .collect();
+    assert_eq!(loopback.len(), 1, "one worker listener: {listening:?}");
+    assert!(loopback[0].ip().is_loopback(), "{loopback:?}");
+    assert!(
+        control_plane.iter().all(|a| *a == loopback[0]),
+        "workers talk to the worker listener alone: {control_plane:?}"
+    );
+    let mut expected = vec![gateway, metrics, loopback[0]];
     expected.sort();
-    assert_eq!(listening, expected, "the gateway and metrics, nothing else");
+    assert_eq!(
+        listening, expected,
+        "the gateway, metrics, the worker listener"
+    );
     assert!(metrics.ip().is_loopback(), "{metrics}");
     assert_eq!(udp, 0);
 }
@@ -181,6 +199,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 const CLIENT: &str = r#"
 import json, socket, ssl, sys, time, urllib.request
 url, cafile, key, admin_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+worker_host, worker_port = sys.argv[5].rsplit(":", 1)
 ctx = ssl.create_default_context(cafile=cafile)
 def call(method, path, body=None):
     req = urllib.request.Request(url + path, method=method,
@@ -209,11 +228,12 @@ if job["status"] == "succeeded":
     out["png"] = call("GET", "/v1/jobs/%s/images/0" % job["id"])[1][:8] == b"\x89PNG\r\n\x1a\n"
 host = url.split("//")[1].rsplit(":", 1)[0]
 out["admin_port_from_outside"] = reach(host, admin_port)
+out["worker_port_from_client"] = reach(worker_host, int(worker_port))
 print(json.dumps(out))
 "#;
 
 /// Starts `sparkle ARGS…` inside namespace `ns`.
-fn spawn_in(ns: &str, args: &[&str], log: &std::path::Path) -> Child {
+fn spawn_in(ns: &str, args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -225,6 +245,7 @@ fn spawn_in(ns: &str, args: &[&str], log: &std::path::Path) -> Child {
         .env("SPARKLE_WORKER__DEVICE", "cpu")
         .env("SPARKLE_QUEUE__LEASE_TIMEOUT_SECS", "10")
         .env("SPARKLE_WORKER__HEARTBEAT_SECS", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -254,22 +275,33 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
         ip(&["netns", "add", ns]).expect("netns add");
         net.names.push(ns.clone());
     }
-    // The gateway host and the client host share one link; the worker host has none.
+    // The gateway host shares one link with the client host (the public side) and another
+    // with the worker host (the workers' side); client and worker hosts share none.
     let subnet = format!("10.231.{}", tag % 250);
+    let worker_subnet = format!("10.232.{}", tag % 250);
     let (gw_if, cl_if) = (format!("spkg{tag}"), format!("spkc{tag}"));
+    let (gw_wk_if, wk_if) = (format!("spkv{tag}"), format!("spkw{tag}"));
     let gw_ip = format!("{subnet}.1");
+    let gw_worker_ip = format!("{worker_subnet}.1");
     for step in [
         vec![
             "link", "add", &gw_if, "type", "veth", "peer", "name", &cl_if,
         ],
         vec!["link", "set", &gw_if, "netns", &gw],
         vec!["link", "set", &cl_if, "netns", &cl],
+        vec![
+            "link", "add", &gw_wk_if, "type", "veth", "peer", "name", &wk_if,
+        ],
+        vec!["link", "set", &gw_wk_if, "netns", &gw],
+        vec!["link", "set", &wk_if, "netns", &wk],
     ] {
         ip(&step).expect("veth");
     }
     for (ns, dev, addr) in [
         (&gw, &gw_if, format!("{gw_ip}/24")),
         (&cl, &cl_if, format!("{subnet}.2/24")),
+        (&gw, &gw_wk_if, format!("{gw_worker_ip}/24")),
+        (&wk, &wk_if, format!("{worker_subnet}.2/24")),
     ] {
         ip(&["-n", ns, "addr", "add", &addr, "dev", dev]).expect("addr");
         ip(&["-n", ns, "link", "set", dev, "up"]).expect("up");
@@ -284,6 +316,7 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
     let model = support::tiny_model().to_str().expect("utf-8");
     let log = dir.path().join("sparkle.log");
     let listen = format!("{gw_ip}:0");
+    let worker_listen = format!("{gw_worker_ip}:8444");
     let mut gateway = spawn_in(
         &gw,
         &[
@@ -297,6 +330,7 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
             "--admin-listen",
             "127.0.0.1:0",
         ],
+        &[("SPARKLE_WORKER_LISTEN", worker_listen.as_str())],
         &log,
     );
     let lines = BufReader::new(gateway.stdout.take().expect("stdout"));
@@ -320,14 +354,53 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
         "the gateway did not start:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    // The worker's host holds its enrollment secret and the gateway's certificate, no more.
+    let (ok, secret, err) = support::sparkle(
+        &[
+            "enrollment",
+            "create",
+            "--name",
+            "namespaced",
+            "--data-dir",
+            data_arg,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let worker_host = dir.path().join("worker-host");
+    std::fs::create_dir_all(&worker_host).expect("worker host");
+    let secret_file = worker_host.join("enrollment.secret");
+    std::fs::write(&secret_file, secret).expect("secret");
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let cert = data.join("tls/cert.pem");
+    let worker_cert = worker_host.join("ca.pem");
+    std::fs::copy(&cert, &worker_cert).expect("copy the certificate");
+    let control_plane = format!("https://{worker_listen}");
+    let worker_data = worker_host.join("data");
     let worker = spawn_in(
         &wk,
-        &["worker", "--data-dir", data_arg, "--model", model],
+        &[
+            "worker",
+            "--control-plane",
+            &control_plane,
+            "--enrollment-token-file",
+            secret_file.to_str().expect("utf-8"),
+            "--ca-file",
+            worker_cert.to_str().expect("utf-8"),
+            "--data-dir",
+            worker_data.to_str().expect("utf-8"),
+            "--model",
+            model,
+        ],
+        &[],
         &log,
     );
     net.children.push(worker);
 
-    let cert = data.join("tls/cert.pem");
     let out = Command::new("ip")
         .args([
             "netns",
@@ -341,6 +414,7 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
             &key,
         ])
         .arg(admin_port.to_string())
+        .arg(&worker_listen)
         .output()
         .expect("client");
     let said = String::from_utf8_lossy(&out.stdout);
@@ -355,7 +429,11 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
     assert_eq!(seen["submitted"], 202, "{seen}");
     assert_eq!(
         seen["status"], "succeeded",
-        "the worker, with no network, did the job: {seen}"
+        "the worker, over the worker listener alone, did the job: {seen}"
+    );
+    assert_ne!(
+        seen["worker_port_from_client"], "open",
+        "the worker listener is not on the public side: {seen}"
     );
     assert_eq!(seen["png"], true, "{seen}");
     assert_eq!(
@@ -373,7 +451,24 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert_eq!(
         links.lines().count(),
-        1,
-        "the worker host has loopback only: {links}"
+        2,
+        "the worker host has loopback and its link to the gateway host: {links}"
+    );
+    // From the worker's host, the public listener is not there.
+    let public = format!("{gw_ip}:{port}");
+    let reach = Command::new("ip")
+        .args(["netns", "exec", &wk, "python3", "-c"])
+        .arg("import socket,sys\nh,p=sys.argv[1].rsplit(':',1)\ntry:\n socket.create_connection((h,int(p)),timeout=3).close(); print('open')\nexcept OSError as e: print('closed')")
+        .arg(&public)
+        .output()
+        .expect("reach");
+    assert_eq!(
+        String::from_utf8_lossy(&reach.stdout).trim(),
+        "closed",
+        "workers reach the worker listener only"
+    );
+    assert!(
+        !worker_data.join("sparkle.db").exists() && !worker_data.join("keyring").exists(),
+        "nothing of the deployment on the worker's host"
     );
 }
