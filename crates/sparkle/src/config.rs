@@ -411,6 +411,9 @@ pub struct WorkerConfig {
     /// can make, from its free memory. Reported to the gateways, which refuse larger
     /// requests at submit.
     pub max_pixels: u64,
+    /// Seconds a worker token the control plane issues lives (5 to 3600): a revoked
+    /// enrollment's workers stop at their next renewal, at two thirds of this.
+    pub token_lifetime_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -423,6 +426,7 @@ impl Default for WorkerConfig {
             device: "auto".into(),
             precision: "auto".into(),
             max_pixels: 0,
+            token_lifetime_secs: 900,
         }
     }
 }
@@ -546,6 +550,12 @@ impl Config {
         }
         if self.worker.max_batch == 0 {
             bail!("worker.max_batch must be at least 1");
+        }
+        if !(5..=3600).contains(&self.worker.token_lifetime_secs) {
+            bail!(
+                "worker.token_lifetime_secs must be 5 to 3600; got {}",
+                self.worker.token_lifetime_secs
+            );
         }
         if let Err(e) = self.worker.precision.parse::<sparkle_engine::Precision>() {
             bail!("worker.precision: {e}");

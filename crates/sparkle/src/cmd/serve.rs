@@ -256,7 +256,7 @@ async fn start_gateway(
         keys: queue.clone(),
         tokens: Arc::new(sparkle_store::WorkerTokens::new(
             keys.clone(),
-            sparkle_store::worker_tokens::DEFAULT_LIFETIME,
+            Duration::from_secs(config.worker.token_lifetime_secs),
         )),
     };
     if let Some(addr) = config.worker_listen {

@@ -173,3 +173,76 @@ async fn a_worker_elsewhere_completes_jobs_over_the_worker_protocol_alone() {
     assert!(log.contains("refused this worker"), "{log}");
     assert!(!log.contains(&key), "the secret is never logged: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_enrollment_stops_its_workers_at_their_next_renewal() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let svc = Service::start(&[
+        ("SPARKLE_WORKER_LISTEN", listen.as_str()),
+        ("SPARKLE_SCALER__MAX_WORKERS", "0"),
+        ("SPARKLE_WORKER__TOKEN_LIFETIME_SECS", "6"),
+    ])
+    .await;
+    let data = svc.data_dir().to_string_lossy().into_owned();
+    let (ok, secret, err) = sparkle(
+        &[
+            "enrollment",
+            "create",
+            "--name",
+            "gpu-2",
+            "--data-dir",
+            &data,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let file = secret_file(elsewhere.path(), secret.trim());
+    let worker_data = elsewhere.path().join("data");
+    let url = format!("https://{listen}");
+    let mut worker = remote_worker(&url, &file, &svc.certificate(), &worker_data);
+    let key = svc.create_key("revocation").await;
+    let (status, job) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a mill", "size": "64x64", "steps": 2}),
+            Some(&key),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id");
+    svc.wait_for(id, &key, |j| j["status"] == "succeeded").await;
+
+    let (_, listed, _) = sparkle(&["enrollment", "list", "--data-dir", &data], &[]);
+    let enrollment = listed
+        .lines()
+        .find(|l| l.contains("gpu-2"))
+        .and_then(|l| l.split('\t').next())
+        .expect("the enrollment listed")
+        .to_string();
+    let (ok, _, err) = sparkle(
+        &["enrollment", "revoke", &enrollment, "--data-dir", &data],
+        &[],
+    );
+    assert!(ok, "{err}");
+    // A token lives 6 s and is renewed after 4: the worker stops within a lifetime.
+    let revoked = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(30),
+            "the worker of a revoked enrollment keeps running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    assert!(
+        revoked.elapsed() <= Duration::from_secs(8),
+        "{:?}",
+        revoked.elapsed()
+    );
+    let log = std::fs::read_to_string(worker_data.join("worker.log")).unwrap_or_default();
+    assert!(log.contains("refused this worker"), "{log}");
+}
