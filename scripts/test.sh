@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the queue conformance suite against SQLite and against a real
-# PostgreSQL (a throwaway server started here by scripts/postgres.sh, TLS on), and
+# PostgreSQL (a throwaway server started here by scripts/postgres.sh, TLS on), images in an
+# S3-compatible bucket (moto's server, started by scripts/s3.sh, TLS on), and
 # end-to-end tests that start the real binary on loopback with the tiny model and speak to
 # it with real clients (reqwest, the official `openai` Python package, and the Standard
 # Webhooks reference library `standardwebhooks`, installed here into target/).
@@ -8,15 +9,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v python3 >/dev/null || { echo "python3 is needed by the end-to-end tests" >&2; exit 1; }
 venv=target/test-python
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, standardwebhooks" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai, standardwebhooks, moto.server, flask_cors" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "standardwebhooks>=1.0,<2"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "standardwebhooks>=1.0,<2" \
+    "moto[server]>=5,<6"
 fi
 export OPENAI_CLIENT_PYTHON=$PWD/$venv/bin/python
-# One database server for the whole run; every test works in a schema or database of its own.
+# One database server and one S3 server for the whole run; every test works in a schema,
+# database or key prefix of its own.
 pg_dir=$(mktemp -d /tmp/sparkle-test-pg.XXXXXX)
-trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+s3_dir=$(mktemp -d /tmp/sparkle-test-s3.XXXXXX)
+trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; scripts/s3.sh stop "$s3_dir" || true; rm -rf "$pg_dir" "$s3_dir"' EXIT
 settings=$(scripts/postgres.sh start "$pg_dir")
+settings+=$'\n'$(scripts/s3.sh start "$s3_dir" "$venv/bin/python")
 while IFS='=' read -r name value; do
   export "$name=$value"
 done <<<"$settings"

@@ -48,6 +48,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub gateway: GatewayConfig,
     pub database: DatabaseConfig,
+    pub store: StoreConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub scaler: ScalerConfig,
@@ -342,6 +343,22 @@ pub struct DatabaseConfig {
     pub max_connections: Option<usize>,
 }
 
+/// Where images live: unset, `data_dir/images`; `url = "s3://BUCKET/PREFIX"`, an
+/// S3-compatible bucket (TLS verified, SSE-S3 asked for, every image sealed here first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub url: Option<String>,
+    /// `https://HOST[:PORT]` of an S3-compatible service; unset: AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// An AWS shared-credentials file (`aws_access_key_id`, `aws_secret_access_key`),
+    /// owner-only; unset: the standard AWS chain (environment, web identity, instance role).
+    pub credentials_file: Option<PathBuf>,
+    /// The CA that signed the endpoint's certificate (PEM); unset: the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
 impl std::fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection string may hold a password: only its hosts are shown.
@@ -470,6 +487,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             gateway: GatewayConfig::default(),
             database: DatabaseConfig::default(),
+            store: StoreConfig::default(),
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
             scaler: ScalerConfig::default(),
@@ -550,6 +568,21 @@ impl Config {
         }
         if self.worker.max_batch == 0 {
             bail!("worker.max_batch must be at least 1");
+        }
+        if let Some(url) = &self.store.url {
+            if !url.starts_with("s3://") || url.len() <= "s3://".len() {
+                bail!("store.url must be s3://BUCKET[/PREFIX]; got {url:?}");
+            }
+            if self
+                .store
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| !e.starts_with("https://"))
+            {
+                bail!("store.endpoint must be https:// (TLS is always verified)");
+            }
+        } else if self.store.endpoint.is_some() || self.store.credentials_file.is_some() {
+            bail!("store.endpoint and store.credentials_file need store.url = \"s3://BUCKET[/PREFIX]\"");
         }
         if !(5..=3600).contains(&self.worker.token_lifetime_secs) {
             bail!(

@@ -25,6 +25,30 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Where an S3-compatible store is and how to reach it.
+pub struct S3Options {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// `https://HOST[:PORT]` of an S3-compatible service; unset: AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// The CA that signed the endpoint's certificate; unset: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Access key id and secret; unset: the standard AWS chain (environment, web identity,
+    /// instance metadata).
+    pub credentials: Option<(String, zeroize::Zeroizing<String>)>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot prepare the image directory {path}: {source}")]
@@ -34,6 +58,8 @@ pub enum StoreError {
     },
     #[error("image store: {0}")]
     Backend(#[from] object_store::Error),
+    #[error("{0}")]
+    Config(String),
     #[error("image {name}: {source}")]
     Seal { name: String, source: SealError },
     #[error("image {name} could not be synced to disk: {source}")]
@@ -143,6 +169,14 @@ fn seal_error(name: &ObjectPath) -> impl FnOnce(SealError) -> StoreError + '_ {
     }
 }
 
+/// The setting that asks for server-side encryption on every write.
+fn sse_key() -> object_store::aws::AmazonS3ConfigKey {
+    match "aws_server_side_encryption".parse() {
+        Ok(key) => key,
+        Err(_) => unreachable!("object_store names the server-side encryption setting"),
+    }
+}
+
 impl ObjectImageStore {
     pub fn new(inner: Arc<dyn ObjectStore>, keys: Arc<Keys>) -> Self {
         ObjectImageStore {
@@ -169,6 +203,61 @@ impl ObjectImageStore {
         let mut store = ObjectImageStore::new(Arc::new(fs), keys);
         store.local_root = Some(dir.canonicalize().map_err(directory)?);
         Ok(store)
+    }
+
+    /// A store in an S3-compatible bucket: `url` is `s3://BUCKET[/PREFIX]`. TLS is always
+    /// verified (against `s3.ca_file` when given, the system's roots otherwise), plaintext
+    /// endpoints are refused, and server-side encryption (SSE-S3) is asked for on every
+    /// write, beneath the sealing every image gets here.
+    pub fn s3(s3: &S3Options, keys: Arc<Keys>) -> Result<Self, StoreError> {
+        use object_store::aws::AmazonS3Builder;
+        let invalid = |reason: String| StoreError::Config(reason);
+        let rest = s3
+            .url
+            .strip_prefix("s3://")
+            .ok_or_else(|| invalid("store.url must be s3://BUCKET[/PREFIX]".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(invalid("store.url names no bucket".into()));
+        }
+        let mut options = object_store::ClientOptions::new().with_allow_http(false);
+        if let Some(path) = &s3.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid(format!("store.ca_file {}: {e}", path.display())))?;
+            let certificate = object_store::Certificate::from_pem(&pem)
+                .map_err(|e| invalid(format!("store.ca_file {}: {e}", path.display())))?;
+            options = options.with_root_certificate(certificate);
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_client_options(options)
+            .with_config(sse_key(), "AES256");
+        if let Some(endpoint) = &s3.endpoint {
+            if !endpoint.starts_with("https://") {
+                return Err(invalid("store.endpoint must be https://".into()));
+            }
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(region) = &s3.region {
+            builder = builder.with_region(region);
+        }
+        if let Some((id, secret)) = &s3.credentials {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret.as_str());
+        }
+        let bucket_store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+        let inner: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
+            bucket_store
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(
+                bucket_store,
+                prefix.trim_matches('/'),
+            ))
+        };
+        Ok(ObjectImageStore::new(inner, keys))
     }
 
     /// Counts the stored images by the master key they are sealed under, reading only

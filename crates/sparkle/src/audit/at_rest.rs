@@ -3,7 +3,6 @@
 use super::{mode_of, Check, Depth};
 use crate::config::{Config, Profile};
 use sparkle_store::seal::{Keyring, Keys};
-use sparkle_store::ObjectImageStore;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -143,10 +142,10 @@ async fn images_by_key(
     config: &Config,
     ring: &Keyring,
 ) -> anyhow::Result<(BTreeMap<String, u64>, u64)> {
-    if !config.images_dir().exists() {
+    if config.store.url.is_none() && !config.images_dir().exists() {
         return Ok((BTreeMap::new(), 0));
     }
-    let store = ObjectImageStore::local(&config.images_dir(), Arc::new(Keys::fixed(ring.clone())))?;
+    let store = crate::cmd::open_store(config, Arc::new(Keys::fixed(ring.clone())))?;
     let usage = store.key_usage().await?;
     let by_key = usage
         .by_key

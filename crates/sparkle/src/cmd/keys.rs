@@ -74,10 +74,7 @@ fn list(config: &Config) -> anyhow::Result<()> {
 
 /// What stores sealed data, opened with `ring`.
 fn images(config: &Config, ring: Keyring) -> anyhow::Result<ObjectImageStore> {
-    Ok(ObjectImageStore::local(
-        &config.images_dir(),
-        Arc::new(Keys::fixed(ring)),
-    )?)
+    super::open_store(config, Arc::new(Keys::fixed(ring)))
 }
 
 /// The metadata database, its fields opened with `ring`.

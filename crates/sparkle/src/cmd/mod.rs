@@ -129,3 +129,51 @@ pub fn catalog(model_dir: &Path) -> anyhow::Result<Catalog> {
         models: vec![entry],
     })
 }
+
+/// The image store the configuration names: S3-compatible by `store.url`, else the local
+/// directory.
+pub fn open_store(
+    config: &Config,
+    keys: Arc<Keys>,
+) -> anyhow::Result<sparkle_store::ObjectImageStore> {
+    let s = &config.store;
+    let Some(url) = &s.url else {
+        return Ok(sparkle_store::ObjectImageStore::local(
+            &config.images_dir(),
+            keys,
+        )?);
+    };
+    let credentials = match &s.credentials_file {
+        Some(path) => Some(read_credentials(path)?),
+        None => None,
+    };
+    let options = sparkle_store::S3Options {
+        url: url.clone(),
+        endpoint: s.endpoint.clone(),
+        region: s.region.clone(),
+        ca_file: s.ca_file.clone(),
+        credentials,
+    };
+    Ok(sparkle_store::ObjectImageStore::s3(&options, keys)?)
+}
+
+/// The access key of an AWS shared-credentials file (its first profile).
+fn read_credentials(path: &Path) -> anyhow::Result<(String, zeroize::Zeroizing<String>)> {
+    let text = crate::secrets::read_secret_file(path)
+        .with_context(|| format!("store.credentials_file {}", path.display()))?;
+    let value = |name: &str| {
+        text.lines()
+            .filter_map(|line| line.split_once('='))
+            .find(|(key, _)| key.trim() == name)
+            .map(|(_, value)| value.trim().to_string())
+    };
+    match (value("aws_access_key_id"), value("aws_secret_access_key")) {
+        (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => {
+            Ok((id, zeroize::Zeroizing::new(secret)))
+        }
+        _ => anyhow::bail!(
+            "store.credentials_file {} must hold aws_access_key_id and aws_secret_access_key",
+            path.display()
+        ),
+    }
+}

@@ -8,7 +8,7 @@ use sparkle_gateway::{GatewayOptions, GatewayState};
 use sparkle_queue::{Database, JobQueue, Scope};
 use sparkle_scaler::{LocalProcesses, Policy};
 use sparkle_store::seal::Keys;
-use sparkle_store::{ImageLinks, ImageStore, ObjectImageStore};
+use sparkle_store::{ImageLinks, ImageStore};
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,8 +246,7 @@ async fn start_gateway(
     let tls = sparkle_gateway::tls::server_config(Arc::new(certificate))
         .context("cannot configure TLS")?;
     let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
-    let store: Arc<dyn ImageStore> =
-        Arc::new(ObjectImageStore::local(&config.images_dir(), keys.clone())?);
+    let store: Arc<dyn ImageStore> = Arc::new(super::open_store(config, keys.clone())?);
     let plane = crate::worker_listener::WorkerApi {
         plane: Arc::new(sparkle_worker::Embedded::new(
             queue.clone() as Arc<dyn JobQueue>,

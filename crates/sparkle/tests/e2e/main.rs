@@ -14,6 +14,7 @@ mod models;
 mod network;
 mod postgres;
 mod remote_worker;
+mod s3;
 mod secrets_in_logs;
 mod security;
 mod service;
