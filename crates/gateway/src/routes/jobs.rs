@@ -227,14 +227,22 @@ pub async fn owned_job(state: &GatewayState, caller: &Caller, id: &str) -> Resul
 
 /// The JSON shape of a job, shared by every route that shows one: its queue position and
 /// its deliveries read now.
+///
+/// A queued job that has no position any more was leased (or cancelled) between the read and
+/// the count: it is read again, so the answer never says `queued` without a position.
 pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError> {
     let mut placed = None;
+    let mut moved_on = None;
     if job.status == JobStatus::Queued {
-        if let Some(ahead) = state.queue.position(job.id).await? {
-            let stats = state.queue.stats().await?;
-            placed = Some((ahead, sparkle_delivery::events::eta_from(&stats, ahead)));
+        match state.queue.position(job.id).await? {
+            Some(ahead) => {
+                let stats = state.queue.stats().await?;
+                placed = Some((ahead, sparkle_delivery::events::eta_from(&stats, ahead)));
+            }
+            None => moved_on = state.queue.get(job.id).await?,
         }
     }
+    let job = moved_on.as_ref().unwrap_or(job);
     let deliveries = state.outbox.deliveries_of(job.id).await?;
     Ok(render(state, job, placed, Some(&deliveries)))
 }
