@@ -98,6 +98,35 @@ pub fn admin(config: &Config) -> Check {
     }
 }
 
+/// The worker protocol's listener stays on the workers' network: workers pull work and
+/// need no inbound port, and nothing else needs to reach it.
+pub fn workers(config: &Config) -> Check {
+    const NAME: &str = "worker-listener";
+    let lifetime = config.worker.token_lifetime_secs;
+    let Some(addr) = config.worker_listen else {
+        return Check::pass(
+            NAME,
+            "no worker_listen: only the local workers of `sparkle up`, over loopback",
+        );
+    };
+    match reach(addr) {
+        Ok(where_) => Check::pass(
+            NAME,
+            format!(
+                "the worker protocol listens on {addr} ({where_}); workers enroll with a secret \
+                 and hold tokens of {lifetime} s"
+            ),
+        ),
+        Err(where_) => Check::fail(
+            NAME,
+            format!(
+                "the worker protocol listens on {addr} ({where_}); bind worker_listen to the \
+                 workers' network only"
+            ),
+        ),
+    }
+}
+
 /// Every API route needs a key; keys are stored hashed.
 pub async fn api_keys(config: &Config, depth: Depth) -> Check {
     const NAME: &str = "api-keys";

@@ -144,6 +144,7 @@ pub async fn gather(config: &Config, depth: Depth) -> Report {
     checks.push(transit::database(config, depth, now()).await);
     checks.push(transit::database_role(config, depth).await);
     checks.push(access::admin(config));
+    checks.push(access::workers(config));
     checks.push(at_rest::images(config));
     checks.push(access::api_keys(config, depth).await);
     checks.push(access::limits(config));

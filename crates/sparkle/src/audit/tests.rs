@@ -323,3 +323,19 @@ fn the_dev_profile_facing_a_network_fails_and_open_data_directories_fail() {
     let line = access::limits(&config);
     assert!(line.failed() && !line.is_critical(), "{line}");
 }
+
+#[tokio::test]
+async fn a_worker_listener_off_the_workers_network_fails_the_audit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = production(dir.path());
+    assert!(!access::workers(&config).failed(), "none configured");
+    config.worker_listen = Some("10.0.0.5:8444".parse().expect("addr"));
+    assert!(!access::workers(&config).failed(), "a private network");
+    for public in ["0.0.0.0:8444", "203.0.113.7:8444"] {
+        config.worker_listen = Some(public.parse().expect("addr"));
+        let line = access::workers(&config);
+        assert!(line.failed() && !line.is_critical(), "{line}");
+    }
+    let report = gather(&config, Depth::Startup).await;
+    assert!(check(&report, "worker-listener").failed());
+}
