@@ -13,5 +13,7 @@ mod scheduler;
 
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
-pub use request::{Catalog, ImageRequest, Limits, ModelEntry, RequestParts, ValidImageRequest};
+pub use request::{
+    is_model_name, Catalog, ImageRequest, Limits, ModelEntry, RequestParts, ValidImageRequest,
+};
 pub use scheduler::Scheduler;

@@ -138,6 +138,14 @@ pub struct RequestParts {
     pub n: u32,
 }
 
+/// A model's name: up to 200 characters, none of them `|` (batch keys are `|`-separated) or
+/// a control character.
+pub fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 200
+        && !name.chars().any(|c| c == '|' || c.is_control())
+}
+
 /// The bounds no deployment's limits go beyond.
 const MAX_SIDE: u32 = 8192;
 const MAX_STEPS: u32 = 1000;
@@ -181,6 +189,9 @@ impl ValidImageRequest {
         }
         if parts.model.is_empty() {
             return bad("model", "the model must be named".into());
+        }
+        if !is_model_name(&parts.model) {
+            return bad("model", format!("{:?} is not a model name", parts.model));
         }
         if parts.prompt.len() > MAX_PROMPT_BYTES || parts.negative_prompt.len() > MAX_PROMPT_BYTES {
             return bad(

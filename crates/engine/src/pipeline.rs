@@ -322,8 +322,9 @@ impl Engine {
         free.saturating_sub(reserve) / decode.max(denoise).max(1)
     }
 
-    /// Bytes free for work on this device now.
-    fn free_memory(&self) -> u64 {
+    /// Bytes free for work on this device now (on the CPU, what the system says is
+    /// available).
+    pub fn free_memory(&self) -> u64 {
         #[cfg(feature = "cuda")]
         if !self.device.is_cpu() {
             if let Ok((free, _)) = candle_core::cuda::cudarc::driver::result::mem_get_info() {

@@ -83,6 +83,7 @@ checks!(
     a_stale_lease_cannot_complete,
     release_returns_the_job_without_spending_an_attempt,
     batch_lease_takes_only_compatible_jobs,
+    a_worker_leases_only_the_models_it_asks_for,
     stats_and_positions_describe_the_backlog,
     fresh_end_users_do_not_take_a_key_past_another_key,
     a_share_that_starts_waiting_queues_behind_those_waiting,
@@ -575,6 +576,62 @@ async fn batch_lease_takes_only_compatible_jobs<Q: JobQueue>(q: Q, _c: ManualClo
         .await
         .expect("lease")
         .is_empty());
+}
+
+/// A small valid job in `group` for `model`.
+pub fn job_for_model(group: &str, prompt: &str, model: &str) -> NewJob {
+    let mut job = new_job(group, prompt);
+    job.request.model = model.to_string();
+    job
+}
+
+async fn a_worker_leases_only_the_models_it_asks_for<Q: JobQueue>(q: Q, _c: ManualClock) {
+    q.enqueue(job_for_model("alice", "a-xl", "sdxl"))
+        .await
+        .expect("enqueue");
+    q.enqueue(job_for_model("alice", "a-15", "sd15"))
+        .await
+        .expect("enqueue");
+    q.enqueue(job_for_model("bob", "b-xl", "sdxl"))
+        .await
+        .expect("enqueue");
+    q.enqueue(job_for_model("carol", "c-15", "sd15"))
+        .await
+        .expect("enqueue");
+    q.enqueue(job_for_model("alice", "a-15b", "sd15"))
+        .await
+        .expect("enqueue");
+    let only = |models: &[&str]| models.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+
+    // Nothing of a model no one asked for, ever.
+    assert!(q
+        .lease_models("w", &only(&["sd2"]), 8, VIS)
+        .await
+        .expect("lease")
+        .is_empty());
+    // Alice's sdxl job is her group's head, yet a worker of sd15 takes her sd15 jobs (FIFO
+    // among them), in turn with carol's.
+    let sd15 = q
+        .lease_models("w15", &only(&["sd15"]), 8, VIS)
+        .await
+        .expect("lease");
+    let prompts: Vec<_> = sd15.iter().map(|l| l.job.request.prompt.as_str()).collect();
+    assert_eq!(prompts, ["a-15", "c-15", "a-15b"]);
+    assert!(sd15.iter().all(|l| l.job.request.model == "sd15"));
+    // A worker of both takes the next in turn of either: bob's share comes before alice's
+    // second turn.
+    let both = q
+        .lease_models("wx", &only(&["sd15", "sdxl"]), 1, VIS)
+        .await
+        .expect("lease");
+    assert_eq!(both.len(), 1);
+    assert_eq!(both[0].job.request.model, "sdxl");
+    let rest = q
+        .lease_models("wx", &only(&["sdxl"]), 8, VIS)
+        .await
+        .expect("lease");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(q.stats().await.expect("stats").queued, 0);
 }
 
 async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualClock) {

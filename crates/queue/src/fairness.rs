@@ -107,6 +107,60 @@ pub(crate) async fn next_job(tx: &mut SqliteConnection) -> Result<Option<Next>, 
     }))
 }
 
+/// The model a batch key names (`MODEL|WxH|STEPS|SCHEDULER`), as the `model` column reads it.
+pub(crate) fn model_of(batch_key: &str) -> &str {
+    batch_key.split('|').next().unwrap_or(batch_key)
+}
+
+/// The job whose turn it is among the jobs of `models`: the waiting share with the oldest
+/// stamp that has one, its group with the oldest stamp that has one, that group's oldest.
+/// The job in turn overall is taken when it is of one of them (the common case costs what
+/// [`next_job`] costs); else at most [`BATCH_SHARES`] shares are looked at.
+pub(crate) async fn next_job_of(
+    tx: &mut SqliteConnection,
+    models: &[String],
+) -> Result<Option<Next>, QueueError> {
+    match next_job(&mut *tx).await? {
+        None => return Ok(None),
+        Some(next) if models.iter().any(|m| m == model_of(&next.batch_key)) => {
+            return Ok(Some(next))
+        }
+        Some(_) => {}
+    }
+    let models = serde_json::to_string(models).map_err(|e| QueueError::Corrupt {
+        id: "models".into(),
+        reason: e.to_string(),
+    })?;
+    let shares: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM shares WHERE queued > 0 ORDER BY last_served LIMIT ?1",
+    )
+    .bind(BATCH_SHARES)
+    .fetch_all(&mut *tx)
+    .await?;
+    for share in shares {
+        let row = sqlx::query(
+            "SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
+                JOIN groups ON groups.name = jobs.group_key
+             WHERE jobs.status = 'queued' AND jobs.share_key = ?1
+               AND jobs.model IN (SELECT value FROM json_each(?2))
+             ORDER BY groups.last_served, jobs.seq LIMIT 1",
+        )
+        .bind(&share)
+        .bind(&models)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Some(Next {
+                id: row.try_get("id")?,
+                batch_key: row.try_get("batch_key")?,
+                group: row.try_get("group_key")?,
+                share,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// Shares looked at when filling a batch with jobs of one batch key.
 pub(crate) const BATCH_SHARES: i64 = 256;
 

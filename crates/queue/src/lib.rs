@@ -95,6 +95,27 @@ macro_rules! database {
 database!(SqliteQueue);
 database!(PgQueue);
 
+/// Which queued jobs an ask for leases takes first (the rest of its batch has the first's
+/// batch key).
+#[derive(Debug, Clone)]
+pub(crate) enum Pick {
+    /// The next job in turn, of any model.
+    Any,
+    /// The next job in turn among those of these models.
+    Models(Vec<String>),
+    /// The next job in turn with this batch key: a batch being filled.
+    Compatible(String),
+}
+
+impl Pick {
+    pub(crate) fn batch_key(&self) -> Option<&str> {
+        match self {
+            Pick::Compatible(key) => Some(key),
+            Pick::Any | Pick::Models(_) => None,
+        }
+    }
+}
+
 /// The durable queue of image jobs. See the crate documentation for the life of a job.
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
@@ -115,6 +136,17 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn lease(
         &self,
         worker: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError>;
+
+    /// As [`lease`](JobQueue::lease), among the queued jobs of `models` only: a worker that
+    /// serves some of the deployment's models, or prefers those it has loaded. FIFO holds
+    /// within each group's jobs of those models.
+    async fn lease_models(
+        &self,
+        worker: &str,
+        models: &[String],
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError>;

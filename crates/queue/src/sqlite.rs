@@ -12,6 +12,7 @@ use crate::group_commit::{answer, Completion, Prepared, Submits, Writer, Written
 use crate::job_row::{
     kept_images, parse_id, random_lease_id, status_of_row, JobColumns, JOB_COLUMNS,
 };
+use crate::Pick;
 use crate::{
     CancelOutcome, Clock, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobQueue,
     KeptImages, Lease, LeaseToken, NewJob, QueueError, QueueStats, SystemClock,
@@ -411,7 +412,18 @@ impl JobQueue for SqliteQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        self.lease_where(worker, max, visibility, None).await
+        self.lease_where(worker, max, visibility, Pick::Any).await
+    }
+
+    async fn lease_models(
+        &self,
+        worker: &str,
+        models: &[String],
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        self.lease_where(worker, max, visibility, Pick::Models(models.to_vec()))
+            .await
     }
 
     async fn lease_compatible(
@@ -421,8 +433,13 @@ impl JobQueue for SqliteQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        self.lease_where(worker, max, visibility, Some(batch_key.to_string()))
-            .await
+        self.lease_where(
+            worker,
+            max,
+            visibility,
+            Pick::Compatible(batch_key.to_string()),
+        )
+        .await
     }
 
     async fn heartbeat(
@@ -632,7 +649,7 @@ impl JobQueue for SqliteQueue {
             .await?;
         sqlx::query(
             "INSERT INTO worker_capacity (worker, model, pixels, reported_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (worker) DO UPDATE SET model = ?2, pixels = ?3, reported_at = ?4",
+             ON CONFLICT (worker, model) DO UPDATE SET pixels = ?3, reported_at = ?4",
         )
         .bind(worker)
         .bind(model)
@@ -780,20 +797,20 @@ impl JobQueue for SqliteQueue {
 }
 
 impl SqliteQueue {
-    /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
-    /// leased, or with `batch_key` when given. Leases are committed in groups.
+    /// Leases up to `max` jobs in fairness order, as `pick` says; all with the batch key of
+    /// the first one leased. Leases are committed in groups.
     async fn lease_where(
         &self,
         worker: &str,
         max: usize,
         visibility: Duration,
-        batch_key: Option<String>,
+        pick: Pick,
     ) -> Result<Vec<Lease>, QueueError> {
         let lease_now = self.lease_now().await?;
         let ask = LeaseAsk {
             worker: worker.to_string(),
             max,
-            batch_key,
+            pick,
             until: lease_now + visibility.as_millis() as i64,
             now: self.now(),
             lease_now,
@@ -835,7 +852,7 @@ async fn reclaim_in(
 pub(crate) struct LeaseAsk {
     worker: String,
     max: usize,
-    batch_key: Option<String>,
+    pick: Pick,
     until: i64,
     now: i64,
     lease_now: i64,
@@ -887,18 +904,19 @@ async fn lease_group(
     Ok(outcomes)
 }
 
-/// In `tx`: leases up to `ask.max` jobs in fairness order; all with the batch key of the
-/// first one leased, or with the ask's.
+/// In `tx`: leases up to `ask.max` jobs in fairness order, as the ask picks them; all with
+/// the batch key of the first one leased.
 async fn lease_for(
     tx: &mut sqlx::SqliteConnection,
     ask: &LeaseAsk,
 ) -> Result<Vec<LeaseToken>, QueueError> {
-    let mut batch_key = ask.batch_key.clone();
+    let mut batch_key = ask.pick.batch_key().map(str::to_string);
     let mut tokens = Vec::new();
     while tokens.len() < ask.max {
-        let next = match &batch_key {
-            None => crate::fairness::next_job(&mut *tx).await?,
-            Some(key) => crate::fairness::next_compatible(&mut *tx, key).await?,
+        let next = match (&batch_key, &ask.pick) {
+            (Some(key), _) => crate::fairness::next_compatible(&mut *tx, key).await?,
+            (None, Pick::Models(models)) => crate::fairness::next_job_of(&mut *tx, models).await?,
+            (None, _) => crate::fairness::next_job(&mut *tx).await?,
         };
         let Some(next) = next else { break };
         let lease_id = random_lease_id();

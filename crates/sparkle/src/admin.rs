@@ -12,6 +12,10 @@
 //! | `sparkle_requests_refused_total{code}` | counter | error answers, by error code |
 //! | `sparkle_connections_open` | gauge | connections admitted to the public listener and still open |
 //! | `sparkle_connections_refused_total{reason}` | counter | connections closed at once: `max_connections`, `max_connections_per_ip` |
+//! | `sparkle_model_load_seconds{model}` | summary | how long workers took to load a model |
+//! | `sparkle_model_loads_total{model}`, `sparkle_model_swaps_total{model}` | counter | model loads reported by workers; those that unloaded another model |
+//!
+//! The README's table has every metric.
 
 use anyhow::Context;
 use axum::routing::get;

@@ -43,8 +43,12 @@ pub struct Config {
     /// The worker protocol's listener (HTTPS), for `sparkle worker --control-plane` on other
     /// machines; unset: none. Reachable by the workers' network only.
     pub worker_listen: Option<SocketAddr>,
-    /// The model the workers serve: a diffusers-layout directory or a single-file checkpoint.
+    /// The default model: a diffusers-layout directory or a single-file checkpoint (or a
+    /// directory of them, the first by name being the default).
     pub model: Option<PathBuf>,
+    /// More models the deployment serves, after `model`: each a model or a directory of
+    /// models. Requests name one (`model`); workers keep the most recently used loaded.
+    pub models: Vec<PathBuf>,
     pub tls: TlsConfig,
     pub gateway: GatewayConfig,
     pub database: DatabaseConfig,
@@ -428,6 +432,9 @@ pub struct WorkerConfig {
     /// can make, from its free memory. Reported to the gateways, which refuse larger
     /// requests at submit.
     pub max_pixels: u64,
+    /// Most models a worker keeps loaded at once; 0: as many as its device's memory holds.
+    /// A job for a model not loaded loads it, unloading the least recently used first.
+    pub max_loaded_models: usize,
     /// Seconds a worker token the control plane issues lives (5 to 3600): a revoked
     /// enrollment's workers stop at their next renewal, at two thirds of this.
     pub token_lifetime_secs: u64,
@@ -443,6 +450,7 @@ impl Default for WorkerConfig {
             device: "auto".into(),
             precision: "auto".into(),
             max_pixels: 0,
+            max_loaded_models: 0,
             token_lifetime_secs: 900,
         }
     }
@@ -484,6 +492,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             worker_listen: None,
             model: None,
+            models: Vec::new(),
             tls: TlsConfig::default(),
             gateway: GatewayConfig::default(),
             database: DatabaseConfig::default(),
@@ -521,6 +530,8 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<PathBuf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Profile>,
 }
@@ -767,11 +778,52 @@ impl Config {
         Ok(())
     }
 
-    pub fn model_dir(&self) -> anyhow::Result<&Path> {
-        self.model.as_deref().context(
-            "no model configured: pass --model PATH (a diffusers-layout directory or a single-file .safetensors checkpoint; `sparkle model tiny DIR` makes a small test model)",
-        )
+    /// Every model served, the default first: `model`, then `models`, each directory of
+    /// models opened up into its models (sorted by name).
+    pub fn model_paths(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let Some(first) = &self.model else {
+            if self.models.is_empty() {
+                bail!("no model configured: pass --model PATH (a diffusers-layout directory or a single-file .safetensors checkpoint; `sparkle model tiny DIR` makes a small test model)");
+            }
+            bail!("`models` lists more models but `model`, the default, is not set");
+        };
+        let mut paths = Vec::new();
+        for entry in std::iter::once(first).chain(&self.models) {
+            for path in models_at(entry)? {
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+        }
+        Ok(paths)
     }
+}
+
+/// The models at `path`: itself when it is one, else the models in the directory it is.
+fn models_at(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() || path.join("model_index.json").is_file() {
+        if !path.exists() {
+            bail!("no model at {}", path.display());
+        }
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list the models in {}", path.display()))?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.join("model_index.json").is_file()
+                || (p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        bail!(
+            "{} is neither a model (no model_index.json) nor a directory of models",
+            path.display()
+        );
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -46,9 +46,11 @@ pub struct Serve {
     /// Admin listener (metrics), loopback by default.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<std::net::SocketAddr>,
-    /// The model: a directory in the diffusers layout or a single-file .safetensors checkpoint.
+    /// A model to serve: a directory in the diffusers layout, a single-file .safetensors
+    /// checkpoint, or a directory of such models. Repeat it to serve several; the first is
+    /// the default for requests that name none.
     #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
+    model: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

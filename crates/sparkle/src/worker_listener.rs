@@ -81,6 +81,9 @@ impl From<PlaneError> for Refusal {
             }
             PlaneError::Unauthorized(why) => Refusal(StatusCode::UNAUTHORIZED, "unauthorized", why),
             PlaneError::Refused(why) => Refusal(StatusCode::UNPROCESSABLE_ENTITY, "refused", why),
+            PlaneError::ModelsNotServed(why) => {
+                Refusal(StatusCode::UNPROCESSABLE_ENTITY, "models_not_served", why)
+            }
         }
     }
 }
@@ -141,6 +144,21 @@ fn worker_name(enrolled: &Enrolled, worker: &str) -> Result<String, Refusal> {
     Ok(format!("{}/{worker}", enrolled.0))
 }
 
+/// Most models a worker may name in one call.
+const MAX_MODELS: usize = 256;
+
+fn model_names(field: &str, names: &[String]) -> Result<(), Refusal> {
+    if names.len() > MAX_MODELS {
+        return Err(bad_request(format!(
+            "{field} names at most {MAX_MODELS} models"
+        )));
+    }
+    match names.iter().find(|n| !sparkle_core::is_model_name(n)) {
+        Some(bad) => Err(bad_request(format!("{field}: {bad:?} is not a model name"))),
+        None => Ok(()),
+    }
+}
+
 fn lease_token(job_id: &str, lease_id: &str) -> Result<LeaseToken, Refusal> {
     Ok(LeaseToken {
         job_id: job_id
@@ -182,9 +200,20 @@ async fn capacity(
     Json(report): Json<CapacityReport>,
 ) -> Result<StatusCode, Refusal> {
     let worker = worker_name(&enrolled, &report.worker)?;
-    api.plane
-        .report_capacity(&worker, &report.model, report.pixels)
-        .await?;
+    model_names("model", std::slice::from_ref(&report.model))?;
+    model_names("evicted", &report.evicted)?;
+    if !(report.load_secs.is_finite() && report.load_secs >= 0.0) {
+        return Err(bad_request(
+            "load_secs must be a number of seconds, 0 or more",
+        ));
+    }
+    let load = sparkle_worker::ModelLoaded {
+        model: report.model,
+        pixels: report.pixels,
+        seconds: report.load_secs,
+        evicted: report.evicted,
+    };
+    api.plane.loaded(&worker, &load).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -201,10 +230,19 @@ async fn lease(
     if visibility < Duration::from_secs(1) || visibility > MAX_VISIBILITY {
         return Err(bad_request("visibility_ms must be 1000 to 3600000"));
     }
+    model_names("serves", &ask.models.serves)?;
+    model_names("loaded", &ask.models.loaded)?;
     let wait = Duration::from_millis(ask.wait_ms).min(MAX_WAIT);
     let leases = api
         .plane
-        .lease(&worker, ask.batch_key.as_deref(), ask.max, visibility, wait)
+        .lease(
+            &worker,
+            &ask.models,
+            ask.batch_key.as_deref(),
+            ask.max,
+            visibility,
+            wait,
+        )
         .await?;
     let mut wire = Vec::with_capacity(leases.len());
     for lease in &leases {

@@ -2,7 +2,9 @@
 //! images, complete the jobs.
 //!
 //! The engine is synchronous and runs on its own named OS thread ([`EngineThread`]); the
-//! async side never blocks on it. While a batch runs, progress flows from the engine's step
+//! async side never blocks on it. A worker serves one or more models and keeps the most
+//! recently used loaded as its device's memory allows; it asks for jobs of the models it has
+//! loaded first, and loads another only when none of those has work. While a batch runs, progress flows from the engine's step
 //! callback through a `watch` channel into heartbeats, which also extend the leases; a
 //! heartbeat that reports a cancelled (or lost) job drops it from the batch, and when every
 //! job of the batch is gone the engine is told to stop at its next step.
@@ -17,8 +19,8 @@ pub mod plane;
 pub mod protocol;
 mod run;
 
-pub use engine_thread::{EngineThread, GenerateOutcome};
-pub use plane::{ControlPlane, Embedded, PlaneError};
+pub use engine_thread::{EngineThread, GenerateOutcome, Loaded, ModelLoaded, ModelSource};
+pub use plane::{ControlPlane, Embedded, PlaneError, Serving};
 pub use protocol::Remote;
 pub use run::{deadline_of, run, WorkerOptions};
 
@@ -28,6 +30,8 @@ pub enum WorkerError {
     EngineStart(#[from] sparkle_engine::EngineError),
     #[error("the engine thread stopped unexpectedly")]
     EngineGone,
+    #[error("a worker needs at least one model")]
+    NoModel,
     #[error("queue: {0}")]
     Queue(#[from] sparkle_queue::QueueError),
     #[error("the control plane refused this worker: {0}")]

@@ -3,8 +3,10 @@
 //! this; [`Embedded`] answers it from the queue and the image store in the same process, as
 //! the control plane's side of the worker protocol does for remote workers.
 
+use crate::engine_thread::ModelLoaded;
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use sparkle_core::{JobStatus, Progress};
 use sparkle_queue::{Failure, HeartbeatOutcome, JobQueue, Lease, LeaseToken, QueueError};
 use sparkle_store::{ImageKey, ImageStore};
@@ -29,6 +31,9 @@ pub enum PlaneError {
     /// Refused for good; repeating it will not help.
     #[error("{0}")]
     Refused(String),
+    /// The worker serves none of the deployment's models: it has nothing to do here.
+    #[error("{0}")]
+    ModelsNotServed(String),
 }
 
 impl From<QueueError> for PlaneError {
@@ -41,23 +46,28 @@ impl From<QueueError> for PlaneError {
     }
 }
 
+/// The models a worker serves and, of those, the ones it has loaded now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serving {
+    pub serves: Vec<String>,
+    pub loaded: Vec<String>,
+}
+
 /// The control plane as a worker sees it. Every call is idempotent under retry: a
 /// completion repeated after its answer was lost succeeds and completes nothing twice.
 #[async_trait]
 pub trait ControlPlane: Send + Sync {
-    /// Tells the control plane the largest image (pixels) this worker makes of `model`.
-    async fn report_capacity(
-        &self,
-        worker: &str,
-        model: &str,
-        pixels: u64,
-    ) -> Result<(), PlaneError>;
+    /// Tells the control plane this worker loaded a model: the largest image (pixels) it
+    /// makes of it, what the load took, and which models it unloaded to make room.
+    async fn loaded(&self, worker: &str, load: &ModelLoaded) -> Result<(), PlaneError>;
 
     /// Up to `max` compatible jobs (with `batch_key` when given), leased for `visibility`;
-    /// waits up to `wait` for work when none is queued (a long poll).
+    /// waits up to `wait` for work when none is queued (a long poll). Only jobs for models
+    /// the worker serves; those for models it has loaded first.
     async fn lease(
         &self,
         worker: &str,
+        models: &Serving,
         batch_key: Option<&str>,
         max: usize,
         visibility: Duration,
@@ -88,11 +98,44 @@ pub trait ControlPlane: Send + Sync {
 pub struct Embedded {
     queue: Arc<dyn JobQueue>,
     store: Arc<dyn ImageStore>,
+    /// The models the deployment serves.
+    models: Vec<String>,
 }
 
 impl Embedded {
-    pub fn new(queue: Arc<dyn JobQueue>, store: Arc<dyn ImageStore>) -> Embedded {
-        Embedded { queue, store }
+    pub fn new(
+        queue: Arc<dyn JobQueue>,
+        store: Arc<dyn ImageStore>,
+        models: Vec<String>,
+    ) -> Embedded {
+        Embedded {
+            queue,
+            store,
+            models,
+        }
+    }
+
+    async fn lease_once(
+        &self,
+        worker: &str,
+        models: Option<&[String]>,
+        batch_key: Option<&str>,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        match (batch_key, models) {
+            (Some(key), _) => {
+                self.queue
+                    .lease_compatible(worker, key, max, visibility)
+                    .await
+            }
+            (None, None) => self.queue.lease(worker, max, visibility).await,
+            (None, Some(models)) => {
+                self.queue
+                    .lease_models(worker, models, max, visibility)
+                    .await
+            }
+        }
     }
 
     /// The job as the queue has it now.
@@ -117,36 +160,60 @@ impl Embedded {
 
 #[async_trait]
 impl ControlPlane for Embedded {
-    async fn report_capacity(
-        &self,
-        worker: &str,
-        model: &str,
-        pixels: u64,
-    ) -> Result<(), PlaneError> {
-        Ok(self.queue.report_capacity(worker, model, pixels).await?)
+    async fn loaded(&self, worker: &str, load: &ModelLoaded) -> Result<(), PlaneError> {
+        if !self.models.contains(&load.model) {
+            return Err(PlaneError::Refused(format!(
+                "model {} is not served here",
+                load.model
+            )));
+        }
+        let model = load.model.clone();
+        metrics::histogram!("sparkle_model_load_seconds", "model" => model.clone())
+            .record(load.seconds);
+        metrics::counter!("sparkle_model_loads_total", "model" => model.clone()).increment(1);
+        if !load.evicted.is_empty() {
+            metrics::counter!("sparkle_model_swaps_total", "model" => model).increment(1);
+        }
+        Ok(self
+            .queue
+            .report_capacity(worker, &load.model, load.pixels)
+            .await?)
     }
 
     async fn lease(
         &self,
         worker: &str,
+        models: &Serving,
         batch_key: Option<&str>,
         max: usize,
         visibility: Duration,
         wait: Duration,
     ) -> Result<Vec<Lease>, PlaneError> {
+        let order = lease_order(&self.models, models)?;
+        if let Some(key) = batch_key {
+            let model = key.split('|').next().unwrap_or_default();
+            if !models.serves.iter().any(|m| m == model) {
+                return Err(PlaneError::Refused(format!(
+                    "this worker does not serve model {model}"
+                )));
+            }
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let leases = match batch_key {
-                None => self.queue.lease(worker, max, visibility).await?,
-                Some(key) => {
-                    self.queue
-                        .lease_compatible(worker, key, max, visibility)
-                        .await?
+            for models in &order {
+                let leases = self
+                    .lease_once(worker, models.as_deref(), batch_key, max, visibility)
+                    .await?;
+                if !leases.is_empty() {
+                    return Ok(leases);
                 }
-            };
+                if batch_key.is_some() {
+                    break;
+                }
+            }
             let now = tokio::time::Instant::now();
-            if !leases.is_empty() || now >= deadline {
-                return Ok(leases);
+            if now >= deadline {
+                return Ok(Vec::new());
             }
             self.queue.wait_for_work(deadline - now).await;
         }
@@ -205,5 +272,88 @@ impl ControlPlane for Embedded {
 
     async fn release(&self, lease: &LeaseToken) -> Result<(), PlaneError> {
         Ok(self.queue.release(lease).await?)
+    }
+}
+
+/// The sets of models a worker's asks lease from, in order of preference: those it has
+/// loaded, then every one it serves; `None` stands for every model of the deployment (the
+/// queue's cheapest ask).
+fn lease_order(
+    deployment: &[String],
+    serving: &Serving,
+) -> Result<Vec<Option<Vec<String>>>, PlaneError> {
+    let serves: Vec<String> = deployment
+        .iter()
+        .filter(|m| serving.serves.contains(m))
+        .cloned()
+        .collect();
+    if serves.is_empty() {
+        return Err(PlaneError::ModelsNotServed(format!(
+            "this worker serves none of the models served here ({}); it serves {}",
+            deployment.join(", "),
+            serving.serves.join(", ")
+        )));
+    }
+    let loaded: Vec<String> = serves
+        .iter()
+        .filter(|m| serving.loaded.contains(m))
+        .cloned()
+        .collect();
+    let every = |set: Vec<String>| (set.len() < deployment.len()).then_some(set);
+    let mut order = Vec::with_capacity(2);
+    if !loaded.is_empty() {
+        order.push(every(loaded.clone()));
+    }
+    if loaded.len() < serves.len() {
+        order.push(every(serves));
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn serving(serves: &[&str], loaded: &[&str]) -> Serving {
+        Serving {
+            serves: names(serves),
+            loaded: names(loaded),
+        }
+    }
+
+    #[test]
+    fn loaded_models_are_asked_for_first_then_the_rest_served() {
+        let deployment = names(&["sd15", "sdxl", "turbo"]);
+        let order = |s: &Serving| lease_order(&deployment, s).expect("an order");
+        assert_eq!(
+            order(&serving(&["sd15", "sdxl"], &["sdxl"])),
+            [Some(names(&["sdxl"])), Some(names(&["sd15", "sdxl"]))]
+        );
+        // Everything served and loaded: one ask for any model.
+        assert_eq!(
+            order(&serving(
+                &["turbo", "sdxl", "sd15"],
+                &["sd15", "sdxl", "turbo"]
+            )),
+            [None]
+        );
+        // Everything served, one loaded: that one, then any.
+        assert_eq!(
+            order(&serving(&["sd15", "sdxl", "turbo"], &["turbo"])),
+            [Some(names(&["turbo"])), None]
+        );
+        // Names the deployment does not serve are ignored; loaded must be served.
+        assert_eq!(
+            order(&serving(&["sd15", "other"], &["other"])),
+            [Some(names(&["sd15"]))]
+        );
+        assert!(matches!(
+            lease_order(&deployment, &serving(&["other"], &[])),
+            Err(PlaneError::ModelsNotServed(_))
+        ));
     }
 }

@@ -12,13 +12,17 @@
 //! | `POST /worker/v1/fail` | [`FailureReport`] | [`FailAnswer`] |
 //! | `POST /worker/v1/release` | [`LeaseRef`] | 204 |
 //!
-//! A lost lease is `409` with code `lease_lost`; an unusable token `401`; an outage `503`.
+//! A lost lease is `409` with code `lease_lost`; an unusable token `401`; an outage `503`; a
+//! worker that serves none of the deployment's models `422` with code `models_not_served`
+//! (it stops). A lease ask names the models the worker serves and those it has loaded: jobs
+//! of loaded models come first, and no job of a model it does not serve is ever leased.
 //! Idempotency: heartbeat, fail and release change nothing the second time; a completion
 //! repeated after its answer was lost succeeds again and completes nothing twice (the
 //! queue recognises the lease that completed); images are named by the job, the index and
 //! the attempt, so a repeated upload overwrites itself.
 
-use crate::plane::{ControlPlane, PlaneError};
+use crate::plane::{ControlPlane, PlaneError, Serving};
+use crate::ModelLoaded;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -51,16 +55,25 @@ pub struct TokenGrant {
     pub expires_at: i64,
 }
 
+/// A model the worker has loaded: the largest image it makes of it, what the load took, and
+/// the models it unloaded to make room.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CapacityReport {
     pub worker: String,
     pub model: String,
     pub pixels: u64,
+    #[serde(default)]
+    pub load_secs: f64,
+    #[serde(default)]
+    pub evicted: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LeaseAsk {
     pub worker: String,
+    /// The models the worker serves, and those of them it has loaded.
+    #[serde(flatten)]
+    pub models: Serving,
     #[serde(default)]
     pub batch_key: Option<String>,
     pub max: usize,
@@ -324,6 +337,7 @@ async fn read<T: serde::de::DeserializeOwned>(answer: reqwest::Response) -> Resu
                 PlaneError::LeaseLost(JobId::random()) // the caller knows which job it was
             }
             (401 | 403, _) => PlaneError::Unauthorized(message),
+            (422, Some("models_not_served")) => PlaneError::ModelsNotServed(message),
             (408 | 429 | 500..=599, _) => PlaneError::Unavailable(message),
             _ => PlaneError::Refused(message),
         },
@@ -344,16 +358,13 @@ fn millis(d: Duration) -> u64 {
 
 #[async_trait]
 impl ControlPlane for Remote {
-    async fn report_capacity(
-        &self,
-        worker: &str,
-        model: &str,
-        pixels: u64,
-    ) -> Result<(), PlaneError> {
+    async fn loaded(&self, worker: &str, load: &ModelLoaded) -> Result<(), PlaneError> {
         let report = CapacityReport {
             worker: worker.into(),
-            model: model.into(),
-            pixels,
+            model: load.model.clone(),
+            pixels: load.pixels,
+            load_secs: load.seconds,
+            evicted: load.evicted.clone(),
         };
         self.call(CAPACITY, &report).await
     }
@@ -361,6 +372,7 @@ impl ControlPlane for Remote {
     async fn lease(
         &self,
         worker: &str,
+        models: &Serving,
         batch_key: Option<&str>,
         max: usize,
         visibility: Duration,
@@ -368,6 +380,7 @@ impl ControlPlane for Remote {
     ) -> Result<Vec<Lease>, PlaneError> {
         let ask = LeaseAsk {
             worker: worker.into(),
+            models: models.clone(),
             batch_key: batch_key.map(str::to_string),
             max: max.min(MAX_LEASE),
             visibility_ms: millis(visibility.min(MAX_VISIBILITY)),

@@ -1,5 +1,5 @@
-use crate::plane::{ControlPlane, PlaneError};
-use crate::{EngineThread, WorkerError};
+use crate::plane::{ControlPlane, PlaneError, Serving};
+use crate::{EngineThread, ModelLoaded, WorkerError};
 use bytes::Bytes;
 use sparkle_core::Progress;
 use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage};
@@ -69,23 +69,23 @@ pub async fn run(
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let budget = options
-        .max_pixels
-        .map_or(engine.pixel_budget(), |cap| cap.min(engine.pixel_budget()));
-    tracing::info!(worker = %options.worker_id, model = %engine.info().name, pixels = budget, "worker ready");
+    let first = capped(engine.first_load().clone(), &options);
+    tracing::info!(worker = %options.worker_id, model = %first.model, serves = ?engine.serves(), pixels = first.pixels, "worker ready");
     // Submits larger than every worker can make are refused from now on.
-    if let Err(e) = plane
-        .report_capacity(&options.worker_id, &engine.info().name, budget)
-        .await
-    {
+    if let Err(e) = plane.loaded(&options.worker_id, &first).await {
         tracing::warn!(error = %e, "could not report this worker's capacity");
     }
     while !shutdown.is_cancelled() {
+        let serving = Serving {
+            serves: engine.serves(),
+            loaded: engine.loaded().into_iter().map(|l| l.model).collect(),
+        };
         // Not cut short by a shutdown: an ask abandoned after the control plane leased
         // would leave those leases to expire.
         let leases = plane
             .lease(
                 &options.worker_id,
+                &serving,
                 None,
                 options.max_batch.max(1),
                 options.lease_timeout,
@@ -94,7 +94,9 @@ pub async fn run(
             .await;
         let leases = match leases {
             Ok(leases) => leases,
-            Err(PlaneError::Unauthorized(why)) => return Err(WorkerError::Refused(why)),
+            Err(PlaneError::Unauthorized(why) | PlaneError::ModelsNotServed(why)) => {
+                return Err(WorkerError::Refused(why))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "lease failed; retrying");
                 tokio::select! {
@@ -106,7 +108,10 @@ pub async fn run(
         if leases.is_empty() {
             continue;
         }
-        let leases = fill_batch(&*plane, leases, &options).await;
+        let leases = fill_batch(&*plane, &serving, leases, &options).await;
+        let Some(budget) = make_ready(&*plane, &engine, &leases, &options).await else {
+            continue;
+        };
         // A job larger than this worker takes is refused for good, before any work.
         let mut fitting = Vec::with_capacity(leases.len());
         for lease in leases {
@@ -128,10 +133,75 @@ pub async fn run(
     Ok(())
 }
 
+/// A load's capacity within `worker.max_pixels`.
+fn capped(mut load: ModelLoaded, options: &WorkerOptions) -> ModelLoaded {
+    if let Some(cap) = options.max_pixels {
+        load.pixels = load.pixels.min(cap);
+    }
+    load
+}
+
+/// Loads the batch's model unless it is loaded (reporting the load), and returns the largest
+/// image this worker makes of it. `None` when it cannot be loaded: the batch has failed.
+async fn make_ready(
+    plane: &dyn ControlPlane,
+    engine: &EngineThread,
+    leases: &[Lease],
+    options: &WorkerOptions,
+) -> Option<u64> {
+    let model = leases.first()?.job.request.model.clone();
+    if !engine.serves().contains(&model) {
+        // Never leased so by a control plane that knows what this worker serves; another
+        // worker may serve it.
+        let failure = Failure {
+            code: "model_not_served".into(),
+            message: format!("the worker that took this job does not serve model {model}"),
+            detail: None,
+            retryable: true,
+        };
+        for lease in leases {
+            record_failure(plane, lease, failure.clone()).await;
+        }
+        return None;
+    }
+    match engine.load(&model).await {
+        Ok(Some(load)) => {
+            let load = capped(load, options);
+            if let Err(e) = plane.loaded(&options.worker_id, &load).await {
+                tracing::warn!(error = %e, "could not report a model load");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let failure = match e {
+                WorkerError::EngineStart(e) => failure_of(&e),
+                e => Failure {
+                    code: "engine_error".into(),
+                    message: "the image could not be made".into(),
+                    detail: Some(e.to_string()),
+                    retryable: true,
+                },
+            };
+            tracing::warn!(model, error = ?failure.detail, "could not load the model");
+            for lease in leases {
+                record_failure(plane, lease, failure.clone()).await;
+            }
+            return None;
+        }
+    }
+    let pixels = engine
+        .loaded()
+        .into_iter()
+        .find(|l| l.model == model)
+        .map_or(0, |l| l.pixels);
+    Some(options.max_pixels.map_or(pixels, |cap| cap.min(pixels)))
+}
+
 /// Tops a partly filled batch up with compatible jobs that arrive within `batch_wait`.
 /// Nothing waits longer than that: a lone job starts after at most this short delay.
 async fn fill_batch(
     plane: &dyn ControlPlane,
+    serving: &Serving,
     mut leases: Vec<Lease>,
     options: &WorkerOptions,
 ) -> Vec<Lease> {
@@ -146,6 +216,7 @@ async fn fill_batch(
         match plane
             .lease(
                 &options.worker_id,
+                serving,
                 Some(&key),
                 max - leases.len(),
                 options.lease_timeout,
@@ -194,7 +265,8 @@ async fn run_batch(
     let ids: Vec<_> = leases.iter().map(|l| l.job.id.to_string()).collect();
     tracing::info!(jobs = ?ids, "batch leased");
     let mut live = vec![true; leases.len()];
-    let mut running = engine.submit(batch_of(&leases)).await?;
+    let model = leases[0].job.request.model.clone();
+    let mut running = engine.submit(&model, batch_of(&leases)).await?;
     let mut ticker = tokio::time::interval(options.heartbeat_interval);
     ticker.tick().await;
     let mut progress_open = true;

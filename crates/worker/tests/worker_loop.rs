@@ -7,29 +7,42 @@ use bytes::Bytes;
 use sparkle_core::{JobId, JobStatus, Progress, RequestParts, Scheduler, ValidImageRequest};
 use sparkle_engine::{DeviceChoice, EngineOptions};
 use sparkle_queue::{Failure, HeartbeatOutcome, Job, Lease, LeaseToken};
-use sparkle_worker::{ControlPlane, EngineThread, PlaneError, WorkerOptions};
+use sparkle_worker::{
+    ControlPlane, EngineThread, ModelLoaded, ModelSource, PlaneError, Serving, WorkerOptions,
+};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-fn tiny_model() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-loop-tiny");
-        let _ = std::fs::remove_dir_all(&dir);
-        sparkle_engine::write_tiny_model(&dir, 7).expect("write the tiny model");
-        dir
-    })
+/// A tiny model named `name`, written once per test binary.
+fn tiny_model(name: &'static str) -> ModelSource {
+    static DIRS: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
+    let dirs = DIRS.get_or_init(|| Mutex::new(Vec::new()));
+    let mut dirs = dirs.lock().expect("dirs");
+    let path = match dirs.iter().find(|(n, _)| *n == name) {
+        Some((_, path)) => path.clone(),
+        None => {
+            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+            let _ = std::fs::remove_dir_all(&path);
+            sparkle_engine::write_tiny_model(&path, 7).expect("write the tiny model");
+            dirs.push((name, path.clone()));
+            path
+        }
+    };
+    ModelSource::describe(path).expect("describe")
 }
 
-async fn engine() -> EngineThread {
+const MODEL: &str = "worker-loop-tiny";
+
+async fn engine_of(models: &[&'static str], max_loaded: usize) -> EngineThread {
     let options = EngineOptions {
         device: DeviceChoice::Cpu,
         precision: "f32".parse().expect("precision"),
     };
-    EngineThread::start(tiny_model().clone(), options)
+    let sources = models.iter().map(|m| tiny_model(m)).collect();
+    EngineThread::start(sources, options, max_loaded)
         .await
         .expect("engine")
 }
@@ -37,11 +50,15 @@ async fn engine() -> EngineThread {
 /// A leased job of `steps` steps (1000 at most: long enough on the tiny model, at 256², to
 /// outlast what a test waits for).
 fn lease(steps: u32) -> Lease {
+    lease_of(MODEL, steps)
+}
+
+fn lease_of(model: &str, steps: u32) -> Lease {
     let side = if steps > 100 { 256 } else { 64 };
     let request = ValidImageRequest::from_parts(RequestParts {
         prompt: "a lighthouse".into(),
         negative_prompt: String::new(),
-        model: "tiny".into(),
+        model: model.into(),
         width: side,
         height: side,
         steps,
@@ -90,6 +107,9 @@ struct Script {
     completion_calls: usize,
     failed: Vec<(JobId, Failure)>,
     released: Vec<JobId>,
+    /// What the worker said it serves and had loaded, at each ask for new work.
+    asks: Vec<Serving>,
+    loads: Vec<ModelLoaded>,
 }
 
 #[derive(Default, Clone)]
@@ -109,13 +129,15 @@ impl Scripted {
 
 #[async_trait]
 impl ControlPlane for Scripted {
-    async fn report_capacity(&self, _: &str, _: &str, _: u64) -> Result<(), PlaneError> {
+    async fn loaded(&self, _: &str, load: &ModelLoaded) -> Result<(), PlaneError> {
+        self.0.lock().expect("script").loads.push(load.clone());
         Ok(())
     }
 
     async fn lease(
         &self,
         _worker: &str,
+        models: &Serving,
         batch_key: Option<&str>,
         _max: usize,
         _visibility: Duration,
@@ -123,7 +145,13 @@ impl ControlPlane for Scripted {
     ) -> Result<Vec<Lease>, PlaneError> {
         let next = match batch_key {
             Some(_) => None,
-            None => self.0.lock().expect("script").to_lease.pop_front(),
+            None => {
+                let mut script = self.0.lock().expect("script");
+                if script.asks.last() != Some(models) {
+                    script.asks.push(models.clone());
+                }
+                script.to_lease.pop_front()
+            }
         };
         match next {
             Some(lease) => Ok(vec![lease]),
@@ -190,10 +218,20 @@ async fn run_until(
     options: WorkerOptions,
     done: impl Fn(&Script) -> bool,
 ) -> Result<(), sparkle_worker::WorkerError> {
+    run_on(plane, engine_of(&[MODEL], 0).await, options, done).await
+}
+
+/// Runs the worker on `engine` until `done` holds (or 60 s pass), then stops it.
+async fn run_on(
+    plane: &Scripted,
+    engine: EngineThread,
+    options: WorkerOptions,
+    done: impl Fn(&Script) -> bool,
+) -> Result<(), sparkle_worker::WorkerError> {
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(sparkle_worker::run(
         Arc::new(plane.clone()),
-        engine().await,
+        engine,
         options,
         shutdown.clone(),
     ));
@@ -314,4 +352,69 @@ async fn a_batch_past_the_drain_deadline_is_given_back() {
         .expect("run");
     assert_eq!(plane.seen(|s| s.released.clone()), vec![id]);
     assert!(plane.seen(|s| s.completed.is_empty() && s.failed.is_empty()));
+}
+
+#[tokio::test]
+async fn a_job_for_another_model_loads_it_in_place_of_the_least_recently_used() {
+    let (first, second) = ("loop-model-a", "loop-model-b");
+    let engine = engine_of(&[first, second], 1).await;
+    let plane = Scripted::with(|s| {
+        s.to_lease.push_back(lease_of(second, 2));
+        s.to_lease.push_back(lease_of(first, 2));
+    });
+    run_on(&plane, engine, options(), |s| s.completed.len() == 2)
+        .await
+        .expect("run");
+    assert!(plane.seen(|s| s.failed.is_empty()));
+    let loads: Vec<(String, Vec<String>)> = plane.seen(|s| {
+        s.loads
+            .iter()
+            .map(|l| (l.model.clone(), l.evicted.clone()))
+            .collect()
+    });
+    assert_eq!(
+        loads,
+        [
+            (first.to_string(), vec![]),
+            (second.to_string(), vec![first.to_string()]),
+            (first.to_string(), vec![second.to_string()]),
+        ],
+        "one model at a time: each load unloads the other"
+    );
+    assert!(plane.seen(|s| s.loads.iter().all(|l| l.pixels > 0 && l.seconds > 0.0)));
+    // Each ask for work names both models and the one loaded then.
+    let asks = plane.seen(|s| s.asks.clone());
+    let serves = vec![first.to_string(), second.to_string()];
+    assert_eq!(
+        asks[0],
+        Serving {
+            serves: serves.clone(),
+            loaded: vec![first.to_string()]
+        }
+    );
+    assert!(
+        asks.contains(&Serving {
+            serves,
+            loaded: vec![second.to_string()]
+        }),
+        "{asks:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_for_a_model_the_worker_does_not_serve_fails_and_the_worker_goes_on() {
+    let plane = Scripted::with(|s| {
+        s.to_lease.push_back(lease_of("someone-elses-model", 2));
+        s.to_lease.push_back(lease(2));
+    });
+    run_until(&plane, options(), |s| !s.completed.is_empty())
+        .await
+        .expect("run");
+    let failed = plane.seen(|s| s.failed.clone());
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].1.retryable,
+        "another worker may serve it: {:?}",
+        failed[0].1
+    );
 }

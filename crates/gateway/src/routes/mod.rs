@@ -2,6 +2,7 @@ mod discord;
 mod health;
 mod jobs;
 pub(crate) mod links;
+mod models;
 mod openai;
 mod submit;
 
@@ -40,6 +41,8 @@ pub fn router(state: GatewayState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/discord/interactions", post(discord::interactions))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{model}", get(models::show))
         .route("/v1/jobs", post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::show).delete(jobs::cancel))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))

@@ -183,6 +183,15 @@ pub async fn capacity_is_the_largest_a_worker_reported_within_a_week<Q: JobQueue
         .await
         .expect("report");
     assert_eq!(q.capacity("sd15").await.expect("capacity"), Some(2_000_000));
+    // One worker serving two models reports each; one report does not replace the other.
+    q.report_capacity("w2", "sdxl", 12_000_000)
+        .await
+        .expect("report");
+    assert_eq!(q.capacity("sd15").await.expect("capacity"), Some(2_000_000));
+    assert_eq!(
+        q.capacity("sdxl").await.expect("capacity"),
+        Some(12_000_000)
+    );
     c.advance_ms(8 * 86_400_000);
     assert_eq!(
         q.capacity("sd15").await.expect("capacity"),

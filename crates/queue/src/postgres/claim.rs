@@ -140,6 +140,54 @@ pub(crate) async fn next_compatible(
     Ok(None)
 }
 
+/// The job whose turn it is among the jobs of `models` that no one else holds: the first
+/// waiting share (by stamp) with one, its group with the oldest stamp that has one, that
+/// group's oldest. Looks at most at [`BATCH_SHARES`] shares.
+pub(crate) async fn next_job_of(
+    tx: &Transaction<'_>,
+    models: &[String],
+) -> Result<Option<Next>, QueueError> {
+    let shares: Vec<String> = tx
+        .query(
+            "SELECT name FROM shares WHERE queued > 0 ORDER BY last_served LIMIT $1",
+            &[&BATCH_SHARES],
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    for share in shares {
+        let row = tx
+            .query_opt(
+                "WITH s AS (SELECT name FROM shares WHERE name = $1 FOR UPDATE SKIP LOCKED),
+                 j AS (
+                    SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
+                        JOIN groups ON groups.name = jobs.group_key, s
+                    WHERE jobs.status = 'queued' AND jobs.share_key = s.name
+                      AND jobs.model = ANY($2)
+                    ORDER BY groups.last_served, jobs.seq LIMIT 1
+                    FOR UPDATE OF jobs SKIP LOCKED),
+                 g AS (
+                    SELECT groups.name FROM groups, j WHERE groups.name = j.group_key
+                    FOR UPDATE OF groups SKIP LOCKED)
+                 SELECT j.id, j.batch_key, j.group_key, (SELECT COUNT(*) FROM g) AS held FROM j",
+                &[&share, &models],
+            )
+            .await?;
+        if let Some(row) = row {
+            if row.try_get::<_, i64>("held")? == 1 {
+                return Ok(Some(Next {
+                    id: row.try_get("id")?,
+                    batch_key: row.try_get("batch_key")?,
+                    group: row.try_get("group_key")?,
+                    share,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Records that `next`'s share and group had their turn.
 pub(crate) const TOOK_TURN_SQL: &str = "WITH stamp AS (SELECT nextval('turn_stamps') AS v),
      s AS (UPDATE shares SET last_served = (SELECT v FROM stamp) WHERE name = $1)

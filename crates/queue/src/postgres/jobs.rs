@@ -13,11 +13,11 @@ use crate::job_row::{
 use crate::outbox::millis;
 use crate::position::MAX_COUNTED_AHEAD;
 use crate::sqlite::MAX_RETRY_BACKOFF;
-use crate::CAPACITY_HORIZON_MS;
 use crate::{
     CancelOutcome, DeleteOutcome, Enqueued, Failure, HeartbeatOutcome, Job, JobQueue, KeptImages,
     Lease, LeaseToken, NewJob, QueueError, QueueStats,
 };
+use crate::{Pick, CAPACITY_HORIZON_MS};
 use async_trait::async_trait;
 use sparkle_core::{JobId, JobStatus, Progress};
 use std::time::Duration;
@@ -140,10 +140,8 @@ impl PgQueue {
         Ok(jobs)
     }
 
-    /// Leases up to `max` jobs in turn order; all with the batch key of the first, or with
-    /// `batch_key` when given.
-    /// Leases up to `max` jobs in fairness order; all with the batch key of the first one
-    /// leased, or with `batch_key` when given. The asks of this process are served in
+    /// Leases up to `max` jobs in fairness order, as `pick` says; all with the batch key of
+    /// the first one leased. The asks of this process are served in
     /// groups: whoever takes the claim turn serves every ask waiting, in one transaction with
     /// one reclaim and one commit, so claimers of one process neither race each other for
     /// the same turns nor pay a commit each.
@@ -152,12 +150,12 @@ impl PgQueue {
         worker: &str,
         max: usize,
         visibility: Duration,
-        batch_key: Option<String>,
+        pick: Pick,
     ) -> Result<Vec<Lease>, QueueError> {
         let ask = LeaseAsk {
             worker: worker.to_string(),
             max,
-            batch_key,
+            pick,
             visibility: millis(visibility),
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -223,7 +221,7 @@ impl PgQueue {
 pub(crate) struct LeaseAsk {
     worker: String,
     max: usize,
-    batch_key: Option<String>,
+    pick: Pick,
     visibility: i64,
 }
 
@@ -239,12 +237,13 @@ async fn lease_for(
     now: i64,
     lease_now: Option<i64>,
 ) -> Result<Vec<(String, String)>, QueueError> {
-    let mut batch_key = ask.batch_key.clone();
+    let mut batch_key = ask.pick.batch_key().map(str::to_string);
     let mut tokens = Vec::new();
     while tokens.len() < ask.max {
-        let next: Option<Next> = match &batch_key {
-            None => claim::next_job(tx).await?,
-            Some(key) => claim::next_compatible(tx, key).await?,
+        let next: Option<Next> = match (&batch_key, &ask.pick) {
+            (Some(key), _) => claim::next_compatible(tx, key).await?,
+            (None, Pick::Models(models)) => claim::next_job_of(tx, models).await?,
+            (None, _) => claim::next_job(tx).await?,
         };
         let Some(next) = next else { break };
         let lease_id = random_lease_id();
@@ -319,7 +318,18 @@ impl JobQueue for PgQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        self.lease_where(worker, max, visibility, None).await
+        self.lease_where(worker, max, visibility, Pick::Any).await
+    }
+
+    async fn lease_models(
+        &self,
+        worker: &str,
+        models: &[String],
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        self.lease_where(worker, max, visibility, Pick::Models(models.to_vec()))
+            .await
     }
 
     async fn lease_compatible(
@@ -329,8 +339,13 @@ impl JobQueue for PgQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        self.lease_where(worker, max, visibility, Some(batch_key.to_string()))
-            .await
+        self.lease_where(
+            worker,
+            max,
+            visibility,
+            Pick::Compatible(batch_key.to_string()),
+        )
+        .await
     }
 
     async fn heartbeat(
@@ -576,7 +591,7 @@ impl JobQueue for PgQueue {
         let record = client.execute(
             "INSERT INTO worker_capacity (worker, model, pixels, reported_at)
              VALUES ($1, $2, $3, $4)
-             ON CONFLICT (worker) DO UPDATE SET model = $2, pixels = $3, reported_at = $4",
+             ON CONFLICT (worker, model) DO UPDATE SET pixels = $3, reported_at = $4",
             &record_params,
         );
         tokio::try_join!(forget, record)?;

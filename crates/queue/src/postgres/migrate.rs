@@ -16,6 +16,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "api key tags",
         include_str!("../../migrations/postgres/0002_api_key_tags.sql"),
     ),
+    (
+        3,
+        "models",
+        include_str!("../../migrations/postgres/0003_models.sql"),
+    ),
 ];
 
 /// The advisory lock migrations are applied under.

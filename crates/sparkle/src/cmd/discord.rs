@@ -39,7 +39,7 @@ pub async fn run(command: DiscordCommand) -> anyhow::Result<()> {
         .as_deref()
         .context("discord.bot_token_file is not set")?;
     let token = read_secret_file(token_file)?;
-    let catalog = catalog(config.model_dir()?)?;
+    let catalog = catalog(&config.model_paths()?)?;
     let native = catalog
         .models
         .first()

@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let catalog = super::catalog(&args.model)?;
+    let catalog = super::catalog(std::slice::from_ref(&args.model))?;
     let request = ImageRequest {
         prompt: args.prompt,
         negative_prompt: args.negative,

@@ -25,7 +25,10 @@ pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Con
         data_dir: common.data_dir.clone(),
         listen: serve.and_then(|s| s.listen),
         admin_listen: serve.and_then(|s| s.admin_listen),
-        model: serve.and_then(|s| s.model.clone()),
+        model: serve.and_then(|s| s.model.first().cloned()),
+        models: serve
+            .filter(|s| s.model.len() > 1)
+            .map(|s| s.model[1..].to_vec()),
         profile: None,
     };
     Config::load(common.config.as_deref(), &flags)
@@ -114,19 +117,40 @@ async fn open_database(
     Ok(Arc::new(queue))
 }
 
-/// The catalog of models served: the configured model, named after its directory.
-pub fn catalog(model_dir: &Path) -> anyhow::Result<Catalog> {
-    let description = sparkle_engine::describe(model_dir)
-        .with_context(|| format!("cannot read the model at {}", model_dir.display()))?;
-    let defaults = description.defaults;
-    let entry = ModelEntry {
-        default_steps: defaults.steps,
-        default_guidance_scale: defaults.guidance_scale,
-        default_scheduler: defaults.scheduler,
-        ..ModelEntry::new(description.name, description.native_size)
-    };
+/// The catalog of models served, the default first: each model named after its directory
+/// (or its checkpoint's file name). Two models of one name are refused.
+pub fn catalog(paths: &[std::path::PathBuf]) -> anyhow::Result<Catalog> {
+    let mut models: Vec<(ModelEntry, &Path)> = Vec::with_capacity(paths.len());
+    for path in paths {
+        let description = sparkle_engine::describe(path)
+            .with_context(|| format!("cannot read the model at {}", path.display()))?;
+        if !sparkle_core::is_model_name(&description.name) {
+            anyhow::bail!(
+                "the model at {} is named {:?}; a model's name (its directory's or file's) \
+                 has no `|` or control characters",
+                path.display(),
+                description.name
+            );
+        }
+        if let Some((_, other)) = models.iter().find(|(m, _)| m.name == description.name) {
+            anyhow::bail!(
+                "two models are named {:?}: {} and {}; rename one's directory",
+                description.name,
+                other.display(),
+                path.display()
+            );
+        }
+        let defaults = description.defaults;
+        let entry = ModelEntry {
+            default_steps: defaults.steps,
+            default_guidance_scale: defaults.guidance_scale,
+            default_scheduler: defaults.scheduler,
+            ..ModelEntry::new(description.name, description.native_size)
+        };
+        models.push((entry, path));
+    }
     Ok(Catalog {
-        models: vec![entry],
+        models: models.into_iter().map(|(entry, _)| entry).collect(),
     })
 }
 

@@ -21,7 +21,7 @@ const DELIVERY_DRAIN: Duration = Duration::from_secs(10);
 
 pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
-    config.model_dir()?;
+    config.model_paths()?;
     let keys = crate::keyring::open(&config)?;
     let queue = open_queue_with(&config, keys.clone()).await?;
     ensure_admin_key(&*queue).await?;
@@ -65,7 +65,7 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
 
 pub async fn scaler(common: Common, serve: Serve, remote: RemoteWorker) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
-    config.model_dir()?;
+    config.model_paths()?;
     let plane = remote.args().context(
         "the scaler's workers need a control plane: --control-plane and --enrollment-token-file",
     )?;
@@ -120,7 +120,14 @@ pub async fn worker(
     stop_on_stdin_eof: bool,
 ) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
-    let model = config.model_dir()?.to_path_buf();
+    let models = config
+        .model_paths()?
+        .into_iter()
+        .map(|path| {
+            sparkle_worker::ModelSource::describe(path.clone())
+                .with_context(|| format!("cannot read the model at {}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (Some(url), Some(file)) = (&remote.control_plane, &remote.enrollment_token_file) else {
         anyhow::bail!(
             "a worker speaks only the worker protocol: give --control-plane https://HOST:PORT \
@@ -146,9 +153,10 @@ pub async fn worker(
             .parse()
             .map_err(|e| anyhow::anyhow!("worker.precision: {e}"))?,
     };
-    let engine = sparkle_worker::EngineThread::start(model, options)
-        .await
-        .context("cannot load the model")?;
+    let engine =
+        sparkle_worker::EngineThread::start(models, options, config.worker.max_loaded_models)
+            .await
+            .context("cannot load the model")?;
     let worker_options = sparkle_worker::WorkerOptions {
         worker_id: format!("{}:{}", hostname(), std::process::id()),
         lease_timeout: config.lease_timeout(),
@@ -221,7 +229,7 @@ async fn start_gateway(
     local_workers: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, Option<LocalPlane>)> {
-    let catalog = catalog(config.model_dir()?)?;
+    let catalog = catalog(&config.model_paths()?)?;
     let (cert, key, self_signed) = config.certificate_files();
     if self_signed {
         let mut names = vec![hostname()];
@@ -251,6 +259,7 @@ async fn start_gateway(
         plane: Arc::new(sparkle_worker::Embedded::new(
             queue.clone() as Arc<dyn JobQueue>,
             store.clone(),
+            catalog.models.iter().map(|m| m.name.clone()).collect(),
         )),
         keys: queue.clone(),
         tokens: Arc::new(sparkle_store::WorkerTokens::new(
@@ -574,10 +583,9 @@ fn start_scaler(
         "--data-dir".into(),
         config.data_dir.clone().into_os_string(),
     ]);
-    args.extend([
-        "--model".into(),
-        config.model_dir()?.to_path_buf().into_os_string(),
-    ]);
+    for model in config.model_paths()? {
+        args.extend(["--model".into(), model.into_os_string()]);
+    }
     let policy = Policy {
         min_workers: config.scaler.min_workers,
         max_workers: config.scaler.max_workers,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `sparkle` binary, spoken to like users and their tools do.
 //! One test binary for all of them, so the suite links once.
 
+mod affinity;
 mod answers;
 mod api_keys;
 mod at_rest;

@@ -56,4 +56,7 @@ try:
 except openai.AuthenticationError as e:
     auth = {"status": e.status_code, "code": e.code}
 
-print(json.dumps({"images": len(pngs), "url": fetched, "bad_request": bad, "auth": auth}))
+models = [m.id for m in client.models.list()]
+
+print(json.dumps({"images": len(pngs), "url": fetched, "bad_request": bad, "auth": auth,
+                  "models": models}))

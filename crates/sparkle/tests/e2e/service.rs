@@ -424,6 +424,7 @@ async fn the_official_openai_client_works_unchanged() {
         seen["auth"],
         json!({"status": 401, "code": "invalid_api_key"})
     );
+    assert_eq!(seen["models"], json!(["tiny-model"]), "models.list()");
 }
 
 /// Compatible jobs run as one batch, and each image is the image its job gets alone.

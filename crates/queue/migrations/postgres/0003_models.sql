@@ -1,0 +1,10 @@
+-- A deployment serves several models and a worker only some of them: each job's model is
+-- read from its batch key (`MODEL|WxH|STEPS|SCHEDULER`; model names never hold `|`), and
+-- a worker's leases look only at the queued jobs of the models it serves.
+ALTER TABLE jobs ADD COLUMN model TEXT
+    GENERATED ALWAYS AS (split_part(batch_key, '|', 1)) STORED;
+CREATE INDEX jobs_queued_by_model ON jobs (share_key, model, seq) WHERE status = 'queued';
+
+-- A worker reports what it can make of each model it has loaded.
+ALTER TABLE worker_capacity DROP CONSTRAINT worker_capacity_pkey;
+ALTER TABLE worker_capacity ADD PRIMARY KEY (worker, model);
