@@ -42,14 +42,14 @@ fn settings(printed: &str) -> HashMap<String, String> {
 
 /// A primary (and, for failover, its synchronous standby) of one test alone: the run's shared
 /// server is not to be crashed or have its passwords changed under the other tests.
-struct Cluster {
+pub(crate) struct Cluster {
     primary: tempfile::TempDir,
     standby: Option<tempfile::TempDir>,
     settings: HashMap<String, String>,
 }
 
 impl Cluster {
-    fn start(with_standby: bool) -> Cluster {
+    pub(crate) fn start(with_standby: bool) -> Cluster {
         let dir = |role| {
             tempfile::Builder::new()
                 .prefix(&format!("sparkle-failover-{role}."))
@@ -73,7 +73,7 @@ impl Cluster {
         }
     }
 
-    fn database(&self) -> TestDatabase {
+    pub(crate) fn database(&self) -> TestDatabase {
         let var = |name: &str| self.settings[name].clone();
         TestDatabase {
             owner_url: var("TEST_PG_URL"),
@@ -93,7 +93,7 @@ impl Cluster {
         format!("{head}@{host},{standby}/{tail}&target_session_attrs=read-write")
     }
 
-    fn primary(&self, command: &str) {
+    pub(crate) fn primary(&self, command: &str) {
         script(&[Path::new(command), self.primary.path()]);
     }
 

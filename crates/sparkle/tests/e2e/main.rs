@@ -5,6 +5,7 @@ mod affinity;
 mod answers;
 mod api_keys;
 mod at_rest;
+mod chaos;
 mod discord;
 mod failover;
 mod faults;
