@@ -122,7 +122,7 @@ impl Default for WebhooksConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncryptionConfig {
-    /// The keyring file (mode 0600), made with `sparkle keys rotate`. Unset: `keyring` in the
+    /// The keyring file (mode 0600), made with `sparkle keyring rotate`. Unset: `keyring` in the
     /// data directory, made on the first start of the dev profile. Every process of a
     /// deployment must read the same keyring.
     pub keyring_file: Option<PathBuf>,

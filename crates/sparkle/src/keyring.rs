@@ -2,34 +2,21 @@
 //!
 //! It lives in the data directory as `keyring` (made owner-only on the first start of the
 //! dev profile) or wherever `encryption.keyring_file` says (then it must exist, made with
-//! `sparkle keys rotate`). Like every secret file it is refused when group or others can read
-//! it. The text format, one key a line, never leaves this module:
-//!
-//! ```text
-//! sparkle-keyring 1
-//! index HEX                       the blind-index key (never rotated)
-//! key ID CREATED active HEX       the key new objects are sealed with
-//! key ID CREATED live HEX         older keys, still opening what they sealed
-//! key ID CREATED retired:WHEN -   retired: the material is gone
-//! ```
-//!
-//! Errors name the file and the line number, never a line's contents.
+//! `sparkle keyring rotate`). Like every secret file it is refused when group or others can read
+//! it. Its text is [`sparkle_seal::text`]'s; this module knows where the file is, who may
+//! read it, when it is made, and follows it when another process changes it.
 
 use crate::config::{Config, Profile};
 use crate::secrets::{check_private, write_secret_file};
 use anyhow::{bail, Context};
 use sparkle_queue::{Field, FieldCipher, FieldError};
-use sparkle_store::seal::{
-    field, KeyId, KeyMaterial, KeySource, Keyring, Keys, MasterKey, SealError,
-};
-use std::fmt::Write as _;
+use sparkle_seal::{field, KeySource, Keyring, MasterKeys, SealError};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use zeroize::Zeroizing;
 
 /// The keyring's name in the data directory.
 pub const FILE_NAME: &str = "keyring";
-const FORMAT: &str = "sparkle-keyring 1";
 
 /// Where this configuration keeps its keyring.
 pub fn path(config: &Config) -> PathBuf {
@@ -47,88 +34,6 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Parses the keyring text; errors say which line, never what it holds.
-pub fn parse(text: &str) -> Result<Keyring, String> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(n, line)| (n + 1, line.trim()))
-        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'));
-    match lines.next() {
-        Some((_, FORMAT)) => {}
-        _ => return Err(format!("the first line must be `{FORMAT}`")),
-    }
-    let mut index = None;
-    let mut active = None;
-    let mut keys = Vec::new();
-    for (n, line) in lines {
-        let bad = |what: &str| format!("line {n}: {what}");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["index", material] => {
-                if index.is_some() {
-                    return Err(bad("a second index key"));
-                }
-                index = Some(KeyMaterial::from_hex(material).map_err(|e| bad(&e.to_string()))?);
-            }
-            ["key", id, created, state, material] => {
-                let id = KeyId::new(id).map_err(|e| bad(&e.to_string()))?;
-                let created: i64 = created.parse().map_err(|_| bad("bad creation time"))?;
-                let key = if let Some(when) = state.strip_prefix("retired:") {
-                    let when = when.parse().map_err(|_| bad("bad retirement time"))?;
-                    if *material != "-" {
-                        return Err(bad("a retired key keeps no material"));
-                    }
-                    MasterKey::retired(id, created, when)
-                } else {
-                    let material =
-                        KeyMaterial::from_hex(material).map_err(|e| bad(&e.to_string()))?;
-                    match *state {
-                        "active" if active.is_some() => return Err(bad("a second active key")),
-                        "active" => active = Some(id.clone()),
-                        "live" => {}
-                        _ => return Err(bad("the state is active, live or retired:WHEN")),
-                    }
-                    MasterKey::live(id, created, material)
-                };
-                keys.push(key);
-            }
-            _ => return Err(bad("expected `index HEX` or `key ID CREATED STATE HEX`")),
-        }
-    }
-    let index = index.ok_or("no index key")?;
-    let active = active.ok_or("no active key")?;
-    Keyring::from_parts(keys, active, index).map_err(|e| e.to_string())
-}
-
-/// The keyring as text, for the file only.
-pub fn format(ring: &Keyring) -> Zeroizing<String> {
-    let mut text = Zeroizing::new(String::new());
-    let _ = writeln!(
-        text,
-        "# Sparkle's master keys: they seal the images and database fields at rest.\n\
-         # Keep this file secret (mode 0600) and backed up: without it nothing sealed can be\n\
-         # read. Change it with `sparkle keys`, not by hand.\n{FORMAT}\nindex {}",
-        ring.index_key().to_hex().as_str()
-    );
-    for key in ring.keys() {
-        let (state, material) = match (key.retired_at, key.material()) {
-            (None, Some(m)) if &key.id == ring.active_id() => ("active".to_string(), Some(m)),
-            (None, Some(m)) => ("live".to_string(), Some(m)),
-            (retired, _) => (format!("retired:{}", retired.unwrap_or_else(now)), None),
-        };
-        let material = material.map(|m| m.to_hex());
-        let _ = writeln!(
-            text,
-            "key {} {} {state} {}",
-            key.id,
-            key.created_at,
-            material.as_ref().map_or("-", |m| m.as_str())
-        );
-    }
-    text
-}
-
 /// Reads the keyring file, refusing one that group or others can read.
 pub fn read(path: &Path) -> anyhow::Result<Keyring> {
     check_private(path)?;
@@ -136,12 +41,13 @@ pub fn read(path: &Path) -> anyhow::Result<Keyring> {
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the keyring {}", path.display()))?,
     );
-    parse(&text).map_err(|why| anyhow::anyhow!("the keyring {} is invalid: {why}", path.display()))
+    sparkle_seal::text::parse(&text)
+        .map_err(|why| anyhow::anyhow!("the keyring {} is invalid: {why}", path.display()))
 }
 
 /// Replaces the keyring file.
 pub fn write(path: &Path, ring: &Keyring) -> anyhow::Result<()> {
-    write_secret_file(path, format(ring).as_bytes())
+    write_secret_file(path, sparkle_seal::text::format(ring).as_bytes())
 }
 
 /// Writes a new keyring where none is, never over one (two processes starting at once
@@ -151,7 +57,7 @@ fn create(path: &Path) -> anyhow::Result<Keyring> {
     let mut temp_name = std::ffi::OsString::from(".keyring-new.");
     temp_name.push(std::process::id().to_string());
     let temp = path.with_file_name(temp_name);
-    write_secret_file(&temp, format(&ring).as_bytes())?;
+    write_secret_file(&temp, sparkle_seal::text::format(&ring).as_bytes())?;
     let linked = std::fs::hard_link(&temp, path);
     let _ = std::fs::remove_file(&temp);
     match linked {
@@ -174,13 +80,13 @@ pub fn load(config: &Config) -> anyhow::Result<Keyring> {
     }
     if config.encryption.keyring_file.is_some() {
         bail!(
-            "the keyring {} does not exist; make one with `sparkle keys rotate` (same --config)",
+            "the keyring {} does not exist; make one with `sparkle keyring rotate` (same --config)",
             path.display()
         );
     }
     if config.profile == Profile::Production {
         bail!(
-            "no keyring at {}: the production profile does not make one on its own; run `sparkle keys rotate` (same --config) and back the file up",
+            "no keyring at {}: the production profile does not make one on its own; run `sparkle keyring rotate` (same --config) and back the file up",
             path.display()
         );
     }
@@ -188,15 +94,15 @@ pub fn load(config: &Config) -> anyhow::Result<Keyring> {
     create(&path)
 }
 
-/// The live keyring a service holds: it follows the file when `sparkle keys` changes it.
-pub fn open(config: &Config) -> anyhow::Result<Arc<Keys>> {
+/// The live keyring a service holds: it follows the file when `sparkle keyring` changes it.
+pub fn open(config: &Config) -> anyhow::Result<Arc<MasterKeys>> {
     let ring = load(config)?;
     let path = path(config);
     let source = FileSource {
         stamp: Mutex::new(stamp(&path)),
         path,
     };
-    Ok(Arc::new(Keys::watching(ring, Box::new(source))))
+    Ok(Arc::new(MasterKeys::watching(ring, Box::new(source))))
 }
 
 type Stamp = Option<(std::time::SystemTime, u64, u64)>;
@@ -232,7 +138,7 @@ impl KeySource for FileSource {
 }
 
 /// The queue's sealed fields, under the same keyring as the images.
-pub struct SealedFields(pub Arc<Keys>);
+pub struct SealedFields(pub Arc<MasterKeys>);
 
 impl FieldCipher for SealedFields {
     fn seal(&self, which: Field, row: &str, plain: &[u8]) -> Result<String, FieldError> {
@@ -278,7 +184,7 @@ impl ChangeLock {
         {
             Ok(_) => Ok(ChangeLock(lock)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-                "another `sparkle keys` command is changing the keyring; if none is running, one was interrupted: remove {}",
+                "another `sparkle keyring` command is changing the keyring; if none is running, one was interrupted: remove {}",
                 lock.display()
             ),
             Err(e) => Err(e).with_context(|| format!("cannot create {}", lock.display())),
@@ -326,7 +232,7 @@ mod tests {
         configured.encryption.keyring_file = Some(dir.path().join("ring"));
         let err = load(&configured).expect_err("missing file");
         assert!(
-            format!("{err:#}").contains("sparkle keys rotate"),
+            format!("{err:#}").contains("sparkle keyring rotate"),
             "{err:#}"
         );
         let production = Config {
@@ -335,37 +241,6 @@ mod tests {
         };
         assert!(load(&production).is_err());
         assert!(!path(&production).exists());
-    }
-
-    #[test]
-    fn the_text_round_trips_and_errors_never_quote_it() {
-        let mut ring = Keyring::generate(100);
-        let first = ring.active_id().clone();
-        ring.rotate(200);
-        let third = ring.rotate(300);
-        ring.retire(&first, 400).expect("retire");
-        let text = format(&ring);
-        let back = parse(&text).expect("parse");
-        assert_eq!(back.active_id(), &third);
-        assert_eq!(format(&back).as_str(), text.as_str());
-        assert_eq!(back.keys()[0].retired_at, Some(400));
-        assert!(back.keys()[0].material().is_none());
-
-        let secret = ring.index_key().to_hex();
-        let broken = text.replace(
-            &format!("index {}", secret.as_str()),
-            &format!("index {}x", &secret[..63]),
-        );
-        let err = parse(&broken).expect_err("bad hex");
-        assert!(
-            err.contains("line") && !err.contains(&secret[..63]),
-            "{err}"
-        );
-        let err = parse(&text.replace("live", "lively")).expect_err("bad state");
-        assert!(!err.contains(&secret[..8]), "{err}");
-        assert!(parse("").is_err());
-        let two_active = text.replace(" live ", " active ");
-        assert!(parse(&two_active).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod cmd;
 mod config;
+mod control_plane;
 mod keyring;
 mod retention;
 mod runtime;
@@ -108,10 +109,10 @@ enum Command {
     /// Discord: register the /sparkle command.
     #[command(subcommand)]
     Discord(cmd::discord::DiscordCommand),
-    /// Encryption at rest: list, rotate and retire the master keys that seal images and
-    /// database fields.
-    #[command(subcommand)]
-    Keys(cmd::keys::KeysCommand),
+    /// The keyring: list, rotate and retire the master keys that seal images and database
+    /// fields at rest (not API keys: see `sparkle key`).
+    #[command(subcommand, alias = "keys")]
+    Keyring(cmd::keyring::KeyringCommand),
     /// Applies pending database migrations (on PostgreSQL, as the database's owner: the
     /// service's own role may only read and write rows).
     Migrate(cmd::migrate::MigrateArgs),
@@ -174,7 +175,7 @@ fn main() -> std::process::ExitCode {
         Command::Key(command) => runtime::block_on(cmd::key::run(command)),
         Command::Enrollment(command) => runtime::block_on(cmd::enrollment::run(command)),
         Command::Discord(command) => runtime::block_on(cmd::discord::run(command)),
-        Command::Keys(command) => runtime::block_on(cmd::keys::run(command)),
+        Command::Keyring(command) => runtime::block_on(cmd::keyring::run(command)),
         Command::Migrate(args) => runtime::block_on(cmd::migrate::run(args)),
         Command::Audit { common } => runtime::block_on(cmd::audit::run(common)),
         Command::Bench(command) => cmd::bench::run(command),

@@ -137,14 +137,14 @@ mod tests {
     use bytes::Bytes;
     use sparkle_queue::conformance::new_job;
     use sparkle_queue::{CancelOutcome, ManualClock, SqliteOptions, SqliteQueue};
-    use sparkle_store::seal::{Keyring, Keys};
+    use sparkle_seal::{Keyring, MasterKeys};
     use sparkle_store::{ImageKey, ObjectImageStore};
 
     const T0: i64 = 1_700_000_000_000;
 
     async fn fixture(dir: &std::path::Path) -> (SqliteQueue, ManualClock, ObjectImageStore) {
         let clock = ManualClock::new(T0);
-        let keys = Arc::new(Keys::fixed(Keyring::generate(1)));
+        let keys = Arc::new(MasterKeys::fixed(Keyring::generate(1)));
         let fields = Arc::new(crate::keyring::SealedFields(keys.clone()));
         let queue = SqliteQueue::open_with_clock(
             &dir.join("db.sqlite"),

@@ -3,6 +3,7 @@
 //! then lease, heartbeat, complete with their images, fail and release. The control plane
 //! seals and stores the images; workers hold no database, store or master-key credentials.
 
+use crate::control_plane::QueuePlane;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
 use axum::http::{header, request::Parts, HeaderMap, StatusCode};
@@ -12,7 +13,7 @@ use axum::{Json, Router};
 use sparkle_queue::{ApiKeys, Failure, HeartbeatOutcome, LeaseToken, Scope};
 use sparkle_store::WorkerTokens;
 use sparkle_worker::protocol::{self, *};
-use sparkle_worker::{ControlPlane, Embedded, PlaneError};
+use sparkle_worker::{ControlPlane, PlaneError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ const COMPLETION_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Clone)]
 pub struct WorkerApi {
-    pub plane: Arc<Embedded>,
+    pub plane: Arc<QueuePlane>,
     pub keys: Arc<dyn ApiKeys>,
     pub tokens: Arc<WorkerTokens>,
 }

@@ -1,15 +1,14 @@
 //! The image store: generated images by job and index, over any `object_store` backend
 //! (a local directory by default, S3-compatible stores when one machine is not enough).
 //!
-//! Every image is sealed ([`seal`]) before it leaves this crate and opened after it comes
+//! Every image is sealed ([`sparkle_seal`]) before it leaves this crate and opened after it comes
 //! back: a store, its disks and its backups only ever hold ciphertext bound to the object's
-//! name. Keys are derived from the job id, which is random and never guessable; images are
+//! name. Names are derived from the job id, which is random and never guessable; images are
 //! served only through the gateway, never by path, to an API key or to the holder of a
 //! signed, expiring link ([`links`]) made with the same master keys. The store knows nothing
 //! of the queue.
 
 pub mod links;
-pub mod seal;
 pub mod worker_tokens;
 
 pub use links::{ImageLinks, LinkQuery, LinkRefusal, SignedLink};
@@ -19,8 +18,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::{local::LocalFileSystem, path::Path as ObjectPath, ObjectStore, PutPayload};
-use seal::{KeyId, Keys, SealError};
 use sparkle_core::JobId;
+use sparkle_seal::{MasterKeyId, MasterKeys, SealError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,7 +136,7 @@ pub trait ImageStore: Send + Sync + 'static {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyUsage {
     /// Objects per master key id.
-    pub by_key: BTreeMap<KeyId, u64>,
+    pub by_key: BTreeMap<MasterKeyId, u64>,
     /// Objects written before images were sealed.
     pub unsealed: u64,
 }
@@ -157,7 +156,7 @@ pub struct Rewrapped {
 #[derive(Debug, Clone)]
 pub struct ObjectImageStore {
     inner: Arc<dyn ObjectStore>,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
     /// The directory of a local store, whose writes are synced to disk before they count.
     local_root: Option<PathBuf>,
 }
@@ -178,7 +177,7 @@ fn sse_key() -> object_store::aws::AmazonS3ConfigKey {
 }
 
 impl ObjectImageStore {
-    pub fn new(inner: Arc<dyn ObjectStore>, keys: Arc<Keys>) -> Self {
+    pub fn new(inner: Arc<dyn ObjectStore>, keys: Arc<MasterKeys>) -> Self {
         ObjectImageStore {
             inner,
             keys,
@@ -187,7 +186,7 @@ impl ObjectImageStore {
     }
 
     /// A store in a local directory, created (owner-only) if missing.
-    pub fn local(dir: &Path, keys: Arc<Keys>) -> Result<Self, StoreError> {
+    pub fn local(dir: &Path, keys: Arc<MasterKeys>) -> Result<Self, StoreError> {
         let directory = |source| StoreError::Directory {
             path: dir.display().to_string(),
             source,
@@ -209,7 +208,7 @@ impl ObjectImageStore {
     /// verified (against `s3.ca_file` when given, the system's roots otherwise), plaintext
     /// endpoints are refused, and server-side encryption (SSE-S3) is asked for on every
     /// write, beneath the sealing every image gets here.
-    pub fn s3(s3: &S3Options, keys: Arc<Keys>) -> Result<Self, StoreError> {
+    pub fn s3(s3: &S3Options, keys: Arc<MasterKeys>) -> Result<Self, StoreError> {
         use object_store::aws::AmazonS3Builder;
         let invalid = |reason: String| StoreError::Config(reason);
         let rest = s3
@@ -266,9 +265,9 @@ impl ObjectImageStore {
         let mut usage = KeyUsage::default();
         let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
         while let Some(meta) = objects.try_next().await? {
-            let end = meta.size.min(seal::HEADER_MAX as u64);
+            let end = meta.size.min(sparkle_seal::HEADER_MAX as u64);
             let start = self.inner.get_range(&meta.location, 0..end).await?;
-            match seal::header_key_id(&start) {
+            match sparkle_seal::header_key_id(&start) {
                 Ok(id) => *usage.by_key.entry(id).or_default() += 1,
                 Err(SealError::NotSealed) => usage.unsealed += 1,
                 Err(e) => return Err(seal_error(&meta.location)(e)),
@@ -286,16 +285,18 @@ impl ObjectImageStore {
         let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
         while let Some(meta) = objects.try_next().await? {
             let name = meta.location;
-            let end = meta.size.min(seal::HEADER_MAX as u64);
+            let end = meta.size.min(sparkle_seal::HEADER_MAX as u64);
             let start = self.inner.get_range(&name, 0..end).await?;
-            let rewritten = match seal::header_key_id(&start) {
+            let rewritten = match sparkle_seal::header_key_id(&start) {
                 Ok(id) if &id == ring.active_id() => {
                     done.current += 1;
                     continue;
                 }
                 Ok(_) => {
                     let sealed = self.inner.get(&name).await?.bytes().await?;
-                    match seal::rewrap(&ring, name.as_ref(), &sealed).map_err(seal_error(&name))? {
+                    match sparkle_seal::rewrap(&ring, name.as_ref(), &sealed)
+                        .map_err(seal_error(&name))?
+                    {
                         Some(object) => {
                             done.rewrapped += 1;
                             object
@@ -309,7 +310,7 @@ impl ObjectImageStore {
                 Err(SealError::NotSealed) => {
                     let plain = self.inner.get(&name).await?.bytes().await?;
                     done.sealed += 1;
-                    seal::seal(&ring, name.as_ref(), &plain).map_err(seal_error(&name))?
+                    sparkle_seal::seal(&ring, name.as_ref(), &plain).map_err(seal_error(&name))?
                 }
                 Err(e) => return Err(seal_error(&name)(e)),
             };
@@ -384,8 +385,8 @@ impl ObjectImageStore {
 impl ImageStore for ObjectImageStore {
     async fn put(&self, key: ImageKey, attempt: Option<u32>, png: Bytes) -> Result<(), StoreError> {
         let name = object_path(key, attempt);
-        let sealed =
-            seal::seal(&self.keys.current(), name.as_ref(), &png).map_err(seal_error(&name))?;
+        let sealed = sparkle_seal::seal(&self.keys.current(), name.as_ref(), &png)
+            .map_err(seal_error(&name))?;
         self.inner
             .put(&name, PutPayload::from(Bytes::from(sealed)))
             .await?;
@@ -399,7 +400,8 @@ impl ImageStore for ObjectImageStore {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let plain = seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(&name))?;
+        let plain =
+            sparkle_seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(&name))?;
         Ok(Some(Bytes::from(plain)))
     }
 
@@ -436,12 +438,13 @@ impl ImageStore for ObjectImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seal::Keyring;
+    use sparkle_seal::Keyring;
 
     const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
     fn local(dir: &Path, ring: Keyring) -> ObjectImageStore {
-        ObjectImageStore::local(&dir.join("images"), Arc::new(Keys::fixed(ring))).expect("store")
+        ObjectImageStore::local(&dir.join("images"), Arc::new(MasterKeys::fixed(ring)))
+            .expect("store")
     }
 
     fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -506,7 +509,7 @@ mod tests {
             .expect("put");
         for file in files(dir.path()) {
             let bytes = std::fs::read(&file).expect("read");
-            assert!(bytes.starts_with(seal::MAGIC), "{}", file.display());
+            assert!(bytes.starts_with(sparkle_seal::MAGIC), "{}", file.display());
             assert!(!bytes.windows(8).any(|w| w == PNG_SIGNATURE));
             assert!(!bytes.windows(5).any(|w| w == b"corgi"));
         }
@@ -536,7 +539,7 @@ mod tests {
         let store = local(dir.path(), ring.clone());
         let keys: Vec<_> = (0..3).map(key).collect();
         for (i, k) in keys.iter().enumerate() {
-            let image = vec![i as u8; seal::CHUNK_SIZE * 2 + i];
+            let image = vec![i as u8; sparkle_seal::CHUNK_SIZE * 2 + i];
             store
                 .put(*k, Some(1), Bytes::from(image))
                 .await
@@ -547,7 +550,7 @@ mod tests {
                 .iter()
                 .map(|f| {
                     let bytes = std::fs::read(f).expect("read");
-                    let id = seal::header_key_id(&bytes).expect("sealed");
+                    let id = sparkle_seal::header_key_id(&bytes).expect("sealed");
                     bytes[75 + id.as_str().len()..].to_vec()
                 })
                 .collect();
@@ -569,7 +572,11 @@ mod tests {
         );
         for (i, k) in keys.iter().enumerate() {
             let image = store.get(*k, Some(1)).await.expect("get").expect("present");
-            assert_eq!(image.len(), seal::CHUNK_SIZE * 2 + i, "old key still opens");
+            assert_eq!(
+                image.len(),
+                sparkle_seal::CHUNK_SIZE * 2 + i,
+                "old key still opens"
+            );
         }
         let done = store.rewrap_all().await.expect("rewrap");
         assert_eq!((done.rewrapped, done.current, done.sealed), (3, 0, 0));
@@ -605,7 +612,7 @@ mod tests {
         );
         assert!(std::fs::read(&legacy)
             .expect("read")
-            .starts_with(seal::MAGIC));
+            .starts_with(sparkle_seal::MAGIC));
     }
 
     #[tokio::test]

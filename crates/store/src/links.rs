@@ -8,16 +8,15 @@
 //! links of a still-live key working, and retiring a key ends every link it signed. Nothing in
 //! a link is secret but the signature, which is never shown by `Debug`.
 
-use crate::seal::{KeyId, KeyMaterial, Keys};
 use crate::ImageKey;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use sparkle_seal::{MasterKeyId, MasterKeys};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use zeroize::Zeroizing;
 
 /// How long a link lives unless configured otherwise.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -31,7 +30,7 @@ const LINK_KEY_INFO: &[u8] = b"sparkle image link v1";
 
 /// Signs and checks image links with the keyring's master keys.
 pub struct ImageLinks {
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
     lifetime: Duration,
 }
 
@@ -102,7 +101,7 @@ pub enum LinkRefusal {
 }
 
 impl ImageLinks {
-    pub fn new(keys: Arc<Keys>, lifetime: Duration) -> ImageLinks {
+    pub fn new(keys: Arc<MasterKeys>, lifetime: Duration) -> ImageLinks {
         ImageLinks { keys, lifetime }
     }
 
@@ -119,10 +118,10 @@ impl ImageLinks {
     /// `https://sparkle.example.com`), signed with the active master key, expiring one
     /// lifetime after `now_secs`.
     pub fn sign(&self, base_url: &str, image: ImageKey, now_secs: i64) -> SignedLink {
-        let ring = self.keys.current();
-        let (id, master) = ring.active();
+        let (id, mac) = self.keys.active_mac(LINK_KEY_INFO);
         let expires_at = now_secs.saturating_add(self.lifetime_secs());
-        let sig = URL_SAFE_NO_PAD.encode(tag(master, image, expires_at, id));
+        let sig =
+            URL_SAFE_NO_PAD.encode(framed(mac, image, expires_at, &id).finalize().into_bytes());
         SignedLink {
             url: format!(
                 "{}/v1/jobs/{}/images/{}?expires={expires_at}&key={id}&sig={sig}",
@@ -144,7 +143,7 @@ impl ImageLinks {
         now_secs: i64,
     ) -> Result<(), LinkRefusal> {
         let expires_at = parse_expiry(&query.expires)?;
-        let id = KeyId::new(&query.key).map_err(|_| LinkRefusal::Malformed)?;
+        let id = MasterKeyId::new(&query.key).map_err(|_| LinkRefusal::Malformed)?;
         let sig = URL_SAFE_NO_PAD
             .decode(&query.sig)
             .map_err(|_| LinkRefusal::Malformed)?;
@@ -154,14 +153,11 @@ impl ImageLinks {
         if expires_at > latest {
             return Err(LinkRefusal::Altered);
         }
-        let ring = self.keys.holding(&id);
-        let master = ring
-            .keys()
-            .iter()
-            .find(|k| k.id == id)
-            .and_then(|k| k.material())
+        let mac = self
+            .keys
+            .mac_under(&id, LINK_KEY_INFO)
             .ok_or(LinkRefusal::UnknownKey)?;
-        mac(master, image, expires_at, &id)
+        framed(mac, image, expires_at, &id)
             .verify_slice(&sig)
             .map_err(|_| LinkRefusal::Altered)?;
         if now_secs >= expires_at {
@@ -183,29 +179,13 @@ fn parse_expiry(text: &str) -> Result<i64, LinkRefusal> {
     text.parse().map_err(|_| LinkRefusal::Malformed)
 }
 
-/// The key derived (HKDF-SHA256) from `master` for the purpose `info`.
-fn derived_key(master: &KeyMaterial, info: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    let hkdf = hkdf::Hkdf::<Sha256>::new(None, master.bytes());
-    // 32 bytes is far below HKDF-SHA256's limit of 8160.
-    if hkdf.expand(info, key.as_mut()).is_err() {
-        unreachable!("HKDF-SHA256 gives 32 bytes");
-    }
-    key
-}
-
-/// HMAC-SHA256 under the key derived from `master` for the purpose `info`.
-pub(crate) fn derived_mac(master: &KeyMaterial, info: &[u8]) -> Hmac<Sha256> {
-    let key = derived_key(master, info);
-    match Hmac::<Sha256>::new_from_slice(key.as_ref()) {
-        Ok(mac) => mac,
-        Err(_) => unreachable!("HMAC takes a key of any length"),
-    }
-}
-
 /// The MAC over everything a link says, each part framed so no two links share an input.
-fn mac(master: &KeyMaterial, image: ImageKey, expires_at: i64, id: &KeyId) -> Hmac<Sha256> {
-    let mut mac = derived_mac(master, LINK_KEY_INFO);
+fn framed(
+    mut mac: Hmac<Sha256>,
+    image: ImageKey,
+    expires_at: i64,
+    id: &MasterKeyId,
+) -> Hmac<Sha256> {
     let job = image.job.to_string();
     mac.update(&(job.len() as u32).to_be_bytes());
     mac.update(job.as_bytes());
@@ -216,24 +196,17 @@ fn mac(master: &KeyMaterial, image: ImageKey, expires_at: i64, id: &KeyId) -> Hm
     mac
 }
 
-fn tag(master: &KeyMaterial, image: ImageKey, expires_at: i64, id: &KeyId) -> [u8; 32] {
-    mac(master, image, expires_at, id)
-        .finalize()
-        .into_bytes()
-        .into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::Keyring;
     use sparkle_core::JobId;
+    use sparkle_seal::Keyring;
 
     const NOW: i64 = 1_700_000_000;
     const BASE: &str = "https://sparkle.example.com";
 
     fn links(ring: Keyring) -> ImageLinks {
-        ImageLinks::new(Arc::new(Keys::fixed(ring)), DEFAULT_LIFETIME)
+        ImageLinks::new(Arc::new(MasterKeys::fixed(ring)), DEFAULT_LIFETIME)
     }
 
     fn image(index: u32) -> ImageKey {
@@ -430,8 +403,15 @@ mod tests {
     #[test]
     fn debug_output_shows_no_signature_or_key_material() {
         let ring = Keyring::generate(1);
-        let hex = ring.active().1.to_hex();
-        let derived = URL_SAFE_NO_PAD.encode(derived_key(ring.active().1, LINK_KEY_INFO).as_ref());
+        let active = ring
+            .keys()
+            .iter()
+            .find(|k| &k.id == ring.active_id())
+            .and_then(|k| k.material())
+            .expect("the active key's material");
+        let hex = active.to_hex();
+        let derived =
+            URL_SAFE_NO_PAD.encode(sparkle_seal::derived_key(active, LINK_KEY_INFO).as_ref());
         let links = links(ring);
         let link = links.sign(BASE, image(0), NOW);
         let (_, query) = parse(&link.url);

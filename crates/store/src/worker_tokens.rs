@@ -7,11 +7,10 @@
 //! each framed by its length, under a key derived from the master key it names. Any control
 //! plane holding the keyring checks it; nothing is stored per token.
 
-use crate::links::derived_mac;
-use crate::seal::{KeyId, Keys};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::Mac;
+use sparkle_seal::{MasterKeyId, MasterKeys};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ const PREFIX: &str = "swt1";
 
 /// Issues and checks worker tokens with the keyring's master keys.
 pub struct WorkerTokens {
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
     lifetime: Duration,
 }
 
@@ -49,18 +48,16 @@ pub enum WorkerTokenRefusal {
 }
 
 impl WorkerTokens {
-    pub fn new(keys: Arc<Keys>, lifetime: Duration) -> WorkerTokens {
+    pub fn new(keys: Arc<MasterKeys>, lifetime: Duration) -> WorkerTokens {
         WorkerTokens { keys, lifetime }
     }
 
     /// A token for `enrollment`, expiring one lifetime after `now_secs`; and that expiry.
     pub fn issue(&self, enrollment: &str, now_secs: i64) -> (String, i64) {
-        let ring = self.keys.current();
-        let (id, master) = ring.active();
+        let (id, mut mac) = self.keys.active_mac(INFO);
         let expires_at =
             now_secs.saturating_add(i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX));
-        let mut mac = derived_mac(master, INFO);
-        frame(&mut mac, enrollment, expires_at, id);
+        frame(&mut mac, enrollment, expires_at, &id);
         let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         (
             format!("{PREFIX}.{enrollment}.{expires_at}.{id}.{sig}"),
@@ -90,18 +87,14 @@ impl WorkerTokens {
             Some(at) => at,
             None => return Err(WorkerTokenRefusal::Malformed),
         };
-        let id = KeyId::new(key).map_err(|_| WorkerTokenRefusal::Malformed)?;
+        let id = MasterKeyId::new(key).map_err(|_| WorkerTokenRefusal::Malformed)?;
         let sig = URL_SAFE_NO_PAD
             .decode(sig)
             .map_err(|_| WorkerTokenRefusal::Malformed)?;
-        let ring = self.keys.holding(&id);
-        let master = ring
-            .keys()
-            .iter()
-            .find(|k| k.id == id)
-            .and_then(|k| k.material())
+        let mut mac = self
+            .keys
+            .mac_under(&id, INFO)
             .ok_or(WorkerTokenRefusal::UnknownKey)?;
-        let mut mac = derived_mac(master, INFO);
         frame(&mut mac, enrollment, expires_at, &id);
         mac.verify_slice(&sig)
             .map_err(|_| WorkerTokenRefusal::Altered)?;
@@ -112,7 +105,7 @@ impl WorkerTokens {
     }
 }
 
-fn frame(mac: &mut hmac::Hmac<sha2::Sha256>, enrollment: &str, expires_at: i64, id: &KeyId) {
+fn frame(mac: &mut hmac::Hmac<sha2::Sha256>, enrollment: &str, expires_at: i64, id: &MasterKeyId) {
     mac.update(&(enrollment.len() as u32).to_be_bytes());
     mac.update(enrollment.as_bytes());
     mac.update(&expires_at.to_be_bytes());
@@ -123,10 +116,10 @@ fn frame(mac: &mut hmac::Hmac<sha2::Sha256>, enrollment: &str, expires_at: i64, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::Keyring;
+    use sparkle_seal::Keyring;
 
-    fn tokens() -> (WorkerTokens, Arc<Keys>) {
-        let keys = Arc::new(Keys::fixed(Keyring::generate(0)));
+    fn tokens() -> (WorkerTokens, Arc<MasterKeys>) {
+        let keys = Arc::new(MasterKeys::fixed(Keyring::generate(0)));
         (WorkerTokens::new(keys.clone(), DEFAULT_LIFETIME), keys)
     }
 

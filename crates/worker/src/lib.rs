@@ -20,7 +20,7 @@ pub mod protocol;
 mod run;
 
 pub use engine_thread::{EngineThread, GenerateOutcome, Loaded, ModelLoaded, ModelSource};
-pub use plane::{ControlPlane, Embedded, PlaneError, Serving};
+pub use plane::{ControlPlane, PlaneError, Serving};
 pub use protocol::Remote;
 pub use run::{deadline_of, run, WorkerOptions};
 

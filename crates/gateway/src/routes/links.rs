@@ -69,7 +69,7 @@ mod tests {
     use base64::Engine as _;
     use sparkle_core::{Catalog, Limits, ModelEntry};
     use sparkle_queue::{ApiKeys, Field, FieldCipher, FieldError, JobQueue, Scope, SqliteQueue};
-    use sparkle_store::seal::{Keyring, Keys};
+    use sparkle_seal::{Keyring, MasterKeys};
     use sparkle_store::{ImageLinks, ObjectImageStore};
     use std::sync::Arc;
     use std::time::Duration;
@@ -133,7 +133,7 @@ mod tests {
             .create_key("app", &[Scope::Generate, Scope::Read])
             .await
             .expect("key");
-        let keys = Arc::new(Keys::fixed(Keyring::generate(1)));
+        let keys = Arc::new(MasterKeys::fixed(Keyring::generate(1)));
         let store =
             ObjectImageStore::local(&dir.path().join("images"), keys.clone()).expect("store");
         let options = Arc::new(GatewayOptions {

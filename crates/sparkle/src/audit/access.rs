@@ -156,7 +156,7 @@ pub async fn api_keys(config: &Config, depth: Depth) -> Check {
         let ring = crate::keyring::read(&crate::keyring::path(config))?;
         let queue = crate::cmd::open_queue_read_only(
             config,
-            std::sync::Arc::new(sparkle_store::seal::Keys::fixed(ring)),
+            std::sync::Arc::new(sparkle_seal::MasterKeys::fixed(ring)),
         )
         .await?;
         anyhow::Ok(queue.list_keys().await?)

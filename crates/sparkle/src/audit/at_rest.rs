@@ -2,7 +2,7 @@
 
 use super::{mode_of, Check, Depth};
 use crate::config::{Config, Profile};
-use sparkle_store::seal::{Keyring, Keys};
+use sparkle_seal::{Keyring, MasterKeys};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -31,7 +31,7 @@ pub async fn encryption(config: &Config, depth: Depth) -> Check {
         return Check::critical(
             NAME,
             format!(
-                "no keyring at {}; make one with `sparkle keys rotate` and back it up",
+                "no keyring at {}; make one with `sparkle keyring rotate` and back it up",
                 path.display()
             ),
         );
@@ -72,7 +72,7 @@ pub async fn encryption(config: &Config, depth: Depth) -> Check {
             stored.push(format!("{count} image(s)"));
             if unsealed > 0 {
                 problems.push(format!(
-                    "{unsealed} image(s) not sealed (run `sparkle keys rotate`)"
+                    "{unsealed} image(s) not sealed (run `sparkle keyring rotate`)"
                 ));
             }
             if !lost.is_empty() {
@@ -145,7 +145,7 @@ async fn images_by_key(
     if config.store.url.is_none() && !config.images_dir().exists() {
         return Ok((BTreeMap::new(), 0));
     }
-    let store = crate::cmd::open_store(config, Arc::new(Keys::fixed(ring.clone())))?;
+    let store = crate::cmd::open_store(config, Arc::new(MasterKeys::fixed(ring.clone())))?;
     let usage = store.key_usage().await?;
     let by_key = usage
         .by_key
@@ -160,7 +160,7 @@ async fn fields_by_key(
     ring: &Keyring,
 ) -> anyhow::Result<(BTreeMap<String, u64>, u64)> {
     let queue =
-        crate::cmd::open_queue_read_only(config, Arc::new(Keys::fixed(ring.clone()))).await?;
+        crate::cmd::open_queue_read_only(config, Arc::new(MasterKeys::fixed(ring.clone()))).await?;
     let usage = queue.field_key_usage().await?;
     Ok((usage.by_key, usage.unsealed))
 }

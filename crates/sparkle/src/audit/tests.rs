@@ -58,7 +58,7 @@ fn production(dir: &Path) -> Config {
     std::fs::create_dir_all(&secrets).expect("secrets dir");
     chmod(&secrets, 0o700);
     config.encryption.keyring_file = Some(secrets.join("keyring"));
-    let ring = sparkle_store::seal::Keyring::generate(crate::keyring::now());
+    let ring = sparkle_seal::Keyring::generate(crate::keyring::now());
     crate::keyring::write(&crate::keyring::path(&config), &ring).expect("keyring");
     config
 }
@@ -67,7 +67,7 @@ fn production(dir: &Path) -> Config {
 async fn production_fails_a_keyring_kept_in_the_data_directory_it_protects() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = production(dir.path());
-    let ring = sparkle_store::seal::Keyring::generate(crate::keyring::now());
+    let ring = sparkle_seal::Keyring::generate(crate::keyring::now());
     config.encryption.keyring_file = None;
     crate::keyring::write(&crate::keyring::path(&config), &ring).expect("keyring");
     let report = gather(&config, Depth::Startup).await;
@@ -222,7 +222,7 @@ async fn encryption_fails_without_a_keyring_or_when_stored_data_needs_a_missing_
     let ring = crate::keyring::read(&ring_path).expect("ring");
     let store = sparkle_store::ObjectImageStore::local(
         &config.images_dir(),
-        std::sync::Arc::new(sparkle_store::seal::Keys::fixed(ring.clone())),
+        std::sync::Arc::new(sparkle_seal::MasterKeys::fixed(ring.clone())),
     )
     .expect("store");
     let image = sparkle_store::ImageKey {
@@ -236,7 +236,7 @@ async fn encryption_fails_without_a_keyring_or_when_stored_data_needs_a_missing_
     assert!(!line.failed(), "{line}");
     assert!(line.reason.contains("1 image(s)"), "{line}");
     assert!(line.reason.contains(ring.active_id().as_str()), "{line}");
-    let other = sparkle_store::seal::Keyring::generate(crate::keyring::now());
+    let other = sparkle_seal::Keyring::generate(crate::keyring::now());
     crate::keyring::write(&ring_path, &other).expect("replace");
     let line = at_rest::encryption(&config, Depth::Full).await;
     assert_eq!(line.status, Status::Fail { critical: false }, "{line}");

@@ -68,7 +68,7 @@ pub fn certificate(config: &Config, now: i64) -> Check {
         return Check::critical(NAME, why);
     }
     let days_left = (info.not_after - now).div_euclid(86_400);
-    let until = crate::cmd::keys::utc(info.not_after);
+    let until = crate::cmd::keyring::utc(info.not_after);
     let names = if info.names.is_empty() {
         "no subject alternative names".to_string()
     } else {
@@ -88,7 +88,7 @@ pub fn certificate(config: &Config, now: i64) -> Check {
             NAME,
             format!(
                 "{what}: not valid before {}",
-                crate::cmd::keys::utc(info.not_before)
+                crate::cmd::keyring::utc(info.not_before)
             ),
         );
     }
@@ -164,7 +164,7 @@ pub async fn database(config: &Config, depth: Depth, now: i64) -> Check {
     let what = format!(
         "{rule}; its certificate is for {} until {}",
         info.names.join(", "),
-        crate::cmd::keys::utc(info.not_after)
+        crate::cmd::keyring::utc(info.not_after)
     );
     if days_left < CERTIFICATE_MIN_DAYS {
         return Check::fail(

@@ -4,7 +4,7 @@ pub mod discord;
 pub mod enrollment;
 pub mod generate;
 pub mod key;
-pub mod keys;
+pub mod keyring;
 pub mod migrate;
 pub mod model;
 pub mod serve;
@@ -14,7 +14,7 @@ use crate::{Common, Serve};
 use anyhow::Context;
 use sparkle_core::{Catalog, ModelEntry};
 use sparkle_queue::{Database, PgOptions, PgQueue, SqliteOptions, SqliteQueue};
-use sparkle_store::seal::Keys;
+use sparkle_seal::MasterKeys;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +54,7 @@ pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<dyn Database>> {
 /// Opens the queue with the keyring the caller already holds, applying migrations.
 pub async fn open_queue_with(
     config: &Config,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
 ) -> anyhow::Result<Arc<dyn Database>> {
     open_database(config, keys, true).await
 }
@@ -63,7 +63,7 @@ pub async fn open_queue_with(
 /// created.
 pub async fn open_queue_read_only(
     config: &Config,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
 ) -> anyhow::Result<Arc<dyn Database>> {
     open_database(config, keys, false).await
 }
@@ -87,7 +87,7 @@ pub fn postgres_options(config: &Config, migrate: bool) -> Option<PgOptions> {
 
 async fn open_database(
     config: &Config,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
     migrate: bool,
 ) -> anyhow::Result<Arc<dyn Database>> {
     let fields = Arc::new(crate::keyring::SealedFields(keys));
@@ -158,7 +158,7 @@ pub fn catalog(paths: &[std::path::PathBuf]) -> anyhow::Result<Catalog> {
 /// directory.
 pub fn open_store(
     config: &Config,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
 ) -> anyhow::Result<sparkle_store::ObjectImageStore> {
     let s = &config.store;
     let Some(url) = &s.url else {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use sparkle_gateway::{GatewayOptions, GatewayState};
 use sparkle_queue::{Database, JobQueue, Scope};
 use sparkle_scaler::{LocalProcesses, Policy};
-use sparkle_store::seal::Keys;
+use sparkle_seal::MasterKeys;
 use sparkle_store::{ImageLinks, ImageStore};
 use std::ffi::OsString;
 use std::sync::Arc;
@@ -224,7 +224,7 @@ async fn ensure_admin_key(queue: &dyn Database) -> anyhow::Result<()> {
 async fn start_gateway(
     config: &Config,
     queue: Arc<dyn Database>,
-    keys: Arc<Keys>,
+    keys: Arc<MasterKeys>,
     no_workers: Option<String>,
     local_workers: bool,
     shutdown: CancellationToken,
@@ -256,7 +256,7 @@ async fn start_gateway(
     let links = Arc::new(ImageLinks::new(keys.clone(), config.image_link_lifetime()));
     let store: Arc<dyn ImageStore> = Arc::new(super::open_store(config, keys.clone())?);
     let plane = crate::worker_listener::WorkerApi {
-        plane: Arc::new(sparkle_worker::Embedded::new(
+        plane: Arc::new(crate::control_plane::QueuePlane::new(
             queue.clone() as Arc<dyn JobQueue>,
             store.clone(),
             catalog.models.iter().map(|m| m.name.clone()).collect(),

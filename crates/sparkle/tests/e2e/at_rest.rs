@@ -135,15 +135,15 @@ async fn no_prompt_user_token_or_png_is_readable_in_the_data_directory() {
     assert_eq!(found, Vec::<String>::new(), "readable after shutdown");
 }
 
-/// `sparkle keys …` on `data`: (success, stdout, stderr).
+/// `sparkle keyring …` on `data`: (success, stdout, stderr).
 fn keys(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sparkle"))
-        .arg("keys")
+        .arg("keyring")
         .args(args)
         .arg("--data-dir")
         .arg(data)
         .output()
-        .expect("sparkle keys");
+        .expect("sparkle keyring");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

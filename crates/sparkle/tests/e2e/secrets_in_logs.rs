@@ -123,7 +123,7 @@ async fn no_secret_reaches_the_logs_on_any_path_that_uses_one() {
     let data = svc.data_dir().to_path_buf();
     let data_arg = data.display().to_string();
     let (ok, rotate_out, rotate_err) = support::sparkle(
-        &["keys", "rotate", "--data-dir", &data_arg],
+        &["keyring", "rotate", "--data-dir", &data_arg],
         &[("RUST_LOG", "debug")],
     );
     assert!(ok, "rotate: {rotate_err}");

@@ -26,7 +26,7 @@ pub(crate) fn production_setup(dir: &Path, ca: &TestCa) -> PathBuf {
     )
     .expect("config");
     let config_arg = config.to_str().expect("utf-8");
-    let (ok, _, err) = sparkle(&["keys", "rotate", "--config", config_arg], &[]);
+    let (ok, _, err) = sparkle(&["keyring", "rotate", "--config", config_arg], &[]);
     assert!(ok, "{err}");
     config
 }

@@ -1,5 +1,5 @@
 //! Master keys: a [`Keyring`] is one consistent set of them (which is active, which are
-//! retired); [`Keys`] is the live handle the stores hold, reloading the keyring from its
+//! retired); [`MasterKeys`] is the live handle the stores hold, reloading the keyring from its
 //! [`KeySource`] when another process has rotated keys.
 
 use super::SealError;
@@ -14,27 +14,27 @@ const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// A master key's name: written in every header and field it seals, shown by `keys list`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(String);
+pub struct MasterKeyId(String);
 
-impl KeyId {
-    pub fn new(id: &str) -> Result<KeyId, SealError> {
+impl MasterKeyId {
+    pub fn new(id: &str) -> Result<MasterKeyId, SealError> {
         let valid = !id.is_empty()
             && id.len() <= 64
             && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if valid {
-            Ok(KeyId(id.to_string()))
+            Ok(MasterKeyId(id.to_string()))
         } else {
             Err(SealError::InvalidKeyId(id.chars().take(80).collect()))
         }
     }
 
     /// A fresh id: `mk-` and 8 random hex digits.
-    pub fn random() -> KeyId {
+    pub fn random() -> MasterKeyId {
         let mut bytes = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        KeyId(format!("mk-{:08x}", u32::from_be_bytes(bytes)))
+        MasterKeyId(format!("mk-{:08x}", u32::from_be_bytes(bytes)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -42,7 +42,7 @@ impl KeyId {
     }
 }
 
-impl fmt::Display for KeyId {
+impl fmt::Display for MasterKeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -114,7 +114,7 @@ impl fmt::Debug for KeyMaterial {
 /// it sealed can never be opened again.
 #[derive(Debug, Clone)]
 pub struct MasterKey {
-    pub id: KeyId,
+    pub id: MasterKeyId,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds; `None` while the key is live.
@@ -123,7 +123,7 @@ pub struct MasterKey {
 }
 
 impl MasterKey {
-    pub fn live(id: KeyId, created_at: i64, material: KeyMaterial) -> MasterKey {
+    pub fn live(id: MasterKeyId, created_at: i64, material: KeyMaterial) -> MasterKey {
         MasterKey {
             id,
             created_at,
@@ -132,7 +132,7 @@ impl MasterKey {
         }
     }
 
-    pub fn retired(id: KeyId, created_at: i64, retired_at: i64) -> MasterKey {
+    pub fn retired(id: MasterKeyId, created_at: i64, retired_at: i64) -> MasterKey {
         MasterKey {
             id,
             created_at,
@@ -152,14 +152,14 @@ impl MasterKey {
 #[derive(Debug, Clone)]
 pub struct Keyring {
     keys: Vec<MasterKey>,
-    active: KeyId,
+    active: MasterKeyId,
     index: KeyMaterial,
 }
 
 impl Keyring {
     /// A new keyring with one fresh master key, active, and a fresh index key.
     pub fn generate(now: i64) -> Keyring {
-        let key = MasterKey::live(KeyId::random(), now, KeyMaterial::random());
+        let key = MasterKey::live(MasterKeyId::random(), now, KeyMaterial::random());
         Keyring {
             active: key.id.clone(),
             keys: vec![key],
@@ -170,7 +170,7 @@ impl Keyring {
     /// A keyring from stored parts, checked.
     pub fn from_parts(
         keys: Vec<MasterKey>,
-        active: KeyId,
+        active: MasterKeyId,
         index: KeyMaterial,
     ) -> Result<Keyring, SealError> {
         for (i, key) in keys.iter().enumerate() {
@@ -206,12 +206,12 @@ impl Keyring {
         &self.keys
     }
 
-    pub fn active_id(&self) -> &KeyId {
+    pub fn active_id(&self) -> &MasterKeyId {
         &self.active
     }
 
     /// The key new objects and fields are sealed with.
-    pub(crate) fn active(&self) -> (&KeyId, &KeyMaterial) {
+    pub(crate) fn active(&self) -> (&MasterKeyId, &KeyMaterial) {
         let material = self
             .keys
             .iter()
@@ -229,7 +229,7 @@ impl Keyring {
     }
 
     /// The material of a key, to open what it sealed.
-    pub(crate) fn material(&self, id: &KeyId) -> Result<&KeyMaterial, SealError> {
+    pub(crate) fn material(&self, id: &MasterKeyId) -> Result<&KeyMaterial, SealError> {
         match self.keys.iter().find(|k| &k.id == id) {
             None => Err(SealError::UnknownKey(id.clone())),
             Some(k) => k
@@ -240,10 +240,10 @@ impl Keyring {
     }
 
     /// Adds a fresh master key and makes it the active one; returns its id.
-    pub fn rotate(&mut self, now: i64) -> KeyId {
-        let mut id = KeyId::random();
+    pub fn rotate(&mut self, now: i64) -> MasterKeyId {
+        let mut id = MasterKeyId::random();
         while self.keys.iter().any(|k| k.id == id) {
-            id = KeyId::random();
+            id = MasterKeyId::random();
         }
         self.keys
             .push(MasterKey::live(id.clone(), now, KeyMaterial::random()));
@@ -253,10 +253,10 @@ impl Keyring {
 
     /// Forgets a key's material for good. The active key cannot be retired (rotate first);
     /// whether anything still needs the key is the caller's to check.
-    pub fn retire(&mut self, id: &KeyId, now: i64) -> Result<(), SealError> {
+    pub fn retire(&mut self, id: &MasterKeyId, now: i64) -> Result<(), SealError> {
         if id == &self.active {
             return Err(SealError::Keyring(format!(
-                "{id} is the active key; run `sparkle keys rotate` first"
+                "{id} is the active key; run `sparkle keyring rotate` first"
             )));
         }
         let key = self
@@ -273,34 +273,34 @@ impl Keyring {
     }
 }
 
-/// Where a live [`Keys`] handle reloads its keyring from (the keyring file).
+/// Where a live [`MasterKeys`] handle reloads its keyring from (the keyring file).
 pub trait KeySource: Send + Sync + 'static {
     /// The keyring if it changed since the last call, `None` if it did not.
     fn reload(&self) -> Result<Option<Keyring>, SealError>;
 }
 
-/// The keyring a long-running process holds. `sparkle keys rotate` in another process
+/// The keyring a long-running process holds. `sparkle keyring rotate` in another process
 /// changes the keyring file; the handle notices within a few seconds (and at once when it
 /// meets a key id it does not know), so new objects use the new key and re-wrapped objects
 /// keep opening.
-pub struct Keys {
+pub struct MasterKeys {
     ring: RwLock<Arc<Keyring>>,
     source: Option<Box<dyn KeySource>>,
     checked: Mutex<Instant>,
 }
 
-impl fmt::Debug for Keys {
+impl fmt::Debug for MasterKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keys")
+        f.debug_struct("MasterKeys")
             .field("active", self.current().active_id())
             .finish_non_exhaustive()
     }
 }
 
-impl Keys {
+impl MasterKeys {
     /// A keyring that never changes (tests, one-shot commands).
-    pub fn fixed(ring: Keyring) -> Keys {
-        Keys {
+    pub fn fixed(ring: Keyring) -> MasterKeys {
+        MasterKeys {
             ring: RwLock::new(Arc::new(ring)),
             source: None,
             checked: Mutex::new(Instant::now()),
@@ -308,8 +308,8 @@ impl Keys {
     }
 
     /// A keyring that follows its source.
-    pub fn watching(ring: Keyring, source: Box<dyn KeySource>) -> Keys {
-        Keys {
+    pub fn watching(ring: Keyring, source: Box<dyn KeySource>) -> MasterKeys {
+        MasterKeys {
             ring: RwLock::new(Arc::new(ring)),
             source: Some(source),
             checked: Mutex::new(Instant::now()),
@@ -332,7 +332,7 @@ impl Keys {
     }
 
     /// The keyring holding `id`: reloaded once at once when the current one lacks it.
-    pub(crate) fn holding(&self, id: &KeyId) -> Arc<Keyring> {
+    pub(crate) fn holding(&self, id: &MasterKeyId) -> Arc<Keyring> {
         let ring = self.current();
         if ring.keys.iter().any(|k| &k.id == id) {
             return ring;
@@ -374,7 +374,7 @@ mod tests {
     fn material_never_shows_in_debug_output() {
         let ring = Keyring::generate(1);
         let hex = ring.active().1.to_hex();
-        let shown = format!("{ring:?} {:?}", Keys::fixed(ring.clone()));
+        let shown = format!("{ring:?} {:?}", MasterKeys::fixed(ring.clone()));
         assert!(!shown.contains(hex.as_str()), "{shown}");
         assert!(!shown.contains(ring.index_key().to_hex().as_str()));
         let bad = KeyMaterial::from_hex(&format!("{}zz", &hex[..62])).expect_err("not hex");
@@ -400,16 +400,16 @@ mod tests {
         ));
         assert!(ring.retire(&first, 4).is_err(), "retired once");
         assert!(matches!(
-            ring.material(&KeyId::new("mk-nope").expect("id")),
+            ring.material(&MasterKeyId::new("mk-nope").expect("id")),
             Err(SealError::UnknownKey(_))
         ));
     }
 
     #[test]
     fn inconsistent_keyrings_are_refused() {
-        let a = MasterKey::live(KeyId::new("a").expect("id"), 1, KeyMaterial::random());
-        let b = MasterKey::retired(KeyId::new("b").expect("id"), 1, 2);
-        let id = |s: &str| KeyId::new(s).expect("id");
+        let a = MasterKey::live(MasterKeyId::new("a").expect("id"), 1, KeyMaterial::random());
+        let b = MasterKey::retired(MasterKeyId::new("b").expect("id"), 1, 2);
+        let id = |s: &str| MasterKeyId::new(s).expect("id");
         assert!(
             Keyring::from_parts(vec![a.clone(), b.clone()], id("a"), KeyMaterial::random()).is_ok()
         );
@@ -420,7 +420,7 @@ mod tests {
         assert!(Keyring::from_parts(vec![a.clone()], id("c"), KeyMaterial::random()).is_err());
         assert!(Keyring::from_parts(vec![a.clone(), a], id("a"), KeyMaterial::random()).is_err());
         for bad in ["", "a b", "ключ", &"x".repeat(65)] {
-            assert!(KeyId::new(bad).is_err(), "{bad:?}");
+            assert!(MasterKeyId::new(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -15,7 +15,7 @@
 //! derived from the keyring's index key: equal values give equal indexes, and nothing else
 //! can be learnt from one without the key.
 
-use super::{KeyId, KeyMaterial, Keyring, Keys, SealError};
+use super::{Keyring, MasterKeyId, MasterKeys, SealError};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -65,16 +65,6 @@ fn unpad(mut padded: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, SealError
 /// What every blind index starts with.
 pub const INDEX_PREFIX: &str = "bi1.";
 
-fn derive(master: &KeyMaterial, info: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    let hkdf = hkdf::Hkdf::<Sha256>::new(None, master.bytes());
-    // 32 bytes is far below HKDF-SHA256's limit of 8160.
-    if hkdf.expand(info, key.as_mut()).is_err() {
-        unreachable!("HKDF-SHA256 gives 32 bytes");
-    }
-    key
-}
-
 fn aad(field: &str, row: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(8 + field.len() + row.len());
     aad.extend_from_slice(&(field.len() as u32).to_be_bytes());
@@ -87,7 +77,7 @@ fn aad(field: &str, row: &str) -> Vec<u8> {
 /// Seals `plain`, the value of `field` in `row`, under the keyring's active key.
 pub fn seal(ring: &Keyring, field: &str, row: &str, plain: &[u8]) -> Result<String, SealError> {
     let (id, master) = ring.active();
-    let key = derive(master, b"sparkle field key v1");
+    let key = crate::derived_key(master, b"sparkle field key v1");
     let mut nonce = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let padded = pad(plain)?;
@@ -109,7 +99,7 @@ pub fn seal(ring: &Keyring, field: &str, row: &str, plain: &[u8]) -> Result<Stri
 }
 
 struct Parsed {
-    key_id: KeyId,
+    key_id: MasterKeyId,
     bytes: Vec<u8>,
     body: usize,
     padded: bool,
@@ -134,7 +124,7 @@ fn parse(sealed: &str) -> Result<Parsed, SealError> {
         .ok_or(SealError::Malformed("field cut short"))?;
     let key_id = std::str::from_utf8(id)
         .map_err(|_| SealError::Malformed("key id is not text"))
-        .and_then(KeyId::new)?;
+        .and_then(MasterKeyId::new)?;
     let body = 1 + id_len;
     if bytes.len() < body + 12 + 16 {
         return Err(SealError::Malformed("field cut short"));
@@ -148,20 +138,20 @@ fn parse(sealed: &str) -> Result<Parsed, SealError> {
 }
 
 /// The id of the master key a field is sealed under.
-pub fn key_id(sealed: &str) -> Result<KeyId, SealError> {
+pub fn key_id(sealed: &str) -> Result<MasterKeyId, SealError> {
     Ok(parse(sealed)?.key_id)
 }
 
 /// Opens a sealed value of `field` in `row`.
 pub fn open(
-    keys: &Keys,
+    keys: &MasterKeys,
     field: &str,
     row: &str,
     sealed: &str,
 ) -> Result<Zeroizing<Vec<u8>>, SealError> {
     let parsed = parse(sealed)?;
     let ring = keys.holding(&parsed.key_id);
-    let key = derive(ring.material(&parsed.key_id)?, b"sparkle field key v1");
+    let key = crate::derived_key(ring.material(&parsed.key_id)?, b"sparkle field key v1");
     let (nonce, ciphertext) = parsed.bytes[parsed.body..].split_at(12);
     let plain = Aes256Gcm::new(key.as_ref().into())
         .decrypt(
@@ -182,7 +172,7 @@ pub fn open(
 
 /// The blind index of `value` in `field`.
 pub fn blind(ring: &Keyring, field: &str, value: &[u8]) -> String {
-    let key = derive(ring.index_key(), b"sparkle blind index v1");
+    let key = crate::derived_key(ring.index_key(), b"sparkle blind index v1");
     let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref()) {
         Ok(mac) => mac,
         Err(_) => unreachable!("HMAC takes a key of any length"),
@@ -202,7 +192,7 @@ mod tests {
 
     #[test]
     fn fields_round_trip_and_stay_in_their_row() {
-        let keys = Keys::fixed(Keyring::generate(1));
+        let keys = MasterKeys::fixed(Keyring::generate(1));
         let ring = keys.current();
         let sealed = seal(&ring, "jobs.request", "job-1", b"a corgi").expect("seal");
         assert!(sealed.starts_with(PREFIX) && !sealed.contains("corgi"));
@@ -232,7 +222,7 @@ mod tests {
         let bad = String::from_utf8(bad).expect("ascii");
         assert!(open(&keys, "jobs.request", "job-1", &bad).is_err());
         assert!(open(
-            &Keys::fixed(Keyring::generate(1)),
+            &MasterKeys::fixed(Keyring::generate(1)),
             "jobs.request",
             "job-1",
             &sealed
@@ -256,7 +246,7 @@ mod tests {
     #[test]
     fn sealed_values_tell_only_their_size_class() {
         let ring = Keyring::generate(1);
-        let keys = Keys::fixed(ring.clone());
+        let keys = MasterKeys::fixed(ring.clone());
         let short = seal(&ring, "jobs.request", "job-1", b"a corgi").expect("seal");
         let longer = seal(&ring, "jobs.request", "job-1", &[b'x'; 50]).expect("seal");
         assert_eq!(
@@ -291,9 +281,9 @@ mod tests {
     fn fields_sealed_before_padding_still_open() {
         // Sealed as before: the value itself encrypted, under `sf1.`.
         let ring = Keyring::generate(1);
-        let keys = Keys::fixed(ring.clone());
+        let keys = MasterKeys::fixed(ring.clone());
         let (id, master) = ring.active();
-        let key = derive(master, b"sparkle field key v1");
+        let key = crate::derived_key(master, b"sparkle field key v1");
         let nonce = [7u8; 12];
         let sealed = Aes256Gcm::new(key.as_ref().into())
             .encrypt(

@@ -1,4 +1,4 @@
-//! `sparkle keys`: the master keys that seal images and database fields at rest.
+//! `sparkle keyring`: the master keys that seal images and database fields at rest.
 
 use super::{load_config, open_queue_with};
 use crate::config::Config;
@@ -6,12 +6,12 @@ use crate::keyring::{self, ChangeLock};
 use crate::Common;
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use sparkle_store::seal::{KeyId, Keyring, Keys};
+use sparkle_seal::{Keyring, MasterKeyId, MasterKeys};
 use sparkle_store::ObjectImageStore;
 use std::sync::Arc;
 
 #[derive(Debug, Subcommand)]
-pub enum KeysCommand {
+pub enum KeyringCommand {
     /// Show the master keys: id, creation time (UTC), and whether each is active (sealing
     /// new images and fields), live (still opening what it sealed) or retired. Never the
     /// key material.
@@ -27,7 +27,7 @@ pub enum KeysCommand {
     #[command(
         after_help = "The keyring is `keyring` in the data directory unless encryption.keyring_file \
 names another file. Back it up after every change: without it nothing sealed can be read. \
-Run this again if it was interrupted; `sparkle keys retire` then removes the keys no longer needed."
+Run this again if it was interrupted; `sparkle keyring retire` then removes the keys no longer needed."
     )]
     Rotate {
         #[command(flatten)]
@@ -39,16 +39,16 @@ Run this again if it was interrupted; `sparkle keys retire` then removes the key
     Retire {
         #[command(flatten)]
         common: Common,
-        /// The key id, as `sparkle keys list` shows it.
+        /// The key id, as `sparkle keyring list` shows it.
         id: String,
     },
 }
 
-pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
+pub async fn run(command: KeyringCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::List { common } => list(&load_config(&common, None)?),
-        KeysCommand::Rotate { common } => rotate(&load_config(&common, None)?).await,
-        KeysCommand::Retire { common, id } => retire(&load_config(&common, None)?, &id).await,
+        KeyringCommand::List { common } => list(&load_config(&common, None)?),
+        KeyringCommand::Rotate { common } => rotate(&load_config(&common, None)?).await,
+        KeyringCommand::Retire { common, id } => retire(&load_config(&common, None)?, &id).await,
     }
 }
 
@@ -56,7 +56,7 @@ fn list(config: &Config) -> anyhow::Result<()> {
     let path = keyring::path(config);
     if !path.exists() {
         bail!(
-            "no keyring at {}; services make one on first start, or run `sparkle keys rotate`",
+            "no keyring at {}; services make one on first start, or run `sparkle keyring rotate`",
             path.display()
         );
     }
@@ -74,7 +74,7 @@ fn list(config: &Config) -> anyhow::Result<()> {
 
 /// What stores sealed data, opened with `ring`.
 fn images(config: &Config, ring: Keyring) -> anyhow::Result<ObjectImageStore> {
-    super::open_store(config, Arc::new(Keys::fixed(ring)))
+    super::open_store(config, Arc::new(MasterKeys::fixed(ring)))
 }
 
 /// The metadata database, its fields opened with `ring`.
@@ -82,7 +82,7 @@ async fn database(
     config: &Config,
     ring: Keyring,
 ) -> anyhow::Result<Arc<dyn sparkle_queue::Database>> {
-    open_queue_with(config, Arc::new(Keys::fixed(ring))).await
+    open_queue_with(config, Arc::new(MasterKeys::fixed(ring))).await
 }
 
 async fn rotate(config: &Config) -> anyhow::Result<()> {
@@ -112,7 +112,7 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
     let done = images(config, ring.clone())?
         .rewrap_all()
         .await
-        .context("re-wrapping images (run `sparkle keys rotate` again to finish)")?;
+        .context("re-wrapping images (run `sparkle keyring rotate` again to finish)")?;
     eprintln!(
         "Images: {} re-wrapped, {} already current, {} sealed for the first time.",
         done.rewrapped, done.current, done.sealed
@@ -122,7 +122,7 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
             .await?
             .reseal_fields()
             .await
-            .context("re-sealing database fields (run `sparkle keys rotate` again to finish)")?;
+            .context("re-sealing database fields (run `sparkle keyring rotate` again to finish)")?;
         eprintln!("Database: {rows} row(s) re-sealed.");
     }
     eprintln!("Back up {} now.", path.display());
@@ -130,7 +130,7 @@ async fn rotate(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
-    let id = KeyId::new(id)?;
+    let id = MasterKeyId::new(id)?;
     let path = keyring::path(config);
     let _lock = ChangeLock::take(&path)?;
     let mut ring = keyring::read(&path)?;
@@ -138,7 +138,7 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
         None => bail!("no key {id} in {}", path.display()),
         Some(k) if k.retired_at.is_some() => bail!("{id} is already retired"),
         Some(_) if &id == ring.active_id() => {
-            bail!("{id} is the active key; run `sparkle keys rotate` first")
+            bail!("{id} is the active key; run `sparkle keyring rotate` first")
         }
         Some(_) => {}
     }
@@ -146,7 +146,7 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
     let in_use = usage.by_key.get(&id).copied().unwrap_or(0);
     if in_use > 0 {
         bail!(
-            "{in_use} stored image(s) still use {id}; run `sparkle keys rotate` to re-wrap them, then retire it"
+            "{in_use} stored image(s) still use {id}; run `sparkle keyring rotate` to re-wrap them, then retire it"
         );
     }
     if config.database_exists() {
@@ -157,7 +157,7 @@ async fn retire(config: &Config, id: &str) -> anyhow::Result<()> {
         let in_use = usage.by_key.get(id.as_str()).copied().unwrap_or(0);
         if in_use > 0 {
             bail!(
-                "{in_use} database field(s) still use {id}; run `sparkle keys rotate` to re-seal them, then retire it"
+                "{in_use} database field(s) still use {id}; run `sparkle keyring rotate` to re-seal them, then retire it"
             );
         }
     }

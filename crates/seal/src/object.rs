@@ -16,7 +16,7 @@
 //! last chunk. So a flipped bit, a dropped or reordered chunk, a truncation or an extension
 //! all fail to authenticate.
 
-use super::{KeyId, Keyring, Keys, SealError};
+use super::{Keyring, MasterKeyId, MasterKeys, SealError};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
@@ -36,7 +36,7 @@ pub const HEADER_MAX: usize = 4 + 1 + 1 + 1 + 64 + PREFIX + WRAP_NONCE + WRAPPED
 
 /// A parsed header, borrowing the sealed bytes.
 struct Header<'a> {
-    key_id: KeyId,
+    key_id: MasterKeyId,
     chunk_size: usize,
     /// Every header byte before the wrap nonce: authenticated by the key wrap.
     bound: &'a [u8],
@@ -65,7 +65,7 @@ fn parse_header(sealed: &[u8]) -> Result<Header<'_>, SealError> {
     let id = sealed.get(7..id_end).ok_or_else(short)?;
     let key_id = std::str::from_utf8(id)
         .map_err(|_| SealError::Malformed("key id is not text"))
-        .and_then(KeyId::new)?;
+        .and_then(MasterKeyId::new)?;
     let prefix_end = id_end + PREFIX;
     let wrap_nonce_end = prefix_end + WRAP_NONCE;
     let len = wrap_nonce_end + WRAPPED_KEY;
@@ -87,7 +87,7 @@ fn parse_header(sealed: &[u8]) -> Result<Header<'_>, SealError> {
 
 /// The id of the master key an object is sealed under, from its first bytes
 /// (at most [`HEADER_MAX`] are needed).
-pub fn header_key_id(sealed_start: &[u8]) -> Result<KeyId, SealError> {
+pub fn header_key_id(sealed_start: &[u8]) -> Result<MasterKeyId, SealError> {
     if sealed_start.len() < 4 || &sealed_start[..4] != MAGIC {
         return Err(SealError::NotSealed);
     }
@@ -100,7 +100,7 @@ pub fn header_key_id(sealed_start: &[u8]) -> Result<KeyId, SealError> {
     let id = sealed_start.get(7..7 + id_len).ok_or_else(short)?;
     std::str::from_utf8(id)
         .map_err(|_| SealError::Malformed("key id is not text"))
-        .and_then(KeyId::new)
+        .and_then(MasterKeyId::new)
 }
 
 fn wrap_aad(bound: &[u8], name: &str) -> Vec<u8> {
@@ -130,7 +130,7 @@ fn chunk_nonce(prefix: &[u8; PREFIX], index: u64) -> Result<[u8; 12], SealError>
 /// A header for `key_id` with a fresh data key wrapped by `master`, bound to `name`.
 fn write_header(
     out: &mut Vec<u8>,
-    key_id: &KeyId,
+    key_id: &MasterKeyId,
     master: &super::KeyMaterial,
     nonce_prefix: &[u8; PREFIX],
     data_key: &[u8; 32],
@@ -139,7 +139,7 @@ fn write_header(
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(CHUNK_LOG2);
-    // `KeyId` is 1 to 64 ASCII bytes.
+    // `MasterKeyId` is 1 to 64 ASCII bytes.
     out.push(key_id.as_str().len() as u8);
     out.extend_from_slice(key_id.as_str().as_bytes());
     out.extend_from_slice(nonce_prefix);
@@ -215,7 +215,7 @@ fn unwrap_data_key(
 
 /// Opens the object called `name`: its plaintext, or an error if anything about it is not
 /// exactly as sealed.
-pub fn open(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+pub fn open(keys: &MasterKeys, name: &str, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
     let header = parse_header(sealed)?;
     let ring = keys.holding(&header.key_id);
     let data_key = unwrap_data_key(&header, &ring, name)?;
@@ -276,8 +276,8 @@ mod tests {
 
     const NAME: &str = "images/0b5c/0.png";
 
-    fn keys() -> Keys {
-        Keys::fixed(Keyring::generate(1))
+    fn keys() -> MasterKeys {
+        MasterKeys::fixed(Keyring::generate(1))
     }
 
     fn sample(len: usize) -> Vec<u8> {
@@ -397,7 +397,7 @@ mod tests {
             open(&keys, "images/0b5c/1.png", &sealed),
             Err(SealError::Unwrap)
         ));
-        let other = Keys::fixed(Keyring::generate(1));
+        let other = MasterKeys::fixed(Keyring::generate(1));
         assert!(matches!(
             open(&other, NAME, &sealed),
             Err(SealError::UnknownKey(_))
@@ -415,7 +415,7 @@ mod tests {
         )
         .expect("keyring");
         assert!(matches!(
-            open(&Keys::fixed(impostor), NAME, &sealed),
+            open(&MasterKeys::fixed(impostor), NAME, &sealed),
             Err(SealError::Unwrap)
         ));
         assert!(matches!(
@@ -438,7 +438,7 @@ mod tests {
         let sealed = seal(&ring, NAME, &plain).expect("seal");
         let old_header = header_len(&sealed);
         ring.rotate(2);
-        let keys = Keys::fixed(ring.clone());
+        let keys = MasterKeys::fixed(ring.clone());
         assert_eq!(
             open(&keys, NAME, &sealed).expect("old key still opens"),
             plain
@@ -459,7 +459,7 @@ mod tests {
             "name bound"
         );
         ring.retire(&first, 3).expect("retire");
-        let keys = Keys::fixed(ring);
+        let keys = MasterKeys::fixed(ring);
         assert_eq!(open(&keys, NAME, &rewrapped).expect("open"), plain);
         assert!(matches!(
             open(&keys, NAME, &sealed),
