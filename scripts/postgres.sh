@@ -25,11 +25,14 @@
 #                                   password file (atomically), and ends the role's open
 #                                   sessions: every connection from then on logs in anew
 #
+# The server listens on 127.0.0.1, or on the address in SPARKLE_TEST_HOST (for a test that
+# puts the database on a network of its own), and takes logins from the networks it is on.
 # The server runs as the `postgres` user (initdb refuses root); DIR is made for it.
 set -euo pipefail
 command=${1:-}
 dir=${2:-}
-usage() { sed -n '2,26p' "$0" >&2; exit 2; }
+host=${SPARKLE_TEST_HOST:-127.0.0.1}
+usage() { sed -n '2,29p' "$0" >&2; exit 2; }
 [ -n "$command" ] && [ -n "$dir" ] || usage
 
 bin=
@@ -52,12 +55,12 @@ start)
   dir=$(cd "$dir" && pwd)
   tls="$dir/tls"
   mkdir -p "$tls"
-  # The test CA, and the server's certificate for 127.0.0.1 and localhost.
+  # The test CA, and the server's certificate for its address and localhost.
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=Sparkle test CA" \
     -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" \
     -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/ext.cnf"
+  printf 'subjectAltName=IP:%s,DNS:localhost\n' "$host" >"$tls/ext.cnf"
   openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
     -CAcreateserial -days 30 -extfile "$tls/ext.cnf" -out "$tls/server.pem" 2>/dev/null
   rm -f "$tls/ca.key" "$tls/server.csr" "$tls/ext.cnf"
@@ -69,7 +72,7 @@ start)
   as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=reject \
     -E UTF8 >/dev/null
   cat >>"$dir/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
+listen_addresses = '$host'
 port = $port
 unix_socket_directories = '$dir'
 ssl = on
@@ -83,7 +86,7 @@ CONF
   cat >"$dir/data/pg_hba.conf" <<HBA
 local     all all                trust
 local     replication all        trust
-hostssl   all all 127.0.0.1/32   scram-sha-256
+hostssl   all all samenet    scram-sha-256
 HBA
   as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
   secrets="$dir/secrets"
@@ -106,9 +109,9 @@ ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
 ALTER DEFAULT PRIVILEGES FOR ROLE sparkle_owner
     GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO sparkle_app;
 SQL
-  echo "TEST_PG_URL=postgres://sparkle_owner@127.0.0.1:$port/sparkle_test"
+  echo "TEST_PG_URL=postgres://sparkle_owner@$host:$port/sparkle_test"
   echo "TEST_PG_PASSWORD_FILE=$secrets/owner.password"
-  echo "TEST_PG_APP_URL=postgres://sparkle_app@127.0.0.1:$port/sparkle_test"
+  echo "TEST_PG_APP_URL=postgres://sparkle_app@$host:$port/sparkle_test"
   echo "TEST_PG_APP_PASSWORD_FILE=$secrets/app.password"
   echo "TEST_PG_CA_FILE=$tls/ca.pem"
   ;;

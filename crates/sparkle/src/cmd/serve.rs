@@ -429,9 +429,9 @@ fn start_worker_listener(
 /// a loopback listener of its own, with a certificate of its own (whatever the public one
 /// names), and an enrollment made for this run (the one of the run before is revoked).
 pub struct LocalPlane {
-    url: String,
-    ca_file: std::path::PathBuf,
-    secret_file: std::path::PathBuf,
+    pub url: String,
+    pub ca_file: std::path::PathBuf,
+    pub secret_file: std::path::PathBuf,
 }
 
 impl LocalPlane {
@@ -450,7 +450,7 @@ impl LocalPlane {
 /// The name of the enrollment `sparkle up` makes for its local workers.
 const LOCAL_ENROLLMENT: &str = "local workers (sparkle up)";
 
-async fn start_local_plane(
+pub(crate) async fn start_local_plane(
     config: &Config,
     queue: &Arc<dyn Database>,
     api: &crate::worker_listener::WorkerApi,

@@ -1,6 +1,7 @@
-//! Network layers: which process listens where, read from the kernel; and gateway, worker and
-//! client on separate network namespaces, where the client reaches the gateway's public port
-//! and nothing else, and the worker reaches the worker listener and nothing else.
+//! Network layers: which process listens where, read from the kernel; and the tiers of the
+//! hardened reference on separate network namespaces: the database and the image store on a
+//! private network only the gateway's host is on, workers on another reaching the worker
+//! listener and nothing else, clients reaching the public listener and nothing else.
 
 use crate::support::{self, Service};
 use serde_json::{json, Value};
@@ -157,14 +158,24 @@ async fn the_worker_listens_nowhere_and_metrics_listen_on_loopback_only() {
     assert_eq!(udp, 0);
 }
 
-/// Network namespaces made for one test, removed (with the processes run in them) on drop.
+/// Network namespaces made for one test, removed (with the processes run in them, and the
+/// servers started by the test scripts) on drop.
 struct Namespaces {
     names: Vec<String>,
     children: Vec<Child>,
+    /// (script, directory) of each server to stop.
+    servers: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 impl Drop for Namespaces {
     fn drop(&mut self) {
+        for (script, dir) in &self.servers {
+            let _ = Command::new("bash")
+                .arg(script)
+                .arg("stop")
+                .arg(dir)
+                .output();
+        }
         for child in &mut self.children {
             support::kill(child.id(), "TERM");
         }
@@ -195,11 +206,13 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 /// A client in its own namespace: submits a job, waits for it, fetches the image, then
-/// knocks on the gateway host's other ports. Prints what it found as JSON.
+/// knocks on the gateway host's other ports and on the database and the store. Prints what
+/// it found as JSON.
 const CLIENT: &str = r#"
 import json, socket, ssl, sys, time, urllib.request
 url, cafile, key, admin_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 worker_host, worker_port = sys.argv[5].rsplit(":", 1)
+private = sys.argv[6:]
 ctx = ssl.create_default_context(cafile=cafile)
 def call(method, path, body=None):
     req = urllib.request.Request(url + path, method=method,
@@ -229,8 +242,68 @@ if job["status"] == "succeeded":
 host = url.split("//")[1].rsplit(":", 1)[0]
 out["admin_port_from_outside"] = reach(host, admin_port)
 out["worker_port_from_client"] = reach(worker_host, int(worker_port))
+out["private_from_client"] = [reach(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in private]
 print(json.dumps(out))
 "#;
+
+/// Whether `host:port` answers a TCP connection from namespace `ns`: `open`, `refused` or
+/// `unreachable: …`.
+fn reach_from(ns: &str, addr: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c"])
+        .arg(
+            "import socket,sys\nh,p=sys.argv[1].rsplit(':',1)\ntry:\n socket.create_connection((h,int(p)),timeout=3).close(); print('open')\nexcept ConnectionRefusedError: print('refused')\nexcept OSError as e: print('unreachable: %s' % e)",
+        )
+        .arg(addr)
+        .output()
+        .expect("reach");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `sparkle ARGS…` run to its end in namespace `ns`: (success, stdout, stderr).
+fn sparkle_in(ns: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_sparkle")])
+        .args(args)
+        .output()
+        .expect("sparkle");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const POSTGRES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/postgres.sh");
+const S3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/s3.sh");
+
+/// Runs a test script in namespace `ns`, its server listening on `host`; the settings it
+/// printed.
+fn server_in(ns: &str, host: &str, args: &[&str]) -> std::collections::HashMap<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "bash"])
+        .args(args)
+        .env("SPARKLE_TEST_HOST", host)
+        .output()
+        .expect("a test script");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `host:port` of a URL such as `postgres://user@10.0.0.2:5432/db` or `https://10.0.0.2:9000`.
+fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
 
 /// Starts `sparkle ARGS…` inside namespace `ns`.
 fn spawn_in(ns: &str, args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> Child {
@@ -270,20 +343,31 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
     let mut net = Namespaces {
         names: vec![gw.clone()],
         children: Vec::new(),
+        servers: Vec::new(),
     };
-    for ns in [&wk, &cl] {
+    let db = format!("spk-db-{tag}");
+    for ns in [&wk, &cl, &db] {
         ip(&["netns", "add", ns]).expect("netns add");
         net.names.push(ns.clone());
     }
-    // The gateway host shares one link with the client host (the public side) and another
-    // with the worker host (the workers' side); client and worker hosts share none.
+    // The gateway host shares one link with the client host (the public side), one with the
+    // worker host (the workers' side) and one with the data host (the database and the image
+    // store); no other two hosts share a link.
     let subnet = format!("10.231.{}", tag % 250);
     let worker_subnet = format!("10.232.{}", tag % 250);
+    let data_subnet = format!("10.233.{}", tag % 250);
     let (gw_if, cl_if) = (format!("spkg{tag}"), format!("spkc{tag}"));
     let (gw_wk_if, wk_if) = (format!("spkv{tag}"), format!("spkw{tag}"));
+    let (gw_db_if, db_if) = (format!("spkp{tag}"), format!("spkd{tag}"));
     let gw_ip = format!("{subnet}.1");
     let gw_worker_ip = format!("{worker_subnet}.1");
+    let data_ip = format!("{data_subnet}.2");
     for step in [
+        vec![
+            "link", "add", &gw_db_if, "type", "veth", "peer", "name", &db_if,
+        ],
+        vec!["link", "set", &gw_db_if, "netns", &gw],
+        vec!["link", "set", &db_if, "netns", &db],
         vec![
             "link", "add", &gw_if, "type", "veth", "peer", "name", &cl_if,
         ],
@@ -302,19 +386,81 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
         (&cl, &cl_if, format!("{subnet}.2/24")),
         (&gw, &gw_wk_if, format!("{gw_worker_ip}/24")),
         (&wk, &wk_if, format!("{worker_subnet}.2/24")),
+        (&gw, &gw_db_if, format!("{data_subnet}.1/24")),
+        (&db, &db_if, format!("{data_ip}/24")),
     ] {
         ip(&["-n", ns, "addr", "add", &addr, "dev", dev]).expect("addr");
         ip(&["-n", ns, "link", "set", dev, "up"]).expect("up");
     }
-    for ns in [&gw, &wk, &cl] {
+    for ns in [&gw, &wk, &cl, &db] {
         ip(&["-n", ns, "link", "set", "lo", "up"]).expect("lo");
     }
 
+    // The data host: PostgreSQL and the S3 server, each listening on its private address.
     let dir = tempfile::tempdir().expect("tempdir");
+    let python = std::env::var("OPENAI_CLIENT_PYTHON").expect(
+        "OPENAI_CLIENT_PYTHON must name a python with moto[server] (scripts/test.sh makes one)",
+    );
+    let (pg_dir, s3_dir) = (dir.path().join("postgres"), dir.path().join("s3"));
+    let pg_arg = pg_dir.to_str().expect("utf-8");
+    let s3_arg = s3_dir.to_str().expect("utf-8");
+    let database = server_in(&db, &data_ip, &[POSTGRES, "start", pg_arg]);
+    net.servers.push((POSTGRES, pg_dir.clone()));
+    let store = server_in(&db, &data_ip, &[S3, "start", s3_arg, &python]);
+    net.servers.push((S3, s3_dir.clone()));
+    let (db_addr, s3_addr) = (
+        host_port(&database["TEST_PG_URL"]),
+        host_port(&store["TEST_S3_ENDPOINT"]),
+    );
+    assert!(db_addr.starts_with(&data_ip) && s3_addr.starts_with(&data_ip));
+
     let data = dir.path().join("data");
     let data_arg = data.to_str().expect("utf-8");
     let model = support::tiny_model().to_str().expect("utf-8");
     let log = dir.path().join("sparkle.log");
+    // The schema, made from the gateway's host as the database's owner.
+    let schema = format!("net_{tag}");
+    let in_schema = |url: &str| format!("{url}?options=-c%20search_path%3D{schema}");
+    let migrate = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &gw,
+            env!("CARGO_BIN_EXE_sparkle"),
+            "migrate",
+        ])
+        .args(["--data-dir", data_arg, "--database-url"])
+        .arg(in_schema(&database["TEST_PG_URL"]))
+        .arg("--password-file")
+        .arg(&database["TEST_PG_PASSWORD_FILE"])
+        .args(["--grant-to", "sparkle_app"])
+        .env("SPARKLE_DATABASE__CA_FILE", &database["TEST_PG_CA_FILE"])
+        .output()
+        .expect("sparkle migrate");
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let config = dir.path().join("sparkle.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\nca_file = \"{}\"\npassword_file = \"{}\"\n\n\
+             [store]\nurl = \"s3://{}/net\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+             ca_file = \"{}\"\ncredentials_file = \"{}\"\n",
+            in_schema(&database["TEST_PG_APP_URL"]),
+            database["TEST_PG_CA_FILE"],
+            database["TEST_PG_APP_PASSWORD_FILE"],
+            store["TEST_S3_BUCKET"],
+            store["TEST_S3_ENDPOINT"],
+            store["TEST_S3_REGION"],
+            store["TEST_S3_CA_FILE"],
+            store["TEST_S3_CREDENTIALS_FILE"],
+        ),
+    )
+    .expect("configuration");
+    let config_arg = config.to_str().expect("utf-8");
     let listen = format!("{gw_ip}:0");
     let worker_listen = format!("{gw_worker_ip}:8444");
     let mut gateway = spawn_in(
@@ -323,6 +469,8 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
             "gateway",
             "--data-dir",
             data_arg,
+            "--config",
+            config_arg,
             "--model",
             model,
             "--listen",
@@ -355,7 +503,8 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     // The worker's host holds its enrollment secret and the gateway's certificate, no more.
-    let (ok, secret, err) = support::sparkle(
+    let (ok, secret, err) = sparkle_in(
+        &gw,
         &[
             "enrollment",
             "create",
@@ -363,8 +512,9 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
             "namespaced",
             "--data-dir",
             data_arg,
+            "--config",
+            config_arg,
         ],
-        &[],
     );
     assert!(ok, "{err}");
     let worker_host = dir.path().join("worker-host");
@@ -415,6 +565,7 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
         ])
         .arg(admin_port.to_string())
         .arg(&worker_listen)
+        .args([&db_addr, &s3_addr])
         .output()
         .expect("client");
     let said = String::from_utf8_lossy(&out.stdout);
@@ -470,5 +621,41 @@ fn gateway_worker_and_client_on_separate_network_namespaces() {
     assert!(
         !worker_data.join("sparkle.db").exists() && !worker_data.join("keyring").exists(),
         "nothing of the deployment on the worker's host"
+    );
+    // The database and the store: the gateway's host reaches them (the job's image is in the
+    // bucket, its record in the database); the client's and the workers' hosts do not.
+    let from_client = seen["private_from_client"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(from_client.len(), 2, "{seen}");
+    assert!(
+        from_client
+            .iter()
+            .all(|r| r.as_str().is_some_and(|r| r.starts_with("unreachable"))),
+        "the database and the store from the client's host: {seen}"
+    );
+    for addr in [&db_addr, &s3_addr] {
+        let from_worker = reach_from(&wk, addr);
+        assert!(
+            from_worker.starts_with("unreachable"),
+            "{addr} from the worker's host: {from_worker}"
+        );
+        assert_eq!(
+            reach_from(&gw, addr),
+            "open",
+            "{addr} from the gateway's host"
+        );
+    }
+    assert!(
+        !data.join("sparkle.db").exists(),
+        "the queue is in PostgreSQL, not in the gateway's data directory"
+    );
+    let images = data.join("images");
+    assert_eq!(
+        std::fs::read_dir(&images).map(|d| d.count()).unwrap_or(0),
+        0,
+        "the images are in the bucket, not in {}",
+        images.display()
     );
 }
