@@ -138,6 +138,24 @@ pub struct RequestParts {
     pub n: u32,
 }
 
+/// The work of one denoising step per latent pixel relative to SD 1.5's, by words in a
+/// model's name: SDXL's UNet does a little less per latent pixel at 1024² than SD 1.5's at
+/// 512² (measured: 37 ms a step at 1024² against 10.7 ms at 512² on one GPU).
+pub fn model_factor(model: &str) -> f64 {
+    if model.to_ascii_lowercase().contains("xl") {
+        0.9
+    } else {
+        1.0
+    }
+}
+
+/// The cost of a job of `n` images in units of one SD 1.5 step at 512×512.
+pub fn job_cost(model: &str, width: u32, height: u32, steps: u32, n: u32) -> f64 {
+    f64::from(steps) * f64::from(width) * f64::from(height) / (512.0 * 512.0)
+        * f64::from(n.max(1))
+        * model_factor(model)
+}
+
 /// A model's name: up to 200 characters, none of them `|` (batch keys are `|`-separated) or
 /// a control character.
 pub fn is_model_name(name: &str) -> bool {
@@ -453,6 +471,13 @@ impl ValidImageRequest {
             scheduler: Some(self.scheduler.as_str().to_string()),
             n: Some(n),
         }
+    }
+
+    /// What the job costs a GPU, in units of one SD 1.5 denoising step at 512×512:
+    /// `steps × (width × height / 512²) × n × model_factor(model)`. The scaler sizes the
+    /// pool by it.
+    pub fn cost(&self) -> f64 {
+        job_cost(&self.model, self.width, self.height, self.steps, self.n)
     }
 
     /// Jobs with equal batch keys can run as one batch on the GPU.

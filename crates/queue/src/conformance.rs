@@ -645,6 +645,10 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
         .id;
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.running), (4, 0));
+    let each = new_job("x", "y").request.cost();
+    assert!(each > 0.0);
+    assert!((stats.queued_cost - 4.0 * each).abs() < 1e-9, "{stats:?}");
+    assert_eq!(stats.running_cost, 0.0);
     assert_eq!(q.live_in_group("alice").await.expect("live"), 3);
     assert_eq!(q.live_in_group("nobody").await.expect("live"), 0);
     assert_eq!(stats.oldest_queued_age_ms, Some(500));
@@ -653,11 +657,16 @@ async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualCl
     assert_eq!(q.position(a[2]).await.expect("position"), Some(3));
     let lease = lease_one(&q, "w").await.expect("leased");
     assert_eq!(q.position(lease.job.id).await.expect("position"), None);
+    let stats = q.stats().await.expect("stats");
+    assert!((stats.queued_cost - 3.0 * each).abs() < 1e-9, "{stats:?}");
+    assert!((stats.running_cost - each).abs() < 1e-9, "{stats:?}");
     c.advance_ms(250);
     q.complete(&lease.token, 1).await.expect("complete");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.running), (3, 0));
     assert_eq!(stats.recent_run_ms, Some(250.0));
+    let rate = stats.recent_units_per_sec.expect("a rate");
+    assert!((rate - each / 0.25).abs() < 1e-6, "{stats:?}");
 }
 
 pub(crate) async fn enqueue_many<Q: JobQueue>(

@@ -270,8 +270,8 @@ async fn insert(
     crate::fairness::join_queue(&mut *tx, &p.share_index, &p.group_index).await?;
     sqlx::query(
         "INSERT INTO jobs (id, owner, group_key, dedup_key, request_hash, request, batch_key,
-            status, max_attempts, created_at, updated_at, group_sealed, share_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10, ?11)",
+            status, max_attempts, created_at, updated_at, group_sealed, share_key, cost)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?9, ?10, ?11, ?12)",
     )
     .bind(&p.row)
     .bind(&job.owner)
@@ -284,6 +284,7 @@ async fn insert(
     .bind(p.now)
     .bind(&p.group_sealed)
     .bind(&p.share_index)
+    .bind(job.request.cost())
     .execute(&mut *tx)
     .await?;
     crate::outbox::write_replies(&mut *tx, fields, &p.row, &job.replies, p.now).await?;

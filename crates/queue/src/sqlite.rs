@@ -706,7 +706,14 @@ impl JobQueue for SqliteQueue {
                 (SELECT created_at FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) AS oldest,
                 (SELECT AVG(finished_at - started_at) FROM
                     (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run
+                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run,
+                (SELECT SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0) FROM
+                    (SELECT cost, finished_at, started_at FROM jobs WHERE status = 'succeeded'
+                     ORDER BY finished_at DESC LIMIT 20)) AS recent_rate,
+                (SELECT TOTAL(cost) FROM jobs INDEXED BY jobs_cost_by_status
+                    WHERE status = 'queued') AS queued_cost,
+                (SELECT TOTAL(cost) FROM jobs INDEXED BY jobs_cost_by_status
+                    WHERE status = 'running') AS running_cost
              FROM queue_counts c",
         )
         .fetch_one(&self.pool)
@@ -717,6 +724,9 @@ impl JobQueue for SqliteQueue {
             running: row.try_get::<i64, _>("running")?.max(0) as u64,
             oldest_queued_age_ms: oldest.map(|t| (now - t).max(0)),
             recent_run_ms: row.try_get("recent_run")?,
+            queued_cost: row.try_get("queued_cost")?,
+            running_cost: row.try_get("running_cost")?,
+            recent_units_per_sec: row.try_get("recent_rate")?,
         })
     }
 

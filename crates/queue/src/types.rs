@@ -138,6 +138,13 @@ pub struct QueueStats {
     pub oldest_queued_age_ms: Option<i64>,
     /// Mean run time of recently succeeded jobs, in milliseconds.
     pub recent_run_ms: Option<f64>,
+    /// What the queued jobs cost, in units of one SD 1.5 step at 512×512.
+    pub queued_cost: f64,
+    /// What the running jobs cost (whole jobs), in the same units.
+    pub running_cost: f64,
+    /// Cost units per second of run time over recently succeeded jobs: what a job in hand
+    /// gets through (a worker running a batch gets through that times the batch).
+    pub recent_units_per_sec: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,16 +1,22 @@
 //! The scaler: every tick it reads the backlog from the queue, turns it into a desired
-//! worker count with a [`Policy`], and tells an [`Actuator`] to get there.
+//! worker count with a [`ScalingPolicy`], and tells an [`Actuator`] to get there.
 //!
-//! Policy is pure arithmetic and tested as such; actuators do the starting and stopping:
-//! [`LocalProcesses`] runs `sparkle worker` child processes on this machine (one per GPU),
-//! and other actuators (Kubernetes, metric only) come behind the same trait. The scaler
-//! knows nothing of how images are made.
+//! Policies are pure arithmetic over an [`Observation`], tested as such, and the same code
+//! runs in the [`simulate`] module's discrete-event simulation; actuators do the starting
+//! and stopping: [`LocalProcesses`] runs `sparkle worker` child processes on this machine
+//! (one per GPU), and other actuators (Kubernetes, metric only) come behind the same trait.
+//! The scaler knows nothing of how images are made.
 
+pub mod cost;
 mod local;
 mod policy;
+pub mod reference;
+pub mod simulate;
 
+pub use cost::Rate;
 pub use local::LocalProcesses;
-pub use policy::Policy;
+pub use policy::{Observation, Policy, ScalingPolicy, SparklePolicy};
+pub use reference::ReferencePolicy;
 
 use async_trait::async_trait;
 use sparkle_queue::JobQueue;
@@ -27,8 +33,12 @@ pub enum ScalerError {
 /// Something that can run a number of workers.
 #[async_trait]
 pub trait Actuator: Send {
-    /// Workers running now (after reaping any that exited).
+    /// Workers running or starting now (after reaping any that exited).
     async fn current(&mut self) -> u32;
+    /// Of those, workers not yet ready; 0 when the actuator cannot tell.
+    async fn starting(&mut self) -> u32 {
+        0
+    }
     /// Starts or stops workers to reach `desired`. Stopping is graceful: a worker finishes
     /// or gives back its batch.
     async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError>;
@@ -36,16 +46,38 @@ pub trait Actuator: Send {
     async fn stop_all(&mut self, drain: Duration);
 }
 
+/// What the scaler assumes until it has measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Priors {
+    /// Cost units one worker gets through a second.
+    pub units_per_sec: f64,
+    /// Seconds a started worker takes to be ready.
+    pub ready_secs: f64,
+}
+
+impl Default for Priors {
+    fn default() -> Self {
+        // A CPU worker of the tiny model, or a GPU's first seconds: cautious on both.
+        Priors {
+            units_per_sec: 25.0,
+            ready_secs: 10.0,
+        }
+    }
+}
+
 /// Runs the scaling loop until `shutdown`, then stops every worker.
 pub async fn run(
     queue: Arc<dyn JobQueue>,
-    policy: Policy,
+    mut policy: impl ScalingPolicy,
     mut actuator: impl Actuator,
+    priors: Priors,
     tick: Duration,
     drain: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut last_busy = Instant::now();
+    let started = Instant::now();
+    let mut throughput = Rate::new(priors.units_per_sec, 8);
+    let ready = Rate::new(priors.ready_secs, 8);
     let mut ticker = tokio::time::interval(tick);
     loop {
         tokio::select! {
@@ -62,23 +94,42 @@ pub async fn run(
                 continue;
             }
         };
-        if stats.queued + stats.running > 0 {
-            last_busy = Instant::now();
+        if let Some(rate) = stats.recent_units_per_sec {
+            throughput.observe(rate);
         }
         let current = actuator.current().await;
-        let desired = policy.desired_workers(&stats, current, last_busy.elapsed());
+        let seen = Observation {
+            now: started.elapsed().as_secs_f64(),
+            queued: stats.queued,
+            running: stats.running,
+            queued_cost: stats.queued_cost,
+            running_cost: stats.running_cost,
+            workers: current,
+            starting: actuator.starting().await,
+            busy: u32::try_from(stats.running)
+                .unwrap_or(u32::MAX)
+                .min(current),
+            throughput: throughput.value(),
+            ready_secs: ready.value(),
+        };
+        let desired = policy.desired(&seen);
         metrics::gauge!("sparkle_queue_depth").set(stats.queued as f64);
         metrics::gauge!("sparkle_queue_running").set(stats.running as f64);
+        metrics::gauge!("sparkle_queue_cost").set(stats.queued_cost);
+        metrics::gauge!("sparkle_queue_running_cost").set(stats.running_cost);
         metrics::gauge!("sparkle_queue_oldest_age_seconds")
             .set(stats.oldest_queued_age_ms.unwrap_or(0) as f64 / 1000.0);
         metrics::gauge!("sparkle_workers").set(f64::from(current));
+        metrics::gauge!("sparkle_workers_starting").set(f64::from(seen.starting));
         metrics::gauge!("sparkle_workers_desired").set(f64::from(desired));
+        metrics::gauge!("sparkle_worker_units_per_second").set(seen.throughput);
         if desired != current {
             tracing::info!(
                 current,
                 desired,
                 queued = stats.queued,
                 running = stats.running,
+                queued_cost = stats.queued_cost,
                 "scaling"
             );
             if let Err(e) = actuator.scale_to(desired).await {

@@ -463,10 +463,20 @@ pub struct ScalerConfig {
     pub min_workers: u32,
     /// Most local workers (one per GPU).
     pub max_workers: u32,
-    /// Queued plus running jobs one worker should absorb before another starts.
-    pub jobs_per_worker: u32,
-    /// Seconds the queue must stay empty before idle workers stop.
+    /// Seconds of wait the pool is sized for: workers are added until the queued and
+    /// running work (measured in cost, over what a worker gets through a second) drains
+    /// within it.
+    pub target_wait_secs: u64,
+    /// Seconds workers must be surplus to the backlog before they stop (busy ones never).
     pub idle_grace_secs: u64,
+    /// GPU-seconds the workers may spend in any hour; beyond, only busy workers are kept.
+    /// 0: no budget.
+    pub budget_gpu_secs_per_hour: u64,
+    /// Cost units (one SD 1.5 step at 512²) a worker is assumed to get through a second
+    /// until jobs have been measured.
+    pub prior_units_per_sec: f64,
+    /// Seconds a started worker is assumed to take to be ready.
+    pub prior_ready_secs: f64,
     /// Milliseconds between scaling decisions.
     pub tick_ms: u64,
 }
@@ -476,8 +486,11 @@ impl Default for ScalerConfig {
         ScalerConfig {
             min_workers: 0,
             max_workers: 1,
-            jobs_per_worker: 4,
-            idle_grace_secs: 300,
+            target_wait_secs: 45,
+            idle_grace_secs: 120,
+            budget_gpu_secs_per_hour: 0,
+            prior_units_per_sec: 25.0,
+            prior_ready_secs: 10.0,
             tick_ms: 1000,
         }
     }
@@ -579,6 +592,29 @@ impl Config {
         }
         if self.worker.max_batch == 0 {
             bail!("worker.max_batch must be at least 1");
+        }
+        let s = &self.scaler;
+        if s.target_wait_secs == 0 {
+            bail!("scaler.target_wait_secs must be at least 1");
+        }
+        if !(s.prior_units_per_sec.is_finite() && s.prior_units_per_sec > 0.0) {
+            bail!(
+                "scaler.prior_units_per_sec must be a positive number; got {}",
+                s.prior_units_per_sec
+            );
+        }
+        if !(s.prior_ready_secs.is_finite() && s.prior_ready_secs >= 0.0) {
+            bail!(
+                "scaler.prior_ready_secs must be seconds, 0 or more; got {}",
+                s.prior_ready_secs
+            );
+        }
+        if s.min_workers > s.max_workers {
+            bail!(
+                "scaler.min_workers ({}) is more than scaler.max_workers ({})",
+                s.min_workers,
+                s.max_workers
+            );
         }
         if let Some(url) = &self.store.url {
             if !url.starts_with("s3://") || url.len() <= "s3://".len() {

@@ -55,6 +55,14 @@ pub struct Serve {
 }
 
 #[derive(Debug, Subcommand)]
+enum ScalerAction {
+    /// A discrete-event simulation of a trace through a pool of GPU workers under Sparkle's
+    /// policy or the reference deployment's: waits (p50/p95/p99), GPU-seconds per image,
+    /// idle GPU-seconds and cold starts.
+    Simulate(cmd::simulate::SimulateArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Everything on one machine: gateway, SQLite queue, local image store, and a scaler
     /// that starts local worker processes. Prints the URL, and the admin API key on first start.
@@ -86,8 +94,12 @@ enum Command {
         stop_on_stdin_eof: bool,
     },
     /// The scaler alone: watches the backlog and runs local worker processes, which speak
-    /// the worker protocol to the control plane named here.
+    /// the worker protocol to the control plane named here. `sparkle scaler simulate` runs
+    /// its policy over a trace instead.
+    #[command(args_conflicts_with_subcommands = true)]
     Scaler {
+        #[command(subcommand)]
+        action: Option<ScalerAction>,
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
@@ -166,6 +178,11 @@ fn main() -> std::process::ExitCode {
             stop_on_stdin_eof,
         } => runtime::block_on(cmd::serve::worker(common, serve, remote, stop_on_stdin_eof)),
         Command::Scaler {
+            action: Some(ScalerAction::Simulate(args)),
+            ..
+        } => cmd::simulate::run(args),
+        Command::Scaler {
+            action: None,
             common,
             serve,
             remote,

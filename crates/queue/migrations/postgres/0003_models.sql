@@ -8,3 +8,8 @@ CREATE INDEX jobs_queued_by_model ON jobs (share_key, model, seq) WHERE status =
 -- A worker reports what it can make of each model it has loaded.
 ALTER TABLE worker_capacity DROP CONSTRAINT worker_capacity_pkey;
 ALTER TABLE worker_capacity ADD PRIMARY KEY (worker, model);
+
+-- What each job costs a GPU (units of one SD 1.5 step at 512², see ValidImageRequest::cost),
+-- summed over the queued and the running jobs for the scaler. Jobs from before count 0.
+ALTER TABLE jobs ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
+CREATE INDEX jobs_live_cost ON jobs (status) INCLUDE (cost) WHERE status IN ('queued', 'running');

@@ -16,3 +16,8 @@ CREATE TABLE worker_capacity_by_model (
 INSERT INTO worker_capacity_by_model SELECT worker, model, pixels, reported_at FROM worker_capacity;
 DROP TABLE worker_capacity;
 ALTER TABLE worker_capacity_by_model RENAME TO worker_capacity;
+
+-- What each job costs a GPU (units of one SD 1.5 step at 512², see ValidImageRequest::cost),
+-- summed over the queued and the running jobs for the scaler. Jobs from before count 0.
+ALTER TABLE jobs ADD COLUMN cost REAL NOT NULL DEFAULT 0;
+CREATE INDEX jobs_cost_by_status ON jobs (status, cost);

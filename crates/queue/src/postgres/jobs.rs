@@ -637,7 +637,15 @@ impl JobQueue for PgQueue {
                         AS oldest,
                     (SELECT AVG(finished_at - started_at)::FLOAT8 FROM
                         (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                         ORDER BY finished_at DESC LIMIT 20) r) AS recent_run
+                         ORDER BY finished_at DESC LIMIT 20) r) AS recent_run,
+                    (SELECT (SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0))::FLOAT8
+                        FROM (SELECT cost, finished_at, started_at FROM jobs
+                              WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 20) r)
+                        AS recent_rate,
+                    (SELECT COALESCE(SUM(cost), 0)::FLOAT8 FROM jobs WHERE status = 'queued')
+                        AS queued_cost,
+                    (SELECT COALESCE(SUM(cost), 0)::FLOAT8 FROM jobs WHERE status = 'running')
+                        AS running_cost
                  FROM queue_state q",
                 &[],
             )
@@ -648,6 +656,9 @@ impl JobQueue for PgQueue {
             running: row.try_get::<_, i64>("running")?.max(0) as u64,
             oldest_queued_age_ms: oldest.map(|t| (now - t).max(0)),
             recent_run_ms: row.try_get("recent_run")?,
+            queued_cost: row.try_get("queued_cost")?,
+            running_cost: row.try_get("running_cost")?,
+            recent_units_per_sec: row.try_get("recent_rate")?,
         })
     }
 

@@ -303,15 +303,16 @@ async fn insert(
         .collect();
     let nows: Vec<i64> = jobs.iter().map(|p| p.now).collect();
     let sealed_groups: Vec<&str> = jobs.iter().map(|p| p.group_sealed.as_str()).collect();
+    let costs: Vec<f64> = jobs.iter().map(|p| p.job.request.cost()).collect();
     tx.execute(
         "INSERT INTO jobs (id, owner, group_key, share_key, dedup_key, request_hash, request,
-            batch_key, status, max_attempts, created_at, updated_at, group_sealed)
+            batch_key, status, max_attempts, created_at, updated_at, group_sealed, cost)
          SELECT id, owner, group_key, share_key, dedup_key, request_hash, request, batch_key,
-            'queued', max_attempts, now, now, group_sealed
+            'queued', max_attempts, now, now, group_sealed, cost
          FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
-             $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::TEXT[])
+             $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::TEXT[], $12::FLOAT8[])
              AS t (id, owner, group_key, share_key, dedup_key, request_hash, request, batch_key,
-                   max_attempts, now, group_sealed)",
+                   max_attempts, now, group_sealed, cost)",
         &[
             &ids,
             &owners,
@@ -324,6 +325,7 @@ async fn insert(
             &max_attempts,
             &nows,
             &sealed_groups,
+            &costs,
         ],
     )
     .await?;

@@ -8,6 +8,7 @@ pub mod keyring;
 pub mod migrate;
 pub mod model;
 pub mod serve;
+pub mod simulate;
 
 use crate::config::{Config, Overrides};
 use crate::{Common, Serve};

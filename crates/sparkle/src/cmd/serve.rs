@@ -586,16 +586,29 @@ fn start_scaler(
     for model in config.model_paths()? {
         args.extend(["--model".into(), model.into_os_string()]);
     }
+    let s = &config.scaler;
     let policy = Policy {
-        min_workers: config.scaler.min_workers,
-        max_workers: config.scaler.max_workers,
-        jobs_per_worker: config.scaler.jobs_per_worker,
-        idle_grace: Duration::from_secs(config.scaler.idle_grace_secs),
+        min_workers: s.min_workers,
+        max_workers: s.max_workers,
+        target_wait_secs: s.target_wait_secs as f64,
+        idle_grace_secs: s.idle_grace_secs as f64,
+        budget_gpu_secs_per_hour: (s.budget_gpu_secs_per_hour > 0)
+            .then_some(s.budget_gpu_secs_per_hour as f64),
+    };
+    let priors = sparkle_scaler::Priors {
+        units_per_sec: s.prior_units_per_sec,
+        ready_secs: s.prior_ready_secs,
     };
     let actuator = LocalProcesses::new(program, args);
-    let tick = Duration::from_millis(config.scaler.tick_ms.max(100));
+    let tick = Duration::from_millis(s.tick_ms.max(100));
     let drain = Duration::from_secs(config.worker.drain_timeout_secs) + Duration::from_secs(5);
     Ok(tokio::spawn(sparkle_scaler::run(
-        queue, policy, actuator, tick, drain, shutdown,
+        queue,
+        policy.decider(),
+        actuator,
+        priors,
+        tick,
+        drain,
+        shutdown,
     )))
 }

@@ -17,6 +17,7 @@ mod network;
 mod postgres;
 mod remote_worker;
 mod s3;
+mod scaling;
 mod secrets_in_logs;
 mod security;
 mod service;
