@@ -4,17 +4,24 @@
 //! Policies are pure arithmetic over an [`Observation`], tested as such, and the same code
 //! runs in the [`simulate`] module's discrete-event simulation; actuators do the starting
 //! and stopping: [`LocalProcesses`] runs `sparkle worker` child processes on this machine
-//! (one per GPU), and other actuators (Kubernetes, metric only) come behind the same trait.
+//! (one per GPU, pinned to it), [`MetricOnly`] only exports the count for an autoscaler
+//! outside, and a Kubernetes actuator scales a Deployment, all behind the same trait.
 //! The scaler knows nothing of how images are made.
 
 pub mod cost;
+pub mod gpus;
+mod kubernetes;
 mod local;
+mod metric;
 mod policy;
 pub mod reference;
 pub mod simulate;
 
 pub use cost::Rate;
+pub use gpus::{Gpu, GpuChoice};
+pub use kubernetes::KubernetesDeployment;
 pub use local::LocalProcesses;
+pub use metric::MetricOnly;
 pub use policy::{Observation, Policy, ScalingPolicy, SparklePolicy};
 pub use reference::ReferencePolicy;
 
@@ -28,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 pub enum ScalerError {
     #[error("cannot start a worker: {0}")]
     Spawn(std::io::Error),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// Something that can run a number of workers.
@@ -44,6 +53,22 @@ pub trait Actuator: Send {
     async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError>;
     /// Stops every worker, waiting up to `drain` for them to finish.
     async fn stop_all(&mut self, drain: Duration);
+}
+
+#[async_trait]
+impl<A: Actuator + ?Sized> Actuator for Box<A> {
+    async fn current(&mut self) -> u32 {
+        (**self).current().await
+    }
+    async fn starting(&mut self) -> u32 {
+        (**self).starting().await
+    }
+    async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError> {
+        (**self).scale_to(desired).await
+    }
+    async fn stop_all(&mut self, drain: Duration) {
+        (**self).stop_all(drain).await
+    }
 }
 
 /// What the scaler assumes until it has measured it.
@@ -84,8 +109,10 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        if let Err(e) = queue.reclaim_expired().await {
-            tracing::warn!(error = %e, "reclaiming expired leases failed");
+        match queue.reclaim_expired().await {
+            Ok(0) => {}
+            Ok(n) => metrics::counter!("sparkle_leases_reclaimed_total").increment(n),
+            Err(e) => tracing::warn!(error = %e, "reclaiming expired leases failed"),
         }
         let stats = match queue.stats().await {
             Ok(stats) => stats,

@@ -1,3 +1,4 @@
+use crate::gpus::Gpu;
 use crate::{Actuator, ScalerError};
 use async_trait::async_trait;
 use std::ffi::OsString;
@@ -5,7 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
-/// Workers as child processes of this one.
+/// Workers as child processes of this one: one per GPU, each pinned to its GPU, or CPU
+/// workers where there is none (as many as the policy asks for: `scaler.max_workers`).
 ///
 /// Each worker gets a pipe as its standard input and treats end-of-file as the signal to
 /// drain and exit: closing the pipe stops it gracefully, and if this process dies for any
@@ -13,34 +15,59 @@ use tokio::process::{Child, Command};
 pub struct LocalProcesses {
     program: OsString,
     args: Vec<OsString>,
-    children: Vec<Child>,
+    gpus: Vec<Gpu>,
+    /// Each running worker and the GPU (an index into `gpus`) it holds.
+    children: Vec<(Child, Option<usize>)>,
     stopping: Vec<Child>,
 }
 
 impl LocalProcesses {
+    /// Workers on the CPU.
     pub fn new(program: impl Into<OsString>, args: Vec<OsString>) -> Self {
         LocalProcesses {
             program: program.into(),
             args,
+            gpus: Vec::new(),
             children: Vec::new(),
             stopping: Vec::new(),
         }
     }
 
+    /// One worker per GPU of `gpus` at most, each seeing its own alone
+    /// (`CUDA_VISIBLE_DEVICES` set to its UUID) as `cuda:0`. No GPUs: CPU workers.
+    pub fn on_gpus(mut self, gpus: Vec<Gpu>) -> Self {
+        self.gpus = gpus;
+        self
+    }
+
+    /// How many workers this host can run at once: one per GPU (no limit on the CPU).
+    pub fn capacity(&self) -> u32 {
+        if self.gpus.is_empty() {
+            u32::MAX
+        } else {
+            self.gpus.len() as u32
+        }
+    }
+
     /// Process ids of the running workers.
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().filter_map(Child::id).collect()
+        self.children.iter().filter_map(|(c, _)| c.id()).collect()
+    }
+
+    fn free_gpu(&self) -> Option<usize> {
+        (0..self.gpus.len()).find(|i| !self.children.iter().any(|(_, g)| *g == Some(*i)))
     }
 
     fn reap(&mut self) {
-        self.children.retain_mut(|child| match child.try_wait() {
-            Ok(Some(status)) => {
-                tracing::warn!(pid = ?child.id(), %status, "worker exited");
-                false
-            }
-            Ok(None) => true,
-            Err(_) => false,
-        });
+        self.children
+            .retain_mut(|(child, _)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    tracing::warn!(pid = ?child.id(), %status, "worker exited");
+                    false
+                }
+                Ok(None) => true,
+                Err(_) => false,
+            });
         self.stopping
             .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
     }
@@ -55,18 +82,26 @@ impl Actuator for LocalProcesses {
 
     async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError> {
         self.reap();
+        let desired = desired.min(self.capacity());
         while (self.children.len() as u32) < desired {
-            let child = Command::new(&self.program)
+            let gpu = self.free_gpu();
+            let mut command = Command::new(&self.program);
+            command
                 .args(&self.args)
                 .stdin(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(ScalerError::Spawn)?;
-            tracing::info!(pid = ?child.id(), "worker started");
-            self.children.push(child);
+                .kill_on_drop(true);
+            if let Some(i) = gpu {
+                command
+                    .env("CUDA_VISIBLE_DEVICES", &self.gpus[i].uuid)
+                    .env("SPARKLE_WORKER__DEVICE", "cuda:0");
+            }
+            let child = command.spawn().map_err(ScalerError::Spawn)?;
+            let on = gpu.map(|i| self.gpus[i].index);
+            tracing::info!(pid = ?child.id(), gpu = ?on, "worker started");
+            self.children.push((child, gpu));
         }
         while (self.children.len() as u32) > desired {
-            let Some(mut child) = self.children.pop() else {
+            let Some((mut child, _)) = self.children.pop() else {
                 break;
             };
             tracing::info!(pid = ?child.id(), "stopping worker");
@@ -80,6 +115,7 @@ impl Actuator for LocalProcesses {
         let mut all: Vec<Child> = self
             .children
             .drain(..)
+            .map(|(child, _)| child)
             .chain(self.stopping.drain(..))
             .collect();
         for child in &mut all {
@@ -94,5 +130,83 @@ impl Actuator for LocalProcesses {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(index: u32) -> Gpu {
+        Gpu {
+            index,
+            uuid: format!("GPU-{index:08x}-0000-0000-0000-000000000000"),
+            name: "test".into(),
+            memory_mib: 1024,
+        }
+    }
+
+    /// A "worker" that writes what it was pinned to and waits for its input to close.
+    fn recorder(dir: &std::path::Path) -> LocalProcesses {
+        let script = format!(
+            "echo \"[$CUDA_VISIBLE_DEVICES $SPARKLE_WORKER__DEVICE]\" > {}/$$; cat >/dev/null",
+            dir.display()
+        );
+        LocalProcesses::new("sh", vec!["-c".into(), script.into()])
+    }
+
+    async fn pinned(dir: &std::path::Path, want: usize) -> Vec<String> {
+        for _ in 0..200 {
+            let mut seen: Vec<String> = std::fs::read_dir(dir)
+                .expect("dir")
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if seen.len() >= want {
+                seen.sort();
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the workers never said where they run");
+    }
+
+    #[tokio::test]
+    async fn one_worker_per_gpu_each_pinned_to_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut local = recorder(dir.path()).on_gpus(vec![gpu(0), gpu(1)]);
+        local.scale_to(5).await.expect("scale");
+        assert_eq!(local.current().await, 2, "no more workers than GPUs");
+        let seen = pinned(dir.path(), 2).await;
+        assert_eq!(
+            seen,
+            [
+                format!("[{} cuda:0]", gpu(0).uuid),
+                format!("[{} cuda:0]", gpu(1).uuid)
+            ]
+        );
+        // A worker stopped frees its GPU for the next.
+        local.scale_to(1).await.expect("scale");
+        assert_eq!(local.current().await, 1);
+        local.scale_to(2).await.expect("scale");
+        let held: Vec<Option<usize>> = local.children.iter().map(|(_, g)| *g).collect();
+        assert!(
+            held.contains(&Some(0)) && held.contains(&Some(1)),
+            "{held:?}"
+        );
+        local.stop_all(Duration::from_secs(5)).await;
+        assert_eq!(local.current().await, 0);
+    }
+
+    #[tokio::test]
+    async fn without_gpus_workers_run_on_the_cpu_unpinned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut local = recorder(dir.path());
+        local.scale_to(2).await.expect("scale");
+        assert_eq!(local.current().await, 2);
+        assert_eq!(pinned(dir.path(), 2).await, ["[ ]", "[ ]"]);
+        local.stop_all(Duration::from_secs(5)).await;
     }
 }

@@ -231,7 +231,15 @@ mod tests {
         let p = policy();
         // 25 units a second per worker, 10 s target: 250 units per worker.
         assert_eq!(p.needed(&seen(10, 25.0, 1, 0, 0.0)), 1, "250 units");
-        assert_eq!(p.needed(&seen(11, 25.0, 1, 0, 0.0)), 2, "275 units");
+        // 11 s of work: a worker started now (ready in 5 s) would find 1 s of it left.
+        assert_eq!(p.needed(&seen(11, 25.0, 1, 0, 0.0)), 1, "275 units");
+        // 20 s: 10 s left over, 5 s of each new worker's horizon once ready.
+        assert_eq!(p.needed(&seen(20, 25.0, 1, 0, 0.0)), 3, "500 units");
+        assert_eq!(
+            p.needed(&seen(1, 25.0, 0, 0, 0.0)),
+            1,
+            "any work gets a worker"
+        );
         assert_eq!(
             p.needed(&seen(100, 25.0, 1, 0, 0.0)),
             4,

@@ -296,11 +296,17 @@ mod tests {
         let jobs = read_trace(&ok).expect("a trace");
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[1].model, "sdxl");
-        assert!(read_trace("a,b\n").expect_err("no header").contains("first line"));
+        assert!(read_trace("a,b\n")
+            .expect_err("no header")
+            .contains("first line"));
         let bad = format!("{TRACE_HEADER}\n1,sd15,512,0,25,1\n");
-        assert!(read_trace(&bad).expect_err("a zero height").contains("line 2: height"));
+        assert!(read_trace(&bad)
+            .expect_err("a zero height")
+            .contains("line 2: height"));
         let unordered = format!("{TRACE_HEADER}\n2,sd15,512,512,25,1\n1,sd15,512,512,25,1\n");
-        assert!(read_trace(&unordered).expect_err("out of order").contains("in order"));
+        assert!(read_trace(&unordered)
+            .expect_err("out of order")
+            .contains("in order"));
     }
 
     #[test]

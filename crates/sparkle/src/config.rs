@@ -461,8 +461,20 @@ impl Default for WorkerConfig {
 pub struct ScalerConfig {
     /// Workers kept running when idle; 0 scales to zero.
     pub min_workers: u32,
-    /// Most local workers (one per GPU).
-    pub max_workers: u32,
+    /// Most local workers; unset: one per GPU of `gpus` (one on a host without GPUs). 0:
+    /// none (workers run elsewhere).
+    pub max_workers: Option<u32>,
+    /// The GPUs local workers run on, one worker each, pinned by `CUDA_VISIBLE_DEVICES`:
+    /// `all` (every GPU `nvidia-smi` lists), `none` (the CPU), or indexes such as `0,2`.
+    pub gpus: String,
+    /// What starts and stops workers: `local` (worker processes on this host), `kubernetes`
+    /// (the replica count of a Deployment, through its scale subresource) or `metric` (only
+    /// `sparkle_workers_desired` is exported, for KEDA, an HPA or an autoscaling group).
+    pub actuator: String,
+    /// The workers' Deployment (`actuator = "kubernetes"`).
+    pub kubernetes_deployment: String,
+    /// Its namespace; unset: the service account's (or the kubeconfig's) own.
+    pub kubernetes_namespace: Option<String>,
     /// Seconds of wait the pool is sized for: workers are added until the queued and
     /// running work (measured in cost, over what a worker gets through a second) drains
     /// within it.
@@ -485,7 +497,11 @@ impl Default for ScalerConfig {
     fn default() -> Self {
         ScalerConfig {
             min_workers: 0,
-            max_workers: 1,
+            max_workers: None,
+            gpus: "all".into(),
+            actuator: "local".into(),
+            kubernetes_deployment: "sparkle-worker".into(),
+            kubernetes_namespace: None,
             target_wait_secs: 45,
             idle_grace_secs: 120,
             budget_gpu_secs_per_hour: 0,
@@ -546,7 +562,15 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<PathBuf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<ScalerFlags>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Profile>,
+}
+
+/// The `[scaler]` settings flags override.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ScalerFlags {
+    pub gpus: String,
 }
 
 impl Config {
@@ -609,11 +633,19 @@ impl Config {
                 s.prior_ready_secs
             );
         }
-        if s.min_workers > s.max_workers {
+        if let Some(max) = s.max_workers.filter(|max| s.min_workers > *max) {
             bail!(
-                "scaler.min_workers ({}) is more than scaler.max_workers ({})",
-                s.min_workers,
-                s.max_workers
+                "scaler.min_workers ({}) is more than scaler.max_workers ({max})",
+                s.min_workers
+            );
+        }
+        if let Err(why) = s.gpus.parse::<sparkle_scaler::GpuChoice>() {
+            bail!("scaler.gpus: {why}");
+        }
+        if !["local", "kubernetes", "metric"].contains(&s.actuator.as_str()) {
+            bail!(
+                "scaler.actuator must be local, kubernetes or metric; got {:?}",
+                s.actuator
             );
         }
         if let Some(url) = &self.store.url {
@@ -910,7 +942,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SPARKLE_SCALER__MAX_WORKERS", "5");
             let c = Config::load(Some(&file), &Overrides::default()).expect("load");
-            assert_eq!((c.listen.port(), c.scaler.max_workers), (1000, 5));
+            assert_eq!((c.listen.port(), c.scaler.max_workers), (1000, Some(5)));
             let flags = Overrides {
                 listen: Some("127.0.0.1:2000".parse().expect("addr")),
                 ..Default::default()
@@ -1116,7 +1148,7 @@ allowed_channels = []
             ),
             ("SPARKLE_GATEWAY__IMAGE_LINK_SECS", "600"),
         ]);
-        assert_eq!(c.scaler.max_workers, 2);
+        assert_eq!(c.scaler.max_workers, Some(2));
         assert_eq!(c.admin_listen, "0.0.0.0:9464".parse().expect("addr"));
         assert_eq!(c.discord.guilds["123"].max_jobs_per_user, Some(1));
         assert_eq!(c.image_link_lifetime(), Duration::from_secs(600));

@@ -123,6 +123,13 @@ impl ControlPlane for QueuePlane {
                     .lease_once(worker, models.as_deref(), batch_key, max, visibility)
                     .await?;
                 if !leases.is_empty() {
+                    for lease in &leases {
+                        let job = &lease.job;
+                        if let Some(started) = job.started_at_ms {
+                            let waited = (started - job.created_at_ms).max(0) as f64 / 1000.0;
+                            metrics::histogram!("sparkle_queue_wait_seconds").record(waited);
+                        }
+                    }
                     return Ok(leases);
                 }
                 if batch_key.is_some() {
@@ -172,7 +179,17 @@ impl ControlPlane for QueuePlane {
             }
         }
         match self.queue.complete(&lease.token, count).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(started) = lease.job.started_at_ms {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(started);
+                    metrics::histogram!("sparkle_generation_seconds")
+                        .record((now - started).max(0) as f64 / 1000.0);
+                }
+                Ok(())
+            }
             Err(QueueError::LeaseLost(id)) => {
                 // Cancelled, or reclaimed for another attempt: these images are no one's.
                 self.discard(lease).await;

@@ -52,6 +52,10 @@ pub struct Serve {
     /// the default for requests that name none.
     #[arg(long, value_name = "PATH")]
     model: Vec<PathBuf>,
+    /// The GPUs local workers run on, one worker each: `all` (every GPU nvidia-smi lists),
+    /// `none` (the CPU), or indexes such as `0,2` (`scaler.gpus`).
+    #[arg(long, value_name = "GPUS")]
+    gpus: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

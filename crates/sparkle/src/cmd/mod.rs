@@ -30,6 +30,9 @@ pub fn load_config(common: &Common, serve: Option<&Serve>) -> anyhow::Result<Con
         models: serve
             .filter(|s| s.model.len() > 1)
             .map(|s| s.model[1..].to_vec()),
+        scaler: serve
+            .and_then(|s| s.gpus.clone())
+            .map(|gpus| crate::config::ScalerFlags { gpus }),
         profile: None,
     };
     Config::load(common.config.as_deref(), &flags)

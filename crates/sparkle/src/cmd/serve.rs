@@ -27,7 +27,7 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     ensure_admin_key(&*queue).await?;
     let shutdown = runtime::shutdown_on_signals();
     let admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    let no_workers = (config.scaler.max_workers == 0).then(|| {
+    let no_workers = (config.scaler.max_workers == Some(0)).then(|| {
         "not ready: scaler.max_workers is 0, so no worker will run the jobs accepted".to_string()
     });
     let (gateway, local) = start_gateway(
@@ -40,7 +40,7 @@ pub async fn up(common: Common, serve: Serve) -> anyhow::Result<()> {
     )
     .await?;
     let local = local.context("the loopback worker listener")?;
-    let scaler = start_scaler(&config, &common, queue, &local.args(), shutdown.clone())?;
+    let scaler = start_scaler(&config, &common, queue, &local.args(), shutdown.clone()).await?;
     let served = gateway.await.context("gateway task")?;
     shutdown.cancel();
     scaler.await.context("scaler task")?;
@@ -65,14 +65,21 @@ pub async fn gateway(common: Common, serve: Serve) -> anyhow::Result<()> {
 
 pub async fn scaler(common: Common, serve: Serve, remote: RemoteWorker) -> anyhow::Result<()> {
     let config = load_config(&common, Some(&serve))?;
-    config.model_paths()?;
-    let plane = remote.args().context(
-        "the scaler's workers need a control plane: --control-plane and --enrollment-token-file",
-    )?;
+    let plane = match config.scaler.actuator.as_str() {
+        "local" => {
+            config.model_paths()?;
+            remote.args().context(
+                "the scaler's local workers need a control plane: --control-plane and \
+                 --enrollment-token-file (or scaler.actuator = \"kubernetes\" or \"metric\")",
+            )?
+        }
+        _ => Vec::new(),
+    };
     let queue = open_queue(&config).await?;
     let shutdown = runtime::shutdown_on_signals();
     let _admin = crate::admin::start(config.admin_listen, shutdown.clone()).await?;
-    start_scaler(&config, &common, queue, &plane, shutdown)?
+    start_scaler(&config, &common, queue, &plane, shutdown)
+        .await?
         .await
         .context("scaler task")
 }
@@ -566,13 +573,67 @@ fn image_views(state: &GatewayState) -> sparkle_delivery::webhooks::ImageViews {
     Arc::new(move |job| sparkle_gateway::image_views(&state, job))
 }
 
-fn start_scaler(
+async fn start_scaler(
     config: &Config,
     common: &Common,
     queue: Arc<dyn Database>,
     plane: &[OsString],
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let s = &config.scaler;
+    let (actuator, max_workers): (Box<dyn sparkle_scaler::Actuator>, u32) =
+        match s.actuator.as_str() {
+            "metric" => (
+                Box::new(sparkle_scaler::MetricOnly::default()),
+                s.max_workers.unwrap_or(1),
+            ),
+            "kubernetes" => {
+                let client = sparkle_scaler::KubernetesDeployment::connect()
+                    .await
+                    .context("scaler.actuator = \"kubernetes\"")?;
+                let workers = sparkle_scaler::KubernetesDeployment::new(
+                    client,
+                    s.kubernetes_namespace.as_deref(),
+                    &s.kubernetes_deployment,
+                );
+                (Box::new(workers), s.max_workers.unwrap_or(1))
+            }
+            _ => {
+                let (local, max) = local_workers(config, common, plane)?;
+                (Box::new(local), max)
+            }
+        };
+    let policy = Policy {
+        min_workers: s.min_workers.min(max_workers),
+        max_workers,
+        target_wait_secs: s.target_wait_secs as f64,
+        idle_grace_secs: s.idle_grace_secs as f64,
+        budget_gpu_secs_per_hour: (s.budget_gpu_secs_per_hour > 0)
+            .then_some(s.budget_gpu_secs_per_hour as f64),
+    };
+    let priors = sparkle_scaler::Priors {
+        units_per_sec: s.prior_units_per_sec,
+        ready_secs: s.prior_ready_secs,
+    };
+    let tick = Duration::from_millis(s.tick_ms.max(100));
+    let drain = Duration::from_secs(config.worker.drain_timeout_secs) + Duration::from_secs(5);
+    Ok(tokio::spawn(sparkle_scaler::run(
+        queue,
+        policy.decider(),
+        actuator,
+        priors,
+        tick,
+        drain,
+        shutdown,
+    )))
+}
+
+/// Local worker processes, one per GPU chosen (or on the CPU), and how many may run.
+fn local_workers(
+    config: &Config,
+    common: &Common,
+    plane: &[OsString],
+) -> anyhow::Result<(LocalProcesses, u32)> {
     let program = std::env::current_exe().context("cannot find the sparkle executable")?;
     let mut args: Vec<OsString> = vec!["worker".into(), "--stop-on-stdin-eof".into()];
     args.extend(plane.iter().cloned());
@@ -587,28 +648,22 @@ fn start_scaler(
         args.extend(["--model".into(), model.into_os_string()]);
     }
     let s = &config.scaler;
-    let policy = Policy {
-        min_workers: s.min_workers,
-        max_workers: s.max_workers,
-        target_wait_secs: s.target_wait_secs as f64,
-        idle_grace_secs: s.idle_grace_secs as f64,
-        budget_gpu_secs_per_hour: (s.budget_gpu_secs_per_hour > 0)
-            .then_some(s.budget_gpu_secs_per_hour as f64),
+    let choice: sparkle_scaler::GpuChoice = s
+        .gpus
+        .parse()
+        .map_err(|why| anyhow::anyhow!("scaler.gpus: {why}"))?;
+    let found = match choice {
+        sparkle_scaler::GpuChoice::None => Vec::new(),
+        _ => sparkle_scaler::gpus::discover("nvidia-smi"),
     };
-    let priors = sparkle_scaler::Priors {
-        units_per_sec: s.prior_units_per_sec,
-        ready_secs: s.prior_ready_secs,
-    };
-    let actuator = LocalProcesses::new(program, args);
-    let tick = Duration::from_millis(s.tick_ms.max(100));
-    let drain = Duration::from_secs(config.worker.drain_timeout_secs) + Duration::from_secs(5);
-    Ok(tokio::spawn(sparkle_scaler::run(
-        queue,
-        policy.decider(),
-        actuator,
-        priors,
-        tick,
-        drain,
-        shutdown,
-    )))
+    let gpus = sparkle_scaler::gpus::choose(&found, &choice)
+        .map_err(|why| anyhow::anyhow!("scaler.gpus: {why}"))?;
+    for gpu in &gpus {
+        tracing::info!(index = gpu.index, name = %gpu.name, memory_mib = gpu.memory_mib, "a GPU for a local worker");
+    }
+    let max_workers = s.max_workers.unwrap_or((gpus.len() as u32).max(1));
+    Ok((
+        LocalProcesses::new(program, args).on_gpus(gpus),
+        max_workers,
+    ))
 }
