@@ -131,34 +131,16 @@ pub(crate) async fn next_job_of(
         id: "models".into(),
         reason: e.to_string(),
     })?;
-    let shares: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM shares WHERE queued > 0 ORDER BY last_served LIMIT ?1",
+    first_in_turn(
+        tx,
+        "SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
+            JOIN groups ON groups.name = jobs.group_key
+         WHERE jobs.status = 'queued' AND jobs.share_key = ?1
+           AND jobs.model IN (SELECT value FROM json_each(?2))
+         ORDER BY groups.last_served, jobs.seq LIMIT 1",
+        &models,
     )
-    .bind(BATCH_SHARES)
-    .fetch_all(&mut *tx)
-    .await?;
-    for share in shares {
-        let row = sqlx::query(
-            "SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
-                JOIN groups ON groups.name = jobs.group_key
-             WHERE jobs.status = 'queued' AND jobs.share_key = ?1
-               AND jobs.model IN (SELECT value FROM json_each(?2))
-             ORDER BY groups.last_served, jobs.seq LIMIT 1",
-        )
-        .bind(&share)
-        .bind(&models)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = row {
-            return Ok(Some(Next {
-                id: row.try_get("id")?,
-                batch_key: row.try_get("batch_key")?,
-                group: row.try_get("group_key")?,
-                share,
-            }));
-        }
-    }
-    Ok(None)
+    .await
 }
 
 /// Shares looked at when filling a batch with jobs of one batch key.
@@ -170,6 +152,23 @@ pub(crate) async fn next_compatible(
     tx: &mut SqliteConnection,
     batch_key: &str,
 ) -> Result<Option<Next>, QueueError> {
+    first_in_turn(
+        tx,
+        "SELECT id, batch_key, group_key FROM jobs
+         WHERE status = 'queued' AND share_key = ?1 AND batch_key = ?2
+         ORDER BY seq LIMIT 1",
+        batch_key,
+    )
+    .await
+}
+
+/// The first job `pick` (`?1` a share, `?2` the argument) finds in the next
+/// [`BATCH_SHARES`] waiting shares, in turn order.
+async fn first_in_turn(
+    tx: &mut SqliteConnection,
+    pick: &str,
+    arg: &str,
+) -> Result<Option<Next>, QueueError> {
     let shares: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM shares WHERE queued > 0 ORDER BY last_served LIMIT ?1",
     )
@@ -177,15 +176,11 @@ pub(crate) async fn next_compatible(
     .fetch_all(&mut *tx)
     .await?;
     for share in shares {
-        let row = sqlx::query(
-            "SELECT id, batch_key, group_key FROM jobs
-             WHERE status = 'queued' AND share_key = ?1 AND batch_key = ?2
-             ORDER BY seq LIMIT 1",
-        )
-        .bind(&share)
-        .bind(batch_key)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row = sqlx::query(pick)
+            .bind(&share)
+            .bind(arg)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(row) = row {
             return Ok(Some(Next {
                 id: row.try_get("id")?,

@@ -101,43 +101,14 @@ pub(crate) async fn next_compatible(
     tx: &Transaction<'_>,
     batch_key: &str,
 ) -> Result<Option<Next>, QueueError> {
-    let shares: Vec<String> = tx
-        .query(
-            "SELECT name FROM shares WHERE queued > 0 ORDER BY last_served LIMIT $1",
-            &[&BATCH_SHARES],
-        )
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-    for share in shares {
-        let row = tx
-            .query_opt(
-                "WITH s AS (SELECT name FROM shares WHERE name = $1 FOR UPDATE SKIP LOCKED),
-                 j AS (
-                    SELECT jobs.id, jobs.group_key FROM jobs, s
-                    WHERE jobs.status = 'queued' AND jobs.share_key = s.name
-                      AND jobs.batch_key = $2
-                    ORDER BY jobs.seq LIMIT 1 FOR UPDATE OF jobs SKIP LOCKED),
-                 g AS (
-                    SELECT groups.name FROM groups, j WHERE groups.name = j.group_key
-                    FOR UPDATE OF groups SKIP LOCKED)
-                 SELECT j.id, j.group_key, (SELECT COUNT(*) FROM g) AS held FROM j",
-                &[&share, &batch_key],
-            )
-            .await?;
-        if let Some(row) = row {
-            if row.try_get::<_, i64>("held")? == 1 {
-                return Ok(Some(Next {
-                    id: row.try_get("id")?,
-                    batch_key: batch_key.to_string(),
-                    group: row.try_get("group_key")?,
-                    share,
-                }));
-            }
-        }
-    }
-    Ok(None)
+    first_in_turn(
+        tx,
+        "SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs, s
+         WHERE jobs.status = 'queued' AND jobs.share_key = s.name AND jobs.batch_key = $2
+         ORDER BY jobs.seq LIMIT 1 FOR UPDATE OF jobs SKIP LOCKED",
+        &batch_key,
+    )
+    .await
 }
 
 /// The job whose turn it is among the jobs of `models` that no one else holds: the first
@@ -146,6 +117,25 @@ pub(crate) async fn next_compatible(
 pub(crate) async fn next_job_of(
     tx: &Transaction<'_>,
     models: &[String],
+) -> Result<Option<Next>, QueueError> {
+    first_in_turn(
+        tx,
+        "SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
+            JOIN groups ON groups.name = jobs.group_key, s
+         WHERE jobs.status = 'queued' AND jobs.share_key = s.name AND jobs.model = ANY($2)
+         ORDER BY groups.last_served, jobs.seq LIMIT 1 FOR UPDATE OF jobs SKIP LOCKED",
+        &models,
+    )
+    .await
+}
+
+/// The first job `pick` finds (given a waiting share `s` locked for it, and `$2`) in the
+/// next [`BATCH_SHARES`] waiting shares, in turn order, whose share and group no one else
+/// holds.
+async fn first_in_turn(
+    tx: &Transaction<'_>,
+    pick: &str,
+    arg: &(dyn tokio_postgres::types::ToSql + Sync),
 ) -> Result<Option<Next>, QueueError> {
     let shares: Vec<String> = tx
         .query(
@@ -156,24 +146,16 @@ pub(crate) async fn next_job_of(
         .iter()
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
+    let sql = format!(
+        "WITH s AS (SELECT name FROM shares WHERE name = $1 FOR UPDATE SKIP LOCKED),
+         j AS ({pick}),
+         g AS (
+            SELECT groups.name FROM groups, j WHERE groups.name = j.group_key
+            FOR UPDATE OF groups SKIP LOCKED)
+         SELECT j.id, j.batch_key, j.group_key, (SELECT COUNT(*) FROM g) AS held FROM j"
+    );
     for share in shares {
-        let row = tx
-            .query_opt(
-                "WITH s AS (SELECT name FROM shares WHERE name = $1 FOR UPDATE SKIP LOCKED),
-                 j AS (
-                    SELECT jobs.id, jobs.batch_key, jobs.group_key FROM jobs
-                        JOIN groups ON groups.name = jobs.group_key, s
-                    WHERE jobs.status = 'queued' AND jobs.share_key = s.name
-                      AND jobs.model = ANY($2)
-                    ORDER BY groups.last_served, jobs.seq LIMIT 1
-                    FOR UPDATE OF jobs SKIP LOCKED),
-                 g AS (
-                    SELECT groups.name FROM groups, j WHERE groups.name = j.group_key
-                    FOR UPDATE OF groups SKIP LOCKED)
-                 SELECT j.id, j.batch_key, j.group_key, (SELECT COUNT(*) FROM g) AS held FROM j",
-                &[&share, &models],
-            )
-            .await?;
+        let row = tx.query_opt(&sql, &[&share, arg]).await?;
         if let Some(row) = row {
             if row.try_get::<_, i64>("held")? == 1 {
                 return Ok(Some(Next {

@@ -220,6 +220,11 @@ async fn post(
         .json(body)
         .send()
         .await;
+    attempt(sent).await
+}
+
+/// How a request ended, from what the client got back.
+async fn attempt(sent: reqwest::Result<reqwest::Response>) -> Attempt {
     match sent {
         Ok(r) => {
             let status = r.status().as_u16();
@@ -295,17 +300,7 @@ async fn send_command(http: &reqwest::Client, gateway: &str, command: &Value) ->
         .body(body)
         .send()
         .await;
-    match sent {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            match r.json::<Value>().await {
-                Ok(v) => Attempt::Answered(status, v),
-                Err(_) => Attempt::Unknown,
-            }
-        }
-        Err(e) if e.is_connect() => Attempt::NotSent,
-        Err(_) => Attempt::Unknown,
-    }
+    attempt(sent).await
 }
 
 /// The database's view of every job: id → (status, attempts), read as the owner with psql.
