@@ -39,6 +39,10 @@ pub enum ScalerError {
     Kubernetes(String),
 }
 
+/// What a local worker prints on its standard output once its model is loaded and it
+/// starts asking for work: its scaler times the start by it.
+pub const READY_LINE: &str = "sparkle-worker ready";
+
 /// Something that can run a number of workers.
 #[async_trait]
 pub trait Actuator: Send {
@@ -47,6 +51,11 @@ pub trait Actuator: Send {
     /// Of those, workers not yet ready; 0 when the actuator cannot tell.
     async fn starting(&mut self) -> u32 {
         0
+    }
+    /// Seconds each worker that became ready since the last call took from its start; empty
+    /// when the actuator cannot tell.
+    async fn ready_times(&mut self) -> Vec<f64> {
+        Vec::new()
     }
     /// Starts or stops workers to reach `desired`. Stopping is graceful: a worker finishes
     /// or gives back its batch.
@@ -62,6 +71,9 @@ impl<A: Actuator + ?Sized> Actuator for Box<A> {
     }
     async fn starting(&mut self) -> u32 {
         (**self).starting().await
+    }
+    async fn ready_times(&mut self) -> Vec<f64> {
+        (**self).ready_times().await
     }
     async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError> {
         (**self).scale_to(desired).await
@@ -102,7 +114,7 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let mut throughput = Rate::new(priors.units_per_sec, 8);
-    let ready = Rate::new(priors.ready_secs, 8);
+    let mut ready = Rate::new(priors.ready_secs, 8);
     let mut ticker = tokio::time::interval(tick);
     loop {
         tokio::select! {
@@ -125,6 +137,10 @@ pub async fn run(
             throughput.observe(rate);
         }
         let current = actuator.current().await;
+        for secs in actuator.ready_times().await {
+            metrics::histogram!("sparkle_worker_ready_seconds").record(secs);
+            ready.observe(secs);
+        }
         let seen = Observation {
             now: started.elapsed().as_secs_f64(),
             queued: stats.queued,
@@ -150,6 +166,7 @@ pub async fn run(
         metrics::gauge!("sparkle_workers_starting").set(f64::from(seen.starting));
         metrics::gauge!("sparkle_workers_desired").set(f64::from(desired));
         metrics::gauge!("sparkle_worker_units_per_second").set(seen.throughput);
+        metrics::gauge!("sparkle_worker_ready_time_seconds").set(seen.ready_secs);
         if desired != current {
             tracing::info!(
                 current,

@@ -1,10 +1,37 @@
 use crate::gpus::Gpu;
 use crate::{Actuator, ScalerError};
 use async_trait::async_trait;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::process::Stdio;
-use std::time::Duration;
-use tokio::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, ChildStdout, Command};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads a worker's standard output to its end; the ready line marks it ready.
+async fn watch_ready(
+    pid: u32,
+    stdout: ChildStdout,
+    unready: Arc<Mutex<HashMap<u32, Instant>>>,
+    ready_times: Arc<Mutex<Vec<f64>>>,
+) {
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim() == crate::READY_LINE {
+            if let Some(started) = lock(&unready).remove(&pid) {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(pid, secs, "worker ready");
+                lock(&ready_times).push(secs);
+            }
+        }
+    }
+    lock(&unready).remove(&pid);
+}
 
 /// Workers as child processes of this one: one per GPU, each pinned to its GPU, or CPU
 /// workers where there is none (as many as the policy asks for: `scaler.max_workers`).
@@ -19,6 +46,10 @@ pub struct LocalProcesses {
     /// Each running worker and the GPU (an index into `gpus`) it holds.
     children: Vec<(Child, Option<usize>)>,
     stopping: Vec<Child>,
+    /// Workers started and not yet ready, by process id.
+    unready: Arc<Mutex<HashMap<u32, Instant>>>,
+    /// Seconds each worker took to be ready, not yet taken by the scaler.
+    ready_times: Arc<Mutex<Vec<f64>>>,
 }
 
 impl LocalProcesses {
@@ -30,6 +61,8 @@ impl LocalProcesses {
             gpus: Vec::new(),
             children: Vec::new(),
             stopping: Vec::new(),
+            unready: Arc::default(),
+            ready_times: Arc::default(),
         }
     }
 
@@ -80,6 +113,18 @@ impl Actuator for LocalProcesses {
         self.children.len() as u32
     }
 
+    async fn starting(&mut self) -> u32 {
+        let unready = lock(&self.unready);
+        self.children
+            .iter()
+            .filter(|(c, _)| c.id().is_some_and(|pid| unready.contains_key(&pid)))
+            .count() as u32
+    }
+
+    async fn ready_times(&mut self) -> Vec<f64> {
+        std::mem::take(&mut *lock(&self.ready_times))
+    }
+
     async fn scale_to(&mut self, desired: u32) -> Result<(), ScalerError> {
         self.reap();
         let desired = desired.min(self.capacity());
@@ -95,9 +140,21 @@ impl Actuator for LocalProcesses {
                     .env("CUDA_VISIBLE_DEVICES", &self.gpus[i].uuid)
                     .env("SPARKLE_WORKER__DEVICE", "cuda:0");
             }
-            let child = command.spawn().map_err(ScalerError::Spawn)?;
+            let mut child = command
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(ScalerError::Spawn)?;
             let on = gpu.map(|i| self.gpus[i].index);
             tracing::info!(pid = ?child.id(), gpu = ?on, "worker started");
+            if let (Some(pid), Some(stdout)) = (child.id(), child.stdout.take()) {
+                lock(&self.unready).insert(pid, Instant::now());
+                tokio::spawn(watch_ready(
+                    pid,
+                    stdout,
+                    self.unready.clone(),
+                    self.ready_times.clone(),
+                ));
+            }
             self.children.push((child, gpu));
         }
         while (self.children.len() as u32) > desired {
@@ -149,8 +206,10 @@ mod tests {
     /// A "worker" that writes what it was pinned to and waits for its input to close.
     fn recorder(dir: &std::path::Path) -> LocalProcesses {
         let script = format!(
-            "echo \"[$CUDA_VISIBLE_DEVICES $SPARKLE_WORKER__DEVICE]\" > {}/$$; cat >/dev/null",
-            dir.display()
+            "echo \"[$CUDA_VISIBLE_DEVICES $SPARKLE_WORKER__DEVICE]\" > {}/$$; sleep 0.2; \
+             echo {}; cat >/dev/null",
+            dir.display(),
+            crate::READY_LINE,
         );
         LocalProcesses::new("sh", vec!["-c".into(), script.into()])
     }
@@ -179,7 +238,19 @@ mod tests {
         let mut local = recorder(dir.path()).on_gpus(vec![gpu(0), gpu(1)]);
         local.scale_to(5).await.expect("scale");
         assert_eq!(local.current().await, 2, "no more workers than GPUs");
+        assert_eq!(local.starting().await, 2, "not ready before they say so");
         let seen = pinned(dir.path(), 2).await;
+        let mut times = Vec::new();
+        for _ in 0..200 {
+            times.extend(local.ready_times().await);
+            if times.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(times.len(), 2, "each start timed once");
+        assert!(times.iter().all(|t| *t >= 0.2), "{times:?}");
+        assert_eq!(local.starting().await, 0);
         assert_eq!(
             seen,
             [

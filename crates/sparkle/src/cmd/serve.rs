@@ -175,6 +175,10 @@ pub async fn worker(
             .then(|| Duration::from_secs(config.queue.max_job_secs)),
         max_pixels: (config.worker.max_pixels > 0).then_some(config.worker.max_pixels),
     };
+    if stop_on_stdin_eof {
+        // The scaler that started this worker times its start by this line.
+        println!("{}", sparkle_scaler::READY_LINE);
+    }
     sparkle_worker::run(plane, engine, worker_options, shutdown).await?;
     Ok(())
 }

@@ -60,6 +60,10 @@ async fn a_backlog_starts_a_second_worker_and_both_stop_after_the_grace() {
     .await;
     let metrics = svc.metrics().await;
     assert!(metrics.contains("sparkle_workers_desired 0"), "{metrics}");
+    assert!(
+        metrics.contains("sparkle_worker_ready_seconds_count 2"),
+        "both starts timed: {metrics}"
+    );
     // From zero again: one job, one worker, its image.
     let started = Instant::now();
     let (status, job) = svc
