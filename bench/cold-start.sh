@@ -68,3 +68,5 @@ one("worker already up", 2)
 until_no_worker()
 one("from zero again, weights in the page cache", 3)
 PY
+# What the scaler and the workers said of each start.
+grep -E "worker ready|model ready|worker started" "$work/log" | sed 's/\x1b\[[0-9;]*m//g' | tail -8
