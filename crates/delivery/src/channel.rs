@@ -123,6 +123,17 @@ async fn attempt(
         metrics::counter!("sparkle_deliveries_total", "channel" => name, "outcome" => outcome)
             .increment(1);
     }
+    // From the job's end to its answer's delivery.
+    if let (Settle::Delivered, Some(finished)) =
+        (&settle, job.as_ref().and_then(|j| j.finished_at_ms))
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(finished);
+        metrics::histogram!("sparkle_delivery_seconds", "channel" => name)
+            .record((now - finished).max(0) as f64 / 1000.0);
+    }
     match outbox.settle(&delivery.claim, settle).await {
         Err(QueueError::ClaimLost(id)) => {
             tracing::warn!(channel = name, delivery = %id, "a delivery's claim ran out during its attempt");

@@ -202,7 +202,11 @@ impl ControlPlane for QueuePlane {
     }
 
     async fn fail(&self, lease: &LeaseToken, failure: Failure) -> Result<JobStatus, PlaneError> {
-        Ok(self.queue.fail(lease, failure).await?)
+        let status = self.queue.fail(lease, failure).await?;
+        if status == JobStatus::DeadLettered {
+            metrics::counter!("sparkle_jobs_dead_lettered_total").increment(1);
+        }
+        Ok(status)
     }
 
     async fn release(&self, lease: &LeaseToken) -> Result<(), PlaneError> {
