@@ -35,6 +35,8 @@ pub enum ErrorCode {
     InvalidResponseFormat,
     /// The `Idempotency-Key` header is empty, too long or not printable ASCII.
     InvalidIdempotencyKey,
+    /// A query parameter is unknown or out of range (`GET /v1/jobs`).
+    InvalidQuery,
     /// No `Authorization: Bearer` header.
     MissingApiKey,
     /// The key is unknown or revoked.
@@ -102,6 +104,7 @@ impl ErrorCode {
             ErrorCode::UnknownScheduler => "unknown_scheduler",
             ErrorCode::InvalidResponseFormat => "invalid_response_format",
             ErrorCode::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ErrorCode::InvalidQuery => "invalid_query",
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::InsufficientScope => "insufficient_scope",
@@ -144,6 +147,7 @@ impl ErrorCode {
             | UnknownScheduler
             | InvalidResponseFormat
             | InvalidIdempotencyKey
+            | InvalidQuery
             | InvalidWebhookUrl
             | WebhookSecretMissing
             | TooLargeForDevice => 400,

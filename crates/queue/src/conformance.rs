@@ -84,6 +84,7 @@ checks!(
     release_returns_the_job_without_spending_an_attempt,
     batch_lease_takes_only_compatible_jobs,
     a_worker_leases_only_the_models_it_asks_for,
+    an_owner_lists_its_own_jobs_newest_first_in_pages,
     stats_and_positions_describe_the_backlog,
     fresh_end_users_do_not_take_a_key_past_another_key,
     a_share_that_starts_waiting_queues_behind_those_waiting,
@@ -632,6 +633,70 @@ async fn a_worker_leases_only_the_models_it_asks_for<Q: JobQueue>(q: Q, _c: Manu
         .expect("lease");
     assert_eq!(rest.len(), 1);
     assert_eq!(q.stats().await.expect("stats").queued, 0);
+}
+
+async fn an_owner_lists_its_own_jobs_newest_first_in_pages<Q: JobQueue>(q: Q, c: ManualClock) {
+    let mut mine = Vec::new();
+    for i in 0..5 {
+        c.advance_ms(10);
+        mine.push(
+            q.enqueue(new_job("alice", &format!("a{i}")))
+                .await
+                .expect("enqueue")
+                .job
+                .id,
+        );
+        q.enqueue(new_job("bob", &format!("b{i}")))
+            .await
+            .expect("enqueue");
+    }
+    let page = q.list_jobs("alice", None, None, 3).await.expect("list");
+    let ids: Vec<_> = page.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [mine[4], mine[3], mine[2]], "newest first");
+    let rest = q
+        .list_jobs("alice", None, Some(mine[2]), 3)
+        .await
+        .expect("list");
+    let ids: Vec<_> = rest.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [mine[1], mine[0]]);
+    assert!(rest.iter().all(|j| j.owner == "alice"));
+    // A cursor of another owner's job shows nothing of theirs, and nothing at all.
+    let bobs = q.list_jobs("bob", None, None, 1).await.expect("list")[0].id;
+    assert!(q
+        .list_jobs("alice", None, Some(bobs), 10)
+        .await
+        .expect("list")
+        .is_empty());
+    // By status: one of alice's jobs running, one cancelled.
+    let lease = q
+        .lease("w", 1, VIS)
+        .await
+        .expect("lease")
+        .pop()
+        .expect("a lease");
+    assert_eq!(lease.job.owner, "alice");
+    q.cancel(mine[4]).await.expect("cancel");
+    let running = q
+        .list_jobs("alice", Some(JobStatus::Running), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        running.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [lease.job.id]
+    );
+    let cancelled = q
+        .list_jobs("alice", Some(JobStatus::Cancelled), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [mine[4]]
+    );
+    let queued = q
+        .list_jobs("alice", Some(JobStatus::Queued), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(queued.len(), 3);
 }
 
 async fn stats_and_positions_describe_the_backlog<Q: JobQueue>(q: Q, c: ManualClock) {

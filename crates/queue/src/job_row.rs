@@ -135,3 +135,11 @@ pub(crate) fn kept_images(
         _ => crate::KeptImages::Nothing,
     }
 }
+
+/// The stored statuses a job of `status` may have (a job waiting out a retry is queued).
+pub(crate) fn stored_statuses(status: JobStatus) -> Vec<&'static str> {
+    match status {
+        JobStatus::Queued => vec!["queued", "retry_wait"],
+        other => vec![other.as_str()],
+    }
+}

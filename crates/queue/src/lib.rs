@@ -217,6 +217,16 @@ pub trait JobQueue: Send + Sync + 'static {
     /// (a backend with notifications returns on theirs too).
     async fn wait_for_change(&self, timeout: Duration);
 
+    /// The jobs of `owner`, newest first: up to `limit`, those submitted before job `before`
+    /// when given (a job of another owner, or none, gives nothing), of `status` when given.
+    async fn list_jobs(
+        &self,
+        owner: &str,
+        status: Option<sparkle_core::JobStatus>,
+        before: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<Job>, QueueError>;
+
     /// The [`position`](JobQueue::position) of each of `ids`, from one read of the queue.
     async fn positions(&self, ids: &[JobId]) -> Result<Vec<Option<u64>>, QueueError>;
 

@@ -406,6 +406,34 @@ impl JobQueue for SqliteQueue {
         Ok(self.positions(&[id]).await?.pop().flatten())
     }
 
+    async fn list_jobs(
+        &self,
+        owner: &str,
+        status: Option<JobStatus>,
+        before: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<Job>, QueueError> {
+        let statuses = status.map(|s| {
+            serde_json::to_string(&crate::job_row::stored_statuses(s)).unwrap_or_default()
+        });
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_by_owner_seq
+             WHERE owner = ?1
+               AND (?2 IS NULL OR status IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?3 AND owner = ?1))
+             ORDER BY seq DESC LIMIT ?4"
+        ))
+        .bind(owner)
+        .bind(statuses)
+        .bind(before.map(|id| id.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| job_from_row(row, &*self.fields))
+            .collect()
+    }
+
     async fn lease(
         &self,
         worker: &str,

@@ -51,6 +51,91 @@ pub async fn create(
     Ok((status, [(header::LOCATION, location)], axum::Json(view)).into_response())
 }
 
+/// `GET /v1/jobs` query parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Jobs per page: 1 to 100 (default 20).
+    limit: Option<u32>,
+    /// Only jobs submitted before this one (the `last_id` of the page before).
+    before: Option<String>,
+    /// Only jobs of this status.
+    status: Option<String>,
+}
+
+const MAX_PAGE: u32 = 100;
+
+/// The key's own jobs, newest first, a page at a time, in OpenAI's list shape:
+/// `{"object": "list", "data", "first_id", "last_id", "has_more"}`.
+pub async fn list(
+    State(state): State<GatewayState>,
+    caller: Caller,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    if !(caller.0.allows(Scope::Read) || caller.0.allows(Scope::Generate)) {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            "this key lacks the `read` scope",
+        ));
+    }
+    let bad = |param: &'static str, message: String| ApiError {
+        param: Some(param),
+        ..ApiError::new(ErrorCode::InvalidQuery, message)
+    };
+    let axum::extract::Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidQuery,
+            format!(
+                "{} (the parameters are limit, before and status)",
+                e.body_text()
+            ),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(bad(
+            "limit",
+            format!("limit must be 1 to {MAX_PAGE}; got {limit}"),
+        ));
+    }
+    let before = match &query.before {
+        None => None,
+        Some(id) => Some(
+            id.parse::<JobId>()
+                .map_err(|_| bad("before", format!("before must be a job id; got {id:?}")))?,
+        ),
+    };
+    let status = match &query.status {
+        None => None,
+        Some(text) => Some(text.parse::<JobStatus>().map_err(|_| {
+            bad(
+                "status",
+                format!(
+                    "status must be queued, running, succeeded, failed, cancelled or \
+                     dead_lettered; got {text:?}"
+                ),
+            )
+        })?),
+    };
+    let mut jobs = state
+        .queue
+        .list_jobs(&caller.0.id, status, before, limit + 1)
+        .await?;
+    let has_more = jobs.len() > limit as usize;
+    jobs.truncate(limit as usize);
+    let data: Vec<Value> = jobs
+        .iter()
+        .map(|job| render(&state, job, None, None))
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "first_id": jobs.first().map(|j| j.id.to_string()),
+        "last_id": jobs.last().map(|j| j.id.to_string()),
+        "has_more": has_more,
+    })))
+}
+
 pub async fn show(
     State(state): State<GatewayState>,
     caller: Caller,

@@ -43,7 +43,7 @@ pub fn router(state: GatewayState) -> Router {
         .route("/discord/interactions", post(discord::interactions))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{model}", get(models::show))
-        .route("/v1/jobs", post(jobs::create))
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::show).delete(jobs::cancel))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })

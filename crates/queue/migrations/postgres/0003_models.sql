@@ -13,3 +13,6 @@ ALTER TABLE worker_capacity ADD PRIMARY KEY (worker, model);
 -- summed over the queued and the running jobs for the scaler. Jobs from before count 0.
 ALTER TABLE jobs ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
 CREATE INDEX jobs_live_cost ON jobs (status) INCLUDE (cost) WHERE status IN ('queued', 'running');
+
+-- A key's own jobs, newest first (GET /v1/jobs).
+CREATE INDEX jobs_by_owner_seq ON jobs (owner, seq);

@@ -21,3 +21,6 @@ ALTER TABLE worker_capacity_by_model RENAME TO worker_capacity;
 -- summed over the queued and the running jobs for the scaler. Jobs from before count 0.
 ALTER TABLE jobs ADD COLUMN cost REAL NOT NULL DEFAULT 0;
 CREATE INDEX jobs_cost_by_status ON jobs (status, cost);
+
+-- A key's own jobs, newest first (GET /v1/jobs).
+CREATE INDEX jobs_by_owner_seq ON jobs (owner, seq);

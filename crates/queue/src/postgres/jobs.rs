@@ -295,6 +295,34 @@ impl JobQueue for PgQueue {
         Ok(Enqueued { job, created })
     }
 
+    async fn list_jobs(
+        &self,
+        owner: &str,
+        status: Option<JobStatus>,
+        before: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<Job>, QueueError> {
+        let client = self.client().await?;
+        let statuses: Option<Vec<&str>> = status.map(crate::job_row::stored_statuses);
+        let before = before.map(|id| id.to_string());
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs
+                     WHERE owner = $1
+                       AND ($2::TEXT[] IS NULL OR status = ANY($2))
+                       AND ($3::TEXT IS NULL
+                            OR seq < (SELECT seq FROM jobs WHERE id = $3 AND owner = $1))
+                     ORDER BY seq DESC LIMIT $4"
+                ),
+                &[&owner, &statuses, &before, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| job_from_row(row, &*self.fields))
+            .collect()
+    }
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, QueueError> {
         let client = self.client().await?;
         let row = client

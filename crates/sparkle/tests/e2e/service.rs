@@ -493,3 +493,79 @@ async fn readiness_fails_when_no_worker_may_run_the_jobs() {
     let (status, _) = svc.get("/healthz", "").await;
     assert_eq!(status, 200, "alive all the same");
 }
+
+/// `GET /v1/jobs`: a key's own jobs, newest first, a page at a time; bad parameters named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lists_its_own_jobs_newest_first_in_pages() {
+    let svc = Service::start(&[]).await;
+    let (mine, other) = (
+        svc.create_key("lister").await,
+        svc.create_key("other").await,
+    );
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, job) = svc
+            .post_json(
+                "/v1/jobs",
+                &json!({"prompt": format!("job {i}"), "size": "64x64", "steps": 1}),
+                Some(&mine),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().expect("id").to_string());
+    }
+    let (status, _) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "not yours", "size": "64x64", "steps": 1}),
+            Some(&other),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let page = svc.get_json("/v1/jobs?limit=2", &mine).await;
+    assert_eq!(page["object"], "list", "{page}");
+    let listed: Vec<&str> = page["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    assert_eq!(page["has_more"], true);
+    assert_eq!(page["last_id"], ids[1].as_str());
+    let next = svc
+        .get_json(&format!("/v1/jobs?limit=2&before={}", ids[1]), &mine)
+        .await;
+    let listed: Vec<&str> = next["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(listed, [ids[0].as_str()]);
+    assert_eq!(next["has_more"], false);
+    // Status filter: wait until all three are done.
+    for id in &ids {
+        svc.wait_for(id, &mine, |j| j["status"] == "succeeded")
+            .await;
+    }
+    let done = svc.get_json("/v1/jobs?status=succeeded", &mine).await;
+    assert_eq!(done["data"].as_array().map(Vec::len), Some(3), "{done}");
+    let none = svc.get_json("/v1/jobs?status=queued", &mine).await;
+    assert_eq!(none["data"].as_array().map(Vec::len), Some(0), "{none}");
+    for (query, param) in [
+        ("status=paused", Some("status")),
+        ("limit=0", Some("limit")),
+        ("limit=101", Some("limit")),
+        ("before=nope", Some("before")),
+        ("colour=blue", None),
+    ] {
+        let (status, body) = svc.get(&format!("/v1/jobs?{query}"), &mine).await;
+        let body: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{query}: {body}");
+        if let Some(param) = param {
+            assert_eq!(body["error"]["param"], param, "{query}: {body}");
+        }
+    }
+}
