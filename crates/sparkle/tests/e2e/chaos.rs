@@ -460,10 +460,10 @@ async fn nothing_is_lost_across_killed_gateways_and_workers_and_a_database_crash
     // An API key with a webhook secret, and an enrollment for the workers.
     // A key for the REST clients (with a webhook secret) and one for the OpenAI client: two
     // shares, so the synchronous client's jobs take turns with the REST backlog.
-    let create_key = |name: &str| {
-        let (ok, key, err) = sparkle(
+    let create = |what: &str, name: &str| {
+        let (ok, out, err) = sparkle(
             &[
-                "key",
+                what,
                 "create",
                 "--name",
                 name,
@@ -474,25 +474,12 @@ async fn nothing_is_lost_across_killed_gateways_and_workers_and_a_database_crash
             ],
             &[],
         );
-        assert!(ok, "{err}");
-        key.trim().to_string()
+        assert!(ok, "{what} create: {err}");
+        out.trim().to_string()
     };
-    let key = create_key("chaos-rest");
-    let openai_key = create_key("chaos-openai");
-    let (ok, secret, err) = sparkle(
-        &[
-            "enrollment",
-            "create",
-            "--name",
-            "chaos-workers",
-            "--config",
-            &config_arg,
-            "--data-dir",
-            &data_arg,
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
+    let key = create("key", "chaos-rest");
+    let openai_key = create("key", "chaos-openai");
+    let secret = create("enrollment", "chaos-workers");
     let elsewhere = root.path().join("workers");
     std::fs::create_dir_all(&elsewhere).expect("workers' host");
     let secret_file = elsewhere.join("enrollment.secret");
