@@ -14,7 +14,7 @@ mod scheduler;
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
 pub use request::{
-    is_model_name, job_cost, model_factor, Catalog, ImageRequest, Limits, ModelEntry, RequestParts,
-    ValidImageRequest,
+    is_model_name, job_cost, model_factor, model_of_batch_key, Catalog, ImageRequest, Limits,
+    ModelEntry, RequestParts, ValidImageRequest,
 };
 pub use scheduler::Scheduler;

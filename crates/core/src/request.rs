@@ -156,6 +156,11 @@ pub fn job_cost(model: &str, width: u32, height: u32, steps: u32, n: u32) -> f64
         * model_factor(model)
 }
 
+/// The model a batch key ([`ValidImageRequest::batch_key`]) names.
+pub fn model_of_batch_key(batch_key: &str) -> &str {
+    batch_key.split('|').next().unwrap_or(batch_key)
+}
+
 /// A model's name: up to 200 characters, none of them `|` (batch keys are `|`-separated) or
 /// a control character.
 pub fn is_model_name(name: &str) -> bool {
@@ -480,7 +485,8 @@ impl ValidImageRequest {
         job_cost(&self.model, self.width, self.height, self.steps, self.n)
     }
 
-    /// Jobs with equal batch keys can run as one batch on the GPU.
+    /// Jobs with equal batch keys can run as one batch on the GPU. The model comes first
+    /// ([`model_of_batch_key`] reads it back; model names never hold `|`).
     pub fn batch_key(&self) -> String {
         format!(
             "{}|{}x{}|{}|{}",

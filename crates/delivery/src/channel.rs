@@ -127,12 +127,8 @@ async fn attempt(
     if let (Settle::Delivered, Some(finished)) =
         (&settle, job.as_ref().and_then(|j| j.finished_at_ms))
     {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(finished);
         metrics::histogram!("sparkle_delivery_seconds", "channel" => name)
-            .record((now - finished).max(0) as f64 / 1000.0);
+            .record((crate::now_ms() - finished).max(0) as f64 / 1000.0);
     }
     match outbox.settle(&delivery.claim, settle).await {
         Err(QueueError::ClaimLost(id)) => {

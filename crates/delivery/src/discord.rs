@@ -23,7 +23,7 @@ use sparkle_queue::{ClaimedDelivery, Job, JobQueue, ReplyTarget, Settle};
 use sparkle_store::{ImageKey, ImageStore};
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// The outbox channel of Discord answers.
@@ -108,13 +108,6 @@ pub struct DiscordChannel {
 const LATE_WITH_BOT: &str = "is taking longer than Discord lets me keep this message; the image will be posted in this channel when it is ready.";
 const LATE_WITHOUT_BOT: &str = "is taking longer than Discord lets me keep this message, and I have no way to post it later. Please ask again in a while.";
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
@@ -156,7 +149,7 @@ impl ReplyChannel for DiscordChannel {
                 reason: "the job no longer exists".into(),
             };
         };
-        let now = now_ms();
+        let now = crate::now_ms();
         if now >= reply.token_expires_at_ms {
             return self.after_token_expiry(d, &reply, job, now).await;
         }

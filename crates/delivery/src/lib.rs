@@ -23,5 +23,13 @@ mod fit;
 pub mod webhook;
 pub mod webhooks;
 
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub use channel::{report_backlog, run_channel, ChannelOptions, ReplyChannel};
 pub use fit::{fit, Encoding, Fitted, StoredImage, DEFAULT_ATTACHMENT_LIMIT};

@@ -107,11 +107,6 @@ pub(crate) async fn next_job(tx: &mut SqliteConnection) -> Result<Option<Next>, 
     }))
 }
 
-/// The model a batch key names (`MODEL|WxH|STEPS|SCHEDULER`), as the `model` column reads it.
-pub(crate) fn model_of(batch_key: &str) -> &str {
-    batch_key.split('|').next().unwrap_or(batch_key)
-}
-
 /// The job whose turn it is among the jobs of `models`: the waiting share with the oldest
 /// stamp that has one, its group with the oldest stamp that has one, that group's oldest.
 /// The job in turn overall is taken when it is of one of them (the common case costs what
@@ -122,7 +117,11 @@ pub(crate) async fn next_job_of(
 ) -> Result<Option<Next>, QueueError> {
     match next_job(&mut *tx).await? {
         None => return Ok(None),
-        Some(next) if models.iter().any(|m| m == model_of(&next.batch_key)) => {
+        Some(next)
+            if models
+                .iter()
+                .any(|m| m == sparkle_core::model_of_batch_key(&next.batch_key)) =>
+        {
             return Ok(Some(next))
         }
         Some(_) => {}

@@ -727,22 +727,20 @@ impl JobQueue for SqliteQueue {
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let now = self.now();
-        // Counters and the ends of two indexes: the cost does not grow with the queue or its
-        // history.
+        // Counters, the ends of two indexes, the last 20 successes once, and the live jobs'
+        // costs summed from an index over (status, cost): only that grows with the backlog.
         let row = sqlx::query(
-            "SELECT c.queued, c.running,
+            "SELECT c.queued, c.running, r.recent_run, r.recent_rate,
                 (SELECT created_at FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) AS oldest,
-                (SELECT AVG(finished_at - started_at) FROM
-                    (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                     ORDER BY finished_at DESC LIMIT 20)) AS recent_run,
-                (SELECT SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0) FROM
-                    (SELECT cost, finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                     ORDER BY finished_at DESC LIMIT 20)) AS recent_rate,
                 (SELECT TOTAL(cost) FROM jobs INDEXED BY jobs_cost_by_status
                     WHERE status = 'queued') AS queued_cost,
                 (SELECT TOTAL(cost) FROM jobs INDEXED BY jobs_cost_by_status
                     WHERE status = 'running') AS running_cost
-             FROM queue_counts c",
+             FROM queue_counts c,
+                (SELECT AVG(finished_at - started_at) AS recent_run,
+                    SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0) AS recent_rate
+                 FROM (SELECT cost, finished_at, started_at FROM jobs WHERE status = 'succeeded'
+                       ORDER BY finished_at DESC LIMIT 20)) r",
         )
         .fetch_one(&self.pool)
         .await?;

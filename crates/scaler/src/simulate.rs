@@ -164,15 +164,7 @@ pub fn simulate(trace: &[TraceJob], policy: &mut dyn ScalingPolicy, hardware: &H
                 }
             }
         }
-        // Ready workers take the oldest jobs.
-        for w in &mut workers {
-            if w.job.is_none() && w.ready_at <= now {
-                if let Some(i) = queue.pop_front() {
-                    waits.push(now - trace[i].arrival_secs);
-                    w.job = Some((i, now + run_secs(i)));
-                }
-            }
-        }
+        dispatch(&mut workers, &mut queue, &mut waits, now, trace, &run_secs);
         if now >= next_tick {
             next_tick = now.floor() + 1.0;
             let running: Vec<usize> = workers.iter().filter_map(|w| w.job.map(|j| j.0)).collect();
@@ -214,20 +206,13 @@ pub fn simulate(trace: &[TraceJob], policy: &mut dyn ScalingPolicy, hardware: &H
             }
             peak = peak.max(workers.len() as u32);
             // A newly started worker may already be ready (no cold start): give it work.
-            for w in &mut workers {
-                if w.job.is_none() && w.ready_at <= now {
-                    if let Some(i) = queue.pop_front() {
-                        waits.push(now - trace[i].arrival_secs);
-                        w.job = Some((i, now + run_secs(i)));
-                    }
-                }
-            }
+            dispatch(&mut workers, &mut queue, &mut waits, now, trace, &run_secs);
         }
         if done == trace.len() && next_arrival == trace.len() {
+            // Over once every worker has stopped (a pool that keeps workers when idle winds
+            // down to them only by the time limit).
             let floor = *idle_floor.get_or_insert(now);
-            let idle_pool = workers.iter().all(|w| w.job.is_none());
-            let settled = policy_settled(&workers, idle_pool);
-            if settled || now - floor > WIND_DOWN_SECS {
+            if workers.is_empty() || now - floor > WIND_DOWN_SECS {
                 break;
             }
         }
@@ -250,10 +235,23 @@ pub fn simulate(trace: &[TraceJob], policy: &mut dyn ScalingPolicy, hardware: &H
     }
 }
 
-/// The run is over once every worker has stopped (a pool that keeps workers when idle winds
-/// down to them only by the time limit).
-fn policy_settled(workers: &[Worker], idle: bool) -> bool {
-    idle && workers.is_empty()
+/// Ready workers without a job take the oldest queued jobs at `now`.
+fn dispatch(
+    workers: &mut [Worker],
+    queue: &mut VecDeque<usize>,
+    waits: &mut Vec<f64>,
+    now: f64,
+    trace: &[TraceJob],
+    run_secs: &dyn Fn(usize) -> f64,
+) {
+    for w in workers {
+        if w.job.is_none() && w.ready_at <= now {
+            if let Some(i) = queue.pop_front() {
+                waits.push(now - trace[i].arrival_secs);
+                w.job = Some((i, now + run_secs(i)));
+            }
+        }
+    }
 }
 
 /// The `q` quantile of sorted `values` (nearest rank); 0 when there are none.

@@ -6,7 +6,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use sparkle_core::{JobStatus, Progress};
-use sparkle_queue::{Failure, HeartbeatOutcome, JobQueue, Lease, LeaseToken, QueueError};
+use sparkle_queue::{
+    Clock, Failure, HeartbeatOutcome, JobQueue, Lease, LeaseToken, QueueError, SystemClock,
+};
 use sparkle_store::{ImageKey, ImageStore};
 use sparkle_worker::{ControlPlane, ModelLoaded, PlaneError, Serving};
 use std::sync::Arc;
@@ -109,7 +111,7 @@ impl ControlPlane for QueuePlane {
     ) -> Result<Vec<Lease>, PlaneError> {
         let order = lease_order(&self.models, models)?;
         if let Some(key) = batch_key {
-            let model = key.split('|').next().unwrap_or_default();
+            let model = sparkle_core::model_of_batch_key(key);
             if !models.serves.iter().any(|m| m == model) {
                 return Err(PlaneError::Refused(format!(
                     "this worker does not serve model {model}"
@@ -181,12 +183,8 @@ impl ControlPlane for QueuePlane {
         match self.queue.complete(&lease.token, count).await {
             Ok(()) => {
                 if let Some(started) = lease.job.started_at_ms {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(started);
-                    metrics::histogram!("sparkle_generation_seconds")
-                        .record((now - started).max(0) as f64 / 1000.0);
+                    let ran = (SystemClock.now_ms() - started).max(0);
+                    metrics::histogram!("sparkle_generation_seconds").record(ran as f64 / 1000.0);
                 }
                 Ok(())
             }

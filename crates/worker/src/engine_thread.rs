@@ -253,9 +253,12 @@ impl Shelf {
     /// Loads `model` unless it is loaded, and makes it the most recently used.
     fn ensure(&mut self, model: &str) -> Result<Option<ModelLoaded>, EngineError> {
         if let Some(at) = self.engines.iter().position(|(name, _)| name == model) {
-            let engine = self.engines.remove(at);
-            self.engines.push(engine);
-            self.publish();
+            // Already the most recently used (the common case): nothing moves.
+            if at + 1 < self.engines.len() {
+                let engine = self.engines.remove(at);
+                self.engines.push(engine);
+                self.publish();
+            }
             return Ok(None);
         }
         let source = self
@@ -307,7 +310,9 @@ impl Shelf {
             tracing::info!(model = %name, for_model = %source.name, "unloading the least recently used model");
             evicted.push(name);
         }
-        self.publish();
+        if !evicted.is_empty() {
+            self.publish();
+        }
         evicted
     }
 

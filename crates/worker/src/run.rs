@@ -133,11 +133,14 @@ pub async fn run(
     Ok(())
 }
 
+/// `pixels` within `worker.max_pixels`.
+fn within_cap(pixels: u64, options: &WorkerOptions) -> u64 {
+    options.max_pixels.map_or(pixels, |cap| cap.min(pixels))
+}
+
 /// A load's capacity within `worker.max_pixels`.
 fn capped(mut load: ModelLoaded, options: &WorkerOptions) -> ModelLoaded {
-    if let Some(cap) = options.max_pixels {
-        load.pixels = load.pixels.min(cap);
-    }
+    load.pixels = within_cap(load.pixels, options);
     load
 }
 
@@ -164,7 +167,14 @@ async fn make_ready(
         }
         return None;
     }
-    match engine.load(&model).await {
+    let loaded_now = || engine.loaded().into_iter().find(|l| l.model == model);
+    // A model already loaded needs no trip to the engine thread: the batch itself marks it
+    // the most recently used.
+    let load = match loaded_now() {
+        Some(_) => Ok(None),
+        None => engine.load(&model).await,
+    };
+    match load {
         Ok(Some(load)) => {
             let load = capped(load, options);
             if let Err(e) = plane.loaded(&options.worker_id, &load).await {
@@ -189,12 +199,7 @@ async fn make_ready(
             return None;
         }
     }
-    let pixels = engine
-        .loaded()
-        .into_iter()
-        .find(|l| l.model == model)
-        .map_or(0, |l| l.pixels);
-    Some(options.max_pixels.map_or(pixels, |cap| cap.min(pixels)))
+    Some(within_cap(loaded_now().map_or(0, |l| l.pixels), options))
 }
 
 /// Tops a partly filled batch up with compatible jobs that arrive within `batch_wait`.

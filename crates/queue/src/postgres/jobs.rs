@@ -660,21 +660,19 @@ impl JobQueue for PgQueue {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT q.queued, q.running,
+                "SELECT q.queued, q.running, r.recent_run, r.recent_rate,
                     (SELECT created_at FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)
                         AS oldest,
-                    (SELECT AVG(finished_at - started_at)::FLOAT8 FROM
-                        (SELECT finished_at, started_at FROM jobs WHERE status = 'succeeded'
-                         ORDER BY finished_at DESC LIMIT 20) r) AS recent_run,
-                    (SELECT (SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0))::FLOAT8
-                        FROM (SELECT cost, finished_at, started_at FROM jobs
-                              WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 20) r)
-                        AS recent_rate,
                     (SELECT COALESCE(SUM(cost), 0)::FLOAT8 FROM jobs WHERE status = 'queued')
                         AS queued_cost,
                     (SELECT COALESCE(SUM(cost), 0)::FLOAT8 FROM jobs WHERE status = 'running')
                         AS running_cost
-                 FROM queue_state q",
+                 FROM queue_state q,
+                    (SELECT AVG(finished_at - started_at)::FLOAT8 AS recent_run,
+                        (SUM(cost) * 1000.0 / NULLIF(SUM(finished_at - started_at), 0))::FLOAT8
+                            AS recent_rate
+                     FROM (SELECT cost, finished_at, started_at FROM jobs
+                           WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 20) l) r",
                 &[],
             )
             .await?;
