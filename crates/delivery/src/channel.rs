@@ -71,6 +71,7 @@ pub async fn run_channel(
             .for_each_concurrent(options.concurrency, |delivery| {
                 let (channel, outbox, queue, shutdown) =
                     (channel.clone(), outbox.clone(), queue.clone(), shutdown.clone());
+                let claim_for = options.claim_for;
                 async move {
                     if shutdown.is_cancelled() {
                         if let Err(e) = outbox.unclaim(&delivery.claim).await {
@@ -78,7 +79,9 @@ pub async fn run_channel(
                         }
                         return;
                     }
-                    if let Err(e) = attempt(&*channel, &*outbox, &*queue, &delivery).await {
+                    if let Err(e) =
+                        attempt(&*channel, &*outbox, &*queue, &delivery, claim_for).await
+                    {
                         tracing::warn!(channel = name, job = %delivery.job, error = %e, "delivery bookkeeping failed");
                     }
                 }
@@ -93,6 +96,7 @@ async fn attempt(
     outbox: &dyn Outbox,
     queue: &dyn JobQueue,
     delivery: &ClaimedDelivery,
+    claim_for: Duration,
 ) -> Result<(), QueueError> {
     let job = match queue.get(delivery.job).await {
         Ok(job) => job,
@@ -130,13 +134,36 @@ async fn attempt(
         metrics::histogram!("sparkle_delivery_seconds", "channel" => name)
             .record((crate::now_ms() - finished).max(0) as f64 / 1000.0);
     }
-    match outbox.settle(&delivery.claim, settle).await {
-        Err(QueueError::ClaimLost(id)) => {
-            tracing::warn!(channel = name, delivery = %id, "a delivery's claim ran out during its attempt");
-            Ok(())
+    // The answer has left: recording that must not be given up while the claim still holds,
+    // or the claim runs out and the answer is sent again. A database that is away for a
+    // moment (a failover, a restart) is waited for, within half the claim.
+    let give_up = std::time::Instant::now() + claim_for / 2;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match outbox.settle(&delivery.claim, settle.clone()).await {
+            Err(QueueError::ClaimLost(id)) => {
+                tracing::warn!(channel = name, delivery = %id, "a delivery's claim ran out during its attempt");
+                return Ok(());
+            }
+            Err(e) if transient(&e) && std::time::Instant::now() + pause < give_up => {
+                tracing::debug!(channel = name, job = %delivery.job, error = %e, "recording a delivery again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
         }
-        other => other,
     }
+}
+
+/// Errors a moment later may not repeat: the database was away or refused the commit.
+fn transient(e: &QueueError) -> bool {
+    matches!(
+        e,
+        QueueError::Unavailable(_)
+            | QueueError::Postgres(_)
+            | QueueError::Database(_)
+            | QueueError::CommitFailed(_)
+    )
 }
 
 /// Reports the outbox's backlog as metrics until `shutdown`.
