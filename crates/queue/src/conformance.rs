@@ -6,13 +6,15 @@
 mod fairness;
 mod outbox;
 mod retention;
+mod sessions;
 
 use fairness::*;
 use outbox::*;
 use retention::*;
+use sessions::*;
 
 use crate::{
-    CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
+    ApiKeys, CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
 };
 use sparkle_core::{JobStatus, Progress, RequestParts, Scheduler, ValidImageRequest};
 use std::future::Future;
@@ -59,7 +61,7 @@ type Check<Q> = fn(Q, ManualClock) -> std::pin::Pin<Box<dyn Future<Output = ()> 
 
 macro_rules! checks {
     ($($name:ident),* $(,)?) => {
-        fn all<Q: JobQueue + Outbox>() -> Vec<(&'static str, Check<Q>)> {
+        fn all<Q: JobQueue + Outbox + ApiKeys>() -> Vec<(&'static str, Check<Q>)> {
             vec![$((stringify!($name), |q, c| Box::pin($name(q, c)))),*]
         }
     };
@@ -102,12 +104,15 @@ checks!(
     retention_removes_only_jobs_finished_before_the_horizon,
     kept_images_name_the_attempt_that_made_them,
     capacity_is_the_largest_a_worker_reported_within_a_week,
+    a_session_acts_as_its_key_until_it_ends,
+    a_revoked_key_ends_its_sessions_and_opens_none,
+    a_key_keeps_its_newest_sessions_only,
 );
 
 /// Runs every check, each against a fresh queue from `open`.
 pub async fn run<Q, F, Fut>(open: F)
 where
-    Q: JobQueue + Outbox,
+    Q: JobQueue + Outbox + ApiKeys,
     F: Fn(ManualClock) -> Fut,
     Fut: Future<Output = Q>,
 {

@@ -34,6 +34,8 @@ pub enum Field {
     /// `api_keys.row_tag`: a keyed MAC over what a key row grants (blind index), so that a
     /// row written past the service (a minted or widened key) does not authenticate.
     ApiKeyRow,
+    /// `sessions.row_tag`: a keyed MAC over what a browser session grants (blind index).
+    SessionRow,
 }
 
 impl Field {
@@ -48,6 +50,7 @@ impl Field {
             Field::ReplyState => "deliveries.state",
             Field::WebhookSecret => "api_keys.webhook_secret",
             Field::ApiKeyRow => "api_keys.row",
+            Field::SessionRow => "sessions.row",
         }
     }
 }

@@ -115,6 +115,126 @@ pub trait ApiKeys: Send + Sync + 'static {
     /// The secrets that sign the key's webhooks now: the current one first, then the one
     /// it replaced while its grace lasts. Empty when the key has none.
     async fn webhook_secrets(&self, id: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, QueueError>;
+    /// Opens a browser session for the live key `key_id`, ending at `expires_at_ms`; the
+    /// secret is returned here and never again. `None` when the key is not live. A key keeps
+    /// at most [`MAX_SESSIONS_PER_KEY`] sessions: opening one more ends its oldest.
+    async fn open_session(
+        &self,
+        key_id: &str,
+        expires_at_ms: i64,
+    ) -> Result<Option<SessionSecret>, QueueError>;
+    /// The session this secret opens, while it lasts and its key is live.
+    async fn session(&self, secret: &str) -> Result<Option<Session>, QueueError>;
+    /// Ends the session this secret opens; false when there was none.
+    async fn end_session(&self, secret: &str) -> Result<bool, QueueError>;
+}
+
+const SESSION_PREFIX: &str = "sps_";
+
+/// Most browser sessions one key keeps open.
+pub const MAX_SESSIONS_PER_KEY: i64 = 16;
+
+/// A browser session's secret (the cookie's value), zeroed on drop and never printed.
+pub struct SessionSecret(Zeroizing<String>);
+
+impl SessionSecret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SessionSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionSecret(<redacted>)")
+    }
+}
+
+/// A live browser session: the key it acts as, and when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub key: ApiKey,
+    pub expires_at_ms: i64,
+}
+
+/// A session row's columns, as stored.
+pub(crate) struct SessionRow {
+    pub hash: String,
+    pub key_id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+impl SessionRow {
+    /// A new session's secret and row.
+    pub fn new(key_id: &str, now_ms: i64, expires_at_ms: i64) -> (SessionSecret, SessionRow) {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        let secret = SessionSecret(Zeroizing::new(format!(
+            "{SESSION_PREFIX}{}",
+            hex::encode(bytes.as_ref())
+        )));
+        let row = SessionRow {
+            hash: hash_secret(secret.expose()),
+            key_id: key_id.to_string(),
+            created_at: now_ms,
+            expires_at: expires_at_ms,
+        };
+        (secret, row)
+    }
+
+    /// The MAC over what the row grants, under the keyring's index key.
+    pub fn tag(&self, fields: &dyn FieldCipher) -> String {
+        let mut bytes = Vec::new();
+        for part in [&self.hash, &self.key_id] {
+            bytes.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(part.as_bytes());
+        }
+        bytes.extend_from_slice(&self.created_at.to_be_bytes());
+        bytes.extend_from_slice(&self.expires_at.to_be_bytes());
+        fields.blind(Field::SessionRow, &bytes)
+    }
+
+    /// Whether the stored tag is this row's, refusing (and reporting) a row that is not.
+    pub fn verifies(&self, fields: &dyn FieldCipher, tag: &str) -> bool {
+        let genuine = hash_matches(tag, &self.tag(fields));
+        if !genuine {
+            tracing::error!(
+                key = %self.key_id,
+                "a session row does not verify under the keyring (written past the service, \
+                 or altered): refused"
+            );
+        }
+        genuine
+    }
+}
+
+/// The session, when its row verifies, has not ended and its key's row verifies and is live.
+pub(crate) fn live_session(
+    fields: &dyn FieldCipher,
+    presented: &str,
+    (row, tag): (SessionRow, String),
+    key: Option<KeyRow>,
+    now_ms: i64,
+) -> Option<Session> {
+    if !hash_matches(&row.hash, presented) || !row.verifies(fields, &tag) || row.expires_at <= now_ms
+    {
+        return None;
+    }
+    let key = key.filter(|k| k.id == row.key_id)?.verified(fields)?;
+    (!key.revoked).then_some(Session {
+        key,
+        expires_at_ms: row.expires_at,
+    })
+}
+
+/// Every column of `sessions` a session lookup reads.
+pub(crate) const SESSION_COLUMNS: &str = "hash, key_id, created_at, expires_at, row_tag";
+
+/// The hash to look a presented session secret up by, `None` when it cannot be one.
+pub(crate) fn presented_session_hash(secret: &str) -> Option<String> {
+    secret
+        .starts_with(SESSION_PREFIX)
+        .then(|| hash_secret(secret))
 }
 
 /// Every column of `api_keys` a [`KeyRow`] reads.
@@ -414,6 +534,103 @@ impl ApiKeys for SqliteQueue {
             self.clock.now_ms(),
         )
     }
+
+    async fn open_session(
+        &self,
+        key_id: &str,
+        expires_at_ms: i64,
+    ) -> Result<Option<SessionSecret>, QueueError> {
+        let now = self.clock.now_ms();
+        let (_turn, mut tx) = crate::sqlite::begin_write(&self.pool, &self.write_turn).await?;
+        let key = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let live = match key {
+            Some(row) => key_row(&row)?
+                .verified(&*self.fields)
+                .is_some_and(|k| !k.revoked),
+            None => false,
+        };
+        if !live {
+            return Ok(None);
+        }
+        let (secret, row) = SessionRow::new(key_id, now, expires_at_ms);
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+        ))
+        .bind(&row.hash)
+        .bind(&row.key_id)
+        .bind(row.created_at)
+        .bind(row.expires_at)
+        .bind(row.tag(&*self.fields))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sessions WHERE key_id = ?1 AND hash <> ?2 AND hash NOT IN (
+                 SELECT hash FROM sessions WHERE key_id = ?1 AND hash <> ?2
+                 ORDER BY created_at DESC, hash DESC LIMIT ?3)",
+        )
+        .bind(key_id)
+        .bind(&row.hash)
+        .bind(MAX_SESSIONS_PER_KEY - 1)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(secret))
+    }
+
+    async fn session(&self, secret: &str) -> Result<Option<Session>, QueueError> {
+        let Some(presented) = presented_session_hash(secret) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE hash = ?1"
+        ))
+        .bind(&presented)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let session = (
+            SessionRow {
+                hash: row.try_get("hash")?,
+                key_id: row.try_get("key_id")?,
+                created_at: row.try_get("created_at")?,
+                expires_at: row.try_get("expires_at")?,
+            },
+            row.try_get("row_tag")?,
+        );
+        let key = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))
+            .bind(&session.0.key_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| key_row(&row))
+            .transpose()?;
+        Ok(live_session(
+            &*self.fields,
+            &presented,
+            session,
+            key,
+            self.clock.now_ms(),
+        ))
+    }
+
+    async fn end_session(&self, secret: &str) -> Result<bool, QueueError> {
+        let Some(presented) = presented_session_hash(secret) else {
+            return Ok(false);
+        };
+        let done = sqlx::query("DELETE FROM sessions WHERE hash = ?1")
+            .bind(&presented)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +742,67 @@ mod tests {
             .await
             .expect("auth")
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn session_rows_written_past_the_service_do_not_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SqliteQueue::open(
+            &dir.path().join("s.db"),
+            &SqliteOptions::default(),
+            test_cipher(),
+        )
+        .await
+        .expect("open");
+        let (reader, _) = q.create_key("reader", &[Scope::Read]).await.expect("key");
+        let (admin, _) = q.create_key("root", &[Scope::Admin]).await.expect("key");
+        let far = i64::MAX / 2;
+        let secret = q
+            .open_session(&reader.id, far)
+            .await
+            .expect("open")
+            .expect("live key");
+        assert!(secret.expose().starts_with("sps_") && secret.expose().len() == 4 + 64);
+        assert_eq!(format!("{secret:?}"), "SessionSecret(<redacted>)");
+        let stored: String = sqlx::query_scalar("SELECT hash FROM sessions")
+            .fetch_one(&q.pool)
+            .await
+            .expect("row");
+        assert!(!stored.contains(&secret.expose()[4..]), "stored hashed");
+        // Moved to the admin key, or given a longer life: refused.
+        for tamper in [
+            format!("UPDATE sessions SET key_id = '{}'", admin.id),
+            "UPDATE sessions SET expires_at = expires_at + 1".to_string(),
+        ] {
+            let before: (String, i64) =
+                sqlx::query_as("SELECT key_id, expires_at FROM sessions")
+                    .fetch_one(&q.pool)
+                    .await
+                    .expect("row");
+            sqlx::query(&tamper).execute(&q.pool).await.expect("tamper");
+            assert!(q.session(secret.expose()).await.expect("look").is_none());
+            sqlx::query("UPDATE sessions SET key_id = ?1, expires_at = ?2")
+                .bind(&before.0)
+                .bind(before.1)
+                .execute(&q.pool)
+                .await
+                .expect("restore");
+            let session = q.session(secret.expose()).await.expect("look");
+            assert_eq!(session.map(|s| s.key.id), Some(reader.id.clone()));
+        }
+        // Minted for a secret of the writer's choosing: refused.
+        let minted = format!("{SESSION_PREFIX}{}", "cd".repeat(32));
+        sqlx::query(
+            "INSERT INTO sessions (hash, key_id, created_at, expires_at, row_tag)
+             VALUES (?1, ?2, 0, ?3, 'forged')",
+        )
+        .bind(hash_secret(&minted))
+        .bind(&admin.id)
+        .bind(far)
+        .execute(&q.pool)
+        .await
+        .expect("mint");
+        assert!(q.session(&minted).await.expect("look").is_none());
     }
 
     #[tokio::test]

@@ -3,10 +3,11 @@
 use super::PgQueue;
 use crate::fields::Field;
 use crate::keys::{
-    grace_until, hash_matches, legacy_tags, new_key, presented_hash, signing_secrets, KeyRow,
-    KEY_COLUMNS,
+    grace_until, hash_matches, legacy_tags, live_session, new_key, presented_hash,
+    presented_session_hash, signing_secrets, KeyRow, SessionRow, KEY_COLUMNS,
+    MAX_SESSIONS_PER_KEY, SESSION_COLUMNS,
 };
-use crate::{ApiKey, ApiKeys, KeySecret, QueueError, Scope};
+use crate::{ApiKey, ApiKeys, KeySecret, QueueError, Scope, Session, SessionSecret};
 use async_trait::async_trait;
 use tokio_postgres::Row;
 use zeroize::Zeroizing;
@@ -182,5 +183,106 @@ impl ApiKeys for PgQueue {
             row.try_get("webhook_previous_until")?,
             self.now(),
         )
+    }
+
+    async fn open_session(
+        &self,
+        key_id: &str,
+        expires_at_ms: i64,
+    ) -> Result<Option<SessionSecret>, QueueError> {
+        let now = self.now();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // The key's row, locked: sessions of one key are counted one sign-in at a time.
+        let key = tx
+            .query_opt(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE"),
+                &[&key_id],
+            )
+            .await?;
+        let live = match key {
+            Some(row) => key_row(&row)?
+                .verified(&*self.fields)
+                .is_some_and(|k| !k.revoked),
+            None => false,
+        };
+        if !live {
+            return Ok(None);
+        }
+        let (secret, row) = SessionRow::new(key_id, now, expires_at_ms);
+        tx.execute("DELETE FROM sessions WHERE expires_at <= $1", &[&now])
+            .await?;
+        tx.execute(
+            &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+            &[
+                &row.hash,
+                &row.key_id,
+                &row.created_at,
+                &row.expires_at,
+                &row.tag(&*self.fields),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM sessions WHERE key_id = $1 AND hash <> $2 AND hash NOT IN (
+                 SELECT hash FROM sessions WHERE key_id = $1 AND hash <> $2
+                 ORDER BY created_at DESC, hash DESC LIMIT $3)",
+            &[&key_id, &row.hash, &(MAX_SESSIONS_PER_KEY - 1)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(secret))
+    }
+
+    async fn session(&self, secret: &str) -> Result<Option<Session>, QueueError> {
+        let Some(presented) = presented_session_hash(secret) else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE hash = $1"),
+                &[&presented],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let session = (
+            SessionRow {
+                hash: row.try_get("hash")?,
+                key_id: row.try_get("key_id")?,
+                created_at: row.try_get("created_at")?,
+                expires_at: row.try_get("expires_at")?,
+            },
+            row.try_get("row_tag")?,
+        );
+        let key = client
+            .query_opt(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
+                &[&session.0.key_id],
+            )
+            .await?
+            .map(|row| key_row(&row))
+            .transpose()?;
+        Ok(live_session(
+            &*self.fields,
+            &presented,
+            session,
+            key,
+            self.now(),
+        ))
+    }
+
+    async fn end_session(&self, secret: &str) -> Result<bool, QueueError> {
+        let Some(presented) = presented_session_hash(secret) else {
+            return Ok(false);
+        };
+        let done = self
+            .client()
+            .await?
+            .execute("DELETE FROM sessions WHERE hash = $1", &[&presented])
+            .await?;
+        Ok(done == 1)
     }
 }

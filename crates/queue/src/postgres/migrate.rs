@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "models",
         include_str!("../../migrations/postgres/0003_models.sql"),
     ),
+    (
+        4,
+        "sessions",
+        include_str!("../../migrations/postgres/0004_sessions.sql"),
+    ),
 ];
 
 /// The advisory lock migrations are applied under.
