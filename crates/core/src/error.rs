@@ -4,7 +4,7 @@ use std::fmt;
 /// The table of every error a client can see: one stable code each, with its HTTP status.
 ///
 /// Codes are part of the API contract: clients match on them, so they never change meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The body is not valid JSON, or a field has the wrong type.
@@ -43,6 +43,9 @@ pub enum ErrorCode {
     InvalidApiKey,
     /// The key lacks the scope this route needs.
     InsufficientScope,
+    /// A signed-in page's request that changes something lacks its session's
+    /// `X-CSRF-Token`, or carries another.
+    InvalidCsrfToken,
     /// A signed image link expired, was altered, or was signed with a retired key.
     InvalidImageLink,
     /// No such job (or it belongs to another key).
@@ -88,6 +91,49 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order they are documented.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InvalidPrompt,
+        ErrorCode::PromptTooLong,
+        ErrorCode::InvalidSize,
+        ErrorCode::InvalidSteps,
+        ErrorCode::InvalidN,
+        ErrorCode::InvalidGuidanceScale,
+        ErrorCode::InvalidSeed,
+        ErrorCode::UnknownModel,
+        ErrorCode::UnknownScheduler,
+        ErrorCode::InvalidResponseFormat,
+        ErrorCode::InvalidIdempotencyKey,
+        ErrorCode::InvalidQuery,
+        ErrorCode::MissingApiKey,
+        ErrorCode::InvalidApiKey,
+        ErrorCode::InsufficientScope,
+        ErrorCode::InvalidCsrfToken,
+        ErrorCode::InvalidImageLink,
+        ErrorCode::JobNotFound,
+        ErrorCode::ImageNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::IdempotencyConflict,
+        ErrorCode::JobNotFinished,
+        ErrorCode::JobAlreadyFinished,
+        ErrorCode::JobFailed,
+        ErrorCode::RateLimited,
+        ErrorCode::JobQuotaExceeded,
+        ErrorCode::QueueFull,
+        ErrorCode::Timeout,
+        ErrorCode::RequestTimeout,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+        ErrorCode::InvalidWebhookUrl,
+        ErrorCode::WebhookSecretMissing,
+        ErrorCode::TooManyStreams,
+        ErrorCode::TooManyConnections,
+        ErrorCode::TooLargeForDevice,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -108,6 +154,7 @@ impl ErrorCode {
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::InsufficientScope => "insufficient_scope",
+            ErrorCode::InvalidCsrfToken => "invalid_csrf_token",
             ErrorCode::InvalidImageLink => "invalid_image_link",
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::ImageNotFound => "image_not_found",
@@ -152,7 +199,7 @@ impl ErrorCode {
             | WebhookSecretMissing
             | TooLargeForDevice => 400,
             MissingApiKey | InvalidApiKey => 401,
-            InsufficientScope | InvalidImageLink => 403,
+            InsufficientScope | InvalidCsrfToken | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,
             IdempotencyConflict | JobNotFinished | JobAlreadyFinished => 409,
             RequestTimeout => 408,
@@ -206,6 +253,21 @@ impl RequestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_code_once() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(ErrorCode::schema()).expect("schema");
+        let mut declared: Vec<String> = serde_json::from_value(schema["enum"].clone())
+            .expect("the schema enumerates the codes");
+        let mut listed: Vec<String> = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect();
+        declared.sort();
+        listed.sort();
+        assert_eq!(listed, declared);
+    }
 
     #[test]
     fn a_refused_image_link_is_forbidden_under_its_own_code() {

@@ -28,7 +28,7 @@ impl FromStr for JobId {
 }
 
 /// Where a job is in its life. `Queued` and `Running` are live; the rest are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -81,7 +81,7 @@ impl FromStr for JobStatus {
 }
 
 /// Denoising progress of a running job: `step` of `total` steps done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub step: u32,
     pub total: u32,

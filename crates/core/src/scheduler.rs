@@ -3,7 +3,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A sampler (diffusers calls them schedulers): how the denoising loop steps from noise to image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
     Euler,

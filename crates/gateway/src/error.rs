@@ -1,6 +1,6 @@
+use crate::routes::views::{ErrorBody, ErrorDetail};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use sparkle_core::{ErrorCode, RequestError};
 use sparkle_queue::QueueError;
 use sparkle_store::{LinkRefusal, StoreError};
@@ -120,14 +120,14 @@ impl IntoResponse for ApiError {
             .increment(1);
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = json!({
-            "error": {
-                "message": self.message,
-                "type": self.code.kind(),
-                "param": self.param,
-                "code": self.code.as_str(),
-            }
-        });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.code.kind(),
+                param: self.param,
+                code: self.code,
+            },
+        };
         let mut response = (status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
             if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {

@@ -42,6 +42,8 @@ pub struct GatewayOptions {
     /// Why no worker will run the jobs this gateway accepts, when that is known (a local
     /// scaler allowed no workers): readiness fails with it.
     pub no_workers: Option<String>,
+    /// How long a browser session lasts from sign-in.
+    pub session_ttl: Duration,
 }
 
 impl Default for GatewayOptions {
@@ -61,6 +63,7 @@ impl Default for GatewayOptions {
             max_live_jobs_per_key: 100,
             public_url: "https://127.0.0.1:8443".into(),
             no_workers: None,
+            session_ttl: Duration::from_secs(12 * 3600),
         }
     }
 }

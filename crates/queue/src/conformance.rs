@@ -14,7 +14,8 @@ use retention::*;
 use sessions::*;
 
 use crate::{
-    ApiKeys, CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox, QueueError,
+    ApiKeys, CancelOutcome, Failure, HeartbeatOutcome, JobQueue, ManualClock, NewJob, Outbox,
+    QueueError,
 };
 use sparkle_core::{JobStatus, Progress, RequestParts, Scheduler, ValidImageRequest};
 use std::future::Future;

@@ -216,7 +216,9 @@ pub(crate) fn live_session(
     key: Option<KeyRow>,
     now_ms: i64,
 ) -> Option<Session> {
-    if !hash_matches(&row.hash, presented) || !row.verifies(fields, &tag) || row.expires_at <= now_ms
+    if !hash_matches(&row.hash, presented)
+        || !row.verifies(fields, &tag)
+        || row.expires_at <= now_ms
     {
         return None;
     }
@@ -774,11 +776,10 @@ mod tests {
             format!("UPDATE sessions SET key_id = '{}'", admin.id),
             "UPDATE sessions SET expires_at = expires_at + 1".to_string(),
         ] {
-            let before: (String, i64) =
-                sqlx::query_as("SELECT key_id, expires_at FROM sessions")
-                    .fetch_one(&q.pool)
-                    .await
-                    .expect("row");
+            let before: (String, i64) = sqlx::query_as("SELECT key_id, expires_at FROM sessions")
+                .fetch_one(&q.pool)
+                .await
+                .expect("row");
             sqlx::query(&tamper).execute(&q.pool).await.expect("tamper");
             assert!(q.session(secret.expose()).await.expect("look").is_none());
             sqlx::query("UPDATE sessions SET key_id = ?1, expires_at = ?2")

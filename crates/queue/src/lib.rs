@@ -46,9 +46,7 @@ mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use fields::{Field, FieldCipher, FieldError, FieldKeyUsage};
-pub use keys::{
-    ApiKey, ApiKeys, KeySecret, Scope, Session, SessionSecret, MAX_SESSIONS_PER_KEY,
-};
+pub use keys::{ApiKey, ApiKeys, KeySecret, Scope, Session, SessionSecret, MAX_SESSIONS_PER_KEY};
 pub use outbox::{
     ClaimedDelivery, DeliveryClaim, DeliveryState, Outbox, OutboxStats, ReplyTarget, Settle,
 };

@@ -302,6 +302,9 @@ pub struct GatewayConfig {
     /// Seconds a signed image link (a job's `images`, the OpenAI route's `url`) fetches its
     /// image without an API key: 1 to 604800 (7 days).
     pub image_link_secs: u64,
+    /// Hours a browser session (the web page's sign-in) lasts: 1 to 720. Signing out, or
+    /// revoking the key, ends it sooner.
+    pub session_hours: u64,
 }
 
 impl Default for GatewayConfig {
@@ -324,6 +327,7 @@ impl Default for GatewayConfig {
             max_event_streams_per_key: 32,
             public_url: None,
             image_link_secs: 3600,
+            session_hours: 12,
         }
     }
 }
@@ -733,6 +737,12 @@ impl Config {
             bail!(
                 "gateway.image_link_secs must be between 1 and {MAX_IMAGE_LINK_SECS} (7 days); got {}",
                 g.image_link_secs
+            );
+        }
+        if !(1..=720).contains(&g.session_hours) {
+            bail!(
+                "gateway.session_hours must be between 1 and 720 (30 days); got {}",
+                g.session_hours
             );
         }
         if let Some(url) = &g.public_url {
@@ -1198,6 +1208,8 @@ allowed_channels = []
                 "gateway.image_link_secs",
             ),
             ("[gateway]\nimage_link_secs = 604801\n", "7 days"),
+            ("[gateway]\nsession_hours = 0\n", "gateway.session_hours"),
+            ("[gateway]\nsession_hours = 721\n", "30 days"),
             (
                 "[gateway]\npublic_url = \"http://example.com\"\n",
                 "gateway.public_url",

@@ -31,6 +31,24 @@ const EPHEMERAL: u32 = 1 << 6;
 /// Images the Variations button asks for.
 const VARIATIONS: u32 = 4;
 
+/// Discord's HTTP interactions endpoint: requests signed with the application's Ed25519 key
+/// (`X-Signature-Ed25519`, `X-Signature-Timestamp`), answered as Discord expects; `404` when
+/// Discord is not configured.
+#[utoipa::path(
+    post,
+    path = "/discord/interactions",
+    tag = "discord",
+    request_body(content = Object, description = "A Discord interaction"),
+    params(
+        ("X-Signature-Ed25519" = String, Header, description = "The interaction's signature"),
+        ("X-Signature-Timestamp" = String, Header, description = "When Discord signed it"),
+    ),
+    responses(
+        (status = 200, description = "Discord's interaction response", body = Object),
+        (status = 401, description = "The signature does not verify"),
+        (status = 404, description = "Discord is not configured"),
+    ),
+)]
 pub async fn interactions(
     State(state): State<GatewayState>,
     headers: HeaderMap,

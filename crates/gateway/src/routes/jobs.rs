@@ -2,6 +2,9 @@
 
 use super::links::{self, image_views};
 use super::submit::{idempotency_key, submit, GenerationBody};
+use super::views::{
+    Deleted, DeliveryView, JobErrorView, JobEvents, JobList, JobView, Png, RequestView,
+};
 use crate::auth::{Caller, ImageAccess};
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
@@ -10,12 +13,26 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde_json::{json, Value};
 use sparkle_core::{ErrorCode, JobId, JobStatus};
 use sparkle_queue::{CancelOutcome, DeleteOutcome, DeliveryState, Job, Scope};
 use sparkle_store::ImageKey;
 use std::convert::Infallible;
 
+/// Submits a job: answered at once with `202` once it is durably queued (or `200` with the
+/// job an earlier request with the same `Idempotency-Key` made).
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body = GenerationBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit return the job the first one made (1 to 255 printable ASCII characters)")),
+    responses(
+        (status = 202, description = "Queued", body = JobView, headers(("Location" = String, description = "The job's URL"))),
+        (status = 200, description = "The job this Idempotency-Key already made", body = JobView),
+        (status = 409),
+    ),
+    security(("bearer" = []), ("session" = [])),
+)]
 pub async fn create(
     State(state): State<GatewayState>,
     caller: Caller,
@@ -52,26 +69,44 @@ pub async fn create(
 }
 
 /// `GET /v1/jobs` query parameters.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Jobs per page: 1 to 100 (default 20).
     limit: Option<u32>,
     /// Only jobs submitted before this one (the `last_id` of the page before).
     before: Option<String>,
     /// Only jobs of this status.
+    #[param(value_type = Option<JobStatus>)]
     status: Option<String>,
+}
+
+/// What cancelling answers: the cancelled job, or a finished job's deletion.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum CancelAnswer {
+    Cancelled(JobView),
+    Deleted(Deleted),
 }
 
 const MAX_PAGE: u32 = 100;
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses((status = 200, body = JobList)),
+    security(("bearer" = []), ("session" = [])),
+)]
 /// The key's own jobs, newest first, a page at a time, in OpenAI's list shape:
 /// `{"object": "list", "data", "first_id", "last_id", "has_more"}`.
 pub async fn list(
     State(state): State<GatewayState>,
     caller: Caller,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<JobList>, ApiError> {
     if !(caller.0.allows(Scope::Read) || caller.0.allows(Scope::Generate)) {
         return Err(ApiError::new(
             ErrorCode::InsufficientScope,
@@ -123,33 +158,55 @@ pub async fn list(
         .await?;
     let has_more = jobs.len() > limit as usize;
     jobs.truncate(limit as usize);
-    let data: Vec<Value> = jobs
-        .iter()
-        .map(|job| render(&state, job, None, None))
-        .collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "first_id": jobs.first().map(|j| j.id.to_string()),
-        "last_id": jobs.last().map(|j| j.id.to_string()),
-        "has_more": has_more,
-    })))
+    Ok(axum::Json(JobList {
+        object: "list",
+        data: jobs
+            .iter()
+            .map(|job| render(&state, job, None, None))
+            .collect(),
+        first_id: jobs.first().map(|j| j.id.to_string()),
+        last_id: jobs.last().map(|j| j.id.to_string()),
+        has_more,
+    }))
 }
 
+/// A job: its status, progress, queue position, images and deliveries.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    responses((status = 200, body = JobView), (status = 404)),
+    security(("bearer" = []), ("session" = [])),
+)]
 pub async fn show(
     State(state): State<GatewayState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<JobView>, ApiError> {
     let job = owned_job(&state, &caller, &id).await?;
     Ok(axum::Json(job_view(&state, &job).await?))
 }
 
+/// Cancels a live job (answered with the job), or deletes a finished one with its images
+/// (answered with `deleted`).
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    responses(
+        (status = 200, description = "Cancelled (the job) or deleted", body = CancelAnswer),
+        (status = 404),
+        (status = 409),
+    ),
+    security(("bearer" = []), ("session" = [])),
+)]
 pub async fn cancel(
     State(state): State<GatewayState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<CancelAnswer>, ApiError> {
     caller.require(Scope::Generate)?;
     let job = owned_job(&state, &caller, &id).await?;
     match state.queue.cancel(job.id).await? {
@@ -160,23 +217,30 @@ pub async fn cancel(
                 .get(job.id)
                 .await?
                 .ok_or_else(ApiError::job_not_found)?;
-            Ok(axum::Json(job_view(&state, &job).await?))
+            Ok(axum::Json(CancelAnswer::Cancelled(
+                job_view(&state, &job).await?,
+            )))
         }
-        CancelOutcome::AlreadyFinal(_) => delete_finished(&state, job.id).await,
+        CancelOutcome::AlreadyFinal(_) => Ok(axum::Json(CancelAnswer::Deleted(
+            delete_finished(&state, job.id).await?,
+        ))),
         CancelOutcome::NotFound => Err(ApiError::job_not_found()),
     }
 }
 
 /// Deletes a finished job: its record, its sealed fields and deliveries, then its images
 /// (should removing them fail, the orphan sweep removes them later).
-async fn delete_finished(state: &GatewayState, id: JobId) -> Result<axum::Json<Value>, ApiError> {
+async fn delete_finished(state: &GatewayState, id: JobId) -> Result<Deleted, ApiError> {
     match state.queue.delete_finished(id).await? {
         DeleteOutcome::Deleted => {
             if let Err(e) = state.store.delete_job(id).await {
                 tracing::warn!(job = %id, error = %e, "a deleted job's images are left to the sweep");
             }
             tracing::info!(job = %id, "job deleted");
-            Ok(axum::Json(json!({ "id": id.to_string(), "deleted": true })))
+            Ok(Deleted {
+                id: id.to_string(),
+                deleted: true,
+            })
         }
         // Started again in between (it cannot: final is final) or gone meanwhile.
         DeleteOutcome::Live(status) => Err(ApiError::new(
@@ -187,6 +251,17 @@ async fn delete_finished(state: &GatewayState, id: JobId) -> Result<axum::Json<V
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    responses(
+        (status = 200, description = "`progress` events whenever the job's state or queue position changes, then one `done`; each event's data is the job as JSON", content_type = "text/event-stream", body = JobEvents),
+        (status = 404),
+    ),
+    security(("bearer" = []), ("session" = [])),
+)]
 /// Server-sent events: `progress` whenever the job's state or queue position changes, then
 /// one `done` with the final state, after which the stream ends. Changes are pushed by the
 /// process's one watcher of the queue; a stream costs no query while nothing changes.
@@ -213,7 +288,7 @@ pub async fn events(
                     None => subscription.next().await?,
                 };
                 let view = render(&state, &update.job, placement(&update), None);
-                let text = view.to_string();
+                let text = serde_json::to_string(&view).unwrap_or_default();
                 if text == last {
                     continue;
                 }
@@ -234,6 +309,24 @@ fn placement(update: &sparkle_delivery::events::JobUpdate) -> Option<(u64, Optio
     update.position.map(|ahead| (ahead, update.eta_secs))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/images/{n}",
+    tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("n" = String, Path, description = "The image's index, from 0 (`.png` may follow)"),
+        ("expires" = Option<String>, Query, description = "A signed link's expiry (unix seconds)"),
+        ("key" = Option<String>, Query, description = "A signed link's signing key id"),
+        ("sig" = Option<String>, Query, description = "A signed link's signature"),
+    ),
+    responses(
+        (status = 200, description = "The PNG, with its generation parameters in a `parameters` text chunk", content_type = "image/png", body = Png),
+        (status = 404),
+        (status = 409),
+    ),
+    security(("bearer" = []), ("session" = []), ()),
+)]
 /// The PNG, to an API key that may see the job or to the holder of a signed link to it
 /// (cached no longer than the link lives).
 pub async fn image(
@@ -315,7 +408,7 @@ pub async fn owned_job(state: &GatewayState, caller: &Caller, id: &str) -> Resul
 ///
 /// A queued job that has no position any more was leased (or cancelled) between the read and
 /// the count: it is read again, so the answer never says `queued` without a position.
-pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError> {
+pub async fn job_view(state: &GatewayState, job: &Job) -> Result<JobView, ApiError> {
     let mut placed = None;
     let mut moved_on = None;
     if job.status == JobStatus::Queued {
@@ -332,60 +425,58 @@ pub async fn job_view(state: &GatewayState, job: &Job) -> Result<Value, ApiError
     Ok(render(state, job, placed, Some(&deliveries)))
 }
 
-/// A job as JSON: with `placed`, its queue position and ETA; with `deliveries`, where each of
-/// its answers stands.
+/// A job as the API shows it: with `placed`, its queue position and ETA; with `deliveries`,
+/// where each of its answers stands.
 pub fn render(
     state: &GatewayState,
     job: &Job,
     placed: Option<(u64, Option<f64>)>,
     deliveries: Option<&[DeliveryState]>,
-) -> Value {
+) -> JobView {
     let r = &job.request;
-    let mut view = json!({
-        "id": job.id.to_string(),
-        "object": "job",
-        "status": job.status,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created_at": job.created_at_ms / 1000,
-        "started_at": job.started_at_ms.map(|t| t / 1000),
-        "finished_at": job.finished_at_ms.map(|t| t / 1000),
-        "request": {
-            "prompt": r.prompt,
-            "negative_prompt": r.negative_prompt,
-            "model": r.model,
-            "size": format!("{}x{}", r.width, r.height),
-            "steps": r.steps,
-            "guidance_scale": r.guidance_scale,
-            "seed": r.seed,
-            "scheduler": r.scheduler,
-            "n": r.n,
+    let (queue_position, eta_seconds) = match placed {
+        Some((ahead, eta)) if job.status == JobStatus::Queued => (Some(ahead), eta),
+        _ => (None, None),
+    };
+    JobView {
+        id: job.id.to_string(),
+        object: "job",
+        status: job.status,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        created_at: job.created_at_ms / 1000,
+        started_at: job.started_at_ms.map(|t| t / 1000),
+        finished_at: job.finished_at_ms.map(|t| t / 1000),
+        request: RequestView {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            model: r.model.clone(),
+            size: format!("{}x{}", r.width, r.height),
+            steps: r.steps,
+            guidance_scale: r.guidance_scale,
+            seed: r.seed,
+            scheduler: r.scheduler,
+            n: r.n,
         },
-        "progress": job.progress,
-        "images": image_views(state, job),
-        "error": job.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
-    });
-    if job.status == JobStatus::Queued {
-        if let Some((ahead, eta)) = placed {
-            view["queue_position"] = json!(ahead);
-            if let Some(eta) = eta {
-                view["eta_seconds"] = json!(eta);
-            }
-        }
-    }
-    if let Some(deliveries) = deliveries {
-        view["deliveries"] = deliveries
-            .iter()
-            .map(|d| {
-                json!({
-                    "channel": d.channel,
-                    "status": d.status,
-                    "attempts": d.attempts,
-                    "last_error": d.last_error,
-                    "next_attempt_at": d.next_attempt_at_ms.map(|t| t / 1000),
+        progress: job.progress,
+        images: image_views(state, job),
+        error: job.error.as_ref().map(|e| JobErrorView {
+            code: e.code.clone(),
+            message: e.message.clone(),
+        }),
+        queue_position,
+        eta_seconds,
+        deliveries: deliveries.map(|deliveries| {
+            deliveries
+                .iter()
+                .map(|d| DeliveryView {
+                    channel: d.channel.clone(),
+                    status: d.status.clone(),
+                    attempts: d.attempts,
+                    last_error: d.last_error.clone(),
+                    next_attempt_at: d.next_attempt_at_ms.map(|t| t / 1000),
                 })
-            })
-            .collect();
+                .collect()
+        }),
     }
-    view
 }

@@ -1,8 +1,8 @@
 //! Signed image links: made for every image a job shows, checked when one is fetched
 //! without an API key.
 
+use super::views::ImageView;
 use crate::{ApiError, GatewayState};
-use serde_json::{json, Value};
 use sparkle_core::JobId;
 use sparkle_queue::Job;
 use sparkle_store::{ImageKey, LinkQuery, LinkRefusal, SignedLink};
@@ -27,11 +27,15 @@ pub fn sign(state: &GatewayState, job: JobId, index: u32) -> SignedLink {
 
 /// The images of a job as its views show them: `{"index", "url", "expires_at"}` each, the
 /// URL a signed link that fetches the PNG without an API key.
-pub fn image_views(state: &GatewayState, job: &Job) -> Vec<Value> {
+pub fn image_views(state: &GatewayState, job: &Job) -> Vec<ImageView> {
     (0..job.images)
         .map(|index| {
             let link = sign(state, job.id, index);
-            json!({ "index": index, "url": link.url, "expires_at": link.expires_at })
+            ImageView {
+                index,
+                url: link.url,
+                expires_at: link.expires_at,
+            }
         })
         .collect()
 }
@@ -61,171 +65,10 @@ pub async fn linked_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Admission, GatewayOptions};
-    use axum::body::Body;
-    use axum::http::{header, Request, StatusCode};
+    use crate::routes::fixture::*;
+    use axum::http::{header, StatusCode};
     use axum::response::Response;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine as _;
-    use sparkle_core::{Catalog, Limits, ModelEntry};
-    use sparkle_queue::{ApiKeys, Field, FieldCipher, FieldError, JobQueue, Scope, SqliteQueue};
-    use sparkle_seal::{Keyring, MasterKeys};
-    use sparkle_store::{ImageLinks, ObjectImageStore};
-    use std::sync::Arc;
-    use std::time::Duration;
-    use tower::ServiceExt;
-    use zeroize::Zeroizing;
-
-    const PUBLIC: &str = "https://sparkle.test:8443";
-    const PNG: &[u8] = b"\x89PNG\r\n\x1a\nnot really a picture";
-
-    /// Fields in the clear, bound to their field and row: these tests are about links.
-    struct ClearFields;
-
-    impl FieldCipher for ClearFields {
-        fn seal(&self, field: Field, row: &str, plain: &[u8]) -> Result<String, FieldError> {
-            let bound = URL_SAFE_NO_PAD.encode(format!("{}|{row}", field.name()));
-            Ok(format!("c:{bound}:{}", URL_SAFE_NO_PAD.encode(plain)))
-        }
-        fn open(
-            &self,
-            field: Field,
-            row: &str,
-            sealed: &str,
-        ) -> Result<Zeroizing<Vec<u8>>, FieldError> {
-            let bound = URL_SAFE_NO_PAD.encode(format!("{}|{row}", field.name()));
-            sealed
-                .strip_prefix(&format!("c:{bound}:"))
-                .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-                .map(Zeroizing::new)
-                .ok_or_else(|| FieldError("not for this field and row".into()))
-        }
-        fn blind(&self, field: Field, value: &[u8]) -> String {
-            format!("b:{}:{}", field.name(), URL_SAFE_NO_PAD.encode(value))
-        }
-        fn key_of(&self, sealed: &str) -> Option<String> {
-            sealed.starts_with("c:").then(|| "c".to_string())
-        }
-        fn active_key(&self) -> String {
-            "c".into()
-        }
-    }
-
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        state: GatewayState,
-        queue: Arc<SqliteQueue>,
-        secret: String,
-    }
-
-    async fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let queue = Arc::new(
-            SqliteQueue::open(
-                &dir.path().join("sparkle.db"),
-                &Default::default(),
-                Arc::new(ClearFields),
-            )
-            .await
-            .expect("queue"),
-        );
-        let (_, secret) = queue
-            .create_key("app", &[Scope::Generate, Scope::Read])
-            .await
-            .expect("key");
-        let keys = Arc::new(MasterKeys::fixed(Keyring::generate(1)));
-        let store =
-            ObjectImageStore::local(&dir.path().join("images"), keys.clone()).expect("store");
-        let options = Arc::new(GatewayOptions {
-            public_url: PUBLIC.into(),
-            ..GatewayOptions::default()
-        });
-        let state = GatewayState {
-            queue: queue.clone(),
-            keys: queue.clone(),
-            store: Arc::new(store),
-            links: Arc::new(ImageLinks::new(keys, Duration::from_secs(3600))),
-            catalog: Arc::new(Catalog {
-                models: vec![ModelEntry::new("tiny", 64)],
-            }),
-            limits: Arc::new(Limits::default()),
-            admission: Arc::new(Admission::new(&options)),
-            events: sparkle_delivery::events::JobEvents::new(queue.clone(), Default::default()),
-            outbox: queue.clone(),
-            streams: crate::StreamPermits::new(16, 4),
-            webhooks: sparkle_delivery::webhook::UrlPolicy::default(),
-            options,
-            discord: None,
-        };
-        Fixture {
-            _dir: dir,
-            state,
-            queue,
-            secret: secret.expose().to_string(),
-        }
-    }
-
-    impl Fixture {
-        async fn send(&self, method: &str, uri: &str, key: bool, body: &str) -> Response {
-            let mut request = Request::builder().method(method).uri(uri);
-            if key {
-                request = request.header(header::AUTHORIZATION, format!("Bearer {}", self.secret));
-            }
-            if !body.is_empty() {
-                request = request.header(header::CONTENT_TYPE, "application/json");
-            }
-            crate::router(self.state.clone())
-                .oneshot(request.body(Body::from(body.to_string())).expect("request"))
-                .await
-                .expect("infallible")
-        }
-
-        /// A succeeded job with one stored image; its id.
-        async fn finished_job(&self) -> JobId {
-            let answer = self
-                .send(
-                    "POST",
-                    "/v1/jobs",
-                    true,
-                    r#"{"prompt": "a corgi", "steps": 1}"#,
-                )
-                .await;
-            assert_eq!(answer.status(), StatusCode::ACCEPTED);
-            let view = json_of(answer).await;
-            let id: JobId = view["id"].as_str().expect("id").parse().expect("job id");
-            let leased = self
-                .queue
-                .lease("test", 1, Duration::from_secs(60))
-                .await
-                .expect("lease");
-            let image = ImageKey { job: id, index: 0 };
-            self.state
-                .store
-                .put(
-                    image,
-                    Some(leased[0].job.attempts),
-                    bytes::Bytes::from_static(PNG),
-                )
-                .await
-                .expect("put");
-            self.queue
-                .complete(&leased[0].token, 1)
-                .await
-                .expect("complete");
-            id
-        }
-    }
-
-    async fn body_of(answer: Response) -> Vec<u8> {
-        axum::body::to_bytes(answer.into_body(), 1 << 20)
-            .await
-            .expect("body")
-            .to_vec()
-    }
-
-    async fn json_of(answer: Response) -> Value {
-        serde_json::from_slice(&body_of(answer).await).expect("json")
-    }
+    use sparkle_store::ImageKey;
 
     /// The path and query of a link made for `PUBLIC`.
     fn route_of(url: &str) -> String {

@@ -7,13 +7,13 @@
 use super::jobs::image_bytes;
 use super::links;
 use super::submit::{idempotency_key, submit, GenerationBody};
+use super::views::{GeneratedImage, ImagesResponse};
 use crate::auth::Caller;
 use crate::json::Json;
 use crate::{ApiError, GatewayState};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use base64::Engine as _;
-use serde_json::{json, Value};
 use sparkle_core::{ErrorCode, JobId, JobStatus};
 use sparkle_queue::Job;
 use tokio::time::Instant;
@@ -67,12 +67,23 @@ const OPENAI_ONLY: &[&str] = &[
     "stream",
 ];
 
+/// OpenAI's image generation: waits for the images and answers with them (base64, or signed
+/// links with `response_format: "url"`).
+#[utoipa::path(
+    post,
+    path = "/v1/images/generations",
+    tag = "openai",
+    request_body = GenerationBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request wait for the job the first one made")),
+    responses((status = 200, body = ImagesResponse), (status = 409), (status = 504)),
+    security(("bearer" = []), ("session" = [])),
+)]
 pub async fn generate(
     State(state): State<GatewayState>,
     caller: Caller,
     headers: HeaderMap,
     Json(body): Json<GenerationBody>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<ImagesResponse>, ApiError> {
     let as_url = match body.response_format.as_deref() {
         None | Some("b64_json") => false,
         Some("url") => true,
@@ -117,19 +128,25 @@ pub async fn generate(
         let seed = job.request.seed_of(i);
         if as_url {
             let link = links::sign(&state, id, i);
-            data.push(json!({ "url": link.url, "seed": seed }));
+            data.push(GeneratedImage {
+                b64_json: None,
+                url: Some(link.url),
+                revised_prompt: None,
+                seed: seed.into(),
+            });
         } else {
             let png = image_bytes(&state, &job, &i.to_string()).await?;
-            data.push(json!({
-                "b64_json": base64::engine::general_purpose::STANDARD.encode(&png),
-                "revised_prompt": job.request.prompt,
-                "seed": seed,
-            }));
+            data.push(GeneratedImage {
+                b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&png)),
+                url: None,
+                revised_prompt: Some(job.request.prompt.clone()),
+                seed: seed.into(),
+            });
         }
     }
-    Ok(axum::Json(json!({
-        "created": job.finished_at_ms.unwrap_or(job.created_at_ms) / 1000,
-        "data": data,
-        "id": id.to_string(),
-    })))
+    Ok(axum::Json(ImagesResponse {
+        created: job.finished_at_ms.unwrap_or(job.created_at_ms) / 1000,
+        data,
+        id: id.to_string(),
+    }))
 }

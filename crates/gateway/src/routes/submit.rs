@@ -5,23 +5,35 @@ use crate::{ApiError, GatewayState};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sparkle_core::{ErrorCode, ImageRequest};
+use sparkle_core::{ErrorCode, ImageRequest, Scheduler};
 use sparkle_delivery::webhooks::WebhookReply;
 use sparkle_queue::{Enqueued, NewJob, ReplyTarget, Scope};
 
 /// The body of both generation routes: OpenAI's fields plus Sparkle's extensions. Fields
 /// nobody defines are refused, so a typo (`"stpes"`) is an error, not a silently ignored
 /// setting; `allowed_extra` names fields a route accepts and ignores.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct GenerationBody {
+    /// What to draw.
+    #[schema(example = "a corgi, style of monet")]
     prompt: String,
+    /// What to steer away from.
     negative_prompt: Option<String>,
+    /// One of `/v1/models` (default: the first).
     model: Option<String>,
+    /// `WIDTHxHEIGHT`, multiples of 8 (default: the model's).
+    #[schema(example = "512x512")]
     size: Option<String>,
+    /// Denoising steps (default: the model's).
     steps: Option<u32>,
+    /// How strongly the prompt steers (classifier-free guidance).
     guidance_scale: Option<f32>,
+    /// The first image's seed (default: random); image `i` uses `seed + i`.
     seed: Option<u64>,
+    /// The sampler (default: the model's).
+    #[schema(value_type = Option<Scheduler>)]
     scheduler: Option<String>,
+    /// Images to make.
     n: Option<u32>,
     /// An end user of the calling application, for fairness between its users.
     pub user: Option<String>,
@@ -30,6 +42,7 @@ pub struct GenerationBody {
     /// Where to POST the job's outcome (the jobs route only).
     pub webhook_url: Option<String>,
     #[serde(flatten)]
+    #[schema(ignore)]
     other: Map<String, Value>,
 }
 

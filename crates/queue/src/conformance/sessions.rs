@@ -4,10 +4,7 @@ use super::T0;
 use crate::{ApiKeys, ManualClock, Scope, MAX_SESSIONS_PER_KEY};
 
 pub(super) async fn a_session_acts_as_its_key_until_it_ends<Q: ApiKeys>(q: Q, c: ManualClock) {
-    let (key, _) = q
-        .create_key("web", &[Scope::Generate])
-        .await
-        .expect("key");
+    let (key, _) = q.create_key("web", &[Scope::Generate]).await.expect("key");
     let secret = q
         .open_session(&key.id, T0 + 1000)
         .await
@@ -18,7 +15,10 @@ pub(super) async fn a_session_acts_as_its_key_until_it_ends<Q: ApiKeys>(q: Q, c:
         .await
         .expect("look")
         .expect("open now");
-    assert_eq!((session.key.id.as_str(), session.expires_at_ms), (key.id.as_str(), T0 + 1000));
+    assert_eq!(
+        (session.key.id.as_str(), session.expires_at_ms),
+        (key.id.as_str(), T0 + 1000)
+    );
     assert!(session.key.allows(Scope::Generate) && !session.key.allows(Scope::Admin));
     c.advance_ms(999);
     assert!(q.session(secret.expose()).await.expect("look").is_some());
@@ -89,7 +89,10 @@ pub(super) async fn a_key_keeps_its_newest_sessions_only<Q: ApiKeys>(q: Q, c: Ma
         open.push(q.session(secret.expose()).await.expect("look").is_some());
     }
     assert!(!open[0], "the oldest ended");
-    assert!(open[1..].iter().all(|o| *o), "the newest {MAX_SESSIONS_PER_KEY} stay");
+    assert!(
+        open[1..].iter().all(|o| *o),
+        "the newest {MAX_SESSIONS_PER_KEY} stay"
+    );
     assert!(
         q.session(theirs.expose()).await.expect("look").is_some(),
         "another key's sessions are not counted"

@@ -4,8 +4,8 @@ use super::PgQueue;
 use crate::fields::Field;
 use crate::keys::{
     grace_until, hash_matches, legacy_tags, live_session, new_key, presented_hash,
-    presented_session_hash, signing_secrets, KeyRow, SessionRow, KEY_COLUMNS,
-    MAX_SESSIONS_PER_KEY, SESSION_COLUMNS,
+    presented_session_hash, signing_secrets, KeyRow, SessionRow, KEY_COLUMNS, MAX_SESSIONS_PER_KEY,
+    SESSION_COLUMNS,
 };
 use crate::{ApiKey, ApiKeys, KeySecret, QueueError, Scope, Session, SessionSecret};
 use async_trait::async_trait;

@@ -341,6 +341,7 @@ async fn start_gateway(
         max_event_streams_per_key: g.max_event_streams_per_key,
         public_url,
         no_workers,
+        session_ttl: Duration::from_secs(g.session_hours * 3600),
     });
     let listener_options = sparkle_gateway::ListenerOptions {
         drain: DRAIN,

@@ -795,7 +795,10 @@ async fn nothing_is_lost_across_killed_gateways_and_workers_and_a_database_crash
     let mut edits: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
     for edit in fake.edits() {
         if edit.multipart && edit.status == 200 {
-            edits.entry(edit.path).or_default().push(without_boundary(&edit.body));
+            edits
+                .entry(edit.path)
+                .or_default()
+                .push(without_boundary(&edit.body));
         }
     }
     let mut discord = Deliveries::default();
