@@ -575,7 +575,12 @@ fn start_delivery(
 /// How webhooks show a succeeded job's images: signed links, as the job's view has them.
 fn image_views(state: &GatewayState) -> sparkle_delivery::webhooks::ImageViews {
     let state = state.clone();
-    Arc::new(move |job| sparkle_gateway::image_views(&state, job))
+    Arc::new(move |job| {
+        sparkle_gateway::image_views(&state, job)
+            .iter()
+            .map(|view| serde_json::to_value(view).unwrap_or_default())
+            .collect()
+    })
 }
 
 async fn start_scaler(
