@@ -25,7 +25,7 @@ use std::convert::Infallible;
     path = "/v1/jobs",
     tag = "jobs",
     request_body = GenerationBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit return the job the first one made (1 to 255 printable ASCII characters)")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit return the job the first one made (1 to 255 printable ASCII characters)", pattern = "^[ -~]*[!-~][ -~]*$", max_length = 255)),
     responses(
         (status = 202, description = "Queued", body = JobView, headers(("Location" = String, description = "The job's URL"))),
         (status = 200, description = "The job this Idempotency-Key already made", body = JobView),
@@ -74,8 +74,10 @@ pub async fn create(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Jobs per page: 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
     /// Only jobs submitted before this one (the `last_id` of the page before).
+    #[param(value_type = Option<String>, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     before: Option<String>,
     /// Only jobs of this status.
     #[param(value_type = Option<JobStatus>)]
@@ -86,7 +88,7 @@ pub struct ListQuery {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum CancelAnswer {
-    Cancelled(JobView),
+    Cancelled(Box<JobView>),
     Deleted(Deleted),
 }
 
@@ -97,7 +99,7 @@ const MAX_PAGE: u32 = 100;
     path = "/v1/jobs",
     tag = "jobs",
     params(ListQuery),
-    responses((status = 200, body = JobList)),
+    responses((status = 200, body = JobList), (status = 400)),
     security(("bearer" = []), ("session" = [])),
 )]
 /// The key's own jobs, newest first, a page at a time, in OpenAI's list shape:
@@ -175,7 +177,7 @@ pub async fn list(
     get,
     path = "/v1/jobs/{id}",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    params(("id" = String, Path, description = "The job's id", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses((status = 200, body = JobView), (status = 404)),
     security(("bearer" = []), ("session" = [])),
 )]
@@ -194,7 +196,7 @@ pub async fn show(
     delete,
     path = "/v1/jobs/{id}",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    params(("id" = String, Path, description = "The job's id", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "Cancelled (the job) or deleted", body = CancelAnswer),
         (status = 404),
@@ -217,9 +219,9 @@ pub async fn cancel(
                 .get(job.id)
                 .await?
                 .ok_or_else(ApiError::job_not_found)?;
-            Ok(axum::Json(CancelAnswer::Cancelled(
+            Ok(axum::Json(CancelAnswer::Cancelled(Box::new(
                 job_view(&state, &job).await?,
-            )))
+            ))))
         }
         CancelOutcome::AlreadyFinal(_) => Ok(axum::Json(CancelAnswer::Deleted(
             delete_finished(&state, job.id).await?,
@@ -255,7 +257,7 @@ async fn delete_finished(state: &GatewayState, id: JobId) -> Result<Deleted, Api
     get,
     path = "/v1/jobs/{id}/events",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job's id (`job_…`)")),
+    params(("id" = String, Path, description = "The job's id", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "`progress` events whenever the job's state or queue position changes, then one `done`; each event's data is the job as JSON", content_type = "text/event-stream", body = JobEvents),
         (status = 404),

@@ -44,7 +44,8 @@ const SECURITY_HEADERS: &[(HeaderName, &str)] = &[
 /// once, with their OpenAPI description, which `/openapi.json` serves.
 pub fn router(state: GatewayState) -> Router {
     let (router, document) = api(&state).split_for_parts();
-    let document = openapi::finish(document);
+    let document =
+        openapi::for_deployment(openapi::finish(document), &state.limits, &state.catalog);
     let router = router
         .route(
             "/openapi.json",

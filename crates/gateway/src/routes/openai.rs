@@ -74,7 +74,7 @@ const OPENAI_ONLY: &[&str] = &[
     path = "/v1/images/generations",
     tag = "openai",
     request_body = GenerationBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request wait for the job the first one made")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request wait for the job the first one made", pattern = "^[ -~]*[!-~][ -~]*$", max_length = 255)),
     responses((status = 200, body = ImagesResponse), (status = 409), (status = 504)),
     security(("bearer" = []), ("session" = [])),
 )]

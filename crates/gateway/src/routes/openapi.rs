@@ -5,7 +5,9 @@
 //! error codes it carries, from the core error table.
 
 use super::views::ErrorBody;
+use serde_json::{json, Value};
 use sparkle_core::ErrorCode;
+use sparkle_core::{Catalog, Limits};
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
@@ -90,6 +92,51 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
     doc
 }
 
+/// The document as this deployment serves it: the request limits it enforces and the models
+/// it serves written into the request schema, so a client (or a fuzzer) knows them.
+pub fn for_deployment(doc: OpenApi, limits: &Limits, catalog: &Catalog) -> Value {
+    let mut doc = serde_json::to_value(doc).unwrap_or_default();
+    let fields = &mut doc["components"]["schemas"]["GenerationBody"]["properties"];
+    let mut limit = |field: &str, extra: Value| {
+        if let (Some(schema), Value::Object(extra)) = (fields.get_mut(field), extra) {
+            if let Some(schema) = schema.as_object_mut() {
+                schema.extend(extra);
+            }
+        }
+    };
+    limit(
+        "prompt",
+        json!({"minLength": 1, "maxLength": limits.max_prompt_chars, "pattern": "\\S"}),
+    );
+    limit(
+        "negative_prompt",
+        json!({"maxLength": limits.max_prompt_chars}),
+    );
+    limit(
+        "steps",
+        json!({"minimum": limits.min_steps, "maximum": limits.max_steps}),
+    );
+    limit("n", json!({"minimum": 1, "maximum": limits.max_n}));
+    limit(
+        "guidance_scale",
+        json!({"minimum": 0, "maximum": limits.max_guidance_scale}),
+    );
+    limit("seed", json!({"minimum": 0, "maximum": u32::MAX}));
+    limit(
+        "size",
+        json!({
+            "pattern": "^[0-9]+x[0-9]+$",
+            "description": format!(
+                "`WIDTHxHEIGHT`, each a multiple of 8 from {} to {} (default: the model's)",
+                limits.min_side, limits.max_side
+            ),
+        }),
+    );
+    let models: Vec<&str> = catalog.models.iter().map(|m| m.name.as_str()).collect();
+    limit("model", json!({"enum": models}));
+    doc
+}
+
 /// Adds the error answers every route of its kind can give, and describes each error answer
 /// by its codes.
 fn complete(operation: &mut Operation) {
@@ -166,7 +213,6 @@ mod tests {
     use super::*;
     use crate::routes::fixture::*;
     use axum::http::StatusCode;
-    use serde_json::Value;
 
     #[tokio::test]
     async fn the_document_is_served_without_a_key_and_covers_every_route_and_code() {

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 /// A job, as every route that shows one shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobView {
-    /// `job_…`.
+    /// The job's id (a UUID).
     pub id: String,
     /// Always `job`.
     #[schema(example = "job")]

@@ -3,8 +3,10 @@
 
 mod affinity;
 mod answers;
+mod api_description;
 mod api_keys;
 mod at_rest;
+mod browser;
 mod chaos;
 mod discord;
 mod failover;
