@@ -32,6 +32,7 @@ mod layout;
 mod model;
 mod pipeline;
 mod png;
+pub mod prompt;
 mod schedulers;
 mod single_file;
 mod tiny;

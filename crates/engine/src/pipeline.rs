@@ -6,6 +6,7 @@ use crate::clip::ClipTextModel;
 use crate::config::{ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
 use crate::layout::{Configs, Layout, Part};
 use crate::model::{self, Architecture, ModelInfo};
+use crate::prompt;
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
 use crate::unet::{AddedConditions, UNet};
@@ -105,28 +106,68 @@ struct TextEncoder {
     model: ClipTextModel,
 }
 
+/// A batch of prompts as chunks: every prompt padded with empty chunks to the longest.
+struct Chunked {
+    /// `[prompts × chunks, 77]`.
+    ids: Tensor,
+    /// Chunks per prompt.
+    chunks: usize,
+    /// Each token's weight, in `ids`' order; `None` when every weight is 1.
+    weights: Option<Vec<f32>>,
+    /// Where each prompt's first chunk has its end token.
+    eos: Vec<usize>,
+}
+
 impl TextEncoder {
-    /// `[texts, 77]` ids, and where each row's end-of-text token is.
-    fn ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>), EngineError> {
-        let rows: Vec<Vec<u32>> = texts
+    /// The prompts read as the web UIs read them ([`crate::prompt`]), in chunks of 75 tokens.
+    fn chunked(&self, texts: &[&str], device: &Device) -> Result<Chunked, EngineError> {
+        let mut all: Vec<Vec<prompt::Chunk>> = texts
             .iter()
-            .map(|t| self.tokenizer.encode_padded(t))
+            .map(|t| prompt::chunks(&self.tokenizer, t))
             .collect();
-        let eos = self.tokenizer.eos();
-        let positions = rows
+        let chunks = all.iter().map(Vec::len).max().unwrap_or(1);
+        let empty = prompt::empty_chunk(&self.tokenizer);
+        for row in &mut all {
+            row.resize(chunks, empty.clone());
+        }
+        let eos = all.iter().map(|row| row[0].eos).collect();
+        let weighted = all
             .iter()
-            .map(|row| {
-                row.iter()
-                    .position(|&id| id == eos)
-                    .unwrap_or(MAX_TOKENS - 1)
-            })
-            .collect();
-        let flat: Vec<u32> = rows.into_iter().flatten().collect();
-        Ok((
-            Tensor::from_vec(flat, (texts.len(), MAX_TOKENS), device)?,
-            positions,
-        ))
+            .flatten()
+            .any(|c| c.weights.iter().any(|&w| w != 1.0));
+        let weights = weighted.then(|| {
+            all.iter()
+                .flatten()
+                .flat_map(|c| c.weights.iter().copied())
+                .collect()
+        });
+        let flat: Vec<u32> = all.into_iter().flatten().flat_map(|c| c.ids).collect();
+        Ok(Chunked {
+            ids: Tensor::from_vec(flat, (texts.len() * chunks, MAX_TOKENS), device)?,
+            chunks,
+            weights,
+            eos,
+        })
     }
+}
+
+/// Features `[prompts × chunks, 77, d]` scaled by their tokens' weights, each chunk's mean
+/// kept, then each prompt's chunks side by side: `[prompts, chunks × 77, d]`.
+fn weighted(features: Tensor, chunked: &Chunked) -> Result<Tensor, EngineError> {
+    let (rows, tokens, width) = features.dims3()?;
+    let features = match &chunked.weights {
+        None => features,
+        Some(weights) => {
+            let dtype = features.dtype();
+            let z = features.to_dtype(DType::F32)?;
+            let w = Tensor::from_slice(weights, (rows, tokens, 1), z.device())?;
+            let before = z.mean_keepdim(2)?.mean_keepdim(1)?;
+            let scaled = z.broadcast_mul(&w)?;
+            let after = scaled.mean_keepdim(2)?.mean_keepdim(1)?;
+            scaled.broadcast_mul(&(before / after)?)?.to_dtype(dtype)?
+        }
+    };
+    Ok(features.reshape((rows / chunked.chunks, chunked.chunks * tokens, width))?)
 }
 
 /// The text side of a model: one CLIP encoder (SD 1.x, 2.x), or SDXL's two.
@@ -579,19 +620,27 @@ impl Engine {
         }
         texts.extend(batch.items.iter().map(|i| i.prompt.as_str()));
         let first = &self.text.first;
-        let (ids, _) = first.ids(&texts, &self.device)?;
+        let chunked = first.chunked(&texts, &self.device)?;
         let Some(second) = &self.text.second else {
             return Ok(Conditioning {
-                context: first.model.forward(&ids)?,
+                context: weighted(first.model.forward(&chunked.ids)?, &chunked)?,
                 pooled: None,
             });
         };
-        // SDXL: both encoders' penultimate layers side by side; the second's pooled output.
-        let features = first.model.run(&ids)?.penultimate;
-        let (ids, eos) = second.ids(&texts, &self.device)?;
-        let out = second.model.run(&ids)?;
-        let mut context = Tensor::cat(&[features, out.penultimate], D::Minus1)?;
-        let mut pooled = second.model.pooled(&out.last, &eos)?;
+        // SDXL: both encoders' penultimate layers side by side; the second's pooled output,
+        // from each prompt's first chunk.
+        let features = first.model.run(&chunked.ids)?.penultimate;
+        let chunked_2 = second.chunked(&texts, &self.device)?;
+        let out = second.model.run(&chunked_2.ids)?;
+        let context = Tensor::cat(&[features, out.penultimate], D::Minus1)?;
+        let mut context = weighted(context, &chunked)?;
+        let firsts: Vec<u32> = (0..texts.len())
+            .map(|i| (i * chunked_2.chunks) as u32)
+            .collect();
+        let firsts = Tensor::from_vec(firsts, texts.len(), &self.device)?;
+        let mut pooled = second
+            .model
+            .pooled(&out.last.index_select(&firsts, 0)?, &chunked_2.eos)?;
         if guided && self.text.zero_empty_negative {
             let keep: Vec<f32> = texts
                 .iter()

@@ -370,6 +370,13 @@ fn sdxl_models_are_described_and_zero_an_empty_negative_prompt() {
     let (context, pooled) = (conditioning.context, conditioning.pooled.expect("pooled"));
     assert_eq!(context.dims(), &[4, 77, 64]);
     assert_eq!(pooled.dims(), &[4, 32]);
+    // A long prompt: both encoders in chunks side by side, pooled from the first chunk.
+    let long = vec!["corgi"; 80].join(" ");
+    let mut lb = batch(Scheduler::Euler, &[(&long, 1)]);
+    lb.items[0].negative_prompt.clear();
+    let c = engine.encode_prompts(&lb).expect("encode");
+    assert_eq!(c.context.dims(), &[2, 154, 64]);
+    assert_eq!(c.pooled.expect("pooled").dims(), &[2, 32]);
     let row_norm = |t: &candle_core::Tensor, i: usize| -> f32 {
         t.get(i)
             .and_then(|r| r.sqr())
@@ -386,6 +393,82 @@ fn sdxl_models_are_described_and_zero_an_empty_negative_prompt() {
         .generate(&b, &mut |_| ControlFlow::Continue(()))
         .expect("generate");
     assert_eq!(images.len(), 2);
+}
+
+/// The conditioning of one guided prompt (negative prompt empty): `[2, tokens, d]`.
+fn conditioning_of(engine: &Engine, prompt: &str) -> candle_core::Tensor {
+    let mut b = batch(Scheduler::Euler, &[(prompt, 1)]);
+    b.items[0].negative_prompt.clear();
+    engine.encode_prompts(&b).expect("encode").context
+}
+
+fn close(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("difference")
+}
+
+#[test]
+fn weighted_and_long_prompts_follow_the_web_uis_algorithm() {
+    use candle_core::{IndexOp, Tensor};
+    let engine = engine();
+    // Unweighted and short: what the plain encoder gives, one 77-token chunk.
+    let plain = conditioning_of(engine, "a cat on a hill");
+    assert_eq!(plain.dims()[..2], [2, 77]);
+    assert_eq!(
+        close(&plain, &conditioning_of(engine, "a cat on a hill")),
+        0.0
+    );
+
+    // `(cat:1.5)`: the token's features scaled by 1.5, then the chunk's mean put back.
+    let z = plain.i(1).expect("cond row");
+    let weighted = conditioning_of(engine, "a (cat:1.5) on a hill")
+        .i(1)
+        .expect("row");
+    let mut w = vec![1f32; 77];
+    w[2] = 1.5;
+    let w = Tensor::from_vec(w, (77, 1), z.device()).expect("w");
+    let scaled = z.broadcast_mul(&w).expect("scale");
+    let ratio = (z
+        .mean_all()
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("mean"))
+        / (scaled
+            .mean_all()
+            .and_then(|m| m.to_scalar::<f32>())
+            .expect("mean"));
+    let want = (scaled * f64::from(ratio)).expect("restore");
+    assert!(
+        close(&weighted, &want) < 1e-5,
+        "{}",
+        close(&weighted, &want)
+    );
+    assert!(close(&weighted, &z) > 1e-3, "the weight changed something");
+    // Escaped brackets are text, not weights.
+    assert!(close(&conditioning_of(engine, r"a \(cat\) on a hill"), &plain) > 0.0);
+
+    // 100 tokens: two chunks side by side, each encoded on its own; the negative prompt
+    // (empty) padded to two chunks as well.
+    let words = |n: usize| vec!["cat"; n].join(" ");
+    let long = conditioning_of(engine, &words(100));
+    assert_eq!(long.dims()[..2], [2, 154]);
+    let first = conditioning_of(engine, &words(75)).i(1).expect("row");
+    let second = conditioning_of(engine, &words(25)).i(1).expect("row");
+    let joined = Tensor::cat(&[first, second], 0).expect("cat");
+    assert!(close(&long.i(1).expect("row"), &joined) < 1e-5);
+    let empty = conditioning_of(engine, "").i(1).expect("row");
+    let padded = Tensor::cat(&[empty.clone(), empty], 0).expect("cat");
+    assert!(
+        close(&long.i(0).expect("row"), &padded) < 1e-5,
+        "the negative prompt, padded"
+    );
+    // And it makes an image.
+    let mut b = batch(Scheduler::Euler, &[(&words(100), 1), ("a (cat:1.2)", 2)]);
+    b.steps = 2;
+    assert_eq!(run(&b).len(), 2);
 }
 
 #[test]

@@ -143,6 +143,16 @@ impl Tokenizer {
         ids
     }
 
+    /// The start-of-text id.
+    pub fn bos(&self) -> u32 {
+        self.bos
+    }
+
+    /// The id rows are padded with after their end token.
+    pub fn pad(&self) -> u32 {
+        self.pad
+    }
+
     /// The end-of-text id: its first position in a row is where CLIP pools the row.
     pub fn eos(&self) -> u32 {
         self.eos
