@@ -6,6 +6,7 @@
 
 use crate::support::Service;
 use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -63,12 +64,10 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
             ],
         }),
     );
-    // chromedriver is spoken to over plain HTTP on loopback; the client still wants a provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let connected = ClientBuilder::rustls()
-            .expect("rustls")
+        // chromedriver is spoken to over plain HTTP on loopback.
+        let connected = ClientBuilder::new(HttpConnector::new())
             .capabilities(capabilities.clone())
             .connect(&format!("http://127.0.0.1:{}", driver.1))
             .await;
