@@ -140,6 +140,8 @@ impl Actuator for LocalProcesses {
                     .env("CUDA_VISIBLE_DEVICES", &self.gpus[i].uuid)
                     .env("SPARKLE_WORKER__DEVICE", "cuda:0");
             }
+            // A start's ready time counts from before the process is made.
+            let asked = Instant::now();
             let mut child = command
                 .stdout(Stdio::piped())
                 .spawn()
@@ -147,7 +149,7 @@ impl Actuator for LocalProcesses {
             let on = gpu.map(|i| self.gpus[i].index);
             tracing::info!(pid = ?child.id(), gpu = ?on, "worker started");
             if let (Some(pid), Some(stdout)) = (child.id(), child.stdout.take()) {
-                lock(&self.unready).insert(pid, Instant::now());
+                lock(&self.unready).insert(pid, asked);
                 tokio::spawn(watch_ready(
                     pid,
                     stdout,
