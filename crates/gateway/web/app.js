@@ -247,21 +247,52 @@ function follow(job) {
       cancel.disabled = false;
     }
   });
-  const source = new EventSource(`/v1/jobs/${job.id}/events`, { withCredentials: true });
-  streams.set(job.id, source);
-  source.addEventListener("progress", (e) => update(JSON.parse(e.data)));
-  source.addEventListener("done", (e) => {
-    source.close();
+  const finish = (final) => {
     streams.delete(job.id);
-    const final = JSON.parse(e.data);
     update(final);
     cancel.remove();
     if (final.status === "succeeded") {
       card.remove();
       $("gallery").prepend(galleryCard(final));
       show($("gallery-empty"), false);
+    } else {
+      const dismiss = node("button", { type: "button", className: "quiet", textContent: "Dismiss" });
+      dismiss.addEventListener("click", () => {
+        card.remove();
+        if (!$("live").children.length) show($("live-title"), false);
+      });
+      card.querySelector(".actions").append(dismiss);
     }
     if (!$("live").children.length) show($("live-title"), false);
+  };
+  const source = new EventSource(`/v1/jobs/${job.id}/events`, { withCredentials: true });
+  streams.set(job.id, source);
+  source.addEventListener("progress", (e) => update(JSON.parse(e.data)));
+  source.addEventListener("done", (e) => {
+    source.close();
+    finish(JSON.parse(e.data));
+  });
+  // A stream the server refused or ended (too many open, the session gone): ask instead.
+  source.addEventListener("error", () => {
+    if (source.readyState !== EventSource.CLOSED || !streams.has(job.id)) return;
+    streams.set(job.id, { close() { streams.delete(job.id); } });
+    const poll = async () => {
+      if (!streams.has(job.id)) return;
+      try {
+        const now = await api("GET", `/v1/jobs/${job.id}`);
+        if (["queued", "running"].includes(now.status)) {
+          update(now);
+          setTimeout(poll, 2000);
+        } else {
+          finish(now);
+        }
+      } catch (e) {
+        if (e.status === 401) { signedOut(e); return; }
+        status.textContent = e.message;
+        setTimeout(poll, 5000);
+      }
+    };
+    poll();
   });
 }
 

@@ -318,6 +318,23 @@ async fn a_person_signs_in_makes_an_image_watches_it_cancels_one_and_signs_out()
         .await;
     assert_eq!(job["status"], "cancelled");
     screenshot(&client, &shots, "4-cancelled").await;
+    // Once its stream says it is over, the card can be dismissed.
+    until(
+        &client,
+        "the dismiss button",
+        "const b = document.querySelector('#live .card .actions button'); \
+         return b !== null && b.textContent === 'Dismiss'",
+        Duration::from_secs(15),
+    )
+    .await;
+    click(&client, "#live .card .actions button").await;
+    until(
+        &client,
+        "the card gone",
+        "return document.querySelector('#live .card') === null",
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Signing out ends the session on the server: its cookie opens nothing any more.
     click(&client, "#sign-out").await;

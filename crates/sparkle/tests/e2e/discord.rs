@@ -1,7 +1,7 @@
 //! `/discord/interactions` with requests signed by a real Ed25519 key, the way Discord sends
 //! them: PING, every bad signature variant, guild and DM commands, duplicates, bad options.
 
-use crate::support::Service;
+use crate::support::{kill, Service};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -524,23 +524,44 @@ async fn a_job_that_outlives_its_token_is_posted_in_the_channel() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let public = hex::encode(key().verifying_key().to_bytes());
     let token_path = token.display().to_string();
-    let svc = Service::start(&[
+    let discord = [
         ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
         ("SPARKLE_DISCORD__API_BASE", api.as_str()),
         ("SPARKLE_DISCORD__BOT_TOKEN_FILE", token_path.as_str()),
-        // The notice goes out in the token's last half: 3 s to be seen even on a busy machine.
         ("SPARKLE_DISCORD__TOKEN_LIFETIME_SECS", "6"),
-    ])
-    .await;
+    ];
+    // No worker at first: the job waits in the queue past its token, however fast the
+    // machine, and the user is told while the message can still be edited.
+    let mut waiting = discord.to_vec();
+    waiting.push(("SPARKLE_SCALER__MAX_WORKERS", "0"));
+    let mut svc = Service::start(&waiting).await;
     let user = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
     let options = json!([
         {"name": "prompt", "type": 3, "value": "a slow sunset"},
-        {"name": "size", "type": 3, "value": "256x256"},
-        {"name": "steps", "type": 4, "value": 150},
+        {"name": "size", "type": 3, "value": "64x64"},
+        {"name": "steps", "type": 4, "value": 4},
         {"name": "seed", "type": 4, "value": 9},
     ]);
     let (_, ack) = send(&svc, &command("4001", user, options)).await;
+    let acknowledged = Instant::now();
     let id = job_id(&ack);
+    let told = |fake: &FakeDiscord| {
+        fake.edits().iter().any(|e| {
+            !e.multipart && String::from_utf8_lossy(&e.body).contains("posted in this channel")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !told(&fake) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the token's life, a worker may run it.
+    tokio::time::sleep(
+        (acknowledged + Duration::from_secs(7)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    kill(svc.pid(), "TERM");
+    svc.wait_exit();
+    svc.restart(&discord).await;
     let job = svc
         .wait_for(&id, &svc.admin_key, |j| j["status"] == "succeeded")
         .await;
