@@ -29,7 +29,10 @@ async fn schemathesis_finds_nothing_the_description_does_not_say() {
         ("SPARKLE_GATEWAY__PER_KEY_REQUESTS_PER_SEC", "0"),
     ])
     .await;
+    // Its caches go to a directory of its own, not the working tree.
+    let scratch = tempfile::tempdir().expect("tempdir");
     let output = Command::new(&schemathesis)
+        .current_dir(scratch.path())
         .arg("run")
         .arg(format!("{}/openapi.json", svc.url))
         .args([
