@@ -387,20 +387,12 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::max_tensor_diff as max_diff;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn random(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("randn")
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("difference")
     }
 
     #[test]

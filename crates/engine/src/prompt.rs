@@ -54,8 +54,9 @@ pub fn parse(prompt: &str) -> Vec<Piece> {
             plain.clear();
         }
     };
+    // Brackets weigh text; a `BREAK` inside them stays a break of weight 1.
     let multiply = |pieces: &mut Vec<Piece>, from: usize, by: f32| {
-        for piece in &mut pieces[from..] {
+        for piece in pieces[from..].iter_mut().filter(|p| p.text.is_some()) {
             piece.weight *= by;
         }
     };
@@ -94,7 +95,7 @@ pub fn parse(prompt: &str) -> Vec<Piece> {
                 flush(&mut plain, &mut pieces);
                 pieces.push(Piece {
                     text: None,
-                    weight: -1.0,
+                    weight: 1.0,
                 });
                 for _ in 0.."BREAK".len() - 1 {
                     chars.next();
@@ -121,11 +122,6 @@ pub fn parse(prompt: &str) -> Vec<Piece> {
                 }
             }
             _ => merged.push(piece),
-        }
-    }
-    for piece in &mut merged {
-        if piece.text.is_none() {
-            piece.weight = 1.0;
         }
     }
     if merged.is_empty() {

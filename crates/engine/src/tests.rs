@@ -402,7 +402,8 @@ fn conditioning_of(engine: &Engine, prompt: &str) -> candle_core::Tensor {
     engine.encode_prompts(&b).expect("encode").context
 }
 
-fn close(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+/// The largest absolute difference between two tensors of one shape.
+pub(crate) fn max_tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs())
         .and_then(|d| d.flatten_all())
@@ -419,7 +420,7 @@ fn weighted_and_long_prompts_follow_the_web_uis_algorithm() {
     let plain = conditioning_of(engine, "a cat on a hill");
     assert_eq!(plain.dims()[..2], [2, 77]);
     assert_eq!(
-        close(&plain, &conditioning_of(engine, "a cat on a hill")),
+        max_tensor_diff(&plain, &conditioning_of(engine, "a cat on a hill")),
         0.0
     );
 
@@ -442,13 +443,16 @@ fn weighted_and_long_prompts_follow_the_web_uis_algorithm() {
             .expect("mean"));
     let want = (scaled * f64::from(ratio)).expect("restore");
     assert!(
-        close(&weighted, &want) < 1e-5,
+        max_tensor_diff(&weighted, &want) < 1e-5,
         "{}",
-        close(&weighted, &want)
+        max_tensor_diff(&weighted, &want)
     );
-    assert!(close(&weighted, &z) > 1e-3, "the weight changed something");
+    assert!(
+        max_tensor_diff(&weighted, &z) > 1e-3,
+        "the weight changed something"
+    );
     // Escaped brackets are text, not weights.
-    assert!(close(&conditioning_of(engine, r"a \(cat\) on a hill"), &plain) > 0.0);
+    assert!(max_tensor_diff(&conditioning_of(engine, r"a \(cat\) on a hill"), &plain) > 0.0);
 
     // 100 tokens: two chunks side by side, each encoded on its own; the negative prompt
     // (empty) padded to two chunks as well.
@@ -458,11 +462,11 @@ fn weighted_and_long_prompts_follow_the_web_uis_algorithm() {
     let first = conditioning_of(engine, &words(75)).i(1).expect("row");
     let second = conditioning_of(engine, &words(25)).i(1).expect("row");
     let joined = Tensor::cat(&[first, second], 0).expect("cat");
-    assert!(close(&long.i(1).expect("row"), &joined) < 1e-5);
+    assert!(max_tensor_diff(&long.i(1).expect("row"), &joined) < 1e-5);
     let empty = conditioning_of(engine, "").i(1).expect("row");
     let padded = Tensor::cat(&[empty.clone(), empty], 0).expect("cat");
     assert!(
-        close(&long.i(0).expect("row"), &padded) < 1e-5,
+        max_tensor_diff(&long.i(0).expect("row"), &padded) < 1e-5,
         "the negative prompt, padded"
     );
     // And it makes an image.

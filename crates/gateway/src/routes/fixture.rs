@@ -106,7 +106,7 @@ pub async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    /// A request with the given headers (and the fixture's key, with `key`).
+    /// A request with the given headers (a JSON body is labelled as one).
     pub async fn send_with(
         &self,
         method: &str,
@@ -127,18 +127,15 @@ impl Fixture {
             .expect("infallible")
     }
 
+    /// A request, with the fixture's key when `key`.
     pub async fn send(&self, method: &str, uri: &str, key: bool, body: &str) -> Response {
-        let mut request = Request::builder().method(method).uri(uri);
-        if key {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {}", self.secret));
-        }
-        if !body.is_empty() {
-            request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        crate::router(self.state.clone())
-            .oneshot(request.body(Body::from(body.to_string())).expect("request"))
-            .await
-            .expect("infallible")
+        let bearer = format!("Bearer {}", self.secret);
+        let headers: &[(&str, &str)] = if key {
+            &[("authorization", &bearer)]
+        } else {
+            &[]
+        };
+        self.send_with(method, uri, headers, body).await
     }
 
     /// A succeeded job with one stored image; its id.

@@ -44,12 +44,19 @@ const SECURITY_HEADERS: &[(HeaderName, &str)] = &[
 /// once, with their OpenAPI description, which `/openapi.json` serves.
 pub fn router(state: GatewayState) -> Router {
     let (router, document) = api(&state).split_for_parts();
+    // Made and serialised once: every request gets the same bytes.
     let document =
         openapi::for_deployment(openapi::finish(document), &state.limits, &state.catalog);
+    let document = bytes::Bytes::from(serde_json::to_vec(&document).unwrap_or_default());
     let router = router
         .route(
             "/openapi.json",
-            get(move || std::future::ready(axum::Json(document.clone()))),
+            get(move || {
+                std::future::ready((
+                    [(header::CONTENT_TYPE, "application/json")],
+                    document.clone(),
+                ))
+            }),
         )
         .merge(page::routes())
         .layer(from_fn_with_state(state.clone(), limits::read_body))

@@ -29,8 +29,8 @@ status. Answers with `Retry-After` say when to try again.";
 /// Answers every route can give, whatever it does: a slow client, too many requests from one
 /// address or too many connections, and a failure inside.
 const EVERY_ROUTE: &[u16] = &[408, 429, 500, 503];
-/// Answers of routes that need a key or a session.
-const AUTHENTICATED: &[u16] = &[401, 403, 429];
+/// Answers of routes that need a key or a session (besides [`EVERY_ROUTE`]'s).
+const AUTHENTICATED: &[u16] = &[401, 403];
 /// Answers of routes that read a JSON body.
 const WITH_BODY: &[u16] = &[400, 413, 415];
 
