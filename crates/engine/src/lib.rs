@@ -46,7 +46,7 @@ pub use error::EngineError;
 pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
     Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, Precision, Probe,
-    StepProgress,
+    SourceImage, StepProgress,
 };
 pub use png::encode_png;
 pub use single_file::write::{write_random_single_file, write_single_file};

@@ -74,10 +74,12 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
             steps: case["steps"].as_u64().expect("steps") as u32,
             guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
             scheduler,
+            strength: 1.0,
             items: vec![BatchItem {
                 prompt: case["prompt"].as_str().expect("prompt").into(),
                 negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),
                 seed: 0,
+                source: None,
             }],
         };
         let stage = |name: &str, ours: &Tensor, theirs: &Tensor| {
@@ -120,7 +122,11 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
             .denoise(
                 &batch,
                 &conditioning,
-                get("initial").clone(),
+                crate::pipeline::Start {
+                    noise: get("initial").clone(),
+                    sources: None,
+                    inpaint: None,
+                },
                 &mut noise,
                 &mut go_on,
                 &mut first,

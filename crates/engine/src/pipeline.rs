@@ -1,6 +1,8 @@
-//! The text-to-image pipeline: tokens → text embeddings (one batched call for every prompt
-//! and negative prompt) → seeded latents → the denoising loop (UNet + classifier-free
-//! guidance + sampler) → VAE decode → RGB bytes.
+//! The pipeline: tokens → text embeddings (one batched call for every prompt and negative
+//! prompt) → seeded latents, or a source image's latents noised part-way → the denoising loop
+//! (UNet + classifier-free guidance + sampler, with an inpainting mask kept or fed to the
+//! UNet) → VAE decode → RGB bytes. Image-to-image and inpainting follow diffusers'
+//! pipelines, so that the same weights, image and noise give the same result.
 
 use crate::clip::ClipTextModel;
 use crate::config::{ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
@@ -10,7 +12,7 @@ use crate::prompt;
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
 use crate::unet::{AddedConditions, UNet};
-use crate::vae::VaeDecoder;
+use crate::vae::{VaeDecoder, VaeEncoder};
 use crate::EngineError;
 use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor, D};
 use rand::SeedableRng;
@@ -75,6 +77,11 @@ pub struct Batch {
     /// Classifier-free guidance; at 1.0 or below the negative prompts are not used.
     pub guidance_scale: f32,
     pub scheduler: Scheduler,
+    /// With source images: how much of them is repainted, in `(0, 1]`. The loop skips the
+    /// first `steps − ⌊steps × strength⌋` steps of its schedule and starts from the source's
+    /// latents noised to that level (diffusers' rule), so `⌊steps × strength⌋` steps run.
+    /// Unused without sources.
+    pub strength: f32,
     pub items: Vec<BatchItem>,
 }
 
@@ -83,7 +90,44 @@ pub struct BatchItem {
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
+    /// The image this item starts from: every item of a batch has one or none has.
+    pub source: Option<SourceImage>,
 }
+
+/// What an image-to-image or inpainting item starts from, at the batch's size.
+#[derive(Clone, PartialEq)]
+pub struct SourceImage {
+    /// RGB8, row-major, `width × height × 3` bytes.
+    pub rgb: Vec<u8>,
+    /// For inpainting, one byte per pixel: 128 and above is repainted, below is kept. Every
+    /// item of a batch has a mask or none has.
+    pub mask: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SourceImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceImage")
+            .field("rgb_bytes", &self.rgb.len())
+            .field("mask", &self.mask.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+/// A batch's sources on the device, ready for the loop.
+pub(crate) struct Sources {
+    /// The sources' latents (scaled), `[n, channels, h/8, w/8]`, f32.
+    latents: Tensor,
+    /// Where a 4-channel UNet repaints, `[n, 1, h/8, w/8]`, f32 of 0 and 1: the rest is
+    /// blended back after each step.
+    blend: Option<Tensor>,
+    /// Whether the loop starts from pure noise rather than the noised source (inpainting at
+    /// strength 1, as diffusers).
+    from_noise: bool,
+}
+
+/// What an inpainting UNet sees beside the latents: the mask and the masked image's latents,
+/// `[n, 1 + channels, h/8, w/8]` in the model's dtype.
+pub(crate) struct InpaintInput(Tensor);
 
 /// Reported after each denoising step: `step` of `total` done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +239,10 @@ pub struct Engine {
     unet: UNet,
     unet_config: UNetConfig,
     vae: VaeDecoder,
+    vae_encoder: VaeEncoder,
+    /// The UNet takes a mask and the masked image's latents beside the latents (an
+    /// inpainting checkpoint's 9 input channels).
+    inpainting_unet: bool,
     /// f32 for a VAE that overflows in f16 (SDXL's), else the model's dtype.
     vae_dtype: DType,
     vae_scale: usize,
@@ -280,9 +328,13 @@ impl Engine {
         } else {
             dtype
         };
-        let vae = open(Part::Vae, vae_dtype)?
-            .except(&["encoder.", "quant_conv."])
-            .build(|vb| VaeDecoder::new(vb, &vae_config))?;
+        let (vae, vae_encoder) = open(Part::Vae, vae_dtype)?.build(|vb| {
+            Ok((
+                VaeDecoder::new(vb.clone(), &vae_config)?,
+                VaeEncoder::new(vb, &vae_config)?,
+            ))
+        })?;
+        let inpainting_unet = unet_config.in_channels != vae_config.candle.latent_channels;
 
         let vae_scale = vae_config.scale_factor();
         let info = ModelInfo {
@@ -309,6 +361,8 @@ impl Engine {
             unet,
             unet_config,
             vae,
+            vae_encoder,
+            inpainting_unet,
             vae_dtype,
             vae_scale,
             scaling_factor: vae_config.scaling_factor,
@@ -427,14 +481,15 @@ impl Engine {
         let started = Instant::now();
         self.validate(batch)?;
         let passes: Vec<&[BatchItem]> = batch.items.chunks(limit.max(1)).collect();
-        let total = batch.steps.saturating_mul(passes.len() as u32);
+        let steps = batch.steps_run();
+        let total = steps.saturating_mul(passes.len() as u32);
         let mut images = Vec::with_capacity(batch.items.len());
         for (pass, items) in passes.iter().enumerate() {
             let part = Batch {
                 items: items.to_vec(),
                 ..batch.clone()
             };
-            let done_before = batch.steps.saturating_mul(pass as u32);
+            let done_before = steps.saturating_mul(pass as u32);
             let mut counted = |p: StepProgress| {
                 on_step(StepProgress {
                     step: done_before + p.step,
@@ -498,6 +553,51 @@ impl Engine {
         if !batch.guidance_scale.is_finite() {
             return refuse("the guidance scale must be a finite number".into());
         }
+        let with_source = batch.items.iter().filter(|i| i.source.is_some()).count();
+        if with_source == 0 {
+            return Ok(());
+        }
+        if with_source != batch.items.len() {
+            return refuse("every image of a batch starts from a source image, or none".into());
+        }
+        let masked = batch
+            .items
+            .iter()
+            .filter(|i| i.source.as_ref().is_some_and(|s| s.mask.is_some()))
+            .count();
+        if masked != 0 && masked != batch.items.len() {
+            return refuse("every image of a batch has a mask, or none".into());
+        }
+        if !(batch.strength > 0.0 && batch.strength <= 1.0) {
+            return refuse(format!(
+                "strength must be above 0 and at most 1, not {}",
+                batch.strength
+            ));
+        }
+        if start_step(batch) >= batch.steps as usize {
+            return refuse(format!(
+                "strength {} of {} steps runs no step: steps × strength must be at least 1",
+                batch.strength, batch.steps
+            ));
+        }
+        let pixels = batch.width as usize * batch.height as usize;
+        for source in batch.items.iter().filter_map(|i| i.source.as_ref()) {
+            if source.rgb.len() != pixels * 3 {
+                return refuse(format!(
+                    "a source image of {}x{} has {} RGB bytes, not {}",
+                    batch.width,
+                    batch.height,
+                    source.rgb.len(),
+                    pixels * 3
+                ));
+            }
+            if source.mask.as_ref().is_some_and(|m| m.len() != pixels) {
+                return refuse(format!(
+                    "a mask of {}x{} has one byte per pixel, {pixels} in all",
+                    batch.width, batch.height
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -533,7 +633,106 @@ impl Engine {
             Tensor::stack(&fresh, 0)
         };
         let conditioning = self.encode_prompts(batch)?;
-        self.denoise(batch, &conditioning, initial, &mut noise, on_step, first)
+        let (sources, inpaint) = self.prepare_sources(batch)?;
+        self.denoise(
+            batch,
+            &conditioning,
+            Start {
+                noise: initial,
+                sources: sources.as_ref(),
+                inpaint: inpaint.as_ref(),
+            },
+            &mut noise,
+            on_step,
+            first,
+        )
+    }
+
+    /// Images `[n, 3, h, w]` in `[-1, 1]` (f32, any device) to their scaled latents, f32.
+    /// One image at a time, as [`Engine::decode`], for the same reasons.
+    pub(crate) fn encode_images(&self, images: &Tensor) -> Result<Tensor, EngineError> {
+        let images = images.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+        let latents = (0..images.dim(0)?)
+            .map(|i| {
+                self.vae_encoder
+                    .encode(&images.i(i..i + 1)?)?
+                    .to_dtype(DType::F32)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&latents, 0)? * self.scaling_factor)?)
+    }
+
+    /// The batch's source images encoded, their masks at the latents' size, and what an
+    /// inpainting UNet sees beside the latents (for a batch without sources too: everything
+    /// repainted, nothing kept).
+    fn prepare_sources(
+        &self,
+        batch: &Batch,
+    ) -> Result<(Option<Sources>, Option<InpaintInput>), EngineError> {
+        let (w, h) = (batch.width as usize, batch.height as usize);
+        let (_, lh, lw) = self.latent_shape(batch);
+        let n = batch.items.len();
+        let sources: Vec<&SourceImage> =
+            batch.items.iter().filter_map(|i| i.source.as_ref()).collect();
+        let masks: Vec<&[u8]> = sources.iter().filter_map(|s| s.mask.as_deref()).collect();
+        // A pixel in [-1, 1]; zero (grey) where a mask repaints, for the masked image.
+        let pixels = |masked: bool| -> candle_core::Result<Tensor> {
+            let mut values = Vec::with_capacity(n * 3 * h * w);
+            for (k, source) in sources.iter().enumerate() {
+                for c in 0..3 {
+                    for p in 0..h * w {
+                        let repaint = masked && masks.get(k).is_some_and(|m| m[p] >= 128);
+                        let v = f32::from(source.rgb[p * 3 + c]) / 127.5 - 1.0;
+                        values.push(if repaint { 0.0 } else { v });
+                    }
+                }
+            }
+            Tensor::from_vec(values, (sources.len(), 3, h, w), &Device::Cpu)
+        };
+        // Nearest-neighbour to the latents' size (torch's `interpolate` default): each
+        // latent pixel takes the mask at its top-left image pixel.
+        let scale = self.vae_scale;
+        let latent_masks = if masks.len() == n {
+            let mut values = Vec::with_capacity(n * lh * lw);
+            for mask in &masks {
+                for y in 0..lh {
+                    for x in 0..lw {
+                        let repaint = mask[(y * scale) * w + x * scale] >= 128;
+                        values.push(if repaint { 1f32 } else { 0.0 });
+                    }
+                }
+            }
+            Some(Tensor::from_vec(values, (n, 1, lh, lw), &self.device)?)
+        } else {
+            None
+        };
+        let encoded = if sources.is_empty() {
+            None
+        } else {
+            Some(self.encode_images(&pixels(false)?)?)
+        };
+        let inpaint = if self.inpainting_unet {
+            let (mask, masked) = match (&latent_masks, &encoded) {
+                (Some(mask), _) => (mask.clone(), self.encode_images(&pixels(true)?)?),
+                // An image without a mask is repainted everywhere, as text is.
+                _ => {
+                    let grey = Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu)?;
+                    let masked = self.encode_images(&grey)?.repeat((n, 1, 1, 1))?;
+                    (Tensor::ones((n, 1, lh, lw), DType::F32, &self.device)?, masked)
+                }
+            };
+            Some(InpaintInput(
+                Tensor::cat(&[mask, masked], 1)?.to_dtype(self.dtype)?,
+            ))
+        } else {
+            None
+        };
+        let sources = encoded.map(|latents| Sources {
+            latents,
+            from_noise: latent_masks.is_some() && batch.strength >= 1.0,
+            blend: latent_masks.filter(|_| !self.inpainting_unet),
+        });
+        Ok((sources, inpaint))
     }
 
     /// The latent shape of one image: `[channels, h/8, w/8]`.
@@ -546,14 +745,14 @@ impl Engine {
         )
     }
 
-    /// Runs the denoising loop from `initial` latents (`[n, channels, h/8, w/8]`, before the
-    /// sampler's initial scaling); returns the final latents, f32. `noise` gives the ancestral
-    /// samplers' fresh noise; `first` receives the latents after the first step.
+    /// Runs the denoising loop from `start` (its noise is `[n, channels, h/8, w/8]`, before
+    /// the sampler's initial scaling); returns the final latents, f32. `noise` gives the
+    /// ancestral samplers' fresh noise; `first` receives the latents after the first step.
     pub(crate) fn denoise(
         &self,
         batch: &Batch,
         conditioning: &Conditioning,
-        initial: Tensor,
+        start: Start,
         noise: &mut dyn FnMut() -> candle_core::Result<Tensor>,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
         first: &mut Option<Tensor>,
@@ -562,8 +761,21 @@ impl Engine {
         let guided = guided(batch);
         let mut sampler = sampler(batch.scheduler, &self.schedule, batch.steps as usize);
         // The sampler works in f32 whatever the model's dtype, as diffusers' samplers do.
-        let initial = initial.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let mut latents = (initial * sampler.init_noise_sigma())?;
+        let initial = start.noise.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let skip = if start.sources.is_some() {
+            start_step(batch)
+        } else {
+            0
+        };
+        let mut latents = match start.sources {
+            Some(s) if !s.from_noise => sampler.add_noise(&s.latents, &initial, skip)?,
+            _ => (&initial * sampler.init_noise_sigma())?,
+        };
+        let inpaint = match start.inpaint {
+            Some(InpaintInput(extra)) if guided => Some(Tensor::cat(&[extra, extra], 0)?),
+            Some(InpaintInput(extra)) => Some(extra.clone()),
+            None => None,
+        };
         let mut noise = || noise()?.to_device(&self.device)?.to_dtype(DType::F32);
 
         // SDXL's size conditioning: original size, crop corner (0, 0), target size.
@@ -573,14 +785,17 @@ impl Engine {
             Tensor::from_vec([h, w, 0.0, 0.0, h, w].repeat(rows), (rows, 6), &self.device)?;
 
         let timesteps = sampler.timesteps().to_vec();
-        let total = u32::try_from(timesteps.len()).unwrap_or(u32::MAX);
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = u32::try_from(timesteps.len() - skip).unwrap_or(u32::MAX);
+        for (i, &t) in timesteps.iter().enumerate().skip(skip) {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            let input = sampler.scale_model_input(input, i)?.to_dtype(self.dtype)?;
+            let mut input = sampler.scale_model_input(input, i)?.to_dtype(self.dtype)?;
+            if let Some(extra) = &inpaint {
+                input = Tensor::cat(&[&input, extra], 1)?;
+            }
             let added = conditioning
                 .pooled
                 .as_ref()
@@ -599,10 +814,23 @@ impl Engine {
                 output
             };
             latents = sampler.step(&output, i, &latents, &mut noise)?;
-            if i == 0 && first.is_none() {
+            if let Some((sources, repaint)) = start
+                .sources
+                .and_then(|s| s.blend.as_ref().map(|b| (s, b)))
+            {
+                // What is kept is the source, noised to the level of the next step.
+                let kept = if i + 1 < timesteps.len() {
+                    sampler.add_noise(&sources.latents, &initial, i + 1)?
+                } else {
+                    sources.latents.clone()
+                };
+                let keep = (1.0 - repaint)?;
+                latents = (kept.broadcast_mul(&keep)? + latents.broadcast_mul(repaint)?)?;
+            }
+            if i == skip && first.is_none() {
                 *first = Some(latents.clone());
             }
-            let done = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            let done = u32::try_from(i + 1 - skip).unwrap_or(u32::MAX);
             if on_step(StepProgress { step: done, total }).is_break() {
                 return Err(EngineError::Cancelled);
             }
@@ -675,6 +903,31 @@ impl Engine {
             .map(|i| self.vae.decode(&latents.i(i..i + 1)?)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
+    }
+}
+
+/// Where a denoising loop starts: its noise, and for image-to-image and inpainting the
+/// sources it starts from and what an inpainting UNet sees beside the latents.
+pub(crate) struct Start<'a> {
+    pub noise: Tensor,
+    pub sources: Option<&'a Sources>,
+    pub inpaint: Option<&'a InpaintInput>,
+}
+
+/// The first step that runs for a batch with sources: diffusers' `get_timesteps`.
+fn start_step(batch: &Batch) -> usize {
+    (batch.steps - batch.steps_run()) as usize
+}
+
+impl Batch {
+    /// The denoising steps that run for each image: all of them for text, the strength's
+    /// share (rounded down) from a source image.
+    pub fn steps_run(&self) -> u32 {
+        if self.items.iter().any(|i| i.source.is_some()) {
+            ((f64::from(self.steps) * f64::from(self.strength)) as u32).min(self.steps)
+        } else {
+            self.steps
+        }
     }
 }
 
@@ -775,11 +1028,16 @@ fn check_parts_fit(
         (None, None) => {}
     }
     let latent = vae.candle.latent_channels;
-    if unet.in_channels != latent || unet.out_channels != latent {
+    // An inpainting UNet takes the mask and the masked image's latents beside the latents.
+    let inpainting = 2 * latent + 1;
+    if (unet.in_channels != latent && unet.in_channels != inpainting)
+        || unet.out_channels != latent
+    {
         return Err(EngineError::invalid_model(
             unet_file,
             format!(
-                "in_channels {} and out_channels {} must equal the VAE's latent_channels {latent}",
+                "in_channels {} must be the VAE's latent_channels {latent} (or {inpainting} \
+                 for inpainting), and out_channels {} must be {latent}",
                 unet.in_channels, unet.out_channels
             ),
         ));

@@ -37,12 +37,14 @@ fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
         steps: 4,
         guidance_scale: 7.5,
         scheduler,
+        strength: 1.0,
         items: items
             .iter()
             .map(|(p, s)| BatchItem {
                 prompt: p.to_string(),
                 negative_prompt: "blurry".into(),
                 seed: *s,
+                source: None,
             })
             .collect(),
     }
@@ -516,4 +518,119 @@ fn time_one_512_image() {
          (text encoder + denoising {denoised:.2?}, VAE decode {:.2?})",
         total - denoised
     );
+}
+
+/// A 64×64 source: a diagonal gradient with a bright square, and a mask over its right half.
+fn source(masked: bool) -> crate::SourceImage {
+    let mut rgb = Vec::with_capacity(64 * 64 * 3);
+    for y in 0..64u32 {
+        for x in 0..64u32 {
+            let square = (16..40).contains(&x) && (20..44).contains(&y);
+            let v = if square { 250 } else { ((x + y) * 2) as u8 };
+            rgb.extend([v, (x * 4) as u8, (y * 4) as u8]);
+        }
+    }
+    let mask = masked.then(|| {
+        (0..64 * 64)
+            .map(|p| if p % 64 >= 32 { 255 } else { 0 })
+            .collect()
+    });
+    crate::SourceImage { rgb, mask }
+}
+
+fn from_source(scheduler: Scheduler, strength: f32, masked: bool) -> Batch {
+    let mut b = batch(scheduler, &[("a corgi", 5)]);
+    b.strength = strength;
+    b.items[0].source = Some(source(masked));
+    b
+}
+
+#[test]
+fn image_to_image_runs_the_strengths_share_of_the_schedule_from_the_source() {
+    let mut b = from_source(Scheduler::Euler, 0.5, false);
+    b.steps = 10;
+    let mut seen = Vec::new();
+    let images = engine()
+        .generate(&b, &mut |p| {
+            seen.push((p.step, p.total));
+            ControlFlow::Continue(())
+        })
+        .expect("image to image");
+    assert_eq!(seen, (1..=5).map(|s| (s, 5)).collect::<Vec<_>>());
+    // The source decides the image: another source, same seed and prompt, another image.
+    let mut other = b.clone();
+    if let Some(s) = other.items[0].source.as_mut() {
+        s.rgb.iter_mut().for_each(|v| *v = 255 - *v);
+    }
+    assert!(max_diff(&images[0], &run(&other)[0]) > 0);
+    // And it is deterministic, in a batch as alone.
+    let mut pair = b.clone();
+    pair.items.push(pair.items[0].clone());
+    let both = run(&pair);
+    assert_eq!(both[0], images[0]);
+    assert_eq!(both[1], images[0]);
+}
+
+#[test]
+fn masked_image_to_image_keeps_the_unmasked_latents_exactly() {
+    for scheduler in Scheduler::ALL {
+        for strength in [1.0, 0.75] {
+            let b = from_source(scheduler, strength, true);
+            let latents = engine()
+                .denoise_seeded(&b, &mut |_| ControlFlow::Continue(()), &mut None)
+                .expect("inpaint");
+            let pixels = candle_core::Tensor::from_vec(
+                source(false)
+                    .rgb
+                    .iter()
+                    .map(|&v| f32::from(v) / 127.5 - 1.0)
+                    .collect::<Vec<_>>(),
+                (1, 64, 64, 3),
+                &candle_core::Device::Cpu,
+            )
+            .and_then(|t| t.permute((0, 3, 1, 2)))
+            .expect("pixels");
+            let encoded = engine().encode_images(&pixels).expect("encode");
+            use candle_core::IndexOp;
+            // The latents' left half (x < 4 of 8) is kept; the right half is repainted.
+            let kept = |t: &candle_core::Tensor| t.i((.., .., .., 0..4)).expect("left");
+            let repainted = |t: &candle_core::Tensor| t.i((.., .., .., 4..8)).expect("right");
+            let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+                max_tensor_diff(a, b)
+            };
+            assert!(
+                diff(&kept(&latents), &kept(&encoded)) < 1e-6,
+                "{scheduler} at {strength}: the kept half moved"
+            );
+            assert!(
+                diff(&repainted(&latents), &repainted(&encoded)) > 1e-2,
+                "{scheduler} at {strength}: the masked half was not repainted"
+            );
+        }
+    }
+}
+
+#[test]
+fn sources_that_do_not_fit_the_batch_are_refused() {
+    let refused = |b: &Batch| match engine().generate(b, &mut |_| ControlFlow::Continue(())) {
+        Err(EngineError::InvalidRequest(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let mut b = from_source(Scheduler::Euler, 0.0, false);
+    assert!(refused(&b).contains("strength"));
+    b.strength = 0.1; // 4 steps × 0.1 runs none
+    assert!(refused(&b).contains("at least 1"));
+    b.strength = 0.5;
+    b.items.push(batch(Scheduler::Euler, &[("x", 1)]).items.remove(0));
+    assert!(refused(&b).contains("or none"));
+    let mut b = from_source(Scheduler::Euler, 0.5, false);
+    if let Some(s) = b.items[0].source.as_mut() {
+        s.rgb.pop();
+    }
+    assert!(refused(&b).contains("RGB bytes"));
+    let mut b = from_source(Scheduler::Euler, 0.5, true);
+    if let Some(s) = b.items[0].source.as_mut() {
+        s.mask = Some(vec![0; 10]);
+    }
+    assert!(refused(&b).contains("one byte per pixel"));
 }

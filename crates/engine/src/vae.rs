@@ -1,8 +1,8 @@
-//! The VAE's decoder: diffusers' `AutoencoderKL` from `post_quant_conv` to pixels, with
-//! diffusers' tensor names. Text-to-image never encodes, so the encoder's weights stay on
-//! disk. Its convolutions and GroupNorms are the engine's own layers, which on CUDA run
-//! through cuDNN and fused kernels: at 512×512 the decoder moves more data than a whole
-//! UNet step.
+//! The VAE: diffusers' `AutoencoderKL`, its decoder from `post_quant_conv` to pixels and its
+//! encoder from pixels to the latent distribution's mean (image-to-image and inpainting
+//! start from it), with diffusers' tensor names. Its convolutions and GroupNorms are the
+//! engine's own layers, which on CUDA run through cuDNN and fused kernels: at 512×512 the
+//! decoder moves more data than a whole UNet step.
 
 use crate::config::VaeConfig;
 use crate::layers::{Channels, Conv, Norm};
@@ -217,6 +217,101 @@ impl VaeDecoder {
         }
         let xs = self.norm_out.apply(&xs, true, ch)?;
         ch.to_nchw(&self.conv_out.apply(&xs, None, None, ch)?)
+    }
+}
+
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    /// A stride-2 convolution after a zero row and column at the bottom and right.
+    downsample: Option<Conv>,
+}
+
+/// The encoder, from images in `[-1, 1]` to the (unscaled) latents' mean.
+pub(crate) struct VaeEncoder {
+    conv_in: Conv,
+    down: Vec<DownBlock>,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: AttentionBlock,
+    norm_out: Norm,
+    conv_out: Conv,
+    quant_conv: Option<Conv>,
+    latent_channels: usize,
+}
+
+impl VaeEncoder {
+    /// The encoder of the VAE `vb` holds (`encoder.` and `quant_conv.` under it).
+    pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        let c = &config.candle;
+        let groups = c.norm_num_groups;
+        let latent = c.latent_channels;
+        let channels = &c.block_out_channels;
+        let first = channels[0];
+        let top = *channels.last().unwrap_or(&first);
+        let e = vb.pp("encoder");
+        let mut down = Vec::with_capacity(channels.len());
+        let mut prev = first;
+        for (i, &cout) in channels.iter().enumerate() {
+            let block = e.pp(format!("down_blocks.{i}"));
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { cout };
+                    ResnetBlock::new(block.pp(format!("resnets.{j}")), groups, cin, cout)
+                })
+                .collect::<Result<_>>()?;
+            let downsample = (i + 1 < channels.len())
+                .then(|| Conv::new(block.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0))
+                .transpose()?;
+            down.push(DownBlock {
+                resnets,
+                downsample,
+            });
+            prev = cout;
+        }
+        Ok(VaeEncoder {
+            conv_in: Conv::new(e.pp("conv_in"), config.in_channels, first, 3, 1, 1)?,
+            down,
+            mid_resnets: [
+                ResnetBlock::new(e.pp("mid_block.resnets.0"), groups, top, top)?,
+                ResnetBlock::new(e.pp("mid_block.resnets.1"), groups, top, top)?,
+            ],
+            mid_attention: AttentionBlock::new(e.pp("mid_block.attentions.0"), groups, top)?,
+            norm_out: Norm::new(groups, top, EPS, e.pp("conv_norm_out"))?,
+            conv_out: Conv::new(e.pp("conv_out"), top, 2 * latent, 3, 1, 1)?,
+            quant_conv: c
+                .use_quant_conv
+                .then(|| Conv::new(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0))
+                .transpose()?,
+            latent_channels: latent,
+        })
+    }
+
+    /// The mean of the latent distribution of `images` (`[n, 3, h, w]` in `[-1, 1]`), NCHW.
+    /// The mean, not a sample: an image's latents then depend on the image alone.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let ch = Channels::for_input(images);
+        let mut xs = self.conv_in.apply(&ch.of_nchw(images)?, None, None, ch)?;
+        let (h_dim, w_dim) = match ch {
+            Channels::First => (2, 3),
+            Channels::Last => (1, 2),
+        };
+        for block in &self.down {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, ch)?;
+            }
+            if let Some(conv) = &block.downsample {
+                let padded = xs.pad_with_zeros(h_dim, 0, 1)?.pad_with_zeros(w_dim, 0, 1)?;
+                xs = conv.apply(&padded, None, None, ch)?;
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, ch)?;
+        xs = self.mid_attention.forward(&xs, ch)?;
+        xs = self.mid_resnets[1].forward(&xs, ch)?;
+        let xs = self.norm_out.apply(&xs, true, ch)?;
+        let mut moments = self.conv_out.apply(&xs, None, None, ch)?;
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.apply(&moments, None, None, ch)?;
+        }
+        ch.to_nchw(&moments)?.narrow(1, 0, self.latent_channels)
     }
 }
 

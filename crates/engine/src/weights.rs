@@ -114,11 +114,6 @@ pub(crate) trait Naming: Send + Sync {
     fn locate(&self, name: &str) -> Stored;
     /// Whether the file's tensor `key` belongs to this network, which must then use it.
     fn owns(&self, key: &str) -> bool;
-    /// The file's tensor `key` relative to the network's root (without a single file's
-    /// prefix for the network).
-    fn relative<'a>(&self, key: &'a str) -> &'a str {
-        key
-    }
 }
 
 /// A diffusers part's own file: every tensor under the name the network asks for; every
@@ -132,27 +127,6 @@ impl Naming for SameNames {
 
     fn owns(&self, key: &str) -> bool {
         !is_buffer(key)
-    }
-}
-
-/// Another naming, less the tensors under some prefixes of the file.
-struct Except {
-    inner: Arc<dyn Naming>,
-    prefixes: &'static [&'static str],
-}
-
-impl Naming for Except {
-    fn locate(&self, name: &str) -> Stored {
-        self.inner.locate(name)
-    }
-
-    fn owns(&self, key: &str) -> bool {
-        let relative = self.inner.relative(key);
-        self.inner.owns(key) && !self.prefixes.iter().any(|p| relative.starts_with(p))
-    }
-
-    fn relative<'a>(&self, key: &'a str) -> &'a str {
-        self.inner.relative(key)
     }
 }
 
@@ -329,17 +303,6 @@ impl Weights {
             names: Arc::clone(&mapped.names),
             vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
         }
-    }
-
-    /// Tensors of the file whose names (relative to the network's root) start with one of
-    /// `prefixes` are not the network's concern: left unread, and not reported as
-    /// unexpected (the VAE's encoder, which text-to-image never runs).
-    pub fn except(mut self, prefixes: &'static [&'static str]) -> Self {
-        self.naming = Arc::new(Except {
-            inner: self.naming,
-            prefixes,
-        });
-        self
     }
 
     /// Builds a network, reporting the first missing or mis-shaped tensor by name and file,

@@ -246,6 +246,7 @@ fn batch_of(leases: &[Lease]) -> Batch {
         steps: first.steps,
         guidance_scale: first.guidance_scale,
         scheduler: first.scheduler,
+        strength: 1.0,
         items: leases
             .iter()
             .flat_map(|lease| {
@@ -254,6 +255,7 @@ fn batch_of(leases: &[Lease]) -> Batch {
                     prompt: r.prompt.clone(),
                     negative_prompt: r.negative_prompt.clone(),
                     seed: r.seed_of(i) as u64,
+                    source: None,
                 })
             })
             .collect(),

@@ -36,6 +36,12 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        let acp = &self.schedule.alphas_cumprod;
+        let alpha = acp[(self.timesteps[i] as usize).min(acp.len() - 1)];
+        (x0 * alpha.sqrt())? + (noise * (1.0 - alpha).sqrt())?
+    }
+
     fn step(
         &mut self,
         output: &Tensor,

@@ -58,6 +58,11 @@ impl Sampler for DpmPp2m {
         &self.timesteps
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        let (alpha, sigma, _) = Self::vp(self.sigmas[i]);
+        (x0 * alpha)? + (noise * sigma)?
+    }
+
     fn step(
         &mut self,
         output: &Tensor,

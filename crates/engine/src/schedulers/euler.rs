@@ -44,6 +44,10 @@ impl Sampler for Euler {
         self.grid.init_noise_sigma()
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        x0 + (noise * self.grid.sigmas[i])?
+    }
+
     fn scale_model_input(&self, sample: Tensor, i: usize) -> Result<Tensor> {
         self.grid.scale_model_input(sample, i)
     }

@@ -27,6 +27,10 @@ pub trait Sampler {
     fn scale_model_input(&self, sample: Tensor, _i: usize) -> Result<Tensor> {
         Ok(sample)
     }
+    /// A clean sample `x0` noised to the level step `i` starts from, in the space this
+    /// sampler keeps its sample in: where image-to-image begins, and what inpainting blends
+    /// the kept area back in as.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;
     /// One update from step `i` to `i + 1`. `noise` gives fresh standard normal noise shaped
     /// like the sample; only ancestral samplers call it.
     fn step(

@@ -73,10 +73,6 @@ impl<K: KeyMap> Naming for LdmNames<K> {
             None => false,
         }
     }
-
-    fn relative<'a>(&self, key: &'a str) -> &'a str {
-        key.strip_prefix(self.0.prefix()).unwrap_or(key)
-    }
 }
 
 /// `a.b` + `.c.d`, skipping empty parts.

@@ -85,10 +85,12 @@ fn assert_same_images(kind: RandomModel) {
             steps: if few_step { 1 } else { 3 },
             guidance_scale: if few_step { 0.0 } else { 7.5 },
             scheduler,
+            strength: 1.0,
             items: vec![BatchItem {
                 prompt: "a corgi, style of monet".into(),
                 negative_prompt: String::new(),
                 seed: 7,
+                source: None,
             }],
         };
         // The bundled tokenizer encodes as the directory's files do.

@@ -201,11 +201,13 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             steps: args.steps,
             guidance_scale: args.guidance,
             scheduler,
+            strength: 1.0,
             items: (0..size)
                 .map(|i| sparkle_engine::BatchItem {
                     prompt: format!("a corgi, style of monet, number {i}"),
                     negative_prompt: "blurry".into(),
                     seed: i as u64,
+                    source: None,
                 })
                 .collect(),
         };
@@ -268,10 +270,12 @@ fn check_against_cpu(
         steps: 2,
         guidance_scale: args.guidance,
         scheduler,
+        strength: 1.0,
         items: vec![sparkle_engine::BatchItem {
             prompt: "a corgi, style of monet".into(),
             negative_prompt: "blurry".into(),
             seed: 7,
+            source: None,
         }],
     };
     let started = Instant::now();

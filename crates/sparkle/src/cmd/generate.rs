@@ -77,10 +77,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         steps: request.steps,
         guidance_scale: request.guidance_scale,
         scheduler: request.scheduler,
+        strength: 1.0,
         items: vec![sparkle_engine::BatchItem {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
             seed: u64::from(request.seed),
+            source: None,
         }],
     };
     let mut on_step = |p: sparkle_engine::StepProgress| {
