@@ -26,7 +26,7 @@ full=()
 start_service "$SPARKLE" "$work/data" SPARKLE_SCALER__IDLE_GRACE_SECS=3 SPARKLE_SCALER__TICK_MS=200
 metrics=$(sed -n 's/^Metrics at //p' "$work/out")
 python3 - "$url" "$work/data/tls/cert.pem" "$work/key" "$metrics" "$SIZE" "$STEPS" <<'PY'
-import json, ssl, sys, time, urllib.request
+import json, ssl, sys, time, urllib.error, urllib.request
 url, cert, key_file, metrics, size, steps = sys.argv[1:7]
 key = open(key_file).read().strip()
 ctx = ssl.create_default_context(cafile=cert)
@@ -35,8 +35,15 @@ def call(method, path, body=None):
     req = urllib.request.Request(url + path, method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, context=ctx, timeout=600) as r:
-        return json.loads(r.read())
+    while True:
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=600) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            # Polling a long generation may meet the per-address request rate: wait as told.
+            if e.code != 429:
+                raise
+            time.sleep(float(e.headers.get("Retry-After") or 0.1))
 
 def workers():
     text = urllib.request.urlopen(metrics, timeout=10).read().decode()
@@ -50,7 +57,7 @@ def one(label, seed):
     job = call("POST", "/v1/jobs", {"prompt": "a lighthouse at dusk", "size": size,
                                     "steps": int(steps), "seed": seed})
     while job["status"] in ("queued", "running"):
-        time.sleep(0.02)
+        time.sleep(0.05)
         job = call("GET", "/v1/jobs/" + job["id"])
     took = time.time() - started
     assert job["status"] == "succeeded", job

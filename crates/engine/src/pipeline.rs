@@ -665,7 +665,7 @@ impl Engine {
     /// The batch's source images encoded, their masks at the latents' size, and what an
     /// inpainting UNet sees beside the latents (for a batch without sources too: everything
     /// repainted, nothing kept).
-    fn prepare_sources(
+    pub(crate) fn prepare_sources(
         &self,
         batch: &Batch,
     ) -> Result<(Option<Sources>, Option<InpaintInput>), EngineError> {

@@ -244,15 +244,22 @@ pub enum RandomModel {
     Sdxl,
     /// SDXL's networks at 512 with a few-step "trailing" schedule.
     SdxlTurbo,
+    /// SD 1.5 with an inpainting UNet: 9 input channels (the latents, the mask and the
+    /// masked image's latents).
+    Sd15Inpainting,
+    /// SDXL with an inpainting UNet.
+    SdxlInpainting,
 }
 
 impl RandomModel {
-    pub const ALL: [RandomModel; 5] = [
+    pub const ALL: [RandomModel; 7] = [
         RandomModel::Sd15,
         RandomModel::Sd21,
         RandomModel::SdTurbo,
         RandomModel::Sdxl,
         RandomModel::SdxlTurbo,
+        RandomModel::Sd15Inpainting,
+        RandomModel::SdxlInpainting,
     ];
 
     pub fn name(self) -> &'static str {
@@ -262,6 +269,8 @@ impl RandomModel {
             RandomModel::SdTurbo => "sd-turbo",
             RandomModel::Sdxl => "sdxl",
             RandomModel::SdxlTurbo => "sdxl-turbo",
+            RandomModel::Sd15Inpainting => "sd1.5-inpainting",
+            RandomModel::SdxlInpainting => "sdxl-inpainting",
         }
     }
 
@@ -271,10 +280,19 @@ impl RandomModel {
 
     pub fn architecture(self) -> Architecture {
         match self {
-            RandomModel::Sd15 => Architecture::Sd15,
+            RandomModel::Sd15 | RandomModel::Sd15Inpainting => Architecture::Sd15,
             RandomModel::Sd21 | RandomModel::SdTurbo => Architecture::Sd21,
-            RandomModel::Sdxl | RandomModel::SdxlTurbo => Architecture::Sdxl,
+            RandomModel::Sdxl | RandomModel::SdxlTurbo | RandomModel::SdxlInpainting => {
+                Architecture::Sdxl
+            }
         }
+    }
+
+    fn inpainting(self) -> bool {
+        matches!(
+            self,
+            RandomModel::Sd15Inpainting | RandomModel::SdxlInpainting
+        )
     }
 
     fn turbo(self) -> bool {
@@ -398,6 +416,9 @@ pub fn write_random(
     }
     if scale == ModelScale::Full {
         full_size(arch, &mut text_encoder, &mut unet, &mut vae);
+    }
+    if kind.inpainting() {
+        unet["in_channels"] = json!(9);
     }
     write_json(&dir.join("model_index.json"), &index)?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler)?;

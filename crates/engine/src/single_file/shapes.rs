@@ -273,10 +273,12 @@ fn unet(
     let key = |rest: &str| format!("{UNET}{rest}");
     let [_, in_channels, _, _] = s.get(&key("input_blocks.0.0.weight"))?;
     let [out_channels, _, _, _] = s.get(&key("out.2.weight"))?;
-    if in_channels != out_channels {
+    // An inpainting UNet takes the mask and the masked image's latents beside the latents.
+    if in_channels != out_channels && in_channels != 2 * out_channels + 1 {
         return Err(s.bad(format!(
-            "the UNet takes {in_channels} channels and gives {out_channels}: an inpainting or \
-             image-editing model, which is not supported"
+            "the UNet takes {in_channels} channels and gives {out_channels}: neither a \
+             text-to-image nor an inpainting model (an image-editing model?), which is not \
+             supported"
         )));
     }
     let [time_embed_dim, _] = s.get(&key("time_embed.0.weight"))?;

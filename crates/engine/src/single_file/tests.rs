@@ -373,18 +373,20 @@ fn files_that_are_not_stable_diffusion_checkpoints_are_refused_with_the_reason()
     std::fs::write(&pickle, "PK").expect("write");
     assert!(refusal(&pickle).contains("pickled"));
 
-    let inpainting = {
+    // An image-editing UNet (the latents beside the source's: 8 channels in) is neither a
+    // text-to-image nor an inpainting model (9 in, which loads).
+    let editing = {
         let (_root, model, file) = both_layouts(RandomModel::Sd15);
         let (mut tensors, metadata) = contents(&file);
         let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
-        let wider = Tensor::zeros((32, 9, 3, 3), DType::F32, &Device::Cpu).expect("zeros");
+        let wider = Tensor::zeros((32, 8, 3, 3), DType::F32, &Device::Cpu).expect("zeros");
         tensors.insert(conv_in.into(), wider);
-        let file = d.join("inpainting.safetensors");
+        let file = d.join("editing.safetensors");
         save(&tensors, &metadata, &file).expect("save");
         drop(model);
         file
     };
-    assert!(refusal(&inpainting).contains("inpainting"));
+    assert!(refusal(&editing).contains("takes 8 channels and gives 4"));
 
     let missing = d.join("nowhere.safetensors");
     assert!(matches!(

@@ -18,9 +18,10 @@ pub enum ModelCommand {
         /// Architecture: sd1.5; sd2.1 (v-prediction, GELU text encoder); sd-turbo (SD 2.1's
         /// networks, a few-step schedule: 1 step, no guidance by default); sdxl (two text
         /// encoders, pooled text and size conditioning); sdxl-turbo (SDXL's networks at 512,
-        /// few steps).
+        /// few steps); sd1.5-inpainting and sdxl-inpainting (UNets of 9 input channels: the
+        /// latents, the mask and the masked image's latents).
         #[arg(long, default_value = "sd1.5",
-              value_parser = ["sd1.5", "sd2.1", "sd-turbo", "sdxl", "sdxl-turbo"])]
+              value_parser = ["sd1.5", "sd2.1", "sd-turbo", "sdxl", "sdxl-turbo", "sd1.5-inpainting", "sdxl-inpainting"])]
         arch: String,
         /// The real checkpoint's shapes instead (about 4 GB, random weights): for benchmarks
         /// of the real arithmetic where no weights can be downloaded.
