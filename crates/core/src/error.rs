@@ -88,6 +88,12 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The image is larger than any serving device can make in the memory it has.
     TooLargeForDevice,
+    /// A source image or mask is not PNG, JPEG or WebP, cannot be decoded, is over the byte
+    /// or dimension limits, or does not fit the request (a mask of other dimensions,
+    /// outpainting margins that leave no room).
+    InvalidImage,
+    /// `strength` is not above 0 and at most 1, runs no step, or comes without an image.
+    InvalidStrength,
 }
 
 impl ErrorCode {
@@ -132,6 +138,8 @@ impl ErrorCode {
         ErrorCode::TooManyStreams,
         ErrorCode::TooManyConnections,
         ErrorCode::TooLargeForDevice,
+        ErrorCode::InvalidImage,
+        ErrorCode::InvalidStrength,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -175,6 +183,8 @@ impl ErrorCode {
             ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::TooLargeForDevice => "too_large_for_device",
+            ErrorCode::InvalidImage => "invalid_image",
+            ErrorCode::InvalidStrength => "invalid_strength",
         }
     }
 
@@ -197,7 +207,9 @@ impl ErrorCode {
             | InvalidQuery
             | InvalidWebhookUrl
             | WebhookSecretMissing
-            | TooLargeForDevice => 400,
+            | TooLargeForDevice
+            | InvalidImage
+            | InvalidStrength => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope | InvalidCsrfToken | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,

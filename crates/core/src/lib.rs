@@ -10,11 +10,14 @@ mod error;
 mod job;
 mod request;
 mod scheduler;
+pub mod source;
 
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
 pub use request::{
-    is_model_name, job_cost, model_factor, model_of_batch_key, Catalog, ImageRequest, Limits,
-    ModelEntry, RequestParts, ValidImageRequest,
+    is_model_name, job_cost, model_factor, model_of_batch_key, steps_run, Catalog, ImageRequest,
+    Init, Limits, ModelEntry, RequestParts, ValidImageRequest, DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_STRENGTH,
 };
 pub use scheduler::Scheduler;
+pub use source::{Outpaint, Source, SourceFacts, SourcePixels};

@@ -1,3 +1,4 @@
+use crate::source::{natural_size, Outpaint, SourceFacts};
 use crate::{ErrorCode, RequestError, Scheduler};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,10 @@ pub struct Limits {
     pub max_n: u32,
     /// Largest guidance (CFG) scale.
     pub max_guidance_scale: f32,
+    /// Largest source image or mask, in bytes as sent.
+    pub max_source_bytes: usize,
+    /// Largest width or height of a source image or mask, in pixels.
+    pub max_source_side: u32,
 }
 
 impl Default for Limits {
@@ -30,6 +35,8 @@ impl Default for Limits {
             max_steps: 150,
             max_n: 8,
             max_guidance_scale: 30.0,
+            max_source_bytes: 10 << 20,
+            max_source_side: 4096,
         }
     }
 }
@@ -87,7 +94,29 @@ pub struct ImageRequest {
     pub seed: Option<u64>,
     pub scheduler: Option<String>,
     pub n: Option<u32>,
+    /// With a source image: how far from it the result may go, above 0 up to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
+    /// With a source image: pixels added around it for the model to paint in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outpaint: Option<Outpaint>,
 }
+
+/// What a job starts from when it has a source image (stored beside the job, at the job's
+/// size): image-to-image, or inpainting when part of it is masked for repainting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Init {
+    /// The share of the schedule that runs: `⌊steps × strength⌋` steps, from the source's
+    /// latents noised to that level.
+    pub strength: f32,
+    /// Part of the image is repainted and the rest kept (inpainting, outpainting).
+    pub masked: bool,
+}
+
+/// The strength a request with a source image gets when it names none: A1111's for
+/// image-to-image, everything for inpainting (the masked area starts from noise).
+pub const DEFAULT_STRENGTH: f32 = 0.75;
+pub const DEFAULT_INPAINT_STRENGTH: f32 = 1.0;
 
 /// A request that passed validation: every field resolved, every limit respected.
 /// Only these cross into the queue. Only validation makes one: [`ImageRequest::validate`]
@@ -114,6 +143,8 @@ pub struct ValidImageRequest {
     pub seed: u32,
     pub scheduler: Scheduler,
     pub n: u32,
+    /// The source image the job starts from, if any.
+    pub init: Option<Init>,
     /// Only this module makes one.
     validated: Validated,
 }
@@ -136,6 +167,7 @@ pub struct RequestParts {
     pub seed: u32,
     pub scheduler: Scheduler,
     pub n: u32,
+    pub init: Option<Init>,
 }
 
 /// The work of one denoising step per latent pixel relative to SD 1.5's, by words in a
@@ -222,6 +254,9 @@ impl ValidImageRequest {
                 format!("prompts must be at most {MAX_PROMPT_BYTES} bytes"),
             );
         }
+        if let Some(init) = parts.init {
+            check_strength(init.strength, parts.steps)?;
+        }
         let RequestParts {
             prompt,
             negative_prompt,
@@ -233,6 +268,7 @@ impl ValidImageRequest {
             seed,
             scheduler,
             n,
+            init,
         } = parts;
         Ok(ValidImageRequest {
             prompt,
@@ -245,6 +281,7 @@ impl ValidImageRequest {
             seed,
             scheduler,
             n,
+            init,
             validated: Validated,
         })
     }
@@ -259,12 +296,14 @@ impl ImageRequest {
         hex::encode(Sha256::digest(&canonical))
     }
 
-    /// Checks every field against `limits` and `catalog`. A missing seed is drawn from
-    /// `random_seed`, so this function stays free of randomness and easy to test.
+    /// Checks every field against `limits` and `catalog`, with what is known of the source
+    /// image the request came with (decoded and checked by [`crate::Source`]). A missing seed
+    /// is drawn from `random_seed`, so this function stays free of randomness and easy to test.
     pub fn validate(
         self,
         limits: &Limits,
         catalog: &Catalog,
+        source: Option<&SourceFacts>,
         random_seed: impl FnOnce() -> u32,
     ) -> Result<ValidImageRequest, RequestError> {
         let prompt = check_prompt("prompt", &self.prompt, limits)?;
@@ -298,10 +337,50 @@ impl ImageRequest {
             )
         })?;
 
-        let (width, height) = match self.size.as_deref() {
-            None => (model.default_width, model.default_height),
-            Some(size) => parse_size(size, limits)?,
+        let outpaint = self.outpaint.unwrap_or_default();
+        if source.is_none() {
+            if self.strength.is_some() {
+                return Err(RequestError::new(
+                    ErrorCode::InvalidStrength,
+                    Some("strength"),
+                    "strength applies to a source image; send one in image",
+                ));
+            }
+            if self.outpaint.is_some() {
+                return Err(RequestError::new(
+                    ErrorCode::InvalidImage,
+                    Some("outpaint"),
+                    "outpaint extends a source image; send one in image",
+                ));
+            }
+        }
+        let (width, height) = match (self.size.as_deref(), source) {
+            (Some(size), _) => parse_size(size, limits)?,
+            (None, Some(facts)) => natural_size(
+                facts,
+                &outpaint,
+                u64::from(model.default_width) * u64::from(model.default_height),
+                limits.min_side,
+                limits.max_side,
+            ),
+            (None, None) => (model.default_width, model.default_height),
         };
+        if width
+            < outpaint
+                .left
+                .saturating_add(outpaint.right)
+                .saturating_add(8)
+            || height < outpaint.up.saturating_add(outpaint.down).saturating_add(8)
+        {
+            return Err(RequestError::new(
+                ErrorCode::InvalidImage,
+                Some("outpaint"),
+                format!(
+                    "outpaint margins of {}+{} by {}+{} pixels leave no room for the image on a {width}x{height} canvas",
+                    outpaint.left, outpaint.right, outpaint.up, outpaint.down
+                ),
+            ));
+        }
 
         let steps = self.steps.unwrap_or(model.default_steps);
         if !(limits.min_steps..=limits.max_steps).contains(&steps) {
@@ -364,6 +443,22 @@ impl ImageRequest {
             })?,
         };
 
+        let init = match source {
+            None => None,
+            Some(facts) => {
+                let strength = self.strength.unwrap_or(if facts.masked {
+                    DEFAULT_INPAINT_STRENGTH
+                } else {
+                    DEFAULT_STRENGTH
+                });
+                check_strength(strength, steps)?;
+                Some(Init {
+                    strength,
+                    masked: facts.masked,
+                })
+            }
+        };
+
         // Within the bounds any stored request is checked against, whatever the limits.
         ValidImageRequest::from_parts(RequestParts {
             prompt,
@@ -376,8 +471,36 @@ impl ImageRequest {
             seed,
             scheduler,
             n,
+            init,
         })
     }
+}
+
+/// The denoising steps a schedule of `steps` runs from a source image at `strength`
+/// (diffusers' rule: the schedule's last `⌊steps × strength⌋` steps).
+pub fn steps_run(steps: u32, strength: f32) -> u32 {
+    ((f64::from(steps) * f64::from(strength)) as u32).min(steps)
+}
+
+fn check_strength(strength: f32, steps: u32) -> Result<(), RequestError> {
+    let invalid = |message: String| {
+        Err(RequestError::new(
+            ErrorCode::InvalidStrength,
+            Some("strength"),
+            message,
+        ))
+    };
+    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+        return invalid(format!(
+            "strength must be above 0 and at most 1; got {strength}"
+        ));
+    }
+    if steps_run(steps, strength) == 0 {
+        return invalid(format!(
+            "strength {strength} of {steps} steps runs no step; steps × strength must be at least 1"
+        ));
+    }
+    Ok(())
 }
 
 fn check_prompt(field: &'static str, text: &str, limits: &Limits) -> Result<String, RequestError> {
@@ -454,6 +577,9 @@ impl ValidImageRequest {
             self.height,
             self.model
         ));
+        if let Some(init) = self.init {
+            text.push_str(&format!(", Denoising strength: {}", init.strength));
+        }
         text
     }
 
@@ -475,6 +601,9 @@ impl ValidImageRequest {
             seed: None,
             scheduler: Some(self.scheduler.as_str().to_string()),
             n: Some(n),
+            strength: self.init.map(|init| init.strength),
+            // The stored source is the whole canvas already.
+            outpaint: None,
         }
     }
 
@@ -482,16 +611,39 @@ impl ValidImageRequest {
     /// `steps × (width × height / 512²) × n × model_factor(model)`. The scaler sizes the
     /// pool by it.
     pub fn cost(&self) -> f64 {
-        job_cost(&self.model, self.width, self.height, self.steps, self.n)
+        job_cost(
+            &self.model,
+            self.width,
+            self.height,
+            self.steps_run(),
+            self.n,
+        )
+    }
+
+    /// The denoising steps that run: all of them from text, the strength's share from a
+    /// source image.
+    pub fn steps_run(&self) -> u32 {
+        match self.init {
+            None => self.steps,
+            Some(init) => steps_run(self.steps, init.strength),
+        }
     }
 
     /// Jobs with equal batch keys can run as one batch on the GPU. The model comes first
     /// ([`model_of_batch_key`] reads it back; model names never hold `|`).
     pub fn batch_key(&self) -> String {
-        format!(
+        let base = format!(
             "{}|{}x{}|{}|{}",
             self.model, self.width, self.height, self.steps, self.scheduler
-        )
+        );
+        match self.init {
+            None => base,
+            Some(init) => format!(
+                "{base}|{}{}",
+                if init.masked { "inpaint@" } else { "img2img@" },
+                init.strength
+            ),
+        }
     }
 }
 
@@ -513,7 +665,7 @@ mod tests {
     }
 
     fn check(r: ImageRequest) -> Result<ValidImageRequest, RequestError> {
-        r.validate(&Limits::default(), &catalog(), || 42)
+        r.validate(&Limits::default(), &catalog(), None, || 42)
     }
 
     #[test]
@@ -670,7 +822,7 @@ mod tests {
             n: Some(3),
             ..req("a")
         }
-        .validate(&Limits::default(), &catalog(), || u32::MAX)
+        .validate(&Limits::default(), &catalog(), None, || u32::MAX)
         .expect("drawn seed is clamped");
         assert_eq!(v.seed_of(2), u32::MAX);
     }
@@ -689,7 +841,7 @@ mod tests {
         .expect("valid");
         let again = first
             .again(4)
-            .validate(&Limits::default(), &catalog(), || 99)
+            .validate(&Limits::default(), &catalog(), None, || 99)
             .expect("valid again");
         assert_eq!((again.seed, again.n), (99, 4));
         assert_eq!(
@@ -717,5 +869,165 @@ mod tests {
         );
         let plain = check(req("x")).expect("valid");
         assert!(!plain.parameters_text(0).contains("Negative prompt"));
+    }
+
+    #[test]
+    fn a_source_image_sets_the_strength_the_size_and_the_batch() {
+        let facts = SourceFacts {
+            width: 1024,
+            height: 768,
+            masked: false,
+        };
+        let with = |r: ImageRequest, facts: &SourceFacts| {
+            r.validate(&Limits::default(), &catalog(), Some(facts), || 42)
+        };
+        let text = check(req("a")).expect("text");
+        let img = with(req("a"), &facts).expect("img2img");
+        assert_eq!(
+            img.init,
+            Some(Init {
+                strength: DEFAULT_STRENGTH,
+                masked: false
+            })
+        );
+        // The source's aspect at the model's default area.
+        assert_eq!((img.width, img.height), (592, 440));
+        let inpaint = with(
+            ImageRequest {
+                size: Some("512x512".into()),
+                ..req("a")
+            },
+            &SourceFacts {
+                masked: true,
+                ..facts
+            },
+        )
+        .expect("inpaint");
+        assert_eq!(inpaint.init.map(|i| i.strength), Some(1.0));
+        assert_eq!((inpaint.width, inpaint.height), (512, 512));
+        // Three kinds of job, three batches; a fraction of the steps costs that fraction.
+        let text_512 = text.batch_key();
+        assert_ne!(text_512, inpaint.batch_key());
+        assert!(
+            inpaint.batch_key().starts_with(&text_512),
+            "{}",
+            inpaint.batch_key()
+        );
+        let half = with(
+            ImageRequest {
+                size: Some("512x512".into()),
+                strength: Some(0.5),
+                ..req("a")
+            },
+            &facts,
+        )
+        .expect("half");
+        assert_eq!(half.steps_run(), 10);
+        assert!((half.cost() - text.cost() / 2.0).abs() < 1e-9);
+        assert!(half
+            .parameters_text(0)
+            .ends_with(", Denoising strength: 0.5"));
+        assert_eq!(half.again(1).strength, Some(0.5));
+
+        let refusals: Vec<(ImageRequest, Option<&SourceFacts>, ErrorCode, &str, &str)> = vec![
+            (
+                ImageRequest {
+                    strength: Some(0.5),
+                    ..req("a")
+                },
+                None,
+                ErrorCode::InvalidStrength,
+                "strength",
+                "send one in image",
+            ),
+            (
+                ImageRequest {
+                    outpaint: Some(Outpaint {
+                        left: 64,
+                        ..Outpaint::default()
+                    }),
+                    ..req("a")
+                },
+                None,
+                ErrorCode::InvalidImage,
+                "outpaint",
+                "send one in image",
+            ),
+            (
+                ImageRequest {
+                    strength: Some(1.5),
+                    ..req("a")
+                },
+                Some(&facts),
+                ErrorCode::InvalidStrength,
+                "strength",
+                "got 1.5",
+            ),
+            (
+                ImageRequest {
+                    strength: Some(0.0),
+                    ..req("a")
+                },
+                Some(&facts),
+                ErrorCode::InvalidStrength,
+                "strength",
+                "above 0",
+            ),
+            (
+                ImageRequest {
+                    strength: Some(0.04),
+                    ..req("a")
+                },
+                Some(&facts),
+                ErrorCode::InvalidStrength,
+                "strength",
+                "runs no step",
+            ),
+            (
+                ImageRequest {
+                    size: Some("512x512".into()),
+                    outpaint: Some(Outpaint {
+                        left: 256,
+                        right: 256,
+                        ..Outpaint::default()
+                    }),
+                    ..req("a")
+                },
+                Some(&facts),
+                ErrorCode::InvalidImage,
+                "outpaint",
+                "no room",
+            ),
+        ];
+        for (r, source, code, param, mention) in refusals {
+            let err = r
+                .validate(&Limits::default(), &catalog(), source, || 1)
+                .expect_err("refused");
+            assert_eq!((err.code, err.param), (code, Some(param)), "{err}");
+            assert!(err.message.contains(mention), "{err} should say {mention}");
+        }
+        // A stored request with a strength no validation allows is not read back.
+        let mut parts = RequestParts {
+            prompt: "a".into(),
+            negative_prompt: String::new(),
+            model: "tiny".into(),
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance_scale: 7.5,
+            seed: 1,
+            scheduler: Scheduler::Euler,
+            n: 1,
+            init: Some(Init {
+                strength: f32::NAN,
+                masked: false,
+            }),
+        };
+        assert!(ValidImageRequest::from_parts(parts.clone()).is_err());
+        parts.init = Some(Init {
+            strength: 0.5,
+            masked: true,
+        });
+        assert!(ValidImageRequest::from_parts(parts).is_ok());
     }
 }

@@ -303,7 +303,11 @@ fn check_from_source(fixture: &str, kind: RandomModel) {
                     &mut first,
                 )
                 .expect("denoise");
-            stage("latents after the first step", &first.expect("first"), get("first"));
+            stage(
+                "latents after the first step",
+                &first.expect("first"),
+                get("first"),
+            );
             stage("latents after the last step", &last, get("last"));
             let image = engine.decode(get("last")).expect("decode");
             let image = ((image / 2.0).and_then(|t| t + 0.5))

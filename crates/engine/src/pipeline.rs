@@ -672,8 +672,11 @@ impl Engine {
         let (w, h) = (batch.width as usize, batch.height as usize);
         let (_, lh, lw) = self.latent_shape(batch);
         let n = batch.items.len();
-        let sources: Vec<&SourceImage> =
-            batch.items.iter().filter_map(|i| i.source.as_ref()).collect();
+        let sources: Vec<&SourceImage> = batch
+            .items
+            .iter()
+            .filter_map(|i| i.source.as_ref())
+            .collect();
         let masks: Vec<&[u8]> = sources.iter().filter_map(|s| s.mask.as_deref()).collect();
         // A pixel in [-1, 1]; zero (grey) where a mask repaints, for the masked image.
         let pixels = |masked: bool| -> candle_core::Result<Tensor> {
@@ -718,7 +721,10 @@ impl Engine {
                 _ => {
                     let grey = Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu)?;
                     let masked = self.encode_images(&grey)?.repeat((n, 1, 1, 1))?;
-                    (Tensor::ones((n, 1, lh, lw), DType::F32, &self.device)?, masked)
+                    (
+                        Tensor::ones((n, 1, lh, lw), DType::F32, &self.device)?,
+                        masked,
+                    )
                 }
             };
             Some(InpaintInput(
@@ -814,9 +820,8 @@ impl Engine {
                 output
             };
             latents = sampler.step(&output, i, &latents, &mut noise)?;
-            if let Some((sources, repaint)) = start
-                .sources
-                .and_then(|s| s.blend.as_ref().map(|b| (s, b)))
+            if let Some((sources, repaint)) =
+                start.sources.and_then(|s| s.blend.as_ref().map(|b| (s, b)))
             {
                 // What is kept is the source, noised to the level of the next step.
                 let kept = if i + 1 < timesteps.len() {
@@ -1030,8 +1035,7 @@ fn check_parts_fit(
     let latent = vae.candle.latent_channels;
     // An inpainting UNet takes the mask and the masked image's latents beside the latents.
     let inpainting = 2 * latent + 1;
-    if (unet.in_channels != latent && unet.in_channels != inpainting)
-        || unet.out_channels != latent
+    if (unet.in_channels != latent && unet.in_channels != inpainting) || unet.out_channels != latent
     {
         return Err(EngineError::invalid_model(
             unet_file,

@@ -595,9 +595,7 @@ fn masked_image_to_image_keeps_the_unmasked_latents_exactly() {
             // The latents' left half (x < 4 of 8) is kept; the right half is repainted.
             let kept = |t: &candle_core::Tensor| t.i((.., .., .., 0..4)).expect("left");
             let repainted = |t: &candle_core::Tensor| t.i((.., .., .., 4..8)).expect("right");
-            let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-                max_tensor_diff(a, b)
-            };
+            let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| max_tensor_diff(a, b);
             assert!(
                 diff(&kept(&latents), &kept(&encoded)) < 1e-6,
                 "{scheduler} at {strength}: the kept half moved"
@@ -621,7 +619,8 @@ fn sources_that_do_not_fit_the_batch_are_refused() {
     b.strength = 0.1; // 4 steps × 0.1 runs none
     assert!(refused(&b).contains("at least 1"));
     b.strength = 0.5;
-    b.items.push(batch(Scheduler::Euler, &[("x", 1)]).items.remove(0));
+    b.items
+        .push(batch(Scheduler::Euler, &[("x", 1)]).items.remove(0));
     assert!(refused(&b).contains("or none"));
     let mut b = from_source(Scheduler::Euler, 0.5, false);
     if let Some(s) = b.items[0].source.as_mut() {

@@ -299,7 +299,9 @@ impl VaeEncoder {
                 xs = resnet.forward(&xs, ch)?;
             }
             if let Some(conv) = &block.downsample {
-                let padded = xs.pad_with_zeros(h_dim, 0, 1)?.pad_with_zeros(w_dim, 0, 1)?;
+                let padded = xs
+                    .pad_with_zeros(h_dim, 0, 1)?
+                    .pad_with_zeros(w_dim, 0, 1)?;
                 xs = conv.apply(&padded, None, None, ch)?;
             }
         }

@@ -201,14 +201,35 @@ fn too_many_connections(whose: &str) -> Response {
 /// How much of a too-large body is still read (and dropped) before the refusal is sent.
 const DRAIN_BYTES: usize = 1 << 20;
 
-/// Reads the whole body (at most `max_body_bytes`) within the request timeout, so that a
-/// client trickling its body cannot hold the handler or the connection.
+/// The routes whose bodies carry images.
+const IMAGE_ROUTES: &[&str] = &["/v1/jobs", "/v1/images/generations", "/v1/images/edits"];
+
+/// The largest body this request may have: `max_image_body_bytes` for a POST with
+/// credentials (checked later) to a route that takes images, `max_body_bytes` otherwise.
+fn body_limit(state: &GatewayState, parts: &axum::http::request::Parts) -> usize {
+    let images = parts.method == axum::http::Method::POST
+        && IMAGE_ROUTES.contains(&parts.uri.path())
+        && (parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+            || crate::auth::session_cookie(&parts.headers).is_some());
+    if images {
+        state.options.max_image_body_bytes
+    } else {
+        state.options.max_body_bytes
+    }
+}
+
+/// Reads the whole body (at most `max_body_bytes`, or `max_image_body_bytes` where images
+/// travel) within the request timeout, so that a client trickling its body cannot hold the
+/// handler or the connection.
 pub async fn read_body(
     State(state): State<GatewayState>,
     request: Request,
     next: Next,
 ) -> Response {
-    let limit = state.options.max_body_bytes;
+    let (parts, body) = request.into_parts();
+    let limit = body_limit(&state, &parts);
     let too_large = || {
         ApiError::new(
             ErrorCode::BodyTooLarge,
@@ -219,7 +240,6 @@ pub async fn read_body(
     // Read past the limit, discarding, before answering a body that is too large (up to
     // DRAIN_BYTES more, within the request timeout): a client still writing its body when
     // the connection closes sees a reset, not the answer.
-    let (parts, body) = request.into_parts();
     let collect = async {
         let mut bytes = Vec::new();
         let mut seen = 0usize;

@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct GatewayOptions {
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest body of a request with credentials to a route that takes images.
+    pub max_image_body_bytes: usize,
     /// Most queued jobs before new work is refused with 503 and `Retry-After`.
     pub max_queued_jobs: u64,
     /// Attempts a job gets before it is dead-lettered.
@@ -50,6 +52,7 @@ impl Default for GatewayOptions {
     fn default() -> Self {
         GatewayOptions {
             max_body_bytes: 64 * 1024,
+            max_image_body_bytes: 32 << 20,
             max_queued_jobs: 10_000,
             max_attempts: 3,
             sync_timeout: Duration::from_secs(600),

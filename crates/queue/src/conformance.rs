@@ -27,6 +27,7 @@ pub(crate) const VIS: Duration = Duration::from_millis(1000);
 /// A small valid job in `group` (also its owner).
 pub fn new_job(group: &str, prompt: &str) -> NewJob {
     NewJob {
+        id: sparkle_core::JobId::random(),
         owner: group.to_string(),
         share: group.to_string(),
         group: group.to_string(),
@@ -43,6 +44,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
             seed: 1,
             scheduler: Scheduler::Euler,
             n: 1,
+            init: None,
         })
         .expect("a valid request"),
         max_attempts: 3,
@@ -771,6 +773,7 @@ async fn a_retry_waiting_out_its_backoff_is_live_cancellable_and_comes_back<Q: J
     let mut limited = new_job("alice", "first");
     limited.owner_live_limit = Some(2);
     let first = q.enqueue(limited.clone()).await.expect("enqueue").job.id;
+    assert_eq!(first, limited.id, "a job has the id its submitter chose");
     let lease = lease_one(&q, "w").await.expect("leased");
     q.fail(&lease.token, flaky.clone()).await.expect("fail");
     let job = q.get(first).await.expect("get").expect("exists");
@@ -784,9 +787,11 @@ async fn a_retry_waiting_out_its_backoff_is_live_cancellable_and_comes_back<Q: J
     );
 
     // Waiting for its retry, it still counts against its owner's live jobs.
+    limited.id = new_job_id();
     limited.request.prompt = "second".into();
     limited.fingerprint = "alice/second".into();
     q.enqueue(limited.clone()).await.expect("second fits");
+    limited.id = new_job_id();
     limited.request.prompt = "third".into();
     limited.fingerprint = "alice/third".into();
     assert!(matches!(

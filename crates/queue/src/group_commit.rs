@@ -323,7 +323,7 @@ async fn live_jobs(
 impl Prepared {
     /// Seals and blinds what `job` stores.
     pub fn new(fields: &dyn FieldCipher, job: NewJob, now: i64) -> Result<Prepared, QueueError> {
-        let id = JobId::random();
+        let id = job.id;
         let row = id.to_string();
         // Keyed per owner: identical requests of two owners store different hashes. Rows
         // written before were keyed by the value alone, and still match.

@@ -2,7 +2,7 @@
 //! database holds never becomes a [`ValidImageRequest`] unchecked.
 
 use serde::{Deserialize, Serialize};
-use sparkle_core::{RequestParts, Scheduler, ValidImageRequest};
+use sparkle_core::{Init, RequestParts, Scheduler, ValidImageRequest};
 
 /// A request as stored (sealed) in `jobs.request`.
 #[derive(Serialize, Deserialize)]
@@ -17,6 +17,9 @@ pub struct StoredRequest {
     seed: u32,
     scheduler: Scheduler,
     n: u32,
+    /// The source image the job starts from (stored beside it), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init: Option<Init>,
 }
 
 impl From<&ValidImageRequest> for StoredRequest {
@@ -32,6 +35,7 @@ impl From<&ValidImageRequest> for StoredRequest {
             seed: r.seed,
             scheduler: r.scheduler,
             n: r.n,
+            init: r.init,
         }
     }
 }
@@ -56,6 +60,7 @@ impl StoredRequest {
             seed: r.seed,
             scheduler: r.scheduler,
             n: r.n,
+            init: r.init,
         })
         .map_err(|e| e.message)
     }

@@ -3,6 +3,9 @@ use sparkle_core::{JobId, JobStatus, Progress, ValidImageRequest};
 /// A job to commit.
 #[derive(Debug, Clone)]
 pub struct NewJob {
+    /// Its id, chosen by the caller ([`JobId::random`]) so that what the job needs beside
+    /// its row (a source image) can be stored under it before the job exists.
+    pub id: JobId,
     /// Who may see and cancel it (an API key id).
     pub owner: String,
     /// Its fairness share: shares take turns round-robin (an API key, or one Discord user).

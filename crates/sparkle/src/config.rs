@@ -263,6 +263,10 @@ impl Default for TlsConfig {
 pub struct GatewayConfig {
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Largest body of a request that carries images (`POST /v1/jobs`,
+    /// `/v1/images/generations` and `/v1/images/edits` with credentials); each image within
+    /// is bounded by `limits.max_source_bytes` too.
+    pub max_image_body_bytes: usize,
     /// Largest request line plus headers (at least 8192); larger ones get 431.
     pub max_header_bytes: usize,
     /// Seconds a client has to finish the TLS handshake.
@@ -311,6 +315,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             max_body_bytes: 64 * 1024,
+            max_image_body_bytes: 32 << 20,
             max_header_bytes: 16 * 1024,
             handshake_timeout_secs: 10,
             header_timeout_secs: 15,
@@ -722,6 +727,7 @@ impl Config {
         }
         for (name, value) in [
             ("max_body_bytes", g.max_body_bytes as u64),
+            ("max_image_body_bytes", g.max_image_body_bytes as u64),
             ("handshake_timeout_secs", g.handshake_timeout_secs),
             ("header_timeout_secs", g.header_timeout_secs),
             ("request_timeout_secs", g.request_timeout_secs),

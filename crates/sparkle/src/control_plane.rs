@@ -210,6 +210,38 @@ impl ControlPlane for QueuePlane {
     async fn release(&self, lease: &LeaseToken) -> Result<(), PlaneError> {
         Ok(self.queue.release(lease).await?)
     }
+
+    async fn source(&self, lease: &LeaseToken, visibility: Duration) -> Result<Bytes, PlaneError> {
+        // Only for the lease's holder, while it holds it.
+        if self.queue.heartbeat(lease, None, visibility).await? == HeartbeatOutcome::Cancelled {
+            return Err(PlaneError::LeaseLost(lease.job_id));
+        }
+        let job = self
+            .queue
+            .get(lease.job_id)
+            .await?
+            .ok_or(PlaneError::LeaseLost(lease.job_id))?;
+        if job.request.init.is_none() {
+            return Err(PlaneError::Refused(format!(
+                "job {} starts from text, not from an image",
+                job.id
+            )));
+        }
+        match self.store.get_source(job.id).await {
+            Ok(Some(png)) => Ok(png),
+            Ok(None) => Err(PlaneError::Refused(format!(
+                "job {}'s source image is not stored",
+                job.id
+            ))),
+            // The store's error names paths and hosts: operators get it, workers not.
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "could not read a source image");
+                Err(PlaneError::Unavailable(
+                    "the image store could not be read".into(),
+                ))
+            }
+        }
+    }
 }
 
 /// The sets of models a worker's asks lease from, in order of preference: those it has

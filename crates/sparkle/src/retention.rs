@@ -1,6 +1,7 @@
 //! Retention: finished jobs are removed `retention.days` after they finished, with their
 //! images; images no job keeps (written by an attempt that lost its lease, or left by a
-//! process stopped between deleting a job and its images) are swept.
+//! process stopped between deleting a job and its images) are swept, as are source images
+//! of jobs that were never created.
 
 use sparkle_queue::{JobQueue, KeptImages};
 use sparkle_store::ImageStore;
@@ -79,6 +80,14 @@ pub async fn sweep(
                 }
                 removed += store.delete_attempt(*job, attempt).await?;
             }
+        }
+    }
+    // Source images stored for a job that was never created (its submission refused or
+    // interrupted between storing the source and enqueuing the job).
+    for (job, modified_ms) in store.list_sources().await? {
+        if modified_ms < before_ms && queue.get(job).await?.is_none() {
+            store.delete_job(job).await?;
+            removed += 1;
         }
     }
     Ok(removed)
@@ -230,6 +239,12 @@ mod tests {
         );
         let gone = sparkle_core::JobId::random();
         store.put(image(gone), None, png()).await.expect("put");
+        // Source images: one of a running job, one stored for a job never created.
+        store.put_source(running, png()).await.expect("source");
+        store
+            .put_source(sparkle_core::JobId::random(), png())
+            .await
+            .expect("source");
 
         // Too young: nothing is touched.
         assert_eq!(
@@ -242,8 +257,16 @@ mod tests {
 
         assert_eq!(
             sweep(&queue, &store, unix_ms() + 1).await.expect("sweep"),
-            3
+            4
         );
+        let sources: Vec<_> = store
+            .list_sources()
+            .await
+            .expect("sources")
+            .into_iter()
+            .map(|(job, _)| job)
+            .collect();
+        assert_eq!(sources, vec![running]);
         let mut left: Vec<_> = store
             .list()
             .await

@@ -40,6 +40,7 @@ pub fn router(api: WorkerApi) -> Router {
         .route(protocol::COMPLETE, post(complete))
         .route(protocol::FAIL, post(fail))
         .route(protocol::RELEASE, post(release))
+        .route(protocol::SOURCE, post(source))
         .layer(DefaultBodyLimit::max(MAX_COMPLETION_BYTES))
         .with_state(api)
 }
@@ -326,6 +327,17 @@ async fn fail(
     Ok(Json(FailAnswer {
         status: status.to_string(),
     }))
+}
+
+async fn source(
+    State(api): State<WorkerApi>,
+    _: Enrolled,
+    Json(ask): Json<SourceAsk>,
+) -> Result<Response, Refusal> {
+    let token = lease_token(&ask.job_id, &ask.lease_id)?;
+    let visibility = Duration::from_millis(ask.visibility_ms).min(MAX_VISIBILITY);
+    let png = api.plane.source(&token, visibility).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
 async fn release(

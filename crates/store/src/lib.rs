@@ -16,7 +16,7 @@ pub use worker_tokens::{WorkerTokenRefusal, WorkerTokens};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{local::LocalFileSystem, path::Path as ObjectPath, ObjectStore, PutPayload};
 use sparkle_core::JobId;
 use sparkle_seal::{MasterKeyId, MasterKeys, SealError};
@@ -91,6 +91,14 @@ fn job_prefix(job: JobId) -> ObjectPath {
     ObjectPath::from(format!("images/{job}"))
 }
 
+/// Where the source image a job starts from lives (image-to-image, inpainting).
+fn source_path(job: JobId) -> ObjectPath {
+    ObjectPath::from(format!("sources/{job}.png"))
+}
+
+/// The prefixes every sealed object lives under.
+const SEALED_PREFIXES: [&str; 2] = ["images", "sources"];
+
 /// The image an object path names, if it is one.
 fn parse_object_path(path: &ObjectPath) -> Option<(ImageKey, Option<u32>)> {
     let parts: Vec<_> = path.parts().collect();
@@ -130,6 +138,12 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn delete_job(&self, job: JobId) -> Result<u64, StoreError>;
     /// Every stored image.
     async fn list(&self) -> Result<Vec<StoredImage>, StoreError>;
+    /// Stores the source image `job` starts from, durably, before the job is enqueued.
+    async fn put_source(&self, job: JobId, png: Bytes) -> Result<(), StoreError>;
+    /// The source image `job` starts from, or `None`.
+    async fn get_source(&self, job: JobId) -> Result<Option<Bytes>, StoreError>;
+    /// Every stored source image: its job, and when it was written (Unix milliseconds).
+    async fn list_sources(&self) -> Result<Vec<(JobId, i64)>, StoreError>;
 }
 
 /// Which master keys the stored objects are sealed under.
@@ -263,7 +277,9 @@ impl ObjectImageStore {
     /// their headers.
     pub async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
         let mut usage = KeyUsage::default();
-        let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
+        let mut objects = futures::stream::iter(SEALED_PREFIXES)
+            .map(|prefix| self.inner.list(Some(&ObjectPath::from(prefix))))
+            .flatten();
         while let Some(meta) = objects.try_next().await? {
             let end = meta.size.min(sparkle_seal::HEADER_MAX as u64);
             let start = self.inner.get_range(&meta.location, 0..end).await?;
@@ -282,7 +298,9 @@ impl ObjectImageStore {
     pub async fn rewrap_all(&self) -> Result<Rewrapped, StoreError> {
         let ring = self.keys.current();
         let mut done = Rewrapped::default();
-        let mut objects = self.inner.list(Some(&ObjectPath::from("images")));
+        let mut objects = futures::stream::iter(SEALED_PREFIXES)
+            .map(|prefix| self.inner.list(Some(&ObjectPath::from(prefix))))
+            .flatten();
         while let Some(meta) = objects.try_next().await? {
             let name = meta.location;
             let end = meta.size.min(sparkle_seal::HEADER_MAX as u64);
@@ -324,6 +342,28 @@ impl ObjectImageStore {
 }
 
 impl ObjectImageStore {
+    /// Seals `plain` bound to its name and stores it, durably.
+    async fn put_sealed(&self, name: &ObjectPath, plain: &[u8]) -> Result<(), StoreError> {
+        let sealed = sparkle_seal::seal(&self.keys.current(), name.as_ref(), plain)
+            .map_err(seal_error(name))?;
+        self.inner
+            .put(name, PutPayload::from(Bytes::from(sealed)))
+            .await?;
+        self.sync_local(name).await
+    }
+
+    /// The object at `name`, opened, or `None`.
+    async fn get_opened(&self, name: &ObjectPath) -> Result<Option<Bytes>, StoreError> {
+        let sealed = match self.inner.get(name).await {
+            Ok(found) => found.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let plain =
+            sparkle_seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(name))?;
+        Ok(Some(Bytes::from(plain)))
+    }
+
     /// Makes a local write durable: the file, then every directory from its own up to the
     /// store's root (a new job's directories are entries in their parents).
     async fn sync_local(&self, name: &ObjectPath) -> Result<(), StoreError> {
@@ -384,25 +424,35 @@ impl ObjectImageStore {
 #[async_trait]
 impl ImageStore for ObjectImageStore {
     async fn put(&self, key: ImageKey, attempt: Option<u32>, png: Bytes) -> Result<(), StoreError> {
-        let name = object_path(key, attempt);
-        let sealed = sparkle_seal::seal(&self.keys.current(), name.as_ref(), &png)
-            .map_err(seal_error(&name))?;
-        self.inner
-            .put(&name, PutPayload::from(Bytes::from(sealed)))
-            .await?;
-        self.sync_local(&name).await
+        self.put_sealed(&object_path(key, attempt), &png).await
     }
 
     async fn get(&self, key: ImageKey, attempt: Option<u32>) -> Result<Option<Bytes>, StoreError> {
-        let name = object_path(key, attempt);
-        let sealed = match self.inner.get(&name).await {
-            Ok(found) => found.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let plain =
-            sparkle_seal::open(&self.keys, name.as_ref(), &sealed).map_err(seal_error(&name))?;
-        Ok(Some(Bytes::from(plain)))
+        self.get_opened(&object_path(key, attempt)).await
+    }
+
+    async fn put_source(&self, job: JobId, png: Bytes) -> Result<(), StoreError> {
+        self.put_sealed(&source_path(job), &png).await
+    }
+
+    async fn get_source(&self, job: JobId) -> Result<Option<Bytes>, StoreError> {
+        self.get_opened(&source_path(job)).await
+    }
+
+    async fn list_sources(&self) -> Result<Vec<(JobId, i64)>, StoreError> {
+        let mut found = Vec::new();
+        let mut objects = self.inner.list(Some(&ObjectPath::from("sources")));
+        while let Some(meta) = objects.try_next().await? {
+            let job = meta
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".png"))
+                .and_then(|id| id.parse().ok());
+            if let Some(job) = job {
+                found.push((job, meta.last_modified.timestamp_millis()));
+            }
+        }
+        Ok(found)
     }
 
     async fn delete_attempt(&self, job: JobId, attempt: Option<u32>) -> Result<u64, StoreError> {
@@ -416,7 +466,11 @@ impl ImageStore for ObjectImageStore {
     }
 
     async fn delete_job(&self, job: JobId) -> Result<u64, StoreError> {
-        self.delete_under(&job_prefix(job), true).await
+        let images = self.delete_under(&job_prefix(job), true).await?;
+        match self.inner.delete(&source_path(job)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(images),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn list(&self) -> Result<Vec<StoredImage>, StoreError> {
@@ -490,6 +544,44 @@ mod tests {
             .await
             .expect("get")
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_source_image_is_sealed_kept_with_its_job_and_removed_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path(), Keyring::generate(1));
+        let image = key(0);
+        let job = image.job;
+        assert!(store.get_source(job).await.expect("get").is_none());
+        let mut png = PNG_SIGNATURE.to_vec();
+        png.extend_from_slice(b"a source picture of a corgi");
+        store
+            .put_source(job, Bytes::from(png.clone()))
+            .await
+            .expect("put");
+        store
+            .put(image, Some(1), Bytes::from_static(b"made"))
+            .await
+            .expect("image");
+        assert_eq!(
+            store.get_source(job).await.expect("get").as_deref(),
+            Some(&png[..])
+        );
+        for file in files(dir.path()) {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(bytes.starts_with(sparkle_seal::MAGIC), "{}", file.display());
+            assert!(!bytes.windows(5).any(|w| w == b"corgi"));
+        }
+        let listed = store.list_sources().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, job);
+        // Not an image of the job: the sweep of images never sees it.
+        assert_eq!(store.list().await.expect("list").len(), 1);
+        let usage = store.key_usage().await.expect("usage");
+        assert_eq!(usage.by_key.values().sum::<u64>(), 2);
+        assert_eq!(store.delete_job(job).await.expect("delete"), 1);
+        assert!(store.get_source(job).await.expect("get").is_none());
+        assert!(store.list_sources().await.expect("list").is_empty());
     }
 
     #[tokio::test]

@@ -90,4 +90,8 @@ pub trait ControlPlane: Send + Sync {
 
     /// Gives a lease back unworked, without spending an attempt.
     async fn release(&self, lease: &LeaseToken) -> Result<(), PlaneError>;
+
+    /// The source image (PNG, at the job's size; RGBA when masked) of a leased job that
+    /// starts from one, extending the lease by `visibility` as a heartbeat does.
+    async fn source(&self, lease: &LeaseToken, visibility: Duration) -> Result<Bytes, PlaneError>;
 }

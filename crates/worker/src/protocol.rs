@@ -11,6 +11,7 @@
 //! | `POST /worker/v1/complete?job_id=…&lease_id=…` | the PNGs, each framed by its length (u32, big-endian) | 204 |
 //! | `POST /worker/v1/fail` | [`FailureReport`] | [`FailAnswer`] |
 //! | `POST /worker/v1/release` | [`LeaseRef`] | 204 |
+//! | `POST /worker/v1/source` | [`SourceAsk`] | the job's source image (PNG) |
 //!
 //! A lost lease is `409` with code `lease_lost`; an unusable token `401`; an outage `503`; a
 //! worker that serves none of the deployment's models `422` with code `models_not_served`
@@ -40,6 +41,7 @@ pub const HEARTBEAT: &str = "/worker/v1/heartbeat";
 pub const COMPLETE: &str = "/worker/v1/complete";
 pub const FAIL: &str = "/worker/v1/fail";
 pub const RELEASE: &str = "/worker/v1/release";
+pub const SOURCE: &str = "/worker/v1/source";
 
 /// Most jobs one lease call takes.
 pub const MAX_LEASE: usize = 64;
@@ -96,6 +98,14 @@ pub struct WireLease {
 pub struct LeaseRef {
     pub job_id: String,
     pub lease_id: String,
+}
+
+/// Asks for the source image of a leased job, extending the lease as a heartbeat does.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceAsk {
+    pub job_id: String,
+    pub lease_id: String,
+    pub visibility_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -283,10 +293,18 @@ impl Remote {
         &self,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<T, PlaneError> {
+        parse(&self.send_raw(build).await?)
+    }
+
+    /// [`Remote::send`], answered with the body as it is.
+    async fn send_raw(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<Bytes, PlaneError> {
         for renewed in [false, true] {
             let token = self.token().await?;
             let answer = build(token.as_str()).send().await.map_err(unreachable)?;
-            match read(answer).await {
+            match read_bytes(answer).await {
                 Err(PlaneError::Unauthorized(_)) if !renewed => {
                     let mut held = self.token.lock().await;
                     if held.as_ref().is_some_and(|(t, _)| *t == token) {
@@ -314,18 +332,27 @@ fn unreachable(e: reqwest::Error) -> PlaneError {
     PlaneError::Unavailable(e.to_string())
 }
 
-/// The answer's body, or the refusal it carries.
+/// The answer's JSON body, or the refusal it carries.
 async fn read<T: serde::de::DeserializeOwned>(answer: reqwest::Response) -> Result<T, PlaneError> {
+    parse(&read_bytes(answer).await?)
+}
+
+/// A JSON body (empty reads as `null`).
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, PlaneError> {
+    let bytes = if bytes.is_empty() {
+        &b"null"[..]
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| PlaneError::Refused(format!("an answer this worker cannot read: {e}")))
+}
+
+/// The answer's body as it is, or the refusal it carries.
+async fn read_bytes(answer: reqwest::Response) -> Result<Bytes, PlaneError> {
     let status = answer.status();
     if status.is_success() {
-        let bytes = answer.bytes().await.map_err(unreachable)?;
-        let bytes = if bytes.is_empty() {
-            &b"null"[..]
-        } else {
-            &bytes[..]
-        };
-        return serde_json::from_slice(bytes)
-            .map_err(|e| PlaneError::Refused(format!("an answer this worker cannot read: {e}")));
+        return answer.bytes().await.map_err(unreachable);
     }
     let error: Option<WireError> = answer.json().await.ok();
     let message = error
@@ -460,6 +487,18 @@ impl ControlPlane for Remote {
             lease_id: lease.lease_id.clone(),
         };
         self.call(RELEASE, &reference)
+            .await
+            .map_err(|e| about(lease.job_id, e))
+    }
+
+    async fn source(&self, lease: &LeaseToken, visibility: Duration) -> Result<Bytes, PlaneError> {
+        let url = format!("{}{SOURCE}", self.base);
+        let ask = SourceAsk {
+            job_id: lease.job_id.to_string(),
+            lease_id: lease.lease_id.clone(),
+            visibility_ms: millis(visibility.min(MAX_VISIBILITY)),
+        };
+        self.send_raw(|token| self.http.post(&url).bearer_auth(token).json(&ask))
             .await
             .map_err(|e| about(lease.job_id, e))
     }

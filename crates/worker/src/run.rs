@@ -1,8 +1,8 @@
 use crate::plane::{ControlPlane, PlaneError, Serving};
 use crate::{EngineThread, ModelLoaded, WorkerError};
 use bytes::Bytes;
-use sparkle_core::Progress;
-use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage};
+use sparkle_core::{Progress, SourcePixels};
+use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage, SourceImage};
 use sparkle_queue::{Failure, HeartbeatOutcome, Lease};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -124,10 +124,11 @@ pub async fn run(
                 fitting.push(lease);
             }
         }
+        let (fitting, sources) = with_sources(&*plane, fitting, &options).await;
         if fitting.is_empty() {
             continue;
         }
-        run_batch(&*plane, &engine, fitting, &options, &shutdown).await?;
+        run_batch(&*plane, &engine, fitting, sources, &options, &shutdown).await?;
     }
     tracing::info!(worker = %options.worker_id, "worker stopped");
     Ok(())
@@ -238,7 +239,69 @@ async fn fill_batch(
     }
 }
 
-fn batch_of(leases: &[Lease]) -> Batch {
+/// The source image of each job that starts from one, read from the control plane; a job
+/// whose source cannot be had is failed (or dropped, its lease lost) and left out.
+async fn with_sources(
+    plane: &dyn ControlPlane,
+    leases: Vec<Lease>,
+    options: &WorkerOptions,
+) -> (Vec<Lease>, Vec<Option<SourceImage>>) {
+    let mut kept = Vec::with_capacity(leases.len());
+    let mut sources = Vec::with_capacity(leases.len());
+    for lease in leases {
+        let r = &lease.job.request;
+        let Some(init) = r.init else {
+            kept.push(lease);
+            sources.push(None);
+            continue;
+        };
+        let fetched = while_unavailable(|| plane.source(&lease.token, options.lease_timeout)).await;
+        let png = match fetched {
+            Ok(png) => png,
+            Err(PlaneError::LeaseLost(_)) => {
+                tracing::info!(job = %lease.job.id, "the lease was lost before the batch started");
+                continue;
+            }
+            Err(e) => {
+                let failure = Failure {
+                    code: "source_unavailable".into(),
+                    message: "the image this job starts from could not be read".into(),
+                    detail: Some(e.to_string()),
+                    retryable: matches!(e, PlaneError::Unavailable(_)),
+                };
+                record_failure(plane, &lease, failure).await;
+                continue;
+            }
+        };
+        let (width, height) = (r.width, r.height);
+        let read = tokio::task::spawn_blocking(move || {
+            SourcePixels::from_png(&png, width, height, init.masked)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match read {
+            Ok(pixels) => {
+                kept.push(lease);
+                sources.push(Some(SourceImage {
+                    rgb: pixels.rgb,
+                    mask: pixels.mask,
+                }));
+            }
+            Err(why) => {
+                let failure = Failure {
+                    code: "invalid_source".into(),
+                    message: "the image this job starts from could not be read".into(),
+                    detail: Some(why),
+                    retryable: false,
+                };
+                record_failure(plane, &lease, failure).await;
+            }
+        }
+    }
+    (kept, sources)
+}
+
+fn batch_of(leases: &[Lease], sources: &[Option<SourceImage>]) -> Batch {
     let first = &leases[0].job.request;
     Batch {
         width: first.width,
@@ -246,16 +309,17 @@ fn batch_of(leases: &[Lease]) -> Batch {
         steps: first.steps,
         guidance_scale: first.guidance_scale,
         scheduler: first.scheduler,
-        strength: 1.0,
+        strength: first.init.map_or(1.0, |init| init.strength),
         items: leases
             .iter()
-            .flat_map(|lease| {
+            .zip(sources)
+            .flat_map(|(lease, source)| {
                 let r = &lease.job.request;
                 (0..r.n).map(move |i| BatchItem {
                     prompt: r.prompt.clone(),
                     negative_prompt: r.negative_prompt.clone(),
                     seed: r.seed_of(i) as u64,
-                    source: None,
+                    source: source.clone(),
                 })
             })
             .collect(),
@@ -266,6 +330,7 @@ async fn run_batch(
     plane: &dyn ControlPlane,
     engine: &EngineThread,
     leases: Vec<Lease>,
+    sources: Vec<Option<SourceImage>>,
     options: &WorkerOptions,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -273,7 +338,7 @@ async fn run_batch(
     tracing::info!(jobs = ?ids, "batch leased");
     let mut live = vec![true; leases.len()];
     let model = leases[0].job.request.model.clone();
-    let mut running = engine.submit(&model, batch_of(&leases)).await?;
+    let mut running = engine.submit(&model, batch_of(&leases, &sources)).await?;
     let mut ticker = tokio::time::interval(options.heartbeat_interval);
     ticker.tick().await;
     let mut progress_open = true;

@@ -66,6 +66,7 @@ fn lease_of(model: &str, steps: u32) -> Lease {
         seed: 3,
         scheduler: Scheduler::Euler,
         n: 1,
+        init: None,
     })
     .expect("a valid request");
     let id = JobId::random();
@@ -110,6 +111,8 @@ struct Script {
     /// What the worker said it serves and had loaded, at each ask for new work.
     asks: Vec<Serving>,
     loads: Vec<ModelLoaded>,
+    /// Source images by job.
+    sources: std::collections::HashMap<JobId, Bytes>,
 }
 
 #[derive(Default, Clone)]
@@ -196,6 +199,16 @@ impl ControlPlane for Scripted {
     async fn release(&self, lease: &LeaseToken) -> Result<(), PlaneError> {
         self.0.lock().expect("script").released.push(lease.job_id);
         Ok(())
+    }
+
+    async fn source(&self, lease: &LeaseToken, _: Duration) -> Result<Bytes, PlaneError> {
+        self.0
+            .lock()
+            .expect("script")
+            .sources
+            .get(&lease.job_id)
+            .cloned()
+            .ok_or_else(|| PlaneError::Refused("no source image".into()))
     }
 }
 

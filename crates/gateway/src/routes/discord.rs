@@ -8,7 +8,7 @@
 //! an ephemeral message that says what is wrong, and nothing is enqueued. The interaction id
 //! is the job's idempotency key, so one interaction is one job however often it arrives.
 
-use super::submit::{enqueue, Refused, Submission};
+use super::submit::{enqueue, stored_source, Refused, Submission};
 use crate::ApiError;
 use crate::{DiscordEndpoint, GatewayState};
 use axum::body::Bytes;
@@ -17,8 +17,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use sparkle_core::ImageRequest;
 use sparkle_core::JobId;
+use sparkle_core::{ImageRequest, Source};
 use sparkle_delivery::discord::DiscordReply;
 use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
 use sparkle_queue::CancelOutcome;
@@ -172,16 +172,29 @@ async fn component(
                 }
             }
         }
-        ButtonAction::Reroll => {
-            submit(state, discord, interaction, user, job.request.again(1)).await
-        }
-        ButtonAction::Variations => {
+        ButtonAction::Reroll | ButtonAction::Variations => {
+            let source = match stored_source(state, &job).await {
+                Ok(source) => source,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e.message, "could not read a job's source image");
+                    return message(
+                        "The image this one started from is no longer stored, so it cannot be made again.",
+                        true,
+                    );
+                }
+            };
+            let n = if action == ButtonAction::Reroll {
+                1
+            } else {
+                VARIATIONS
+            };
             submit(
                 state,
                 discord,
                 interaction,
                 user,
-                job.request.again(VARIATIONS),
+                job.request.again(n),
+                source,
             )
             .await
         }
@@ -200,7 +213,7 @@ async fn sparkle_command(
         Ok(request) => request,
         Err(why) => return message(&why, true),
     };
-    submit(state, discord, interaction, user, request).await
+    submit(state, discord, interaction, user, request, None).await
 }
 
 /// Each Discord user is a fairness group.
@@ -218,6 +231,7 @@ async fn submit(
     interaction: &Interaction,
     user: &User,
     request: ImageRequest,
+    source: Option<Source>,
 ) -> Response {
     let prompt = request.prompt.clone();
     // The server's own policy, or the global one (other servers, DMs).
@@ -243,6 +257,7 @@ async fn submit(
         share: user_group(user),
         group: user_group(user),
         request,
+        source,
         dedup_key: Some(format!("interaction:{}", interaction.id)),
         owner_live_limit: None,
         group_live_limit: (limit > 0).then_some(limit),
@@ -318,6 +333,8 @@ fn request_from(interaction: &Interaction) -> Result<ImageRequest, String> {
         seed: non_negative("seed", integer("seed")?)?,
         scheduler: text("scheduler")?,
         n: Some(1),
+        strength: number("strength")?.map(|s| s as f32),
+        outpaint: None,
     })
 }
 

@@ -48,7 +48,7 @@ pub async fn create(
     }
     let user = body.user.clone();
     let webhook_url = body.webhook_url.clone();
-    let request = body.into_request(&[])?;
+    let (request, upload) = body.into_request(&[])?;
     let enqueued = submit(
         &state,
         &caller,
@@ -56,6 +56,7 @@ pub async fn create(
         user.as_deref(),
         dedup,
         webhook_url.as_deref(),
+        upload,
     )
     .await?;
     let view = job_view(&state, &enqueued.job).await?;
@@ -459,6 +460,10 @@ pub fn render(
             seed: r.seed,
             scheduler: r.scheduler,
             n: r.n,
+            source: r
+                .init
+                .map(|init| if init.masked { "inpaint" } else { "image" }),
+            strength: r.init.map(|init| init.strength),
         },
         progress: job.progress,
         images: image_views(state, job),

@@ -68,6 +68,7 @@ pub fn router(state: GatewayState) -> Router {
 pub(crate) fn api(state: &GatewayState) -> OpenApiRouter<GatewayState> {
     let waiting = OpenApiRouter::new()
         .routes(routes!(openai::generate))
+        .routes(routes!(openai::edit))
         .routes(routes!(jobs::events));
     let answering = OpenApiRouter::new()
         .routes(routes!(health::healthz))

@@ -122,6 +122,7 @@ pub fn for_deployment(doc: OpenApi, limits: &Limits, catalog: &Catalog) -> Value
         json!({"minimum": 0, "maximum": limits.max_guidance_scale}),
     );
     limit("seed", json!({"minimum": 0, "maximum": u32::MAX}));
+    limit("strength", json!({"exclusiveMinimum": 0, "maximum": 1}));
     limit(
         "size",
         json!({
@@ -229,6 +230,7 @@ mod tests {
         );
         let routes = [
             ("post", "/v1/images/generations"),
+            ("post", "/v1/images/edits"),
             ("get", "/v1/models"),
             ("get", "/v1/models/{model}"),
             ("post", "/v1/jobs"),

@@ -3,9 +3,10 @@
 use crate::auth::Caller;
 use crate::{ApiError, GatewayState};
 use axum::http::HeaderMap;
+use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sparkle_core::{ErrorCode, ImageRequest, Scheduler};
+use sparkle_core::{ErrorCode, ImageRequest, JobId, Outpaint, Scheduler, Source};
 use sparkle_delivery::webhooks::WebhookReply;
 use sparkle_queue::{Enqueued, NewJob, ReplyTarget, Scope};
 
@@ -35,6 +36,18 @@ pub struct GenerationBody {
     scheduler: Option<String>,
     /// Images to make.
     n: Option<u32>,
+    /// A source image to start from (image-to-image, inpainting): PNG, JPEG or WebP,
+    /// base64 or a `data:` URL. It is brought to the canvas by scaling it to cover and
+    /// cropping the centre; without `size`, the canvas keeps its aspect ratio.
+    image: Option<String>,
+    /// With `image`: a mask of its dimensions, white where the model repaints and black
+    /// where the image is kept (base64 or a `data:` URL).
+    mask: Option<String>,
+    /// With `image`: how far the result may move from it, above 0 up to 1 (default 0.75;
+    /// 1 with a mask or `outpaint`). `⌊steps × strength⌋` steps run.
+    strength: Option<f32>,
+    /// With `image`: pixels added on each side for the model to paint in.
+    outpaint: Option<Outpaint>,
     /// An end user of the calling application, for fairness between its users.
     pub user: Option<String>,
     /// OpenAI's `b64_json` or `url` (the synchronous route only).
@@ -47,8 +60,12 @@ pub struct GenerationBody {
 }
 
 impl GenerationBody {
-    /// The request, once every field is known to this route.
-    pub fn into_request(self, allowed_extra: &[&str]) -> Result<ImageRequest, ApiError> {
+    /// The request and its uploaded source image (still encoded), once every field is known
+    /// to this route.
+    pub fn into_request(
+        self,
+        allowed_extra: &[&str],
+    ) -> Result<(ImageRequest, Option<Upload>), ApiError> {
         if let Some(field) = self
             .other
             .keys()
@@ -59,7 +76,24 @@ impl GenerationBody {
                 format!("unknown field `{field}`"),
             ));
         }
-        Ok(ImageRequest {
+        let upload = match (self.image, self.mask) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ApiError {
+                    param: Some("mask"),
+                    ..ApiError::new(
+                        ErrorCode::InvalidImage,
+                        "a mask applies to a source image; send one in image",
+                    )
+                })
+            }
+            (Some(image), mask) => Some(Upload {
+                image: base64_field("image", &image)?,
+                mask: mask.map(|m| base64_field("mask", &m)).transpose()?,
+                transparent_edits: false,
+            }),
+        };
+        let request = ImageRequest {
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
             model: self.model,
@@ -69,8 +103,94 @@ impl GenerationBody {
             seed: self.seed,
             scheduler: self.scheduler,
             n: self.n,
-        })
+            strength: self.strength,
+            outpaint: self.outpaint,
+        };
+        Ok((request, upload))
     }
+}
+
+/// A source image as a client sent it, not yet decoded.
+pub struct Upload {
+    pub image: Vec<u8>,
+    pub mask: Option<Vec<u8>>,
+    /// OpenAI's convention: fully transparent areas are repainted (the mask is its alpha).
+    pub transparent_edits: bool,
+}
+
+/// The bytes of a base64 field, with or without a `data:image/…;base64,` prefix.
+fn base64_field(param: &'static str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let payload = match text.strip_prefix("data:") {
+        Some(rest) => rest
+            .split_once(";base64,")
+            .map(|(_, b)| b)
+            .ok_or_else(|| ApiError {
+                param: Some(param),
+                ..ApiError::new(
+                    ErrorCode::InvalidImage,
+                    format!("{param} is a data: URL that is not base64"),
+                )
+            })?,
+        None => text,
+    };
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| ApiError {
+            param: Some(param),
+            ..ApiError::new(
+                ErrorCode::InvalidImage,
+                format!("{param} is not base64 (or a data: URL): {e}"),
+            )
+        })
+}
+
+impl Upload {
+    /// Decodes and checks the upload off the async threads (decoding a large image takes a
+    /// while; its cost is bounded by the limits).
+    pub async fn decode(self, state: &GatewayState) -> Result<Source, ApiError> {
+        let limits = state.limits.clone();
+        tokio::task::spawn_blocking(move || {
+            if self.transparent_edits {
+                Source::decode_transparent(&self.image, self.mask.as_deref(), &limits)
+            } else {
+                Source::decode(&self.image, self.mask.as_deref(), &limits)
+            }
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("decoding stopped: {e}")))?
+        .map_err(ApiError::from)
+    }
+}
+
+/// The source image a finished job started from, read back for a job that repeats it (a
+/// re-roll); `None` for a job from text.
+pub async fn stored_source(
+    state: &GatewayState,
+    job: &sparkle_queue::Job,
+) -> Result<Option<Source>, ApiError> {
+    if job.request.init.is_none() {
+        return Ok(None);
+    }
+    let png = state
+        .store
+        .get_source(job.id)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()).retry_after(1))?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ImageNotFound,
+                format!("job {}'s source image is no longer stored", job.id),
+            )
+        })?;
+    let source = tokio::task::spawn_blocking(move || Source::from_stored(&png))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("decoding stopped: {e}")))?
+        .map_err(|why| ApiError::new(ErrorCode::Internal, why))?;
+    Ok(Some(source))
 }
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -108,6 +228,8 @@ pub struct Submission {
     /// Its group inside the share (an end user of the key): orders jobs inside the share only.
     pub group: String,
     pub request: ImageRequest,
+    /// The source image it starts from, decoded and checked.
+    pub source: Option<Source>,
     pub dedup_key: Option<String>,
     /// Most queued and running jobs the owner may have.
     pub owner_live_limit: Option<u64>,
@@ -126,8 +248,13 @@ pub async fn submit(
     end_user: Option<&str>,
     dedup_key: Option<String>,
     webhook_url: Option<&str>,
+    upload: Option<Upload>,
 ) -> Result<Enqueued, ApiError> {
     caller.require(Scope::Generate)?;
+    let source = match upload {
+        Some(upload) => Some(upload.decode(state).await?),
+        None => None,
+    };
     // The key is the fair share; an end user the client names only orders jobs inside it.
     let group = match end_user.map(str::trim).filter(|u| !u.is_empty()) {
         Some(user) => format!(
@@ -149,6 +276,7 @@ pub async fn submit(
             share: caller.0.id.clone(),
             group,
             request,
+            source,
             dedup_key,
             owner_live_limit: (quota > 0).then_some(quota),
             group_live_limit: None,
@@ -195,6 +323,7 @@ async fn webhook_reply(
 pub enum Refused {
     Invalid(sparkle_core::RequestError),
     Queue(sparkle_queue::QueueError),
+    Store(sparkle_store::StoreError),
 }
 
 impl From<Refused> for ApiError {
@@ -202,6 +331,11 @@ impl From<Refused> for ApiError {
         match refused {
             Refused::Invalid(e) => e.into(),
             Refused::Queue(e) => e.into(),
+            Refused::Store(e) => {
+                tracing::warn!(error = %e, "could not store a source image");
+                ApiError::new(ErrorCode::Unavailable, "the image store is not reachable")
+                    .retry_after(1)
+            }
         }
     }
 }
@@ -214,14 +348,26 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
         share,
         group,
         request,
+        source,
         dedup_key,
         owner_live_limit,
         group_live_limit,
         replies,
     } = submission;
-    let fingerprint = request.fingerprint();
+    // The same request with another image is another request.
+    let fingerprint = match &source {
+        None => request.fingerprint(),
+        Some(source) => format!("{}+{}", request.fingerprint(), source.digest()),
+    };
+    let outpaint = request.outpaint.unwrap_or_default();
+    let facts = source.as_ref().map(|s| s.facts(&outpaint));
     let valid = request
-        .validate(&state.limits, &state.catalog, rand::random::<u32>)
+        .validate(
+            &state.limits,
+            &state.catalog,
+            facts.as_ref(),
+            rand::random::<u32>,
+        )
         .map_err(Refused::Invalid)?;
     // Bounded by what the serving devices can make, as their workers last reported.
     let pixels = u64::from(valid.width) * u64::from(valid.height);
@@ -243,9 +389,31 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
             )));
         }
     }
+    let id = JobId::random();
+    let stored_source = source.is_some();
+    // The source is stored (sealed, durably) under the job's id before the job exists, so
+    // no worker can lease the job before its source is there.
+    if let Some(source) = source {
+        let (width, height) = (valid.width, valid.height);
+        let png = tokio::task::spawn_blocking(move || source.fit(width, height, &outpaint))
+            .await
+            .map_err(|e| {
+                Refused::Invalid(sparkle_core::RequestError::new(
+                    ErrorCode::Internal,
+                    None,
+                    format!("preparing the source image stopped: {e}"),
+                ))
+            })?;
+        state
+            .store
+            .put_source(id, bytes::Bytes::from(png))
+            .await
+            .map_err(Refused::Store)?;
+    }
     let enqueued = state
         .queue
         .enqueue(NewJob {
+            id,
             owner: owner.clone(),
             share,
             group,
@@ -258,11 +426,32 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
             max_queued: Some(state.options.max_queued_jobs),
             replies,
         })
-        .await
-        .map_err(Refused::Queue)?;
+        .await;
+    let enqueued = match enqueued {
+        Ok(enqueued) => enqueued,
+        Err(e) => {
+            forget_source(state, id, stored_source).await;
+            return Err(Refused::Queue(e));
+        }
+    };
+    if !enqueued.created {
+        // An earlier submission under the same idempotency key: its job has its own.
+        forget_source(state, id, stored_source).await;
+    }
     if enqueued.created {
         metrics::counter!("sparkle_jobs_submitted_total").increment(1);
         tracing::info!(job = %enqueued.job.id, %owner, "job enqueued");
     }
     Ok(enqueued)
+}
+
+/// Removes a source stored for a job that was not created (best effort: the sweep removes
+/// what this leaves).
+async fn forget_source(state: &GatewayState, id: JobId, stored: bool) {
+    if !stored {
+        return;
+    }
+    if let Err(e) = state.store.delete_job(id).await {
+        tracing::warn!(job = %id, error = %e, "an unused source image is left to the sweep");
+    }
 }

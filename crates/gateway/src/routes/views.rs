@@ -56,6 +56,13 @@ pub struct RequestView {
     pub seed: u32,
     pub scheduler: Scheduler,
     pub n: u32,
+    /// With a source image: `image` (image-to-image) or `inpaint` (part of it repainted);
+    /// absent for text-to-image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+    /// With a source image: the share of the schedule that runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
 }
 
 /// One image of a finished job.

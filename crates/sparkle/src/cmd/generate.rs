@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use sparkle_core::{ImageRequest, Limits};
+use sparkle_core::{ImageRequest, Limits, Outpaint, Source, SourcePixels};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,10 +42,58 @@ pub struct GenerateArgs {
     /// auto (f32 on CPU, f16 on CUDA), f32, f16 or bf16 (CUDA).
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// Start from this image (PNG, JPEG or WebP): scaled to cover the size and cropped to
+    /// its centre; without --size, the size keeps its aspect ratio.
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// With --image: repaint where this mask (of the image's dimensions) is white, keep
+    /// where it is black.
+    #[arg(long, value_name = "FILE", requires = "image")]
+    mask: Option<PathBuf>,
+    /// With --image: how far the result may move from it, above 0 up to 1 (default 0.75; 1
+    /// with --mask or --outpaint).
+    #[arg(long, requires = "image")]
+    strength: Option<f32>,
+    /// With --image: pixels to add on each side for the model to paint in, as
+    /// LEFT,RIGHT,UP,DOWN.
+    #[arg(long, value_name = "L,R,U,D", requires = "image", value_parser = parse_outpaint)]
+    outpaint: Option<Outpaint>,
+}
+
+fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
+    let sides: Vec<u32> = text
+        .split(',')
+        .map(|v| v.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("expected LEFT,RIGHT,UP,DOWN in pixels; got {text:?}"))?;
+    match sides.as_slice() {
+        &[left, right, up, down] => Ok(Outpaint {
+            left,
+            right,
+            up,
+            down,
+        }),
+        _ => Err(format!(
+            "expected four numbers, LEFT,RIGHT,UP,DOWN; got {text:?}"
+        )),
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let catalog = super::catalog(std::slice::from_ref(&args.model))?;
+    let limits = Limits::default();
+    let read = |path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let source = match &args.image {
+        None => None,
+        Some(image) => {
+            let mask = args.mask.as_ref().map(read).transpose()?;
+            Some(Source::decode(&read(image)?, mask.as_deref(), &limits)?)
+        }
+    };
+    let outpaint = args.outpaint.unwrap_or_default();
+    let facts = source.as_ref().map(|s| s.facts(&outpaint));
     let request = ImageRequest {
         prompt: args.prompt,
         negative_prompt: args.negative,
@@ -56,9 +104,24 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         scheduler: args.scheduler,
         n: Some(1),
+        strength: args.strength,
+        outpaint: args.outpaint,
     }
-    .validate(&Limits::default(), &catalog, rand::random::<u32>)
+    .validate(&limits, &catalog, facts.as_ref(), rand::random::<u32>)
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The source as a worker reads it: brought to the canvas, then back to pixels.
+    let source = match (source, request.init) {
+        (Some(source), Some(init)) => {
+            let png = source.fit(request.width, request.height, &outpaint);
+            let pixels = SourcePixels::from_png(&png, request.width, request.height, init.masked)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some(sparkle_engine::SourceImage {
+                rgb: pixels.rgb,
+                mask: pixels.mask,
+            })
+        }
+        _ => None,
+    };
 
     let started = Instant::now();
     let options = sparkle_engine::EngineOptions {
@@ -77,12 +140,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         steps: request.steps,
         guidance_scale: request.guidance_scale,
         scheduler: request.scheduler,
-        strength: 1.0,
+        strength: request.init.map_or(1.0, |init| init.strength),
         items: vec![sparkle_engine::BatchItem {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
             seed: u64::from(request.seed),
-            source: None,
+            source,
         }],
     };
     let mut on_step = |p: sparkle_engine::StepProgress| {

@@ -328,6 +328,7 @@ async fn start_gateway(
     let g = &config.gateway;
     let options = Arc::new(GatewayOptions {
         max_body_bytes: g.max_body_bytes,
+        max_image_body_bytes: g.max_image_body_bytes.max(g.max_body_bytes),
         max_attempts: config.queue.max_attempts,
         max_queued_jobs: config.queue.max_queued_jobs,
         sync_timeout: Duration::from_secs(config.queue.sync_timeout_secs),

@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod front_door;
 mod image_links;
+mod image_to_image;
 mod limits;
 mod models;
 mod network;

@@ -7,8 +7,10 @@ import base64
 import json
 import os
 import ssl
+import struct
 import sys
 import urllib.request
+import zlib
 
 import openai
 
@@ -58,5 +60,39 @@ except openai.AuthenticationError as e:
 
 models = [m.id for m in client.models.list()]
 
+
+def rgba_png(width, height, alpha_of):
+    """An RGBA PNG: a gradient, with the alpha `alpha_of(x, y)` gives."""
+    rows = b"".join(
+        b"\x00" + bytes(v for x in range(width) for v in (x * 4 % 256, y * 4 % 256, 128, alpha_of(x, y)))
+        for y in range(height)
+    )
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# An edit: the transparent left half is repainted.
+edited = client.images.edit(
+    image=("source.png", rgba_png(96, 64, lambda x, y: 0 if x < 48 else 255), "image/png"),
+    prompt="a corgi on the beach",
+    size="96x64",
+    response_format="b64_json",
+    extra_body={"steps": 2, "seed": 8},
+)
+edit_png = base64.b64decode(edited.data[0].b64_json)
+assert edit_png.startswith(PNG_SIGNATURE), "the edit is not a PNG"
+edit = {"width": struct.unpack(">I", edit_png[16:20])[0], "height": struct.unpack(">I", edit_png[20:24])[0],
+        "job": edited.id if hasattr(edited, "id") else getattr(edited, "model_extra", {}).get("id")}
+
+try:
+    client.images.edit(image=("notes.txt", b"not an image", "text/plain"), prompt="x")
+    raise SystemExit("a text file was accepted as an image")
+except openai.BadRequestError as e:
+    bad_edit = {"status": e.status_code, "code": e.code, "param": e.body.get("param")}
+
 print(json.dumps({"images": len(pngs), "url": fetched, "bad_request": bad, "auth": auth,
-                  "models": models}))
+                  "models": models, "edit": edit, "bad_edit": bad_edit}))

@@ -93,8 +93,10 @@ async fn bad_requests_get_documented_codes_and_enqueue_nothing() {
         (400, Some("invalid_json")),
         "{err}"
     );
+    // Past `max_body_bytes` without credentials (a request with them may carry images, up
+    // to `max_image_body_bytes`).
     let huge = json!({"prompt": "y".repeat(100_000)});
-    let (status, err) = svc.post_json("/v1/jobs", &huge, Some(&svc.admin_key)).await;
+    let (status, err) = svc.post_json("/v1/jobs", &huge, None).await;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
         (413, Some("body_too_large")),
@@ -425,6 +427,24 @@ async fn the_official_openai_client_works_unchanged() {
         json!({"status": 401, "code": "invalid_api_key"})
     );
     assert_eq!(seen["models"], json!(["tiny-model"]), "models.list()");
+    assert_eq!(
+        (&seen["edit"]["width"], &seen["edit"]["height"]),
+        (&json!(96), &json!(64)),
+        "images.edit() with a transparent area: {seen}"
+    );
+    let job = seen["edit"]["job"].as_str().expect("the edit's job id");
+    let job = svc
+        .get_json(&format!("/v1/jobs/{job}"), &svc.admin_key)
+        .await;
+    assert_eq!(
+        (&job["request"]["source"], &job["request"]["strength"]),
+        (&json!("inpaint"), &json!(1.0)),
+        "the transparent half is the mask: {job}"
+    );
+    assert_eq!(
+        seen["bad_edit"],
+        json!({"status": 400, "code": "invalid_image", "param": "image"})
+    );
 }
 
 /// Compatible jobs run as one batch, and each image is the image its job gets alone.

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sparkle");
+pub const BIN: &str = env!("CARGO_BIN_EXE_sparkle");
 
 /// The tiny model, written once per test run.
 pub fn tiny_model() -> &'static Path {
