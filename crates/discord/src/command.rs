@@ -22,6 +22,9 @@ pub fn sparkle_command(sizes: &[String], schedulers: &[&str], models: &[String])
         json!({"type": 4, "name": "seed", "description": "Seed, for the same image again", "min_value": 0, "max_value": 4_294_967_295u64}),
         json!({"type": 10, "name": "guidance", "description": "How closely to follow the prompt", "min_value": 0, "max_value": 30}),
         json!({"type": 3, "name": "scheduler", "description": "Sampler", "choices": choices(schedulers)}),
+        json!({"type": 11, "name": "image", "description": "Start from this image (PNG, JPEG or WebP)"}),
+        json!({"type": 11, "name": "mask", "description": "With an image: repaint where this mask is white, keep where black"}),
+        json!({"type": 10, "name": "strength", "description": "With an image: how far to move from it (0.01 to 1)", "min_value": 0.01, "max_value": 1}),
     ];
     if !models.is_empty() {
         options.push(json!({"type": 3, "name": "model", "description": "Model", "choices": choices(&models)}));
@@ -54,6 +57,10 @@ mod tests {
         let size = options.iter().find(|o| o["name"] == "size").expect("size");
         assert_eq!(size["choices"][1]["value"], "768x768");
         assert!(options.iter().any(|o| o["name"] == "model"));
+        for file in ["image", "mask"] {
+            let option = options.iter().find(|o| o["name"] == file).expect("file");
+            assert_eq!(option["type"], 11, "an attachment option");
+        }
         // Discord allows 25 options at most, required ones first.
         assert!(options.len() <= 25);
         assert!(options.iter().skip(1).all(|o| o["required"].is_null()));

@@ -1,4 +1,5 @@
 use serde::Deserialize;
+use std::collections::HashMap;
 
 /// An interaction as Discord sends it to the HTTP endpoint. Fields Sparkle does not use are
 /// ignored, so new fields Discord adds do not break parsing.
@@ -67,6 +68,28 @@ pub struct CommandData {
     pub options: Vec<CommandOption>,
     /// The component's id (buttons).
     pub custom_id: Option<String>,
+    /// What the options refer to: the files attached to the command.
+    #[serde(default)]
+    pub resolved: Resolved,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Resolved {
+    /// By attachment id, which the attachment option's value names.
+    #[serde(default)]
+    pub attachments: HashMap<String, AttachedFile>,
+}
+
+/// A file attached to a command, as Discord describes it (it is fetched from `url`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttachedFile {
+    #[serde(default)]
+    pub filename: String,
+    /// Bytes, as Discord reports them.
+    #[serde(default)]
+    pub size: u64,
+    pub url: String,
+    pub content_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +111,20 @@ impl Interaction {
     /// The person who invoked it, in a server or in a DM.
     pub fn invoker(&self) -> Option<&User> {
         self.member.as_ref().map(|m| &m.user).or(self.user.as_ref())
+    }
+
+    /// The file an attachment option names, when it was given.
+    pub fn attachment(&self, name: &str) -> Option<Result<&AttachedFile, String>> {
+        let OptionValue::String(id) = self.option(name)? else {
+            return Some(Err(format!("`{name}` must be a file")));
+        };
+        let data = self.data.as_ref()?;
+        Some(
+            data.resolved
+                .attachments
+                .get(id)
+                .ok_or_else(|| format!("Discord did not describe the file given as `{name}`")),
+        )
     }
 
     /// An option of the command by name.

@@ -14,14 +14,17 @@
 
 mod buttons;
 mod command;
+mod files;
 mod interaction;
 mod rest;
 mod verify;
 
 pub use buttons::{ButtonAction, ButtonSigner};
 pub use command::sparkle_command;
+pub use files::{AttachedFiles, DISCORD_FILE_HOSTS};
 pub use interaction::{
-    CommandData, CommandOption, Interaction, InteractionKind, OptionValue, User,
+    AttachedFile, CommandData, CommandOption, Interaction, InteractionKind, OptionValue, Resolved,
+    User,
 };
 pub use rest::{Attachment, DiscordRest, Message, RestError};
 pub use verify::{SignatureError, Verifier};

@@ -125,6 +125,8 @@ pub struct DiscordEndpoint {
     /// every user's commands, so these, not the per-address limits, bound one user or one
     /// server.
     pub rates: DiscordRates,
+    /// Fetches the images attached to `/sparkle` from Discord's CDN.
+    pub files: sparkle_discord::AttachedFiles,
 }
 
 /// The request rates of verified Discord interactions.

@@ -167,6 +167,9 @@ pub struct DiscordConfig {
     /// Verified interactions from one server a second, after a first burst (0: no limit).
     pub per_guild_requests_per_sec: u32,
     pub per_guild_burst: u32,
+    /// Hosts (`host` or `host:port`) the images attached to `/sparkle` are fetched from:
+    /// Discord's CDN. Over https only under the production profile.
+    pub attachment_hosts: Vec<String>,
 }
 
 impl Default for DiscordConfig {
@@ -187,6 +190,10 @@ impl Default for DiscordConfig {
             per_user_burst: 10,
             per_guild_requests_per_sec: 25,
             per_guild_burst: 100,
+            attachment_hosts: sparkle_discord::DISCORD_FILE_HOSTS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
         }
     }
 }

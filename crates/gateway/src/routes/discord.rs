@@ -8,7 +8,7 @@
 //! an ephemeral message that says what is wrong, and nothing is enqueued. The interaction id
 //! is the job's idempotency key, so one interaction is one job however often it arrives.
 
-use super::submit::{enqueue, stored_source, Refused, Submission};
+use super::submit::{enqueue, stored_source, Refused, Submission, Upload};
 use crate::ApiError;
 use crate::{DiscordEndpoint, GatewayState};
 use axum::body::Bytes;
@@ -22,7 +22,7 @@ use sparkle_core::{ImageRequest, Source};
 use sparkle_delivery::discord::DiscordReply;
 use sparkle_discord::{ButtonAction, Interaction, InteractionKind, OptionValue, User};
 use sparkle_queue::CancelOutcome;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Jobs from Discord belong to this owner; each Discord user is a fairness group.
 pub const DISCORD_OWNER: &str = "discord";
@@ -213,7 +213,11 @@ async fn sparkle_command(
         Ok(request) => request,
         Err(why) => return message(&why, true),
     };
-    submit(state, discord, interaction, user, request, None).await
+    let source = match attached_source(state, discord, interaction).await {
+        Ok(source) => source,
+        Err(why) => return message(&format!("Can't use that image: {why}"), true),
+    };
+    submit(state, discord, interaction, user, request, source).await
 }
 
 /// Each Discord user is a fairness group.
@@ -297,6 +301,43 @@ async fn submit(
             }
         }
     }
+}
+
+/// How long the attached image and mask may take to fetch: the interaction is answered
+/// within Discord's three seconds.
+const FILE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The image (and mask) attached to `/sparkle`, fetched from Discord's CDN and checked as
+/// any upload is; `None` when none is attached.
+async fn attached_source(
+    state: &GatewayState,
+    discord: &DiscordEndpoint,
+    interaction: &Interaction,
+) -> Result<Option<Source>, String> {
+    let image = interaction.attachment("image").transpose()?;
+    let mask = interaction.attachment("mask").transpose()?;
+    let Some(image) = image else {
+        return match mask {
+            Some(_) => Err("a mask applies to an image; attach one as `image`".into()),
+            None => Ok(None),
+        };
+    };
+    let max = state.limits.max_source_bytes;
+    let started = tokio::time::Instant::now();
+    let image = discord.files.fetch(image, max, FILE_DEADLINE).await?;
+    let mask = match mask {
+        None => None,
+        Some(mask) => {
+            let left = FILE_DEADLINE.saturating_sub(started.elapsed());
+            Some(discord.files.fetch(mask, max, left).await?)
+        }
+    };
+    let upload = Upload {
+        image,
+        mask,
+        transparent_edits: false,
+    };
+    upload.decode(state).await.map(Some).map_err(|e| e.message)
 }
 
 /// The `/sparkle` options as a request; an error message for the user when an option has

@@ -315,6 +315,11 @@ async fn start_gateway(
                         config.discord.per_guild_burst,
                     ),
                 ),
+                files: sparkle_discord::AttachedFiles::new(
+                    config.discord.attachment_hosts.clone(),
+                    config.profile == crate::config::Profile::Production,
+                )
+                .map_err(|e| anyhow::anyhow!("the client for Discord's attachments: {e}"))?,
             }))
         }
     };

@@ -27,8 +27,17 @@ pub(crate) struct FakeDiscord {
     registrations: Mutex<Vec<(String, String, Value)>>,
     /// Channel messages: (path, Authorization header, multipart body).
     pub(crate) channel_posts: Mutex<Vec<(String, String, Vec<u8>)>>,
+    /// Files it serves at `/files/{name}`, as Discord's CDN serves attachments.
+    pub(crate) files: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Where it serves, once it does.
     base: Mutex<Option<String>>,
+}
+
+async fn attached_file(State(fake): State<Arc<FakeDiscord>>, Path(name): Path<String>) -> Response {
+    match fake.files.lock().expect("files").get(&name) {
+        Some(bytes) => (StatusCode::OK, bytes.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn channel_message(
@@ -128,6 +137,7 @@ impl FakeDiscord {
                 "/api/v10/channels/{channel}/messages",
                 axum::routing::post(channel_message),
             )
+            .route("/files/{name}", axum::routing::get(attached_file))
             .with_state(self.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1164,4 +1174,122 @@ async fn each_server_gets_its_own_policy_and_dms_the_global_one() {
     let (_, r) = send(&svc, &there).await;
     accepted(&r);
     assert_eq!(svc.job_count(), jobs + 1);
+}
+
+/// `/sparkle` with an image attached: fetched from Discord's CDN (a fake on loopback, the one
+/// host allowed), checked like any upload, and the job starts from it; a file that is not an
+/// image, one from another host, or a mask alone are refused to the person, privately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_image_starts_the_job_and_bad_files_are_refused_privately() {
+    let fake = Arc::new(FakeDiscord::default());
+    let api = fake.serve().await;
+    let host = api
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("host")
+        .to_string();
+    fake.files.lock().expect("files").extend([
+        (
+            "source.png".to_string(),
+            crate::image_to_image::gradient(96, 64),
+        ),
+        ("notes.txt".to_string(), b"not an image at all".to_vec()),
+    ]);
+    let public = hex::encode(key().verifying_key().to_bytes());
+    let hosts = format!("[\"{host}\"]");
+    let svc = Service::start(&[
+        ("SPARKLE_DISCORD__PUBLIC_KEY", public.as_str()),
+        ("SPARKLE_DISCORD__API_BASE", api.as_str()),
+        ("SPARKLE_DISCORD__ATTACHMENT_HOSTS", hosts.as_str()),
+    ])
+    .await;
+    let user = json!({"guild": true, "user": {"id": "42", "username": "ada"}});
+    let with_files = |id: &str, options: Value, files: &[(&str, &str)]| {
+        let mut c = command(id, user.clone(), options);
+        let resolved: serde_json::Map<String, Value> = files
+            .iter()
+            .map(|(att, url)| {
+                (
+                    att.to_string(),
+                    json!({"id": att, "filename": url.rsplit('/').next(), "size": 100,
+                           "url": url, "content_type": "image/png"}),
+                )
+            })
+            .collect();
+        c["data"]["resolved"] = json!({ "attachments": resolved });
+        c
+    };
+    let source_url = format!("http://{host}/files/source.png");
+    let options = json!([
+        {"name": "prompt", "type": 3, "value": "a lighthouse"},
+        {"name": "image", "type": 11, "value": "att-1"},
+        {"name": "strength", "type": 10, "value": 0.5},
+        {"name": "steps", "type": 4, "value": 4},
+    ]);
+    let (status, ack) = send(
+        &svc,
+        &with_files("5001", options, &[("att-1", &source_url)]),
+    )
+    .await;
+    assert_eq!(status, 200, "{ack}");
+    let id = job_id(&ack);
+    assert!(!id.is_empty(), "{ack}");
+    let done = svc
+        .wait_for(&id, &svc.admin_key, |j| j["status"] == "succeeded")
+        .await;
+    assert_eq!(
+        (
+            &done["request"]["source"],
+            &done["request"]["strength"],
+            &done["request"]["size"]
+        ),
+        (&json!("image"), &json!(0.5), &json!("624x416")),
+        "the image's 3:2 at the model's pixel count: {done}"
+    );
+    // Re-roll starts from the same stored source, with a new seed.
+    let result = wait_for_edit(&fake, "tok-5001", |e| e.multipart).await;
+    let labels = buttons(&payload_of(&result));
+    let (status, reply) = send(&svc, &click("5002", &user, &labels[0].1)).await;
+    assert_eq!(status, 200, "{reply}");
+    let again = svc
+        .wait_for(&job_id(&reply), &svc.admin_key, |j| {
+            j["status"] == "succeeded"
+        })
+        .await;
+    for field in ["source", "strength", "size", "steps"] {
+        assert_eq!(again["request"][field], done["request"][field], "{field}");
+    }
+    assert_ne!(again["request"]["seed"], done["request"]["seed"]);
+
+    let before = svc.job_count();
+    let text_url = format!("http://{host}/files/notes.txt");
+    let refusals = [
+        (
+            json!([{"name": "prompt", "type": 3, "value": "a"},
+                   {"name": "image", "type": 11, "value": "att-2"}]),
+            vec![("att-2", text_url.as_str())],
+            "PNG, JPEG or WebP",
+        ),
+        (
+            json!([{"name": "prompt", "type": 3, "value": "a"},
+                   {"name": "image", "type": 11, "value": "att-3"}]),
+            vec![("att-3", "http://169.254.169.254/latest/meta-data")],
+            "not served by Discord",
+        ),
+        (
+            json!([{"name": "prompt", "type": 3, "value": "a"},
+                   {"name": "mask", "type": 11, "value": "att-4"}]),
+            vec![("att-4", source_url.as_str())],
+            "attach one as `image`",
+        ),
+    ];
+    for (i, (options, files, why)) in refusals.into_iter().enumerate() {
+        let (status, answer) = send(&svc, &with_files(&format!("510{i}"), options, &files)).await;
+        assert_eq!(status, 200);
+        let content = answer["data"]["content"].as_str().unwrap_or_default();
+        assert!(content.contains(why), "{content} should say {why}");
+        assert_eq!(answer["data"]["flags"], 64, "only the person sees it");
+    }
+    assert_eq!(svc.job_count(), before, "nothing enqueued");
 }

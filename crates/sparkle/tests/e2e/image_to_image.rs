@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 
 /// An RGB PNG of `width × height`, a gradient.
-fn gradient(width: u32, height: u32) -> Vec<u8> {
+pub(crate) fn gradient(width: u32, height: u32) -> Vec<u8> {
     let pixels: Vec<u8> = (0..height)
         .flat_map(|y| (0..width).flat_map(move |x| [(x * 3) as u8, (y * 5) as u8, 90]))
         .collect();

@@ -188,7 +188,7 @@ async fn an_address_over_its_rate_gets_429_before_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_and_bodies_are_refused() {
-    let svc = Service::start(&[]).await;
+    let svc = Service::start(&[("SPARKLE_GATEWAY__MAX_IMAGE_BODY_BYTES", "200000")]).await;
     let r = svc
         .client()
         .get(format!("{}/healthz", svc.url))
@@ -205,10 +205,37 @@ async fn oversized_headers_and_bodies_are_refused() {
         .await
         .expect("answer");
     assert_eq!(r.status(), 200, "within the limit");
+    // A route that takes no images, and one that does without credentials: max_body_bytes.
+    for (route, key) in [
+        ("/v1/session", Some(svc.admin_key.as_str())),
+        ("/v1/jobs", None),
+    ] {
+        let (status, err) = svc
+            .post_json(route, &json!({"prompt": "y".repeat(70_000)}), key)
+            .await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (413, Some("body_too_large")),
+            "{route}: {err}"
+        );
+    }
+    // With credentials, a route that takes images reads up to max_image_body_bytes.
     let (status, err) = svc
         .post_json(
             "/v1/jobs",
-            &json!({"prompt": "y".repeat(70_000)}),
+            &json!({"prompt": "a", "image": "A".repeat(150_000)}),
+            Some(&svc.admin_key),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_image")),
+        "{err}"
+    );
+    let (status, err) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a", "image": "A".repeat(250_000)}),
             Some(&svc.admin_key),
         )
         .await;
