@@ -94,6 +94,9 @@ pub enum ErrorCode {
     InvalidImage,
     /// `strength` is not above 0 and at most 1, runs no step, or comes without an image.
     InvalidStrength,
+    /// `hires` asks for a scale, steps or strength out of range, a final size past the
+    /// limits, or comes with a source image.
+    InvalidHires,
 }
 
 impl ErrorCode {
@@ -140,6 +143,7 @@ impl ErrorCode {
         ErrorCode::TooLargeForDevice,
         ErrorCode::InvalidImage,
         ErrorCode::InvalidStrength,
+        ErrorCode::InvalidHires,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -185,6 +189,7 @@ impl ErrorCode {
             ErrorCode::TooLargeForDevice => "too_large_for_device",
             ErrorCode::InvalidImage => "invalid_image",
             ErrorCode::InvalidStrength => "invalid_strength",
+            ErrorCode::InvalidHires => "invalid_hires",
         }
     }
 
@@ -209,7 +214,8 @@ impl ErrorCode {
             | WebhookSecretMissing
             | TooLargeForDevice
             | InvalidImage
-            | InvalidStrength => 400,
+            | InvalidStrength
+            | InvalidHires => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope | InvalidCsrfToken | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,

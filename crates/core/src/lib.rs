@@ -15,9 +15,9 @@ pub mod source;
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
 pub use request::{
-    is_model_name, job_cost, model_factor, model_of_batch_key, steps_run, Catalog, ImageRequest,
-    Init, Limits, ModelEntry, RequestParts, ValidImageRequest, DEFAULT_INPAINT_STRENGTH,
-    DEFAULT_STRENGTH,
+    is_model_name, job_cost, model_factor, model_of_batch_key, steps_run, Catalog, HiresFix,
+    HiresRequest, ImageRequest, Init, Limits, ModelEntry, RequestParts, ValidImageRequest,
+    DEFAULT_HIRES_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX_HIRES_SCALE,
 };
 pub use scheduler::Scheduler;
 pub use source::{Outpaint, Source, SourceFacts, SourcePixels};

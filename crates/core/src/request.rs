@@ -100,7 +100,40 @@ pub struct ImageRequest {
     /// With a source image: pixels added around it for the model to paint in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outpaint: Option<Outpaint>,
+    /// From text: a second pass at a larger size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresRequest>,
 }
+
+/// A second pass at a larger size, as a client asks for it (A1111's "hires fix"): the first
+/// pass's latents upscaled by `scale`, then denoised again there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HiresRequest {
+    /// The final size over `size`, above 1 and at most 4 (A1111's `hr_scale`); the final
+    /// sides are rounded to multiples of 8.
+    pub scale: f32,
+    /// The second pass's schedule (A1111's `hr_second_pass_steps`; default: `steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// The share of that schedule that runs (A1111's `denoising_strength`; default 0.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
+}
+
+/// A validated second pass: the final size, its schedule and the share that runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HiresFix {
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub strength: f32,
+}
+
+/// The second pass's strength when a request names none: A1111's.
+pub const DEFAULT_HIRES_STRENGTH: f32 = 0.7;
+/// The largest hires scale.
+pub const MAX_HIRES_SCALE: f32 = 4.0;
 
 /// What a job starts from when it has a source image (stored beside the job, at the job's
 /// size): image-to-image, or inpainting when part of it is masked for repainting.
@@ -145,6 +178,8 @@ pub struct ValidImageRequest {
     pub n: u32,
     /// The source image the job starts from, if any.
     pub init: Option<Init>,
+    /// A second pass at a larger size, if any.
+    pub hires: Option<HiresFix>,
     /// Only this module makes one.
     validated: Validated,
 }
@@ -168,6 +203,7 @@ pub struct RequestParts {
     pub scheduler: Scheduler,
     pub n: u32,
     pub init: Option<Init>,
+    pub hires: Option<HiresFix>,
 }
 
 /// The work of one denoising step per latent pixel relative to SD 1.5's, by words in a
@@ -257,6 +293,26 @@ impl ValidImageRequest {
         if let Some(init) = parts.init {
             check_strength(init.strength, parts.steps)?;
         }
+        if let Some(h) = parts.hires {
+            let fits = h.width >= parts.width
+                && h.height >= parts.height
+                && h.width % 8 == 0
+                && h.height % 8 == 0
+                && h.width <= MAX_SIDE
+                && h.height <= MAX_SIDE
+                && (1..=MAX_STEPS).contains(&h.steps)
+                && h.strength.is_finite()
+                && h.strength > 0.0
+                && h.strength <= 1.0
+                && steps_run(h.steps, h.strength) > 0
+                && parts.init.is_none();
+            if !fits {
+                return bad(
+                    "hires",
+                    format!("{h:?} is not a second pass validation allows"),
+                );
+            }
+        }
         let RequestParts {
             prompt,
             negative_prompt,
@@ -269,6 +325,7 @@ impl ValidImageRequest {
             scheduler,
             n,
             init,
+            hires,
         } = parts;
         Ok(ValidImageRequest {
             prompt,
@@ -282,6 +339,7 @@ impl ValidImageRequest {
             scheduler,
             n,
             init,
+            hires,
             validated: Validated,
         })
     }
@@ -443,6 +501,10 @@ impl ImageRequest {
             })?,
         };
 
+        let hires = match self.hires {
+            None => None,
+            Some(asked) => Some(check_hires(&asked, width, height, steps, source, limits)?),
+        };
         let init = match source {
             None => None,
             Some(facts) => {
@@ -472,14 +534,73 @@ impl ImageRequest {
             scheduler,
             n,
             init,
+            hires,
         })
     }
 }
 
+/// A second pass as asked, checked against the first pass and the limits.
+fn check_hires(
+    asked: &HiresRequest,
+    width: u32,
+    height: u32,
+    steps: u32,
+    source: Option<&SourceFacts>,
+    limits: &Limits,
+) -> Result<HiresFix, RequestError> {
+    let invalid = |message: String| {
+        Err(RequestError::new(
+            ErrorCode::InvalidHires,
+            Some("hires"),
+            message,
+        ))
+    };
+    if source.is_some() {
+        return invalid("hires follows text-to-image; it does not apply to a source image".into());
+    }
+    let scale = asked.scale;
+    if !(scale.is_finite() && scale > 1.0 && scale <= MAX_HIRES_SCALE) {
+        return invalid(format!(
+            "hires.scale must be above 1 and at most {MAX_HIRES_SCALE}; got {scale}"
+        ));
+    }
+    let side = |base: u32| ((f64::from(base) * f64::from(scale) / 8.0).round() as u32) * 8;
+    let (w, h) = (side(width), side(height));
+    if w > limits.max_side || h > limits.max_side {
+        return invalid(format!(
+            "hires.scale {scale} makes {w}x{h}; width and height may be at most {}",
+            limits.max_side
+        ));
+    }
+    let hires_steps = asked.steps.unwrap_or(steps);
+    if !(limits.min_steps..=limits.max_steps).contains(&hires_steps) {
+        return invalid(format!(
+            "hires.steps must be between {} and {}; got {hires_steps}",
+            limits.min_steps, limits.max_steps
+        ));
+    }
+    let strength = asked.strength.unwrap_or(DEFAULT_HIRES_STRENGTH);
+    if let Err(e) = check_strength(strength, hires_steps) {
+        return invalid(format!("hires.{}", e.message));
+    }
+    Ok(HiresFix {
+        width: w,
+        height: h,
+        steps: hires_steps,
+        strength,
+    })
+}
+
 /// The denoising steps a schedule of `steps` runs from a source image at `strength`
 /// (diffusers' rule: the schedule's last `⌊steps × strength⌋` steps).
+/// The strength is taken as the decimal it was written as (0.7, not 0.699999988 of its f32),
+/// so 20 steps at 0.7 run 14, as diffusers' and A1111's Python does.
 pub fn steps_run(steps: u32, strength: f32) -> u32 {
-    ((f64::from(steps) * f64::from(strength)) as u32).min(steps)
+    let strength: f64 = strength
+        .to_string()
+        .parse()
+        .unwrap_or_else(|_| f64::from(strength));
+    ((f64::from(steps) * strength) as u32).min(steps)
 }
 
 fn check_strength(strength: f32, steps: u32) -> Result<(), RequestError> {
@@ -580,6 +701,16 @@ impl ValidImageRequest {
         if let Some(init) = self.init {
             text.push_str(&format!(", Denoising strength: {}", init.strength));
         }
+        if let Some(h) = self.hires {
+            text.push_str(&format!(
+                ", Denoising strength: {}, Hires upscale: {}, Hires resize: {}x{}, Hires steps: {}, Hires upscaler: Latent",
+                h.strength,
+                self.hires_scale().unwrap_or(1.0),
+                h.width,
+                h.height,
+                h.steps
+            ));
+        }
         text
     }
 
@@ -604,20 +735,47 @@ impl ValidImageRequest {
             strength: self.init.map(|init| init.strength),
             // The stored source is the whole canvas already.
             outpaint: None,
+            hires: self.hires.map(|h| HiresRequest {
+                scale: self.hires_scale().unwrap_or(2.0),
+                steps: Some(h.steps),
+                strength: Some(h.strength),
+            }),
         }
+    }
+
+    /// The hires pass's scale over the first pass, as the wider of the two ratios.
+    pub fn hires_scale(&self) -> Option<f32> {
+        self.hires
+            .map(|h| (h.width as f32 / self.width as f32).max(h.height as f32 / self.height as f32))
+    }
+
+    /// The size the images come out at.
+    pub fn output_size(&self) -> (u32, u32) {
+        self.hires
+            .map_or((self.width, self.height), |h| (h.width, h.height))
     }
 
     /// What the job costs a GPU, in units of one SD 1.5 denoising step at 512×512:
     /// `steps × (width × height / 512²) × n × model_factor(model)`. The scaler sizes the
     /// pool by it.
     pub fn cost(&self) -> f64 {
-        job_cost(
+        let first = job_cost(
             &self.model,
             self.width,
             self.height,
             self.steps_run(),
             self.n,
-        )
+        );
+        let second = self.hires.map_or(0.0, |h| {
+            job_cost(
+                &self.model,
+                h.width,
+                h.height,
+                steps_run(h.steps, h.strength),
+                self.n,
+            )
+        });
+        first + second
     }
 
     /// The denoising steps that run: all of them from text, the strength's share from a
@@ -636,12 +794,19 @@ impl ValidImageRequest {
             "{}|{}x{}|{}|{}",
             self.model, self.width, self.height, self.steps, self.scheduler
         );
-        match self.init {
+        let base = match self.init {
             None => base,
             Some(init) => format!(
                 "{base}|{}{}",
                 if init.masked { "inpaint@" } else { "img2img@" },
                 init.strength
+            ),
+        };
+        match self.hires {
+            None => base,
+            Some(h) => format!(
+                "{base}|hires@{}x{}/{}/{}",
+                h.width, h.height, h.steps, h.strength
             ),
         }
     }
@@ -1022,6 +1187,7 @@ mod tests {
                 strength: f32::NAN,
                 masked: false,
             }),
+            hires: None,
         };
         assert!(ValidImageRequest::from_parts(parts.clone()).is_err());
         parts.init = Some(Init {
@@ -1029,5 +1195,85 @@ mod tests {
             masked: true,
         });
         assert!(ValidImageRequest::from_parts(parts).is_ok());
+    }
+
+    #[test]
+    fn a_second_pass_scales_the_size_and_counts_in_the_cost() {
+        let hires = |scale: f32, steps: Option<u32>, strength: Option<f32>| ImageRequest {
+            size: Some("512x384".into()),
+            steps: Some(20),
+            hires: Some(HiresRequest {
+                scale,
+                steps,
+                strength,
+            }),
+            ..req("a")
+        };
+        let v = check(hires(1.5, None, None)).expect("hires");
+        assert_eq!(
+            v.hires,
+            Some(HiresFix {
+                width: 768,
+                height: 576,
+                steps: 20,
+                strength: DEFAULT_HIRES_STRENGTH
+            })
+        );
+        assert_eq!(v.output_size(), (768, 576));
+        assert_eq!(
+            (v.width, v.height),
+            (512, 384),
+            "the first pass keeps the size"
+        );
+        let plain = check(ImageRequest {
+            hires: None,
+            ..hires(1.5, None, None)
+        })
+        .expect("plain");
+        // 14 more steps (⌊20 × 0.7⌋, the decimal as written) at 2.25 times the pixels.
+        assert_eq!(steps_run(20, 0.7), 14);
+        assert_eq!(steps_run(10, 0.3), 3);
+        assert!((v.cost() - plain.cost() * (1.0 + 14.0 / 20.0 * 2.25)).abs() < 1e-9);
+        assert_ne!(v.batch_key(), plain.batch_key());
+        assert!(v.parameters_text(0).ends_with(
+            "Hires upscale: 1.5, Hires resize: 768x576, Hires steps: 20, Hires upscaler: Latent"
+        ));
+        let again = v
+            .again(1)
+            .validate(&Limits::default(), &catalog(), None, || 3)
+            .expect("again");
+        assert_eq!(again.hires, v.hires);
+
+        for (r, mention) in [
+            (hires(1.0, None, None), "above 1"),
+            (hires(f32::NAN, None, None), "above 1"),
+            (hires(5.0, None, None), "at most 4"),
+            (
+                ImageRequest {
+                    size: Some("768x768".into()),
+                    ..hires(3.0, None, None)
+                },
+                "2304x2304",
+            ),
+            (hires(2.0, Some(0), None), "hires.steps"),
+            (hires(2.0, None, Some(1.5)), "hires.strength"),
+            (hires(2.0, Some(2), Some(0.3)), "runs no step"),
+        ] {
+            let err = check(r).expect_err("refused");
+            assert_eq!(
+                (err.code, err.param),
+                (ErrorCode::InvalidHires, Some("hires"))
+            );
+            assert!(err.message.contains(mention), "{err} should say {mention}");
+        }
+        let facts = SourceFacts {
+            width: 64,
+            height: 64,
+            masked: false,
+        };
+        let err = hires(2.0, None, None)
+            .validate(&Limits::default(), &catalog(), Some(&facts), || 1)
+            .expect_err("not with a source");
+        assert_eq!(err.code, ErrorCode::InvalidHires);
     }
 }

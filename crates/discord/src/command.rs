@@ -25,6 +25,7 @@ pub fn sparkle_command(sizes: &[String], schedulers: &[&str], models: &[String])
         json!({"type": 11, "name": "image", "description": "Start from this image (PNG, JPEG or WebP)"}),
         json!({"type": 11, "name": "mask", "description": "With an image: repaint where this mask is white, keep where black"}),
         json!({"type": 10, "name": "strength", "description": "With an image: how far to move from it (0.01 to 1)", "min_value": 0.01, "max_value": 1}),
+        json!({"type": 10, "name": "hires", "description": "Without an image: a second pass at this many times the size", "min_value": 1.25, "max_value": 4}),
     ];
     if !models.is_empty() {
         options.push(json!({"type": 3, "name": "model", "description": "Model", "choices": choices(&models)}));

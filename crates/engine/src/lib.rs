@@ -45,7 +45,7 @@ mod weights;
 pub use error::EngineError;
 pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
-    Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, Precision, Probe,
+    Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, Hires, Precision, Probe,
     SourceImage, StepProgress,
 };
 pub use png::encode_png;

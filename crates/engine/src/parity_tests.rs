@@ -75,6 +75,7 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
             guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
             scheduler,
             strength: 1.0,
+            hires: None,
             items: vec![BatchItem {
                 prompt: case["prompt"].as_str().expect("prompt").into(),
                 negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),
@@ -256,6 +257,7 @@ fn check_from_source(fixture: &str, kind: RandomModel) {
                 guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
                 scheduler,
                 strength: strength as f32,
+                hires: None,
                 items: vec![BatchItem {
                     prompt: case["prompt"].as_str().expect("prompt").into(),
                     negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),

@@ -82,7 +82,21 @@ pub struct Batch {
     /// latents noised to that level (diffusers' rule), so `⌊steps × strength⌋` steps run.
     /// Unused without sources.
     pub strength: f32,
+    /// A second pass at a larger size (text-to-image only).
+    pub hires: Option<Hires>,
     pub items: Vec<BatchItem>,
+}
+
+/// A1111's "hires fix": the first pass's latents are upscaled (bilinearly, A1111's "Latent"
+/// upscaler) to `width × height`, noised to `strength` and denoised again there for
+/// `⌊steps × strength⌋` of a `steps`-step schedule, with the same prompts; the images come
+/// out at `width × height`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hires {
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub strength: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -436,12 +450,13 @@ impl Engine {
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
-        let pixels = u64::from(batch.width) * u64::from(batch.height);
+        let (width, height) = batch.output_size();
+        let pixels = u64::from(width) * u64::from(height);
         let budget = self.pixel_budget();
         if pixels > budget {
             return Err(EngineError::TooLarge { pixels, budget });
         }
-        let limit = self.batch_limit(batch.width, batch.height, guided(batch));
+        let limit = self.batch_limit(width, height, guided(batch));
         self.generate_limited(batch, on_step, limit)
     }
 
@@ -481,8 +496,10 @@ impl Engine {
         let started = Instant::now();
         self.validate(batch)?;
         let passes: Vec<&[BatchItem]> = batch.items.chunks(limit.max(1)).collect();
-        let steps = batch.steps_run();
+        let first_steps = batch.steps_run();
+        let steps = first_steps + batch.hires.map_or(0, |h| steps_at(h.steps, h.strength));
         let total = steps.saturating_mul(passes.len() as u32);
+        let (width, height) = batch.output_size();
         let mut images = Vec::with_capacity(batch.items.len());
         for (pass, items) in passes.iter().enumerate() {
             let part = Batch {
@@ -496,8 +513,17 @@ impl Engine {
                     total,
                 })
             };
-            let latents = self.denoise_seeded(&part, &mut counted, &mut None)?;
-            images.extend(to_rgb8(&self.decode(&latents)?, batch.width, batch.height)?);
+            let mut latents = self.denoise_seeded(&part, &mut counted, &mut None)?;
+            if let Some(hires) = &batch.hires {
+                let mut counted = |p: StepProgress| {
+                    on_step(StepProgress {
+                        step: done_before + first_steps + p.step,
+                        total,
+                    })
+                };
+                latents = self.refine(&part, hires, &latents, &mut counted)?;
+            }
+            images.extend(to_rgb8(&self.decode(&latents)?, width, height)?);
         }
         tracing::debug!(
             images = images.len(), steps = batch.steps, scheduler = %batch.scheduler,
@@ -554,6 +580,35 @@ impl Engine {
             return refuse("the guidance scale must be a finite number".into());
         }
         let with_source = batch.items.iter().filter(|i| i.source.is_some()).count();
+        if let Some(hires) = &batch.hires {
+            if with_source != 0 {
+                return refuse("a second pass at a larger size follows text-to-image only".into());
+            }
+            if hires.width < batch.width
+                || hires.height < batch.height
+                || !hires.width.is_multiple_of(scale)
+                || !hires.height.is_multiple_of(scale)
+            {
+                return refuse(format!(
+                    "the second pass's size {}x{} must be multiples of {scale}, at least {}x{}",
+                    hires.width, hires.height, batch.width, batch.height
+                ));
+            }
+            if hires.steps == 0 || hires.steps as usize > max_steps {
+                return refuse(format!(
+                    "the second pass's steps must be between 1 and {max_steps}, not {}",
+                    hires.steps
+                ));
+            }
+            if !(hires.strength > 0.0 && hires.strength <= 1.0)
+                || steps_at(hires.steps, hires.strength) == 0
+            {
+                return refuse(format!(
+                    "the second pass's strength {} of {} steps must be above 0, at most 1, and run a step",
+                    hires.strength, hires.steps
+                ));
+            }
+        }
         if with_source == 0 {
             return Ok(());
         }
@@ -645,6 +700,71 @@ impl Engine {
             &mut noise,
             on_step,
             first,
+        )
+    }
+
+    /// The second pass of a hires batch: `latents` (the first pass's, f32) upscaled to the
+    /// second pass's size and denoised from there as image-to-image. Its noise comes from
+    /// each image's seed on streams of its own, so an image depends on its seed alone.
+    fn refine(
+        &self,
+        batch: &Batch,
+        hires: &Hires,
+        latents: &Tensor,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor, EngineError> {
+        let second = Batch {
+            width: hires.width,
+            height: hires.height,
+            steps: hires.steps,
+            strength: hires.strength,
+            hires: None,
+            ..batch.clone()
+        };
+        let shape = self.latent_shape(&second);
+        let upscaled = latents.upsample_bilinear2d(shape.1, shape.2, false)?;
+        let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = second
+            .items
+            .iter()
+            .map(|item| {
+                let mut initial = ChaCha8Rng::seed_from_u64(item.seed);
+                initial.set_stream(2);
+                let mut ancestral = ChaCha8Rng::seed_from_u64(item.seed);
+                ancestral.set_stream(3);
+                (initial, ancestral)
+            })
+            .collect();
+        let initial = rngs
+            .iter_mut()
+            .map(|(rng, _)| normal(rng, shape, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let initial = Tensor::stack(&initial, 0)?;
+        let mut noise = || {
+            let fresh = rngs
+                .iter_mut()
+                .map(|(_, rng)| normal(rng, shape, &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&fresh, 0)
+        };
+        let conditioning = self.encode_prompts(&second)?;
+        // An inpainting UNet sees everything repainted, as for text.
+        let (_, inpaint) = self.prepare_sources(&second)?;
+        let sources = Sources {
+            latents: upscaled,
+            blend: None,
+            from_noise: false,
+        };
+        self.denoise(
+            &second,
+            &conditioning,
+            Start {
+                noise: initial,
+                sources: Some(&sources),
+                inpaint: inpaint.as_ref(),
+            },
+            &mut noise,
+            on_step,
+            &mut None,
         )
     }
 
@@ -919,20 +1039,33 @@ pub(crate) struct Start<'a> {
     pub inpaint: Option<&'a InpaintInput>,
 }
 
-/// The first step that runs for a batch with sources: diffusers' `get_timesteps`.
+/// The first step that runs for a loop that starts from latents (a source's, or a first
+/// pass's): diffusers' `get_timesteps`.
 fn start_step(batch: &Batch) -> usize {
-    (batch.steps - batch.steps_run()) as usize
+    (batch.steps - steps_at(batch.steps, batch.strength)) as usize
+}
+
+/// The steps of a `steps`-step schedule that run from latents at `strength`: the last
+/// `⌊steps × strength⌋` (the rule validation counts by).
+fn steps_at(steps: u32, strength: f32) -> u32 {
+    sparkle_core::steps_run(steps, strength)
 }
 
 impl Batch {
-    /// The denoising steps that run for each image: all of them for text, the strength's
-    /// share (rounded down) from a source image.
+    /// The denoising steps that run for each image in the first pass: all of them for
+    /// text, the strength's share (rounded down) from a source image.
     pub fn steps_run(&self) -> u32 {
         if self.items.iter().any(|i| i.source.is_some()) {
-            ((f64::from(self.steps) * f64::from(self.strength)) as u32).min(self.steps)
+            steps_at(self.steps, self.strength)
         } else {
             self.steps
         }
+    }
+
+    /// The size the images come out at: the second pass's, with one.
+    pub fn output_size(&self) -> (u32, u32) {
+        self.hires
+            .map_or((self.width, self.height), |h| (h.width, h.height))
     }
 }
 

@@ -38,6 +38,7 @@ fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
         guidance_scale: 7.5,
         scheduler,
         strength: 1.0,
+        hires: None,
         items: items
             .iter()
             .map(|(p, s)| BatchItem {
@@ -632,4 +633,65 @@ fn sources_that_do_not_fit_the_batch_are_refused() {
         s.mask = Some(vec![0; 10]);
     }
     assert!(refused(&b).contains("one byte per pixel"));
+}
+
+#[test]
+fn a_hires_batch_runs_a_second_pass_at_the_larger_size() {
+    let mut b = batch(Scheduler::Euler, &[("a corgi", 5), ("a cat", 6)]);
+    b.hires = Some(crate::Hires {
+        width: 128,
+        height: 96,
+        steps: 6,
+        strength: 0.5,
+    });
+    let mut seen = Vec::new();
+    let images = engine()
+        .generate(&b, &mut |p| {
+            seen.push((p.step, p.total));
+            ControlFlow::Continue(())
+        })
+        .expect("hires");
+    // Four steps at 64², then three (⌊6 × 0.5⌋) at 128×96.
+    assert_eq!(seen, (1..=7).map(|s| (s, 7)).collect::<Vec<_>>());
+    assert!(images.iter().all(|i| (i.width, i.height) == (128, 96)));
+    assert_eq!(images[0].rgb.len(), 128 * 96 * 3);
+    // Each image depends on its seed alone, whichever batch it is in.
+    let alone = Batch {
+        items: b.items[1..].to_vec(),
+        ..b.clone()
+    };
+    assert_eq!(run(&alone)[0], images[1]);
+    assert_ne!(images[0], images[1]);
+    // Not the same as making the large image directly.
+    let direct = Batch {
+        width: 128,
+        height: 96,
+        hires: None,
+        ..alone.clone()
+    };
+    assert_ne!(run(&direct)[0], images[1]);
+
+    let refused = |b: &Batch| match engine().generate(b, &mut |_| ControlFlow::Continue(())) {
+        Err(EngineError::InvalidRequest(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let mut smaller = alone.clone();
+    smaller.hires = Some(crate::Hires {
+        width: 32,
+        height: 96,
+        steps: 6,
+        strength: 0.5,
+    });
+    assert!(refused(&smaller).contains("at least 64x64"));
+    let mut none_run = alone.clone();
+    none_run.hires = Some(crate::Hires {
+        width: 128,
+        height: 128,
+        steps: 4,
+        strength: 0.2,
+    });
+    assert!(refused(&none_run).contains("run a step"));
+    let mut with_source = from_source(Scheduler::Euler, 0.5, false);
+    with_source.hires = alone.hires;
+    assert!(refused(&with_source).contains("text-to-image only"));
 }

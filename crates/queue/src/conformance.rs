@@ -45,6 +45,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
             scheduler: Scheduler::Euler,
             n: 1,
             init: None,
+            hires: None,
         })
         .expect("a valid request"),
         max_attempts: 3,

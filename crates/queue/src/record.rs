@@ -2,7 +2,7 @@
 //! database holds never becomes a [`ValidImageRequest`] unchecked.
 
 use serde::{Deserialize, Serialize};
-use sparkle_core::{Init, RequestParts, Scheduler, ValidImageRequest};
+use sparkle_core::{HiresFix, Init, RequestParts, Scheduler, ValidImageRequest};
 
 /// A request as stored (sealed) in `jobs.request`.
 #[derive(Serialize, Deserialize)]
@@ -20,6 +20,9 @@ pub struct StoredRequest {
     /// The source image the job starts from (stored beside it), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     init: Option<Init>,
+    /// A second pass at a larger size, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hires: Option<HiresFix>,
 }
 
 impl From<&ValidImageRequest> for StoredRequest {
@@ -36,6 +39,7 @@ impl From<&ValidImageRequest> for StoredRequest {
             scheduler: r.scheduler,
             n: r.n,
             init: r.init,
+            hires: r.hires,
         }
     }
 }
@@ -61,6 +65,7 @@ impl StoredRequest {
             scheduler: r.scheduler,
             n: r.n,
             init: r.init,
+            hires: r.hires,
         })
         .map_err(|e| e.message)
     }

@@ -2,7 +2,7 @@ use crate::plane::{ControlPlane, PlaneError, Serving};
 use crate::{EngineThread, ModelLoaded, WorkerError};
 use bytes::Bytes;
 use sparkle_core::{Progress, SourcePixels};
-use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage, SourceImage};
+use sparkle_engine::{Batch, BatchItem, EngineError, GeneratedImage, Hires, SourceImage};
 use sparkle_queue::{Failure, HeartbeatOutcome, Lease};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,11 +48,14 @@ impl Default for WorkerOptions {
 }
 
 /// The deadline of a job by its cost: two minutes, and 20 s for each step of each megapixel
-/// of each image (a CPU's pace; a GPU is tens of times faster).
+/// of each image (a CPU's pace; a GPU is tens of times faster), every pass counted.
 pub fn deadline_of(request: &sparkle_core::ValidImageRequest) -> Duration {
-    let megapixels = f64::from(request.width) * f64::from(request.height) / 1e6;
-    let work = f64::from(request.steps) * megapixels * f64::from(request.n);
-    Duration::from_secs_f64(120.0 + 20.0 * work)
+    let megapixels = |w: u32, h: u32| f64::from(w) * f64::from(h) / 1e6;
+    let first = f64::from(request.steps) * megapixels(request.width, request.height);
+    let second = request.hires.map_or(0.0, |h| {
+        f64::from(sparkle_core::steps_run(h.steps, h.strength)) * megapixels(h.width, h.height)
+    });
+    Duration::from_secs_f64(120.0 + 20.0 * (first + second) * f64::from(request.n))
 }
 
 /// How long one ask for leases waits for work; also the longest a stopping idle worker
@@ -115,8 +118,8 @@ pub async fn run(
         // A job larger than this worker takes is refused for good, before any work.
         let mut fitting = Vec::with_capacity(leases.len());
         for lease in leases {
-            let r = &lease.job.request;
-            let pixels = u64::from(r.width) * u64::from(r.height);
+            let (width, height) = lease.job.request.output_size();
+            let pixels = u64::from(width) * u64::from(height);
             if pixels > budget {
                 let too_large = EngineError::TooLarge { pixels, budget };
                 record_failure(&*plane, &lease, failure_of(&too_large)).await;
@@ -310,6 +313,12 @@ fn batch_of(leases: &[Lease], sources: &[Option<SourceImage>]) -> Batch {
         guidance_scale: first.guidance_scale,
         scheduler: first.scheduler,
         strength: first.init.map_or(1.0, |init| init.strength),
+        hires: first.hires.map(|h| Hires {
+            width: h.width,
+            height: h.height,
+            steps: h.steps,
+            strength: h.strength,
+        }),
         items: leases
             .iter()
             .zip(sources)

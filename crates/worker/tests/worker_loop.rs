@@ -67,6 +67,7 @@ fn lease_of(model: &str, steps: u32) -> Lease {
         scheduler: Scheduler::Euler,
         n: 1,
         init: None,
+        hires: None,
     })
     .expect("a valid request");
     let id = JobId::random();

@@ -86,6 +86,7 @@ fn assert_same_images(kind: RandomModel) {
             guidance_scale: if few_step { 0.0 } else { 7.5 },
             scheduler,
             strength: 1.0,
+            hires: None,
             items: vec![BatchItem {
                 prompt: "a corgi, style of monet".into(),
                 negative_prompt: String::new(),

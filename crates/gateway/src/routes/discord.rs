@@ -376,6 +376,11 @@ fn request_from(interaction: &Interaction) -> Result<ImageRequest, String> {
         n: Some(1),
         strength: number("strength")?.map(|s| s as f32),
         outpaint: None,
+        hires: number("hires")?.map(|scale| sparkle_core::HiresRequest {
+            scale: scale as f32,
+            steps: None,
+            strength: None,
+        }),
     })
 }
 

@@ -3,7 +3,7 @@
 use super::links::{self, image_views};
 use super::submit::{idempotency_key, submit, GenerationBody};
 use super::views::{
-    Deleted, DeliveryView, JobErrorView, JobEvents, JobList, JobView, Png, RequestView,
+    Deleted, DeliveryView, HiresView, JobErrorView, JobEvents, JobList, JobView, Png, RequestView,
 };
 use crate::auth::{Caller, ImageAccess};
 use crate::json::Json;
@@ -464,6 +464,11 @@ pub fn render(
                 .init
                 .map(|init| if init.masked { "inpaint" } else { "image" }),
             strength: r.init.map(|init| init.strength),
+            hires: r.hires.map(|h| HiresView {
+                size: format!("{}x{}", h.width, h.height),
+                steps: h.steps,
+                strength: h.strength,
+            }),
         },
         progress: job.progress,
         images: image_views(state, job),

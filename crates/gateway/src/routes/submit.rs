@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sparkle_core::{ErrorCode, ImageRequest, JobId, Outpaint, Scheduler, Source};
+use sparkle_core::{ErrorCode, HiresRequest, ImageRequest, JobId, Outpaint, Scheduler, Source};
 use sparkle_delivery::webhooks::WebhookReply;
 use sparkle_queue::{Enqueued, NewJob, ReplyTarget, Scope};
 
@@ -48,6 +48,10 @@ pub struct GenerationBody {
     strength: Option<f32>,
     /// With `image`: pixels added on each side for the model to paint in.
     outpaint: Option<Outpaint>,
+    /// Without `image`: a second pass at `scale` times the size (A1111's hires fix), from
+    /// the first pass's latents upscaled, for `⌊steps × strength⌋` more steps (default:
+    /// this request's steps, strength 0.7).
+    hires: Option<HiresRequest>,
     /// An end user of the calling application, for fairness between its users.
     pub user: Option<String>,
     /// OpenAI's `b64_json` or `url` (the synchronous route only).
@@ -105,6 +109,7 @@ impl GenerationBody {
             n: self.n,
             strength: self.strength,
             outpaint: self.outpaint,
+            hires: self.hires,
         };
         Ok((request, upload))
     }
@@ -370,7 +375,8 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
         )
         .map_err(Refused::Invalid)?;
     // Bounded by what the serving devices can make, as their workers last reported.
-    let pixels = u64::from(valid.width) * u64::from(valid.height);
+    let (out_width, out_height) = valid.output_size();
+    let pixels = u64::from(out_width) * u64::from(out_height);
     if let Some(budget) = state
         .queue
         .capacity(&valid.model)
@@ -383,8 +389,7 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
                 ErrorCode::TooLargeForDevice,
                 Some("size"),
                 format!(
-                    "{}x{} is {pixels} pixels; the serving devices make images of at most {budget} pixels (e.g. {side}x{side})",
-                    valid.width, valid.height
+                    "{out_width}x{out_height} is {pixels} pixels; the serving devices make images of at most {budget} pixels (e.g. {side}x{side})"
                 ),
             )));
         }

@@ -63,6 +63,19 @@ pub struct RequestView {
     /// With a source image: the share of the schedule that runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strength: Option<f32>,
+    /// A second pass at a larger size, which the images come out at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresView>,
+}
+
+/// A job's second pass.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HiresView {
+    /// `WIDTHxHEIGHT` of the images.
+    #[schema(example = "1024x1024")]
+    pub size: String,
+    pub steps: u32,
+    pub strength: f32,
 }
 
 /// One image of a finished job.

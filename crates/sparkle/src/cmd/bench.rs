@@ -202,6 +202,7 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             guidance_scale: args.guidance,
             scheduler,
             strength: 1.0,
+            hires: None,
             items: (0..size)
                 .map(|i| sparkle_engine::BatchItem {
                     prompt: format!("a corgi, style of monet, number {i}"),
@@ -271,6 +272,7 @@ fn check_against_cpu(
         guidance_scale: args.guidance,
         scheduler,
         strength: 1.0,
+        hires: None,
         items: vec![sparkle_engine::BatchItem {
             prompt: "a corgi, style of monet".into(),
             negative_prompt: "blurry".into(),

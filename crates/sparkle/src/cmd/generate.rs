@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use sparkle_core::{ImageRequest, Limits, Outpaint, Source, SourcePixels};
+use sparkle_core::{HiresRequest, ImageRequest, Limits, Outpaint, Source, SourcePixels};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,6 +58,16 @@ pub struct GenerateArgs {
     /// LEFT,RIGHT,UP,DOWN.
     #[arg(long, value_name = "L,R,U,D", requires = "image", value_parser = parse_outpaint)]
     outpaint: Option<Outpaint>,
+    /// From text: a second pass at SCALE times the size (above 1, at most 4), from the first
+    /// pass's latents upscaled (A1111's hires fix).
+    #[arg(long, value_name = "SCALE", conflicts_with = "image")]
+    hires: Option<f32>,
+    /// With --hires: the second pass's steps (default: --steps).
+    #[arg(long, requires = "hires")]
+    hires_steps: Option<u32>,
+    /// With --hires: the share of the second pass's schedule that runs (default 0.7).
+    #[arg(long, requires = "hires")]
+    hires_strength: Option<f32>,
 }
 
 fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
@@ -106,6 +116,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         n: Some(1),
         strength: args.strength,
         outpaint: args.outpaint,
+        hires: args.hires.map(|scale| HiresRequest {
+            scale,
+            steps: args.hires_steps,
+            strength: args.hires_strength,
+        }),
     }
     .validate(&limits, &catalog, facts.as_ref(), rand::random::<u32>)
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -141,6 +156,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         guidance_scale: request.guidance_scale,
         scheduler: request.scheduler,
         strength: request.init.map_or(1.0, |init| init.strength),
+        hires: request.hires.map(|h| sparkle_engine::Hires {
+            width: h.width,
+            height: h.height,
+            steps: h.steps,
+            strength: h.strength,
+        }),
         items: vec![sparkle_engine::BatchItem {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),

@@ -320,3 +320,69 @@ async fn bad_images_get_clear_refusals_and_enqueue_nothing() {
         .count();
     assert_eq!(sources, 1);
 }
+
+/// A1111's hires fix through the service: the image comes out at the second pass's size,
+/// the same image `sparkle generate --hires` makes; bad settings are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pass_makes_the_larger_image_generate_makes() {
+    let svc = Service::start(&[]).await;
+    let (job, png) = run(
+        &svc,
+        json!({"prompt": "a lighthouse at dusk", "size": "64x64", "steps": 4, "seed": 9,
+               "hires": {"scale": 2, "steps": 4, "strength": 0.5}}),
+    )
+    .await;
+    assert_eq!(
+        job["request"]["hires"],
+        json!({"size": "128x128", "steps": 4, "strength": 0.5}),
+        "{job}"
+    );
+    let (w, h, parameters) = png_info(&png);
+    assert_eq!((w, h), (128, 128));
+    assert!(parameters.contains("Hires upscale: 2"), "{parameters}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out.png");
+    let status = Command::new(BIN)
+        .args([
+            "generate",
+            "a lighthouse at dusk",
+            "--device",
+            "cpu",
+            "--size",
+            "64x64",
+        ])
+        .args([
+            "--steps",
+            "4",
+            "--seed",
+            "9",
+            "--hires",
+            "2",
+            "--hires-steps",
+            "4",
+        ])
+        .args(["--hires-strength", "0.5", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(tiny_model())
+        .stderr(Stdio::null())
+        .status()
+        .expect("generate");
+    assert!(status.success());
+    let solo = std::fs::read(out).expect("png");
+    assert_eq!(png_pixels(&png), png_pixels(&solo));
+
+    let (status, err) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a", "size": "1024x1024", "hires": {"scale": 3}}),
+            Some(&svc.admin_key),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "invalid_hires");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("3072x3072"));
+}
