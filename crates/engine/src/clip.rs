@@ -132,8 +132,9 @@ impl ClipTextModel {
     }
 
     /// `[batch, seq]` token ids → `[batch, seq, hidden]` last hidden state.
+    #[cfg(test)]
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.run(ids)?.last)
+        Ok(self.run(ids, None)?.last)
     }
 
     /// The pooled features: each row of `last` at the position of its first end-of-text
@@ -151,14 +152,23 @@ impl ClipTextModel {
         }
     }
 
-    /// Runs every layer, keeping the penultimate layer's output too.
-    pub fn run(&self, ids: &Tensor) -> Result<ClipOutput> {
+    /// Ids in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.token_embedding.embeddings().dims()[0]
+    }
+
+    /// Runs every layer, keeping the penultimate layer's output too; ids past the
+    /// vocabulary select rows of `extra` (textual-inversion vectors).
+    pub fn run(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<ClipOutput> {
         let (_, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let tokens = match extra {
+            None => self.token_embedding.forward(ids)?,
+            Some(extra) => {
+                crate::embeddings::token_rows(self.token_embedding.embeddings(), Some(extra), ids)?
+            }
+        };
+        let xs = tokens.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), ids.device())?;
         let mut xs = xs;
         let mut penultimate = xs.clone();

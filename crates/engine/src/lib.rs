@@ -26,6 +26,7 @@ mod clip;
 mod config;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod embeddings;
 mod error;
 mod layers;
 mod layout;

@@ -162,6 +162,13 @@ pub struct GeneratedImage {
 struct TextEncoder {
     tokenizer: Tokenizer,
     model: ClipTextModel,
+    /// Its features' width.
+    width: usize,
+    /// Textual-inversion names as this tokenizer spells them, and the ids past the
+    /// vocabulary that replace them.
+    placeholders: Vec<(Vec<u32>, Vec<u32>)>,
+    /// The rows those ids select, `[vectors, width]`.
+    extra: Option<Tensor>,
 }
 
 /// A batch of prompts as chunks: every prompt padded with empty chunks to the longest.
@@ -181,7 +188,7 @@ impl TextEncoder {
     fn chunked(&self, texts: &[&str], device: &Device) -> Result<Chunked, EngineError> {
         let mut all: Vec<Vec<prompt::Chunk>> = texts
             .iter()
-            .map(|t| prompt::chunks(&self.tokenizer, t))
+            .map(|t| prompt::chunks_with(&self.tokenizer, t, &self.placeholders))
             .collect();
         let chunks = all.iter().map(Vec::len).max().unwrap_or(1);
         let empty = prompt::empty_chunk(&self.tokenizer);
@@ -263,6 +270,17 @@ pub struct Engine {
     scaling_factor: f64,
     latent_channels: usize,
     schedule: ScheduleConfig,
+    /// The textual-inversion embeddings loaded.
+    embedding_names: Vec<String>,
+}
+
+/// What [`Engine::load_embeddings`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EmbeddingsLoaded {
+    /// Usable by name in prompts.
+    pub names: Vec<String>,
+    /// Left out: name and why.
+    pub skipped: Vec<(String, String)>,
 }
 
 fn pick_device(choice: DeviceChoice) -> Result<Device, EngineError> {
@@ -327,6 +345,9 @@ impl Engine {
             model: open(Part::TextEncoder, dtype)?
                 .build(|vb| ClipTextModel::new(vb, &clip_config))?,
             tokenizer,
+            width: clip_config.hidden_size,
+            placeholders: Vec::new(),
+            extra: None,
         };
         let second = match second {
             None => None,
@@ -334,6 +355,9 @@ impl Engine {
                 model: open(Part::TextEncoder2, dtype)?
                     .build(|vb| ClipTextModel::with_projection(vb, &config))?,
                 tokenizer,
+                width: config.hidden_size,
+                placeholders: Vec::new(),
+                extra: None,
             }),
         };
         let unet = open(Part::Unet, dtype)?.build(|vb| UNet::new(vb, &unet_config))?;
@@ -382,6 +406,7 @@ impl Engine {
             scaling_factor: vae_config.scaling_factor,
             latent_channels: vae_config.candle.latent_channels,
             schedule,
+            embedding_names: Vec::new(),
         })
     }
 
@@ -975,16 +1000,20 @@ impl Engine {
         let first = &self.text.first;
         let chunked = first.chunked(&texts, &self.device)?;
         let Some(second) = &self.text.second else {
+            let out = first.model.run(&chunked.ids, first.extra.as_ref())?;
             return Ok(Conditioning {
-                context: weighted(first.model.forward(&chunked.ids)?, &chunked)?,
+                context: weighted(out.last, &chunked)?,
                 pooled: None,
             });
         };
         // SDXL: both encoders' penultimate layers side by side; the second's pooled output,
         // from each prompt's first chunk.
-        let features = first.model.run(&chunked.ids)?.penultimate;
+        let features = first
+            .model
+            .run(&chunked.ids, first.extra.as_ref())?
+            .penultimate;
         let chunked_2 = second.chunked(&texts, &self.device)?;
-        let out = second.model.run(&chunked_2.ids)?;
+        let out = second.model.run(&chunked_2.ids, second.extra.as_ref())?;
         let context = Tensor::cat(&[features, out.penultimate], D::Minus1)?;
         let mut context = weighted(context, &chunked)?;
         let firsts: Vec<u32> = (0..texts.len())
@@ -1014,6 +1043,42 @@ impl Engine {
             context,
             pooled: Some(pooled),
         })
+    }
+
+    /// Makes the textual-inversion embeddings in `dir` (`NAME.safetensors`) usable by name
+    /// in prompts, replacing those loaded before; embeddings for another model family are
+    /// left out with the reason.
+    pub fn load_embeddings(&mut self, dir: &Path) -> Result<EmbeddingsLoaded, EngineError> {
+        let mut widths = vec![self.text.first.width];
+        if let Some(second) = &self.text.second {
+            widths.push(second.width);
+        }
+        let (found, skipped) = crate::embeddings::scan(dir, &widths)?;
+        let loaded = crate::embeddings::Loaded::new(found, widths.len(), self.dtype, &self.device)?;
+        let encoders = std::iter::once(&mut self.text.first).chain(self.text.second.as_mut());
+        for (e, encoder) in encoders.enumerate() {
+            let tokenizer = &encoder.tokenizer;
+            encoder.placeholders =
+                loaded.placeholders(|name| tokenizer.encode(name), encoder.model.vocab_size());
+            encoder.extra = loaded.rows.get(e).cloned();
+        }
+        for (name, why) in &skipped {
+            tracing::warn!(embedding = %name, reason = %why, "embedding left out");
+        }
+        let names: Vec<String> = loaded.names.iter().map(|(n, _, _)| n.clone()).collect();
+        self.embedding_names = names.clone();
+        Ok(EmbeddingsLoaded { names, skipped })
+    }
+
+    /// The textual-inversion embeddings prompts may name.
+    pub fn embeddings(&self) -> &[String] {
+        &self.embedding_names
+    }
+
+    /// `text` as the first text encoder's tokenizer reads it.
+    #[cfg(test)]
+    pub(crate) fn first_tokens(&self, text: &str) -> Vec<u32> {
+        self.text.first.tokenizer.encode(text)
     }
 
     /// Latents to images in `[-1, 1]`, `[n, 3, h, w]`, f32.

@@ -160,6 +160,16 @@ pub struct Chunk {
 
 /// The prompt's chunks: at least one, at most [`MAX_CHUNKS`] (tokens past those are dropped).
 pub fn chunks(tokenizer: &Tokenizer, prompt: &str) -> Vec<Chunk> {
+    chunks_with(tokenizer, prompt, &[])
+}
+
+/// [`chunks`], with each run of tokens that spells an embedding's name replaced by its
+/// placeholder ids (`(name's tokens, ids)`, longest first; see [`crate::embeddings`]).
+pub fn chunks_with(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    placeholders: &[(Vec<u32>, Vec<u32>)],
+) -> Vec<Chunk> {
     let comma = tokenizer.encode(",").first().copied();
     let mut done: Vec<Chunk> = Vec::new();
     let mut tokens: Vec<(u32, f32)> = Vec::new();
@@ -185,7 +195,7 @@ pub fn chunks(tokenizer: &Tokenizer, prompt: &str) -> Vec<Chunk> {
             last_comma = None;
             continue;
         };
-        for id in tokenizer.encode(&text) {
+        for id in crate::embeddings::substitute(tokenizer.encode(&text), placeholders) {
             if Some(id) == comma {
                 last_comma = Some(tokens.len());
             } else if let (CHUNK_TOKENS, Some(at)) = (tokens.len(), last_comma) {

@@ -14,7 +14,7 @@ const CPU: EngineOptions = EngineOptions {
     precision: crate::Precision::Auto,
 };
 
-fn tiny_dir() -> &'static PathBuf {
+pub(crate) fn tiny_dir() -> &'static PathBuf {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
         let root = tempfile::tempdir().expect("tempdir");

@@ -16,6 +16,8 @@ pub struct GenerateArgs {
     #[arg(short, long, value_name = "FILE")]
     output: PathBuf,
     /// The model: a directory in the diffusers layout or a single-file .safetensors checkpoint.
+    /// Textual-inversion embeddings (`NAME.safetensors`) in an `embeddings` directory beside
+    /// it are used wherever a prompt names them.
     #[arg(long, value_name = "PATH", env = "SPARKLE_MODEL")]
     model: PathBuf,
     /// Denoising steps.
@@ -146,8 +148,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
     };
-    let engine = sparkle_engine::Engine::load(&args.model, &options)
+    let mut engine = sparkle_engine::Engine::load(&args.model, &options)
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;
+    // Textual-inversion embeddings beside the model, used by name in the prompts.
+    let embeddings = sparkle_engine::embeddings::beside(&args.model);
+    if embeddings.is_dir() {
+        let loaded = engine.load_embeddings(&embeddings)?;
+        for (name, why) in &loaded.skipped {
+            eprintln!("embedding {name} left out: {why}");
+        }
+    }
     let loaded = started.elapsed();
     let batch = sparkle_engine::Batch {
         width: request.width,

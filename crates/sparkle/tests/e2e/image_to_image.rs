@@ -386,3 +386,60 @@ async fn a_second_pass_makes_the_larger_image_generate_makes() {
         .unwrap_or_default()
         .contains("3072x3072"));
 }
+
+/// A textual-inversion embedding in the `embeddings` directory beside a model is used where
+/// a prompt names it, by the service's workers as by `sparkle generate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_beside_the_model_is_used_where_a_prompt_names_it() {
+    let models = tempfile::tempdir().expect("tempdir");
+    let model = models.path().join("tiny-styled");
+    std::os::unix::fs::symlink(tiny_model(), &model).expect("symlink");
+    std::fs::create_dir(models.path().join("embeddings")).expect("embeddings");
+    // A1111's format: `emb_params`, two vectors as wide as the tiny text encoder (32).
+    let vectors: Vec<u8> = (0..2 * 32)
+        .flat_map(|i| (i as f32 * 0.61).cos().to_le_bytes())
+        .collect();
+    let header = format!(
+        r#"{{"emb_params":{{"dtype":"F32","shape":[2,32],"data_offsets":[0,{}]}}}}"#,
+        vectors.len()
+    );
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(&vectors);
+    std::fs::write(models.path().join("embeddings/glowstyle.safetensors"), file).expect("save");
+    let served = format!("[{:?}]", model.display().to_string());
+    let svc = Service::start(&[("SPARKLE_MODELS", served.as_str())]).await;
+    let body = |model: &str| {
+        json!({"prompt": "a lighthouse, glowstyle", "model": model, "size": "64x64",
+               "steps": 3, "seed": 4})
+    };
+    let (_, styled) = run(&svc, body("tiny-styled")).await;
+    let (_, plain) = run(&svc, body("tiny-model")).await;
+    assert_ne!(
+        png_pixels(&styled),
+        png_pixels(&plain),
+        "the embedding was not used"
+    );
+    let out = models.path().join("out.png");
+    let status = Command::new(BIN)
+        .args([
+            "generate",
+            "a lighthouse, glowstyle",
+            "--device",
+            "cpu",
+            "--size",
+            "64x64",
+        ])
+        .args(["--steps", "3", "--seed", "4", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model)
+        .stderr(Stdio::null())
+        .status()
+        .expect("generate");
+    assert!(status.success());
+    assert_eq!(
+        png_pixels(&styled),
+        png_pixels(&std::fs::read(out).expect("png"))
+    );
+}
