@@ -117,6 +117,17 @@ pub struct EngineBench {
     /// Timed batches per size (after the warm-up); the best is reported.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
+    /// What each image starts from: `text`, `img2img` (a generated source image at
+    /// --strength), `inpaint` (the same with its left half masked) or `hires` (text, then a
+    /// second pass at --hires-scale times the size, at --strength).
+    #[arg(long, default_value = "text", value_parser = ["text", "img2img", "inpaint", "hires"])]
+    mode: String,
+    /// The share of the schedule that runs from a source image or in the second pass.
+    #[arg(long, default_value_t = 0.5)]
+    strength: f32,
+    /// The second pass's size over the first (--mode hires).
+    #[arg(long, default_value_t = 2.0)]
+    hires_scale: f32,
     /// First check the device against the CPU in f32 on the same weights: the relative
     /// error of the latents after one step and of the decoded image (1 image, 2 steps).
     #[arg(long)]
@@ -176,9 +187,24 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
     let load = started.elapsed();
     let info = engine.info().clone();
     println!(
-        "model {} ({}), {}, {}, {width}x{height}, {} {} steps, guidance {}; loaded in {load:.2?}",
-        info.name, info.architecture, info.device, info.dtype, args.steps, scheduler, args.guidance
+        "model {} ({}), {}, {}, {width}x{height}, {} {} steps, guidance {}, {}; loaded in {load:.2?}",
+        info.name, info.architecture, info.device, info.dtype, args.steps, scheduler, args.guidance,
+        match args.mode.as_str() {
+            "text" => "from text".to_string(),
+            "hires" => format!("a second pass at {}x, strength {}", args.hires_scale, args.strength),
+            mode => format!("{mode} at strength {}", args.strength),
+        }
     );
+    let source = bench_source(&args.mode, width, height);
+    let hires = (args.mode == "hires").then(|| {
+        let side = |s: u32| ((s as f32 * args.hires_scale / 8.0).round() as u32) * 8;
+        sparkle_engine::Hires {
+            width: side(width),
+            height: side(height),
+            steps: args.steps,
+            strength: args.strength,
+        }
+    });
     println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory |");
     println!("|---:|---:|---:|---:|---:|---:|");
     let limit = engine.batch_limit(width, height, args.guidance > 1.0);
@@ -201,14 +227,18 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             steps: args.steps,
             guidance_scale: args.guidance,
             scheduler,
-            strength: 1.0,
-            hires: None,
+            strength: if source.is_some() || hires.is_some() {
+                args.strength
+            } else {
+                1.0
+            },
+            hires,
             items: (0..size)
                 .map(|i| sparkle_engine::BatchItem {
                     prompt: format!("a corgi, style of monet, number {i}"),
                     negative_prompt: "blurry".into(),
                     seed: i as u64,
-                    source: None,
+                    source: source.clone(),
                 })
                 .collect(),
         };
@@ -255,6 +285,26 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
         if cfg_rows == 2 { " (with CFG)" } else { "" }
     );
     Ok(())
+}
+
+/// The source image of `--mode img2img` and `inpaint`: a gradient, its left half masked
+/// for inpainting.
+fn bench_source(mode: &str, width: u32, height: u32) -> Option<sparkle_engine::SourceImage> {
+    let (w, h) = (width as usize, height as usize);
+    let rgb = (0..h)
+        .flat_map(|y| (0..w).flat_map(move |x| [(x % 256) as u8, (y % 256) as u8, 128]))
+        .collect();
+    let mask = (0..h)
+        .flat_map(|_| (0..w).map(move |x| if x < w / 2 { 255 } else { 0 }))
+        .collect();
+    match mode {
+        "img2img" => Some(sparkle_engine::SourceImage { rgb, mask: None }),
+        "inpaint" => Some(sparkle_engine::SourceImage {
+            rgb,
+            mask: Some(mask),
+        }),
+        _ => None,
+    }
 }
 
 /// The relative error of this engine against the CPU in f32 on the same model and noise.
