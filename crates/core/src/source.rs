@@ -143,6 +143,26 @@ fn decode_bounded(
     reader.decode().map_err(undecodable)
 }
 
+/// An uploaded mask, which must have its image's dimensions.
+fn decode_mask(
+    bytes: &[u8],
+    (width, height): (u32, u32),
+    limits: &Limits,
+) -> Result<DynamicImage, RequestError> {
+    let mask = decode_bounded("mask", bytes, limits)?;
+    if mask.dimensions() != (width, height) {
+        return Err(refuse(
+            "mask",
+            format!(
+                "the mask is {}x{}; it must have the image's dimensions, {width}x{height}",
+                mask.width(),
+                mask.height()
+            ),
+        ));
+    }
+    Ok(mask)
+}
+
 impl Source {
     /// An uploaded image, and a mask (white repainted, black kept) of the same dimensions.
     pub fn decode(
@@ -155,19 +175,7 @@ impl Source {
         let mask = match mask {
             None => None,
             Some(bytes) => {
-                let mask = decode_bounded("mask", bytes, limits)?;
-                if mask.dimensions() != decoded.dimensions() {
-                    return Err(refuse(
-                        "mask",
-                        format!(
-                            "the mask is {}x{}; it must have the image's dimensions, {}x{}",
-                            mask.width(),
-                            mask.height(),
-                            decoded.width(),
-                            decoded.height()
-                        ),
-                    ));
-                }
+                let mask = decode_mask(bytes, decoded.dimensions(), limits)?;
                 Some(threshold(&mask.to_luma8(), |v| v >= 128))
             }
         };
@@ -190,19 +198,7 @@ impl Source {
         let decoded = decode_bounded("image", image, limits)?;
         let holes = match mask {
             Some(bytes) => {
-                let mask = decode_bounded("mask", bytes, limits)?;
-                if mask.dimensions() != decoded.dimensions() {
-                    return Err(refuse(
-                        "mask",
-                        format!(
-                            "the mask is {}x{}; it must have the image's dimensions, {}x{}",
-                            mask.width(),
-                            mask.height(),
-                            decoded.width(),
-                            decoded.height()
-                        ),
-                    ));
-                }
+                let mask = decode_mask(bytes, decoded.dimensions(), limits)?;
                 if !mask.color().has_alpha() {
                     return Err(refuse(
                         "mask",

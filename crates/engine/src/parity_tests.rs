@@ -3,8 +3,7 @@
 //! that `tools/reference/diffusers_reference.py` wrote into `tests/fixtures/`.
 
 use crate::{
-    write_random, Batch, BatchItem, DeviceChoice, Engine, EngineError, EngineOptions, ModelScale,
-    RandomModel,
+    write_random, Batch, BatchItem, DeviceChoice, Engine, EngineOptions, ModelScale, RandomModel,
 };
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sparkle_core::Scheduler;
@@ -43,13 +42,13 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     (diff.expect("diff") / norm.expect("norm").max(1e-30)).sqrt()
 }
 
-fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineError>) {
-    let dir = fixtures(arch);
+/// A case's settings (`case.json`) and the tiny model it was made with, loaded on the CPU.
+fn case_and_engine(dir: &Path, kind: RandomModel) -> (serde_json::Value, Engine) {
     let case: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
             .expect("case json");
     let model = tempfile::tempdir().expect("tempdir");
-    write(model.path()).expect("tiny model");
+    write_random(model.path(), 0, kind, ModelScale::Tiny).expect("tiny model");
     let engine = Engine::load(
         model.path(),
         &EngineOptions {
@@ -58,129 +57,164 @@ fn check_architecture(arch: &str, write: impl Fn(&Path) -> Result<(), EngineErro
         },
     )
     .expect("load");
+    (case, engine)
+}
 
-    for scheduler in Scheduler::ALL {
-        let file = dir.join(format!("{}.safetensors", scheduler.as_str()));
-        let reference: HashMap<String, Tensor> =
-            candle_core::safetensors::load(&file, &Device::Cpu).expect("fixture");
-        let get = |name: &str| {
-            reference
-                .get(name)
-                .unwrap_or_else(|| panic!("{file:?} lacks {name}"))
-        };
-        let batch = Batch {
-            width: case["width"].as_u64().expect("width") as u32,
-            height: case["height"].as_u64().expect("height") as u32,
-            steps: case["steps"].as_u64().expect("steps") as u32,
-            guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
-            scheduler,
-            strength: 1.0,
-            hires: None,
-            items: vec![BatchItem {
-                prompt: case["prompt"].as_str().expect("prompt").into(),
-                negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),
-                seed: 0,
-                source: None,
-            }],
-        };
-        let stage = |name: &str, ours: &Tensor, theirs: &Tensor| {
-            let err = relative_error(ours, theirs);
-            assert!(
-                err <= TOLERANCE,
-                "{arch}/{scheduler} {name}: relative error {err:.2e} > {TOLERANCE:.0e}"
-            );
-            eprintln!("{arch}/{scheduler} {name}: relative error {err:.2e}");
-        };
+/// The case's batch of one image.
+fn case_batch(
+    case: &serde_json::Value,
+    scheduler: Scheduler,
+    strength: f32,
+    source: Option<crate::SourceImage>,
+) -> Batch {
+    Batch {
+        width: case["width"].as_u64().expect("width") as u32,
+        height: case["height"].as_u64().expect("height") as u32,
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
+        scheduler,
+        strength,
+        hires: None,
+        items: vec![BatchItem {
+            prompt: case["prompt"].as_str().expect("prompt").into(),
+            negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),
+            seed: 0,
+            source,
+        }],
+    }
+}
 
-        let conditioning = engine.encode_prompts(&batch).expect("embeddings");
-        let rows = |name: &str| {
-            if batch.guidance_scale > 1.0 {
-                Tensor::cat(
-                    &[get(&format!("uncond{name}")), get(&format!("cond{name}"))],
-                    0,
-                )
-                .expect("cat")
-            } else {
-                get(&format!("cond{name}")).clone()
-            }
-        };
-        stage("text embeddings", &conditioning.context, &rows(""));
-        if let Some(pooled) = &conditioning.pooled {
-            stage("pooled text embeddings", pooled, &rows("_pooled"));
+/// One reference file: its tensors, compared stage by stage.
+struct Reference {
+    label: String,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn load(file: &Path, label: String) -> Reference {
+        Reference {
+            label,
+            tensors: candle_core::safetensors::load(file, &Device::Cpu).expect("fixture"),
         }
+    }
 
+    fn get(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{} lacks {name}", self.label))
+    }
+
+    fn stage(&self, what: &str, ours: &Tensor, theirs: &Tensor) {
+        let err = relative_error(ours, theirs);
+        assert!(
+            err <= TOLERANCE,
+            "{} {what}: relative error {err:.2e} > {TOLERANCE:.0e}",
+            self.label
+        );
+        eprintln!("{} {what}: relative error {err:.2e}", self.label);
+    }
+
+    /// The loop from the recorded initial noise (and ancestral noise, for Euler a): the
+    /// latents after the first step that runs and after the last, and the decoded image.
+    fn check_loop(
+        &self,
+        engine: &Engine,
+        batch: &Batch,
+        conditioning: &crate::pipeline::Conditioning,
+        sources: Option<&crate::pipeline::Sources>,
+        inpaint: Option<&crate::pipeline::InpaintInput>,
+    ) {
         let mut drawn = 0;
         let mut noise = || {
-            let all = reference
+            let all = self
+                .tensors
                 .get("noise")
                 .ok_or_else(|| candle_core::Error::Msg("no noise in fixture".into()))?;
             drawn += 1;
             all.i(drawn - 1..drawn)
         };
         let mut first = None;
-        let mut go_on = |_| ControlFlow::Continue(());
         let last = engine
             .denoise(
-                &batch,
-                &conditioning,
+                batch,
+                conditioning,
                 crate::pipeline::Start {
-                    noise: get("initial").clone(),
-                    sources: None,
-                    inpaint: None,
+                    noise: self.get("initial").clone(),
+                    sources,
+                    inpaint,
                 },
                 &mut noise,
-                &mut go_on,
+                &mut |_| ControlFlow::Continue(()),
                 &mut first,
             )
             .expect("denoise");
-        stage(
+        self.stage(
             "latents after the first step",
             &first.expect("first"),
-            get("first"),
+            self.get("first"),
         );
-        stage("latents after the last step", &last, get("last"));
-
-        let image = engine.decode(get("last")).expect("decode");
+        self.stage("latents after the last step", &last, self.get("last"));
+        let image = engine.decode(self.get("last")).expect("decode");
         let image = ((image / 2.0).and_then(|t| t + 0.5))
             .and_then(|t| t.clamp(0f32, 1f32))
             .expect("scale");
-        stage("decoded image", &image, get("image"));
+        self.stage("decoded image", &image, self.get("image"));
+    }
+}
+
+fn check_architecture(arch: &str, kind: RandomModel) {
+    let dir = fixtures(arch);
+    let (case, engine) = case_and_engine(&dir, kind);
+    for scheduler in Scheduler::ALL {
+        let file = dir.join(format!("{}.safetensors", scheduler.as_str()));
+        let reference = Reference::load(&file, format!("{arch}/{scheduler}"));
+        let batch = case_batch(&case, scheduler, 1.0, None);
+        let conditioning = engine.encode_prompts(&batch).expect("embeddings");
+        let rows = |name: &str| {
+            if batch.guidance_scale > 1.0 {
+                Tensor::cat(
+                    &[
+                        reference.get(&format!("uncond{name}")),
+                        reference.get(&format!("cond{name}")),
+                    ],
+                    0,
+                )
+                .expect("cat")
+            } else {
+                reference.get(&format!("cond{name}")).clone()
+            }
+        };
+        reference.stage("text embeddings", &conditioning.context, &rows(""));
+        if let Some(pooled) = &conditioning.pooled {
+            reference.stage("pooled text embeddings", pooled, &rows("_pooled"));
+        }
+        reference.check_loop(&engine, &batch, &conditioning, None, None);
     }
 }
 
 #[test]
 fn sd15_matches_diffusers_for_every_scheduler() {
-    check_architecture("sd15", |dir| {
-        write_random(dir, 0, RandomModel::Sd15, ModelScale::Tiny)
-    });
+    check_architecture("sd15", RandomModel::Sd15);
 }
 
 #[test]
 fn sd21_v_prediction_matches_diffusers_for_every_scheduler() {
-    check_architecture("sd21", |dir| {
-        write_random(dir, 0, RandomModel::Sd21, ModelScale::Tiny)
-    });
+    check_architecture("sd21", RandomModel::Sd21);
 }
 
 #[test]
 fn sd_turbo_few_steps_without_guidance_matches_diffusers() {
-    check_architecture("sd-turbo", |dir| {
-        write_random(dir, 0, RandomModel::SdTurbo, ModelScale::Tiny)
-    });
+    check_architecture("sd-turbo", RandomModel::SdTurbo);
 }
 
 #[test]
 fn sdxl_two_encoders_pooled_and_size_conditioning_match_diffusers() {
-    check_architecture("sdxl", |dir| {
-        write_random(dir, 0, RandomModel::Sdxl, ModelScale::Tiny)
-    });
+    check_architecture("sdxl", RandomModel::Sdxl);
 }
 
 #[test]
 fn sdxl_turbo_few_steps_without_guidance_matches_diffusers() {
-    check_architecture("sdxl-turbo", |dir| {
-        write_random(dir, 0, RandomModel::SdxlTurbo, ModelScale::Tiny)
-    });
+    check_architecture("sdxl-turbo", RandomModel::SdxlTurbo);
 }
 
 #[test]
@@ -203,19 +237,7 @@ fn few_step_models_default_to_one_step_without_guidance() {
 /// and the decoded image, for every scheduler and strength of the case.
 fn check_from_source(fixture: &str, kind: RandomModel) {
     let dir = fixtures(fixture);
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
-            .expect("case json");
-    let model = tempfile::tempdir().expect("tempdir");
-    write_random(model.path(), 0, kind, ModelScale::Tiny).expect("tiny model");
-    let engine = Engine::load(
-        model.path(),
-        &EngineOptions {
-            device: DeviceChoice::Cpu,
-            ..EngineOptions::default()
-        },
-    )
-    .expect("load");
+    let (case, engine) = case_and_engine(&dir, kind);
     let strengths = case["strengths"].as_array().expect("strengths");
     assert!(!strengths.is_empty());
     let bytes = |t: &Tensor| -> Vec<u8> {
@@ -231,43 +253,15 @@ fn check_from_source(fixture: &str, kind: RandomModel) {
         for scheduler in Scheduler::ALL {
             let name = format!("{}-{}", scheduler.as_str(), (strength * 100.0).round());
             let file = dir.join(format!("{name}.safetensors"));
-            let reference: HashMap<String, Tensor> =
-                candle_core::safetensors::load(&file, &Device::Cpu).expect("fixture");
-            let get = |name: &str| {
-                reference
-                    .get(name)
-                    .unwrap_or_else(|| panic!("{file:?} lacks {name}"))
-            };
-            let stage = |what: &str, ours: &Tensor, theirs: &Tensor| {
-                let err = relative_error(ours, theirs);
-                assert!(
-                    err <= TOLERANCE,
-                    "{fixture}/{name} {what}: relative error {err:.2e} > {TOLERANCE:.0e}"
-                );
-                eprintln!("{fixture}/{name} {what}: relative error {err:.2e}");
-            };
+            let reference = Reference::load(&file, format!("{fixture}/{name}"));
             let source = crate::SourceImage {
-                rgb: bytes(get("source")),
-                mask: reference.get("mask").map(bytes),
+                rgb: bytes(reference.get("source")),
+                mask: reference.tensors.get("mask").map(bytes),
             };
-            let batch = Batch {
-                width: case["width"].as_u64().expect("width") as u32,
-                height: case["height"].as_u64().expect("height") as u32,
-                steps: case["steps"].as_u64().expect("steps") as u32,
-                guidance_scale: case["guidance_scale"].as_f64().expect("guidance") as f32,
-                scheduler,
-                strength: strength as f32,
-                hires: None,
-                items: vec![BatchItem {
-                    prompt: case["prompt"].as_str().expect("prompt").into(),
-                    negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),
-                    seed: 0,
-                    source: Some(source),
-                }],
-            };
+            let batch = case_batch(&case, scheduler, strength as f32, Some(source));
             let (sources, inpaint) = engine.prepare_sources(&batch).expect("sources");
             let pixels = Tensor::from_vec(
-                bytes(get("source"))
+                bytes(reference.get("source"))
                     .into_iter()
                     .map(|v| f32::from(v) / 127.5 - 1.0)
                     .collect::<Vec<_>>(),
@@ -276,46 +270,19 @@ fn check_from_source(fixture: &str, kind: RandomModel) {
             )
             .and_then(|t| t.permute((0, 3, 1, 2)))
             .expect("pixels");
-            stage(
+            reference.stage(
                 "source latents",
                 &engine.encode_images(&pixels).expect("encode"),
-                get("source_latents"),
+                reference.get("source_latents"),
             );
             let conditioning = engine.encode_prompts(&batch).expect("embeddings");
-            let mut drawn = 0;
-            let mut noise = || {
-                let all = reference
-                    .get("noise")
-                    .ok_or_else(|| candle_core::Error::Msg("no noise in fixture".into()))?;
-                drawn += 1;
-                all.i(drawn - 1..drawn)
-            };
-            let mut first = None;
-            let last = engine
-                .denoise(
-                    &batch,
-                    &conditioning,
-                    crate::pipeline::Start {
-                        noise: get("initial").clone(),
-                        sources: sources.as_ref(),
-                        inpaint: inpaint.as_ref(),
-                    },
-                    &mut noise,
-                    &mut |_| ControlFlow::Continue(()),
-                    &mut first,
-                )
-                .expect("denoise");
-            stage(
-                "latents after the first step",
-                &first.expect("first"),
-                get("first"),
+            reference.check_loop(
+                &engine,
+                &batch,
+                &conditioning,
+                sources.as_ref(),
+                inpaint.as_ref(),
             );
-            stage("latents after the last step", &last, get("last"));
-            let image = engine.decode(get("last")).expect("decode");
-            let image = ((image / 2.0).and_then(|t| t + 0.5))
-                .and_then(|t| t.clamp(0f32, 1f32))
-                .expect("scale");
-            stage("decoded image", &image, get("image"));
         }
     }
 }

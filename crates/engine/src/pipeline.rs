@@ -691,27 +691,9 @@ impl Engine {
     ) -> Result<Tensor, EngineError> {
         let shape = self.latent_shape(batch);
         // Per image: one stream for the initial latents, a second for ancestral noise.
-        let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = batch
-            .items
-            .iter()
-            .map(|item| {
-                let mut ancestral = ChaCha8Rng::seed_from_u64(item.seed);
-                ancestral.set_stream(1);
-                (ChaCha8Rng::seed_from_u64(item.seed), ancestral)
-            })
-            .collect();
-        let initial: Vec<Tensor> = rngs
-            .iter_mut()
-            .map(|(rng, _)| normal(rng, shape, &self.device))
-            .collect::<Result<_, _>>()?;
-        let initial = Tensor::stack(&initial, 0)?;
-        let mut noise = || {
-            let fresh = rngs
-                .iter_mut()
-                .map(|(_, rng)| normal(rng, shape, &self.device))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&fresh, 0)
-        };
+        let mut streams = SeededNoise::new(batch, 0, shape, &self.device);
+        let initial = streams.initial()?;
+        let mut noise = || streams.fresh();
         let conditioning = self.encode_prompts(batch)?;
         let (sources, inpaint) = self.prepare_sources(batch)?;
         self.denoise(
@@ -748,29 +730,9 @@ impl Engine {
         };
         let shape = self.latent_shape(&second);
         let upscaled = latents.upsample_bilinear2d(shape.1, shape.2, false)?;
-        let mut rngs: Vec<(ChaCha8Rng, ChaCha8Rng)> = second
-            .items
-            .iter()
-            .map(|item| {
-                let mut initial = ChaCha8Rng::seed_from_u64(item.seed);
-                initial.set_stream(2);
-                let mut ancestral = ChaCha8Rng::seed_from_u64(item.seed);
-                ancestral.set_stream(3);
-                (initial, ancestral)
-            })
-            .collect();
-        let initial = rngs
-            .iter_mut()
-            .map(|(rng, _)| normal(rng, shape, &self.device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let initial = Tensor::stack(&initial, 0)?;
-        let mut noise = || {
-            let fresh = rngs
-                .iter_mut()
-                .map(|(_, rng)| normal(rng, shape, &self.device))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&fresh, 0)
-        };
+        let mut streams = SeededNoise::new(&second, 2, shape, &self.device);
+        let initial = streams.initial()?;
+        let mut noise = || streams.fresh();
         let conditioning = self.encode_prompts(&second)?;
         // An inpainting UNet sees everything repainted, as for text.
         let (_, inpaint) = self.prepare_sources(&second)?;
@@ -1093,6 +1055,56 @@ impl Engine {
             .map(|i| self.vae.decode(&latents.i(i..i + 1)?)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
+    }
+}
+
+/// Noise from each image's seed alone, whatever batch it is in: its initial latents from
+/// stream `first` of the seed's generator, the fresh noise an ancestral sampler draws at
+/// each step from stream `first + 1`.
+struct SeededNoise<'a> {
+    streams: Vec<(ChaCha8Rng, ChaCha8Rng)>,
+    shape: (usize, usize, usize),
+    device: &'a Device,
+}
+
+impl<'a> SeededNoise<'a> {
+    fn new(batch: &Batch, first: u64, shape: (usize, usize, usize), device: &'a Device) -> Self {
+        let stream = |seed: u64, n: u64| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(n);
+            rng
+        };
+        SeededNoise {
+            streams: batch
+                .items
+                .iter()
+                .map(|item| (stream(item.seed, first), stream(item.seed, first + 1)))
+                .collect(),
+            shape,
+            device,
+        }
+    }
+
+    /// `[n, channels, h, w]` from each image's first stream.
+    fn initial(&mut self) -> candle_core::Result<Tensor> {
+        let (shape, device) = (self.shape, self.device);
+        let drawn = self
+            .streams
+            .iter_mut()
+            .map(|(rng, _)| normal(rng, shape, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::stack(&drawn, 0)
+    }
+
+    /// `[n, channels, h, w]` from each image's second stream.
+    fn fresh(&mut self) -> candle_core::Result<Tensor> {
+        let (shape, device) = (self.shape, self.device);
+        let drawn = self
+            .streams
+            .iter_mut()
+            .map(|(_, rng)| normal(rng, shape, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::stack(&drawn, 0)
     }
 }
 

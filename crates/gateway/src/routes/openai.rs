@@ -85,17 +85,8 @@ pub async fn generate(
     headers: HeaderMap,
     Json(body): Json<GenerationBody>,
 ) -> Result<axum::Json<ImagesResponse>, ApiError> {
-    let as_url = wants_url(body.response_format.as_deref())?;
+    let as_url = answers_with_images(&body)?;
     let dedup = idempotency_key(&headers)?;
-    if body.webhook_url.is_some() {
-        return Err(ApiError {
-            param: Some("webhook_url"),
-            ..ApiError::new(
-                ErrorCode::InvalidJson,
-                "webhook_url belongs to /v1/jobs; this route answers with the images",
-            )
-        });
-    }
     let user = body.user.clone();
     let (request, upload) = body.into_request(OPENAI_ONLY)?;
     let enqueued = submit(
@@ -109,6 +100,21 @@ pub async fn generate(
     )
     .await?;
     answer_with_images(&state, enqueued.job.id, as_url).await
+}
+
+/// Checks a body for a route that answers with its images (no webhook); whether they are
+/// wanted as links (`response_format: "url"`) rather than base64.
+fn answers_with_images(body: &GenerationBody) -> Result<bool, ApiError> {
+    if body.webhook_url.is_some() {
+        return Err(ApiError {
+            param: Some("webhook_url"),
+            ..ApiError::new(
+                ErrorCode::InvalidJson,
+                "webhook_url belongs to /v1/jobs; this route answers with the images",
+            )
+        });
+    }
+    wants_url(body.response_format.as_deref())
 }
 
 /// `response_format`: `b64_json` (the default) or `url`.
@@ -280,16 +286,7 @@ pub async fn edit(
     })?;
     let body: GenerationBody = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?;
-    let as_url = wants_url(body.response_format.as_deref())?;
-    if body.webhook_url.is_some() {
-        return Err(ApiError {
-            param: Some("webhook_url"),
-            ..ApiError::new(
-                ErrorCode::InvalidJson,
-                "webhook_url belongs to /v1/jobs; this route answers with the images",
-            )
-        });
-    }
+    let as_url = answers_with_images(&body)?;
     let user = body.user.clone();
     let (request, upload) = body.into_request(OPENAI_EDIT_ONLY)?;
     if upload.is_some() || request.outpaint.is_some() {
