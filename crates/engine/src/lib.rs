@@ -30,6 +30,7 @@ pub mod embeddings;
 mod error;
 mod layers;
 mod layout;
+pub mod lora;
 mod model;
 mod pipeline;
 mod png;

@@ -1,0 +1,246 @@
+use super::*;
+
+fn save(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> std::path::PathBuf {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    let file = dir.join(format!("{name}.safetensors"));
+    candle_core::safetensors::save(&map, &file).expect("save");
+    file
+}
+
+fn ramp(shape: &[usize], seed: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.13 + seed).sin()).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).expect("ramp")
+}
+
+fn scalar(v: f32) -> Tensor {
+    Tensor::new(v, &Device::Cpu).expect("scalar")
+}
+
+const Q: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+
+/// An SD 1.x-like set of layers, with the original names SDXL's kohya files use.
+fn targets(sdxl: bool) -> Targets {
+    let unet = vec![
+        (Q.to_string(), vec![32, 32]),
+        (
+            "down_blocks.0.attentions.0.proj_in.weight".to_string(),
+            vec![32, 32, 1, 1],
+        ),
+        ("conv_in.weight".to_string(), vec![32, 4, 3, 3]),
+        ("conv_in.bias".to_string(), vec![32]),
+    ];
+    let text = vec![(
+        "text_model.encoder.layers.0.self_attn.q_proj.weight".to_string(),
+        vec![32, 32],
+    )];
+    let mut t = Targets::default();
+    t.add(
+        Network::Unet,
+        &unet,
+        |name| {
+            (name == Q).then(|| "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight".into())
+        },
+        sdxl,
+    );
+    t.add(Network::TextEncoder, &text, |_| None, sdxl);
+    if sdxl {
+        t.add(Network::TextEncoder2, &text, |_| None, sdxl);
+    }
+    t
+}
+
+#[test]
+fn kohya_files_with_alpha_and_convolutions_become_deltas_on_the_models_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let file = save(
+        dir.path(),
+        "style",
+        &[
+            (&format!("{q}.lora_down.weight"), ramp(&[4, 32], 0.0)),
+            (&format!("{q}.lora_up.weight"), ramp(&[32, 4], 1.0)),
+            (&format!("{q}.alpha"), scalar(2.0)),
+            (
+                "lora_unet_conv_in.lora_down.weight",
+                ramp(&[4, 4, 3, 3], 2.0),
+            ),
+            (
+                "lora_unet_conv_in.lora_up.weight",
+                ramp(&[32, 4, 1, 1], 3.0),
+            ),
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                ramp(&[8, 32], 4.0),
+            ),
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                ramp(&[32, 8], 5.0),
+            ),
+        ],
+    );
+    let deltas = read(&file, &targets(false)).expect("read");
+    assert_eq!(deltas.len(), 3);
+    let q = deltas.iter().find(|d| d.weight == Q).expect("to_q");
+    assert_eq!((q.network, q.scale), (Network::Unet, 0.5));
+    let full = q.full().expect("full");
+    assert_eq!(full.dims(), &[32, 32]);
+    // One element by hand: 0.5 × Σ_r up[3, r] · down[r, 5].
+    let (up, down) = (ramp(&[32, 4], 1.0), ramp(&[4, 32], 0.0));
+    let up = up.to_vec2::<f32>().expect("up");
+    let down = down.to_vec2::<f32>().expect("down");
+    let want: f32 = 0.5 * (0..4).map(|r| up[3][r] * down[r][5]).sum::<f32>();
+    let got = full.to_vec2::<f32>().expect("full")[3][5];
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    let conv = deltas
+        .iter()
+        .find(|d| d.weight == "conv_in.weight")
+        .expect("conv");
+    assert_eq!(conv.scale, 1.0, "no alpha: the rank");
+    assert_eq!(conv.full().expect("full").dims(), &[32, 4, 3, 3]);
+    let text = deltas
+        .iter()
+        .find(|d| d.network == Network::TextEncoder)
+        .expect("text");
+    assert_eq!(
+        text.weight,
+        "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    );
+}
+
+#[test]
+fn sdxl_kohya_names_and_peft_names_find_the_same_layers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = save(
+        dir.path(),
+        "xl",
+        &[
+            (
+                "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                ramp(&[4, 32], 0.0),
+            ),
+            (
+                "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight",
+                ramp(&[32, 4], 1.0),
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                ramp(&[4, 32], 2.0),
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                ramp(&[32, 4], 3.0),
+            ),
+        ],
+    );
+    let deltas = read(&file, &targets(true)).expect("read");
+    let networks: Vec<_> = deltas
+        .iter()
+        .map(|d| (d.network, d.weight.as_str()))
+        .collect();
+    assert!(networks.contains(&(Network::Unet, Q)));
+    assert!(networks.contains(&(
+        Network::TextEncoder2,
+        "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    )));
+
+    let peft = save(
+        dir.path(),
+        "peft",
+        &[
+            (
+                &format!("unet.{}.lora_A.weight", Q.trim_end_matches(".weight")),
+                ramp(&[4, 32], 0.0),
+            ),
+            (
+                &format!("unet.{}.lora_B.weight", Q.trim_end_matches(".weight")),
+                ramp(&[32, 4], 1.0),
+            ),
+        ],
+    );
+    let deltas = read(&peft, &targets(false)).expect("peft");
+    assert_eq!((deltas[0].weight.as_str(), deltas[0].scale), (Q, 1.0));
+}
+
+#[test]
+fn files_for_other_families_or_not_loras_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let cases: Vec<(Vec<(String, Tensor)>, &str)> = vec![
+        (
+            vec![
+                (
+                    "lora_unet_mid_block_nothing.lora_down.weight".into(),
+                    ramp(&[4, 32], 0.0),
+                ),
+                (
+                    "lora_unet_mid_block_nothing.lora_up.weight".into(),
+                    ramp(&[32, 4], 0.0),
+                ),
+            ],
+            "another model family",
+        ),
+        (
+            vec![
+                (format!("{q}.lora_down.weight"), ramp(&[4, 64], 0.0)),
+                (format!("{q}.lora_up.weight"), ramp(&[32, 4], 0.0)),
+            ],
+            "do not make the layer's [32, 32]",
+        ),
+        (
+            vec![(format!("{q}.lora_down.weight"), ramp(&[4, 32], 0.0))],
+            "lacks its down or up",
+        ),
+        (
+            vec![(
+                "model.diffusion_model.out.2.weight".into(),
+                ramp(&[4, 4], 0.0),
+            )],
+            "not a LoRA factor",
+        ),
+    ];
+    for (i, (tensors, why)) in cases.into_iter().enumerate() {
+        let named: Vec<(&str, Tensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.clone()))
+            .collect();
+        let file = save(d, &format!("case{i}"), &named);
+        let err = read(&file, &targets(false)).expect_err("refused");
+        assert!(err.contains(why), "{err} should say {why}");
+    }
+    std::fs::write(d.join("text.safetensors"), "no").expect("write");
+    assert!(read(&d.join("text.safetensors"), &targets(false))
+        .expect_err("not tensors")
+        .contains("not a safetensors"));
+    let names = list(d).expect("list");
+    assert!(names.contains(&"case0".to_string()) && names.contains(&"text".to_string()));
+}
+
+#[test]
+fn the_tiny_models_own_layers_are_found_by_their_kohya_names() {
+    let unet = candle_core::safetensors::load(
+        crate::tests::tiny_dir().join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("unet");
+    let weights: Vec<(String, Vec<usize>)> = unet
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    let mut t = Targets::default();
+    t.add(Network::Unet, &weights, |_| None, false);
+    let attention = weights
+        .iter()
+        .find(|(k, _)| k.ends_with("attn2.to_k.weight"))
+        .expect("a cross-attention key projection");
+    let kohya = format!(
+        "lora_unet_{}",
+        attention.0.trim_end_matches(".weight").replace('.', "_")
+    );
+    let found = t.find(&kohya).expect("found");
+    assert_eq!(found.1, attention.0);
+}
