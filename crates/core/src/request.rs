@@ -121,9 +121,11 @@ pub struct HiresRequest {
     pub strength: Option<f32>,
 }
 
-/// A validated second pass: the final size, its schedule and the share that runs.
+/// A validated second pass: the scale asked for, the final size it made, its schedule and
+/// the share that runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HiresFix {
+    pub scale: f32,
     pub width: u32,
     pub height: u32,
     pub steps: u32,
@@ -294,7 +296,10 @@ impl ValidImageRequest {
             check_strength(init.strength, parts.steps)?;
         }
         if let Some(h) = parts.hires {
-            let fits = h.width >= parts.width
+            let fits = h.scale.is_finite()
+                && h.scale > 1.0
+                && h.scale <= MAX_HIRES_SCALE
+                && h.width >= parts.width
                 && h.height >= parts.height
                 && h.width % 8 == 0
                 && h.height % 8 == 0
@@ -584,6 +589,7 @@ fn check_hires(
         return invalid(format!("hires.{}", e.message));
     }
     Ok(HiresFix {
+        scale,
         width: w,
         height: h,
         steps: hires_steps,
@@ -736,17 +742,16 @@ impl ValidImageRequest {
             // The stored source is the whole canvas already.
             outpaint: None,
             hires: self.hires.map(|h| HiresRequest {
-                scale: self.hires_scale().unwrap_or(2.0),
+                scale: h.scale,
                 steps: Some(h.steps),
                 strength: Some(h.strength),
             }),
         }
     }
 
-    /// The hires pass's scale over the first pass, as the wider of the two ratios.
+    /// The hires pass's scale, as asked.
     pub fn hires_scale(&self) -> Option<f32> {
-        self.hires
-            .map(|h| (h.width as f32 / self.width as f32).max(h.height as f32 / self.height as f32))
+        self.hires.map(|h| h.scale)
     }
 
     /// The size the images come out at.
@@ -1213,6 +1218,7 @@ mod tests {
         assert_eq!(
             v.hires,
             Some(HiresFix {
+                scale: 1.5,
                 width: 768,
                 height: 576,
                 steps: 20,
@@ -1243,6 +1249,18 @@ mod tests {
             .validate(&Limits::default(), &catalog(), None, || 3)
             .expect("again");
         assert_eq!(again.hires, v.hires);
+        // A scale whose sides round differently keeps its size when the job is made again.
+        let odd = check(ImageRequest {
+            size: Some("512x768".into()),
+            ..hires(1.26, None, None)
+        })
+        .expect("odd scale");
+        assert_eq!(odd.output_size(), (648, 968));
+        let again = odd
+            .again(1)
+            .validate(&Limits::default(), &catalog(), None, || 5)
+            .expect("again");
+        assert_eq!(again.output_size(), (648, 968));
 
         for (r, mention) in [
             (hires(1.0, None, None), "above 1"),

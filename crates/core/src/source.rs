@@ -331,22 +331,26 @@ pub fn natural_size(
     )
 }
 
-/// The image scaled to cover `width × height`, its overhang cut equally from both sides.
+/// The image scaled to cover `width × height`, its overhang cut equally from both sides:
+/// the centred box of the canvas's aspect ratio is cut from the source first, then scaled,
+/// so no step is larger than the source or the canvas (a 1×4096 strip brought to 1024²
+/// scales one pixel, not a 1024×4194304 stretch).
 fn cover(image: &DynamicImage, width: u32, height: u32) -> DynamicImage {
     if image.dimensions() == (width, height) {
         return image.clone();
     }
-    let (w, h) = (f64::from(image.width()), f64::from(image.height()));
-    let scale = (f64::from(width) / w).max(f64::from(height) / h);
-    let scaled_w = ((w * scale).round() as u32).max(width);
-    let scaled_h = ((h * scale).round() as u32).max(height);
-    let scaled = image.resize_exact(scaled_w, scaled_h, image::imageops::FilterType::Lanczos3);
-    scaled.crop_imm(
-        (scaled_w - width) / 2,
-        (scaled_h - height) / 2,
-        width,
-        height,
-    )
+    let (sw, sh) = (u64::from(image.width()), u64::from(image.height()));
+    let (w, h) = (u64::from(width), u64::from(height));
+    let (cw, ch) = if sw * h > sh * w {
+        ((sh * w / h).clamp(1, sw), sh)
+    } else {
+        (sw, (sw * h / w).clamp(1, sh))
+    };
+    // Both within the source's sides, which are u32.
+    let (cw, ch) = (cw as u32, ch as u32);
+    image
+        .crop_imm((image.width() - cw) / 2, (image.height() - ch) / 2, cw, ch)
+        .resize_exact(width, height, image::imageops::FilterType::Lanczos3)
 }
 
 fn threshold(image: &GrayImage, repaint: impl Fn(u8) -> bool) -> GrayImage {

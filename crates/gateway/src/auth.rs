@@ -116,6 +116,28 @@ pub struct BrowserSession {
     pub expires_at_ms: i64,
 }
 
+/// Whether the request's credentials (a bearer key, or a session cookie with its CSRF
+/// token) hold, without spending the key's request rate: what lets a request send a body
+/// larger than `max_body_bytes`.
+pub async fn credentials_hold(parts: &Parts, state: &GatewayState) -> bool {
+    if let Some(header) = parts.headers.get(header::AUTHORIZATION) {
+        let secret = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        return match secret {
+            Some(secret) => matches!(state.keys.authenticate(secret).await, Ok(Some(_))),
+            None => false,
+        };
+    }
+    match session_cookie(&parts.headers) {
+        Some(secret) => BrowserSession::open(parts, state, secret).await.is_ok(),
+        None => false,
+    }
+}
+
 impl BrowserSession {
     async fn open(parts: &Parts, state: &GatewayState, secret: &str) -> Result<Self, ApiError> {
         let session = state.keys.session(secret).await?.ok_or_else(|| {

@@ -204,49 +204,52 @@ const DRAIN_BYTES: usize = 1 << 20;
 /// The routes whose bodies carry images.
 const IMAGE_ROUTES: &[&str] = &["/v1/jobs", "/v1/images/generations", "/v1/images/edits"];
 
-/// The largest body this request may have: `max_image_body_bytes` for a POST with
-/// credentials (checked later) to a route that takes images, `max_body_bytes` otherwise.
-fn body_limit(state: &GatewayState, parts: &axum::http::request::Parts) -> usize {
-    let images = parts.method == axum::http::Method::POST
+/// Whether this request may carry images: a POST with credentials to a route that takes
+/// them (the credentials are checked before more than `max_body_bytes` is read).
+fn may_carry_images(parts: &axum::http::request::Parts) -> bool {
+    parts.method == axum::http::Method::POST
         && IMAGE_ROUTES.contains(&parts.uri.path())
         && (parts
             .headers
             .contains_key(axum::http::header::AUTHORIZATION)
-            || crate::auth::session_cookie(&parts.headers).is_some());
-    if images {
-        state.options.max_image_body_bytes
-    } else {
-        state.options.max_body_bytes
-    }
+            || crate::auth::session_cookie(&parts.headers).is_some())
 }
 
-/// Reads the whole body (at most `max_body_bytes`, or `max_image_body_bytes` where images
-/// travel) within the request timeout, so that a client trickling its body cannot hold the
-/// handler or the connection.
+/// Reads the whole body within the request timeout, so that a client trickling its body
+/// cannot hold the handler or the connection: at most `max_body_bytes`, or
+/// `max_image_body_bytes` on the routes that take images for a request whose credentials
+/// check out — checked once the body passes `max_body_bytes`, so an anonymous client can
+/// never make the gateway hold more than that.
 pub async fn read_body(
     State(state): State<GatewayState>,
     request: Request,
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let limit = body_limit(&state, &parts);
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::BodyTooLarge,
-            format!("the request body is larger than the limit of {limit} bytes"),
-        )
-        .into_response()
+    let small = state.options.max_body_bytes;
+    let large = if may_carry_images(&parts) {
+        state.options.max_image_body_bytes.max(small)
+    } else {
+        small
     };
     // Read past the limit, discarding, before answering a body that is too large (up to
     // DRAIN_BYTES more, within the request timeout): a client still writing its body when
     // the connection closes sees a reset, not the answer.
     let collect = async {
+        let mut limit = small;
+        let mut checked = false;
         let mut bytes = Vec::new();
         let mut seen = 0usize;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| None)?;
             seen += chunk.len();
+            if seen > limit && large > small && !checked {
+                checked = true;
+                if crate::auth::credentials_hold(&parts, &state).await {
+                    limit = large;
+                }
+            }
             if seen > limit.saturating_add(DRAIN_BYTES) {
                 break;
             }
@@ -255,7 +258,7 @@ pub async fn read_body(
             }
         }
         if seen > limit {
-            return Err(Some(()));
+            return Err(Some(limit));
         }
         Ok(bytes)
     };
@@ -264,7 +267,11 @@ pub async fn read_body(
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Ok(Err(Some(()))) => too_large(),
+        Ok(Err(Some(limit))) => ApiError::new(
+            ErrorCode::BodyTooLarge,
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+        .into_response(),
         Ok(Err(None)) => {
             ApiError::new(ErrorCode::InvalidJson, "the request body could not be read")
                 .into_response()

@@ -254,3 +254,21 @@ fn digests_tell_different_uploads_apart() {
     assert_ne!(one, masked);
     assert!(!format!("{:?}", Source::decode(&a, None, &limits()).expect("a")).contains("255"));
 }
+
+#[test]
+fn a_thin_strip_is_cut_before_it_is_scaled() {
+    // 1×4096 brought to 1024×1024: a one-pixel box of the strip's middle, scaled, in a
+    // moment and a few megabytes, not a 1024×4194304 stretch.
+    let strip = DynamicImage::ImageRgb8(RgbImage::from_fn(1, 4096, |_, y| {
+        image::Rgb([(y / 16) as u8, 7, 9])
+    }));
+    let source = Source::decode(&png(strip), None, &limits()).expect("decode");
+    let started = std::time::Instant::now();
+    let stored = source.fit(1024, 1024, &Outpaint::default());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let pixels = SourcePixels::from_png(&stored, 1024, 1024, false).expect("read back");
+    assert!(
+        pixels.rgb.chunks(3).all(|p| p == [127, 7, 9]),
+        "the middle row (2047)"
+    );
+}

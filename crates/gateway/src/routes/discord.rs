@@ -213,6 +213,11 @@ async fn sparkle_command(
         Ok(request) => request,
         Err(why) => return message(&why, true),
     };
+    // The place's policy before any attachment is fetched (submitting checks it again).
+    let policy = discord.policy.for_guild(interaction.guild_id.as_deref());
+    if let Some(why) = policy.refusal(interaction.channel_id.as_deref(), &request.prompt) {
+        return message(&why, true);
+    }
     let source = match attached_source(state, discord, interaction).await {
         Ok(source) => source,
         Err(why) => return message(&format!("Can't use that image: {why}"), true),

@@ -59,6 +59,9 @@ pub fn router(state: GatewayState) -> Router {
             }),
         )
         .merge(page::routes())
+        // `read_body` bounds every body (by route and credentials); axum's own 2 MiB
+        // default would refuse the images the image routes take.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(from_fn_with_state(state.clone(), limits::read_body))
         .layer(from_fn_with_state(state.clone(), limits::per_ip));
     with_security_headers(router).with_state(state)

@@ -435,7 +435,11 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
     let enqueued = match enqueued {
         Ok(enqueued) => enqueued,
         Err(e) => {
-            forget_source(state, id, stored_source).await;
+            // A failure may come after the job committed (its read-back, a lost reply): the
+            // source goes only once the job is known not to exist; else the sweep decides.
+            if stored_source && matches!(state.queue.get(id).await, Ok(None)) {
+                forget_source(state, id, true).await;
+            }
             return Err(Refused::Queue(e));
         }
     };

@@ -185,13 +185,32 @@ async fn jobs_start_from_an_image_a_mask_or_a_wider_canvas_as_generate_does() {
     );
     assert_eq!(png_pixels(&png), png_pixels(&solo));
 
+    // A photo-sized upload (3 MB of noise, past axum's own 2 MiB default) is taken.
+    let mut state = 12345u32;
+    let noise: Vec<u8> = (0..1000 * 1000 * 3)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        })
+        .collect();
+    let photo = encode(1000, 1000, png::ColorType::Rgb, &noise);
+    assert!(photo.len() > 2_500_000, "{} bytes", photo.len());
+    let (job, png) = run(
+        &svc,
+        json!({"prompt": "a lighthouse at dusk", "image": b64(&photo), "size": "64x64",
+               "steps": 2, "seed": 6}),
+    )
+    .await;
+    assert_eq!(job["request"]["source"], "image");
+    assert_eq!(png_info(&png).0, 64);
+
     // The source is stored sealed: no PNG anywhere under the data directory but sealed.
     let sources = svc.data_dir().join("images").join("sources");
     let stored: Vec<_> = std::fs::read_dir(&sources)
         .unwrap_or_else(|e| panic!("{}: {e}", sources.display()))
         .flatten()
         .collect();
-    assert_eq!(stored.len(), 3, "one source per job");
+    assert_eq!(stored.len(), 4, "one source per job");
     for file in stored {
         let bytes = std::fs::read(file.path()).expect("read");
         assert!(!bytes.windows(4).any(|w| w == b"\x89PNG"));

@@ -219,6 +219,20 @@ async fn oversized_headers_and_bodies_are_refused() {
             "{route}: {err}"
         );
     }
+    // Credentials that do not hold unlock nothing: checked once the body passes
+    // max_body_bytes, before more is read.
+    let (status, err) = svc
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a", "image": "A".repeat(150_000)}),
+            Some("spk_not_a_key"),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{err}"
+    );
     // With credentials, a route that takes images reads up to max_image_body_bytes.
     let (status, err) = svc
         .post_json(
