@@ -209,20 +209,42 @@ pub(crate) fn substitute(tokens: Vec<u32>, placeholders: &[(Vec<u32>, Vec<u32>)]
     out
 }
 
-/// The token rows for `ids`: the vocabulary's, and `extra` past it.
+/// The token rows for `ids`: the vocabulary's, and `extra`'s for the ids past it — each
+/// table looked up on its own, never the two joined into a copy of the vocabulary.
 pub(crate) fn token_rows(
     table: &Tensor,
     extra: Option<&Tensor>,
     ids: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let (b, s) = ids.dims2()?;
-    let table = match extra {
-        Some(extra) => Tensor::cat(&[table, &extra.to_dtype(table.dtype())?], 0)?,
-        None => table.clone(),
-    };
     let width = table.dim(1)?;
-    table
-        .index_select(&ids.flatten_all()?, 0)?
+    let vocab = table.dim(0)? as u32;
+    let flat = ids.flatten_all()?;
+    let host: Vec<u32> = flat.to_vec1()?;
+    let extra = match extra {
+        Some(extra) if host.iter().any(|&id| id >= vocab) => extra,
+        _ => return table.index_select(&flat, 0)?.reshape((b, s, width)),
+    };
+    let last = extra.dim(0)?.saturating_sub(1) as u32;
+    let device = ids.device();
+    let select = |rows: Vec<u32>| Tensor::from_vec(rows, host.len(), device);
+    let base = table.index_select(
+        &select(host.iter().map(|&id| id.min(vocab - 1)).collect())?,
+        0,
+    )?;
+    let learned = extra.to_dtype(table.dtype())?.index_select(
+        &select(
+            host.iter()
+                .map(|&id| id.saturating_sub(vocab).min(last))
+                .collect(),
+        )?,
+        0,
+    )?;
+    let past: Vec<u8> = host.iter().map(|&id| u8::from(id >= vocab)).collect();
+    Tensor::from_vec(past, (host.len(), 1), device)?
+        .broadcast_as((host.len(), width))?
+        .contiguous()?
+        .where_cond(&learned, &base)?
         .reshape((b, s, width))
 }
 

@@ -538,7 +538,9 @@ impl Engine {
                     total,
                 })
             };
-            let mut latents = self.denoise_seeded(&part, &mut counted, &mut None)?;
+            // One encoding of the prompts serves both passes.
+            let conditioning = self.encode_prompts(&part)?;
+            let mut latents = self.denoise_seeded(&part, &conditioning, &mut counted, &mut None)?;
             if let Some(hires) = &batch.hires {
                 let mut counted = |p: StepProgress| {
                     on_step(StepProgress {
@@ -546,7 +548,7 @@ impl Engine {
                         total,
                     })
                 };
-                latents = self.refine(&part, hires, &latents, &mut counted)?;
+                latents = self.refine(&part, &conditioning, hires, &latents, &mut counted)?;
             }
             images.extend(to_rgb8(&self.decode(&latents)?, width, height)?);
         }
@@ -564,7 +566,13 @@ impl Engine {
     pub fn probe(&self, batch: &Batch) -> Result<Probe, EngineError> {
         self.validate(batch)?;
         let mut first = None;
-        let latents = self.denoise_seeded(batch, &mut |_| ControlFlow::Continue(()), &mut first)?;
+        let conditioning = self.encode_prompts(batch)?;
+        let latents = self.denoise_seeded(
+            batch,
+            &conditioning,
+            &mut |_| ControlFlow::Continue(()),
+            &mut first,
+        )?;
         let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
             t.to_device(&Device::Cpu)?
                 .to_dtype(DType::F32)?
@@ -681,11 +689,13 @@ impl Engine {
         Ok(())
     }
 
-    /// The denoising loop from each image's seed: initial latents and ancestral noise come
-    /// from per-image streams made on the CPU, so an image depends on its seed alone.
+    /// The denoising loop from each image's seed, under the batch's encoded prompts: initial
+    /// latents and ancestral noise come from per-image streams made on the CPU, so an image
+    /// depends on its seed alone.
     pub(crate) fn denoise_seeded(
         &self,
         batch: &Batch,
+        conditioning: &Conditioning,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
         first: &mut Option<Tensor>,
     ) -> Result<Tensor, EngineError> {
@@ -694,11 +704,10 @@ impl Engine {
         let mut streams = SeededNoise::new(batch, 0, shape, &self.device);
         let initial = streams.initial()?;
         let mut noise = || streams.fresh();
-        let conditioning = self.encode_prompts(batch)?;
         let (sources, inpaint) = self.prepare_sources(batch)?;
         self.denoise(
             batch,
-            &conditioning,
+            conditioning,
             Start {
                 noise: initial,
                 sources: sources.as_ref(),
@@ -711,11 +720,13 @@ impl Engine {
     }
 
     /// The second pass of a hires batch: `latents` (the first pass's, f32) upscaled to the
-    /// second pass's size and denoised from there as image-to-image. Its noise comes from
-    /// each image's seed on streams of its own, so an image depends on its seed alone.
+    /// second pass's size and denoised from there as image-to-image, under the first pass's
+    /// `conditioning` (the same prompts). Its noise comes from each image's seed on streams
+    /// of its own, so an image depends on its seed alone.
     fn refine(
         &self,
         batch: &Batch,
+        conditioning: &Conditioning,
         hires: &Hires,
         latents: &Tensor,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
@@ -733,7 +744,6 @@ impl Engine {
         let mut streams = SeededNoise::new(&second, 2, shape, &self.device);
         let initial = streams.initial()?;
         let mut noise = || streams.fresh();
-        let conditioning = self.encode_prompts(&second)?;
         // An inpainting UNet sees everything repainted, as for text.
         let (_, inpaint) = self.prepare_sources(&second)?;
         let sources = Sources {
@@ -743,7 +753,7 @@ impl Engine {
         };
         self.denoise(
             &second,
-            &conditioning,
+            conditioning,
             Start {
                 noise: initial,
                 sources: Some(&sources),

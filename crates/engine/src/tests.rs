@@ -60,7 +60,12 @@ fn run(b: &Batch) -> Vec<GeneratedImage> {
 /// The decoded images before quantization, to see NaN that 8-bit rounding would hide.
 fn float_pixels(b: &Batch) -> Vec<f32> {
     let latents = engine()
-        .denoise_seeded(b, &mut |_| ControlFlow::Continue(()), &mut None)
+        .denoise_seeded(
+            b,
+            &engine().encode_prompts(b).expect("embeddings"),
+            &mut |_| ControlFlow::Continue(()),
+            &mut None,
+        )
         .expect("denoise");
     let images = engine().decode(&latents).expect("decode");
     images
@@ -509,7 +514,12 @@ fn time_one_512_image() {
     (b.width, b.height, b.steps) = (512, 512, 20);
     let started = std::time::Instant::now();
     let latents = engine()
-        .denoise_seeded(&b, &mut |_| ControlFlow::Continue(()), &mut None)
+        .denoise_seeded(
+            &b,
+            &engine().encode_prompts(&b).expect("embeddings"),
+            &mut |_| ControlFlow::Continue(()),
+            &mut None,
+        )
         .expect("denoise");
     let denoised = started.elapsed();
     engine().decode(&latents).expect("decode");
@@ -578,7 +588,12 @@ fn masked_image_to_image_keeps_the_unmasked_latents_exactly() {
         for strength in [1.0, 0.75] {
             let b = from_source(scheduler, strength, true);
             let latents = engine()
-                .denoise_seeded(&b, &mut |_| ControlFlow::Continue(()), &mut None)
+                .denoise_seeded(
+                    &b,
+                    &engine().encode_prompts(&b).expect("embeddings"),
+                    &mut |_| ControlFlow::Continue(()),
+                    &mut None,
+                )
                 .expect("inpaint");
             let pixels = candle_core::Tensor::from_vec(
                 source(false)

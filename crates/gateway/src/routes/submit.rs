@@ -438,14 +438,14 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
             // A failure may come after the job committed (its read-back, a lost reply): the
             // source goes only once the job is known not to exist; else the sweep decides.
             if stored_source && matches!(state.queue.get(id).await, Ok(None)) {
-                forget_source(state, id, true).await;
+                forget_source(state, id).await;
             }
             return Err(Refused::Queue(e));
         }
     };
-    if !enqueued.created {
+    if stored_source && !enqueued.created {
         // An earlier submission under the same idempotency key: its job has its own.
-        forget_source(state, id, stored_source).await;
+        forget_source(state, id).await;
     }
     if enqueued.created {
         metrics::counter!("sparkle_jobs_submitted_total").increment(1);
@@ -456,10 +456,7 @@ pub async fn enqueue(state: &GatewayState, submission: Submission) -> Result<Enq
 
 /// Removes a source stored for a job that was not created (best effort: the sweep removes
 /// what this leaves).
-async fn forget_source(state: &GatewayState, id: JobId, stored: bool) {
-    if !stored {
-        return;
-    }
+async fn forget_source(state: &GatewayState, id: JobId) {
     if let Err(e) = state.store.delete_job(id).await {
         tracing::warn!(job = %id, error = %e, "an unused source image is left to the sweep");
     }
