@@ -97,6 +97,11 @@ pub enum ErrorCode {
     /// `hires` asks for a scale, steps or strength out of range, a final size past the
     /// limits, or comes with a source image.
     InvalidHires,
+    /// A LoRA the model does not have, in `loras` or a `<lora:NAME:WEIGHT>` tag.
+    UnknownLora,
+    /// A LoRA for another model family, a weight out of range, a LoRA named twice, more
+    /// than `limits.max_loras`, or a broken `<lora:…>` tag.
+    InvalidLora,
 }
 
 impl ErrorCode {
@@ -144,6 +149,8 @@ impl ErrorCode {
         ErrorCode::InvalidImage,
         ErrorCode::InvalidStrength,
         ErrorCode::InvalidHires,
+        ErrorCode::UnknownLora,
+        ErrorCode::InvalidLora,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +197,8 @@ impl ErrorCode {
             ErrorCode::InvalidImage => "invalid_image",
             ErrorCode::InvalidStrength => "invalid_strength",
             ErrorCode::InvalidHires => "invalid_hires",
+            ErrorCode::UnknownLora => "unknown_lora",
+            ErrorCode::InvalidLora => "invalid_lora",
         }
     }
 
@@ -215,7 +224,9 @@ impl ErrorCode {
             | TooLargeForDevice
             | InvalidImage
             | InvalidStrength
-            | InvalidHires => 400,
+            | InvalidHires
+            | UnknownLora
+            | InvalidLora => 400,
             MissingApiKey | InvalidApiKey => 401,
             InsufficientScope | InvalidCsrfToken | InvalidImageLink => 403,
             JobNotFound | ImageNotFound | NotFound => 404,

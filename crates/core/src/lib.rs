@@ -8,12 +8,14 @@
 
 mod error;
 mod job;
+mod lora;
 mod request;
 mod scheduler;
 pub mod source;
 
 pub use error::{ErrorCode, RequestError};
 pub use job::{JobId, JobStatus, Progress};
+pub use lora::{is_lora_name, lora_tags, strip_lora_tags, LoraWeight, MAX_LORA_WEIGHT};
 pub use request::{
     is_model_name, job_cost, model_factor, model_of_batch_key, steps_run, Catalog, HiresFix,
     HiresRequest, ImageRequest, Init, Limits, ModelEntry, RequestParts, ValidImageRequest,

@@ -1,3 +1,4 @@
+use crate::lora::{is_lora_name, lora_tags, LoraWeight, MAX_LORA_WEIGHT};
 use crate::source::{natural_size, Outpaint, SourceFacts};
 use crate::{ErrorCode, RequestError, Scheduler};
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ pub struct Limits {
     pub max_source_bytes: usize,
     /// Largest width or height of a source image or mask, in pixels.
     pub max_source_side: u32,
+    /// Most LoRAs one request applies (in `loras` and `<lora:…>` tags together).
+    pub max_loras: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +40,7 @@ impl Default for Limits {
             max_guidance_scale: 30.0,
             max_source_bytes: 10 << 20,
             max_source_side: 4096,
+            max_loras: 4,
         }
     }
 }
@@ -50,6 +54,15 @@ pub struct ModelEntry {
     pub default_steps: u32,
     pub default_guidance_scale: f32,
     pub default_scheduler: Scheduler,
+    /// The LoRAs in the deployment's `loras` directory made for this model, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
+    /// Those made for another model family, which a request for this model cannot use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_loras: Vec<String>,
+    /// The textual-inversion embeddings a prompt for this model can name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<String>,
 }
 
 impl ModelEntry {
@@ -62,6 +75,9 @@ impl ModelEntry {
             default_steps: 20,
             default_guidance_scale: 7.5,
             default_scheduler: Scheduler::Euler,
+            loras: Vec::new(),
+            other_loras: Vec::new(),
+            embeddings: Vec::new(),
         }
     }
 }
@@ -103,6 +119,9 @@ pub struct ImageRequest {
     /// From text: a second pass at a larger size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresRequest>,
+    /// LoRAs to apply, beside any `<lora:NAME:WEIGHT>` tags in the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<Vec<LoraWeight>>,
 }
 
 /// A second pass at a larger size, as a client asks for it (A1111's "hires fix"): the first
@@ -182,6 +201,8 @@ pub struct ValidImageRequest {
     pub init: Option<Init>,
     /// A second pass at a larger size, if any.
     pub hires: Option<HiresFix>,
+    /// The LoRAs applied (from `loras` and the prompt's tags), sorted by name.
+    pub loras: Vec<LoraWeight>,
     /// Only this module makes one.
     validated: Validated,
 }
@@ -206,6 +227,7 @@ pub struct RequestParts {
     pub n: u32,
     pub init: Option<Init>,
     pub hires: Option<HiresFix>,
+    pub loras: Vec<LoraWeight>,
 }
 
 /// The work of one denoising step per latent pixel relative to SD 1.5's, by words in a
@@ -244,6 +266,7 @@ const MAX_SIDE: u32 = 8192;
 const MAX_STEPS: u32 = 1000;
 const MAX_N: u32 = 64;
 const MAX_PROMPT_BYTES: usize = 64 * 1024;
+const MAX_LORAS: usize = 32;
 
 impl ValidImageRequest {
     /// A request read back from storage, checked against what any validation guarantees
@@ -318,6 +341,20 @@ impl ValidImageRequest {
                 );
             }
         }
+        let sorted = parts.loras.windows(2).all(|w| w[0].name < w[1].name);
+        let loras_fit = parts.loras.len() <= MAX_LORAS
+            && sorted
+            && parts.loras.iter().all(|l| {
+                is_lora_name(&l.name) && l.weight.is_finite() && l.weight.abs() <= MAX_LORA_WEIGHT
+            });
+        if !loras_fit {
+            return bad(
+                "loras",
+                format!(
+                    "at most {MAX_LORAS} LoRAs, each once, sorted by name, weights within ±{MAX_LORA_WEIGHT}"
+                ),
+            );
+        }
         let RequestParts {
             prompt,
             negative_prompt,
@@ -331,6 +368,7 @@ impl ValidImageRequest {
             n,
             init,
             hires,
+            loras,
         } = parts;
         Ok(ValidImageRequest {
             prompt,
@@ -345,6 +383,7 @@ impl ValidImageRequest {
             n,
             init,
             hires,
+            loras,
             validated: Validated,
         })
     }
@@ -526,6 +565,8 @@ impl ImageRequest {
             }
         };
 
+        let loras = check_loras(self.loras.unwrap_or_default(), &prompt, model, limits)?;
+
         // Within the bounds any stored request is checked against, whatever the limits.
         ValidImageRequest::from_parts(RequestParts {
             prompt,
@@ -540,8 +581,82 @@ impl ImageRequest {
             n,
             init,
             hires,
+            loras,
         })
     }
+}
+
+/// The LoRAs a request applies: those of `loras` and the prompt's `<lora:…>` tags, each
+/// known to the model and made for its family, each once, weights in range, at most
+/// `limits.max_loras`; sorted by name.
+fn check_loras(
+    asked: Vec<LoraWeight>,
+    prompt: &str,
+    model: &ModelEntry,
+    limits: &Limits,
+) -> Result<Vec<LoraWeight>, RequestError> {
+    let invalid = |field: &'static str, message: String| {
+        Err(RequestError::new(
+            ErrorCode::InvalidLora,
+            Some(field),
+            message,
+        ))
+    };
+    let tags = match lora_tags(prompt) {
+        Ok(tags) => tags,
+        Err(why) => return invalid("prompt", why),
+    };
+    let mut loras: Vec<LoraWeight> = asked.into_iter().chain(tags).collect();
+    if loras.len() > limits.max_loras {
+        return invalid(
+            "loras",
+            format!(
+                "at most {} LoRAs per request (in loras and <lora:…> tags together); got {}",
+                limits.max_loras,
+                loras.len()
+            ),
+        );
+    }
+    for lora in &loras {
+        if !model.loras.contains(&lora.name) {
+            if model.other_loras.contains(&lora.name) {
+                return invalid(
+                    "loras",
+                    format!(
+                        "LoRA {:?} is made for another model family than {}",
+                        lora.name, model.name
+                    ),
+                );
+            }
+            let known = if model.loras.is_empty() {
+                "none".to_string()
+            } else {
+                model.loras.join(", ")
+            };
+            return Err(RequestError::new(
+                ErrorCode::UnknownLora,
+                Some("loras"),
+                format!(
+                    "LoRA {:?} is not served for {}; available: {known}",
+                    lora.name, model.name
+                ),
+            ));
+        }
+        if !(lora.weight.is_finite() && lora.weight.abs() <= MAX_LORA_WEIGHT) {
+            return invalid(
+                "loras",
+                format!(
+                    "LoRA {:?}: the weight must be from -{MAX_LORA_WEIGHT} to {MAX_LORA_WEIGHT}; got {}",
+                    lora.name, lora.weight
+                ),
+            );
+        }
+    }
+    loras.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(twice) = loras.windows(2).find(|w| w[0].name == w[1].name) {
+        return invalid("loras", format!("LoRA {:?} is named twice", twice[0].name));
+    }
+    Ok(loras)
 }
 
 /// A second pass as asked, checked against the first pass and the limits.
@@ -746,6 +861,17 @@ impl ValidImageRequest {
                 steps: Some(h.steps),
                 strength: Some(h.strength),
             }),
+            // The prompt names its own LoRAs again; the rest came in `loras`.
+            loras: {
+                let tagged = lora_tags(&self.prompt).unwrap_or_default();
+                let rest: Vec<LoraWeight> = self
+                    .loras
+                    .iter()
+                    .filter(|l| !tagged.iter().any(|t| t.name == l.name))
+                    .cloned()
+                    .collect();
+                (!rest.is_empty()).then_some(rest)
+            },
         }
     }
 
@@ -807,13 +933,22 @@ impl ValidImageRequest {
                 init.strength
             ),
         };
-        match self.hires {
+        let base = match self.hires {
             None => base,
             Some(h) => format!(
                 "{base}|hires@{}x{}/{}/{}",
                 h.width, h.height, h.steps, h.strength
             ),
+        };
+        if self.loras.is_empty() {
+            return base;
         }
+        let loras: Vec<String> = self
+            .loras
+            .iter()
+            .map(|l| format!("{}:{}", l.name, l.weight))
+            .collect();
+        format!("{base}|lora@{}", loras.join(","))
     }
 }
 
@@ -836,6 +971,103 @@ mod tests {
 
     fn check(r: ImageRequest) -> Result<ValidImageRequest, RequestError> {
         r.validate(&Limits::default(), &catalog(), None, || 42)
+    }
+
+    #[test]
+    fn loras_come_from_the_field_and_the_prompts_tags_known_once_and_in_range() {
+        let mut model = ModelEntry::new("tiny", 512);
+        model.loras = vec!["film".into(), "watercolor".into()];
+        model.other_loras = vec!["xl-style".into()];
+        let catalog = Catalog {
+            models: vec![model],
+        };
+        let lora = |name: &str, weight: f32| LoraWeight {
+            name: name.into(),
+            weight,
+        };
+        let check = |prompt: &str, loras: Option<Vec<LoraWeight>>| {
+            ImageRequest {
+                prompt: prompt.into(),
+                loras,
+                ..Default::default()
+            }
+            .validate(&Limits::default(), &catalog, None, || 42)
+        };
+        let ok = check(
+            "a corgi <lora:watercolor:0.6>",
+            Some(vec![lora("film", -0.5)]),
+        )
+        .expect("valid");
+        assert_eq!(ok.loras, [lora("film", -0.5), lora("watercolor", 0.6)]);
+        assert_eq!(ok.prompt, "a corgi <lora:watercolor:0.6>", "kept as given");
+        assert!(ok.batch_key().ends_with("|lora@film:-0.5,watercolor:0.6"));
+        let plain = check("a corgi", None).expect("valid");
+        assert!(!plain.batch_key().contains("lora@"));
+        // A re-roll names the tagged one again through its prompt, the other in `loras`.
+        let again = ok.again(1);
+        assert_eq!(again.loras, Some(vec![lora("film", -0.5)]));
+        assert_eq!(
+            again
+                .validate(&Limits::default(), &catalog, None, || 1)
+                .expect("again")
+                .loras,
+            ok.loras
+        );
+
+        for (prompt, loras, code, mention) in [
+            (
+                "x",
+                vec![lora("nope", 1.0)],
+                ErrorCode::UnknownLora,
+                "\"nope\"",
+            ),
+            (
+                "x",
+                vec![lora("xl-style", 1.0)],
+                ErrorCode::InvalidLora,
+                "another model family",
+            ),
+            (
+                "x",
+                vec![lora("film", 4.5)],
+                ErrorCode::InvalidLora,
+                "from -4 to 4",
+            ),
+            (
+                "x",
+                vec![lora("film", f32::NAN)],
+                ErrorCode::InvalidLora,
+                "from -4 to 4",
+            ),
+            (
+                "x <lora:film>",
+                vec![lora("film", 1.0)],
+                ErrorCode::InvalidLora,
+                "named twice",
+            ),
+            (
+                "x <lora:film:heavy>",
+                vec![],
+                ErrorCode::InvalidLora,
+                "not a number",
+            ),
+            (
+                "x <lora:gone:1>",
+                vec![],
+                ErrorCode::UnknownLora,
+                "\"gone\"",
+            ),
+            (
+                "x <lora:film><lora:watercolor>",
+                vec![lora("a", 1.0), lora("b", 1.0), lora("c", 1.0)],
+                ErrorCode::InvalidLora,
+                "at most 4",
+            ),
+        ] {
+            let err = check(prompt, Some(loras)).expect_err(prompt);
+            assert_eq!(err.code, code, "{err}");
+            assert!(err.message.contains(mention), "{err} should say {mention}");
+        }
     }
 
     #[test]
@@ -1193,6 +1425,7 @@ mod tests {
                 masked: false,
             }),
             hires: None,
+            loras: Vec::new(),
         };
         assert!(ValidImageRequest::from_parts(parts.clone()).is_err());
         parts.init = Some(Init {

@@ -96,6 +96,9 @@ pub struct AttachedFile {
 pub struct CommandOption {
     pub name: String,
     pub value: Option<OptionValue>,
+    /// In an autocomplete interaction: the option being typed.
+    #[serde(default)]
+    pub focused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -125,6 +128,17 @@ impl Interaction {
                 .get(id)
                 .ok_or_else(|| format!("Discord did not describe the file given as `{name}`")),
         )
+    }
+
+    /// In an autocomplete interaction, the option being typed: its name and what is typed
+    /// so far.
+    pub fn focused(&self) -> Option<(&str, &str)> {
+        let option = self.data.as_ref()?.options.iter().find(|o| o.focused)?;
+        let typed = match &option.value {
+            Some(OptionValue::String(s)) => s.as_str(),
+            _ => "",
+        };
+        Some((option.name.as_str(), typed))
     }
 
     /// An option of the command by name.
@@ -177,5 +191,14 @@ mod tests {
             serde_json::from_str(r#"{"id":"3","application_id":"9","type":42,"token":"t"}"#)
                 .expect("odd");
         assert_eq!(odd.kind, InteractionKind::Other(42));
+
+        let typing = r#"{"id":"4","application_id":"9","type":4,"token":"t",
+            "user":{"id":"43"},"data":{"name":"sparkle","options":[
+                {"name":"prompt","type":3,"value":"a corgi"},
+                {"name":"lora","type":3,"value":"water","focused":true}]}}"#;
+        let i: Interaction = serde_json::from_str(typing).expect("autocomplete");
+        assert_eq!(i.kind, InteractionKind::Autocomplete);
+        assert_eq!(i.focused(), Some(("lora", "water")));
+        assert_eq!(ping.focused(), None);
     }
 }

@@ -20,7 +20,7 @@ mod rest;
 mod verify;
 
 pub use buttons::{ButtonAction, ButtonSigner};
-pub use command::sparkle_command;
+pub use command::{autocomplete_answer, lora_choices, prompt_choices, sparkle_command};
 pub use files::{AttachedFiles, DISCORD_FILE_HOSTS};
 pub use interaction::{
     AttachedFile, CommandData, CommandOption, Interaction, InteractionKind, OptionValue, Resolved,

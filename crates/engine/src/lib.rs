@@ -47,8 +47,8 @@ mod weights;
 pub use error::EngineError;
 pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
-    Batch, BatchItem, DeviceChoice, Engine, EngineOptions, GeneratedImage, Hires, Precision, Probe,
-    SourceImage, StepProgress,
+    Additions, Batch, BatchItem, DeviceChoice, EmbeddingsLoaded, Engine, EngineOptions,
+    GeneratedImage, Hires, LorasLoaded, Precision, Probe, SourceImage, StepProgress,
 };
 pub use png::encode_png;
 pub use single_file::write::{write_random_single_file, write_single_file};

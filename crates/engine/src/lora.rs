@@ -15,6 +15,7 @@
 //! layers the model does not have is for another model family and is refused whole.
 
 use crate::EngineError;
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -116,42 +117,48 @@ impl Targets {
     }
 }
 
-/// The factors of one layer as the file has them.
-#[derive(Default)]
-struct Factors {
-    down: Option<Tensor>,
-    up: Option<Tensor>,
-    alpha: Option<f32>,
+/// One layer's factors as the file names them, checked against the model before any data
+/// is read.
+struct Planned {
+    network: Network,
+    weight: String,
+    down: String,
+    up: String,
+    alpha: Option<String>,
 }
 
-/// Reads a LoRA file against the model's layers. The reason it cannot be used otherwise
-/// (not a LoRA, another model family, a layout not supported).
-pub fn read(file: &Path, targets: &Targets) -> Result<Vec<Delta>, String> {
-    let tensors = candle_core::safetensors::load(file, &Device::Cpu)
-        .map_err(|e| format!("not a safetensors file of tensors: {e}"))?;
+/// The names of a layer's factors as the file has them.
+#[derive(Default)]
+struct Factors {
+    down: Option<String>,
+    up: Option<String>,
+    alpha: Option<String>,
+}
+
+/// Checks a file's tensors (names and shapes) against the model's layers: the layers it
+/// changes, or why it cannot be used (not a LoRA, another model family).
+fn plan(tensors: &[(String, Vec<usize>)], targets: &Targets) -> Result<Vec<Planned>, String> {
+    let shapes: HashMap<&str, &[usize]> = tensors
+        .iter()
+        .map(|(k, s)| (k.as_str(), s.as_slice()))
+        .collect();
     let mut layers: BTreeMap<String, Factors> = BTreeMap::new();
-    for (key, tensor) in tensors {
-        let (layer, part) = split_key(&key).ok_or_else(|| {
+    for (key, _) in tensors {
+        let (layer, part) = split_key(key).ok_or_else(|| {
             format!("{key} is not a LoRA factor (kohya-ss lora_down/lora_up/alpha or PEFT lora_A/lora_B)")
         })?;
         let entry = layers.entry(layer.to_string()).or_default();
-        let tensor = tensor.to_dtype(DType::F32).map_err(|e| e.to_string())?;
-        match part {
-            Part::Down => entry.down = Some(tensor),
-            Part::Up => entry.up = Some(tensor),
-            Part::Alpha => {
-                let alpha = tensor
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| e.to_string())?;
-                entry.alpha = alpha.first().copied();
-            }
-        }
+        let slot = match part {
+            Part::Down => &mut entry.down,
+            Part::Up => &mut entry.up,
+            Part::Alpha => &mut entry.alpha,
+        };
+        *slot = Some(key.clone());
     }
     if layers.is_empty() {
         return Err("it holds no LoRA factors".into());
     }
-    let mut deltas = Vec::with_capacity(layers.len());
+    let mut planned = Vec::with_capacity(layers.len());
     for (layer, factors) in layers {
         let (Some(down), Some(up)) = (factors.down, factors.up) else {
             return Err(format!("{layer} lacks its down or up factor"));
@@ -159,31 +166,135 @@ pub fn read(file: &Path, targets: &Targets) -> Result<Vec<Delta>, String> {
         let (network, weight, shape) = targets.find(&layer).ok_or_else(|| {
             format!("{layer} is not a layer of this model (a LoRA for another model family)")
         })?;
-        let rank = down.dim(0).map_err(|e| e.to_string())?;
+        let (d, u) = (shapes[down.as_str()], shapes[up.as_str()]);
+        let rank = d.first().copied().unwrap_or(0);
         let fits = rank > 0
-            && up.dims().len() == shape.len()
-            && up.dims()[0] == shape[0]
-            && up.dims()[1] == rank
-            && up.dims()[2..].iter().all(|&d| d == 1)
-            && down.dims().len() == shape.len()
-            && down.dims()[1..] == shape[1..];
+            && u.len() == shape.len()
+            && u[0] == shape[0]
+            && u[1] == rank
+            && u[2..].iter().all(|&x| x == 1)
+            && d.len() == shape.len()
+            && d[1..] == shape[1..];
         if !fits {
             return Err(format!(
-                "{layer}: factors {:?} · {:?} do not make the layer's {shape:?} (a LoRA for another model family)",
-                up.dims(),
-                down.dims()
+                "{layer}: factors {u:?} · {d:?} do not make the layer's {shape:?} (a LoRA for another model family)"
             ));
         }
-        let scale = factors.alpha.map_or(1.0, |alpha| alpha / rank as f32);
-        deltas.push(Delta {
+        planned.push(Planned {
             network: *network,
             weight: weight.clone(),
             down,
             up,
-            scale,
+            alpha: factors.alpha,
         });
     }
-    Ok(deltas)
+    Ok(planned)
+}
+
+/// A LoRA file mapped, not read.
+fn map(file: &Path) -> Result<(MmapedSafetensors, crate::weights::Shapes), String> {
+    // SAFETY: as for model weights (`weights.rs`): a LoRA file is written once and then only
+    // read, and nothing in this process writes a file it has mapped.
+    #[allow(unsafe_code)]
+    let mapped = unsafe { MmapedSafetensors::new(file) }
+        .map_err(|e| format!("not a safetensors file of tensors: {}", first_line(&e)))?;
+    let tensors = mapped
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    Ok((mapped, tensors))
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// Whether a LoRA file fits the model: the number of layers it changes, or why not. Reads
+/// the file's header only.
+pub fn check(file: &Path, targets: &Targets) -> Result<usize, String> {
+    let (_, tensors) = map(file)?;
+    Ok(plan(&tensors, targets)?.len())
+}
+
+/// Reads a LoRA file against the model's layers. The reason it cannot be used otherwise
+/// (not a LoRA, another model family, a layout not supported).
+pub fn read(file: &Path, targets: &Targets) -> Result<Vec<Delta>, String> {
+    let (mapped, tensors) = map(file)?;
+    let load = |key: &str| -> Result<Tensor, String> {
+        mapped
+            .load(key, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| format!("{key}: {}", first_line(&e)))
+    };
+    plan(&tensors, targets)?
+        .into_iter()
+        .map(|p| {
+            let down = load(&p.down)?;
+            let rank = down.dim(0).map_err(|e| e.to_string())?;
+            let scale = match &p.alpha {
+                None => 1.0,
+                Some(key) => {
+                    let alpha = load(key)?
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| e.to_string())?;
+                    match alpha.first() {
+                        Some(a) if a.is_finite() => a / rank as f32,
+                        _ => return Err(format!("{key} is not a number")),
+                    }
+                }
+            };
+            Ok(Delta {
+                network: p.network,
+                weight: p.weight,
+                down,
+                up: load(&p.up)?,
+                scale,
+            })
+        })
+        .collect()
+}
+
+pub use sparkle_core::LoraWeight;
+
+/// The weights a set of LoRAs changes, each merged: `W + Σ weight × scale × up · down` over
+/// every LoRA touching it, summed in f32 on the weight's device and returned in its dtype.
+/// `base` gives a network's weight by name.
+pub(crate) fn merge(
+    loras: &[(Vec<Delta>, f32)],
+    base: impl Fn(Network, &str) -> Option<Tensor>,
+) -> Result<BTreeMap<Network, HashMap<String, Tensor>>, EngineError> {
+    let mut sums: BTreeMap<(Network, String), Tensor> = BTreeMap::new();
+    for (deltas, weight) in loras {
+        for delta in deltas {
+            let original = base(delta.network, &delta.weight).ok_or_else(|| {
+                EngineError::InvalidRequest(format!("the model has no weight {}", delta.weight))
+            })?;
+            let device = original.device();
+            let on = Delta {
+                down: delta.down.to_device(device)?,
+                up: delta.up.to_device(device)?,
+                ..delta.clone()
+            };
+            let change = (on.full()? * f64::from(*weight))?;
+            let key = (delta.network, delta.weight.clone());
+            let sum = match sums.remove(&key) {
+                Some(sum) => (sum + change)?,
+                None => change,
+            };
+            sums.insert(key, sum);
+        }
+    }
+    let mut merged: BTreeMap<Network, HashMap<String, Tensor>> = BTreeMap::new();
+    for ((network, name), sum) in sums {
+        let original = base(network, &name).ok_or_else(|| {
+            EngineError::InvalidRequest(format!("the model has no weight {name}"))
+        })?;
+        let tensor = (original.to_dtype(DType::F32)? + sum)?.to_dtype(original.dtype())?;
+        merged.entry(network).or_default().insert(name, tensor);
+    }
+    Ok(merged)
 }
 
 enum Part {
@@ -211,7 +322,16 @@ fn split_key(key: &str) -> Option<(&str, Part)> {
     })
 }
 
-/// The LoRA files in `dir` (`NAME.safetensors`), by name.
+/// Where a model's LoRAs live: the `loras` directory beside it (beside the model's directory
+/// or file), as `embeddings` is.
+pub fn beside(model: &Path) -> std::path::PathBuf {
+    model
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("loras")
+}
+
+/// The LoRA files in `dir` (`NAME.safetensors`) with a usable name, by name.
 pub fn list(dir: &Path) -> Result<Vec<String>, EngineError> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| EngineError::io(dir, e))?
@@ -221,6 +341,7 @@ pub fn list(dir: &Path) -> Result<Vec<String>, EngineError> {
             (path.extension().and_then(|x| x.to_str()) == Some("safetensors"))
                 .then(|| path.file_stem()?.to_str().map(str::to_string))
                 .flatten()
+                .filter(|name| sparkle_core::is_lora_name(name))
         })
         .collect();
     names.sort();
@@ -229,3 +350,49 @@ pub fn list(dir: &Path) -> Result<Vec<String>, EngineError> {
 
 #[cfg(test)]
 mod tests;
+
+/// Writes a random LoRA of `rank` for the model at `model` (kohya-ss names, alpha = rank):
+/// factors for every linear layer of the UNet's transformers — the attention projections,
+/// the feed-forward and the transformers' in and out projections where they are linear —
+/// as most LoRAs people train are. For benchmarks: the layers and ranks of a real one, random
+/// values. The number of layers.
+pub fn write_random(model: &Path, file: &Path, rank: usize) -> Result<usize, EngineError> {
+    let layout = crate::layout::Layout::open(model)?;
+    let configs = layout.configs()?;
+    let weights = crate::weights::shapes_of(|vb| crate::unet::UNet::new(vb, &configs.unet))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut layers = 0;
+    for (name, shape) in weights {
+        let Some(layer) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let in_transformer = layer.contains(".attentions.")
+            && (layer.contains(".transformer_blocks.")
+                || layer.ends_with("proj_in")
+                || layer.ends_with("proj_out"));
+        if !in_transformer || shape.len() != 2 || layer.contains("norm") {
+            continue;
+        }
+        let (out, input) = (shape[0], shape[1]);
+        let key = format!("lora_unet_{}", layer.replace('.', "_"));
+        let scale = 1.0 / (input as f64).sqrt();
+        tensors.insert(
+            format!("{key}.lora_down.weight"),
+            (Tensor::randn(0f32, 1.0, (rank, input), &Device::Cpu)? * scale)?,
+        );
+        tensors.insert(
+            format!("{key}.lora_up.weight"),
+            (Tensor::randn(0f32, 1.0, (out, rank), &Device::Cpu)? * 0.01)?,
+        );
+        tensors.insert(
+            format!("{key}.alpha"),
+            Tensor::new(rank as f32, &Device::Cpu)?,
+        );
+        layers += 1;
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    }
+    candle_core::safetensors::save(&tensors, file)?;
+    Ok(layers)
+}

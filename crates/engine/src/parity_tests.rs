@@ -75,6 +75,7 @@ fn case_batch(
         scheduler,
         strength,
         hires: None,
+        loras: Vec::new(),
         items: vec![BatchItem {
             prompt: case["prompt"].as_str().expect("prompt").into(),
             negative_prompt: case["negative_prompt"].as_str().expect("negative").into(),

@@ -7,12 +7,14 @@
 use crate::clip::ClipTextModel;
 use crate::config::{ClipConfig, ScheduleConfig, UNetConfig, VaeConfig};
 use crate::layout::{Configs, Layout, Part};
+use crate::lora::{self, LoraWeight, Network, Targets};
 use crate::model::{self, Architecture, ModelInfo};
 use crate::prompt;
 use crate::schedulers::sampler;
 use crate::tokenizer::{Tokenizer, MAX_TOKENS};
 use crate::unet::{AddedConditions, UNet};
 use crate::vae::{VaeDecoder, VaeEncoder};
+use crate::weights::{Kept, Shapes};
 use crate::EngineError;
 use candle_core::{DType, Device, DeviceLocation, IndexOp, Tensor, D};
 use rand::SeedableRng;
@@ -20,7 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use sparkle_core::Scheduler;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 /// Where to run.
@@ -84,6 +87,10 @@ pub struct Batch {
     pub strength: f32,
     /// A second pass at a larger size (text-to-image only).
     pub hires: Option<Hires>,
+    /// LoRAs merged into the networks for this batch, with their weights (none: the model
+    /// as loaded). Prompts may also carry `<lora:NAME:WEIGHT>`; the text encoders never see
+    /// those tags, and only this list decides what is applied.
+    pub loras: Vec<LoraWeight>,
     pub items: Vec<BatchItem>,
 }
 
@@ -158,10 +165,9 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
 }
 
-/// A tokenizer and the encoder it feeds.
+/// A tokenizer, and what it gives the encoder it feeds (the encoder is in [`Networks`]).
 struct TextEncoder {
     tokenizer: Tokenizer,
-    model: ClipTextModel,
     /// Its features' width.
     width: usize,
     /// Textual-inversion names as this tokenizer spells them, and the ids past the
@@ -249,6 +255,60 @@ struct TextEncoders {
 pub(crate) struct Conditioning {
     pub context: Tensor,
     pub pooled: Option<Tensor>,
+    /// The networks the prompts were encoded with (the model's own, or with the batch's
+    /// LoRAs merged in): the UNet that denoises under this conditioning is theirs.
+    pub networks: Arc<Networks>,
+}
+
+/// The networks a LoRA can change. The model's own are loaded once; a set of LoRAs gets a
+/// copy of the weights it touches merged in, sharing every other tensor with the model's.
+pub(crate) struct Networks {
+    unet: Arc<UNet>,
+    text: Arc<ClipTextModel>,
+    /// SDXL's second text encoder.
+    text_2: Option<Arc<ClipTextModel>>,
+}
+
+/// What the model's networks were built from, kept to build them again with LoRAs merged.
+struct KeptNetworks {
+    unet: Kept,
+    text: Kept,
+    text_2: Option<Kept>,
+    text_config: ClipConfig,
+    text_2_config: Option<ClipConfig>,
+}
+
+impl KeptNetworks {
+    fn of(&self, network: Network) -> Option<&Kept> {
+        match network {
+            Network::Unet => Some(&self.unet),
+            Network::TextEncoder => Some(&self.text),
+            Network::TextEncoder2 => self.text_2.as_ref(),
+        }
+    }
+}
+
+/// The LoRAs a model can use, and the merged networks of the sets used last.
+#[derive(Default)]
+struct Loras {
+    dir: Option<PathBuf>,
+    names: Vec<String>,
+    targets: Targets,
+    /// Most recently used first, at most [`LORA_SETS_KEPT`]; each key sorted by name.
+    sets: Mutex<Vec<(Vec<LoraWeight>, Arc<Networks>)>>,
+}
+
+/// Sets of LoRAs whose merged weights stay on the device, so that jobs alternating between
+/// two sets merge neither again.
+const LORA_SETS_KEPT: usize = 2;
+
+/// What [`Engine::load_loras`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LorasLoaded {
+    /// Usable by name.
+    pub names: Vec<String>,
+    /// Left out: name and why (another model family, not a LoRA).
+    pub skipped: Vec<(String, String)>,
 }
 
 /// A loaded Stable Diffusion pipeline.
@@ -257,7 +317,9 @@ pub struct Engine {
     device: Device,
     dtype: DType,
     text: TextEncoders,
-    unet: UNet,
+    networks: Arc<Networks>,
+    kept: KeptNetworks,
+    loras: Loras,
     unet_config: UNetConfig,
     vae: VaeDecoder,
     vae_encoder: VaeEncoder,
@@ -341,26 +403,30 @@ impl Engine {
 
         let weights = layout.weights()?;
         let open = |part, dtype| weights.part(part, dtype, &device);
+        let (text_model, text_kept) = open(Part::TextEncoder, dtype)?
+            .build_kept(|vb| ClipTextModel::new(vb, &clip_config))?;
         let first = TextEncoder {
-            model: open(Part::TextEncoder, dtype)?
-                .build(|vb| ClipTextModel::new(vb, &clip_config))?,
             tokenizer,
             width: clip_config.hidden_size,
             placeholders: Vec::new(),
             extra: None,
         };
-        let second = match second {
-            None => None,
-            Some((tokenizer, config)) => Some(TextEncoder {
-                model: open(Part::TextEncoder2, dtype)?
-                    .build(|vb| ClipTextModel::with_projection(vb, &config))?,
-                tokenizer,
-                width: config.hidden_size,
-                placeholders: Vec::new(),
-                extra: None,
-            }),
+        let (second, text_2) = match second {
+            None => (None, None),
+            Some((tokenizer, config)) => {
+                let (model, kept) = open(Part::TextEncoder2, dtype)?
+                    .build_kept(|vb| ClipTextModel::with_projection(vb, &config))?;
+                let encoder = TextEncoder {
+                    tokenizer,
+                    width: config.hidden_size,
+                    placeholders: Vec::new(),
+                    extra: None,
+                };
+                (Some(encoder), Some((Arc::new(model), kept, config)))
+            }
         };
-        let unet = open(Part::Unet, dtype)?.build(|vb| UNet::new(vb, &unet_config))?;
+        let (unet, unet_kept) =
+            open(Part::Unet, dtype)?.build_kept(|vb| UNet::new(vb, &unet_config))?;
         let vae_dtype = if architecture == Architecture::Sdxl && vae_config.force_upcast {
             DType::F32
         } else {
@@ -396,7 +462,19 @@ impl Engine {
                 second,
                 zero_empty_negative: index.force_zeros_for_empty_prompt,
             },
-            unet,
+            networks: Arc::new(Networks {
+                unet: Arc::new(unet),
+                text: Arc::new(text_model),
+                text_2: text_2.as_ref().map(|(model, _, _)| Arc::clone(model)),
+            }),
+            kept: KeptNetworks {
+                unet: unet_kept,
+                text: text_kept,
+                text_2: text_2.as_ref().map(|(_, kept, _)| kept.clone()),
+                text_config: clip_config,
+                text_2_config: text_2.map(|(_, _, config)| config),
+            },
+            loras: Loras::default(),
             unet_config,
             vae,
             vae_encoder,
@@ -481,6 +559,8 @@ impl Engine {
         if pixels > budget {
             return Err(EngineError::TooLarge { pixels, budget });
         }
+        // A set of LoRAs is merged first, so that the memory it takes is not counted free.
+        self.networks(&batch.loras)?;
         let limit = self.batch_limit(width, height, guided(batch));
         self.generate_limited(batch, on_step, limit)
     }
@@ -926,7 +1006,8 @@ impl Engine {
                     text_embeds,
                     time_ids: &time_ids,
                 });
-            let output = self
+            let output = conditioning
+                .networks
                 .unet
                 .forward(&input, t, &conditioning.context, added)?
                 .to_dtype(DType::F32)?;
@@ -969,32 +1050,40 @@ impl Engine {
             texts.extend(batch.items.iter().map(|i| i.negative_prompt.as_str()));
         }
         texts.extend(batch.items.iter().map(|i| i.prompt.as_str()));
+        // A1111's `<lora:NAME:WEIGHT>` tags name LoRAs (applied through `batch.loras`); the
+        // encoders read the prompts without them.
+        let texts: Vec<String> = texts
+            .into_iter()
+            .map(|t| sparkle_core::strip_lora_tags(t).into_owned())
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let networks = self.networks(&batch.loras)?;
         let first = &self.text.first;
         let chunked = first.chunked(&texts, &self.device)?;
-        let Some(second) = &self.text.second else {
-            let out = first.model.run(&chunked.ids, first.extra.as_ref())?;
+        let (Some(second), Some(second_model)) = (&self.text.second, &networks.text_2) else {
+            let out = networks.text.run(&chunked.ids, first.extra.as_ref())?;
             return Ok(Conditioning {
                 context: weighted(out.last, &chunked)?,
                 pooled: None,
+                networks,
             });
         };
         // SDXL: both encoders' penultimate layers side by side; the second's pooled output,
         // from each prompt's first chunk.
-        let features = first
-            .model
+        let features = networks
+            .text
             .run(&chunked.ids, first.extra.as_ref())?
             .penultimate;
         let chunked_2 = second.chunked(&texts, &self.device)?;
-        let out = second.model.run(&chunked_2.ids, second.extra.as_ref())?;
+        let out = second_model.run(&chunked_2.ids, second.extra.as_ref())?;
         let context = Tensor::cat(&[features, out.penultimate], D::Minus1)?;
         let mut context = weighted(context, &chunked)?;
         let firsts: Vec<u32> = (0..texts.len())
             .map(|i| (i * chunked_2.chunks) as u32)
             .collect();
         let firsts = Tensor::from_vec(firsts, texts.len(), &self.device)?;
-        let mut pooled = second
-            .model
-            .pooled(&out.last.index_select(&firsts, 0)?, &chunked_2.eos)?;
+        let mut pooled =
+            second_model.pooled(&out.last.index_select(&firsts, 0)?, &chunked_2.eos)?;
         if guided && self.text.zero_empty_negative {
             let keep: Vec<f32> = texts
                 .iter()
@@ -1014,6 +1103,7 @@ impl Engine {
         Ok(Conditioning {
             context,
             pooled: Some(pooled),
+            networks,
         })
     }
 
@@ -1027,11 +1117,12 @@ impl Engine {
         }
         let (found, skipped) = crate::embeddings::scan(dir, &widths)?;
         let loaded = crate::embeddings::Loaded::new(found, widths.len(), self.dtype, &self.device)?;
+        let models = std::iter::once(&self.networks.text).chain(self.networks.text_2.as_ref());
         let encoders = std::iter::once(&mut self.text.first).chain(self.text.second.as_mut());
-        for (e, encoder) in encoders.enumerate() {
+        for (e, (encoder, model)) in encoders.zip(models).enumerate() {
             let tokenizer = &encoder.tokenizer;
             encoder.placeholders =
-                loaded.placeholders(|name| tokenizer.encode(name), encoder.model.vocab_size());
+                loaded.placeholders(|name| tokenizer.encode(name), model.vocab_size());
             encoder.extra = loaded.rows.get(e).cloned();
         }
         for (name, why) in &skipped {
@@ -1045,6 +1136,248 @@ impl Engine {
     /// The textual-inversion embeddings prompts may name.
     pub fn embeddings(&self) -> &[String] {
         &self.embedding_names
+    }
+
+    /// Makes the LoRAs in `dir` (`NAME.safetensors`) usable by name in batches, replacing
+    /// those found before; a file for another model family, or not a LoRA, is left out with
+    /// the reason. Only the files' headers are read here; a LoRA's factors are read when a
+    /// batch first uses it.
+    pub fn load_loras(&mut self, dir: &Path) -> Result<LorasLoaded, EngineError> {
+        let targets = self.lora_targets();
+        let found = check_loras(dir, &targets)?;
+        for (name, why) in &found.skipped {
+            tracing::warn!(lora = %name, reason = %why, "LoRA left out");
+        }
+        self.loras = Loras {
+            dir: Some(dir.to_path_buf()),
+            names: found.names.clone(),
+            targets,
+            sets: Mutex::default(),
+        };
+        Ok(found)
+    }
+
+    /// Loads what lies beside the model at `model` (the path it was loaded from): the
+    /// textual-inversion embeddings of `embeddings/` and the LoRAs of `loras/`, where
+    /// those directories exist.
+    pub fn load_beside(&mut self, model: &Path) -> Result<Additions, EngineError> {
+        let mut additions = Additions::default();
+        let embeddings = crate::embeddings::beside(model);
+        if embeddings.is_dir() {
+            additions.embeddings = self.load_embeddings(&embeddings)?;
+        }
+        let loras = lora::beside(model);
+        if loras.is_dir() {
+            additions.loras = self.load_loras(&loras)?;
+        }
+        Ok(additions)
+    }
+
+    /// The LoRAs batches may name.
+    pub fn loras(&self) -> &[String] {
+        &self.loras.names
+    }
+
+    /// The layers of this model a LoRA may change, by every name the layouts give them.
+    fn lora_targets(&self) -> Targets {
+        lora_targets(
+            self.info.architecture,
+            &self.unet_config,
+            [
+                Some(self.kept.unet.shapes()),
+                Some(self.kept.text.shapes()),
+                self.kept.text_2.as_ref().map(Kept::shapes),
+            ],
+        )
+    }
+
+    /// Makes the networks of a set of LoRAs ready (merging them unless the set is among the
+    /// last used); how long that took.
+    pub fn prepare_loras(&self, loras: &[LoraWeight]) -> Result<std::time::Duration, EngineError> {
+        let started = Instant::now();
+        self.networks(loras)?;
+        Ok(started.elapsed())
+    }
+
+    /// What applying the UNet layers of `loras` as low-rank side paths would add to one UNet
+    /// call on `rows` latents of `width × height` (guidance doubles the rows), instead of
+    /// merging them: for every linear layer a LoRA changes, its two low-rank products and
+    /// the addition into the layer's output, on the device, at the rows the layer sees
+    /// there (the latent's tokens at its level, 77 per text chunk for cross-attention keys and
+    /// values). Convolutions (LoCon) are left out, so this is a lower bound. The best of
+    /// `repeat` passes; and the layers counted.
+    pub fn time_lora_side_paths(
+        &self,
+        loras: &[LoraWeight],
+        rows: usize,
+        width: u32,
+        height: u32,
+        repeat: usize,
+    ) -> Result<(std::time::Duration, usize), EngineError> {
+        let dir = self.loras.dir.as_ref().ok_or_else(|| {
+            EngineError::InvalidRequest("no LoRAs are loaded for this model".into())
+        })?;
+        let levels = self.unet_config.blocks.len();
+        let (lh, lw) = (
+            height as usize / self.vae_scale,
+            width as usize / self.vae_scale,
+        );
+        let level_of = |name: &str| -> usize {
+            let mut parts = name.split('.');
+            match (
+                parts.next(),
+                parts.next().and_then(|i| i.parse::<usize>().ok()),
+            ) {
+                (Some("down_blocks"), Some(i)) => i,
+                (Some("up_blocks"), Some(i)) => levels.saturating_sub(1 + i),
+                _ => levels.saturating_sub(1),
+            }
+        };
+        let mut paths = Vec::new();
+        for l in loras {
+            let file = dir.join(format!("{}.safetensors", l.name));
+            let deltas = lora::read(&file, &self.loras.targets)
+                .map_err(|why| EngineError::InvalidRequest(format!("LoRA {:?}: {why}", l.name)))?;
+            for d in deltas
+                .iter()
+                .filter(|d| d.network == Network::Unet && d.down.rank() == 2)
+            {
+                let level = level_of(&d.weight);
+                let tokens = if d.weight.contains("attn2.to_k") || d.weight.contains("attn2.to_v") {
+                    77
+                } else {
+                    (lh >> level).max(1) * (lw >> level).max(1)
+                };
+                let n = rows * tokens;
+                let (rank, input) = d.down.dims2()?;
+                let out = d.up.dim(0)?;
+                let to = |t: Tensor| -> candle_core::Result<Tensor> {
+                    t.to_device(&self.device)?.to_dtype(self.dtype)
+                };
+                let down_t = to(d.down.t()?.contiguous()?)?;
+                let up_t = to(
+                    (d.up.reshape((out, rank))?.t()? * f64::from(d.scale * l.weight))?
+                        .contiguous()?,
+                )?;
+                let x = to(Tensor::randn(0f32, 1.0, (n, input), &Device::Cpu)?)?;
+                let y = Tensor::zeros((n, out), self.dtype, &self.device)?;
+                paths.push((x, down_t, up_t, y));
+            }
+        }
+        let pass = || -> candle_core::Result<()> {
+            for (x, down_t, up_t, y) in &paths {
+                let side = x.matmul(down_t)?.matmul(up_t)?;
+                let _sum = (y + side)?;
+            }
+            self.device.synchronize()
+        };
+        pass()?;
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..repeat.max(1) {
+            let started = Instant::now();
+            pass()?;
+            best = best.min(started.elapsed());
+        }
+        Ok((best, paths.len()))
+    }
+
+    /// The networks for a set of LoRAs: the model's own for none; else the set's merged
+    /// networks, from the last sets used or merged now.
+    fn networks(&self, loras: &[LoraWeight]) -> Result<Arc<Networks>, EngineError> {
+        if loras.is_empty() {
+            return Ok(Arc::clone(&self.networks));
+        }
+        let mut key = loras.to_vec();
+        key.sort_by(|a, b| a.name.cmp(&b.name));
+        let sets = || {
+            self.loras
+                .sets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        {
+            let mut sets = sets();
+            if let Some(i) = sets.iter().position(|(k, _)| *k == key) {
+                let used = sets.remove(i);
+                let networks = Arc::clone(&used.1);
+                sets.insert(0, used);
+                return Ok(networks);
+            }
+        }
+        // The least recently used set goes before a new one is merged, so that at most
+        // LORA_SETS_KEPT sets are ever on the device.
+        sets().truncate(LORA_SETS_KEPT - 1);
+        let networks = Arc::new(self.merge_loras(&key)?);
+        let mut sets = sets();
+        sets.insert(0, (key, Arc::clone(&networks)));
+        sets.truncate(LORA_SETS_KEPT);
+        Ok(networks)
+    }
+
+    /// The model's networks with `loras` merged into a copy of each weight they touch.
+    fn merge_loras(&self, loras: &[LoraWeight]) -> Result<Networks, EngineError> {
+        let started = Instant::now();
+        let refuse = |why: String| EngineError::InvalidRequest(why);
+        let mut read = Vec::with_capacity(loras.len());
+        for (i, l) in loras.iter().enumerate() {
+            if loras[..i].iter().any(|other| other.name == l.name) {
+                return Err(refuse(format!("LoRA {:?} is named twice", l.name)));
+            }
+            let (Some(dir), true) = (&self.loras.dir, self.loras.names.contains(&l.name)) else {
+                return Err(refuse(format!(
+                    "unknown LoRA {:?} (this model has: {})",
+                    l.name,
+                    self.loras.names.join(", ")
+                )));
+            };
+            if !l.weight.is_finite() {
+                return Err(refuse(format!(
+                    "LoRA {:?}: the weight must be finite",
+                    l.name
+                )));
+            }
+            let file = dir.join(format!("{}.safetensors", l.name));
+            let deltas = lora::read(&file, &self.loras.targets)
+                .map_err(|why| refuse(format!("LoRA {:?}: {why}", l.name)))?;
+            read.push((deltas, l.weight));
+        }
+        let mut merged = lora::merge(&read, |network, name| {
+            self.kept.of(network)?.get(name).cloned()
+        })?;
+        let kept = &self.kept;
+        let unet = match merged.remove(&Network::Unet) {
+            None => Arc::clone(&self.networks.unet),
+            Some(changed) => {
+                Arc::new(kept.unet.rebuild(changed, self.dtype, &self.device, |vb| {
+                    UNet::new(vb, &self.unet_config)
+                })?)
+            }
+        };
+        let text = match merged.remove(&Network::TextEncoder) {
+            None => Arc::clone(&self.networks.text),
+            Some(changed) => {
+                Arc::new(kept.text.rebuild(changed, self.dtype, &self.device, |vb| {
+                    ClipTextModel::new(vb, &kept.text_config)
+                })?)
+            }
+        };
+        let text_2 = match (
+            merged.remove(&Network::TextEncoder2),
+            &kept.text_2,
+            &kept.text_2_config,
+        ) {
+            (Some(changed), Some(base), Some(config)) => Some(Arc::new(base.rebuild(
+                changed,
+                self.dtype,
+                &self.device,
+                |vb| ClipTextModel::with_projection(vb, config),
+            )?)),
+            _ => self.networks.text_2.clone(),
+        };
+        tracing::info!(
+            loras = ?loras, seconds = started.elapsed().as_secs_f32(), "LoRAs merged"
+        );
+        Ok(Networks { unet, text, text_2 })
     }
 
     /// `text` as the first text encoder's tokenizer reads it.
@@ -1066,6 +1399,89 @@ impl Engine {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }
+}
+
+/// The layers of a model a LoRA may change: its networks' weights (UNet, text encoder, SDXL's
+/// second text encoder) by name and shape.
+fn lora_targets(
+    architecture: Architecture,
+    unet: &UNetConfig,
+    [unet_weights, text, text_2]: [Option<Shapes>; 3],
+) -> Targets {
+    let sdxl = architecture == Architecture::Sdxl;
+    let mut targets = Targets::default();
+    let ldm = |name: &str| crate::single_file::ldm_unet_name(unet, name);
+    for (network, weights) in [
+        (Network::Unet, unet_weights),
+        (Network::TextEncoder, text),
+        (Network::TextEncoder2, text_2),
+    ] {
+        if let Some(weights) = weights {
+            targets.add(network, &weights, ldm, sdxl);
+        }
+    }
+    targets
+}
+
+/// What a model can use beside its own weights, from the directories beside it: the
+/// textual-inversion embeddings and LoRAs that fit it, and those left out with why.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Additions {
+    pub embeddings: EmbeddingsLoaded,
+    pub loras: LorasLoaded,
+}
+
+impl Additions {
+    /// Reads the model's configuration, the embeddings (small) and the LoRAs' headers; loads
+    /// no weights. What a control plane lists and checks requests against.
+    pub fn of(model: &Path) -> Result<Additions, EngineError> {
+        let layout = Layout::open(model)?;
+        let configs = layout.configs()?;
+        let architecture = layout.architecture(&configs);
+        let mut additions = Additions::default();
+        let embeddings = crate::embeddings::beside(model);
+        if embeddings.is_dir() {
+            let mut widths = vec![configs.text_encoder.hidden_size];
+            widths.extend(configs.text_encoder_2.as_ref().map(|c| c.hidden_size));
+            let (found, skipped) = crate::embeddings::scan(&embeddings, &widths)?;
+            additions.embeddings = EmbeddingsLoaded {
+                names: found.into_iter().map(|(name, _)| name).collect(),
+                skipped,
+            };
+        }
+        let loras = lora::beside(model);
+        if loras.is_dir() {
+            let unet = crate::weights::shapes_of(|vb| UNet::new(vb, &configs.unet))?;
+            let text =
+                crate::weights::shapes_of(|vb| ClipTextModel::new(vb, &configs.text_encoder))?;
+            let text_2 = match &configs.text_encoder_2 {
+                None => None,
+                Some(config) => Some(crate::weights::shapes_of(|vb| {
+                    ClipTextModel::with_projection(vb, config)
+                })?),
+            };
+            let targets = lora_targets(
+                architecture,
+                &configs.unet,
+                [Some(unet), Some(text), text_2],
+            );
+            additions.loras = check_loras(&loras, &targets)?;
+        }
+        Ok(additions)
+    }
+}
+
+/// The LoRA files in `dir` that fit the model of these targets, and those that do not, with
+/// why; headers only.
+fn check_loras(dir: &Path, targets: &Targets) -> Result<LorasLoaded, EngineError> {
+    let mut found = LorasLoaded::default();
+    for name in lora::list(dir)? {
+        match lora::check(&dir.join(format!("{name}.safetensors")), targets) {
+            Ok(_) => found.names.push(name),
+            Err(why) => found.skipped.push((name, why)),
+        }
+    }
+    Ok(found)
 }
 
 /// Noise from each image's seed alone, whatever batch it is in: its initial latents from

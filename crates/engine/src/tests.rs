@@ -39,6 +39,7 @@ fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
         scheduler,
         strength: 1.0,
         hires: None,
+        loras: Vec::new(),
         items: items
             .iter()
             .map(|(p, s)| BatchItem {
@@ -682,6 +683,7 @@ fn a_hires_batch_runs_a_second_pass_at_the_larger_size() {
         width: 128,
         height: 96,
         hires: None,
+        loras: Vec::new(),
         ..alone.clone()
     };
     assert_ne!(run(&direct)[0], images[1]);

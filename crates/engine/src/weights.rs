@@ -16,7 +16,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -148,6 +148,9 @@ enum Problem {
 
 type ProblemSlot = Arc<Mutex<Option<Problem>>>;
 type Requested = Arc<Mutex<HashSet<String>>>;
+type Handed = Arc<Mutex<HashMap<String, Tensor>>>;
+/// Weights by name and shape.
+pub(crate) type Shapes = Vec<(String, Vec<usize>)>;
 
 /// A memory-mapped safetensors file that checks each tensor against the requested shape
 /// and remembers what was asked for.
@@ -156,6 +159,8 @@ struct CheckedTensors {
     naming: Arc<dyn Naming>,
     problem: ProblemSlot,
     requested: Requested,
+    /// Every tensor handed out, by the name the network asked for it.
+    handed: Handed,
 }
 
 impl CheckedTensors {
@@ -184,6 +189,187 @@ impl CheckedTensors {
     }
 }
 
+impl CheckedTensors {
+    /// The tensor the network calls `name`, read, converted and in the layout it is held in
+    /// (a convolution's kernel already channels-last where it runs so), remembered.
+    fn hand_out(
+        &self,
+        name: &str,
+        stored: &Stored,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.tensors.load(&stored.key, device)?;
+        let tensor = held_layout(stored.form.unpack(tensor)?.to_dtype(dtype)?)?;
+        self.handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), tensor.clone());
+        Ok(tensor)
+    }
+}
+
+/// A convolution kernel `[k, c, kh, kw]` that runs over channels-last maps is held as KRSC
+/// (`[k, kh, kw, c]`, contiguous) and handed to the network as that storage viewed in the
+/// asked-for shape, so the layer's own conversion finds it done and copies nothing, and a
+/// network built again from the same tensors ([`Kept`]) shares them.
+fn held_layout(tensor: Tensor) -> candle_core::Result<Tensor> {
+    if tensor.rank() == 4
+        && crate::layers::Channels::for_input(&tensor) == crate::layers::Channels::Last
+    {
+        tensor
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .permute((0, 3, 1, 2))
+    } else {
+        Ok(tensor)
+    }
+}
+
+/// Every tensor handed to a network while it was built, by the name the network asked for
+/// it: the very tensors the network holds, so keeping them costs no memory. A network built
+/// again from them with some replaced ([`Kept::rebuild`]) shares all the others.
+#[derive(Clone, Default)]
+pub(crate) struct Kept(Arc<HashMap<String, Tensor>>);
+
+impl Kept {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name)
+    }
+
+    /// Every tensor's name and shape (as the network asked for it).
+    pub fn shapes(&self) -> Shapes {
+        let mut shapes: Vec<_> = self
+            .0
+            .iter()
+            .map(|(name, t)| (name.clone(), t.dims().to_vec()))
+            .collect();
+        shapes.sort();
+        shapes
+    }
+
+    /// Builds the network again from these tensors, `changed` in place of some: nothing is
+    /// read from disk and nothing not changed is copied.
+    pub fn rebuild<T>(
+        &self,
+        changed: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        make: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<T, EngineError> {
+        let mut held = HashMap::with_capacity(changed.len());
+        for (name, tensor) in changed {
+            held.insert(name, held_layout(tensor)?);
+        }
+        let backend = Overlay {
+            base: self.clone(),
+            changed: held,
+        };
+        Ok(make(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))?)
+    }
+}
+
+/// Kept tensors with some replaced.
+struct Overlay {
+    base: Kept,
+    changed: HashMap<String, Tensor>,
+}
+
+impl SimpleBackend for Overlay {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.dims() != shape.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor {name} is {:?}, not {:?}",
+                tensor.dims(),
+                shape.dims()
+            )));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .changed
+            .get(name)
+            .or_else(|| self.base.get(name))
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} was never built")))?;
+        tensor.to_dtype(dtype)?.to_device(device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.changed.contains_key(name) || self.base.get(name).is_some()
+    }
+}
+
+/// Hands a network every tensor it asks for in the shape asked, with no data (one zero,
+/// broadcast), and notes the names and shapes: building a network on it lists its weights
+/// without reading a file or allocating them.
+#[derive(Default)]
+struct ShapesOnly {
+    asked: Arc<Mutex<Shapes>>,
+}
+
+impl SimpleBackend for ShapesOnly {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((name.to_string(), shape.dims().to_vec()));
+        Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "{name} was asked for without a shape"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The names and shapes of the weights a network asks for as `make` builds it, found
+/// without any weight file.
+pub(crate) fn shapes_of<T>(
+    make: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<Shapes, EngineError> {
+    let backend = ShapesOnly::default();
+    let asked = Arc::clone(&backend.asked);
+    make(VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    let mut asked = std::mem::take(&mut *asked.lock().unwrap_or_else(PoisonError::into_inner));
+    asked.sort();
+    Ok(asked)
+}
+
 impl SimpleBackend for CheckedTensors {
     fn get(
         &self,
@@ -205,8 +391,7 @@ impl SimpleBackend for CheckedTensors {
                 found,
             }));
         }
-        let tensor = self.tensors.load(&stored.key, device)?;
-        stored.form.unpack(tensor)?.to_dtype(dtype)
+        self.hand_out(name, &stored, dtype, device)
     }
 
     fn get_unchecked(
@@ -217,8 +402,7 @@ impl SimpleBackend for CheckedTensors {
     ) -> candle_core::Result<Tensor> {
         let stored = self.naming.locate(name);
         self.stored_shape(&stored.key)?;
-        let tensor = self.tensors.load(&stored.key, device)?;
-        stored.form.unpack(tensor)?.to_dtype(dtype)
+        self.hand_out(name, &stored, dtype, device)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -263,6 +447,7 @@ pub struct Weights {
     naming: Arc<dyn Naming>,
     problem: ProblemSlot,
     requested: Requested,
+    handed: Handed,
     /// Every tensor name in the file.
     names: Arc<Vec<String>>,
     vb: VarBuilder<'static>,
@@ -289,17 +474,20 @@ impl Weights {
     ) -> Self {
         let problem = ProblemSlot::default();
         let requested = Requested::default();
+        let handed = Handed::default();
         let backend = CheckedTensors {
             tensors: Arc::clone(&mapped.tensors),
             naming: Arc::clone(&naming),
             problem: Arc::clone(&problem),
             requested: Arc::clone(&requested),
+            handed: Arc::clone(&handed),
         };
         Weights {
             file: mapped.file.clone(),
             naming,
             problem,
             requested,
+            handed,
             names: Arc::clone(&mapped.names),
             vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
         }
@@ -311,6 +499,15 @@ impl Weights {
         self,
         make: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
     ) -> Result<T, EngineError> {
+        Ok(self.build_kept(make)?.0)
+    }
+
+    /// [`Weights::build`], keeping what the network was handed so that it can be built
+    /// again with some tensors changed (a LoRA merged in) without reading the file again.
+    pub(crate) fn build_kept<T>(
+        self,
+        make: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<(T, Kept), EngineError> {
         let built = make(self.vb).map_err(|e| {
             let problem = self
                 .problem
@@ -345,8 +542,10 @@ impl Weights {
             .filter(|name| !requested.contains(*name) && self.naming.owns(name))
             .collect();
         unused.sort();
+        let handed =
+            std::mem::take(&mut *self.handed.lock().unwrap_or_else(PoisonError::into_inner));
         match unused.first() {
-            None => Ok(built),
+            None => Ok((built, Kept(Arc::new(handed)))),
             Some(tensor) => Err(EngineError::UnexpectedTensor {
                 file: self.file.clone(),
                 tensor: tensor.to_string(),

@@ -46,6 +46,7 @@ pub fn new_job(group: &str, prompt: &str) -> NewJob {
             n: 1,
             init: None,
             hires: None,
+            loras: Vec::new(),
         })
         .expect("a valid request"),
         max_attempts: 3,

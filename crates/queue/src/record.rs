@@ -2,7 +2,7 @@
 //! database holds never becomes a [`ValidImageRequest`] unchecked.
 
 use serde::{Deserialize, Serialize};
-use sparkle_core::{HiresFix, Init, RequestParts, Scheduler, ValidImageRequest};
+use sparkle_core::{HiresFix, Init, LoraWeight, RequestParts, Scheduler, ValidImageRequest};
 
 /// A request as stored (sealed) in `jobs.request`.
 #[derive(Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub struct StoredRequest {
     /// A second pass at a larger size, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hires: Option<HiresFix>,
+    /// The LoRAs applied, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    loras: Vec<LoraWeight>,
 }
 
 impl From<&ValidImageRequest> for StoredRequest {
@@ -40,6 +43,7 @@ impl From<&ValidImageRequest> for StoredRequest {
             n: r.n,
             init: r.init,
             hires: r.hires,
+            loras: r.loras.clone(),
         }
     }
 }
@@ -66,6 +70,7 @@ impl StoredRequest {
             n: r.n,
             init: r.init,
             hires: r.hires,
+            loras: r.loras,
         })
         .map_err(|e| e.message)
     }

@@ -282,11 +282,12 @@ impl Shelf {
             Err(e) => return Err(e),
         };
         let mut engine = engine;
-        let embeddings = sparkle_engine::embeddings::beside(&source.path);
-        if embeddings.is_dir() {
-            let loaded = engine.load_embeddings(&embeddings)?;
-            tracing::info!(model, embeddings = ?loaded.names, skipped = loaded.skipped.len(), "textual-inversion embeddings loaded");
-        }
+        let beside = engine.load_beside(&source.path)?;
+        tracing::info!(
+            model, embeddings = ?beside.embeddings.names, loras = ?beside.loras.names,
+            skipped = beside.embeddings.skipped.len() + beside.loras.skipped.len(),
+            "embeddings and LoRAs beside the model loaded"
+        );
         let pixels = engine.pixel_budget();
         self.engines.push((source.name.clone(), engine));
         self.publish();

@@ -319,6 +319,7 @@ fn batch_of(leases: &[Lease], sources: &[Option<SourceImage>]) -> Batch {
             steps: h.steps,
             strength: h.strength,
         }),
+        loras: first.loras.clone(),
         items: leases
             .iter()
             .zip(sources)

@@ -68,6 +68,7 @@ fn lease_of(model: &str, steps: u32) -> Lease {
         n: 1,
         init: None,
         hires: None,
+        loras: Vec::new(),
     })
     .expect("a valid request");
     let id = JobId::random();

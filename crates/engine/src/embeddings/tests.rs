@@ -105,6 +105,7 @@ fn prompt_batch(prompt: &str) -> Batch {
         scheduler: Scheduler::Euler,
         strength: 1.0,
         hires: None,
+        loras: Vec::new(),
         items: vec![BatchItem {
             prompt: prompt.into(),
             negative_prompt: "blurry".into(),

@@ -244,3 +244,187 @@ fn the_tiny_models_own_layers_are_found_by_their_kohya_names() {
     let found = t.find(&kohya).expect("found");
     assert_eq!(found.1, attention.0);
 }
+
+/// The first weight of `file` whose name ends with `suffix`.
+fn weight_named(tensors: &HashMap<String, Tensor>, suffix: &str) -> (String, Tensor) {
+    let mut names: Vec<&String> = tensors.keys().filter(|k| k.ends_with(suffix)).collect();
+    names.sort();
+    let name = names
+        .first()
+        .unwrap_or_else(|| panic!("no weight ends with {suffix}"));
+    ((*name).clone(), tensors[*name].clone())
+}
+
+/// Factors of rank 2 for a weight of this shape (a kernel's spatial size stays on `down`).
+fn factors(shape: &[usize], seed: f32) -> (Tensor, Tensor) {
+    let mut down = vec![2];
+    down.extend_from_slice(&shape[1..]);
+    let mut up = vec![shape[0], 2];
+    up.extend(std::iter::repeat_n(1, shape.len() - 2));
+    (
+        ramp(&down, seed),
+        (ramp(&up, seed + 1.0) * 0.1).expect("scale"),
+    )
+}
+
+fn kohya(layer: &str, prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        layer.trim_end_matches(".weight").replace('.', "_")
+    )
+}
+
+#[test]
+fn a_lora_for_a_batch_is_the_model_with_its_weights_changed_and_leaves_no_trace() {
+    use crate::{Batch, BatchItem, DeviceChoice, Engine, EngineOptions};
+    let cpu = EngineOptions {
+        device: DeviceChoice::Cpu,
+        ..EngineOptions::default()
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let model = root.path().join("models/tiny");
+    crate::write_tiny_model(&model, 0).expect("model");
+    let unet_file = model.join("unet/diffusion_pytorch_model.safetensors");
+    let text_file = model.join("text_encoder/model.safetensors");
+    let unet = candle_core::safetensors::load(&unet_file, &Device::Cpu).expect("unet");
+    let text = candle_core::safetensors::load(&text_file, &Device::Cpu).expect("text");
+
+    // A cross-attention projection, a ResNet convolution (LoCon) and a text-encoder layer,
+    // at weight 0.8 with alpha 1 over rank 2.
+    let (weight, alpha) = (0.8f32, 1.0f32);
+    let chosen = [
+        (weight_named(&unet, "attn2.to_k.weight"), "lora_unet_", true),
+        (
+            weight_named(&unet, "resnets.0.conv1.weight"),
+            "lora_unet_",
+            true,
+        ),
+        (
+            weight_named(&text, "layers.0.self_attn.q_proj.weight"),
+            "lora_te_",
+            false,
+        ),
+    ];
+    let mut file = Vec::new();
+    let (mut merged_unet, mut merged_text) = (unet.clone(), text.clone());
+    for (i, ((name, original), prefix, in_unet)) in chosen.iter().enumerate() {
+        let (down, up) = factors(original.dims(), i as f32);
+        let layer = kohya(name, prefix);
+        file.push((format!("{layer}.lora_down.weight"), down.clone()));
+        file.push((format!("{layer}.lora_up.weight"), up.clone()));
+        file.push((format!("{layer}.alpha"), scalar(alpha)));
+        let delta = Delta {
+            network: Network::Unet,
+            weight: name.clone(),
+            down,
+            up,
+            scale: alpha / 2.0,
+        };
+        let changed = (original + (delta.full().expect("full") * f64::from(weight)).expect("w"))
+            .expect("merge");
+        let target = if *in_unet {
+            &mut merged_unet
+        } else {
+            &mut merged_text
+        };
+        target.insert(name.clone(), changed);
+    }
+    let loras = root.path().join("models/loras");
+    std::fs::create_dir_all(&loras).expect("loras");
+    let named: Vec<(&str, Tensor)> = file.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+    save(&loras, "style", &named);
+    // A file for SDXL's second text encoder: another model family.
+    save(
+        &loras,
+        "xl-only",
+        &[
+            (
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                ramp(&[2, 32], 0.0),
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                ramp(&[32, 2], 0.0),
+            ),
+        ],
+    );
+
+    // The same model with the LoRA merged into its files, as a reference.
+    let reference_dir = root.path().join("reference/tiny");
+    crate::write_tiny_model(&reference_dir, 0).expect("reference");
+    candle_core::safetensors::save(
+        &merged_unet,
+        reference_dir.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .expect("save unet");
+    candle_core::safetensors::save(
+        &merged_text,
+        reference_dir.join("text_encoder/model.safetensors"),
+    )
+    .expect("save text");
+
+    let mut engine = Engine::load(&model, &cpu).expect("load");
+    let beside = engine.load_beside(&model).expect("beside");
+    assert_eq!(beside.loras.names, ["style"]);
+    assert_eq!(beside.loras.skipped.len(), 1);
+    assert!(
+        beside.loras.skipped[0].1.contains("another model family"),
+        "{:?}",
+        beside.loras.skipped
+    );
+    // What a control plane reads, without loading the model, agrees.
+    let listed = crate::Additions::of(&model).expect("additions");
+    assert_eq!(listed.loras, beside.loras);
+    let reference = Engine::load(&reference_dir, &cpu).expect("reference");
+
+    let batch = |loras: Vec<LoraWeight>| Batch {
+        width: 64,
+        height: 64,
+        steps: 3,
+        guidance_scale: 7.5,
+        scheduler: sparkle_core::Scheduler::Euler,
+        strength: 1.0,
+        hires: None,
+        loras,
+        items: vec![BatchItem {
+            prompt: "a corgi <lora:style:0.8>".into(),
+            negative_prompt: String::new(),
+            seed: 7,
+            source: None,
+        }],
+    };
+    let style = vec![LoraWeight {
+        name: "style".into(),
+        weight,
+    }];
+    let probe = |e: &Engine, b: &Batch| e.probe(b).expect("probe");
+    let before = probe(&engine, &batch(vec![]));
+    let with = probe(&engine, &batch(style.clone()));
+    let merged = probe(&reference, &batch(vec![]));
+    let (first, image) = with.relative_error(&merged);
+    assert!(
+        first < 1e-5 && image < 1e-5,
+        "merged for the batch vs in the files: {first}, {image}"
+    );
+    let (_, changed) = with.relative_error(&before);
+    assert!(changed > 1e-3, "the LoRA changes the image ({changed})");
+    // The set is kept; the model's own networks are untouched.
+    let again = probe(&engine, &batch(style));
+    assert_eq!(again.image, with.image);
+    let after = probe(&engine, &batch(vec![]));
+    assert_eq!(
+        after.image, before.image,
+        "nothing leaks into the next batch"
+    );
+
+    let unknown = engine
+        .probe(&batch(vec![LoraWeight {
+            name: "nope".into(),
+            weight: 1.0,
+        }]))
+        .expect_err("unknown");
+    assert!(
+        unknown.to_string().contains("unknown LoRA \"nope\""),
+        "{unknown}"
+    );
+}

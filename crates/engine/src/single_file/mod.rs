@@ -108,6 +108,13 @@ impl Checkpoint {
     }
 }
 
+/// A UNet weight's name (diffusers') in the original (LDM) layout, without a checkpoint's
+/// prefix: the names SDXL's kohya-ss LoRAs are written in.
+pub(crate) fn ldm_unet_name(config: &crate::config::UNetConfig, name: &str) -> Option<String> {
+    let stored = UNetKeys::new(config).ldm(name)?;
+    stored.key.strip_prefix(keys::UNET).map(str::to_string)
+}
+
 /// The key map of one network of a checkpoint of `architecture` with these configurations.
 fn key_map(architecture: Architecture, part: Part, configs: &Configs) -> Box<dyn KeyMap> {
     let text_layers = configs.text_encoder.num_hidden_layers;

@@ -87,6 +87,7 @@ fn assert_same_images(kind: RandomModel) {
             scheduler,
             strength: 1.0,
             hires: None,
+            loras: Vec::new(),
             items: vec![BatchItem {
                 prompt: "a corgi, style of monet".into(),
                 negative_prompt: String::new(),

@@ -78,7 +78,12 @@ pub async fn interactions(
             return (StatusCode::BAD_REQUEST, format!("not an interaction: {e}")).into_response()
         }
     };
-    if interaction.kind != InteractionKind::Ping {
+    // Autocomplete fires as a user types and reads nothing but the catalog: it spends no
+    // command rate.
+    if !matches!(
+        interaction.kind,
+        InteractionKind::Ping | InteractionKind::Autocomplete
+    ) {
         if let Err(wait) = within_rates(&discord, &interaction) {
             metrics::counter!("sparkle_discord_rate_limited_total").increment(1);
             let secs = crate::limits::retry_after_secs(wait);
@@ -96,8 +101,30 @@ pub async fn interactions(
             sparkle_command(&state, &discord, &interaction).await
         }
         InteractionKind::MessageComponent => component(&state, &discord, &interaction).await,
+        InteractionKind::Autocomplete
+            if interaction.data.as_ref().and_then(|d| d.name.as_deref()) == Some("sparkle") =>
+        {
+            autocomplete(&state, &interaction)
+        }
         _ => message("Sparkle does not handle this interaction.", true),
     }
+}
+
+/// Suggestions for the option being typed: the LoRAs of the model chosen (or the default)
+/// for `lora`, embedding names and LoRA tags completing the prompt's last word for `prompt`.
+fn autocomplete(state: &GatewayState, interaction: &Interaction) -> Response {
+    let model = match interaction.option("model") {
+        Some(OptionValue::String(name)) => state.catalog.find(Some(name)),
+        _ => state.catalog.find(None),
+    };
+    let choices = match (interaction.focused(), model) {
+        (Some(("lora", typed)), Some(model)) => sparkle_discord::lora_choices(&model.loras, typed),
+        (Some(("prompt", typed)), Some(model)) => {
+            sparkle_discord::prompt_choices(typed, &model.loras, &model.embeddings)
+        }
+        _ => Vec::new(),
+    };
+    Json(sparkle_discord::autocomplete_answer(choices)).into_response()
 }
 
 /// Takes one request from the interaction's user and guild rates.
@@ -386,6 +413,16 @@ fn request_from(interaction: &Interaction) -> Result<ImageRequest, String> {
             steps: None,
             strength: None,
         }),
+        loras: match (text("lora")?, number("lora_weight")?) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err("`lora_weight` weighs a LoRA; choose one in `lora`".into())
+            }
+            (Some(name), weight) => Some(vec![sparkle_core::LoraWeight {
+                name,
+                weight: weight.map_or(1.0, |w| w as f32),
+            }]),
+        },
     })
 }
 

@@ -469,6 +469,7 @@ pub fn render(
                 steps: h.steps,
                 strength: h.strength,
             }),
+            loras: r.loras.clone(),
         },
         progress: job.progress,
         images: image_views(state, job),

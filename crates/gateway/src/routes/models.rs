@@ -18,6 +18,8 @@ fn model_view(model: &ModelEntry, default: bool) -> ModelView {
         default_steps: model.default_steps,
         default_guidance_scale: model.default_guidance_scale,
         default_scheduler: model.default_scheduler,
+        loras: model.loras.clone(),
+        embeddings: model.embeddings.clone(),
     }
 }
 

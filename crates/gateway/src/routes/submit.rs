@@ -6,7 +6,9 @@ use axum::http::HeaderMap;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sparkle_core::{ErrorCode, HiresRequest, ImageRequest, JobId, Outpaint, Scheduler, Source};
+use sparkle_core::{
+    ErrorCode, HiresRequest, ImageRequest, JobId, LoraWeight, Outpaint, Scheduler, Source,
+};
 use sparkle_delivery::webhooks::WebhookReply;
 use sparkle_queue::{Enqueued, NewJob, ReplyTarget, Scope};
 
@@ -52,6 +54,9 @@ pub struct GenerationBody {
     /// the first pass's latents upscaled, for `⌊steps × strength⌋` more steps (default:
     /// this request's steps, strength 0.7).
     hires: Option<HiresRequest>,
+    /// LoRAs to apply, by name (one of the model's `loras` in `/v1/models`) with a weight
+    /// from -4 to 4 (default 1); the prompt may also name them as `<lora:NAME:WEIGHT>`.
+    loras: Option<Vec<LoraWeight>>,
     /// An end user of the calling application, for fairness between its users.
     pub user: Option<String>,
     /// OpenAI's `b64_json` or `url` (the synchronous route only).
@@ -110,6 +115,7 @@ impl GenerationBody {
             strength: self.strength,
             outpaint: self.outpaint,
             hires: self.hires,
+            loras: self.loras,
         };
         Ok((request, upload))
     }

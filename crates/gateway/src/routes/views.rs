@@ -66,6 +66,9 @@ pub struct RequestView {
     /// A second pass at a larger size, which the images come out at.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresView>,
+    /// The LoRAs applied (from `loras` and the prompt's tags), by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<sparkle_core::LoraWeight>,
 }
 
 /// A job's second pass.
@@ -146,6 +149,10 @@ pub struct ModelView {
     pub default_steps: u32,
     pub default_guidance_scale: f32,
     pub default_scheduler: Scheduler,
+    /// LoRAs a request for this model may apply (`loras`, `<lora:NAME:WEIGHT>`).
+    pub loras: Vec<String>,
+    /// Textual-inversion embeddings a prompt for this model may name.
+    pub embeddings: Vec<String>,
 }
 
 /// The models this deployment serves, the default first.

@@ -132,6 +132,12 @@ pub struct EngineBench {
     /// error of the latents after one step and of the decoded image (1 image, 2 steps).
     #[arg(long)]
     check: bool,
+    /// Apply a random LoRA of this rank on every linear layer of the UNet's transformers
+    /// (as most LoRAs are trained; written to a scratch directory): the time to merge it,
+    /// the steps with it merged, and what it would add to each UNet call as low-rank side
+    /// paths instead.
+    #[arg(long, value_name = "RANK")]
+    lora_rank: Option<usize>,
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -182,9 +188,29 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
     };
     let started = Instant::now();
-    let engine = sparkle_engine::Engine::load(&args.model, &options)
+    let mut engine = sparkle_engine::Engine::load(&args.model, &options)
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;
     let load = started.elapsed();
+    let scratch = tempfile::tempdir().context("cannot make a scratch directory")?;
+    let loras = match args.lora_rank {
+        None => Vec::new(),
+        Some(rank) => {
+            let dir = scratch.path().join("loras");
+            let layers = sparkle_engine::lora::write_random(
+                &args.model,
+                &dir.join("random.safetensors"),
+                rank,
+            )?;
+            engine.load_loras(&dir)?;
+            let set = vec![sparkle_core::LoraWeight {
+                name: "random".into(),
+                weight: 1.0,
+            }];
+            let merged = engine.prepare_loras(&set)?;
+            println!("a random LoRA of rank {rank} on {layers} layers, merged in {merged:.2?}");
+            set
+        }
+    };
     let info = engine.info().clone();
     println!(
         "model {} ({}), {}, {}, {width}x{height}, {} {} steps, guidance {}, {}; loaded in {load:.2?}",
@@ -205,8 +231,13 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             strength: args.strength,
         }
     });
-    println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    if loras.is_empty() {
+        println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!("| batch | images/s | s/batch | ms/UNet step | TFLOP/s | device memory | as side paths: + ms/UNet step |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+    }
     let limit = engine.batch_limit(width, height, args.guidance > 1.0);
     if limit != usize::MAX {
         println!("at most {limit} images per pass at this size, from the device memory free now");
@@ -233,6 +264,7 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
                 1.0
             },
             hires,
+            loras: loras.clone(),
             items: (0..size)
                 .map(|i| sparkle_engine::BatchItem {
                     prompt: format!("a corgi, style of monet, number {i}"),
@@ -258,8 +290,20 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
         let best = best.context("no timed round")?;
         let flops = engine.unet_flops(size * cfg_rows, width, height);
         let step_s = best.step.as_secs_f64();
+        let side = if loras.is_empty() {
+            String::new()
+        } else {
+            let (side, _) = engine.time_lora_side_paths(
+                &loras,
+                size * cfg_rows,
+                width,
+                height,
+                args.repeat.max(3),
+            )?;
+            format!(" {:.2} |", side.as_secs_f64() * 1e3)
+        };
         println!(
-            "| {size} | {:.2} | {:.3} | {:.1} | {:.2} | {} |",
+            "| {size} | {:.2} | {:.3} | {:.1} | {:.2} | {} |{side}",
             size as f64 / best.total.as_secs_f64(),
             best.total.as_secs_f64(),
             step_s * 1e3,
@@ -323,6 +367,7 @@ fn check_against_cpu(
         scheduler,
         strength: 1.0,
         hires: None,
+        loras: Vec::new(),
         items: vec![sparkle_engine::BatchItem {
             prompt: "a corgi, style of monet".into(),
             negative_prompt: "blurry".into(),

@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use clap::Args;
-use sparkle_core::{HiresRequest, ImageRequest, Limits, Outpaint, Source, SourcePixels};
+use sparkle_core::{
+    HiresRequest, ImageRequest, Limits, LoraWeight, Outpaint, Source, SourcePixels,
+};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,7 +19,8 @@ pub struct GenerateArgs {
     output: PathBuf,
     /// The model: a directory in the diffusers layout or a single-file .safetensors checkpoint.
     /// Textual-inversion embeddings (`NAME.safetensors`) in an `embeddings` directory beside
-    /// it are used wherever a prompt names them.
+    /// it are used wherever a prompt names them; LoRAs in a `loras` directory beside it are
+    /// applied with --lora or `<lora:NAME:WEIGHT>` in the prompt.
     #[arg(long, value_name = "PATH", env = "SPARKLE_MODEL")]
     model: PathBuf,
     /// Denoising steps.
@@ -70,6 +73,27 @@ pub struct GenerateArgs {
     /// With --hires: the share of the second pass's schedule that runs (default 0.7).
     #[arg(long, requires = "hires")]
     hires_strength: Option<f32>,
+    /// Apply the LoRA `loras/NAME.safetensors` beside the model, with a weight from -4 to
+    /// 4 (default 1); repeat for several.
+    #[arg(long, value_name = "NAME[:WEIGHT]", value_parser = parse_lora)]
+    lora: Vec<LoraWeight>,
+}
+
+fn parse_lora(text: &str) -> Result<LoraWeight, String> {
+    let (name, weight) = match text.rsplit_once(':') {
+        None => (text, 1.0),
+        Some((name, weight)) => (
+            name,
+            weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("the weight {weight:?} is not a number"))?,
+        ),
+    };
+    Ok(LoraWeight {
+        name: name.to_string(),
+        weight,
+    })
 }
 
 fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
@@ -123,6 +147,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             steps: args.hires_steps,
             strength: args.hires_strength,
         }),
+        loras: (!args.lora.is_empty()).then_some(args.lora),
     }
     .validate(&limits, &catalog, facts.as_ref(), rand::random::<u32>)
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -150,13 +175,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut engine = sparkle_engine::Engine::load(&args.model, &options)
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;
-    // Textual-inversion embeddings beside the model, used by name in the prompts.
-    let embeddings = sparkle_engine::embeddings::beside(&args.model);
-    if embeddings.is_dir() {
-        let loaded = engine.load_embeddings(&embeddings)?;
-        for (name, why) in &loaded.skipped {
-            eprintln!("embedding {name} left out: {why}");
-        }
+    // Textual-inversion embeddings and LoRAs beside the model.
+    let beside = engine.load_beside(&args.model)?;
+    for (name, why) in &beside.embeddings.skipped {
+        eprintln!("embedding {name} left out: {why}");
     }
     let loaded = started.elapsed();
     let batch = sparkle_engine::Batch {
@@ -172,6 +194,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             steps: h.steps,
             strength: h.strength,
         }),
+        loras: request.loras.clone(),
         items: vec![sparkle_engine::BatchItem {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),

@@ -145,10 +145,24 @@ pub fn catalog(paths: &[std::path::PathBuf]) -> anyhow::Result<Catalog> {
             );
         }
         let defaults = description.defaults;
+        let beside = sparkle_engine::Additions::of(path).with_context(|| {
+            format!(
+                "cannot read the embeddings and LoRAs beside {}",
+                path.display()
+            )
+        })?;
         let entry = ModelEntry {
             default_steps: defaults.steps,
             default_guidance_scale: defaults.guidance_scale,
             default_scheduler: defaults.scheduler,
+            loras: beside.loras.names,
+            other_loras: beside
+                .loras
+                .skipped
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+            embeddings: beside.embeddings.names,
             ..ModelEntry::new(description.name, description.native_size)
         };
         models.push((entry, path));
