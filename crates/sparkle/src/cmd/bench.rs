@@ -192,6 +192,7 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
         .with_context(|| format!("cannot load the model at {}", args.model.display()))?;
     let load = started.elapsed();
     let scratch = tempfile::tempdir().context("cannot make a scratch directory")?;
+    let mut lora_line = String::new();
     let loras = match args.lora_rank {
         None => Vec::new(),
         Some(rank) => {
@@ -207,7 +208,8 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
                 weight: 1.0,
             }];
             let merged = engine.prepare_loras(&set)?;
-            println!("a random LoRA of rank {rank} on {layers} layers, merged in {merged:.2?}");
+            lora_line =
+                format!("a random LoRA of rank {rank} on {layers} layers, merged in {merged:.2?}");
             set
         }
     };
@@ -221,6 +223,9 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             mode => format!("{mode} at strength {}", args.strength),
         }
     );
+    if !lora_line.is_empty() {
+        println!("{lora_line}");
+    }
     let source = bench_source(&args.mode, width, height);
     let hires = (args.mode == "hires").then(|| {
         let side = |s: u32| ((s as f32 * args.hires_scale / 8.0).round() as u32) * 8;

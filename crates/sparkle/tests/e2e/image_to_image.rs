@@ -69,7 +69,7 @@ fn generate_from(source: &[u8], mask: Option<&[u8]>, args: &[&str]) -> Vec<u8> {
     std::fs::read(out).expect("png")
 }
 
-async fn run(svc: &Service, body: Value) -> (Value, Vec<u8>) {
+pub(crate) async fn run(svc: &Service, body: Value) -> (Value, Vec<u8>) {
     let key = &svc.admin_key;
     let (status, job) = svc.post_json("/v1/jobs", &body, Some(key)).await;
     assert_eq!(status, 202, "{job}");

@@ -15,6 +15,7 @@ mod front_door;
 mod image_links;
 mod image_to_image;
 mod limits;
+mod loras;
 mod models;
 mod network;
 mod postgres;
