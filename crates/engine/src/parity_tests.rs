@@ -166,10 +166,34 @@ impl Reference {
 fn check_architecture(arch: &str, kind: RandomModel) {
     let dir = fixtures(arch);
     let (case, engine) = case_and_engine(&dir, kind);
+    let checked = check_schedulers(&dir, arch, &case, &engine, &[]);
+    assert_eq!(
+        checked,
+        Scheduler::ALL.len(),
+        "{arch}: a fixture per scheduler"
+    );
+}
+
+/// Every scheduler the case has a fixture for: the text embeddings, then the loop. How many
+/// were checked.
+fn check_schedulers(
+    dir: &Path,
+    label: &str,
+    case: &serde_json::Value,
+    engine: &Engine,
+    loras: &[crate::lora::LoraWeight],
+) -> usize {
+    let mut checked = 0;
     for scheduler in Scheduler::ALL {
         let file = dir.join(format!("{}.safetensors", scheduler.as_str()));
-        let reference = Reference::load(&file, format!("{arch}/{scheduler}"));
-        let batch = case_batch(&case, scheduler, 1.0, None);
+        if !file.is_file() {
+            continue;
+        }
+        let reference = Reference::load(&file, format!("{label}/{scheduler}"));
+        let batch = Batch {
+            loras: loras.to_vec(),
+            ..case_batch(case, scheduler, 1.0, None)
+        };
         let conditioning = engine.encode_prompts(&batch).expect("embeddings");
         let rows = |name: &str| {
             if batch.guidance_scale > 1.0 {
@@ -189,8 +213,50 @@ fn check_architecture(arch: &str, kind: RandomModel) {
         if let Some(pooled) = &conditioning.pooled {
             reference.stage("pooled text embeddings", pooled, &rows("_pooled"));
         }
-        reference.check_loop(&engine, &batch, &conditioning, None, None);
+        reference.check_loop(engine, &batch, &conditioning, None, None);
+        checked += 1;
     }
+    checked
+}
+
+/// A case made with a LoRA (`loras/style.safetensors`, loaded by diffusers'
+/// `load_lora_weights`) or a textual-inversion embedding (`embeddings/NAME.safetensors`,
+/// `load_textual_inversion`) beside the tiny SD 1.5 model: the engine reads the same files.
+fn check_with_additions(fixture: &str) {
+    let dir = fixtures(fixture);
+    let (case, mut engine) = case_and_engine(&dir, RandomModel::Sd15);
+    let mut loras = Vec::new();
+    if let Some(lora) = case.get("lora") {
+        let found = engine.load_loras(&dir.join("loras")).expect("loras");
+        assert_eq!(found.names, ["style"], "{:?}", found.skipped);
+        loras.push(crate::lora::LoraWeight {
+            name: lora["name"].as_str().expect("name").into(),
+            weight: lora["weight"].as_f64().expect("weight") as f32,
+        });
+    }
+    if let Some(name) = case.get("embedding") {
+        let found = engine
+            .load_embeddings(&dir.join("embeddings"))
+            .expect("embeddings");
+        assert_eq!(found.names, [name.as_str().expect("name")]);
+    }
+    let checked = check_schedulers(&dir, fixture, &case, &engine, &loras);
+    assert!(checked > 0, "{fixture} has no scheduler's fixture");
+}
+
+#[test]
+fn sd15_kohya_lora_matches_diffusers_load_lora_weights() {
+    check_with_additions("sd15-lora-kohya");
+}
+
+#[test]
+fn sd15_peft_lora_matches_diffusers_load_lora_weights() {
+    check_with_additions("sd15-lora-peft");
+}
+
+#[test]
+fn sd15_textual_inversion_matches_diffusers_load_textual_inversion() {
+    check_with_additions("sd15-embedding");
 }
 
 #[test]

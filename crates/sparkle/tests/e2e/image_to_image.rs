@@ -2,7 +2,7 @@
 //! whole service (gateway, sealed source in the store, the worker protocol, the engine),
 //! and the images a client sends, checked before anything is enqueued.
 
-use crate::support::{png_info, png_pixels, tiny_model, Service, BIN};
+use crate::support::{generate_with, png_info, png_pixels, tiny_model, Service, BIN};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
@@ -439,26 +439,9 @@ async fn an_embedding_beside_the_model_is_used_where_a_prompt_names_it() {
         png_pixels(&plain),
         "the embedding was not used"
     );
-    let out = models.path().join("out.png");
-    let status = Command::new(BIN)
-        .args([
-            "generate",
-            "a lighthouse, glowstyle",
-            "--device",
-            "cpu",
-            "--size",
-            "64x64",
-        ])
-        .args(["--steps", "3", "--seed", "4", "-o"])
-        .arg(&out)
-        .arg("--model")
-        .arg(&model)
-        .stderr(Stdio::null())
-        .status()
-        .expect("generate");
-    assert!(status.success());
+    let args = ["--size", "64x64", "--steps", "3", "--seed", "4"];
     assert_eq!(
         png_pixels(&styled),
-        png_pixels(&std::fs::read(out).expect("png"))
+        png_pixels(&generate_with(&model, "a lighthouse, glowstyle", &args))
     );
 }

@@ -5,10 +5,9 @@
 
 use crate::discord::{key as discord_key, send, FakeDiscord};
 use crate::image_to_image::run;
-use crate::support::{png_pixels, tiny_model, Service, BIN};
+use crate::support::{generate_with, png_pixels, tiny_model, Service};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 /// The names and shapes of a safetensors file's tensors, from its header.
@@ -182,27 +181,19 @@ async fn a_lora_beside_the_model_is_listed_applied_by_field_or_tag_and_refused_b
     assert!(plain_job["request"].get("loras").is_none(), "{plain_job}");
 
     // `sparkle generate --lora` makes the same image on one machine.
-    let out = models.path().join("out.png");
-    let status = Command::new(BIN)
-        .args([
-            "generate",
-            "a lighthouse",
-            "--device",
-            "cpu",
-            "--size",
-            "64x64",
-        ])
-        .args(["--steps", "3", "--seed", "4", "--lora", "style:1.5", "-o"])
-        .arg(&out)
-        .arg("--model")
-        .arg(&model)
-        .stderr(Stdio::null())
-        .status()
-        .expect("generate");
-    assert!(status.success());
+    let args = [
+        "--size",
+        "64x64",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--lora",
+        "style:1.5",
+    ];
     assert_eq!(
         png_pixels(&by_field),
-        png_pixels(&std::fs::read(&out).expect("png"))
+        png_pixels(&generate_with(&model, "a lighthouse", &args))
     );
 
     // Refusals name the LoRA and queue nothing.

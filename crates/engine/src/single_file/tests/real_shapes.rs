@@ -14,61 +14,20 @@ use crate::config::{ClipConfig, JsonFile, ModelIndex, ScheduleConfig, UNetConfig
 use crate::layout::{Configs, Part};
 use crate::model::Architecture;
 use crate::unet::UNet;
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
-
-type Recorded = Arc<Mutex<BTreeMap<String, Vec<usize>>>>;
-
-/// Answers every request with a broadcast zero, which takes no memory, and records its shape.
-struct Recorder(Recorded);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut recorded = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        recorded.insert(name.to_string(), shape.dims().to_vec());
-        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::Msg(format!(
-            "{name}: asked without a shape"
-        )))
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        false
-    }
-}
 
 /// The names and shapes a network built by `build` asks for.
 fn record<T>(
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> BTreeMap<String, Vec<usize>> {
-    let recorded = Recorded::default();
-    let vb = VarBuilder::from_backend(
-        Box::new(Recorder(Arc::clone(&recorded))),
-        DType::F32,
-        Device::Cpu,
-    );
-    build(vb).expect("build");
-    let shapes = recorded
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    shapes
+    crate::weights::shapes_of(build)
+        .expect("build")
+        .into_iter()
+        .collect()
 }
 
 fn parse<T>(value: Value, parse: impl FnOnce(&JsonFile) -> Result<T, crate::EngineError>) -> T {

@@ -504,19 +504,25 @@ pub fn client_for(trusted: &Path) -> reqwest::Client {
 
 /// `sparkle generate` of one image with the tiny model on the CPU; the PNG's bytes.
 pub fn generate_solo(prompt: &str, seed: u32, size: &str, steps: u32) -> Vec<u8> {
+    let (seed, steps) = (seed.to_string(), steps.to_string());
+    generate_with(
+        tiny_model(),
+        prompt,
+        &["--size", size, "--seed", &seed, "--steps", &steps],
+    )
+}
+
+/// `sparkle generate` of one image with `model` on the CPU and these arguments; the PNG's
+/// bytes.
+pub fn generate_with(model: &Path, prompt: &str, args: &[&str]) -> Vec<u8> {
     let out = tempfile::NamedTempFile::new().expect("tempfile");
     let status = Command::new(BIN)
-        .args(["generate", prompt, "--size", size, "--device", "cpu"])
-        .args([
-            "--seed",
-            &seed.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "-o",
-        ])
+        .args(["generate", prompt, "--device", "cpu"])
+        .args(args)
+        .arg("-o")
         .arg(out.path())
         .arg("--model")
-        .arg(tiny_model())
+        .arg(model)
         .stderr(Stdio::null())
         .status()
         .expect("sparkle generate");
