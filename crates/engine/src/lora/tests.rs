@@ -274,42 +274,50 @@ fn kohya(layer: &str, prefix: &str) -> String {
     )
 }
 
-#[test]
-fn a_lora_for_a_batch_is_the_model_with_its_weights_changed_and_leaves_no_trace() {
-    use crate::{Batch, BatchItem, DeviceChoice, Engine, EngineOptions};
+/// A layer the test LoRA changes: the part's weight file, the end of the weight's name, its
+/// kohya-ss prefix, and whether kohya-ss names it by the original (LDM) layout (SDXL's UNet).
+struct Chosen {
+    file: &'static str,
+    suffix: &'static str,
+    prefix: &'static str,
+    ldm: bool,
+}
+
+const UNET_FILE: &str = "unet/diffusion_pytorch_model.safetensors";
+
+/// A kohya-ss LoRA on `chosen` (at weight 0.8, alpha 1 over rank 2) applied to a batch of the
+/// random model `kind` gives what the same model with the LoRA merged into its files gives;
+/// it changes the image, is kept for the next batch of its set, and leaves the model's own
+/// networks as they were. A file for layers the model lacks is left out, and an unknown name
+/// refused.
+fn a_lora_is_the_model_with_its_weights_changed(kind: crate::RandomModel, chosen: &[Chosen]) {
+    use crate::{Batch, BatchItem, DeviceChoice, Engine, EngineOptions, ModelScale};
     let cpu = EngineOptions {
         device: DeviceChoice::Cpu,
         ..EngineOptions::default()
     };
     let root = tempfile::tempdir().expect("tempdir");
     let model = root.path().join("models/tiny");
-    crate::write_tiny_model(&model, 0).expect("model");
-    let unet_file = model.join("unet/diffusion_pytorch_model.safetensors");
-    let text_file = model.join("text_encoder/model.safetensors");
-    let unet = candle_core::safetensors::load(&unet_file, &Device::Cpu).expect("unet");
-    let text = candle_core::safetensors::load(&text_file, &Device::Cpu).expect("text");
-
-    // A cross-attention projection, a ResNet convolution (LoCon) and a text-encoder layer,
-    // at weight 0.8 with alpha 1 over rank 2.
+    crate::write_random(&model, 0, kind, ModelScale::Tiny).expect("model");
+    let unet_config = crate::layout::Layout::open(&model)
+        .and_then(|l| l.configs())
+        .expect("configs")
+        .unet;
     let (weight, alpha) = (0.8f32, 1.0f32);
-    let chosen = [
-        (weight_named(&unet, "attn2.to_k.weight"), "lora_unet_", true),
-        (
-            weight_named(&unet, "resnets.0.conv1.weight"),
-            "lora_unet_",
-            true,
-        ),
-        (
-            weight_named(&text, "layers.0.self_attn.q_proj.weight"),
-            "lora_te_",
-            false,
-        ),
-    ];
+    let mut parts: BTreeMap<&str, HashMap<String, Tensor>> = BTreeMap::new();
     let mut file = Vec::new();
-    let (mut merged_unet, mut merged_text) = (unet.clone(), text.clone());
-    for (i, ((name, original), prefix, in_unet)) in chosen.iter().enumerate() {
+    for (i, c) in chosen.iter().enumerate() {
+        let tensors = parts.entry(c.file).or_insert_with(|| {
+            candle_core::safetensors::load(model.join(c.file), &Device::Cpu).expect("part")
+        });
+        let (name, original) = weight_named(tensors, c.suffix);
         let (down, up) = factors(original.dims(), i as f32);
-        let layer = kohya(name, prefix);
+        let layer = if c.ldm {
+            let ldm = crate::single_file::ldm_unet_name(&unet_config, &name).expect("ldm name");
+            kohya(&ldm, c.prefix)
+        } else {
+            kohya(&name, c.prefix)
+        };
         file.push((format!("{layer}.lora_down.weight"), down.clone()));
         file.push((format!("{layer}.lora_up.weight"), up.clone()));
         file.push((format!("{layer}.alpha"), scalar(alpha)));
@@ -320,30 +328,23 @@ fn a_lora_for_a_batch_is_the_model_with_its_weights_changed_and_leaves_no_trace(
             up,
             scale: alpha / 2.0,
         };
-        let changed = (original + (delta.full().expect("full") * f64::from(weight)).expect("w"))
-            .expect("merge");
-        let target = if *in_unet {
-            &mut merged_unet
-        } else {
-            &mut merged_text
-        };
-        target.insert(name.clone(), changed);
+        let change = (delta.full().expect("full") * f64::from(weight)).expect("weigh");
+        tensors.insert(name, (original + change).expect("merge"));
     }
     let loras = root.path().join("models/loras");
     std::fs::create_dir_all(&loras).expect("loras");
     let named: Vec<(&str, Tensor)> = file.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
     save(&loras, "style", &named);
-    // A file for SDXL's second text encoder: another model family.
     save(
         &loras,
-        "xl-only",
+        "elsewhere",
         &[
             (
-                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "lora_unet_no_such_layer.lora_down.weight",
                 ramp(&[2, 32], 0.0),
             ),
             (
-                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                "lora_unet_no_such_layer.lora_up.weight",
                 ramp(&[32, 2], 0.0),
             ),
         ],
@@ -351,17 +352,10 @@ fn a_lora_for_a_batch_is_the_model_with_its_weights_changed_and_leaves_no_trace(
 
     // The same model with the LoRA merged into its files, as a reference.
     let reference_dir = root.path().join("reference/tiny");
-    crate::write_tiny_model(&reference_dir, 0).expect("reference");
-    candle_core::safetensors::save(
-        &merged_unet,
-        reference_dir.join("unet/diffusion_pytorch_model.safetensors"),
-    )
-    .expect("save unet");
-    candle_core::safetensors::save(
-        &merged_text,
-        reference_dir.join("text_encoder/model.safetensors"),
-    )
-    .expect("save text");
+    crate::write_random(&reference_dir, 0, kind, ModelScale::Tiny).expect("reference");
+    for (part, tensors) in &parts {
+        candle_core::safetensors::save(tensors, reference_dir.join(part)).expect("save");
+    }
 
     let mut engine = Engine::load(&model, &cpu).expect("load");
     let beside = engine.load_beside(&model).expect("beside");
@@ -426,5 +420,61 @@ fn a_lora_for_a_batch_is_the_model_with_its_weights_changed_and_leaves_no_trace(
     assert!(
         unknown.to_string().contains("unknown LoRA \"nope\""),
         "{unknown}"
+    );
+}
+
+#[test]
+fn a_lora_on_sd15_is_its_unet_locon_and_text_encoder_weights_changed() {
+    a_lora_is_the_model_with_its_weights_changed(
+        crate::RandomModel::Sd15,
+        &[
+            Chosen {
+                file: UNET_FILE,
+                suffix: "attn2.to_k.weight",
+                prefix: "lora_unet_",
+                ldm: false,
+            },
+            Chosen {
+                file: UNET_FILE,
+                suffix: "resnets.0.conv1.weight",
+                prefix: "lora_unet_",
+                ldm: false,
+            },
+            Chosen {
+                file: "text_encoder/model.safetensors",
+                suffix: "layers.0.self_attn.q_proj.weight",
+                prefix: "lora_te_",
+                ldm: false,
+            },
+        ],
+    );
+}
+
+/// SDXL's kohya-ss files name the UNet's layers in the original layout and the two text
+/// encoders `lora_te1_` and `lora_te2_`.
+#[test]
+fn a_lora_on_sdxl_reaches_both_text_encoders_by_kohya_names() {
+    a_lora_is_the_model_with_its_weights_changed(
+        crate::RandomModel::Sdxl,
+        &[
+            Chosen {
+                file: UNET_FILE,
+                suffix: "attn1.to_q.weight",
+                prefix: "lora_unet_",
+                ldm: true,
+            },
+            Chosen {
+                file: "text_encoder/model.safetensors",
+                suffix: "layers.0.self_attn.v_proj.weight",
+                prefix: "lora_te1_",
+                ldm: false,
+            },
+            Chosen {
+                file: "text_encoder_2/model.safetensors",
+                suffix: "layers.0.self_attn.q_proj.weight",
+                prefix: "lora_te2_",
+                ldm: false,
+            },
+        ],
     );
 }
