@@ -11,6 +11,9 @@
 //! | kohya-ss (A1111, most downloads) | `lora_unet_<layer>.lora_down.weight` / `.lora_up.weight`, `lora_te_…` (SD 1.x/2.x), `lora_te1_…` / `lora_te2_…` (SDXL's two encoders); `<layer>` is the layer's name with `_` for `.` — diffusers' names for SD 1.x, the original (LDM) names for SDXL | `.alpha` (the rank when absent) |
 //! | diffusers / PEFT | `unet.<layer>.lora_A.weight` / `.lora_B.weight`, `text_encoder.…`, `text_encoder_2.…` | 1 |
 //!
+//! A text encoder's layers are found with or without the `text_model.` of their weights'
+//! names (transformers 5 names the modules without it).
+//!
 //! Every factor must name a layer of the model with matching shapes; a file with factors for
 //! layers the model does not have is for another model family and is refused whole.
 
@@ -107,6 +110,18 @@ impl Targets {
                         target.clone(),
                     );
                 }
+            }
+            // transformers 5 names CLIP's modules without the `text_model.` its weight
+            // files keep, and files written by tools on it do the same.
+            if let Some(short) = layer.strip_prefix("text_model.") {
+                for prefix in kohya {
+                    self.by_kohya.insert(
+                        format!("{prefix}{}", short.replace('.', "_")),
+                        target.clone(),
+                    );
+                }
+                self.by_peft
+                    .insert(format!("{peft}{short}"), target.clone());
             }
             self.by_peft.insert(format!("{peft}{layer}"), target);
         }

@@ -242,6 +242,28 @@ fn check_with_additions(fixture: &str) {
     }
     let checked = check_schedulers(&dir, fixture, &case, &engine, &loras);
     assert!(checked > 0, "{fixture} has no scheduler's fixture");
+    // The fixture tells the LoRA or embedding apart: without it, the text embeddings are
+    // far from diffusers'.
+    let scheduler = Scheduler::ALL
+        .into_iter()
+        .find(|s| dir.join(format!("{}.safetensors", s.as_str())).is_file())
+        .expect("a scheduler");
+    let reference = Reference::load(
+        &dir.join(format!("{}.safetensors", scheduler.as_str())),
+        fixture.into(),
+    );
+    let plain = case_batch(&case, scheduler, 1.0, None);
+    if case.get("embedding").is_some() {
+        let (_, fresh) = case_and_engine(&dir, RandomModel::Sd15);
+        engine = fresh;
+    }
+    let context = engine.encode_prompts(&plain).expect("embeddings").context;
+    let cond = context.i(1..2).expect("cond row");
+    let err = relative_error(&cond, reference.get("cond"));
+    assert!(
+        err > 1e-2,
+        "{fixture}: without it the embeddings differ by only {err:.2e}"
+    );
 }
 
 #[test]
