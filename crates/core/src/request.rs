@@ -57,7 +57,8 @@ pub struct ModelEntry {
     /// The LoRAs in the deployment's `loras` directory made for this model, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<String>,
-    /// Those made for another model family, which a request for this model cannot use.
+    /// Those a request for this model cannot use: made for another model family, or in a
+    /// layout not read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_loras: Vec<String>,
     /// The textual-inversion embeddings a prompt for this model can name.
@@ -623,7 +624,8 @@ fn check_loras(
                 return invalid(
                     "loras",
                     format!(
-                        "LoRA {:?} is made for another model family than {}",
+                        "LoRA {:?} cannot be used with {}: it is made for another model family, \
+                         or in a layout not read here (the service logged which at start)",
                         lora.name, model.name
                     ),
                 );

@@ -151,6 +151,14 @@ pub fn catalog(paths: &[std::path::PathBuf]) -> anyhow::Result<Catalog> {
                 path.display()
             )
         })?;
+        for (name, why) in beside
+            .loras
+            .skipped
+            .iter()
+            .chain(&beside.embeddings.skipped)
+        {
+            tracing::warn!(model = %description.name, name = %name, reason = %why, "left out beside the model");
+        }
         let entry = ModelEntry {
             default_steps: defaults.steps,
             default_guidance_scale: defaults.guidance_scale,

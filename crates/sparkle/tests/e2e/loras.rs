@@ -46,7 +46,7 @@ fn save(file: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
         );
     }
     let mut header = Value::Object(header).to_string();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
