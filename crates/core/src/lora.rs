@@ -22,10 +22,11 @@ fn one() -> f32 {
 /// The largest weight, either way, a LoRA may be applied with.
 pub const MAX_LORA_WEIGHT: f32 = 4.0;
 
-/// A name a request and the prompt syntax can carry: 1 to 100 characters, not only spaces,
-/// none of them a control character or one of `| : < > , / \`.
+/// A name a request and the prompt syntax can carry: 1 to 100 characters, no space at
+/// either end, none of them a control character or one of `| : < > , / \`.
 pub fn is_lora_name(name: &str) -> bool {
-    !name.trim().is_empty()
+    !name.is_empty()
+        && name.trim() == name
         && name.chars().count() <= 100
         && !name
             .chars()
@@ -43,23 +44,25 @@ pub fn lora_tags(prompt: &str) -> Result<Vec<LoraWeight>, String> {
         let tail = &rest[at + OPEN.len()..];
         let Some(end) = tail.find('>') else {
             return Err(format!(
-                "the tag {:?} is not closed with >",
-                &rest[at..].chars().take(40).collect::<String>()
+                "the tag <lora:{} is not closed with >",
+                short(tail)
             ));
         };
         let inner = &tail[..end];
+        let shown = || short(inner);
         let (name, weight) = match inner.split_once(':') {
             None => (inner, 1.0),
             Some((name, weight)) => {
-                let weight: f32 = weight.trim().parse().map_err(|_| {
-                    format!("<lora:{inner}>: the weight {weight:?} is not a number")
-                })?;
+                let weight: f32 = weight
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("<lora:{}>: the weight is not a number", shown()))?;
                 (name, weight)
             }
         };
         let name = name.trim();
         if !is_lora_name(name) {
-            return Err(format!("<lora:{inner}>: {name:?} is not a LoRA name"));
+            return Err(format!("<lora:{}>: not a LoRA name", shown()));
         }
         found.push(LoraWeight {
             name: name.to_string(),
@@ -68,6 +71,14 @@ pub fn lora_tags(prompt: &str) -> Result<Vec<LoraWeight>, String> {
         rest = &tail[end + 1..];
     }
     Ok(found)
+}
+
+/// At most 40 characters of a tag, for an error message.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
 }
 
 /// The prompt without its `<lora:…>` tags: what the text encoders read, as A1111 does.
@@ -128,5 +139,16 @@ mod tests {
             let err = lora_tags(prompt).expect_err(prompt);
             assert!(err.contains(why), "{prompt}: {err}");
         }
+        // A long broken tag is echoed in part, so the message stays short.
+        let err = lora_tags(&format!("<lora:{}>", "a".repeat(1100))).expect_err("name");
+        assert!(
+            err.contains("not a LoRA name") && err.chars().count() < 100,
+            "{err}"
+        );
+        let err = lora_tags(&format!("<lora:{}:x>", "a".repeat(1100))).expect_err("weight");
+        assert!(err.chars().count() < 100, "{err}");
+        let err = lora_tags(&format!("<lora:{}", "é".repeat(1100))).expect_err("open");
+        assert!(err.chars().count() < 100, "{err}");
+        assert!(!is_lora_name(" film") && !is_lora_name("film ") && is_lora_name("film grain"));
     }
 }

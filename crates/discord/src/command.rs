@@ -84,10 +84,7 @@ pub fn lora_choices(loras: &[String], typed: &str) -> Vec<Value> {
 /// or once a completed prompt would pass 100 characters (Discord's longest choice); the
 /// prompt typed is sent as typed either way.
 pub fn prompt_choices(typed: &str, loras: &[String], embeddings: &[String]) -> Vec<Value> {
-    let word = match typed.rfind(char::is_whitespace) {
-        Some(at) => &typed[at + 1..],
-        None => typed,
-    };
+    let word = typed.rsplit(char::is_whitespace).next().unwrap_or(typed);
     let (head, word) = match word.strip_prefix("<lora:") {
         Some(rest) => (&typed[..typed.len() - rest.len() - "<lora:".len()], rest),
         None => {
@@ -164,6 +161,18 @@ mod tests {
             ["a corgi <lora:Watercolor:1>"]
         );
         assert!(prompt_choices("a corgi ", &loras, &embeddings).is_empty());
+        // Spaces of more than one byte (a full-width space, a no-break space) end a word too.
+        assert_eq!(
+            names(prompt_choices(
+                "a\u{3000}corgi\u{a0}easy",
+                &loras,
+                &embeddings
+            )),
+            [
+                "a\u{3000}corgi\u{a0}EasyNegative",
+                "a\u{3000}corgi\u{a0}easy-hands"
+            ]
+        );
         let long = format!("{} easy", "x".repeat(96));
         assert!(
             prompt_choices(&long, &loras, &embeddings).is_empty(),

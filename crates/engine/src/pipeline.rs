@@ -553,14 +553,14 @@ impl Engine {
         batch: &Batch,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
+        // A set of LoRAs is merged first, so that the memory it takes is not counted free.
+        self.networks(&batch.loras)?;
         let (width, height) = batch.output_size();
         let pixels = u64::from(width) * u64::from(height);
         let budget = self.pixel_budget();
         if pixels > budget {
             return Err(EngineError::TooLarge { pixels, budget });
         }
-        // A set of LoRAs is merged first, so that the memory it takes is not counted free.
-        self.networks(&batch.loras)?;
         let limit = self.batch_limit(width, height, guided(batch));
         self.generate_limited(batch, on_step, limit)
     }
@@ -1235,6 +1235,12 @@ impl Engine {
         };
         let mut paths = Vec::new();
         for l in loras {
+            if !self.loras.names.contains(&l.name) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "unknown LoRA {:?}",
+                    l.name
+                )));
+            }
             let file = dir.join(format!("{}.safetensors", l.name));
             let deltas = lora::read(&file, &self.loras.targets)
                 .map_err(|why| EngineError::InvalidRequest(format!("LoRA {:?}: {why}", l.name)))?;

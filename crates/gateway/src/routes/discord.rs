@@ -435,8 +435,13 @@ fn clip(text: &str, max: usize) -> String {
     clipped
 }
 
-/// An immediate message response (type 4); ephemeral ones only the invoker sees.
+/// The most characters of a Discord message's content.
+const MAX_CONTENT_CHARS: usize = 2000;
+
+/// An immediate message response (type 4); ephemeral ones only the invoker sees. Longer
+/// content than Discord takes is clipped.
 fn message(content: &str, ephemeral: bool) -> Response {
+    let content = clip(content, MAX_CONTENT_CHARS);
     let mut data = json!({ "content": content, "allowed_mentions": { "parse": [] } });
     if ephemeral {
         data["flags"] = json!(EPHEMERAL);
