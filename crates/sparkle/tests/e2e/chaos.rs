@@ -14,7 +14,7 @@
 use crate::answers::sparkle_command;
 use crate::discord::{key as discord_key, FakeDiscord};
 use crate::failover::Cluster;
-use crate::support::{client_for, kill, sparkle, tiny_model};
+use crate::support::{client_for, fixed_port, kill, sparkle, tiny_model};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -42,13 +42,6 @@ fn var(name: &str) -> String {
              (`scripts/s3.sh start DIR PYTHON`)"
         )
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// One server process, started again with the same arguments after a kill.
@@ -419,7 +412,7 @@ async fn nothing_is_lost_across_killed_gateways_and_workers_and_a_database_crash
     let mut public_urls = Vec::new();
     let mut worker_urls = Vec::new();
     for i in 0..2 {
-        let (port, worker_port) = (free_port(), free_port());
+        let (port, worker_port) = (fixed_port(), fixed_port());
         let args = [
             "gateway",
             "--listen",

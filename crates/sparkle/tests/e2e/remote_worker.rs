@@ -3,7 +3,7 @@
 //! the control plane's worker listener, enrolled with a secret from `sparkle enrollment
 //! create`, and completes jobs; a worker with a secret that is not an enrollment is refused.
 
-use crate::support::{sparkle, tiny_model, Service};
+use crate::support::{fixed_port, sparkle, tiny_model, Service};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,13 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sparkle");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn secret_file(dir: &Path, secret: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).expect("a directory");
@@ -68,7 +61,7 @@ impl Drop for Stopped {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_elsewhere_completes_jobs_over_the_worker_protocol_alone() {
-    let port = free_port().to_string();
+    let port = fixed_port().to_string();
     let listen = format!("127.0.0.1:{port}");
     let svc = Service::start(&[
         ("SPARKLE_WORKER_LISTEN", listen.as_str()),
@@ -176,7 +169,7 @@ async fn a_worker_elsewhere_completes_jobs_over_the_worker_protocol_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_enrollment_stops_its_workers_at_their_next_renewal() {
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", fixed_port());
     let svc = Service::start(&[
         ("SPARKLE_WORKER_LISTEN", listen.as_str()),
         ("SPARKLE_SCALER__MAX_WORKERS", "0"),

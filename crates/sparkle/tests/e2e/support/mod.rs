@@ -530,6 +530,28 @@ pub fn generate_with(model: &Path, prompt: &str, args: &[&str]) -> Vec<u8> {
     std::fs::read(out.path()).expect("png")
 }
 
+/// A loopback port for a server a test starts again on the same address after killing it:
+/// below the kernel's ephemeral range (where every `:0` bind of the tests running beside it
+/// lands), never handed out twice in this run, and free when handed out.
+pub fn fixed_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_001));
+    let start = low + std::process::id() % (high - low);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < high - low, "no free port below the ephemeral range");
+        let port = (low + (start - low + n) % (high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// The RGB8 pixels of a PNG.
 pub fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
