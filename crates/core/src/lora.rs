@@ -33,6 +33,32 @@ pub fn is_lora_name(name: &str) -> bool {
             .any(|c| c.is_control() || "|:<>,/\\".contains(c))
 }
 
+impl std::str::FromStr for LoraWeight {
+    type Err = String;
+
+    /// `NAME` (weight 1) or `NAME:WEIGHT`, as a tag and `sparkle generate --lora` write it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, weight) = match text.split_once(':') {
+            None => (text, 1.0),
+            Some((name, weight)) => (
+                name,
+                weight
+                    .trim()
+                    .parse()
+                    .map_err(|_| "the weight is not a number".to_string())?,
+            ),
+        };
+        let name = name.trim();
+        if !is_lora_name(name) {
+            return Err("not a LoRA name".into());
+        }
+        Ok(LoraWeight {
+            name: name.to_string(),
+            weight,
+        })
+    }
+}
+
 const OPEN: &str = "<lora:";
 
 /// The LoRAs a prompt names with `<lora:NAME>` or `<lora:NAME:WEIGHT>`, in order; or what is
@@ -49,25 +75,10 @@ pub fn lora_tags(prompt: &str) -> Result<Vec<LoraWeight>, String> {
             ));
         };
         let inner = &tail[..end];
-        let shown = || short(inner);
-        let (name, weight) = match inner.split_once(':') {
-            None => (inner, 1.0),
-            Some((name, weight)) => {
-                let weight: f32 = weight
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("<lora:{}>: the weight is not a number", shown()))?;
-                (name, weight)
-            }
-        };
-        let name = name.trim();
-        if !is_lora_name(name) {
-            return Err(format!("<lora:{}>: not a LoRA name", shown()));
-        }
-        found.push(LoraWeight {
-            name: name.to_string(),
-            weight,
-        });
+        let lora = inner
+            .parse()
+            .map_err(|why| format!("<lora:{}>: {why}", short(inner)))?;
+        found.push(lora);
         rest = &tail[end + 1..];
     }
     Ok(found)

@@ -26,6 +26,16 @@ impl Channels {
         Channels::First
     }
 
+    /// A convolution kernel `[k, c, kh, kw]` in the layout the maps it convolves run in, and
+    /// that layout: as it is for NCHW, KRSC (`[k, kh, kw, c]`, contiguous) for channels-last.
+    /// A kernel already held as KRSC storage (viewed as `[k, c, kh, kw]`) is not copied.
+    pub fn kernel(weight: Tensor) -> Result<(Tensor, Channels)> {
+        Ok(match Channels::for_input(&weight) {
+            Channels::First => (weight, Channels::First),
+            Channels::Last => (weight.permute((0, 2, 3, 1))?.contiguous()?, Channels::Last),
+        })
+    }
+
     /// The dimension that holds the channels of a 4-D map.
     pub fn dim(self) -> usize {
         match self {
@@ -131,11 +141,7 @@ impl Conv {
                 up: bound,
             },
         )?;
-        let layout = Channels::for_input(&weight);
-        let weight = match layout {
-            Channels::First => weight,
-            Channels::Last => weight.permute((0, 2, 3, 1))?.contiguous()?,
-        };
+        let (weight, layout) = Channels::kernel(weight)?;
         Ok(Conv {
             weight,
             bias,

@@ -17,8 +17,8 @@
 //! Every factor must name a layer of the model with matching shapes; a file with factors for
 //! layers the model does not have is for another model family and is refused whole.
 
+use crate::weights::{first_line, MappedFile};
 use crate::EngineError;
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -206,23 +206,16 @@ fn plan(tensors: &[(String, Vec<usize>)], targets: &Targets) -> Result<Vec<Plann
     Ok(planned)
 }
 
-/// A LoRA file mapped, not read.
-fn map(file: &Path) -> Result<(MmapedSafetensors, crate::weights::Shapes), String> {
-    // SAFETY: as for model weights (`weights.rs`): a LoRA file is written once and then only
-    // read, and nothing in this process writes a file it has mapped.
-    #[allow(unsafe_code)]
-    let mapped = unsafe { MmapedSafetensors::new(file) }
-        .map_err(|e| format!("not a safetensors file of tensors: {}", first_line(&e)))?;
-    let tensors = mapped
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.shape().to_vec()))
-        .collect();
-    Ok((mapped, tensors))
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
+/// A LoRA file mapped, not read, and its tensors' names and shapes.
+fn map(file: &Path) -> Result<(MappedFile, crate::weights::Shapes), String> {
+    let mapped = MappedFile::open(file).map_err(|e| match e {
+        EngineError::InvalidModel { reason, .. } => {
+            format!("not a safetensors file of tensors: {reason}")
+        }
+        other => other.to_string(),
+    })?;
+    let shapes = mapped.shapes();
+    Ok((mapped, shapes))
 }
 
 /// Whether a LoRA file fits the model: the number of layers it changes, or why not. Reads
@@ -280,12 +273,23 @@ pub(crate) fn merge(
     loras: &[(Vec<Delta>, f32)],
     base: impl Fn(Network, &str) -> Option<Tensor>,
 ) -> Result<BTreeMap<Network, HashMap<String, Tensor>>, EngineError> {
-    let mut sums: BTreeMap<(Network, String), Tensor> = BTreeMap::new();
+    // Per weight: the model's own, and the sum of the changes to it so far.
+    let mut sums: BTreeMap<(Network, String), (Tensor, Tensor)> = BTreeMap::new();
     for (deltas, weight) in loras {
         for delta in deltas {
-            let original = base(delta.network, &delta.weight).ok_or_else(|| {
-                EngineError::InvalidRequest(format!("the model has no weight {}", delta.weight))
-            })?;
+            let key = (delta.network, delta.weight.clone());
+            let (original, sum) = match sums.remove(&key) {
+                Some((original, sum)) => (original, Some(sum)),
+                None => {
+                    let original = base(delta.network, &delta.weight).ok_or_else(|| {
+                        EngineError::InvalidRequest(format!(
+                            "the model has no weight {}",
+                            delta.weight
+                        ))
+                    })?;
+                    (original, None)
+                }
+            };
             let device = original.device();
             let on = Delta {
                 down: delta.down.to_device(device)?,
@@ -293,19 +297,15 @@ pub(crate) fn merge(
                 ..delta.clone()
             };
             let change = (on.full()? * f64::from(*weight))?;
-            let key = (delta.network, delta.weight.clone());
-            let sum = match sums.remove(&key) {
+            let sum = match sum {
                 Some(sum) => (sum + change)?,
                 None => change,
             };
-            sums.insert(key, sum);
+            sums.insert(key, (original, sum));
         }
     }
     let mut merged: BTreeMap<Network, HashMap<String, Tensor>> = BTreeMap::new();
-    for ((network, name), sum) in sums {
-        let original = base(network, &name).ok_or_else(|| {
-            EngineError::InvalidRequest(format!("the model has no weight {name}"))
-        })?;
+    for ((network, name), (original, sum)) in sums {
         let tensor = (original.to_dtype(DType::F32)? + sum)?.to_dtype(original.dtype())?;
         merged.entry(network).or_default().insert(name, tensor);
     }
@@ -363,9 +363,6 @@ pub fn list(dir: &Path) -> Result<Vec<String>, EngineError> {
     Ok(names)
 }
 
-#[cfg(test)]
-mod tests;
-
 /// Writes a random LoRA of `rank` for the model at `model` (kohya-ss names, alpha = rank):
 /// factors for every linear layer of the UNet's transformers — the attention projections,
 /// the feed-forward and the transformers' in and out projections where they are linear —
@@ -411,3 +408,6 @@ pub fn write_random(model: &Path, file: &Path, rank: usize) -> Result<usize, Eng
     candle_core::safetensors::save(&tensors, file)?;
     Ok(layers)
 }
+
+#[cfg(test)]
+mod tests;

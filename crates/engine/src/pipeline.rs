@@ -269,21 +269,20 @@ pub(crate) struct Networks {
     text_2: Option<Arc<ClipTextModel>>,
 }
 
-/// What the model's networks were built from, kept to build them again with LoRAs merged.
+/// What the model's networks were built from, kept to build them again with LoRAs merged:
+/// the UNet's tensors, and each text encoder's with its configuration.
 struct KeptNetworks {
     unet: Kept,
-    text: Kept,
-    text_2: Option<Kept>,
-    text_config: ClipConfig,
-    text_2_config: Option<ClipConfig>,
+    text: (Kept, ClipConfig),
+    text_2: Option<(Kept, ClipConfig)>,
 }
 
 impl KeptNetworks {
     fn of(&self, network: Network) -> Option<&Kept> {
         match network {
             Network::Unet => Some(&self.unet),
-            Network::TextEncoder => Some(&self.text),
-            Network::TextEncoder2 => self.text_2.as_ref(),
+            Network::TextEncoder => Some(&self.text.0),
+            Network::TextEncoder2 => self.text_2.as_ref().map(|(kept, _)| kept),
         }
     }
 }
@@ -469,10 +468,8 @@ impl Engine {
             }),
             kept: KeptNetworks {
                 unet: unet_kept,
-                text: text_kept,
-                text_2: text_2.as_ref().map(|(_, kept, _)| kept.clone()),
-                text_config: clip_config,
-                text_2_config: text_2.map(|(_, _, config)| config),
+                text: (text_kept, clip_config),
+                text_2: text_2.map(|(_, kept, config)| (kept, config)),
             },
             loras: Loras::default(),
             unet_config,
@@ -1185,8 +1182,8 @@ impl Engine {
             &self.unet_config,
             [
                 Some(self.kept.unet.shapes()),
-                Some(self.kept.text.shapes()),
-                self.kept.text_2.as_ref().map(Kept::shapes),
+                Some(self.kept.text.0.shapes()),
+                self.kept.text_2.as_ref().map(|(kept, _)| kept.shapes()),
             ],
         )
     }
@@ -1214,9 +1211,6 @@ impl Engine {
         height: u32,
         repeat: usize,
     ) -> Result<(std::time::Duration, usize), EngineError> {
-        let dir = self.loras.dir.as_ref().ok_or_else(|| {
-            EngineError::InvalidRequest("no LoRAs are loaded for this model".into())
-        })?;
         let levels = self.unet_config.blocks.len();
         let (lh, lw) = (
             height as usize / self.vae_scale,
@@ -1235,16 +1229,8 @@ impl Engine {
         };
         let mut paths = Vec::new();
         for l in loras {
-            if !self.loras.names.contains(&l.name) {
-                return Err(EngineError::InvalidRequest(format!(
-                    "unknown LoRA {:?}",
-                    l.name
-                )));
-            }
-            let file = dir.join(format!("{}.safetensors", l.name));
-            let deltas = lora::read(&file, &self.loras.targets)
-                .map_err(|why| EngineError::InvalidRequest(format!("LoRA {:?}: {why}", l.name)))?;
-            for d in deltas
+            for d in self
+                .read_lora(l)?
                 .iter()
                 .filter(|d| d.network == Network::Unet && d.down.rank() == 2)
             {
@@ -1320,32 +1306,39 @@ impl Engine {
         Ok(networks)
     }
 
+    /// The factors of a LoRA this model has, read from its file, for a finite weight.
+    fn read_lora(&self, l: &LoraWeight) -> Result<Vec<lora::Delta>, EngineError> {
+        let refuse = |why: String| EngineError::InvalidRequest(why);
+        let (Some(dir), true) = (&self.loras.dir, self.loras.names.contains(&l.name)) else {
+            return Err(refuse(format!(
+                "unknown LoRA {:?} (this model has: {})",
+                l.name,
+                self.loras.names.join(", ")
+            )));
+        };
+        if !l.weight.is_finite() {
+            return Err(refuse(format!(
+                "LoRA {:?}: the weight must be finite",
+                l.name
+            )));
+        }
+        let file = dir.join(format!("{}.safetensors", l.name));
+        lora::read(&file, &self.loras.targets)
+            .map_err(|why| refuse(format!("LoRA {:?}: {why}", l.name)))
+    }
+
     /// The model's networks with `loras` merged into a copy of each weight they touch.
     fn merge_loras(&self, loras: &[LoraWeight]) -> Result<Networks, EngineError> {
         let started = Instant::now();
-        let refuse = |why: String| EngineError::InvalidRequest(why);
         let mut read = Vec::with_capacity(loras.len());
         for (i, l) in loras.iter().enumerate() {
             if loras[..i].iter().any(|other| other.name == l.name) {
-                return Err(refuse(format!("LoRA {:?} is named twice", l.name)));
-            }
-            let (Some(dir), true) = (&self.loras.dir, self.loras.names.contains(&l.name)) else {
-                return Err(refuse(format!(
-                    "unknown LoRA {:?} (this model has: {})",
-                    l.name,
-                    self.loras.names.join(", ")
-                )));
-            };
-            if !l.weight.is_finite() {
-                return Err(refuse(format!(
-                    "LoRA {:?}: the weight must be finite",
+                return Err(EngineError::InvalidRequest(format!(
+                    "LoRA {:?} is named twice",
                     l.name
                 )));
             }
-            let file = dir.join(format!("{}.safetensors", l.name));
-            let deltas = lora::read(&file, &self.loras.targets)
-                .map_err(|why| refuse(format!("LoRA {:?}: {why}", l.name)))?;
-            read.push((deltas, l.weight));
+            read.push((self.read_lora(l)?, l.weight));
         }
         let mut merged = lora::merge(&read, |network, name| {
             self.kept.of(network)?.get(name).cloned()
@@ -1362,17 +1355,14 @@ impl Engine {
         let text = match merged.remove(&Network::TextEncoder) {
             None => Arc::clone(&self.networks.text),
             Some(changed) => {
-                Arc::new(kept.text.rebuild(changed, self.dtype, &self.device, |vb| {
-                    ClipTextModel::new(vb, &kept.text_config)
+                let (base, config) = &kept.text;
+                Arc::new(base.rebuild(changed, self.dtype, &self.device, |vb| {
+                    ClipTextModel::new(vb, config)
                 })?)
             }
         };
-        let text_2 = match (
-            merged.remove(&Network::TextEncoder2),
-            &kept.text_2,
-            &kept.text_2_config,
-        ) {
-            (Some(changed), Some(base), Some(config)) => Some(Arc::new(base.rebuild(
+        let text_2 = match (merged.remove(&Network::TextEncoder2), &kept.text_2) {
+            (Some(changed), Some((base, config))) => Some(Arc::new(base.rebuild(
                 changed,
                 self.dtype,
                 &self.device,
@@ -1519,22 +1509,24 @@ impl<'a> SeededNoise<'a> {
 
     /// `[n, channels, h, w]` from each image's first stream.
     fn initial(&mut self) -> candle_core::Result<Tensor> {
-        let (shape, device) = (self.shape, self.device);
-        let drawn = self
-            .streams
-            .iter_mut()
-            .map(|(rng, _)| normal(rng, shape, device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&drawn, 0)
+        self.draw(|(first, _)| first)
     }
 
     /// `[n, channels, h, w]` from each image's second stream.
     fn fresh(&mut self) -> candle_core::Result<Tensor> {
+        self.draw(|(_, second)| second)
+    }
+
+    /// `[n, channels, h, w]`, each image's from the stream `pick` chooses of its two.
+    fn draw(
+        &mut self,
+        pick: fn(&mut (ChaCha8Rng, ChaCha8Rng)) -> &mut ChaCha8Rng,
+    ) -> candle_core::Result<Tensor> {
         let (shape, device) = (self.shape, self.device);
         let drawn = self
             .streams
             .iter_mut()
-            .map(|(_, rng)| normal(rng, shape, device))
+            .map(|pair| normal(pick(pair), shape, device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::stack(&drawn, 0)
     }

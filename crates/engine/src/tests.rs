@@ -53,9 +53,19 @@ fn batch(scheduler: Scheduler, items: &[(&str, u64)]) -> Batch {
 }
 
 fn run(b: &Batch) -> Vec<GeneratedImage> {
-    engine()
-        .generate(b, &mut |_| ControlFlow::Continue(()))
-        .expect("generate")
+    run_counting(b).0
+}
+
+/// The images, and every progress report `(step, total)` on the way.
+fn run_counting(b: &Batch) -> (Vec<GeneratedImage>, Vec<(u32, u32)>) {
+    let mut seen = Vec::new();
+    let images = engine()
+        .generate(b, &mut |p| {
+            seen.push((p.step, p.total));
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    (images, seen)
 }
 
 /// The decoded images before quantization, to see NaN that 8-bit rounding would hide.
@@ -221,13 +231,7 @@ fn decoding_a_batch_equals_decoding_each_image() {
 #[test]
 fn progress_is_reported_and_break_cancels() {
     let b = batch(Scheduler::Euler, &[("x", 1)]);
-    let mut seen = Vec::new();
-    engine()
-        .generate(&b, &mut |p| {
-            seen.push((p.step, p.total));
-            ControlFlow::Continue(())
-        })
-        .expect("generate");
+    let (_, seen) = run_counting(&b);
     assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
     let mut calls = 0;
     let stopped = engine().generate(&b, &mut |p| {
@@ -561,13 +565,7 @@ fn from_source(scheduler: Scheduler, strength: f32, masked: bool) -> Batch {
 fn image_to_image_runs_the_strengths_share_of_the_schedule_from_the_source() {
     let mut b = from_source(Scheduler::Euler, 0.5, false);
     b.steps = 10;
-    let mut seen = Vec::new();
-    let images = engine()
-        .generate(&b, &mut |p| {
-            seen.push((p.step, p.total));
-            ControlFlow::Continue(())
-        })
-        .expect("image to image");
+    let (images, seen) = run_counting(&b);
     assert_eq!(seen, (1..=5).map(|s| (s, 5)).collect::<Vec<_>>());
     // The source decides the image: another source, same seed and prompt, another image.
     let mut other = b.clone();
@@ -660,13 +658,7 @@ fn a_hires_batch_runs_a_second_pass_at_the_larger_size() {
         steps: 6,
         strength: 0.5,
     });
-    let mut seen = Vec::new();
-    let images = engine()
-        .generate(&b, &mut |p| {
-            seen.push((p.step, p.total));
-            ControlFlow::Continue(())
-        })
-        .expect("hires");
+    let (images, seen) = run_counting(&b);
     // Four steps at 64², then three (⌊6 × 0.5⌋) at 128×96.
     assert_eq!(seen, (1..=7).map(|s| (s, 7)).collect::<Vec<_>>());
     assert!(images.iter().all(|i| (i.width, i.height) == (128, 96)));

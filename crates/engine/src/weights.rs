@@ -187,9 +187,7 @@ impl CheckedTensors {
             Err(_) => Err(self.fail(Problem::Missing(name.to_string()))),
         }
     }
-}
 
-impl CheckedTensors {
     /// The tensor the network calls `name`, read, converted and in the layout it is held in
     /// (a convolution's kernel already channels-last where it runs so), remembered.
     fn hand_out(
@@ -214,15 +212,13 @@ impl CheckedTensors {
 /// asked-for shape, so the layer's own conversion finds it done and copies nothing, and a
 /// network built again from the same tensors ([`Kept`]) shares them.
 fn held_layout(tensor: Tensor) -> candle_core::Result<Tensor> {
-    if tensor.rank() == 4
-        && crate::layers::Channels::for_input(&tensor) == crate::layers::Channels::Last
-    {
-        tensor
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .permute((0, 3, 1, 2))
-    } else {
-        Ok(tensor)
+    use crate::layers::Channels;
+    if tensor.rank() != 4 {
+        return Ok(tensor);
+    }
+    match Channels::kernel(tensor)? {
+        (kernel, Channels::Last) => kernel.permute((0, 3, 1, 2)),
+        (kernel, Channels::First) => Ok(kernel),
     }
 }
 
@@ -425,9 +421,9 @@ impl MappedFile {
     #[allow(unsafe_code)]
     pub fn open(file: &Path) -> Result<Self, EngineError> {
         // SAFETY: the mapping is sound only while the file is not modified or truncated.
-        // A model directory or checkpoint is written once and then only read: models are
-        // replaced by writing a new one, never by rewriting weight files in place, and
-        // nothing in this process writes to a file it has mapped.
+        // A model directory, checkpoint or LoRA file is written once and then only read:
+        // they are replaced by writing a new one, never by rewriting weight files in place,
+        // and nothing in this process writes to a file it has mapped.
         let tensors = unsafe { MmapedSafetensors::new(file) }
             .map_err(|e| EngineError::invalid_model(file, first_line(&e)))?;
         let names = tensors
@@ -440,6 +436,20 @@ impl MappedFile {
             tensors: Arc::new(tensors),
             names: Arc::new(names),
         })
+    }
+
+    /// Every tensor's name and shape, from the header.
+    pub fn shapes(&self) -> Shapes {
+        self.tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect()
+    }
+
+    /// One tensor, read onto `device`.
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        self.tensors.load(name, device)
     }
 }
 
@@ -558,6 +568,6 @@ impl Weights {
 }
 
 /// candle decorates errors with backtraces and context; the first line is the message.
-fn first_line(e: &candle_core::Error) -> String {
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }

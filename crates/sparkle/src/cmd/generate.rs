@@ -75,25 +75,8 @@ pub struct GenerateArgs {
     hires_strength: Option<f32>,
     /// Apply the LoRA `loras/NAME.safetensors` beside the model, with a weight from -4 to
     /// 4 (default 1); repeat for several.
-    #[arg(long, value_name = "NAME[:WEIGHT]", value_parser = parse_lora)]
+    #[arg(long, value_name = "NAME[:WEIGHT]")]
     lora: Vec<LoraWeight>,
-}
-
-fn parse_lora(text: &str) -> Result<LoraWeight, String> {
-    let (name, weight) = match text.rsplit_once(':') {
-        None => (text, 1.0),
-        Some((name, weight)) => (
-            name,
-            weight
-                .trim()
-                .parse()
-                .map_err(|_| format!("the weight {weight:?} is not a number"))?,
-        ),
-    };
-    Ok(LoraWeight {
-        name: name.to_string(),
-        weight,
-    })
 }
 
 fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
