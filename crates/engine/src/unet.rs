@@ -425,6 +425,9 @@ pub struct UNet {
     flip_sin_to_cos: bool,
     freq_shift: f64,
     center_input_sample: bool,
+    /// The body's recordings, by input shape (CUDA).
+    #[cfg(feature = "cuda")]
+    graphs: crate::cuda::Graphs,
 }
 
 impl UNet {
@@ -575,6 +578,8 @@ impl UNet {
             flip_sin_to_cos: c.flip_sin_to_cos,
             freq_shift: c.freq_shift,
             center_input_sample: c.center_input_sample,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -585,6 +590,29 @@ impl UNet {
         xs: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<AddedConditions>,
+    ) -> Result<Tensor> {
+        let temb = self.embed_time(timestep, xs, added)?;
+        let xs = if self.center_input_sample {
+            ((xs * 2.0)? - 1.0)?
+        } else {
+            xs.clone()
+        };
+        #[cfg(feature = "cuda")]
+        if crate::cuda::accelerated(&xs) {
+            return self.graphs.run(&[&xs, &temb, context], |inputs| {
+                self.body(inputs[0], inputs[1], inputs[2])
+            });
+        }
+        self.body(&xs, &temb, context)
+    }
+
+    /// The time embedding of `timestep` for `xs`'s type and device, with SDXL's pooled
+    /// text and size conditioning added.
+    fn embed_time(
+        &self,
+        timestep: f64,
+        xs: &Tensor,
         added: Option<AddedConditions>,
     ) -> Result<Tensor> {
         let dtype = xs.dtype();
@@ -613,19 +641,20 @@ impl UNet {
             }
             (None, _) => {}
         }
+        Ok(temb)
+    }
 
-        let xs = if self.center_input_sample {
-            ((xs * 2.0)? - 1.0)?
-        } else {
-            xs.clone()
-        };
+    /// The network from the first convolution to the last, on the (centred) input, the
+    /// time embedding and the text: everything a denoising step runs that depends on no
+    /// value on the host, so that on CUDA it can be recorded once and replayed.
+    fn body(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         // Channels-last on CUDA, from the first convolution to the last.
-        let ch = Channels::for_input(&xs);
-        let mut xs = self.conv_in.apply(&ch.of_nchw(&xs)?, None, None, ch)?;
+        let ch = Channels::for_input(xs);
+        let mut xs = self.conv_in.apply(&ch.of_nchw(xs)?, None, None, ch)?;
         let mut skips = vec![xs.clone()];
         for down in &self.down {
             for i in 0..down.level.resnets.len() {
-                xs = down.level.step(i, &xs, &temb, context, ch)?;
+                xs = down.level.step(i, &xs, temb, context, ch)?;
                 skips.push(xs.clone());
             }
             if let Some(conv) = &down.downsample {
@@ -634,9 +663,9 @@ impl UNet {
             }
         }
 
-        xs = self.mid.first.forward(&xs, &temb, ch)?;
+        xs = self.mid.first.forward(&xs, temb, ch)?;
         xs = self.mid.attention.forward(&xs, context, ch)?;
-        xs = self.mid.second.forward(&xs, &temb, ch)?;
+        xs = self.mid.second.forward(&xs, temb, ch)?;
 
         for up in &self.up {
             for i in 0..up.level.resnets.len() {
@@ -644,7 +673,7 @@ impl UNet {
                     candle_core::Error::Msg("UNet skip connections ran out".into())
                 })?;
                 xs = ch.cat(&[&xs, &skip])?;
-                xs = up.level.step(i, &xs, &temb, context, ch)?;
+                xs = up.level.step(i, &xs, temb, context, ch)?;
             }
             if let Some(conv) = &up.upsample {
                 // Up to the size of the next skip connection, which odd sizes make
@@ -662,6 +691,25 @@ impl UNet {
 
         let xs = self.norm_out.apply(&xs, true, ch)?;
         ch.to_nchw(&self.conv_out.apply(&xs, None, None, ch)?)
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+impl UNet {
+    /// The pass without recordings.
+    pub(crate) fn forward_eager_for_tests(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let temb = self.embed_time(timestep, xs, None)?;
+        self.body(xs, &temb, context)
+    }
+
+    /// How many input shapes have a recording.
+    pub(crate) fn recorded_for_tests(&self) -> usize {
+        self.graphs.recorded()
     }
 }
 

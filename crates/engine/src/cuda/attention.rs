@@ -101,18 +101,18 @@ impl AttentionOp {
         } else {
             ""
         };
-        let func = module(&dev)?
-            .load_function(&format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX))
-            .map_err(driver)?;
         // The kernel's shared memory: the Q tile and one K and V tile per stage (two up to
         // heads 128 wide, as the kernel), rows padded by 16 bytes.
         let stages = if dp <= 128 { 2 } else { 1 };
         let bytes = (block_queries + 2 * 64 * stages) * (dp + 8) * std::mem::size_of::<T>();
-        func.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(driver)?;
+        let name = format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX);
+        let func = function_with(&dev, &name, |func| {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(driver)
+        })?;
         // SAFETY: every output element is written by the kernel.
         let mut out = unsafe { dev.alloc::<T>(b * n * width)? };
         let stream = dev.cuda_stream();

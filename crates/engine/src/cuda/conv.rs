@@ -19,6 +19,7 @@ thread_local! {
 
 fn cudnn(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
     cached(&CUDNN, dev.id(), || {
+        graph::refuse_while_recording("a cuDNN handle")?;
         Cudnn::new(dev.cuda_stream()).map_err(|e| fail(format!("cuDNN: {e:?}")))
     })
 }
@@ -227,9 +228,13 @@ impl ConvOp {
                     .get(&dev.id())
                     .is_none_or(|s| s.len() < plan.workspace);
                 if small {
+                    graph::refuse_while_recording("a cuDNN workspace")?;
                     // SAFETY: cuDNN's workspace needs no initial contents.
                     let space = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
-                    spaces.insert(dev.id(), space);
+                    // Recordings that used the old one would use freed memory.
+                    if spaces.insert(dev.id(), space).is_some() {
+                        graph::retire_all();
+                    }
                 }
                 let space = spaces
                     .get_mut(&dev.id())
@@ -251,9 +256,7 @@ impl ConvOp {
         })?;
         let stream = dev.cuda_stream();
         let vec = vec8(&stream, [&b, &residual, &channel_bias], k);
-        let func = module(&dev)?
-            .load_function(&format!("bias_add_last{vec}_{}", T::SUFFIX))
-            .map_err(driver)?;
+        let func = function(&dev, &format!("bias_add_last{vec}_{}", T::SUFFIX))?;
         let (channels, hw) = (k as i32, (oh * ow) as i32);
         let (with_residual, with_channel_bias) =
             (i32::from(self.residual), i32::from(self.channel_bias));

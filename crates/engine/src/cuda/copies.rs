@@ -41,9 +41,7 @@ impl Upsample2xOp {
         let mut out = unsafe { dev.alloc::<T>(elements)? };
         let vec = vec8(&stream, [&x, &out.slice(..)], c);
         let total = int_total(elements / vec, "upsampling")?;
-        let func = module(&dev)?
-            .load_function(&format!("upsample2x_last{vec}_{}", T::SUFFIX))
-            .map_err(driver)?;
+        let func = function(&dev, &format!("upsample2x_last{vec}_{}", T::SUFFIX))?;
         let (h32, w32, c32) = (h as i32, w as i32, c as i32);
         let mut launch = stream.launch_builder(&func);
         launch
@@ -102,9 +100,7 @@ impl ConcatOp {
             1
         };
         let total = int_total(elements / vec, "concatenation")?;
-        let func = module(&dev)?
-            .load_function(&format!("concat_last{vec}_{}", T::SUFFIX))
-            .map_err(driver)?;
+        let func = function(&dev, &format!("concat_last{vec}_{}", T::SUFFIX))?;
         let (ca32, cb32) = (ca as i32, cb as i32);
         let mut launch = stream.launch_builder(&func);
         launch

@@ -85,6 +85,7 @@ fn lt_err(e: lt::result::CublasError) -> candle_core::Error {
 
 fn lt_handle(dev: &CudaDevice) -> Result<Rc<Lt>> {
     cached(&LT, dev.id(), || {
+        graph::refuse_while_recording("the cuBLASLt workspace")?;
         Ok(Rc::new(Lt {
             handle: lt::result::create_handle().map_err(lt_err)?,
             workspace: dev

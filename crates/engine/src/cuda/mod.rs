@@ -24,13 +24,28 @@ use candle_core::cuda_backend::{CudaStorageSlice, DeviceId};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::cublaslt as lt;
 use cudarc::cudnn::CudnnDataType;
-use cudarc::driver::{CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 static FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+
+/// GPU `ordinal` with a stream of its own, on which all of the engine's work is ordered:
+/// CUDA graphs are recorded on it (the per-thread default stream would do for launches,
+/// not for recording), and with one stream cudarc's per-allocation events, which order work
+/// across streams, are only cost (two events made and destroyed per tensor).
+pub(crate) fn device(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda_with_stream(ordinal)?;
+    if let candle_core::Device::Cuda(cuda) = &device {
+        // SAFETY: every tensor of this device is made and used on its one stream, in order.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
+}
 
 /// Whether `xs` takes this path: a CUDA tensor of a floating type the kernels have.
 pub(crate) fn accelerated(xs: &Tensor) -> bool {
@@ -153,11 +168,46 @@ fn cached<K: Eq + std::hash::Hash, V: Clone>(
 
 fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
     cached(&MODULES, dev.id(), || {
+        graph::refuse_while_recording("the kernel module")?;
         dev.cuda_stream()
             .context()
             .load_module(cudarc::nvrtc::Ptx::from_binary(FUSED.to_vec()))
             .map_err(|e| fail(format!("loading the fused kernels: {e}")))
     })
+}
+
+thread_local! {
+    /// Kernels by device and name, looked up in the module once: a UNet call launches
+    /// hundreds of them, and the lookup would otherwise be a driver call each time.
+    static FUNCTIONS: RefCell<HashMap<DeviceId, HashMap<String, CudaFunction>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// The kernel `name` of `kernels/fused.cu` on `dev`.
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    function_with(dev, name, |_| Ok(()))
+}
+
+/// The kernel `name` on `dev`, with `setup` (its attributes) applied once, when it is
+/// first looked up.
+fn function_with(
+    dev: &CudaDevice,
+    name: &str,
+    setup: impl FnOnce(&CudaFunction) -> Result<()>,
+) -> Result<CudaFunction> {
+    let found = FUNCTIONS.with(|f| f.borrow().get(&dev.id()).and_then(|m| m.get(name).cloned()));
+    if let Some(func) = found {
+        return Ok(func);
+    }
+    let func = module(dev)?.load_function(name).map_err(driver)?;
+    setup(&func)?;
+    FUNCTIONS.with(|f| {
+        f.borrow_mut()
+            .entry(dev.id())
+            .or_default()
+            .insert(name.to_owned(), func.clone())
+    });
+    Ok(func)
 }
 
 /// `CustomOp3` for an op with `run::<T>(x, xl, a, al, b, bl)` over the listed types.
@@ -285,9 +335,7 @@ fn launch_unary<T: Element>(
 ) -> Result<CudaSlice<T>> {
     let dev = storage.device().clone();
     let x = view::<T>(storage, layout, what)?;
-    let func = module(&dev)?
-        .load_function(&format!("{name}_{}", T::SUFFIX))
-        .map_err(driver)?;
+    let func = function(&dev, &format!("{name}_{}", T::SUFFIX))?;
     // SAFETY: the kernels write every output element.
     let mut out = unsafe { dev.alloc::<T>(out_len)? };
     let stream = dev.cuda_stream();
@@ -333,6 +381,7 @@ macro_rules! unary_op {
 mod attention;
 mod conv;
 mod copies;
+mod graph;
 mod linear;
 mod norm;
 mod rows;
@@ -340,6 +389,10 @@ mod rows;
 pub(crate) use attention::{attention, fused_attention};
 pub(crate) use conv::conv2d;
 pub(crate) use copies::{concat_last, upsample2x_last};
+pub(crate) use graph::Graphs;
 pub(crate) use linear::linear;
 pub(crate) use norm::{group_norm, layer_norm, LAYER_NORM_MAX_COLS};
 pub(crate) use rows::{geglu, softmax_last_dim};
+
+#[cfg(test)]
+mod tests;

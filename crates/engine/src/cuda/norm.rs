@@ -55,7 +55,6 @@ impl NormOp {
         let gamma = view::<T>(ws, wl, "GroupNorm weight")?;
         let beta = view::<T>(bs, bl, "GroupNorm bias")?;
         let cpg = c / groups;
-        let module = module(&dev)?;
         let stream = dev.cuda_stream();
         let mut stats = dev.alloc_zeros::<f64>(2 * b * groups)?;
         // SAFETY: the kernel below writes every element.
@@ -68,9 +67,7 @@ impl NormOp {
             groups as i32,
             self.eps as f32,
         );
-        let stats_fn = module
-            .load_function(&format!("group_stats_last{vec}_{}", T::SUFFIX))
-            .map_err(driver)?;
+        let stats_fn = function(&dev, &format!("group_stats_last{vec}_{}", T::SUFFIX))?;
         // Statistics: about a thousand blocks in all, each a slice of one image's pixels.
         let splits = (1024 / b).clamp(1, hw.div_ceil(16).max(1)) as u32;
         let mut launch = stream.launch_builder(&stats_fn);
@@ -94,7 +91,7 @@ impl NormOp {
             if self.silu { "_silu" } else { "" },
             T::SUFFIX
         );
-        let apply = module.load_function(&name).map_err(driver)?;
+        let apply = function(&dev, &name)?;
         let mut launch = stream.launch_builder(&apply);
         launch
             .arg(&x)
@@ -173,9 +170,7 @@ impl LayerNormOp {
                 xl.dims()
             )));
         }
-        let func = module(&dev)?
-            .load_function(&format!("layer_norm_{}", T::SUFFIX))
-            .map_err(driver)?;
+        let func = function(&dev, &format!("layer_norm_{}", T::SUFFIX))?;
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
         let (cols32, rows64, eps) = (cols as i32, rows as i64, self.eps as f32);

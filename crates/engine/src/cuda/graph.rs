@@ -1,0 +1,212 @@
+//! A network's forward pass recorded as a CUDA graph, once per input shape, and replayed:
+//! one launch instead of the hundreds of kernel launches (and the host's work around each)
+//! that a small batch is otherwise bound by.
+//!
+//! The first call at a shape runs eagerly, so every plan, workspace and kernel the pass
+//! needs exists; the second records the pass on the device's stream into buffers of its
+//! own — inputs copied in, the output copied out — and every later call copies its inputs
+//! into those buffers and launches the graph. The pass's own tensors are allocated and freed
+//! inside the graph (stream-ordered allocation is recorded as graph memory nodes), so the
+//! recording holds no pointer to memory it does not own, except the network's weights and
+//! the kernels' workspaces: a workspace that is ever replaced retires every recording
+//! ([`retire_all`]), and the weights live as long as the network that holds the graphs.
+//!
+//! Anything a cache would allocate while recording would be memory the graph owns; such a
+//! miss refuses ([`refuse_while_recording`]) and the shape stays eager.
+
+use super::*;
+use candle_core::Device;
+use cudarc::driver::{sys, CudaGraph};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Bumped whenever memory a recording may point at is freed.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Forgets every recording: called when a workspace they may use is replaced.
+pub(super) fn retire_all() {
+    EPOCH.fetch_add(1, Ordering::SeqCst);
+}
+
+thread_local! {
+    static RECORDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// An error when this thread is recording a graph: a cache must not allocate memory then.
+pub(super) fn refuse_while_recording(what: &str) -> Result<()> {
+    if RECORDING.with(Cell::get) {
+        return Err(fail(format!(
+            "{what} would be allocated while recording a graph"
+        )));
+    }
+    Ok(())
+}
+
+/// Rows (the first input's first dimension) up to which a pass is recorded: beyond, the
+/// GPU's time dwarfs the launches and a recording would only hold memory.
+const MAX_ROWS: usize = 8;
+/// Recordings kept per network, most recently used last.
+const MAX_GRAPHS: usize = 4;
+
+/// Whether graphs are used: `SPARKLE_CUDA_GRAPHS=0` runs every pass eagerly.
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SPARKLE_CUDA_GRAPHS").map_or(true, |v| v != "0"))
+}
+
+/// The recordings of one network's forward pass, by input shapes.
+#[derive(Default)]
+pub(crate) struct Graphs {
+    entries: Mutex<Vec<Entry>>,
+}
+
+type Key = Vec<(Vec<usize>, DType)>;
+
+struct Entry {
+    key: Key,
+    epoch: u64,
+    state: State,
+}
+
+enum State {
+    /// Run once, eagerly; the output's shape and type.
+    Seen(Shape, DType),
+    Recorded(Recorded),
+    /// Recording failed (logged once): this shape runs eagerly.
+    Eager,
+}
+
+struct Recorded {
+    inputs: Vec<Tensor>,
+    output: Tensor,
+    graph: Exec,
+}
+
+/// The instantiated graph. The driver's graph objects may be launched from any thread
+/// with the context current, which cudarc's `launch` makes it; the `Mutex` around the
+/// entries keeps launches one at a time.
+struct Exec(CudaGraph);
+
+// SAFETY: see `Exec`; the raw handles are only used under the entries' lock.
+unsafe impl Send for Exec {}
+
+impl Graphs {
+    /// `forward(inputs)`, from a recording where there is one for these shapes.
+    pub(crate) fn run(
+        &self,
+        inputs: &[&Tensor],
+        forward: impl Fn(&[&Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let Some(Device::Cuda(dev)) = inputs.first().map(|t| t.device()) else {
+            return forward(inputs);
+        };
+        if !enabled()
+            || inputs[0].dims().first().is_none_or(|&rows| rows > MAX_ROWS)
+            || !inputs.iter().all(|t| t.device().same_device(inputs[0].device()))
+        {
+            return forward(inputs);
+        }
+        let key: Key = inputs
+            .iter()
+            .map(|t| (t.dims().to_vec(), t.dtype()))
+            .collect();
+        let epoch = EPOCH.load(Ordering::SeqCst);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|e| e.epoch == epoch);
+        let Some(at) = entries.iter().position(|e| e.key == key) else {
+            let out = forward(inputs)?;
+            if entries.len() >= MAX_GRAPHS {
+                entries.remove(0);
+            }
+            entries.push(Entry {
+                key,
+                epoch,
+                state: State::Seen(out.shape().clone(), out.dtype()),
+            });
+            return Ok(out);
+        };
+        let mut entry = entries.remove(at);
+        let out = match &entry.state {
+            State::Eager => forward(inputs),
+            State::Recorded(recorded) => recorded.replay(inputs),
+            State::Seen(shape, dtype) => match Recorded::new(dev, inputs, shape, *dtype, &forward) {
+                Ok(recorded) => {
+                    let out = recorded.replay(inputs);
+                    entry.state = State::Recorded(recorded);
+                    out
+                }
+                Err(e) => {
+                    tracing::warn!(shapes = ?entry.key, "running eagerly, the pass could not be recorded: {e}");
+                    entry.state = State::Eager;
+                    forward(inputs)
+                }
+            },
+        };
+        entries.push(entry);
+        out
+    }
+}
+
+#[cfg(test)]
+impl Graphs {
+    pub(crate) fn recorded(&self) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .filter(|e| matches!(e.state, State::Recorded(_)))
+            .count()
+    }
+}
+
+impl Recorded {
+    fn new(
+        dev: &CudaDevice,
+        inputs: &[&Tensor],
+        shape: &Shape,
+        dtype: DType,
+        forward: &impl Fn(&[&Tensor]) -> Result<Tensor>,
+    ) -> Result<Recorded> {
+        let device = inputs[0].device();
+        let inputs = inputs
+            .iter()
+            .map(|t| {
+                let mine = Tensor::zeros(t.shape(), t.dtype(), device)?;
+                mine.slice_set(&t.contiguous()?, 0, 0)?;
+                Ok(mine)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let output = Tensor::zeros(shape, dtype, device)?;
+        let stream = dev.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver)?;
+        RECORDING.with(|r| r.set(true));
+        let pass = (|| {
+            let views: Vec<&Tensor> = inputs.iter().collect();
+            let out = forward(&views)?;
+            output.slice_set(&out.contiguous()?, 0, 0)
+        })();
+        RECORDING.with(|r| r.set(false));
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        pass?;
+        let graph = graph
+            .map_err(driver)?
+            .ok_or_else(|| fail("the recorded graph is empty"))?;
+        Ok(Recorded {
+            inputs,
+            output,
+            graph: Exec(graph),
+        })
+    }
+
+    /// Copies `inputs` into the recording's, launches it, and copies its output out (the
+    /// next launch overwrites the recording's own).
+    fn replay(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        for (mine, input) in self.inputs.iter().zip(inputs) {
+            mine.slice_set(&input.contiguous()?, 0, 0)?;
+        }
+        self.graph.0.launch().map_err(driver)?;
+        self.output.copy()
+    }
+}
