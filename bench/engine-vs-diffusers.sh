@@ -9,6 +9,11 @@
 #   BATCH=1,4,8,16  STEPS=25  SIZE=512x512  REPEAT=2  PRECISION=f16
 #   ARCH=sd1.5      or sdxl (then SIZE=1024x1024 suits it): the random-weight model's architecture
 #   DIFFUSERS=0     skip the diffusers baseline
+#   COMPILED=1,8    also diffusers with the UNet compiled (torch.compile, reduce-overhead) at
+#                   these batch sizes, each in a process of its own (compiled once per size)
+#   RECIPE=1        the compiled runs with diffusers' speed recipe too (channels_last, fused
+#                   QKV, 1×1 convolutions as matrix products)
+#   COMPILE_TIMEOUT=300  seconds each compiled batch size may take, compilation included
 #   COLD=1          first measure the cold start: a new process, an empty kernel cache
 #   CHECK=1         check the device against the CPU in f32 on the same weights first
 #   PROFILE=N       afterwards, an Nsight Compute kernel profile of one batch of N with one step
@@ -51,6 +56,17 @@ if [ "${DIFFUSERS:-1}" = 1 ]; then
   dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16
   $PY bench/diffusers_baseline.py --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" \
     --dtype $dtype --repeat "$REPEAT" --json "$OUT/diffusers.json" 2>&1 | grep -v -i warn
+fi
+
+if [ -n "${COMPILED:-}" ]; then
+  dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16
+  for b in ${COMPILED//,/ }; do
+    echo "## diffusers, UNet compiled${RECIPE:+ with the recipe}, batch $b (timeout ${COMPILE_TIMEOUT:-300} s)"
+    timeout "${COMPILE_TIMEOUT:-300}" $PY bench/diffusers_baseline.py --model $MODEL --batch "$b" --steps "$STEPS" \
+      --size "$SIZE" --dtype $dtype --repeat "$REPEAT" --compile ${RECIPE:+--recipe} \
+      --json "$OUT/diffusers-compiled-b$b.json" 2>&1 | grep -v -i warn
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "batch $b: compilation and run exceeded ${COMPILE_TIMEOUT:-300} s"
+  done
 fi
 
 if [ -n "${PROFILE:-}" ]; then

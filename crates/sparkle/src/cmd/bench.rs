@@ -132,6 +132,9 @@ pub struct EngineBench {
     /// error of the latents after one step and of the decoded image (1 image, 2 steps).
     #[arg(long)]
     check: bool,
+    /// With --check, fail when either relative error exceeds this.
+    #[arg(long, default_value_t = 1e-2, value_name = "ERROR")]
+    check_max: f64,
     /// Apply a random LoRA of this rank on every linear layer of the UNet's transformers
     /// (as most LoRAs are trained; written to a scratch directory): the time to merge it,
     /// the steps with it merged, and what it would add to each UNet call as low-rank side
@@ -395,6 +398,12 @@ fn check_against_cpu(
     println!(
         "check against the CPU in f32 (1 image, 2 steps; CPU took {cpu_time:.1?}): relative error after the first step {first:.2e}, image {image:.2e}"
     );
+    if !(first <= args.check_max && image <= args.check_max) {
+        anyhow::bail!(
+            "the device is further from the CPU than --check-max {:.0e}: {first:.2e} after the first step, {image:.2e} on the image",
+            args.check_max
+        );
+    }
     Ok(())
 }
 
