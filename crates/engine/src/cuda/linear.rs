@@ -62,6 +62,35 @@ struct LtPlan {
     algo: lt::sys::cublasLtMatmulAlgo_t,
 }
 
+/// Candidates asked of cuBLASLt's heuristic for a shape worth timing them on.
+const SEARCHED: usize = 8;
+
+/// Products of at least this many FLOPs have their algorithm chosen by timing the
+/// heuristic's candidates on the first call (a few milliseconds, once per shape): SD 1.5's
+/// linear layers from batch 2 up, SDXL's from batch 1. Smaller ones take the heuristic's
+/// first answer, so that a worker's first small image waits for no search.
+const SEARCH_FLOPS: f64 = 4e9;
+
+/// Whether to search at all: `SPARKLE_GEMM_SEARCH=0` takes the heuristic's first answer
+/// everywhere.
+fn search_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SPARKLE_GEMM_SEARCH").map_or(true, |v| v != "0"))
+}
+
+/// The device pointers of one product: weight, input, bias, C (residual or output),
+/// output, workspace, and β.
+#[derive(Clone, Copy)]
+struct Operands {
+    w: u64,
+    x: u64,
+    bias: u64,
+    c: u64,
+    out: u64,
+    workspace: u64,
+    beta: f32,
+}
+
 impl Drop for LtPlan {
     fn drop(&mut self) {
         // SAFETY: each handle was created for this plan and is destroyed once.
@@ -115,7 +144,13 @@ unsafe fn desc_attr<V>(
 }
 
 impl LtPlan {
-    fn new<T: Element>(lt_handle: &Lt, key: &LtKey) -> Result<Self> {
+    /// The plan for `key`; with `search` (the operands of the call that needs it), the
+    /// fastest of the heuristic's candidates on them, timed on `stream`.
+    fn new<T: Element>(
+        lt_handle: &Lt,
+        key: &LtKey,
+        search: Option<(&Operands, &cudarc::driver::CudaStream)>,
+    ) -> Result<Self> {
         use lt::sys::cublasLtMatmulDescAttributes_t as Attr;
         use lt::sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         let [rows, n, k, align] = key.dims;
@@ -150,8 +185,12 @@ impl LtPlan {
         let pref = lt::result::create_matmul_pref().map_err(lt_err)?;
         let align = align as u32;
         let workspace = LT_WORKSPACE;
+        let wanted = if search.is_some() { SEARCHED } else { 1 };
+        // SAFETY: plain data, written by the heuristic below.
+        let mut found: Vec<lt::sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; wanted];
         // SAFETY: the preference lives until the heuristic has answered; values typed.
-        let heuristic = unsafe {
+        let count = unsafe {
             let set = |attr, value: *const std::ffi::c_void, size| {
                 lt::result::set_matmul_pref_attribute(pref, attr, value, size).map_err(lt_err)
             };
@@ -173,7 +212,8 @@ impl LtPlan {
                         std::mem::size_of::<u32>(),
                     )?;
                 }
-                lt::result::get_matmul_algo_heuristic(
+                let mut count = 0;
+                lt::sys::cublasLtMatmulAlgoGetHeuristic(
                     lt_handle.handle,
                     desc,
                     plan.layouts[0],
@@ -181,14 +221,105 @@ impl LtPlan {
                     plan.layouts[2],
                     plan.layouts[2],
                     pref,
+                    wanted as i32,
+                    found.as_mut_ptr(),
+                    &mut count,
                 )
-                .map_err(lt_err)
+                .result()
+                .map_err(lt_err)?;
+                Ok(count.max(0) as usize)
             });
             let _ = lt::result::destroy_matmul_pref(pref);
             answer?
         };
-        plan.algo = heuristic.algo;
+        let candidates: Vec<_> = found[..count.min(wanted)]
+            .iter()
+            .filter(|h| h.state == lt::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|h| h.algo)
+            .collect();
+        plan.algo = *candidates
+            .first()
+            .ok_or_else(|| fail(format!("cuBLASLt has no algorithm for {:?}", key.dims)))?;
+        if let (Some((operands, stream)), true) = (search, candidates.len() > 1) {
+            plan.algo = plan.fastest(lt_handle, &candidates, operands, stream)?;
+        }
         Ok(plan)
+    }
+
+    /// The candidate that runs these operands fastest (median of three runs after one to
+    /// warm up; the output is overwritten by the call that follows).
+    fn fastest(
+        &self,
+        lt_handle: &Lt,
+        candidates: &[lt::sys::cublasLtMatmulAlgo_t],
+        operands: &Operands,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<lt::sys::cublasLtMatmulAlgo_t> {
+        let ctx = stream.context();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut best = (f32::MAX, candidates[0]);
+        for algo in candidates {
+            let mut times = [0f32; 3];
+            // A candidate that fails to run is passed over.
+            if self.run(lt_handle, algo, operands, stream).is_err() {
+                continue;
+            }
+            for time in &mut times {
+                let (start, end) = (
+                    ctx.new_event(timing).map_err(driver)?,
+                    ctx.new_event(timing).map_err(driver)?,
+                );
+                start.record(stream).map_err(driver)?;
+                self.run(lt_handle, algo, operands, stream)?;
+                end.record(stream).map_err(driver)?;
+                *time = start.elapsed_ms(&end).map_err(driver)?;
+            }
+            times.sort_by(f32::total_cmp);
+            if times[1] < best.0 {
+                best = (times[1], *algo);
+            }
+        }
+        Ok(best.1)
+    }
+
+    /// One product with `algo`.
+    fn run(
+        &self,
+        lt_handle: &Lt,
+        algo: &lt::sys::cublasLtMatmulAlgo_t,
+        o: &Operands,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<()> {
+        let alpha = 1f32;
+        // SAFETY: the pointers are live device allocations of the sizes the layouts name
+        // (checked by the caller), the bias has as many elements as the product has
+        // outputs per row, and the workspace has LT_WORKSPACE bytes.
+        unsafe {
+            desc_attr(
+                self.desc,
+                lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &o.bias,
+            )?;
+            lt::result::matmul(
+                lt_handle.handle,
+                self.desc,
+                (&alpha as *const f32).cast(),
+                (&o.beta as *const f32).cast(),
+                o.w as *const _,
+                self.layouts[0],
+                o.x as *const _,
+                self.layouts[1],
+                o.c as *const _,
+                self.layouts[2],
+                o.out as *mut _,
+                self.layouts[2],
+                algo,
+                o.workspace as *mut _,
+                LT_WORKSPACE,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(lt_err)
+        }
     }
 }
 
@@ -248,38 +379,24 @@ impl LinearOp {
             dtype: T::DTYPE,
             dims: [rows, n, k, align],
         };
+        let operands = Operands {
+            w: w_ptr,
+            x: x_ptr,
+            bias: b_ptr,
+            c: c_ptr,
+            out: o_ptr,
+            workspace: ws_ptr,
+            beta: if self.residual { 1.0 } else { 0.0 },
+        };
         let plan = cached(&LT_PLANS, key, || {
-            Ok(Rc::new(LtPlan::new::<T>(&handle, &key)?))
+            // Timing candidates synchronises with the device: never while recording.
+            let search = search_enabled()
+                && 2.0 * (rows * n * k) as f64 >= SEARCH_FLOPS
+                && !graph::recording();
+            let search = search.then_some((&operands, &*stream));
+            Ok(Rc::new(LtPlan::new::<T>(&handle, &key, search)?))
         })?;
-        let (alpha, beta) = (1f32, if self.residual { 1f32 } else { 0f32 });
-        // SAFETY: the pointers are live device allocations of the sizes the layouts name
-        // (checked above), the bias has n elements, and the workspace has LT_WORKSPACE bytes.
-        unsafe {
-            desc_attr(
-                plan.desc,
-                lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &b_ptr,
-            )?;
-            lt::result::matmul(
-                handle.handle,
-                plan.desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                w_ptr as *const _,
-                plan.layouts[0],
-                x_ptr as *const _,
-                plan.layouts[1],
-                c_ptr as *const _,
-                plan.layouts[2],
-                o_ptr as *mut _,
-                plan.layouts[2],
-                &plan.algo,
-                ws_ptr as *mut _,
-                LT_WORKSPACE,
-                stream.cu_stream() as *mut _,
-            )
-            .map_err(lt_err)?;
-        }
+        plan.run(&handle, &plan.algo, &operands, &stream)?;
         drop((_x, _w, _b, _r, _ws, _o));
         drop((w_guard, b_guard));
         Ok(output::<T>(out, dev, out_dims))
