@@ -3,7 +3,8 @@
 # the models' shapes and odd ones (f16, bf16, f32), attention against the formula, recorded
 # graphs against eager passes, whole pipelines (SD 1.5 and SDXL architectures) against the
 # CPU. Expects .carry/bin/engine-tests.xz from tools/device/build-cuda.sh. Run it whenever
-# CUDA code changes, before measuring.
+# CUDA code changes, before measuring. One test at a time: the tests share the device's
+# context, and a fault in one would otherwise be reported by whichever runs beside it.
 #   bash tools/device/cuda-tests.sh [FILTER]     # FILTER defaults to cuda::tests
 set -uo pipefail
 PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
@@ -11,5 +12,5 @@ SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
 export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 xz -dc .carry/bin/engine-tests.xz > /tmp/engine-tests && chmod +x /tmp/engine-tests || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-/tmp/engine-tests "${1:-cuda::tests}" --test-threads=4 --nocapture 2>&1 | grep -v " INFO "
+/tmp/engine-tests "${1:-cuda::tests}" --test-threads=1 --nocapture 2>&1 | grep -v " INFO "
 exit "${PIPESTATUS[0]}"

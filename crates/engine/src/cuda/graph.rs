@@ -115,6 +115,11 @@ impl Graphs {
         {
             return forward(inputs);
         }
+        // candle uploads the shapes and strides of its strided kernels from the host on every
+        // call; a recording would keep pointing at host memory long gone. With this guard
+        // they are uploaded once per layout and kept on the device (and a layout first met
+        // while recording fails the recording instead).
+        let _uploads = dev.enable_cuda_graph_htod_cache();
         let key: Key = inputs
             .iter()
             .map(|t| (t.dims().to_vec(), t.dtype()))
@@ -217,7 +222,7 @@ impl Recorded {
         let output = Tensor::zeros(shape, dtype, device)?;
         let stream = dev.cuda_stream();
         stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver)?;
         RECORDING.with(|r| r.set(true));
         let pass = (|| {
