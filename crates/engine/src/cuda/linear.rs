@@ -71,11 +71,11 @@ const SEARCHED: usize = 8;
 /// first answer, so that a worker's first small image waits for no search.
 const SEARCH_FLOPS: f64 = 4e9;
 
-/// Whether to search at all: `SPARKLE_GEMM_SEARCH=0` takes the heuristic's first answer
-/// everywhere.
+/// Whether to search at all: with `SPARKLE_GEMM_SEARCH=1` (the heuristic's first answer
+/// everywhere otherwise, until the search has been measured on the GPUs Sparkle is run on).
 fn search_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SPARKLE_GEMM_SEARCH").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("SPARKLE_GEMM_SEARCH").is_ok_and(|v| v == "1"))
 }
 
 /// The device pointers of one product: weight, input, bias, C (residual or output),

@@ -415,8 +415,17 @@ fn pipelines_match_the_cpu() {
     }
 }
 
+/// Recordings are opt-in; these tests are about them (in tests the variable is read on
+/// every pass; every test gives the same results with recordings or without).
+fn graphs_on() {
+    // SAFETY: set before any thread of this process reads the environment for it; the
+    // tests run one at a time (tools/device/cuda-tests.sh).
+    unsafe { std::env::set_var("SPARKLE_CUDA_GRAPHS", "1") };
+}
+
 #[test]
 fn recorded_passes_equal_eager_ones() {
+    graphs_on();
     // The first call at a shape runs eagerly, the second records and replays, later ones
     // replay; every one must give what the eager pass gives on the same inputs, including
     // inputs that differ from those of the recording.
@@ -465,6 +474,7 @@ fn recorded_passes_equal_eager_ones() {
 
 #[test]
 fn batches_repeat_exactly_through_recordings() {
+    graphs_on();
     // Through the pipeline: the same batch three times (eager, recorded, replayed) gives
     // the same images, and a batch of another size in between changes nothing.
     let dir = model(RandomModel::Sd15);
