@@ -188,7 +188,7 @@ impl Conv {
         let weight = self.weight.reshape((self.weight.dim(0)?, ()))?;
         #[cfg(feature = "cuda")]
         if crate::cuda::accelerated(rows) {
-            return crate::cuda::linear(rows, &weight, &self.bias, residual);
+            return crate::cuda::linear(rows, &weight, Some(&self.bias), residual);
         }
         let out = rows
             .broadcast_matmul(&weight.t()?)?
@@ -380,7 +380,7 @@ impl Dense {
     pub fn forward_add(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (true, Some(bias)) = (crate::cuda::accelerated(xs), self.inner.bias()) {
-            return crate::cuda::linear(xs, self.inner.weight(), bias, residual);
+            return crate::cuda::linear(xs, self.inner.weight(), Some(bias), residual);
         }
         let out = self.inner.forward(xs)?;
         match residual {

@@ -159,10 +159,14 @@ impl Attention {
         let context = context.unwrap_or(xs);
         #[cfg(feature = "cuda")]
         if crate::cuda::fused_attention(xs, dim / self.heads) {
+            // The projections through cuBLASLt, as every linear layer of the network on CUDA.
+            let project = |layer: &Linear, xs: &Tensor| {
+                crate::cuda::linear(xs, layer.weight(), None, None)
+            };
             let out = crate::cuda::attention(
-                &self.to_q.forward(xs)?,
-                &self.to_k.forward(context)?,
-                &self.to_v.forward(context)?,
+                &project(&self.to_q, xs)?,
+                &project(&self.to_k, context)?,
+                &project(&self.to_v, context)?,
                 self.heads,
                 self.scale,
             )?;

@@ -3,20 +3,26 @@
 use super::*;
 use std::rc::Rc;
 
-/// `xs·weightᵀ + bias (+ residual)` as one cuBLASLt call: the bias is added in the
+/// `xs·weightᵀ (+ bias) (+ residual)` as one cuBLASLt call: the bias is added in the
 /// product's epilogue and the residual enters as its C operand (β = 1), so the output is
 /// written once and never read back.
 pub(crate) fn linear(
     xs: &Tensor,
     weight: &Tensor,
-    bias: &Tensor,
+    bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.contiguous()?;
+    let weight = weight.to_dtype(dtype)?.contiguous()?;
     let op = LinearOp {
-        weight: weight.to_dtype(dtype)?.contiguous()?,
-        bias: bias.to_dtype(dtype)?.contiguous()?,
+        // Without a bias the weight stands in for it; the flag says not to read it.
+        bias: match bias {
+            Some(b) => b.to_dtype(dtype)?.contiguous()?,
+            None => weight.clone(),
+        },
+        with_bias: bias.is_some(),
+        weight,
         residual: residual.is_some(),
     };
     // Without a residual the input stands in for it; the flag says not to read it.
@@ -30,6 +36,7 @@ pub(crate) fn linear(
 struct LinearOp {
     weight: Tensor,
     bias: Tensor,
+    with_bias: bool,
     residual: bool,
 }
 
@@ -53,6 +60,8 @@ struct LtKey {
     /// Rows of the input, output features, input features, and the smallest alignment of
     /// the operands' addresses (bytes, at most 256).
     dims: [usize; 4],
+    /// Whether the epilogue adds a bias.
+    bias: bool,
 }
 
 /// The descriptors and the algorithm of one linear shape, chosen once.
@@ -84,7 +93,7 @@ fn search_enabled() -> bool {
 struct Operands {
     w: u64,
     x: u64,
-    bias: u64,
+    bias: Option<u64>,
     c: u64,
     out: u64,
     workspace: u64,
@@ -176,7 +185,11 @@ impl LtPlan {
             *slot = lt::result::create_matrix_layout(T::LT_TYPE, r, c, ld).map_err(lt_err)?;
         }
         let transpose = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-        let epilogue = lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue = if key.bias {
+            lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
         // SAFETY: each value has its attribute's type.
         unsafe {
             desc_attr(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &transpose)?;
@@ -295,11 +308,13 @@ impl LtPlan {
         // (checked by the caller), the bias has as many elements as the product has
         // outputs per row, and the workspace has LT_WORKSPACE bytes.
         unsafe {
-            desc_attr(
-                self.desc,
-                lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &o.bias,
-            )?;
+            if let Some(bias) = &o.bias {
+                desc_attr(
+                    self.desc,
+                    lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    bias,
+                )?;
+            }
             lt::result::matmul(
                 lt_handle.handle,
                 self.desc,
@@ -344,7 +359,10 @@ impl LinearOp {
         };
         let mut out_dims = lead.to_vec();
         out_dims.push(n);
-        if wk != k || bl.dims() != [n] || (self.residual && rl.dims() != out_dims.as_slice()) {
+        if wk != k
+            || (self.with_bias && bl.dims() != [n])
+            || (self.residual && rl.dims() != out_dims.as_slice())
+        {
             return Err(fail(format!(
                 "linear {:?} · {:?}ᵀ + {:?} + {:?}",
                 xl.dims(),
@@ -378,11 +396,12 @@ impl LinearOp {
             device: dev.id(),
             dtype: T::DTYPE,
             dims: [rows, n, k, align],
+            bias: self.with_bias,
         };
         let operands = Operands {
             w: w_ptr,
             x: x_ptr,
-            bias: b_ptr,
+            bias: self.with_bias.then_some(b_ptr),
             c: c_ptr,
             out: o_ptr,
             workspace: ws_ptr,

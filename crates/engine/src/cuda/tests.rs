@@ -229,10 +229,14 @@ fn linear_layers_match_the_cpu() {
                 .broadcast_matmul(&w_ref.t().expect("t"))
                 .and_then(|y| y.broadcast_add(&b_ref))
                 .expect("reference");
-            let got = linear(&x_gpu, &w_gpu, &b_gpu, None).expect("linear");
+            let bare = x_ref.broadcast_matmul(&w_ref.t().expect("t")).expect("reference");
+            let got = linear(&x_gpu, &w_gpu, None, None).expect("linear without bias");
+            check(&format!("linear, no bias {x_shape:?}→{n}"), dtype, &got, &bare, bound(dtype));
+            let got = linear(&x_gpu, &w_gpu, Some(&b_gpu), None).expect("linear");
             check(&format!("linear {x_shape:?}→{n}"), dtype, &got, &product, bound(dtype));
             let want = (product + r_ref).expect("residual");
-            let got = linear(&x_gpu, &w_gpu, &b_gpu, Some(&r_gpu)).expect("linear+residual");
+            let got =
+                linear(&x_gpu, &w_gpu, Some(&b_gpu), Some(&r_gpu)).expect("linear+residual");
             check(&format!("linear+residual {x_shape:?}→{n}"), dtype, &got, &want, bound(dtype));
         }
     }
