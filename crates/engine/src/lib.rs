@@ -45,6 +45,9 @@ mod vocab;
 mod weights;
 
 pub use error::EngineError;
+
+/// Whether this build runs on NVIDIA GPUs (the `cuda` feature).
+pub const CUDA: bool = cfg!(feature = "cuda");
 pub use model::{describe, Architecture, Defaults, ModelDescription, ModelFormat, ModelInfo};
 pub use pipeline::{
     Additions, Batch, BatchItem, DeviceChoice, EmbeddingsLoaded, Engine, EngineOptions,

@@ -672,8 +672,16 @@ fn local_workers(
         sparkle_scaler::GpuChoice::None => Vec::new(),
         _ => sparkle_scaler::gpus::discover("nvidia-smi"),
     };
-    let gpus = sparkle_scaler::gpus::choose(&found, &choice)
+    let mut gpus = sparkle_scaler::gpus::choose(&found, &choice)
         .map_err(|why| anyhow::anyhow!("scaler.gpus: {why}"))?;
+    if !gpus.is_empty() && !sparkle_engine::CUDA {
+        // Workers pinned to a GPU would run on it; this build cannot.
+        tracing::warn!(
+            gpus = gpus.len(),
+            "this sparkle was built without CUDA (cargo build --features cuda): the GPUs found are left alone and workers run on the CPU"
+        );
+        gpus.clear();
+    }
     for gpu in &gpus {
         tracing::info!(index = gpu.index, name = %gpu.name, memory_mib = gpu.memory_mib, "a GPU for a local worker");
     }

@@ -89,3 +89,72 @@ async fn a_backlog_starts_a_second_worker_and_both_stop_after_the_grace() {
     );
     assert!(!svc.log().contains("panicked"));
 }
+
+/// The `CUDA_VISIBLE_DEVICES` a process was started with.
+fn visible_devices(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|var| std::str::from_utf8(var).ok())
+        .find_map(|var| var.strip_prefix("CUDA_VISIBLE_DEVICES=").map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_without_cuda_on_a_gpu_host_runs_its_workers_on_the_cpu() {
+    // An `nvidia-smi` that lists two GPUs. A build with CUDA pins one worker to each (the
+    // scaler's own tests check the pinning); this one cannot use them, says so, and runs
+    // unpinned CPU workers that do the work.
+    let bin = tempfile::tempdir().expect("tempdir");
+    let smi = bin.path().join("nvidia-smi");
+    std::fs::write(
+        &smi,
+        "#!/bin/sh\nprintf '0, GPU-1a2b3c4d-0000-1111-2222-333344445555, NVIDIA H200, 143771\\n\
+         1, GPU-9f8e7d6c-0000-1111-2222-333344445555, NVIDIA H200, 143771\\n'\n",
+    )
+    .expect("write nvidia-smi");
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let svc = Service::start(&[
+        ("PATH", path.as_str()),
+        ("SPARKLE_SCALER__MAX_WORKERS", "2"),
+        ("SPARKLE_SCALER__TARGET_WAIT_SECS", "2"),
+        ("SPARKLE_SCALER__IDLE_GRACE_SECS", "3"),
+    ])
+    .await;
+    let key = &svc.admin_key;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (status, job) = svc
+            .post_json(
+                "/v1/jobs",
+                &json!({"prompt": format!("a lighthouse {i}"), "size": "64x64", "steps": 4, "seed": i}),
+                Some(key),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().expect("id").to_string());
+    }
+    until("a worker", Duration::from_secs(60), || {
+        !svc.worker_pids().is_empty()
+    })
+    .await;
+    for pid in svc.worker_pids() {
+        assert_eq!(visible_devices(pid), None, "worker {pid} is not pinned");
+    }
+    for id in &ids {
+        let done = svc
+            .wait_for(id, key, |j| {
+                j["status"] != "queued" && j["status"] != "running"
+            })
+            .await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let log = svc.log();
+    assert!(log.contains("built without CUDA"), "{log}");
+    assert!(!log.contains("panicked"));
+}
