@@ -16,6 +16,35 @@ async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> 
     started.elapsed()
 }
 
+/// Submits `n` jobs of `size` and `steps` (prompts `{prompt} {i}`, seeds `i`); their ids.
+async fn submit(svc: &Service, n: u64, prompt: &str, size: &str, steps: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (status, job) = svc
+            .post_json(
+                "/v1/jobs",
+                &json!({"prompt": format!("{prompt} {i}"), "size": size, "steps": steps, "seed": i}),
+                Some(&svc.admin_key),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().expect("id").to_string());
+    }
+    ids
+}
+
+/// Waits for each job to end and checks it succeeded.
+async fn all_succeed(svc: &Service, ids: &[String]) {
+    for id in ids {
+        let done = svc
+            .wait_for(id, &svc.admin_key, |j| {
+                j["status"] != "queued" && j["status"] != "running"
+            })
+            .await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_starts_a_second_worker_and_both_stop_after_the_grace() {
     let svc = Service::start(&[
@@ -26,32 +55,14 @@ async fn a_backlog_starts_a_second_worker_and_both_stop_after_the_grace() {
     .await;
     let key = &svc.admin_key;
     assert!(svc.worker_pids().is_empty(), "no worker before any work");
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        let (status, job) = svc
-            .post_json(
-                "/v1/jobs",
-                &json!({"prompt": format!("a harbour {i}"), "size": "128x128", "steps": 60, "seed": i}),
-                Some(key),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
-        ids.push(job["id"].as_str().expect("id").to_string());
-    }
+    let ids = submit(&svc, 20, "a harbour", "128x128", 60).await;
     until(
         "a second worker under the backlog",
         Duration::from_secs(60),
         || svc.worker_pids().len() == 2,
     )
     .await;
-    for id in &ids {
-        let done = svc
-            .wait_for(id, key, |j| {
-                j["status"] != "queued" && j["status"] != "running"
-            })
-            .await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-    }
+    all_succeed(&svc, &ids).await;
     until(
         "both workers stopped after the grace",
         Duration::from_secs(60),
@@ -126,19 +137,7 @@ async fn a_build_without_cuda_on_a_gpu_host_runs_its_workers_on_the_cpu() {
         ("SPARKLE_SCALER__IDLE_GRACE_SECS", "3"),
     ])
     .await;
-    let key = &svc.admin_key;
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        let (status, job) = svc
-            .post_json(
-                "/v1/jobs",
-                &json!({"prompt": format!("a lighthouse {i}"), "size": "64x64", "steps": 4, "seed": i}),
-                Some(key),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
-        ids.push(job["id"].as_str().expect("id").to_string());
-    }
+    let ids = submit(&svc, 6, "a lighthouse", "64x64", 4).await;
     until("a worker", Duration::from_secs(60), || {
         !svc.worker_pids().is_empty()
     })
@@ -146,14 +145,7 @@ async fn a_build_without_cuda_on_a_gpu_host_runs_its_workers_on_the_cpu() {
     for pid in svc.worker_pids() {
         assert_eq!(visible_devices(pid), None, "worker {pid} is not pinned");
     }
-    for id in &ids {
-        let done = svc
-            .wait_for(id, key, |j| {
-                j["status"] != "queued" && j["status"] != "running"
-            })
-            .await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-    }
+    all_succeed(&svc, &ids).await;
     let log = svc.log();
     assert!(log.contains("built without CUDA"), "{log}");
     assert!(!log.contains("panicked"));
