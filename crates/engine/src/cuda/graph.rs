@@ -238,6 +238,11 @@ impl Recorded {
         })();
         RECORDING.with(|r| r.set(false));
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        if pass.is_err() || graph.is_err() {
+            // Frees that failed inside the abandoned recording leave their error with the
+            // context, where the next eager call would find it: it belongs to the recording.
+            let _ = stream.context().check_err();
+        }
         pass?;
         let graph = graph
             .map_err(driver)?
