@@ -348,16 +348,9 @@ fn pick_device(choice: DeviceChoice) -> Result<Device, EngineError> {
     Ok(match choice {
         DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda(n) => cuda_device(n)?,
-        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => cuda_device(0)?,
+        DeviceChoice::Auto if crate::CUDA => cuda_device(0)?,
         DeviceChoice::Auto => Device::Cpu,
     })
-}
-
-#[cfg(all(test, feature = "cuda"))]
-impl Engine {
-    pub(crate) fn unet_for_tests(&self) -> Arc<UNet> {
-        Arc::clone(&self.networks.unet)
-    }
 }
 
 /// GPU `ordinal` as the engine runs on it (see `cuda::device`).
@@ -366,6 +359,13 @@ fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
     return crate::cuda::device(ordinal);
     #[cfg(not(feature = "cuda"))]
     Device::new_cuda(ordinal)
+}
+
+#[cfg(all(test, feature = "cuda"))]
+impl Engine {
+    pub(crate) fn unet_for_tests(&self) -> Arc<UNet> {
+        Arc::clone(&self.networks.unet)
+    }
 }
 
 fn device_name(device: &Device) -> String {

@@ -160,9 +160,8 @@ impl Attention {
         #[cfg(feature = "cuda")]
         if crate::cuda::fused_attention(xs, dim / self.heads) {
             // The projections through cuBLASLt, as every linear layer of the network on CUDA.
-            let project = |layer: &Linear, xs: &Tensor| {
-                crate::cuda::linear(xs, layer.weight(), None, None)
-            };
+            let project =
+                |layer: &Linear, xs: &Tensor| crate::cuda::linear(xs, layer.weight(), None, None);
             let out = crate::cuda::attention(
                 &project(&self.to_q, xs)?,
                 &project(&self.to_k, context)?,

@@ -11,8 +11,7 @@ const FLASH_WIDTHS: [usize; 5] = [48, 64, 80, 128, 160];
 /// `SPARKLE_FLASH_ROWS=1` forces one, for comparison.
 fn flash_rows(dp: usize) -> usize {
     static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let one = *ONE.get_or_init(|| std::env::var("SPARKLE_FLASH_ROWS").is_ok_and(|v| v == "1"));
-    if dp <= 64 && !one {
+    if dp <= 64 && !env_is(&ONE, "SPARKLE_FLASH_ROWS", "1") {
         2
     } else {
         1
@@ -24,7 +23,7 @@ fn flash_rows(dp: usize) -> usize {
 /// for the score matrix through cuBLAS instead.
 pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*OFF.get_or_init(|| std::env::var("SPARKLE_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
+    !env_is(&OFF, "SPARKLE_FLASH_ATTENTION", "0")
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && head_dim.is_multiple_of(8)

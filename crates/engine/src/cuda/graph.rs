@@ -59,13 +59,12 @@ const MAX_GRAPHS: usize = 4;
 /// Whether graphs are used: with `SPARKLE_CUDA_GRAPHS=1` (every pass runs eagerly
 /// otherwise, until the recordings have been measured on the GPUs Sparkle is run on).
 fn enabled() -> bool {
-    let read = || std::env::var("SPARKLE_CUDA_GRAPHS").is_ok_and(|v| v == "1");
     if cfg!(test) {
-        // The tests of recordings turn them on for themselves.
-        return read();
+        // The tests of recordings turn them on for themselves, so it is read every time.
+        return std::env::var("SPARKLE_CUDA_GRAPHS").is_ok_and(|v| v == "1");
     }
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(read)
+    env_is(&ON, "SPARKLE_CUDA_GRAPHS", "1")
 }
 
 /// The recordings of one network's forward pass, by input shapes.
@@ -117,7 +116,9 @@ impl Graphs {
         if !enabled()
             || inputs[0].elem_count() / inputs[0].dims().get(1).copied().unwrap_or(1).max(1)
                 > MAX_PIXELS
-            || !inputs.iter().all(|t| t.device().same_device(inputs[0].device()))
+            || !inputs
+                .iter()
+                .all(|t| t.device().same_device(inputs[0].device()))
         {
             return forward(inputs);
         }
@@ -154,18 +155,20 @@ impl Graphs {
         let out = match &entry.state {
             State::Eager => forward(inputs),
             State::Recorded(recorded) => recorded.replay(inputs),
-            State::Seen(shape, dtype) => match Recorded::new(dev, inputs, shape, *dtype, &forward) {
-                Ok(recorded) => {
-                    let out = recorded.replay(inputs);
-                    entry.state = State::Recorded(recorded);
-                    out
+            State::Seen(shape, dtype) => {
+                match Recorded::new(dev, inputs, shape, *dtype, &forward) {
+                    Ok(recorded) => {
+                        let out = recorded.replay(inputs);
+                        entry.state = State::Recorded(recorded);
+                        out
+                    }
+                    Err(e) => {
+                        tracing::warn!(shapes = ?entry.key, "running eagerly, the pass could not be recorded: {e}");
+                        entry.state = State::Eager;
+                        forward(inputs)
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(shapes = ?entry.key, "running eagerly, the pass could not be recorded: {e}");
-                    entry.state = State::Eager;
-                    forward(inputs)
-                }
-            },
+            }
         };
         entries.push(entry);
         out

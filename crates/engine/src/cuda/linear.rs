@@ -84,7 +84,7 @@ const SEARCH_FLOPS: f64 = 4e9;
 /// everywhere otherwise, until the search has been measured on the GPUs Sparkle is run on).
 fn search_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SPARKLE_GEMM_SEARCH").is_ok_and(|v| v == "1"))
+    env_is(&ON, "SPARKLE_GEMM_SEARCH", "1")
 }
 
 /// The device pointers of one product: weight, input, bias, C (residual or output),
@@ -270,6 +270,10 @@ impl LtPlan {
     ) -> Result<lt::sys::cublasLtMatmulAlgo_t> {
         let ctx = stream.context();
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (
+            ctx.new_event(timing).map_err(driver)?,
+            ctx.new_event(timing).map_err(driver)?,
+        );
         let mut best = (f32::MAX, candidates[0]);
         for algo in candidates {
             let mut times = [0f32; 3];
@@ -278,10 +282,6 @@ impl LtPlan {
                 continue;
             }
             for time in &mut times {
-                let (start, end) = (
-                    ctx.new_event(timing).map_err(driver)?,
-                    ctx.new_event(timing).map_err(driver)?,
-                );
                 start.record(stream).map_err(driver)?;
                 self.run(lt_handle, algo, operands, stream)?;
                 end.record(stream).map_err(driver)?;

@@ -47,6 +47,12 @@ pub(crate) fn device(ordinal: usize) -> Result<candle_core::Device> {
     Ok(device)
 }
 
+/// Whether the environment variable `name` is `value`, read once per process into `cell`:
+/// the switches that turn parts of this path on or off for comparison.
+fn env_is(cell: &'static std::sync::OnceLock<bool>, name: &str, value: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).is_ok_and(|v| v == value))
+}
+
 /// Whether `xs` takes this path: a CUDA tensor of a floating type the kernels have.
 pub(crate) fn accelerated(xs: &Tensor) -> bool {
     xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16 | DType::F32)

@@ -68,7 +68,10 @@ const TYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
 fn check(what: &str, dtype: DType, got: &Tensor, want: &Tensor, bound: f64) {
     let error = relative(got, want);
     println!("{what} {dtype:?}: relative error {error:.2e}");
-    assert!(error < bound, "{what} {dtype:?}: relative error {error:.2e} ≥ {bound:.0e}");
+    assert!(
+        error < bound,
+        "{what} {dtype:?}: relative error {error:.2e} ≥ {bound:.0e}"
+    );
 }
 
 #[test]
@@ -108,14 +111,34 @@ fn convolutions_match_the_cpu() {
                 .and_then(|y| y.broadcast_add(&b_ref))
                 .expect("reference");
             let plain = conv2d(&x_gpu, &w_gpu, &b_gpu, pad, stride, None, None).expect("conv");
-            check(&format!("conv {:?}", shapes[i]), dtype, &plain, &conv, bound(dtype));
+            check(
+                &format!("conv {:?}", shapes[i]),
+                dtype,
+                &plain,
+                &conv,
+                bound(dtype),
+            );
             let full = conv
                 .broadcast_add(&p_ref.reshape((n, 1, 1, k)).expect("reshape"))
                 .and_then(|y| y + &r_ref)
                 .expect("reference");
-            let fused = conv2d(&x_gpu, &w_gpu, &b_gpu, pad, stride, Some(&r_gpu), Some(&p_gpu))
-                .expect("conv with residual and per-image bias");
-            check(&format!("conv+epilogue {:?}", shapes[i]), dtype, &fused, &full, bound(dtype));
+            let fused = conv2d(
+                &x_gpu,
+                &w_gpu,
+                &b_gpu,
+                pad,
+                stride,
+                Some(&r_gpu),
+                Some(&p_gpu),
+            )
+            .expect("conv with residual and per-image bias");
+            check(
+                &format!("conv+epilogue {:?}", shapes[i]),
+                dtype,
+                &fused,
+                &full,
+                bound(dtype),
+            );
         }
     }
 }
@@ -124,7 +147,10 @@ fn convolutions_match_the_cpu() {
 fn group_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, silu: bool) -> Tensor {
     let (n, hw, c) = x.dims3().expect("dims");
     let g = x.reshape((n, hw, groups, c / groups)).expect("reshape");
-    let mean = g.mean_keepdim(3).and_then(|m| m.mean_keepdim(1)).expect("mean");
+    let mean = g
+        .mean_keepdim(3)
+        .and_then(|m| m.mean_keepdim(1))
+        .expect("mean");
     let centred = g.broadcast_sub(&mean).expect("centre");
     let var = centred
         .sqr()
@@ -195,7 +221,13 @@ fn layer_norms_match_the_cpu() {
             let (b_ref, b_gpu) = operand(&b, dtype, &gpu);
             let want = candle_nn::ops::layer_norm(&x_ref, &w_ref, &b_ref, 1e-5).expect("ref");
             let got = layer_norm(&x_gpu, &w_gpu, &b_gpu, 1e-5).expect("layer norm");
-            check(&format!("LayerNorm {rows}×{cols}"), dtype, &got, &want, bound(dtype));
+            check(
+                &format!("LayerNorm {rows}×{cols}"),
+                dtype,
+                &got,
+                &want,
+                bound(dtype),
+            );
         }
     }
 }
@@ -229,15 +261,34 @@ fn linear_layers_match_the_cpu() {
                 .broadcast_matmul(&w_ref.t().expect("t"))
                 .and_then(|y| y.broadcast_add(&b_ref))
                 .expect("reference");
-            let bare = x_ref.broadcast_matmul(&w_ref.t().expect("t")).expect("reference");
+            let bare = x_ref
+                .broadcast_matmul(&w_ref.t().expect("t"))
+                .expect("reference");
             let got = linear(&x_gpu, &w_gpu, None, None).expect("linear without bias");
-            check(&format!("linear, no bias {x_shape:?}→{n}"), dtype, &got, &bare, bound(dtype));
+            check(
+                &format!("linear, no bias {x_shape:?}→{n}"),
+                dtype,
+                &got,
+                &bare,
+                bound(dtype),
+            );
             let got = linear(&x_gpu, &w_gpu, Some(&b_gpu), None).expect("linear");
-            check(&format!("linear {x_shape:?}→{n}"), dtype, &got, &product, bound(dtype));
+            check(
+                &format!("linear {x_shape:?}→{n}"),
+                dtype,
+                &got,
+                &product,
+                bound(dtype),
+            );
             let want = (product + r_ref).expect("residual");
-            let got =
-                linear(&x_gpu, &w_gpu, Some(&b_gpu), Some(&r_gpu)).expect("linear+residual");
-            check(&format!("linear+residual {x_shape:?}→{n}"), dtype, &got, &want, bound(dtype));
+            let got = linear(&x_gpu, &w_gpu, Some(&b_gpu), Some(&r_gpu)).expect("linear+residual");
+            check(
+                &format!("linear+residual {x_shape:?}→{n}"),
+                dtype,
+                &got,
+                &want,
+                bound(dtype),
+            );
         }
     }
 }
@@ -288,9 +339,18 @@ fn attention_matches_the_formula() {
             let (k_ref, k_gpu) = operand(&k, dtype, &gpu);
             let (v_ref, v_gpu) = operand(&v, dtype, &gpu);
             let want = attention_reference(&q_ref, &k_ref, &v_ref, heads, scale);
-            assert!(fused_attention(&q_gpu, d), "the fused kernel takes {d}-wide heads");
+            assert!(
+                fused_attention(&q_gpu, d),
+                "the fused kernel takes {d}-wide heads"
+            );
             let got = attention(&q_gpu, &k_gpu, &v_gpu, heads, scale).expect("attention");
-            check(&format!("attention {:?}", shapes[i]), dtype, &got, &want, bound(dtype));
+            check(
+                &format!("attention {:?}", shapes[i]),
+                dtype,
+                &got,
+                &want,
+                bound(dtype),
+            );
         }
     }
 }
@@ -307,12 +367,23 @@ fn row_kernels_match_the_cpu() {
             let (x_ref, x_gpu) = operand(&x, dtype, &gpu);
             let want = candle_nn::ops::softmax_last_dim(&x_ref).expect("reference");
             let got = softmax_last_dim(&x_gpu).expect("softmax");
-            check(&format!("softmax {shape:?}"), dtype, &got, &want, bound(dtype));
+            check(
+                &format!("softmax {shape:?}"),
+                dtype,
+                &got,
+                &want,
+                bound(dtype),
+            );
         }
     }
-    for (i, shape) in [&[2usize, 4096, 2 * 1280][..], &[1, 77, 2 * 640], &[3, 5, 16], &[7, 6]]
-        .iter()
-        .enumerate()
+    for (i, shape) in [
+        &[2usize, 4096, 2 * 1280][..],
+        &[1, 77, 2 * 640],
+        &[3, 5, 16],
+        &[7, 6],
+    ]
+    .iter()
+    .enumerate()
     {
         let x = (random(shape, 1500 + i as u64) * 3.0).expect("x");
         for dtype in TYPES {
@@ -322,7 +393,13 @@ fn row_kernels_match_the_cpu() {
             let gate = x_ref.narrow(D::Minus1, half, half).expect("gate");
             let want = (value * gate.gelu_erf().expect("gelu")).expect("reference");
             let got = geglu(&x_gpu).expect("geglu");
-            check(&format!("GEGLU {shape:?}"), dtype, &got, &want, bound(dtype));
+            check(
+                &format!("GEGLU {shape:?}"),
+                dtype,
+                &got,
+                &want,
+                bound(dtype),
+            );
         }
     }
 }
@@ -344,10 +421,22 @@ fn copies_are_exact() {
                 .and_then(|t| t.upsample_nearest2d(2 * h, 2 * w)?.permute((0, 2, 3, 1)))
                 .expect("reference");
             let got = upsample2x_last(&x_gpu).expect("upsample");
-            check(&format!("upsample {:?}", (b, h, w, c)), dtype, &got, &want, 1e-7);
+            check(
+                &format!("upsample {:?}", (b, h, w, c)),
+                dtype,
+                &got,
+                &want,
+                1e-7,
+            );
             let want = Tensor::cat(&[&x_ref, &o_ref], 3).expect("reference");
             let got = concat_last(&x_gpu, &o_gpu).expect("concat");
-            check(&format!("concat {:?}", (b, h, w, c)), dtype, &got, &want, 1e-7);
+            check(
+                &format!("concat {:?}", (b, h, w, c)),
+                dtype,
+                &got,
+                &want,
+                1e-7,
+            );
         }
     }
 }
@@ -387,7 +476,12 @@ trait WithPrompt {
 impl WithPrompt for Batch {
     /// The batch with its first prompt made the `i`-th of a list of different ones.
     fn with_prompt(mut self, i: usize) -> Self {
-        let prompts = ["a corgi", "a castle at dusk", "two cats, oil on canvas", "rain"];
+        let prompts = [
+            "a corgi",
+            "a castle at dusk",
+            "two cats, oil on canvas",
+            "rain",
+        ];
         self.items[0].prompt = prompts[i % prompts.len()].into();
         self
     }
@@ -412,8 +506,15 @@ fn pipelines_match_the_cpu() {
                     "{} {precision:?} batch {items}: first step {first:.2e}, image {image:.2e}",
                     kind.name()
                 );
-                let bound = if precision == Precision::Bf16 { 5e-2 } else { 1e-2 };
-                assert!(first < bound && image < bound, "{first:.2e} / {image:.2e} ≥ {bound:.0e}");
+                let bound = if precision == Precision::Bf16 {
+                    5e-2
+                } else {
+                    1e-2
+                };
+                assert!(
+                    first < bound && image < bound,
+                    "{first:.2e} / {image:.2e} ≥ {bound:.0e}"
+                );
             }
         }
     }
@@ -466,13 +567,25 @@ fn recorded_passes_equal_eager_ones() {
                 .expect("forward");
             let want = eager[i].to_dtype(DType::F32).expect("f32");
             let want = want.to_device(&Device::Cpu).expect("cpu");
-            check(&format!("UNet pass {i}, round {round}"), DType::F16, &got, &want, 1e-3);
+            check(
+                &format!("UNet pass {i}, round {round}"),
+                DType::F16,
+                &got,
+                &want,
+                1e-3,
+            );
         }
     }
     assert!(unet.recorded_for_tests() >= 1, "no pass was recorded");
     // Different inputs give different outputs: the replay reads the new ones.
-    let a = eager[0].i(0).and_then(|t| t.to_dtype(DType::F32)).expect("a");
-    let b = eager[1].i(0).and_then(|t| t.to_dtype(DType::F32)).expect("b");
+    let a = eager[0]
+        .i(0)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .expect("a");
+    let b = eager[1]
+        .i(0)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .expect("b");
     assert!(relative(&a, &b.to_device(&Device::Cpu).expect("cpu")) > 1e-2);
 }
 
