@@ -51,15 +51,14 @@ fi
 echo "## sparkle"
 $SPARKLE bench engine --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" --scheduler ddim \
   --device cuda --precision "$PRECISION" --repeat "$REPEAT" ${CHECK:+--check} 2>&1 | grep -v INFO
+dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16   # diffusers' name for the precision
 if [ "${DIFFUSERS:-1}" = 1 ]; then
   echo "## diffusers"
-  dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16
   $PY bench/diffusers_baseline.py --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" \
     --dtype $dtype --repeat "$REPEAT" --json "$OUT/diffusers.json" 2>&1 | grep -v -i warn
 fi
 
 if [ -n "${COMPILED:-}" ]; then
-  dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16
   for b in ${COMPILED//,/ }; do
     echo "## diffusers, UNet compiled${RECIPE:+ with the recipe}, batch $b (timeout ${COMPILE_TIMEOUT:-300} s)"
     timeout "${COMPILE_TIMEOUT:-300}" $PY bench/diffusers_baseline.py --model $MODEL --batch "$b" --steps "$STEPS" \
