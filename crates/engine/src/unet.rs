@@ -710,8 +710,8 @@ impl UNet {
         self.body(xs, &temb, context)
     }
 
-    /// How many input shapes have a recording.
-    pub(crate) fn recorded_for_tests(&self) -> usize {
+    /// How many input shapes have a recording, and why those refused have none.
+    pub(crate) fn recorded_for_tests(&self) -> (usize, Vec<String>) {
         self.graphs.recorded()
     }
 }

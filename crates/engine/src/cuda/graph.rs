@@ -56,15 +56,15 @@ const MAX_PIXELS: usize = 8 * 64 * 64;
 /// Recordings kept per network, most recently used last.
 const MAX_GRAPHS: usize = 4;
 
-/// Whether graphs are used: with `SPARKLE_CUDA_GRAPHS=1` (every pass runs eagerly
-/// otherwise, until the recordings have been measured on the GPUs Sparkle is run on).
+/// Whether graphs are used: unless `SPARKLE_CUDA_GRAPHS=0` (every pass eager, for
+/// comparison).
 fn enabled() -> bool {
     if cfg!(test) {
-        // The tests of recordings turn them on for themselves, so it is read every time.
-        return std::env::var("SPARKLE_CUDA_GRAPHS").is_ok_and(|v| v == "1");
+        // Tests turn them off and on for themselves, so it is read every time.
+        return std::env::var("SPARKLE_CUDA_GRAPHS").map_or(true, |v| v != "0");
     }
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    env_is(&ON, "SPARKLE_CUDA_GRAPHS", "1")
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !env_is(&OFF, "SPARKLE_CUDA_GRAPHS", "0")
 }
 
 /// The recordings of one network's forward pass, by input shapes.
@@ -85,8 +85,9 @@ enum State {
     /// Run once, eagerly; the output's shape and type.
     Seen(Shape, DType),
     Recorded(Recorded),
-    /// Recording failed (logged once): this shape runs eagerly.
-    Eager,
+    /// Recording failed (logged once; the reason kept for the tests): this shape runs
+    /// eagerly.
+    Eager(#[cfg_attr(not(test), allow(dead_code))] String),
 }
 
 struct Recorded {
@@ -153,7 +154,7 @@ impl Graphs {
         };
         let mut entry = entries.remove(at);
         let out = match &entry.state {
-            State::Eager => forward(inputs),
+            State::Eager(_) => forward(inputs),
             State::Recorded(recorded) => recorded.replay(inputs),
             State::Seen(shape, dtype) => {
                 match Recorded::new(dev, inputs, shape, *dtype, &forward) {
@@ -164,7 +165,7 @@ impl Graphs {
                     }
                     Err(e) => {
                         tracing::warn!(shapes = ?entry.key, "running eagerly, the pass could not be recorded: {e}");
-                        entry.state = State::Eager;
+                        entry.state = State::Eager(e.to_string());
                         forward(inputs)
                     }
                 }
@@ -202,12 +203,21 @@ fn release_memory(dev: &CudaDevice) {
 
 #[cfg(test)]
 impl Graphs {
-    pub(crate) fn recorded(&self) -> usize {
+    /// How many shapes have a recording, and why the others that tried have none.
+    pub(crate) fn recorded(&self) -> (usize, Vec<String>) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
+        let recorded = entries
             .iter()
             .filter(|e| matches!(e.state, State::Recorded(_)))
-            .count()
+            .count();
+        let refused = entries
+            .iter()
+            .filter_map(|e| match &e.state {
+                State::Eager(why) => Some(format!("{:?}: {why}", e.key)),
+                _ => None,
+            })
+            .collect();
+        (recorded, refused)
     }
 }
 

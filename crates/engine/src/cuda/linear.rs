@@ -80,11 +80,11 @@ const SEARCHED: usize = 8;
 /// first answer, so that a worker's first small image waits for no search.
 const SEARCH_FLOPS: f64 = 4e9;
 
-/// Whether to search at all: with `SPARKLE_GEMM_SEARCH=1` (the heuristic's first answer
-/// everywhere otherwise, until the search has been measured on the GPUs Sparkle is run on).
+/// Whether to search at all: unless `SPARKLE_GEMM_SEARCH=0` (the heuristic's first answer
+/// everywhere, for comparison).
 fn search_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    env_is(&ON, "SPARKLE_GEMM_SEARCH", "1")
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !env_is(&OFF, "SPARKLE_GEMM_SEARCH", "0")
 }
 
 /// The device pointers of one product: weight, input, bias, C (residual or output),

@@ -7,7 +7,7 @@
 use super::*;
 use crate::tiny::{write_random, ModelScale, RandomModel};
 use crate::{Batch, BatchItem, DeviceChoice, Engine, EngineOptions, Precision};
-use candle_core::{Device, IndexOp, D};
+use candle_core::{Device, D};
 use sparkle_core::Scheduler;
 
 fn gpu() -> Device {
@@ -520,17 +520,14 @@ fn pipelines_match_the_cpu() {
     }
 }
 
-/// Recordings are opt-in; these tests are about them (in tests the variable is read on
-/// every pass; every test gives the same results with recordings or without).
-fn graphs_on() {
-    // SAFETY: set before any thread of this process reads the environment for it; the
-    // tests run one at a time (tools/device/cuda-tests.sh).
-    unsafe { std::env::set_var("SPARKLE_CUDA_GRAPHS", "1") };
-}
+/// How far a replayed pass may be from an eager one in f16: two eager passes on the same
+/// inputs differ too (GroupNorm's statistics add up in whatever order the blocks finish, and
+/// a difference in the last place grows through a network of random weights), by about
+/// 1e-3; a replay that read stale inputs or memory is off by far more.
+const REPLAY_BOUND: f64 = 5e-3;
 
 #[test]
 fn recorded_passes_equal_eager_ones() {
-    graphs_on();
     // The first call at a shape runs eagerly, the second records and replays, later ones
     // replay; every one must give what the eager pass gives on the same inputs, including
     // inputs that differ from those of the recording.
@@ -560,38 +557,47 @@ fn recorded_passes_equal_eager_ones() {
                 .expect("eager")
         })
         .collect();
+    let again = unet
+        .forward_eager_for_tests(&inputs[0].0, 900.0, &inputs[0].1)
+        .expect("eager again");
+    let spread = relative(&again, &cpu_f32(&eager[0]));
+    println!("two eager passes on the same inputs: relative difference {spread:.2e}");
     for round in 0..2 {
         for (i, (xs, context)) in inputs.iter().enumerate() {
             let got = unet
                 .forward(xs, 900.0 - 100.0 * i as f64, context, None)
                 .expect("forward");
-            let want = eager[i].to_dtype(DType::F32).expect("f32");
-            let want = want.to_device(&Device::Cpu).expect("cpu");
             check(
                 &format!("UNet pass {i}, round {round}"),
                 DType::F16,
                 &got,
-                &want,
-                1e-3,
+                &cpu_f32(&eager[i]),
+                REPLAY_BOUND,
             );
         }
     }
-    assert!(unet.recorded_for_tests() >= 1, "no pass was recorded");
-    // Different inputs give different outputs: the replay reads the new ones.
-    let a = eager[0]
-        .i(0)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .expect("a");
-    let b = eager[1]
-        .i(0)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .expect("b");
-    assert!(relative(&a, &b.to_device(&Device::Cpu).expect("cpu")) > 1e-2);
+    let (recorded, refused) = unet.recorded_for_tests();
+    assert!(recorded >= 1, "no pass was recorded: {refused:?}");
+    // The inputs' outputs are far apart, so a replay that read another pass's inputs could
+    // not have passed the checks above.
+    for i in 1..eager.len() {
+        let apart = relative(&eager[i], &cpu_f32(&eager[0]));
+        assert!(
+            apart > 10.0 * REPLAY_BOUND,
+            "pass {i}: only {apart:.2e} from pass 0"
+        );
+    }
+}
+
+/// `t` on the CPU in f32, the form [`relative`] compares against.
+fn cpu_f32(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.to_device(&Device::Cpu))
+        .expect("download")
 }
 
 #[test]
-fn batches_repeat_exactly_through_recordings() {
-    graphs_on();
+fn batches_repeat_through_recordings() {
     // Through the pipeline: the same batch three times (eager, recorded, replayed) gives
     // the same images, and a batch of another size in between changes nothing.
     let dir = model(RandomModel::Sd15);
@@ -604,6 +610,13 @@ fn batches_repeat_exactly_through_recordings() {
         let again = engine.probe(&one).expect("again");
         let (step, image) = again.relative_error(&first);
         println!("run {run}: first step {step:.2e}, image {image:.2e}");
-        assert!(step < 1e-3 && image < 1e-3, "{step:.2e} / {image:.2e}");
+        // Guidance (7.5) scales the difference of two passes' outputs up with them.
+        let bound = 4.0 * REPLAY_BOUND;
+        assert!(step < bound && image < bound, "{step:.2e} / {image:.2e}");
     }
+    let (recorded, refused) = engine.unet_for_tests().recorded_for_tests();
+    assert!(
+        recorded >= 2,
+        "{recorded} shapes recorded, refused: {refused:?}"
+    );
 }
