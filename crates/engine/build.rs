@@ -1,13 +1,15 @@
-//! With the `cuda` feature: compiles `kernels/*.cu` ahead of time into one fat binary with
+//! With the `cuda` feature: compiles `kernels/*.cu` ahead of time into fat binaries with
 //! SASS for the GPUs people run Stable Diffusion on (sm_80 A100, sm_86 RTX 30xx/A10,
-//! sm_89 RTX 40xx/L4/L40, sm_90 H100/H200) and PTX for anything newer, so a worker never
-//! waits for the driver to compile them. nvcc comes from `NVCC`, `$CUDA_HOME/bin` or `PATH`.
+//! sm_89 RTX 40xx/L4/L40, sm_90 H100/H200, and sm_90a for the Hopper-only kernels) and PTX
+//! for anything newer, so a worker never waits for the driver to compile them. nvcc comes from `NVCC`, `$CUDA_HOME/bin` or `PATH`.
 
 use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["fused"];
+/// Each source with the GPUs it is built for: the portable kernels for every architecture
+/// above, the Hopper ones (`wgmma`) for sm_90a only.
+const KERNELS: &[(&str, &[&str])] = &[("fused", &["80", "86", "89", "90"]), ("hopper", &["90a"])];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -22,15 +24,18 @@ fn main() {
         .map(PathBuf::from)
         .or_else(|| env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("bin/nvcc")))
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    for kernel in KERNELS {
+    for (kernel, archs) in KERNELS {
         let source = format!("kernels/{kernel}.cu");
         let target = out.join(format!("{kernel}.fatbin"));
         let mut command = Command::new(&nvcc);
         command.args(["--fatbin", "-O3", "-std=c++17", "--use_fast_math"]);
-        for arch in ["80", "86", "89", "90"] {
+        for arch in *archs {
             command.arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
         }
-        command.arg("-gencode=arch=compute_90,code=compute_90");
+        if archs.contains(&"90") {
+            // PTX for GPUs newer than any listed.
+            command.arg("-gencode=arch=compute_90,code=compute_90");
+        }
         command.arg("-o").arg(&target).arg(&source);
         let status = command.status().unwrap_or_else(|e| {
             panic!(

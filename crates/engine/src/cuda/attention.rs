@@ -30,6 +30,26 @@ pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
         && head_dim <= FLASH_WIDTHS[FLASH_WIDTHS.len() - 1]
 }
 
+/// Whether heads up to 64 wide take the warpgroup kernel on Hopper GPUs: with
+/// `SPARKLE_HOPPER_ATTENTION=1` (the `mma.sync` kernel everywhere otherwise, until the
+/// warpgroup one has been measured).
+fn hopper_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    env_is(&ON, "SPARKLE_HOPPER_ATTENTION", "1")
+}
+
+/// The kernel an attention runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// The warpgroup kernel where it applies and is turned on, else the portable one.
+    Auto,
+    /// `mma.sync`, on every GPU from sm_80.
+    Portable,
+    /// `wgmma` on sm_90, heads up to 64 wide; `swap` reads V's layout with its two strides
+    /// exchanged, which only a test of the layout's reading wants.
+    Hopper { swap: bool },
+}
+
 /// `softmax(q·kᵀ·scale)·v` per head without the score matrix: q `[b, n, heads·d]`, k and
 /// v `[b, m, heads·d]` (the projections as they come), out `[b, n, heads·d]`.
 pub(crate) fn attention(
@@ -39,13 +59,34 @@ pub(crate) fn attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_on(q, k, v, heads, scale, Kernel::Auto)
+}
+
+/// [`attention`] on a given kernel.
+pub(crate) fn attention_on(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    kernel: Kernel,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    q.apply_op3_no_bwd(&k, &v, &AttentionOp { heads, scale })
+    q.apply_op3_no_bwd(
+        &k,
+        &v,
+        &AttentionOp {
+            heads,
+            scale,
+            kernel,
+        },
+    )
 }
 
 struct AttentionOp {
     heads: usize,
     scale: f64,
+    kernel: Kernel,
 }
 
 impl AttentionOp {
@@ -86,26 +127,52 @@ impl AttentionOp {
             .into_iter()
             .find(|&w| w >= d)
             .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
-        let rt = flash_rows(dp);
-        let block_queries = 64 * rt;
+        let kernel = match self.kernel {
+            Kernel::Auto if dp <= 64 && hopper_attention() && hopper(&dev) => {
+                Kernel::Hopper { swap: false }
+            }
+            Kernel::Auto => Kernel::Portable,
+            Kernel::Hopper { .. } if dp > 64 || !hopper(&dev) => {
+                return Err(fail(format!(
+                    "the warpgroup attention kernel needs an sm_90 GPU and heads up to 64 wide, not {d}"
+                )))
+            }
+            chosen => chosen,
+        };
+        let size = std::mem::size_of::<T>();
+        let (kernels, name, block_queries, threads, bytes) = match kernel {
+            Kernel::Hopper { swap } => {
+                let swap = if swap { "swap" } else { "" };
+                // Two warpgroups of 64 queries; the Q tile and two stages of K and V tiles
+                // of 64 keys, unpadded.
+                let bytes = (128 + 2 * 2 * 64) * dp * size;
+                let name = format!("flash_attention_wg{dp}{swap}_{}", T::SUFFIX);
+                (Kernels::Hopper, name, 128, 256, bytes)
+            }
+            _ => {
+                let rt = flash_rows(dp);
+                // Heads narrower than the kernel's width (SD 1.5's 40 in 48) get the row sums
+                // from a column of ones beside V; that form is built for the 64×64 layers'
+                // shape.
+                let ones = if d < dp && (dp, rt) == (48, 2) {
+                    "p"
+                } else {
+                    ""
+                };
+                // The Q tile and one K and V tile per stage (two up to heads 128 wide, as the
+                // kernel), rows padded by 16 bytes.
+                let stages = if dp <= 128 { 2 } else { 1 };
+                let bytes = (64 * rt + 2 * 64 * stages) * (dp + 8) * size;
+                let name = format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX);
+                (Kernels::Fused, name, 64 * rt, 128, bytes)
+            }
+        };
         let (q, k, v) = (
             view::<T>(qs, ql, "queries")?,
             view::<T>(ks, kl, "keys")?,
             view::<T>(vs, vl, "values")?,
         );
-        // Heads narrower than the kernel's width (SD 1.5's 40 in 48) get the row sums from
-        // a column of ones beside V; that form is built for the 64×64 layers' shape.
-        let ones = if d < dp && (dp, rt) == (48, 2) {
-            "p"
-        } else {
-            ""
-        };
-        // The kernel's shared memory: the Q tile and one K and V tile per stage (two up to
-        // heads 128 wide, as the kernel), rows padded by 16 bytes.
-        let stages = if dp <= 128 { 2 } else { 1 };
-        let bytes = (block_queries + 2 * 64 * stages) * (dp + 8) * std::mem::size_of::<T>();
-        let name = format!("flash_attention_{dp}x{rt}{ones}_{}", T::SUFFIX);
-        let func = function_with(&dev, &name, |func| {
+        let func = function_with(&dev, kernels, &name, |func| {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
@@ -140,11 +207,11 @@ impl AttentionOp {
             .arg(&scale_log2);
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(block_queries) as u32, (b * heads) as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: bytes as u32,
         };
-        // SAFETY: one block per 64·rt queries of one (image, head); reads stay below n and m
-        // rows and d columns of each head, writes below n rows.
+        // SAFETY: one block per `block_queries` queries of one (image, head); reads stay below
+        // n and m rows and d columns of each head, writes below n rows.
         unsafe { launch.launch(config) }.map_err(driver)?;
         Ok(output::<T>(out, dev, (b, n, width)))
     }

@@ -33,6 +33,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 static FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+static HOPPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hopper.fatbin"));
+
+/// The engine's kernel binaries: `kernels/fused.cu` for every GPU, `kernels/hopper.cu` for
+/// sm_90 (H100, H200) only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kernels {
+    Fused,
+    Hopper,
+}
 
 /// GPU `ordinal` with a stream of its own, on which all of the engine's work is ordered:
 /// CUDA graphs are recorded on it (the per-thread default stream would do for launches,
@@ -155,7 +164,8 @@ fn view<'a, T: Element>(
 }
 
 thread_local! {
-    static MODULES: RefCell<HashMap<DeviceId, Arc<CudaModule>>> = RefCell::new(HashMap::new());
+    static MODULES: RefCell<HashMap<(DeviceId, Kernels), Arc<CudaModule>>> =
+        RefCell::new(HashMap::new());
 }
 
 /// What a thread-local cache holds for `key`, made by `make` the first time.
@@ -172,14 +182,31 @@ fn cached<K: Eq + std::hash::Hash, V: Clone>(
     Ok(value)
 }
 
-fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
-    cached(&MODULES, dev.id(), || {
+fn module(dev: &CudaDevice, kernels: Kernels) -> Result<Arc<CudaModule>> {
+    cached(&MODULES, (dev.id(), kernels), || {
         graph::refuse_while_recording("the kernel module")?;
+        let binary = match kernels {
+            Kernels::Fused => FUSED,
+            Kernels::Hopper => HOPPER,
+        };
         dev.cuda_stream()
             .context()
-            .load_module(cudarc::nvrtc::Ptx::from_binary(FUSED.to_vec()))
-            .map_err(|e| fail(format!("loading the fused kernels: {e}")))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(binary.to_vec()))
+            .map_err(|e| fail(format!("loading the {kernels:?} kernels: {e}")))
     })
+}
+
+/// Whether `dev` is a Hopper GPU (compute capability 9.0), which `kernels/hopper.cu` is
+/// built for.
+fn hopper(dev: &CudaDevice) -> bool {
+    thread_local! {
+        static HOPPER_GPUS: RefCell<HashMap<DeviceId, bool>> = RefCell::new(HashMap::new());
+    }
+    cached(&HOPPER_GPUS, dev.id(), || {
+        let cc = dev.cuda_stream().context().compute_capability();
+        Ok(cc.is_ok_and(|cc| cc == (9, 0)))
+    })
+    .unwrap_or(false)
 }
 
 thread_local! {
@@ -191,13 +218,14 @@ thread_local! {
 
 /// The kernel `name` of `kernels/fused.cu` on `dev`.
 fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    function_with(dev, name, |_| Ok(()))
+    function_with(dev, Kernels::Fused, name, |_| Ok(()))
 }
 
-/// The kernel `name` on `dev`, with `setup` (its attributes) applied once, when it is
-/// first looked up.
+/// The kernel `name` of `kernels` on `dev`, with `setup` (its attributes) applied once,
+/// when it is first looked up.
 fn function_with(
     dev: &CudaDevice,
+    kernels: Kernels,
     name: &str,
     setup: impl FnOnce(&CudaFunction) -> Result<()>,
 ) -> Result<CudaFunction> {
@@ -205,7 +233,7 @@ fn function_with(
     if let Some(func) = found {
         return Ok(func);
     }
-    let func = module(dev)?.load_function(name).map_err(driver)?;
+    let func = module(dev, kernels)?.load_function(name).map_err(driver)?;
     setup(&func)?;
     FUNCTIONS.with(|f| {
         f.borrow_mut()
