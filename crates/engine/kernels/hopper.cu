@@ -76,101 +76,94 @@ __device__ __forceinline__ void wg_commit_wait() {
 constexpr int WG_Q = 64;      // queries per warpgroup
 constexpr int WG_K = 64;      // keys per tile
 constexpr int WG_GROUPS = 2;  // warpgroups per block
+constexpr int WG_BQ = WG_Q * WG_GROUPS;
 
-// q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
-// contiguous, head h at column h·d, d a multiple of 8, rows 16-byte aligned); out: [b, n,
-// heads·d] contiguous. DP: d rounded up to 48 or 64; the padding is zero. SWAP reads V's
-// descriptor with the roles of its two strides exchanged (a check of the layout's reading).
-template <typename T, int DP, bool SWAP>
-__device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict__ k,
-                                   const T* __restrict__ v, T* __restrict__ out, int heads,
-                                   int n, int m, int d, int64_t q_batch, int64_t q_row,
-                                   int64_t kv_batch, int64_t kv_row, float scale_log2) {
-    using Ty = typename Tag<T>::type;
-    constexpr int BQ = WG_Q * WG_GROUPS, CH = DP / 8, ROWS = CH * 128;
-    constexpr int TILE = WG_K * DP * 2;  // bytes of one K or V tile
-    extern __shared__ __align__(128) unsigned char smem[];
-    unsigned char* qs = smem;
-    auto k_tile = [&](int stage) { return smem + BQ * DP * 2 + stage * 2 * TILE; };
-    const int tid = threadIdx.x, group = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
-    const int q0 = blockIdx.x * BQ;
-    const T* qb = q + b * q_batch + (int64_t)h * d;
-    const T* kb = k + b * kv_batch + (int64_t)h * d;
-    const T* vb = v + b * kv_batch + (int64_t)h * d;
+// Loads `rows` rows of `src` from row `first` (zeros from row `count` and column `d` on)
+// into the layout above at `dst`. Eight threads take eight consecutive rows of one 16-byte
+// column: each eight write one core matrix (128 contiguous bytes), and each warp reads whole
+// 32-byte sectors. `keep_padding`: columns from `d` on are left as they are.
+template <typename T, int DP>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int rows, int first,
+                                          int count, int64_t row, int d,
+                                          bool keep_padding = false) {
+    constexpr int CH = DP / 8, ROWS = CH * 128;
+    for (int u = threadIdx.x; u < rows * CH; u += blockDim.x) {
+        const int g = u / 8, r = (g / CH) * 8 + u % 8, c = g % CH, i = first + r;
+        if (keep_padding && c * 8 >= d) continue;
+        const bool inside = i < count && c * 8 < d;
+        cp_async16(dst + (r / 8) * ROWS + c * 128 + (r % 8) * 16,
+                   inside ? src + (int64_t)i * row + c * 8 : src, inside);
+    }
+}
 
-    // Eight threads take eight consecutive rows of one 16-byte column: each eight write one
-    // core matrix (128 contiguous bytes), each warp reads whole 32-byte sectors.
-    auto load_tile = [&](unsigned char* dst, const T* src, int rows, int first, int count,
-                         int64_t row) {
-        for (int u = tid; u < rows * CH; u += blockDim.x) {
-            const int g = u / 8, r = (g / CH) * 8 + u % 8, c = g % CH, i = first + r;
-            const bool inside = i < count && c * 8 < d;
-            cp_async16(dst + (r / 8) * ROWS + c * 128 + (r % 8) * 16,
-                       inside ? src + (int64_t)i * row + c * 8 : src, inside);
-        }
-    };
-    load_tile(qs, qb, BQ, q0, n, q_row);
-    load_tile(k_tile(0), kb, WG_K, 0, m, kv_row);
-    load_tile(k_tile(0) + TILE, vb, WG_K, 0, m, kv_row);
-    cp_async_commit();
+// The copies this thread made are in; the tensor cores (another proxy) may read them once
+// every thread has passed the barrier that follows.
+__device__ __forceinline__ void copies_visible() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
 
-    float o[DP / 2];
+// Issues S = Q·Kᵀ for one warpgroup: 64 queries × 64 keys, K = DP in steps of 16.
+template <typename T, int DP>
+__device__ __forceinline__ void issue_scores(float* s, const unsigned char* qs,
+                                             const unsigned char* ks) {
+    constexpr int ROWS = DP / 8 * 128;
 #pragma unroll
-    for (int i = 0; i < DP / 2; i++) o[i] = 0.f;
-    // Each thread holds two rows of its warp's 16: `lane / 4` and `lane / 4 + 8`.
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-    const unsigned char* my_q = qs + group * (WG_Q / 8) * ROWS;
-    const uint32_t v_lead = SWAP ? 128 : ROWS, v_stride = SWAP ? ROWS : 128;
+    for (int kk = 0; kk < DP / 16; kk++)
+        wgmma_ss64(s, smem_desc(qs + kk * 256, 128, ROWS), smem_desc(ks + kk * 256, 128, ROWS),
+                   kk > 0, typename Tag<T>::type{});
+}
 
-    for (int k0 = 0, tile = 0; k0 < m; k0 += WG_K, tile++) {
-        const unsigned char* ks = k_tile(tile % 2);
-        const unsigned char* vs = ks + TILE;
-        __syncthreads();  // every warpgroup is done with the stage about to be overwritten
-        if (k0 + WG_K < m) {
-            unsigned char* next = k_tile((tile + 1) % 2);
-            load_tile(next, kb, WG_K, k0 + WG_K, m, kv_row);
-            load_tile(next + TILE, vb, WG_K, k0 + WG_K, m, kv_row);
-        }
-        cp_async_commit();   // perhaps empty: the groups stay one per tile
-        cp_async_wait<1>();  // everything but the next tile is in
-        // Written by this thread's copies, read next by the tensor cores' (async) proxy.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();
+// Issues O += P·V: K = 64 keys in steps of 16, two n8 blocks of P per step.
+template <typename T, int DP>
+__device__ __forceinline__ void issue_values(float* o, const uint32_t (&p)[8][2],
+                                             const unsigned char* vs, uint32_t lead,
+                                             uint32_t stride) {
+    constexpr int ROWS = DP / 8 * 128;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
+        const uint64_t desc = smem_desc(vs + kk * 2 * ROWS, lead, stride);
+        if constexpr (DP == 48)
+            wgmma_rs48(o, a, desc, typename Tag<T>::type{});
+        else
+            wgmma_rs64(o, a, desc, typename Tag<T>::type{});
+    }
+}
 
-        // S = Q·Kᵀ: 64 queries × 64 keys per warpgroup, K = DP in steps of 16.
-        float s[32];
+// Scores of keys from `m` on (a last, partial tile starting at key `k0`) count for nothing.
+__device__ __forceinline__ void mask_scores(float* s, int k0, int m, int lane) {
+    if (k0 + WG_K <= m) return;
 #pragma unroll
-        for (int i = 0; i < 32; i++) s[i] = 0.f;
-        pin<32>(s);
-        wg_fence();
+    for (int j = 0; j < 8; j++)
 #pragma unroll
-        for (int kk = 0; kk < DP / 16; kk++)
-            wgmma_ss64(s, smem_desc(my_q + kk * 256, 128, ROWS), smem_desc(ks + kk * 256, 128, ROWS),
-                       kk > 0, Ty{});
-        wg_commit_wait();
-        pin<32>(s);
-        if (k0 + WG_K > m) {
+        for (int e = 0; e < 4; e++)
+            if (k0 + j * 8 + (lane % 4) * 2 + (e % 2) >= m) s[4 * j + e] = -INFINITY;
+}
+
+// The online softmax of one tile of scores, rows reduced across the 4 lanes that share
+// them: the probabilities packed in pairs as the A fragments of P·V take them (p[j][hr]),
+// and for each of the thread's two rows the factor `alpha` by which what O holds so far
+// must shrink. ONES: the row sums come from V's column of ones, and the exponentials are
+// `exp2_pair`'s.
+template <typename T, bool ONES>
+__device__ __forceinline__ void softmax_tile(const float* s, uint32_t (&p)[8][2], float* row_max,
+                                             float* row_sum, float* alpha, float scale_log2) {
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float mx = row_max[hr];
+#pragma unroll
+        for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float shift = mx * scale_log2;
+        alpha[hr] = exp2f(row_max[hr] * scale_log2 - shift);
+        row_max[hr] = mx;
+        if (ONES) {
 #pragma unroll
             for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (k0 + j * 8 + (lane % 4) * 2 + (e % 2) >= m) s[4 * j + e] = -INFINITY;
-        }
-
-        // Online softmax, rows reduced across the 4 lanes that share them; the probabilities
-        // end packed in pairs as the A fragments of P·V take them: p[j][hr].
-        uint32_t p[8][2];
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float mx = row_max[hr];
-#pragma unroll
-            for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float shift = mx * scale_log2;
-            const float alpha = exp2f(row_max[hr] * scale_log2 - shift);
-            row_max[hr] = mx;
+                p[j][hr] = exp2_pair<T>(s[4 * j + 2 * hr] * scale_log2 - shift,
+                                        s[4 * j + 2 * hr + 1] * scale_log2 - shift);
+        } else {
             float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -179,35 +172,168 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
                 sum += e0 + e1;
                 p[j][hr] = Mma<T>::pack(e0, e1);
             }
-            row_sum[hr] = row_sum[hr] * alpha + sum;
-#pragma unroll
-            for (int t = 0; t < DP / 8; t++) {
-                o[4 * t + 2 * hr] *= alpha;
-                o[4 * t + 2 * hr + 1] *= alpha;
-            }
+            row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
         }
+    }
+}
 
-        // O += P·V: K = 64 keys in steps of 16, two n8 blocks of P per step.
-        pin<DP / 2>(o);
-        wg_fence();
+template <int DP> __device__ __forceinline__ void rescale(float* o, const float* alpha) {
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
-            const uint64_t desc = smem_desc(vs + kk * 2 * ROWS, v_lead, v_stride);
-            if constexpr (DP == 48)
-                wgmma_rs48(o, a, desc, Ty{});
-            else
-                wgmma_rs64(o, a, desc, Ty{});
+    for (int t = 0; t < DP / 8; t++) {
+        o[4 * t] *= alpha[0];
+        o[4 * t + 1] *= alpha[0];
+        o[4 * t + 2] *= alpha[1];
+        o[4 * t + 3] *= alpha[1];
+    }
+}
+
+// q: [b, n, heads·d], k and v: [b, m, heads·d] with the given batch and row strides (d
+// contiguous, head h at column h·d, d a multiple of 8, rows 16-byte aligned); out: [b, n,
+// heads·d] contiguous. DP: d rounded up to 48 or 64; the padding is zero.
+// SWAP reads V's descriptor with the roles of its two strides exchanged (a check of the
+// layout's reading). PIPE: Q·Kᵀ of the next tile and P·V of this one run on the tensor
+// cores while the softmax of the next tile runs beside them (three stages of K and V).
+// ONES (with PIPE, d < DP): V's column d holds ones, so P·V also yields the row sums.
+template <typename T, int DP, bool SWAP, bool ONES, bool PIPE>
+__device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict__ k,
+                                   const T* __restrict__ v, T* __restrict__ out, int heads,
+                                   int n, int m, int d, int64_t q_batch, int64_t q_row,
+                                   int64_t kv_batch, int64_t kv_row, float scale_log2) {
+    constexpr int ROWS = DP / 8 * 128, TILE = WG_K * DP * 2, STAGES = PIPE ? 3 : 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    // Stage s: a K tile, then its V tile.
+    auto k_tile = [&](int tile) { return smem + WG_BQ * DP * 2 + (tile % STAGES) * 2 * TILE; };
+    const int group = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int q0 = blockIdx.x * WG_BQ;
+    const T* qb = q + b * q_batch + (int64_t)h * d;
+    const T* kb = k + b * kv_batch + (int64_t)h * d;
+    const T* vb = v + b * kv_batch + (int64_t)h * d;
+    auto load_tile = [&](int tile) {
+        load_rows<T, DP>(k_tile(tile), kb, WG_K, tile * WG_K, m, kv_row, d);
+        load_rows<T, DP>(k_tile(tile) + TILE, vb, WG_K, tile * WG_K, m, kv_row, d, ONES);
+    };
+    if (ONES) {
+        // Once for every stage: V's padding columns, a one in column d, zeros after it.
+        constexpr int per_row = 1;  // d < DP ≤ d + 8 for the widths built: one chunk
+        for (int idx = threadIdx.x; idx < STAGES * WG_K * per_row; idx += blockDim.x) {
+            const int stage = idx / WG_K, r = idx % WG_K;
+            uint32_t* chunk = reinterpret_cast<uint32_t*>(
+                smem + WG_BQ * DP * 2 + stage * 2 * TILE + TILE + (r / 8) * ROWS + (d / 8) * 128 +
+                (r % 8) * 16);
+            chunk[0] = Mma<T>::pack(1.f, 0.f);
+            chunk[1] = chunk[2] = chunk[3] = 0u;
         }
+    }
+    const int tiles = (m + WG_K - 1) / WG_K;
+    load_rows<T, DP>(smem, qb, WG_BQ, q0, n, q_row, d);
+    load_tile(0);
+    cp_async_commit();
+    if (PIPE) {
+        if (tiles > 1) load_tile(1);
+        cp_async_commit();
+    }
+
+    float o[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; i++) o[i] = 0.f;
+    // Each thread holds two rows of its warp's 16: `lane / 4` and `lane / 4 + 8`.
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, alpha[2];
+    const unsigned char* my_q = smem + group * (WG_Q / 8) * ROWS;
+    const uint32_t v_lead = SWAP ? 128 : ROWS, v_stride = SWAP ? ROWS : 128;
+    float s[32];
+
+    if constexpr (!PIPE) {
+        uint32_t p[8][2];
+        for (int tile = 0; tile < tiles; tile++) {
+            __syncthreads();  // every warpgroup is done with the stage about to be overwritten
+            if (tile + 1 < tiles) load_tile(tile + 1);
+            cp_async_commit();   // perhaps empty: the groups stay one per tile
+            cp_async_wait<1>();  // everything but the next tile is in
+            copies_visible();
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < 32; i++) s[i] = 0.f;
+            pin<32>(s);
+            wg_fence();
+            issue_scores<T, DP>(s, my_q, k_tile(tile));
+            wg_commit_wait();
+            pin<32>(s);
+            mask_scores(s, tile * WG_K, m, lane);
+            softmax_tile<T, false>(s, p, row_max, row_sum, alpha, scale_log2);
+            rescale<DP>(o, alpha);
+            pin<DP / 2>(o);
+            wg_fence();
+            issue_values<T, DP>(o, p, k_tile(tile) + TILE, v_lead, v_stride);
+            wg_commit_wait();
+            pin<DP / 2>(o);
+        }
+    } else {
+        // The first tile's scores and probabilities, then per tile: the next tile's scores
+        // and this tile's P·V on the tensor cores, the next softmax beside them. P is held
+        // twice over (this tile's, read by P·V in flight, and the next one's).
+        uint32_t pa[8][2], pb[8][2];
+        cp_async_wait<1>();  // Q and the first tile are in
+        copies_visible();
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        pin<32>(s);
+        wg_fence();
+        issue_scores<T, DP>(s, my_q, k_tile(0));
         wg_commit_wait();
-        pin<DP / 2>(o);
+        pin<32>(s);
+        mask_scores(s, 0, m, lane);
+        softmax_tile<T, ONES>(s, pa, row_max, row_sum, alpha, scale_log2);
+        auto step = [&](int tile, const uint32_t(&cur)[8][2], uint32_t(&next)[8][2]) {
+            __syncthreads();  // every warpgroup is done with the previous tile's stage
+            if (tile + 2 < tiles) load_tile(tile + 2);
+            cp_async_commit();   // perhaps empty: the groups stay one per tile
+            cp_async_wait<1>();  // the next tile is in
+            copies_visible();
+            __syncthreads();
+            const bool more = tile + 1 < tiles;
+#pragma unroll
+            for (int i = 0; i < 32; i++) s[i] = 0.f;
+            pin<32>(s);
+            pin<DP / 2>(o);
+            wg_fence();
+            // Past the last tile these are the scores of a stage's stale keys, never used:
+            // issuing them anyway keeps the products out of branches, which would make the
+            // compiler run them one at a time.
+            issue_scores<T, DP>(s, my_q, k_tile(tile + 1));
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            issue_values<T, DP>(o, cur, k_tile(tile) + TILE, v_lead, v_stride);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            pin<32>(s);
+            if (more) {
+                mask_scores(s, (tile + 1) * WG_K, m, lane);
+                softmax_tile<T, ONES>(s, next, row_max, row_sum, alpha, scale_log2);
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            pin<DP / 2>(o);
+            if (more) rescale<DP>(o, alpha);
+        };
+        for (int tile = 0; tile < tiles; tile += 2) {
+            step(tile, pa, pb);
+            if (tile + 1 < tiles) step(tile + 1, pb, pa);
+        }
     }
 
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
         float total = row_sum[hr];
-        total += __shfl_xor_sync(0xffffffff, total, 1);
-        total += __shfl_xor_sync(0xffffffff, total, 2);
+        if (ONES) {
+            // Column d of the output, held by the first lane of each four.
+#pragma unroll
+            for (int t = 0; t < DP / 8; t++)
+                if (t * 8 == d) total = o[4 * t + 2 * hr];
+            total = __shfl_sync(0xffffffff, total, lane & ~3);
+        } else {
+            total += __shfl_xor_sync(0xffffffff, total, 1);
+            total += __shfl_xor_sync(0xffffffff, total, 2);
+        }
         const int i = q0 + group * WG_Q + warp * 16 + lane / 4 + 8 * hr;
         if (i >= n) continue;
         const float inv = 1.f / total;
@@ -222,19 +348,23 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     }
 }
 
-#define FLASH_WG(T, NAME, DP, SWAP, SUFFIX)                                                    \
+#define FLASH_WG(T, NAME, DP, SWAP, ONES, PIPE, SUFFIX)                                       \
     extern "C" __global__ void __launch_bounds__(128 * WG_GROUPS, 2)                          \
         flash_attention_wg##DP##SUFFIX##_##NAME(                                              \
             const T* q, const T* k, const T* v, T* out, int heads, int n, int m, int d,       \
             int64_t q_batch, int64_t q_row, int64_t kv_batch, int64_t kv_row,                 \
             float scale_log2) {                                                               \
-        flash_attention_wg<T, DP, SWAP>(q, k, v, out, heads, n, m, d, q_batch, q_row,         \
-                                        kv_batch, kv_row, scale_log2);                        \
+        flash_attention_wg<T, DP, SWAP, ONES, PIPE>(q, k, v, out, heads, n, m, d, q_batch,    \
+                                                    q_row, kv_batch, kv_row, scale_log2);     \
     }
-#define FLASH_WG_ALL(T, NAME)          \
-    FLASH_WG(T, NAME, 48, false, )     \
-    FLASH_WG(T, NAME, 64, false, )     \
-    FLASH_WG(T, NAME, 48, true, swap)  \
-    FLASH_WG(T, NAME, 64, true, swap)
+#define FLASH_WG_ALL(T, NAME)                          \
+    FLASH_WG(T, NAME, 48, false, false, false, )       \
+    FLASH_WG(T, NAME, 64, false, false, false, )       \
+    FLASH_WG(T, NAME, 48, true, false, false, swap)    \
+    FLASH_WG(T, NAME, 64, true, false, false, swap)    \
+    FLASH_WG(T, NAME, 48, false, false, true, pipe)    \
+    FLASH_WG(T, NAME, 64, false, false, true, pipe)    \
+    FLASH_WG(T, NAME, 48, false, true, true, pipep)    \
+    FLASH_WG(T, NAME, 64, false, true, true, pipep)
 FLASH_WG_ALL(__half, f16)
 FLASH_WG_ALL(__nv_bfloat16, bf16)

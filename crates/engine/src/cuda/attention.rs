@@ -30,12 +30,32 @@ pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
         && head_dim <= FLASH_WIDTHS[FLASH_WIDTHS.len() - 1]
 }
 
-/// Whether heads up to 64 wide take the warpgroup kernel on Hopper GPUs: with
-/// `SPARKLE_HOPPER_ATTENTION=1` (the `mma.sync` kernel everywhere otherwise, until the
-/// warpgroup one has been measured).
-fn hopper_attention() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    env_is(&ON, "SPARKLE_HOPPER_ATTENTION", "1")
+/// The warpgroup kernel heads up to 64 wide take on Hopper GPUs: with
+/// `SPARKLE_HOPPER_ATTENTION=1` the plain one, `=2` the pipelined one (the `mma.sync` kernel
+/// everywhere otherwise, until the warpgroup ones have been measured).
+fn hopper_attention() -> Option<Hopper> {
+    static CHOICE: std::sync::OnceLock<Option<Hopper>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(
+        || match std::env::var("SPARKLE_HOPPER_ATTENTION").as_deref() {
+            Ok("1") => Some(Hopper::Plain),
+            Ok("2") => Some(Hopper::Pipelined),
+            _ => None,
+        },
+    )
+}
+
+/// The forms of the warpgroup kernel (`kernels/hopper.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hopper {
+    /// Per key tile: Q·Kᵀ, the softmax, P·V, one after the other.
+    Plain,
+    /// [`Hopper::Plain`] reading V's layout with its two strides exchanged, which only a
+    /// test of the layout's reading wants.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Swapped,
+    /// The next tile's Q·Kᵀ and this tile's P·V on the tensor cores while the next softmax
+    /// runs; row sums from a column of ones where heads are narrower than the kernel.
+    Pipelined,
 }
 
 /// The kernel an attention runs on.
@@ -45,9 +65,8 @@ pub(crate) enum Kernel {
     Auto,
     /// `mma.sync`, on every GPU from sm_80.
     Portable,
-    /// `wgmma` on sm_90, heads up to 64 wide; `swap` reads V's layout with its two strides
-    /// exchanged, which only a test of the layout's reading wants.
-    Hopper { swap: bool },
+    /// `wgmma` on sm_90, heads up to 64 wide.
+    Hopper(Hopper),
 }
 
 /// `softmax(q·kᵀ·scale)·v` per head without the score matrix: q `[b, n, heads·d]`, k and
@@ -127,26 +146,29 @@ impl AttentionOp {
             .into_iter()
             .find(|&w| w >= d)
             .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
-        let kernel = match self.kernel {
-            Kernel::Auto if dp <= 64 && hopper_attention() && hopper(&dev) => {
-                Kernel::Hopper { swap: false }
-            }
-            Kernel::Auto => Kernel::Portable,
-            Kernel::Hopper { .. } if dp > 64 || !hopper(&dev) => {
+        let kernel = match (self.kernel, hopper_attention()) {
+            (Kernel::Auto, Some(form)) if dp <= 64 && hopper(&dev) => Kernel::Hopper(form),
+            (Kernel::Auto, _) => Kernel::Portable,
+            (Kernel::Hopper(_), _) if dp > 64 || !hopper(&dev) => {
                 return Err(fail(format!(
                     "the warpgroup attention kernel needs an sm_90 GPU and heads up to 64 wide, not {d}"
                 )))
             }
-            chosen => chosen,
+            (chosen, _) => chosen,
         };
         let size = std::mem::size_of::<T>();
         let (kernels, name, block_queries, threads, bytes) = match kernel {
-            Kernel::Hopper { swap } => {
-                let swap = if swap { "swap" } else { "" };
-                // Two warpgroups of 64 queries; the Q tile and two stages of K and V tiles
+            Kernel::Hopper(form) => {
+                let (form, stages) = match form {
+                    Hopper::Plain => ("", 2),
+                    Hopper::Swapped => ("swap", 2),
+                    Hopper::Pipelined if d < dp => ("pipep", 3),
+                    Hopper::Pipelined => ("pipe", 3),
+                };
+                // Two warpgroups of 64 queries; the Q tile and the stages of K and V tiles
                 // of 64 keys, unpadded.
-                let bytes = (128 + 2 * 2 * 64) * dp * size;
-                let name = format!("flash_attention_wg{dp}{swap}_{}", T::SUFFIX);
+                let bytes = (128 + 2 * stages * 64) * dp * size;
+                let name = format!("flash_attention_wg{dp}{form}_{}", T::SUFFIX);
                 (Kernels::Hopper, name, 128, 256, bytes)
             }
             _ => {
