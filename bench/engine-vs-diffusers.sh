@@ -23,9 +23,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 BATCH=${BATCH:-1,4,8,16}; STEPS=${STEPS:-25}; SIZE=${SIZE:-512x512}; REPEAT=${REPEAT:-2}
 PRECISION=${PRECISION:-f16}
-PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
-export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/../tools/device/env.sh"
 if ! $PY -c 'import diffusers' 2>/dev/null && ls .carry/whl/diffusers-*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -70,7 +68,9 @@ fi
 
 if [ -n "${PROFILE:-}" ]; then
   echo "## kernel profile: batch ${PROFILE}, 1 step, CFG (warm-up round and timed round)"
-  timeout ${PROFILE_TIMEOUT:-240} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+  # Without the GEMM search: under the profiler each of its timed candidates is a profiled
+  # launch too, which takes minutes (the heuristic's first choice is profiled instead).
+  SPARKLE_GEMM_SEARCH=0 timeout ${PROFILE_TIMEOUT:-240} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     --log-file "$OUT/ncu.csv" $SPARKLE bench engine --model $MODEL --batch "$PROFILE" --steps 1 --size "$SIZE" \
     --device cuda --precision "$PRECISION" --repeat 1 >/dev/null 2>&1
   $PY bench/kernel_table.py "$OUT/ncu.csv" --unet-step --top ${TOP:-25}

@@ -3,9 +3,7 @@
 # on full-size random-weight models. Everything is built here beforehand; nothing compiles there.
 #   bash tools/device/bench-engine.sh            # SD 1.5, SDXL, SDXL-Turbo
 set -uo pipefail
-PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
-export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/env.sh"
 xz -dc .carry/bin/sparkle.xz > /tmp/sparkle && chmod +x /tmp/sparkle
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 S=/tmp/sparkle

@@ -7,9 +7,7 @@
 # context, and a fault in one would otherwise be reported by whichever runs beside it.
 #   bash tools/device/cuda-tests.sh [FILTER]     # FILTER defaults to cuda::tests
 set -uo pipefail
-PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
-export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/env.sh"
 xz -dc .carry/bin/engine-tests.xz > /tmp/engine-tests && chmod +x /tmp/engine-tests || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 /tmp/engine-tests "${1:-cuda::tests}" --test-threads=1 --nocapture 2>&1 | grep -v " INFO "

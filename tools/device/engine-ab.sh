@@ -8,9 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/results.log") 2>&1
-PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
-export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 xz -dc .carry/bin/sparkle.xz > /tmp/new && xz -dc .carry/bin/sparkle-base.xz > /tmp/base && chmod +x /tmp/new /tmp/base || exit 1
 rows() { grep -v " INFO " | grep -E '^\| [0-9]|cold|check|rror|WARN|eager|panick'; }

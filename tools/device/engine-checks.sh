@@ -17,8 +17,7 @@ for spec in "$@"; do
 done
 [ -n "${FIXTURES_ONLY:-}" ] && exit 0
 
-SP=$($PY -c 'import site; print(site.getsitepackages()[0])')
-export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/env.sh"
 xz -dc .carry/bin/sparkle.xz > /tmp/sparkle && chmod +x /tmp/sparkle
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 /tmp/sparkle model tiny /tmp/full15 --full-size 2>&1 | tail -1

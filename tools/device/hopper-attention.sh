@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (H100 or H200): the CUDA tests, then the attention kernels side by
+# side in one call — the mma.sync kernel (SPARKLE_HOPPER_ATTENTION=0), the plain warpgroup
+# kernel (=1) and the pipelined one (=2) — on SD 1.5 and SDXL, and the CPU check of the
+# pipelined one. Expects .carry/bin/sparkle.xz and .carry/bin/engine-tests.xz
+# (tools/device/build-cuda.sh). Every line also goes to $OUT/results.log.
+#   SD15_BATCH=1,16  SDXL_BATCH=1,4  SDXL=1  bash tools/device/hopper-attention.sh
+set -uo pipefail
+OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/results.log") 2>&1
+source "$(dirname "$0")/env.sh"
+rows() { grep -v " INFO " | grep -E '^\| [0-9]|cold|check|rror|WARN|eager|panick'; }
+xz -dc .carry/bin/sparkle.xz > /tmp/new && chmod +x /tmp/new || exit 1
+/tmp/new model tiny /tmp/f15 --full-size >/dev/null 2>&1 &
+echo "## CUDA tests"; timeout 120 bash tools/device/cuda-tests.sh > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
+grep -E "test result|FAILED|panicked|warpgroup|refused|recorded|eager passes|UNet pass 0|run 0" "$OUT/tests.log" | head -60
+echo "## pipelines against the CPU with the pipelined warpgroup attention"
+SPARKLE_HOPPER_ATTENTION=2 timeout 60 /tmp/engine-tests pipelines_match --test-threads=1 --nocapture 2>&1 |
+  grep -E "sd1.5|sdxl|test result|panicked" | head -20
+wait
+B=(bench engine --model /tmp/f15 --steps 25 --size 512x512 --scheduler ddim --device cuda --repeat 2)
+for form in 0 1 2; do
+  echo "## SD 1.5, SPARKLE_HOPPER_ATTENTION=$form"
+  SPARKLE_HOPPER_ATTENTION=$form timeout 60 /tmp/new "${B[@]}" --batch "${SD15_BATCH:-1,16}" 2>&1 | rows
+done
+echo "## check, SPARKLE_HOPPER_ATTENTION=2"
+SPARKLE_HOPPER_ATTENTION=2 timeout 90 /tmp/new "${B[@]}" --batch 1 --check 2>&1 | rows
+rm -rf /tmp/f15
+[ "${SDXL:-1}" = 1 ] || exit 0
+/tmp/new model tiny /tmp/fxl --arch sdxl --full-size >/dev/null 2>&1 || exit 1
+X=(bench engine --model /tmp/fxl --steps 20 --size 1024x1024 --scheduler euler --device cuda --repeat 1)
+for form in 0 2; do
+  echo "## SDXL, SPARKLE_HOPPER_ATTENTION=$form"
+  SPARKLE_HOPPER_ATTENTION=$form timeout 60 /tmp/new "${X[@]}" --batch "${SDXL_BATCH:-1,4}" 2>&1 | rows
+done
