@@ -215,13 +215,13 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     };
     if (ONES) {
         // Once for every stage: V's padding columns, a one in column d, zeros after it.
-        constexpr int per_row = 1;  // d < DP ≤ d + 8 for the widths built: one chunk
-        for (int idx = threadIdx.x; idx < STAGES * WG_K * per_row; idx += blockDim.x) {
-            const int stage = idx / WG_K, r = idx % WG_K;
+        const int pad = DP / 8 - d / 8;  // 16-byte chunks per row from column d on
+        for (int idx = threadIdx.x; idx < STAGES * WG_K * pad; idx += blockDim.x) {
+            const int stage = idx / (WG_K * pad), r = idx / pad % WG_K, c = d / 8 + idx % pad;
             uint32_t* chunk = reinterpret_cast<uint32_t*>(
-                smem + WG_BQ * DP * 2 + stage * 2 * TILE + TILE + (r / 8) * ROWS + (d / 8) * 128 +
+                smem + WG_BQ * DP * 2 + stage * 2 * TILE + TILE + (r / 8) * ROWS + c * 128 +
                 (r % 8) * 16);
-            chunk[0] = Mma<T>::pack(1.f, 0.f);
+            chunk[0] = Mma<T>::pack(c * 8 == d ? 1.f : 0.f, 0.f);
             chunk[1] = chunk[2] = chunk[3] = 0u;
         }
     }

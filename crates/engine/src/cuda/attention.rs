@@ -132,6 +132,11 @@ impl AttentionOp {
             )));
         }
         let d = width / heads;
+        if m == 0 || b * heads > 65_535 {
+            return Err(fail(format!(
+                "attention of {b}×{heads} heads over {m} keys: no keys, or too many heads"
+            )));
+        }
         // 16-byte rows for `cp.async`: heads a multiple of 8 wide, tensors starting aligned.
         if !d.is_multiple_of(8)
             || [ql, kl, vl]
@@ -159,15 +164,16 @@ impl AttentionOp {
         let size = std::mem::size_of::<T>();
         let (kernels, name, block_queries, threads, bytes) = match kernel {
             Kernel::Hopper(form) => {
-                let (form, stages) = match form {
-                    Hopper::Plain => ("", 2),
-                    Hopper::Swapped => ("swap", 2),
-                    Hopper::Pipelined if d < dp => ("pipep", 3),
-                    Hopper::Pipelined => ("pipe", 3),
+                // Tiles of 64 keys (a K and a V tile per stage), unpadded, after the Q tile of
+                // two warpgroups of 64 queries. Reading V's layout the wrong way round reaches
+                // past the last V tile by less than a tile: one more keeps it inside.
+                let (form, tiles) = match form {
+                    Hopper::Plain => ("", 2 * 2),
+                    Hopper::Swapped => ("swap", 2 * 2 + 1),
+                    Hopper::Pipelined if d < dp => ("pipep", 3 * 2),
+                    Hopper::Pipelined => ("pipe", 3 * 2),
                 };
-                // Two warpgroups of 64 queries; the Q tile and the stages of K and V tiles
-                // of 64 keys, unpadded.
-                let bytes = (128 + 2 * stages * 64) * dp * size;
+                let bytes = (128 + tiles * 64) * dp * size;
                 let name = format!("flash_attention_wg{dp}{form}_{}", T::SUFFIX);
                 (Kernels::Hopper, name, 128, 256, bytes)
             }
