@@ -10,6 +10,7 @@ OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/results.log") 2>&1
 source "$(dirname "$0")/env.sh"
 rows() { grep -v " INFO " | grep -E '^\| [0-9]|cold|check|rror|WARN|eager|panick'; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 xz -dc .carry/bin/sparkle.xz > /tmp/new && chmod +x /tmp/new || exit 1
 /tmp/new model tiny /tmp/f15 --full-size >/dev/null 2>&1 &
 echo "## CUDA tests"; timeout 120 bash tools/device/cuda-tests.sh > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
