@@ -4,7 +4,7 @@
 # kernel (=1) and the pipelined one (=2) — on SD 1.5 and SDXL, and the CPU check of the
 # pipelined one. Expects .carry/bin/sparkle.xz and .carry/bin/engine-tests.xz
 # (tools/device/build-cuda.sh). Every line also goes to $OUT/results.log.
-#   SD15_BATCH=1,16  SDXL_BATCH=1,4  SDXL=1  bash tools/device/hopper-attention.sh
+#   SD15_BATCH=1,16  SDXL_BATCH=1,4  SDXL=1  CHECK=1  bash tools/device/hopper-attention.sh
 set -uo pipefail
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/results.log") 2>&1
@@ -24,8 +24,10 @@ for form in 0 1 2; do
   echo "## SD 1.5, SPARKLE_HOPPER_ATTENTION=$form"
   SPARKLE_HOPPER_ATTENTION=$form timeout 60 /tmp/new "${B[@]}" --batch "${SD15_BATCH:-1,16}" 2>&1 | rows
 done
-echo "## check, SPARKLE_HOPPER_ATTENTION=2"
-SPARKLE_HOPPER_ATTENTION=2 timeout 90 /tmp/new "${B[@]}" --batch 1 --check 2>&1 | rows
+if [ "${CHECK:-1}" = 1 ]; then
+  echo "## check, SPARKLE_HOPPER_ATTENTION=2"
+  SPARKLE_HOPPER_ATTENTION=2 timeout 90 /tmp/new "${B[@]}" --batch 1 --check 2>&1 | rows
+fi
 rm -rf /tmp/f15
 [ "${SDXL:-1}" = 1 ] || exit 0
 /tmp/new model tiny /tmp/fxl --arch sdxl --full-size >/dev/null 2>&1 || exit 1
