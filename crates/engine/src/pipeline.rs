@@ -1001,7 +1001,17 @@ impl Engine {
 
         let timesteps = sampler.timesteps().to_vec();
         let total = u32::try_from(timesteps.len() - skip).unwrap_or(u32::MAX);
-        for (i, &t) in timesteps.iter().enumerate().skip(skip) {
+        let unet = &conditioning.networks.unet;
+        let added = conditioning
+            .pooled
+            .as_ref()
+            .map(|text_embeds| AddedConditions {
+                text_embeds,
+                time_ids: &time_ids,
+            });
+        // Every step's time embedding at once: the steps then upload nothing.
+        let tembs = unet.embed_times(&timesteps[skip..], self.dtype, &self.device, added)?;
+        for (i, _) in timesteps.iter().enumerate().skip(skip) {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -1011,17 +1021,8 @@ impl Engine {
             if let Some(extra) = &inpaint {
                 input = Tensor::cat(&[&input, extra], 1)?;
             }
-            let added = conditioning
-                .pooled
-                .as_ref()
-                .map(|text_embeds| AddedConditions {
-                    text_embeds,
-                    time_ids: &time_ids,
-                });
-            let output = conditioning
-                .networks
-                .unet
-                .forward(&input, t, &conditioning.context, added)?
+            let output = unet
+                .forward_embedded(&input, &tembs.get(i - skip)?, &conditioning.context)?
                 .to_dtype(DType::F32)?;
             let output = if guided {
                 let (uncond, cond) = (output.i(0..n)?, output.i(n..2 * n)?);

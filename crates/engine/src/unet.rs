@@ -10,7 +10,7 @@
 
 use crate::config::UNetConfig;
 use crate::layers::{row_norm, Channels, Conv, Dense, Norm};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 /// GroupNorm epsilon of the spatial transformers (diffusers fixes it at 1e-6).
@@ -587,15 +587,23 @@ impl UNet {
     }
 
     /// The model's output (noise, or v) for `xs` (`[b, c, h, w]`) at `timestep`, attending
-    /// to `context` (`[b, tokens, cross_attention_dim]`).
-    pub fn forward(
+    /// to `context` (`[b, tokens, cross_attention_dim]`): one step on its own (a denoising
+    /// run embeds its steps' times at once, [`UNet::embed_times`]).
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn forward(
         &self,
         xs: &Tensor,
         timestep: f64,
         context: &Tensor,
         added: Option<AddedConditions>,
     ) -> Result<Tensor> {
-        let temb = self.embed_time(timestep, xs, added)?;
+        let temb = self.embed_times(&[timestep], xs.dtype(), xs.device(), added)?;
+        self.forward_embedded(xs, &temb.get(0)?, context)
+    }
+
+    /// [`UNet::forward`] with the time embedding of the step given, one row of what
+    /// [`UNet::embed_times`] made.
+    pub fn forward_embedded(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = if self.center_input_sample {
             ((xs * 2.0)? - 1.0)?
         } else {
@@ -603,26 +611,32 @@ impl UNet {
         };
         #[cfg(feature = "cuda")]
         if crate::cuda::accelerated(&xs) {
-            return self.graphs.run(&[&xs, &temb, context], |inputs| {
+            return self.graphs.run(&[&xs, temb, context], |inputs| {
                 self.body(inputs[0], inputs[1], inputs[2])
             });
         }
-        self.body(&xs, &temb, context)
+        self.body(&xs, temb, context)
     }
 
-    /// The time embedding of `timestep` for `xs`'s type and device, with SDXL's pooled
-    /// text and size conditioning added.
-    fn embed_time(
+    /// The time embeddings of `timesteps` at once, `[steps, rows, time_embed_dim]` in
+    /// `dtype` on `device` (rows: 1, or the rows of SDXL's pooled text and size
+    /// conditioning, added in). A denoising run makes them before its first step, so that
+    /// no step uploads anything from the host: an upload from ordinary host memory may wait
+    /// for the GPU, and the host could then no longer queue a step while the last one runs.
+    pub fn embed_times(
         &self,
-        timestep: f64,
-        xs: &Tensor,
+        timesteps: &[f64],
+        dtype: DType,
+        device: &Device,
         added: Option<AddedConditions>,
     ) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let device = xs.device();
-        let t = Tensor::new(&[timestep as f32], device)?;
+        let steps: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(steps, timesteps.len(), device)?;
         let t = sinusoidal(&t, self.block0, self.flip_sin_to_cos, self.freq_shift)?;
-        let mut temb = self.time_embedding.forward(&t.to_dtype(dtype)?)?;
+        let temb = self
+            .time_embedding
+            .forward(&t.to_dtype(dtype)?)?
+            .unsqueeze(1)?;
         match (&self.added, added) {
             (Some(embedding), Some(added)) => {
                 let (b, ids) = added.time_ids.dims2()?;
@@ -635,16 +649,13 @@ impl UNet {
                 .reshape((b, ids * embedding.time_dim))?;
                 let input = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, times], 1)?;
                 let aug = embedding.embedding.forward(&input.to_dtype(dtype)?)?;
-                temb = temb.broadcast_add(&aug)?;
+                temb.broadcast_add(&aug.unsqueeze(0)?)?.contiguous()
             }
-            (Some(_), None) => {
-                return Err(candle_core::Error::Msg(
-                    "this UNet needs pooled text features and size ids".into(),
-                ))
-            }
-            (None, _) => {}
+            (Some(_), None) => Err(candle_core::Error::Msg(
+                "this UNet needs pooled text features and size ids".into(),
+            )),
+            (None, _) => Ok(temb),
         }
-        Ok(temb)
     }
 
     /// The network from the first convolution to the last, on the (centred) input, the
@@ -706,8 +717,8 @@ impl UNet {
         timestep: f64,
         context: &Tensor,
     ) -> Result<Tensor> {
-        let temb = self.embed_time(timestep, xs, None)?;
-        self.body(xs, &temb, context)
+        let temb = self.embed_times(&[timestep], xs.dtype(), xs.device(), None)?;
+        self.body(xs, &temb.get(0)?, context)
     }
 
     /// How many input shapes have a recording, and why those refused have none.
