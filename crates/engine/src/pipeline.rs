@@ -1011,7 +1011,7 @@ impl Engine {
             });
         // Every step's time embedding at once: the steps then upload nothing.
         let tembs = unet.embed_times(&timesteps[skip..], self.dtype, &self.device, added)?;
-        for (i, _) in timesteps.iter().enumerate().skip(skip) {
+        for i in skip..timesteps.len() {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
