@@ -242,6 +242,17 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     const unsigned char* my_q = smem + group * (WG_Q / 8) * ROWS;
     const uint32_t v_lead = SWAP ? 128 : ROWS, v_stride = SWAP ? ROWS : 128;
     float s[32];
+    // S for one tile, waited for, the keys past the last masked.
+    auto scores_of = [&](int tile) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        pin<32>(s);
+        wg_fence();
+        issue_scores<T, DP>(s, my_q, k_tile(tile));
+        wg_commit_wait();
+        pin<32>(s);
+        mask_scores(s, tile * WG_K, m, lane);
+    };
 
     if constexpr (!PIPE) {
         uint32_t p[8][2];
@@ -252,14 +263,7 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
             cp_async_wait<1>();  // everything but the next tile is in
             copies_visible();
             __syncthreads();
-#pragma unroll
-            for (int i = 0; i < 32; i++) s[i] = 0.f;
-            pin<32>(s);
-            wg_fence();
-            issue_scores<T, DP>(s, my_q, k_tile(tile));
-            wg_commit_wait();
-            pin<32>(s);
-            mask_scores(s, tile * WG_K, m, lane);
+            scores_of(tile);
             softmax_tile<T, false>(s, p, row_max, row_sum, alpha, scale_log2);
             rescale<DP>(o, alpha);
             pin<DP / 2>(o);
@@ -276,14 +280,7 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
         cp_async_wait<1>();  // Q and the first tile are in
         copies_visible();
         __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 32; i++) s[i] = 0.f;
-        pin<32>(s);
-        wg_fence();
-        issue_scores<T, DP>(s, my_q, k_tile(0));
-        wg_commit_wait();
-        pin<32>(s);
-        mask_scores(s, 0, m, lane);
+        scores_of(0);
         softmax_tile<T, ONES>(s, pa, row_max, row_sum, alpha, scale_log2);
         auto step = [&](int tile, const uint32_t(&cur)[8][2], uint32_t(&next)[8][2]) {
             __syncthreads();  // every warpgroup is done with the previous tile's stage
