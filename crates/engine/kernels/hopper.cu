@@ -218,9 +218,8 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
         const int pad = DP / 8 - d / 8;  // 16-byte chunks per row from column d on
         for (int idx = threadIdx.x; idx < STAGES * WG_K * pad; idx += blockDim.x) {
             const int stage = idx / (WG_K * pad), r = idx / pad % WG_K, c = d / 8 + idx % pad;
-            uint32_t* chunk = reinterpret_cast<uint32_t*>(
-                smem + WG_BQ * DP * 2 + stage * 2 * TILE + TILE + (r / 8) * ROWS + c * 128 +
-                (r % 8) * 16);
+            uint32_t* chunk = reinterpret_cast<uint32_t*>(k_tile(stage) + TILE + (r / 8) * ROWS +
+                                                           c * 128 + (r % 8) * 16);
             chunk[0] = Mma<T>::pack(c * 8 == d ? 1.f : 0.f, 0.f);
             chunk[1] = chunk[2] = chunk[3] = 0u;
         }

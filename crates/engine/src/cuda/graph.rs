@@ -59,10 +59,6 @@ const MAX_GRAPHS: usize = 4;
 /// Whether graphs are used: unless `SPARKLE_CUDA_GRAPHS=0` (every pass eager, for
 /// comparison).
 fn enabled() -> bool {
-    if cfg!(test) {
-        // Tests turn them off and on for themselves, so it is read every time.
-        return std::env::var("SPARKLE_CUDA_GRAPHS").map_or(true, |v| v != "0");
-    }
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !env_is(&OFF, "SPARKLE_CUDA_GRAPHS", "0")
 }

@@ -45,12 +45,9 @@ fn operand(t: &Tensor, dtype: DType, gpu: &Device) -> (Tensor, Tensor) {
 
 /// ‖got − want‖ / ‖want‖ with `got` brought back to the CPU in f32.
 fn relative(got: &Tensor, want: &Tensor) -> f64 {
-    let got = got
-        .to_device(&Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .expect("download");
+    let got = cpu_f32(got);
     assert_eq!(got.dims(), want.dims(), "shapes");
-    let diff = (got - want).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
+    let diff = (&got - want).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
     let norm = want.sqr().and_then(|d| d.sum_all()?.to_scalar::<f32>());
     (f64::from(diff.expect("diff")) / f64::from(norm.expect("norm")).max(1e-30)).sqrt()
 }
