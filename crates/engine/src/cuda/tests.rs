@@ -551,21 +551,22 @@ fn recorded_passes_equal_eager_ones() {
     // The first call at a shape runs eagerly, the second records and replays, later ones
     // replay; every one must give what the eager pass gives on the same inputs, including
     // inputs that differ from those of the recording.
-    let gpu = gpu();
     let dir = model(RandomModel::Sd15);
     let engine = load(dir.path(), DeviceChoice::Cuda(0), Precision::F16);
     let unet = engine.unet_for_tests();
     let inputs: Vec<(Tensor, Tensor)> = (0..4)
         .map(|i| {
-            let xs = random(&[2, 4, 8, 8], 1800 + i as u64)
-                .to_dtype(DType::F16)
-                .and_then(|t| t.to_device(&gpu))
-                .expect("latents");
             // Guided text conditioning, [uncond, cond], of another prompt each time.
             let text = engine
                 .encode_prompts(&batch(1, 1, 64, Scheduler::Ddim).with_prompt(i))
                 .expect("text")
                 .context;
+            // On the engine's own device (its stream): a pass over tensors of two devices is
+            // never recorded.
+            let xs = random(&[2, 4, 8, 8], 1800 + i as u64)
+                .to_dtype(DType::F16)
+                .and_then(|t| t.to_device(text.device()))
+                .expect("latents");
             (xs, text)
         })
         .collect();
