@@ -81,15 +81,13 @@ constexpr int WG_BQ = WG_Q * WG_GROUPS;
 // Loads `rows` rows of `src` from row `first` (zeros from row `count` and column `d` on)
 // into the layout above at `dst`. Eight threads take eight consecutive rows of one 16-byte
 // column: each eight write one core matrix (128 contiguous bytes), and each warp reads whole
-// 32-byte sectors. `keep_padding`: columns from `d` on are left as they are.
+// 32-byte sectors. (Q's rows, once per block; K and V tiles go through `TileCopies`.)
 template <typename T, int DP>
 __device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int rows, int first,
-                                          int count, int64_t row, int d,
-                                          bool keep_padding = false) {
+                                          int count, int64_t row, int d) {
     constexpr int CH = DP / 8, ROWS = CH * 128;
     for (int u = threadIdx.x; u < rows * CH; u += blockDim.x) {
         const int g = u / 8, r = (g / CH) * 8 + u % 8, c = g % CH, i = first + r;
-        if (keep_padding && c * 8 >= d) continue;
         const bool inside = i < count && c * 8 < d;
         cp_async16(dst + (r / 8) * ROWS + c * 128 + (r % 8) * 16,
                    inside ? src + (int64_t)i * row + c * 8 : src, inside);
@@ -144,7 +142,7 @@ __device__ __forceinline__ void mask_scores(float* s, int k0, int m, int lane) {
 // them: the probabilities packed in pairs as the A fragments of P·V take them (p[j][hr]),
 // and for each of the thread's two rows the factor `alpha` by which what O holds so far
 // must shrink. ONES: the row sums come from V's column of ones, and the exponentials are
-// `exp2_pair`'s.
+// f32 ones packed (the packed f16 exponential is two f32-rate ones on sm_90).
 template <typename T, bool ONES>
 __device__ __forceinline__ void softmax_tile(const float* s, uint32_t (&p)[8][2], float* row_max,
                                              float* row_sum, float* alpha, float scale_log2) {
@@ -159,10 +157,11 @@ __device__ __forceinline__ void softmax_tile(const float* s, uint32_t (&p)[8][2]
         alpha[hr] = exp2f(row_max[hr] * scale_log2 - shift);
         row_max[hr] = mx;
         if (ONES) {
+            // f32 exponentials: on sm_90 a packed f16 one is two of them and a repacking.
 #pragma unroll
             for (int j = 0; j < 8; j++)
-                p[j][hr] = exp2_pair<T>(s[4 * j + 2 * hr] * scale_log2 - shift,
-                                        s[4 * j + 2 * hr + 1] * scale_log2 - shift);
+                p[j][hr] = Mma<T>::pack(exp2f(s[4 * j + 2 * hr] * scale_log2 - shift),
+                                        exp2f(s[4 * j + 2 * hr + 1] * scale_log2 - shift));
         } else {
             float sum = 0.f;
 #pragma unroll
@@ -209,18 +208,29 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     const T* qb = q + b * q_batch + (int64_t)h * d;
     const T* kb = k + b * kv_batch + (int64_t)h * d;
     const T* vb = v + b * kv_batch + (int64_t)h * d;
+    // K and V tiles share their rows' places: each thread's copies are worked out here once.
+    const TileCopies<WG_K, DP / 8, 128 * WG_GROUPS> kv_copies(
+        kv_row, d,
+        [](int u, int& r, int& c) {
+            const int g = u / 8;
+            r = (g / (DP / 8)) * 8 + u % 8;
+            c = g % (DP / 8);
+        },
+        [](int r, int c) { return static_cast<uint32_t>((r / 8) * ROWS + c * 128 + (r % 8) * 16); });
     auto load_tile = [&](int tile) {
-        load_rows<T, DP>(k_tile(tile), kb, WG_K, tile * WG_K, m, kv_row, d);
-        load_rows<T, DP>(k_tile(tile) + TILE, vb, WG_K, tile * WG_K, m, kv_row, d, ONES);
+        kv_copies.copy(k_tile(tile), kb, tile * WG_K, m, kv_row);
+        kv_copies.copy(k_tile(tile) + TILE, vb, tile * WG_K, m, kv_row);
     };
-    if (ONES) {
-        // Once for every stage: V's padding columns, a one in column d, zeros after it.
+    {
+        // Once for every stage, the columns from d on, which no tile's copy writes: zeros in
+        // K, and in V zeros or (ONES) a one in column d and zeros after it.
         const int pad = DP / 8 - d / 8;  // 16-byte chunks per row from column d on
-        for (int idx = threadIdx.x; idx < STAGES * WG_K * pad; idx += blockDim.x) {
-            const int stage = idx / (WG_K * pad), r = idx / pad % WG_K, c = d / 8 + idx % pad;
-            uint32_t* chunk = reinterpret_cast<uint32_t*>(k_tile(stage) + TILE + (r / 8) * ROWS +
-                                                           c * 128 + (r % 8) * 16);
-            chunk[0] = Mma<T>::pack(c * 8 == d ? 1.f : 0.f, 0.f);
+        for (int idx = threadIdx.x; idx < 2 * STAGES * WG_K * pad; idx += blockDim.x) {
+            const int which = idx / (WG_K * pad), r = idx / pad % WG_K, c = d / 8 + idx % pad;
+            const bool is_v = which % 2 == 1;
+            uint32_t* chunk = reinterpret_cast<uint32_t*>(k_tile(which / 2) + (is_v ? TILE : 0) +
+                                                           (r / 8) * ROWS + c * 128 + (r % 8) * 16);
+            chunk[0] = Mma<T>::pack(ONES && is_v && c * 8 == d ? 1.f : 0.f, 0.f);
             chunk[1] = chunk[2] = chunk[3] = 0u;
         }
     }

@@ -48,6 +48,46 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+// One thread's share of copying tiles of `Rows` rows × `CH` 16-byte chunks into shared
+// memory, worked out once per kernel, so that copying a tile is an address and a bounds
+// check per chunk. Chunks from column `d` on are never copied (a kernel writes them once),
+// nor are slots past the tile. `place(u, r, c)` names chunk u's row and column chunk,
+// `offset(r, c)` its byte offset in the tile. A tile's rows are at most 2³¹ elements apart
+// in all (`Rows · stride`).
+template <int Rows, int CH, int Threads>
+struct TileCopies {
+    static constexpr int SLOTS = (Rows * CH + Threads - 1) / Threads;
+    static constexpr int NONE = 1 << 30;
+    int row[SLOTS];       // row in the tile; NONE: the slot copies nothing
+    uint32_t dst[SLOTS];  // bytes from the tile's start
+    int src[SLOTS];       // elements from the tile's first row
+    template <typename Place, typename Offset>
+    __device__ __forceinline__ TileCopies(int64_t stride, int d, Place place, Offset offset) {
+#pragma unroll
+        for (int j = 0; j < SLOTS; j++) {
+            const int u = threadIdx.x + j * Threads;
+            int r, c;
+            place(u, r, c);
+            row[j] = u < Rows * CH && c * 8 < d ? r : NONE;
+            dst[j] = offset(r, c);
+            src[j] = static_cast<int>(r * stride) + c * 8;
+        }
+    }
+    // Rows `first`.. of `base`, `stride` elements apart, into `tile`; rows from `count` on
+    // as zeros.
+    template <typename T>
+    __device__ __forceinline__ void copy(unsigned char* tile, const T* base, int first,
+                                         int count, int64_t stride) const {
+        const T* at = base + first * stride;
+#pragma unroll
+        for (int j = 0; j < SLOTS; j++) {
+            if (row[j] == NONE) continue;
+            const bool inside = first + row[j] < count;
+            cp_async16(tile + dst[j], inside ? at + src[j] : base, inside);
+        }
+    }
+};
+
 // exp2 of two floats, packed as two 16-bit values: one `ex2.approx.f16x2` for f16 (half the
 // special-function work of two f32 exponentials; the argument rounded to f16 first, which
 // costs about as much accuracy as rounding the probability to f16 does), two f32 ones for
