@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (H100 or H200): the CUDA tests, then the attention kernels side by
 # side in one call — the mma.sync kernel (SPARKLE_HOPPER_ATTENTION=0), the plain warpgroup
-# kernel (=1) and the pipelined one (=2) — on SD 1.5 and SDXL, and the CPU check of the
-# pipelined one. Expects .carry/bin/sparkle.xz and .carry/bin/engine-tests.xz
+# kernel (=1), the pipelined one (=2) and that in blocks of one warpgroup (=3) — on SD 1.5
+# and SDXL, and the CPU check of the pipelined one. Expects .carry/bin/sparkle.xz and .carry/bin/engine-tests.xz
 # (tools/device/build-cuda.sh). Every line also goes to $OUT/results.log.
-#   SD15_BATCH=1,16  SDXL_BATCH=1,4  SDXL=1  CHECK=1  TESTS=cuda::tests  bash tools/device/hopper-attention.sh
+#   SD15_BATCH=1,16  SDXL_BATCH=1,4  SD15_FORMS="0 1 2 3"  SDXL_FORMS="0 2 3"  SDXL=1  CHECK=1
+#   TESTS=cuda::tests  bash tools/device/hopper-attention.sh
 set -uo pipefail
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/results.log") 2>&1
@@ -24,7 +25,7 @@ fi
 # Only the model's maker: a bare `wait` would wait for the `tee` above too, which never ends.
 wait "$made" || exit 1
 B=(bench engine --model /tmp/f15 --steps 25 --size 512x512 --scheduler ddim --device cuda --repeat 2)
-for form in 0 1 2; do
+for form in ${SD15_FORMS:-0 1 2 3}; do
   echo "## SD 1.5, SPARKLE_HOPPER_ATTENTION=$form"
   SPARKLE_HOPPER_ATTENTION=$form timeout 60 /tmp/new "${B[@]}" --batch "${SD15_BATCH:-1,16}" 2>&1 | rows
 done
@@ -36,7 +37,7 @@ rm -rf /tmp/f15
 [ "${SDXL:-1}" = 1 ] || exit 0
 /tmp/new model tiny /tmp/fxl --arch sdxl --full-size >/dev/null 2>&1 || exit 1
 X=(bench engine --model /tmp/fxl --steps 20 --size 1024x1024 --scheduler euler --device cuda --repeat 1)
-for form in 0 2; do
+for form in ${SDXL_FORMS:-0 2 3}; do
   echo "## SDXL, SPARKLE_HOPPER_ATTENTION=$form"
   SPARKLE_HOPPER_ATTENTION=$form timeout 60 /tmp/new "${X[@]}" --batch "${SDXL_BATCH:-1,4}" 2>&1 | rows
 done

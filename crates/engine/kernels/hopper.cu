@@ -2,8 +2,8 @@
 // attention for heads up to 64 wide on H100/H200, where `mma.sync` (kernels/fused.cu) leaves
 // the tensor cores half idle. Compiled by build.rs for sm_90a only; loaded on such GPUs only.
 //
-// A block is two warpgroups, each with 64 queries of one (image, head); K and V come through
-// shared memory 64 keys at a time, two stages deep (`cp.async`). Per key tile a warpgroup
+// A block is one or two warpgroups, each with 64 queries of one (image, head); K and V come
+// through shared memory 64 keys at a time, two or three stages deep (`cp.async`). Per key tile a warpgroup
 // runs S = Q·Kᵀ with both operands in shared memory, the online softmax on S in registers,
 // then O += P·V with P straight from registers and V in shared memory.
 //
@@ -75,8 +75,6 @@ __device__ __forceinline__ void wg_commit_wait() {
 
 constexpr int WG_Q = 64;      // queries per warpgroup
 constexpr int WG_K = 64;      // keys per tile
-constexpr int WG_GROUPS = 2;  // warpgroups per block
-constexpr int WG_BQ = WG_Q * WG_GROUPS;
 
 // Loads `rows` rows of `src` from row `first` (zeros from row `count` and column `d` on)
 // into the layout above at `dst`. Eight threads take eight consecutive rows of one 16-byte
@@ -193,12 +191,15 @@ template <int DP> __device__ __forceinline__ void rescale(float* o, const float*
 // layout's reading). PIPE: Q·Kᵀ of the next tile and P·V of this one run on the tensor
 // cores while the softmax of the next tile runs beside them (three stages of K and V).
 // ONES (with PIPE, d < DP): V's column d holds ones, so P·V also yields the row sums.
-template <typename T, int DP, bool SWAP, bool ONES, bool PIPE>
+// GROUPS: warpgroups per block, which share each K and V tile and meet at its barriers (one:
+// blocks of 64 queries that wait for no other warpgroup, each copying its own tiles).
+template <typename T, int DP, bool SWAP, bool ONES, bool PIPE, int GROUPS>
 __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict__ k,
                                    const T* __restrict__ v, T* __restrict__ out, int heads,
                                    int n, int m, int d, int64_t q_batch, int64_t q_row,
                                    int64_t kv_batch, int64_t kv_row, float scale_log2) {
     constexpr int ROWS = DP / 8 * 128, TILE = WG_K * DP * 2, STAGES = PIPE ? 3 : 2;
+    constexpr int WG_BQ = WG_Q * GROUPS;
     extern __shared__ __align__(128) unsigned char smem[];
     // Stage s: a K tile, then its V tile.
     auto k_tile = [&](int tile) { return smem + WG_BQ * DP * 2 + (tile % STAGES) * 2 * TILE; };
@@ -209,7 +210,7 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     const T* kb = k + b * kv_batch + (int64_t)h * d;
     const T* vb = v + b * kv_batch + (int64_t)h * d;
     // K and V tiles share their rows' places: each thread's copies are worked out here once.
-    const TileCopies<WG_K, DP / 8, 128 * WG_GROUPS> kv_copies(
+    const TileCopies<WG_K, DP / 8, 128 * GROUPS> kv_copies(
         kv_row, d,
         [](int u, int& r, int& c) {
             const int g = u / 8;
@@ -354,23 +355,30 @@ __device__ void flash_attention_wg(const T* __restrict__ q, const T* __restrict_
     }
 }
 
-#define FLASH_WG(T, NAME, DP, SWAP, ONES, PIPE, SUFFIX)                                       \
-    extern "C" __global__ void __launch_bounds__(128 * WG_GROUPS, 2)                          \
+// Blocks of two warpgroups, two per SM; of one, four per SM (the same warps, each thread
+// at most 128 registers), three for heads 64 wide (which would spill in 128).
+#define FLASH_WG(T, NAME, DP, SWAP, ONES, PIPE, GROUPS, SUFFIX)                               \
+    extern "C" __global__ void __launch_bounds__(128 * GROUPS,                                \
+                                                 GROUPS == 2 ? 2 : (DP == 64 ? 3 : 4))        \
         flash_attention_wg##DP##SUFFIX##_##NAME(                                              \
             const T* q, const T* k, const T* v, T* out, int heads, int n, int m, int d,       \
             int64_t q_batch, int64_t q_row, int64_t kv_batch, int64_t kv_row,                 \
             float scale_log2) {                                                               \
-        flash_attention_wg<T, DP, SWAP, ONES, PIPE>(q, k, v, out, heads, n, m, d, q_batch,    \
-                                                    q_row, kv_batch, kv_row, scale_log2);     \
+        flash_attention_wg<T, DP, SWAP, ONES, PIPE, GROUPS>(                                  \
+            q, k, v, out, heads, n, m, d, q_batch, q_row, kv_batch, kv_row, scale_log2);      \
     }
-#define FLASH_WG_ALL(T, NAME)                          \
-    FLASH_WG(T, NAME, 48, false, false, false, )       \
-    FLASH_WG(T, NAME, 64, false, false, false, )       \
-    FLASH_WG(T, NAME, 48, true, false, false, swap)    \
-    FLASH_WG(T, NAME, 64, true, false, false, swap)    \
-    FLASH_WG(T, NAME, 48, false, false, true, pipe)    \
-    FLASH_WG(T, NAME, 64, false, false, true, pipe)    \
-    FLASH_WG(T, NAME, 48, false, true, true, pipep)    \
-    FLASH_WG(T, NAME, 64, false, true, true, pipep)
+#define FLASH_WG_ALL(T, NAME)                              \
+    FLASH_WG(T, NAME, 48, false, false, false, 2, )        \
+    FLASH_WG(T, NAME, 64, false, false, false, 2, )        \
+    FLASH_WG(T, NAME, 48, true, false, false, 2, swap)     \
+    FLASH_WG(T, NAME, 64, true, false, false, 2, swap)     \
+    FLASH_WG(T, NAME, 48, false, false, true, 2, pipe)     \
+    FLASH_WG(T, NAME, 64, false, false, true, 2, pipe)     \
+    FLASH_WG(T, NAME, 48, false, true, true, 2, pipep)     \
+    FLASH_WG(T, NAME, 64, false, true, true, 2, pipep)     \
+    FLASH_WG(T, NAME, 48, false, false, true, 1, pipe1)    \
+    FLASH_WG(T, NAME, 64, false, false, true, 1, pipe1)    \
+    FLASH_WG(T, NAME, 48, false, true, true, 1, pipep1)    \
+    FLASH_WG(T, NAME, 64, false, true, true, 1, pipep1)
 FLASH_WG_ALL(__half, f16)
 FLASH_WG_ALL(__nv_bfloat16, bf16)

@@ -56,20 +56,23 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // in all (`Rows · stride`).
 template <int Rows, int CH, int Threads>
 struct TileCopies {
+    static_assert(Rows < 255, "a tile's row must fit in a byte");
     static constexpr int SLOTS = (Rows * CH + Threads - 1) / Threads;
-    static constexpr int NONE = 1 << 30;
-    int row[SLOTS];       // row in the tile; NONE: the slot copies nothing
-    uint32_t dst[SLOTS];  // bytes from the tile's start
-    int src[SLOTS];       // elements from the tile's first row
+    static constexpr uint32_t NONE = 0xFF;
+    // Per slot, two registers: the row in the tile in the low byte (NONE: the slot copies
+    // nothing) and the byte offset in the tile above it; the elements from the tile's first
+    // row.
+    uint32_t place[SLOTS];
+    int src[SLOTS];
     template <typename Place, typename Offset>
-    __device__ __forceinline__ TileCopies(int64_t stride, int d, Place place, Offset offset) {
+    __device__ __forceinline__ TileCopies(int64_t stride, int d, Place chunk, Offset offset) {
 #pragma unroll
         for (int j = 0; j < SLOTS; j++) {
             const int u = threadIdx.x + j * Threads;
             int r, c;
-            place(u, r, c);
-            row[j] = u < Rows * CH && c * 8 < d ? r : NONE;
-            dst[j] = offset(r, c);
+            chunk(u, r, c);
+            const bool used = u < Rows * CH && c * 8 < d;
+            place[j] = (used ? static_cast<uint32_t>(r) : NONE) | offset(r, c) << 8;
             src[j] = static_cast<int>(r * stride) + c * 8;
         }
     }
@@ -81,9 +84,10 @@ struct TileCopies {
         const T* at = base + first * stride;
 #pragma unroll
         for (int j = 0; j < SLOTS; j++) {
-            if (row[j] == NONE) continue;
-            const bool inside = first + row[j] < count;
-            cp_async16(tile + dst[j], inside ? at + src[j] : base, inside);
+            const uint32_t r = place[j] & 0xFF;
+            if (r == NONE) continue;
+            const bool inside = first + static_cast<int>(r) < count;
+            cp_async16(tile + (place[j] >> 8), inside ? at + src[j] : base, inside);
         }
     }
 };

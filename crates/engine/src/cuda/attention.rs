@@ -31,14 +31,16 @@ pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
 }
 
 /// The warpgroup kernel heads up to 64 wide take on Hopper GPUs: with
-/// `SPARKLE_HOPPER_ATTENTION=1` the plain one, `=2` the pipelined one (the `mma.sync` kernel
-/// everywhere otherwise, until the warpgroup ones have been measured).
+/// `SPARKLE_HOPPER_ATTENTION=1` the plain one, `=2` the pipelined one, `=3` the pipelined one
+/// in blocks of one warpgroup (the `mma.sync` kernel everywhere otherwise, until a warpgroup
+/// one is measured ahead of it).
 fn hopper_attention() -> Option<Hopper> {
     static CHOICE: std::sync::OnceLock<Option<Hopper>> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(
         || match std::env::var("SPARKLE_HOPPER_ATTENTION").as_deref() {
             Ok("1") => Some(Hopper::Plain),
             Ok("2") => Some(Hopper::Pipelined),
+            Ok("3") => Some(Hopper::Single),
             _ => None,
         },
     )
@@ -56,6 +58,9 @@ pub(crate) enum Hopper {
     /// The next tile's Q·Kᵀ and this tile's P·V on the tensor cores while the next softmax
     /// runs; row sums from a column of ones where heads are narrower than the kernel.
     Pipelined,
+    /// [`Hopper::Pipelined`] in blocks of one warpgroup, which wait at no other's barriers
+    /// (and copy K and V for 64 queries instead of 128).
+    Single,
 }
 
 /// The kernel an attention runs on.
@@ -165,17 +170,21 @@ impl AttentionOp {
         let (kernels, name, block_queries, threads, bytes) = match kernel {
             Kernel::Hopper(form) => {
                 // Tiles of 64 keys (a K and a V tile per stage), unpadded, after the Q tile of
-                // two warpgroups of 64 queries. Reading V's layout the wrong way round reaches
-                // past the last V tile by less than a tile: one more keeps it inside.
-                let (form, tiles) = match form {
-                    Hopper::Plain => ("", 2 * 2),
-                    Hopper::Swapped => ("swap", 2 * 2 + 1),
-                    Hopper::Pipelined if d < dp => ("pipep", 3 * 2),
-                    Hopper::Pipelined => ("pipe", 3 * 2),
+                // the block's warpgroups of 64 queries. Reading V's layout the wrong way round
+                // reaches past the last V tile by less than a tile: one more keeps it inside.
+                let ones = d < dp;
+                let (form, tiles, groups) = match form {
+                    Hopper::Plain => ("", 2 * 2, 2),
+                    Hopper::Swapped => ("swap", 2 * 2 + 1, 2),
+                    Hopper::Pipelined if ones => ("pipep", 3 * 2, 2),
+                    Hopper::Pipelined => ("pipe", 3 * 2, 2),
+                    Hopper::Single if ones => ("pipep1", 3 * 2, 1),
+                    Hopper::Single => ("pipe1", 3 * 2, 1),
                 };
-                let bytes = (128 + tiles * 64) * dp * size;
+                let queries = 64 * groups;
+                let bytes = (queries + tiles * 64) * dp * size;
                 let name = format!("flash_attention_wg{dp}{form}_{}", T::SUFFIX);
-                (Kernels::Hopper, name, 128, 256, bytes)
+                (Kernels::Hopper, name, queries, 128 * groups as u32, bytes)
             }
             _ => {
                 let rt = flash_rows(dp);
