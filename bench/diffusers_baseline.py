@@ -2,12 +2,13 @@
 request shape, the same table.
 
     python bench/diffusers_baseline.py --model DIR [--batch 1,4,8,16] [--steps 25]
-        [--size 512x512] [--guidance 7.5] [--dtype fp16|bf16] [--repeat 3] [--compile]
+        [--size 512x512] [--guidance 7.5] [--dtype fp16|bf16] [--scheduler ddim|euler]
+        [--repeat 3] [--compile]
 
 MODEL_DIR is a diffusers-layout model, e.g. one written by `sparkle model tiny DIR --full-size`
 (full-size random weights), so both engines run the same weights; SD 1.x/2.x and SDXL (the
 pipeline class comes from the model's model_index.json). Each batch runs the whole
-pipeline (text encoding, `steps` DDIM steps with classifier-free guidance, VAE decode, copy to
+pipeline (text encoding, `steps` DDIM or Euler steps with classifier-free guidance, VAE decode, copy to
 the host) `repeat` times after one warm-up run; the median is reported. UNet milliseconds per
 step are timed separately with CUDA events around one UNet call on the same batch (2×batch
 rows with guidance). TFLOP/s is the UNet's FLOPs (torch's FlopCounterMode) over that UNet time,
@@ -22,7 +23,7 @@ import time
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -39,6 +40,8 @@ def main():
     ap.add_argument("--size", default="512x512")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--scheduler", choices=["ddim", "euler"], default="ddim",
+                    help="the sampler, as `sparkle bench engine --scheduler` names it")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (reduce-overhead: CUDA graphs)")
     ap.add_argument("--recipe", action="store_true",
@@ -57,7 +60,8 @@ def main():
         xl = "XL" in json.load(f)["_class_name"]
     extra = {} if xl else dict(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **extra)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = DDIMScheduler if args.scheduler == "ddim" else EulerDiscreteScheduler
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     torch.cuda.synchronize()

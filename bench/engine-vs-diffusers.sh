@@ -6,7 +6,7 @@
 #
 # Expects the CUDA build of sparkle as $SPARKLE (default: .carry/bin/sparkle.xz, unpacked) and
 # diffusers importable (or its wheel under .carry/whl/). Environment:
-#   BATCH=1,4,8,16  STEPS=25  SIZE=512x512  REPEAT=2  PRECISION=f16
+#   BATCH=1,4,8,16  STEPS=25  SIZE=512x512  REPEAT=2  PRECISION=f16  SCHEDULER=ddim (or euler)
 #   ARCH=sd1.5      or sdxl (then SIZE=1024x1024 suits it): the random-weight model's architecture
 #   DIFFUSERS=0     skip the diffusers baseline
 #   COMPILED=1,8    also diffusers with the UNet compiled (torch.compile, reduce-overhead) at
@@ -22,7 +22,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 BATCH=${BATCH:-1,4,8,16}; STEPS=${STEPS:-25}; SIZE=${SIZE:-512x512}; REPEAT=${REPEAT:-2}
-PRECISION=${PRECISION:-f16}
+PRECISION=${PRECISION:-f16}; SCHEDULER=${SCHEDULER:-ddim}
 source "$(dirname "$0")/../tools/device/env.sh"
 if ! $PY -c 'import diffusers' 2>/dev/null && ls .carry/whl/diffusers-*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
@@ -37,30 +37,30 @@ MODEL=/tmp/$ARCH-full
 du -sh $MODEL
 
 if [ "${COLD:-0}" = 1 ]; then
-  echo "## cold start: new process, empty kernel cache, load to first image (1 image, 25 steps)"
+  echo "## cold start: new process, empty kernel cache, load to first image (1 image, $STEPS steps)"
   export CUDA_CACHE_PATH=$(mktemp -d)
   /usr/bin/time -f "%e s wall" $SPARKLE generate "a corgi, style of monet" -o "$OUT/cold.png" --model $MODEL \
-    --size "$SIZE" --steps 25 --seed 7 --scheduler ddim --device cuda --precision "$PRECISION" 2>&1 | grep -v INFO | tail -2
+    --size "$SIZE" --steps "$STEPS" --seed 7 --scheduler "$SCHEDULER" --device cuda --precision "$PRECISION" 2>&1 | grep -v INFO | tail -2
   echo "## again, kernel cache warm"
   /usr/bin/time -f "%e s wall" $SPARKLE generate "a corgi, style of monet" -o "$OUT/warm.png" --model $MODEL \
-    --size "$SIZE" --steps 25 --seed 7 --scheduler ddim --device cuda --precision "$PRECISION" 2>&1 | grep -v INFO | tail -2
+    --size "$SIZE" --steps "$STEPS" --seed 7 --scheduler "$SCHEDULER" --device cuda --precision "$PRECISION" 2>&1 | grep -v INFO | tail -2
 fi
 
 echo "## sparkle"
-$SPARKLE bench engine --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" --scheduler ddim \
+$SPARKLE bench engine --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" --scheduler "$SCHEDULER" \
   --device cuda --precision "$PRECISION" --repeat "$REPEAT" ${CHECK:+--check} 2>&1 | grep -v INFO
 dtype=fp16; [ "$PRECISION" = bf16 ] && dtype=bf16   # diffusers' name for the precision
 if [ "${DIFFUSERS:-1}" = 1 ]; then
   echo "## diffusers"
   $PY bench/diffusers_baseline.py --model $MODEL --batch "$BATCH" --steps "$STEPS" --size "$SIZE" \
-    --dtype $dtype --repeat "$REPEAT" --json "$OUT/diffusers.json" 2>&1 | grep -v -i warn
+    --dtype $dtype --scheduler "$SCHEDULER" --repeat "$REPEAT" --json "$OUT/diffusers.json" 2>&1 | grep -v -i warn
 fi
 
 if [ -n "${COMPILED:-}" ]; then
   for b in ${COMPILED//,/ }; do
     echo "## diffusers, UNet compiled${RECIPE:+ with the recipe}, batch $b (timeout ${COMPILE_TIMEOUT:-300} s)"
     timeout "${COMPILE_TIMEOUT:-300}" $PY bench/diffusers_baseline.py --model $MODEL --batch "$b" --steps "$STEPS" \
-      --size "$SIZE" --dtype $dtype --repeat "$REPEAT" --compile ${RECIPE:+--recipe} \
+      --size "$SIZE" --dtype $dtype --scheduler "$SCHEDULER" --repeat "$REPEAT" --compile ${RECIPE:+--recipe} \
       --json "$OUT/diffusers-compiled-b$b.json" 2>&1 | grep -v -i warn
     [ "${PIPESTATUS[0]}" = 124 ] && echo "batch $b: compilation and run exceeded ${COMPILE_TIMEOUT:-300} s"
   done
