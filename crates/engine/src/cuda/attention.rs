@@ -156,10 +156,12 @@ impl AttentionOp {
             .into_iter()
             .find(|&w| w >= d)
             .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
+        // The warpgroup kernel addresses a 64-key tile's rows with 32 bits.
+        let fits = dp <= 64 && 64 * width < i32::MAX as usize && hopper(&dev);
         let kernel = match (self.kernel, hopper_attention()) {
-            (Kernel::Auto, Some(form)) if dp <= 64 && hopper(&dev) => Kernel::Hopper(form),
+            (Kernel::Auto, Some(form)) if fits => Kernel::Hopper(form),
             (Kernel::Auto, _) => Kernel::Portable,
-            (Kernel::Hopper(_), _) if dp > 64 || !hopper(&dev) => {
+            (Kernel::Hopper(_), _) if !fits => {
                 return Err(fail(format!(
                     "the warpgroup attention kernel needs an sm_90 GPU and heads up to 64 wide, not {d}"
                 )))
