@@ -3,9 +3,9 @@
 // the tensor cores half idle. Compiled by build.rs for sm_90a only; loaded on such GPUs only.
 //
 // A block is one or two warpgroups, each with 64 queries of one (image, head); K and V come
-// through shared memory 64 keys at a time, two or three stages deep (`cp.async`). Per key tile a warpgroup
-// runs S = Q·Kᵀ with both operands in shared memory, the online softmax on S in registers,
-// then O += P·V with P straight from registers and V in shared memory.
+// through shared memory 64 keys at a time, two or three stages deep (`cp.async`). Per key
+// tile a warpgroup runs S = Q·Kᵀ with both operands in shared memory, the online softmax on
+// S in registers, then O += P·V with P straight from registers and V in shared memory.
 //
 // Shared-memory tiles are laid out as wgmma reads them without swizzling: core matrices of
 // 8 rows × 16 bytes, 128 contiguous bytes each; the core matrices of one row block are

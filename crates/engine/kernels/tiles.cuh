@@ -56,7 +56,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // in all (`Rows · stride`).
 template <int Rows, int CH, int Threads>
 struct TileCopies {
-    static_assert(Rows < 255, "a tile's row must fit in a byte");
+    static_assert(Rows <= 255, "a tile's row must fit in a byte beside the NONE mark");
     static constexpr int SLOTS = (Rows * CH + Threads - 1) / Threads;
     static constexpr uint32_t NONE = 0xFF;
     // Per slot, two registers: the row in the tile in the low byte (NONE: the slot copies
@@ -73,7 +73,7 @@ struct TileCopies {
             chunk(u, r, c);
             const bool used = u < Rows * CH && c * 8 < d;
             place[j] = (used ? static_cast<uint32_t>(r) : NONE) | offset(r, c) << 8;
-            src[j] = static_cast<int>(r * stride) + c * 8;
+            src[j] = used ? static_cast<int>(r * stride) + c * 8 : 0;
         }
     }
     // Rows `first`.. of `base`, `stride` elements apart, into `tile`; rows from `count` on
@@ -92,10 +92,10 @@ struct TileCopies {
     }
 };
 
-// exp2 of two floats, packed as two 16-bit values: one `ex2.approx.f16x2` for f16 (half the
-// special-function work of two f32 exponentials; the argument rounded to f16 first, which
-// costs about as much accuracy as rounding the probability to f16 does), two f32 ones for
-// bf16 (whose packed form needs sm_90).
+// exp2 of two floats, packed as two 16-bit values: one `ex2.approx.f16x2` for f16 (the
+// argument rounded to f16 first, which costs about as much accuracy as rounding the
+// probability to f16 does; sm_80 to sm_90 run it as two f16 exponentials and a repacking),
+// two f32 ones for bf16 (whose packed form needs sm_90).
 template <typename T> __device__ __forceinline__ uint32_t exp2_pair(float x0, float x1);
 template <> __device__ __forceinline__ uint32_t exp2_pair<__half>(float x0, float x1) {
     __half2 h = __floats2half2_rn(x0, x1);

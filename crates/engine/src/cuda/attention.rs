@@ -162,9 +162,10 @@ impl AttentionOp {
             (Kernel::Auto, Some(form)) if fits => Kernel::Hopper(form),
             (Kernel::Auto, _) => Kernel::Portable,
             (Kernel::Hopper(_), _) if !fits => {
+                let needs = "an sm_90 GPU, heads up to 64 wide and rows under 2³¹ / 64 elements";
                 return Err(fail(format!(
-                    "the warpgroup attention kernel needs an sm_90 GPU and heads up to 64 wide, not {d}"
-                )))
+                    "the warpgroup attention kernel needs {needs}, not heads {d} wide in rows of {width}"
+                )));
             }
             (chosen, _) => chosen,
         };
@@ -212,11 +213,22 @@ impl AttentionOp {
             view::<T>(vs, vl, "values")?,
         );
         let func = function_with(&dev, kernels, &name, |func| {
+            use cudarc::driver::sys::CUfunction_attribute as Attribute;
             func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                Attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
             )
-            .map_err(driver)
+            .map_err(driver)?;
+            if kernels == Kernels::Hopper {
+                // All of the SM's L1 as shared memory: three or four blocks of the
+                // one-warpgroup form need more than the driver's default split leaves.
+                func.set_attribute(
+                    Attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                )
+                .map_err(driver)?;
+            }
+            Ok(())
         })?;
         // SAFETY: every output element is written by the kernel.
         let mut out = unsafe { dev.alloc::<T>(b * n * width)? };
