@@ -184,7 +184,13 @@ impl JobEvents {
                 }
             }
         };
-        let mut positions_due: Option<Instant> = None;
+        // Whoever subscribed before that baseline may hold a state or a place that changed
+        // before it, which no later change would report: read their jobs again now, and
+        // place them anew on the first pass.
+        if let Err(e) = self.reread_followed().await {
+            tracing::warn!(error = %e, "cannot read the followed jobs");
+        }
+        let mut positions_due = Some(Instant::now());
         let mut positions_at = Instant::now() - self.options.positions_every;
         loop {
             let wait = match positions_due {
@@ -254,6 +260,20 @@ impl JobEvents {
                 return Ok((seen, queue_moved));
             }
         }
+    }
+
+    /// Reads every followed job once more and publishes what changed.
+    async fn reread_followed(&self) -> Result<(), QueueError> {
+        let ids: Vec<JobId> = {
+            let followed = self.followed.lock().map_err(|_| poisoned())?;
+            followed.keys().copied().collect()
+        };
+        for id in ids {
+            if let Some(job) = self.queue.get(id).await? {
+                self.publish(Arc::new(job), None);
+            }
+        }
+        Ok(())
     }
 
     /// Recomputes the position of every followed queued job, in one read of the queue.
@@ -472,6 +492,62 @@ mod tests {
             events.followed(),
             followed_before - 1,
             "a dropped subscription unfollows"
+        );
+        shutdown.cancel();
+        watcher.await.expect("watcher stops");
+    }
+
+    /// Subscribers who came before the watcher took its first look at the change counter
+    /// still hear of what changed in between: a state and a place no later change reports.
+    #[tokio::test]
+    async fn changes_before_the_watcher_starts_reach_subscribers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let gateway = Arc::new(
+            SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
+                .await
+                .expect("open"),
+        );
+        let worker = SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
+            .await
+            .expect("open again");
+        let mut jobs = Vec::new();
+        for prompt in ["one", "two"] {
+            let job = gateway.enqueue(new_job("alice", prompt)).await;
+            jobs.push(job.expect("enqueue").job);
+        }
+        let events = JobEvents::new(
+            gateway.clone(),
+            EventOptions {
+                poll: Duration::from_millis(20),
+                positions_every: Duration::from_millis(20),
+            },
+        );
+        let subscribe = |id| {
+            let events = events.clone();
+            async move {
+                let sub = events.subscribe(id).await.expect("subscribe");
+                sub.expect("job")
+            }
+        };
+        let mut first = subscribe(jobs[0].id).await;
+        let mut second = subscribe(jobs[1].id).await;
+        assert_eq!(second.current().position, Some(1));
+        // Leased before the watcher runs: its baseline already counts this change.
+        let lease = worker
+            .lease("w", 1, Duration::from_secs(30))
+            .await
+            .expect("lease")
+            .pop()
+            .expect("leased");
+        assert_eq!(lease.job.id, jobs[0].id);
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(events.clone().run(shutdown.clone()));
+        assert_eq!(next_within(&mut first).await.job.status, JobStatus::Running);
+        let moved = next_within(&mut second).await;
+        assert_eq!(
+            (moved.job.status, moved.position),
+            (JobStatus::Queued, Some(0))
         );
         shutdown.cancel();
         watcher.await.expect("watcher stops");
