@@ -5,7 +5,7 @@
 # and SDXL, and the CPU check of the pipelined one. Expects .carry/bin/sparkle.xz and .carry/bin/engine-tests.xz
 # (tools/device/build-cuda.sh). Every line also goes to $OUT/results.log.
 #   SD15_BATCH=1,16  SDXL_BATCH=1,4  SD15_FORMS="0 1 2 3"  SDXL_FORMS="0 2 3"  SDXL=1  CHECK=1
-#   TESTS=cuda::tests  bash tools/device/hopper-attention.sh
+#   TESTS=cuda::tests  ATTENTION_BATCH=16  bash tools/device/hopper-attention.sh
 set -uo pipefail
 OUT=${OUT:-./bench-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/results.log") 2>&1
@@ -22,6 +22,8 @@ if [ "${CHECK:-1}" = 1 ]; then
   SPARKLE_HOPPER_ATTENTION=2 timeout 60 /tmp/engine-tests pipelines_match --test-threads=1 --nocapture 2>&1 |
     grep -E "sd1.5|sdxl|test result|panicked" | head -20
 fi
+echo "## the attention kernels alone, batch ${ATTENTION_BATCH:-16}"
+timeout 90 /tmp/new bench attention --batch "${ATTENTION_BATCH:-16}" 2>&1 | grep -v " INFO "
 # Only the model's maker: a bare `wait` would wait for the `tee` above too, which never ends.
 wait "$made" || exit 1
 B=(bench engine --model /tmp/f15 --steps 25 --size 512x512 --scheduler ddim --device cuda --repeat 2)

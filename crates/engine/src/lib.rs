@@ -28,6 +28,7 @@ mod config;
 mod cuda;
 pub mod embeddings;
 mod error;
+mod kernel_bench;
 mod layers;
 mod layout;
 pub mod lora;
@@ -45,6 +46,7 @@ mod vocab;
 mod weights;
 
 pub use error::EngineError;
+pub use kernel_bench::{time_attention, AttentionShape, AttentionTiming};
 
 /// Whether this build runs on NVIDIA GPUs (the `cuda` feature).
 pub const CUDA: bool = cfg!(feature = "cuda");

@@ -354,7 +354,7 @@ fn pick_device(choice: DeviceChoice) -> Result<Device, EngineError> {
 }
 
 /// GPU `ordinal` as the engine runs on it (see `cuda::device`).
-fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
+pub(crate) fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
     #[cfg(feature = "cuda")]
     return crate::cuda::device(ordinal);
     #[cfg(not(feature = "cuda"))]

@@ -275,3 +275,45 @@ ternary_op!(
     "no fused attention",
     [F16 => f16, BF16 => bf16]
 );
+
+/// Seconds per call of each attention kernel this GPU has, on random `[b, n, heads·d]`
+/// queries over `[b, m, heads·d]` keys and values of `dtype` on `device`: the mean of `repeat`
+/// calls after one untimed one, the GPU drained before and after. The kernels' names are
+/// those `SPARKLE_HOPPER_ATTENTION` chooses between.
+pub(crate) fn time_kernels(
+    device: &candle_core::Device,
+    dtype: DType,
+    (b, n, m, heads, d): (usize, usize, usize, usize, usize),
+    repeat: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Err(fail("timing the attention kernels needs a CUDA device"));
+    };
+    let make = |rows| Tensor::randn(0f32, 1.0, (b, rows, heads * d), device)?.to_dtype(dtype);
+    let (q, k, v) = (make(n)?, make(m)?, make(m)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut kernels = vec![("0: mma.sync", Kernel::Portable)];
+    if hopper(dev) && d <= 64 {
+        kernels.extend([
+            ("1: warpgroups", Kernel::Hopper(Hopper::Plain)),
+            ("2: pipelined", Kernel::Hopper(Hopper::Pipelined)),
+            (
+                "3: pipelined, one warpgroup a block",
+                Kernel::Hopper(Hopper::Single),
+            ),
+        ]);
+    }
+    kernels
+        .into_iter()
+        .map(|(name, kernel)| {
+            attention_on(&q, &k, &v, heads, scale, kernel)?;
+            device.synchronize()?;
+            let started = std::time::Instant::now();
+            for _ in 0..repeat {
+                attention_on(&q, &k, &v, heads, scale, kernel)?;
+            }
+            device.synchronize()?;
+            Ok((name, started.elapsed().as_secs_f64() / repeat.max(1) as f64))
+        })
+        .collect()
+}

@@ -420,7 +420,7 @@ mod linear;
 mod norm;
 mod rows;
 
-pub(crate) use attention::{attention, fused_attention};
+pub(crate) use attention::{attention, fused_attention, time_kernels};
 pub(crate) use conv::conv2d;
 pub(crate) use copies::{concat_last, upsample2x_last};
 pub(crate) use graph::Graphs;

@@ -15,6 +15,9 @@ pub enum BenchCommand {
     /// The engine alone: images per second, time per UNet step, achieved TFLOP/s and device
     /// memory, for each batch size, after one warm-up batch per size.
     Engine(EngineBench),
+    /// The attention kernels alone (CUDA build): each kernel the GPU has, on the shapes a
+    /// model's attention layers run at a batch size, in milliseconds per call and TFLOP/s.
+    Attention(AttentionBench),
     /// Event streams: opens N `GET /v1/jobs/{id}/events` streams on a running gateway and
     /// holds them for a while, counting events; measure the gateway (CPU, queries) meanwhile.
     /// `bench/event-streams.sh` runs it against a fresh `sparkle up`.
@@ -143,9 +146,32 @@ pub struct EngineBench {
     lora_rank: Option<usize>,
 }
 
+/// Arguments of `sparkle bench attention`.
+#[derive(Debug, Args)]
+pub struct AttentionBench {
+    /// Whose attention layers: sd1.5 (512², heads 40, 80 and 160 wide, text of 77 tokens)
+    /// or sdxl (1024², heads 64 wide), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sd1.5,sdxl",
+          value_parser = ["sd1.5", "sdxl"])]
+    arch: Vec<String>,
+    /// Images per batch; with guidance each layer runs on twice as many rows.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    precision: String,
+    /// Timed calls per kernel and shape (after an untimed one).
+    #[arg(long, default_value_t = 20)]
+    repeat: usize,
+}
+
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Attention(args) => attention(args),
         BenchCommand::Streams(args) => tokio::runtime::Runtime::new()
             .context("cannot start the runtime")?
             .block_on(streams(args)),
@@ -156,6 +182,64 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             .context("cannot start the runtime")?
             .block_on(queue::run(args)),
     }
+}
+
+fn attention(args: AttentionBench) -> anyhow::Result<()> {
+    use sparkle_engine::AttentionShape;
+    if args.batch == 0 || args.repeat == 0 {
+        bail!("--batch and --repeat must be at least 1");
+    }
+    let rows = 2 * args.batch;
+    let shape = |queries, keys, heads, head_dim| AttentionShape {
+        batch: rows,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    };
+    let mut shapes = Vec::new();
+    for arch in &args.arch {
+        shapes.extend(match arch.as_str() {
+            // Self-attention at 64², 32² and 16² latent pixels, cross-attention at 64².
+            "sd1.5" => vec![
+                shape(4096, 4096, 8, 40),
+                shape(1024, 1024, 8, 80),
+                shape(256, 256, 8, 160),
+                shape(4096, 77, 8, 40),
+            ],
+            // Self-attention at 64² and 32², cross-attention at 64².
+            _ => vec![
+                shape(4096, 4096, 10, 64),
+                shape(1024, 1024, 20, 64),
+                shape(4096, 77, 10, 64),
+            ],
+        });
+    }
+    let timings = sparkle_engine::time_attention(
+        super::serve::parse_device(&args.device)?,
+        args.precision
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
+        &shapes,
+        args.repeat,
+    )?;
+    println!("| rows × queries × keys, heads × width | kernel | ms per call | TFLOP/s |");
+    println!("|---|---|---:|---:|");
+    for t in timings {
+        let s = t.shape;
+        println!(
+            "| {} × {} × {}, {} × {} | {} | {:.3} | {:.0} |",
+            s.batch,
+            s.queries,
+            s.keys,
+            s.heads,
+            s.head_dim,
+            t.kernel,
+            t.seconds * 1e3,
+            s.flops() / t.seconds / 1e12
+        );
+    }
+    Ok(())
 }
 
 /// One timed batch.
