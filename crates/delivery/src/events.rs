@@ -394,17 +394,17 @@ mod tests {
         }
     }
 
-    async fn next_within(sub: &mut Subscription) -> JobUpdate {
-        tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .expect("an update within 5 s")
-            .expect("the watcher runs")
+    /// Two queues on one file stand for two processes: the gateway that follows (with its
+    /// events, polling often), and a worker whose commits it only sees through the change
+    /// counter. Two jobs queued, the first first.
+    struct TwoProcesses {
+        _dir: tempfile::TempDir,
+        worker: SqliteQueue,
+        events: Arc<JobEvents>,
+        jobs: Vec<Job>,
     }
 
-    /// Two queues on one file stand for two processes: the gateway that follows, and a
-    /// worker whose commits it only sees through the change counter.
-    #[tokio::test]
-    async fn another_process_s_changes_and_queue_moves_reach_subscribers() {
+    async fn two_processes() -> TwoProcesses {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("q.db");
         let gateway = Arc::new(
@@ -415,23 +415,48 @@ mod tests {
         let worker = SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
             .await
             .expect("open again");
-        let first = gateway
-            .enqueue(new_job("alice", "one"))
-            .await
-            .expect("enqueue")
-            .job;
-        let second = gateway
-            .enqueue(new_job("alice", "two"))
-            .await
-            .expect("enqueue")
-            .job;
+        let mut jobs = Vec::new();
+        for prompt in ["one", "two"] {
+            let job = gateway.enqueue(new_job("alice", prompt)).await;
+            jobs.push(job.expect("enqueue").job);
+        }
         let events = JobEvents::new(
-            gateway.clone(),
+            gateway,
             EventOptions {
                 poll: Duration::from_millis(20),
                 positions_every: Duration::from_millis(20),
             },
         );
+        TwoProcesses {
+            _dir: dir,
+            worker,
+            events,
+            jobs,
+        }
+    }
+
+    /// The worker's lease of the next job in line.
+    async fn lease_one(worker: &SqliteQueue) -> sparkle_queue::Lease {
+        worker
+            .lease("w", 1, Duration::from_secs(30))
+            .await
+            .expect("lease")
+            .pop()
+            .expect("leased")
+    }
+
+    async fn next_within(sub: &mut Subscription) -> JobUpdate {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("an update within 5 s")
+            .expect("the watcher runs")
+    }
+
+    #[tokio::test]
+    async fn another_process_s_changes_and_queue_moves_reach_subscribers() {
+        let p = two_processes().await;
+        let (worker, events, jobs) = (&p.worker, &p.events, &p.jobs);
+        let (first, second) = (&jobs[0], &jobs[1]);
         let shutdown = CancellationToken::new();
         let watcher = tokio::spawn(events.clone().run(shutdown.clone()));
         let mut sub = events
@@ -447,12 +472,7 @@ mod tests {
             .is_none());
 
         // The worker leases the first job: the second one moves up, though it did not change.
-        let lease = worker
-            .lease("w", 1, Duration::from_secs(30))
-            .await
-            .expect("lease")
-            .pop()
-            .expect("leased");
+        let lease = lease_one(worker).await;
         assert_eq!(lease.job.id, first.id);
         let moved = next_within(&mut sub).await;
         assert_eq!(
@@ -461,12 +481,7 @@ mod tests {
         );
 
         // Its own lease, progress and completion come through in order.
-        let mine = worker
-            .lease("w", 1, Duration::from_secs(30))
-            .await
-            .expect("lease")
-            .pop()
-            .expect("leased");
+        let mine = lease_one(worker).await;
         let running = next_within(&mut sub).await;
         assert_eq!(
             (running.job.status, running.position),
@@ -501,28 +516,8 @@ mod tests {
     /// still hear of what changed in between: a state and a place no later change reports.
     #[tokio::test]
     async fn changes_before_the_watcher_starts_reach_subscribers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("q.db");
-        let gateway = Arc::new(
-            SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
-                .await
-                .expect("open"),
-        );
-        let worker = SqliteQueue::open(&path, &SqliteOptions::default(), Arc::new(Clear))
-            .await
-            .expect("open again");
-        let mut jobs = Vec::new();
-        for prompt in ["one", "two"] {
-            let job = gateway.enqueue(new_job("alice", prompt)).await;
-            jobs.push(job.expect("enqueue").job);
-        }
-        let events = JobEvents::new(
-            gateway.clone(),
-            EventOptions {
-                poll: Duration::from_millis(20),
-                positions_every: Duration::from_millis(20),
-            },
-        );
+        let p = two_processes().await;
+        let (worker, events, jobs) = (&p.worker, &p.events, &p.jobs);
         let subscribe = |id| {
             let events = events.clone();
             async move {
@@ -534,12 +529,7 @@ mod tests {
         let mut second = subscribe(jobs[1].id).await;
         assert_eq!(second.current().position, Some(1));
         // Leased before the watcher runs: its baseline already counts this change.
-        let lease = worker
-            .lease("w", 1, Duration::from_secs(30))
-            .await
-            .expect("lease")
-            .pop()
-            .expect("leased");
+        let lease = lease_one(worker).await;
         assert_eq!(lease.job.id, jobs[0].id);
         let shutdown = CancellationToken::new();
         let watcher = tokio::spawn(events.clone().run(shutdown.clone()));
