@@ -57,24 +57,25 @@ pub fn time_attention(
             "no attention kernel for {bad:?}: every size at least 1, heads a multiple of 8 and at most 160 wide"
         )));
     }
-    if !crate::CUDA {
-        return invalid("timing the attention kernels needs the CUDA build");
-    }
-    let device = match device {
-        DeviceChoice::Cpu => return invalid("the attention kernels run on CUDA only"),
-        DeviceChoice::Auto => crate::pipeline::cuda_device(0)?,
-        DeviceChoice::Cuda(n) => crate::pipeline::cuda_device(n)?,
-    };
-    time_on(&device, dtype, shapes, repeat)
+    time_on(device, dtype, shapes, repeat)
 }
 
 #[cfg(feature = "cuda")]
 fn time_on(
-    device: &candle_core::Device,
+    device: DeviceChoice,
     dtype: candle_core::DType,
     shapes: &[AttentionShape],
     repeat: usize,
 ) -> Result<Vec<AttentionTiming>, EngineError> {
+    let device = match device {
+        DeviceChoice::Cpu => {
+            return Err(EngineError::InvalidRequest(
+                "the attention kernels run on CUDA only".into(),
+            ))
+        }
+        DeviceChoice::Auto => crate::pipeline::cuda_device(0)?,
+        DeviceChoice::Cuda(n) => crate::pipeline::cuda_device(n)?,
+    };
     let mut rows = Vec::new();
     for &shape in shapes {
         let dims = (
@@ -84,7 +85,7 @@ fn time_on(
             shape.heads,
             shape.head_dim,
         );
-        for (kernel, seconds) in crate::cuda::time_kernels(device, dtype, dims, repeat)? {
+        for (kernel, seconds) in crate::cuda::time_kernels(&device, dtype, dims, repeat)? {
             rows.push(AttentionTiming {
                 shape,
                 kernel,
@@ -95,9 +96,10 @@ fn time_on(
     Ok(rows)
 }
 
+/// Without the CUDA build there is no kernel to time, whatever the device asked for.
 #[cfg(not(feature = "cuda"))]
 fn time_on(
-    _: &candle_core::Device,
+    _: DeviceChoice,
     _: candle_core::DType,
     _: &[AttentionShape],
     _: usize,

@@ -36,14 +36,26 @@ pub(crate) fn fused_attention(q: &Tensor, head_dim: usize) -> bool {
 /// one is measured ahead of it).
 fn hopper_attention() -> Option<Hopper> {
     static CHOICE: std::sync::OnceLock<Option<Hopper>> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(
-        || match std::env::var("SPARKLE_HOPPER_ATTENTION").as_deref() {
-            Ok("1") => Some(Hopper::Plain),
-            Ok("2") => Some(Hopper::Pipelined),
-            Ok("3") => Some(Hopper::Single),
-            _ => None,
-        },
-    )
+    *CHOICE.get_or_init(|| {
+        let value = std::env::var("SPARKLE_HOPPER_ATTENTION").ok()?;
+        HOPPER_FORMS
+            .iter()
+            .find(|(name, _)| name.split_once(':').is_some_and(|(v, _)| v == value))
+            .map(|&(_, form)| form)
+    })
+}
+
+/// The warpgroup forms `SPARKLE_HOPPER_ATTENTION` picks between, named by its value first.
+const HOPPER_FORMS: [(&str, Hopper); 3] = [
+    ("1: warpgroups", Hopper::Plain),
+    ("2: pipelined", Hopper::Pipelined),
+    ("3: pipelined, one warpgroup a block", Hopper::Single),
+];
+
+/// Whether the warpgroup kernel takes heads `d` wide in rows `width` wide on `dev`: an sm_90
+/// GPU, heads up to 64 wide, and a 64-key tile's rows addressable with 32 bits.
+fn warpgroup_takes(dev: &CudaDevice, d: usize, width: usize) -> bool {
+    d <= 64 && 64 * width < i32::MAX as usize && hopper(dev)
 }
 
 /// The forms of the warpgroup kernel (`kernels/hopper.cu`).
@@ -156,8 +168,7 @@ impl AttentionOp {
             .into_iter()
             .find(|&w| w >= d)
             .ok_or_else(|| fail(format!("no attention kernel for heads {d} wide")))?;
-        // The warpgroup kernel addresses a 64-key tile's rows with 32 bits.
-        let fits = dp <= 64 && 64 * width < i32::MAX as usize && hopper(&dev);
+        let fits = warpgroup_takes(&dev, d, width);
         let kernel = match (self.kernel, hopper_attention()) {
             (Kernel::Auto, Some(form)) if fits => Kernel::Hopper(form),
             (Kernel::Auto, _) => Kernel::Portable,
@@ -293,15 +304,12 @@ pub(crate) fn time_kernels(
     let (q, k, v) = (make(n)?, make(m)?, make(m)?);
     let scale = 1.0 / (d as f64).sqrt();
     let mut kernels = vec![("0: mma.sync", Kernel::Portable)];
-    if hopper(dev) && d <= 64 {
-        kernels.extend([
-            ("1: warpgroups", Kernel::Hopper(Hopper::Plain)),
-            ("2: pipelined", Kernel::Hopper(Hopper::Pipelined)),
-            (
-                "3: pipelined, one warpgroup a block",
-                Kernel::Hopper(Hopper::Single),
-            ),
-        ]);
+    if warpgroup_takes(dev, d, heads * d) {
+        kernels.extend(
+            HOPPER_FORMS
+                .iter()
+                .map(|&(name, form)| (name, Kernel::Hopper(form))),
+        );
     }
     kernels
         .into_iter()
