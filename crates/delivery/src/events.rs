@@ -159,9 +159,7 @@ impl JobEvents {
         subscription.rx.mark_unchanged();
         // A change committed between the watcher's last look and the registration is
         // caught by reading the job once more now.
-        if let Some(job) = self.queue.get(id).await? {
-            self.publish(Arc::new(job), None);
-        }
+        self.publish_current([id]).await?;
         Ok(Some(subscription))
     }
 
@@ -251,11 +249,7 @@ impl JobEvents {
                     .filter(|id| followed.contains_key(id))
                     .collect()
             };
-            for id in wanted {
-                if let Some(job) = self.queue.get(id).await? {
-                    self.publish(Arc::new(job), None);
-                }
-            }
+            self.publish_current(wanted).await?;
             if changes.len() < BATCH {
                 return Ok((seen, queue_moved));
             }
@@ -268,6 +262,14 @@ impl JobEvents {
             let followed = self.followed.lock().map_err(|_| poisoned())?;
             followed.keys().copied().collect()
         };
+        self.publish_current(ids).await
+    }
+
+    /// Reads each of `ids` as it stands and publishes it (to its subscribers, if newer).
+    async fn publish_current(
+        &self,
+        ids: impl IntoIterator<Item = JobId>,
+    ) -> Result<(), QueueError> {
         for id in ids {
             if let Some(job) = self.queue.get(id).await? {
                 self.publish(Arc::new(job), None);
